@@ -1,0 +1,25 @@
+# Two commands do all set-up on a fresh machine without ROS: `make test` and `make demo`.
+# Both create a virtual environment, install the package with the ROS 2 PyPI wheels, then run.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch 2.13.0 is what our CI machines carry; any torch >= 2.4 works.
+TORCH ?= torch==2.13.0
+
+.PHONY: test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[ros,test,export]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

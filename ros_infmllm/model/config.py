@@ -1,0 +1,186 @@
+"""Model configuration read from a Hugging Face ``config.json`` (``LlavaForConditionalGeneration``).
+
+Checkpoints often leave out fields that equal the `transformers` class defaults, so each supported
+``model_type`` carries a table of those defaults here. Anything we do not implement (rope scaling,
+MLP bias, an unknown tower or decoder) is refused with an error naming the field, instead of
+loading a model that silently computes something else.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+
+# Defaults of the transformers config classes, for the fields we read.
+_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False,
+                  hidden_act="silu", tie_word_embeddings=False, max_position_embeddings=2048),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  hidden_act="silu", tie_word_embeddings=False, max_position_embeddings=32768),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0,
+                    hidden_act="silu", tie_word_embeddings=False, max_position_embeddings=32768),
+}
+_VISION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                              num_attention_heads=12, image_size=224, patch_size=32, num_channels=3,
+                              hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, image_size=224, patch_size=16, num_channels=3,
+                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+}
+# Qwen2 always has q/k/v biases and no o_proj bias; LLaMA's `attention_bias` covers all four.
+_QKV_BIAS_ALWAYS = {"qwen2"}
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Decoder shape (LLaMA / Qwen2 / Mistral family)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    qkv_bias: bool
+    o_bias: bool
+    hidden_act: str
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT shape (CLIP or SigLIP vision tower)."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    hidden_act: str
+    layer_norm_eps: float
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.model_type == "clip_vision_model"
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    """The whole vision-language model: tower, projector, decoder and how they are joined."""
+
+    text: TextConfig
+    vision: VisionConfig
+    image_token_index: int
+    vision_feature_layers: tuple[int, ...]
+    vision_feature_select_strategy: str
+    projector_hidden_act: str
+    projector_bias: bool
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image after feature selection (the CLS token is dropped by 'default')."""
+        tokens = self.vision.num_patches + (1 if self.vision.has_class_token else 0)
+        return tokens - 1 if self.vision_feature_select_strategy == "default" else tokens
+
+
+def _merged(section: dict[str, Any], defaults: dict[str, dict[str, Any]], where: str, path: Path) -> dict[str, Any]:
+    model_type = section.get("model_type")
+    if model_type not in defaults:
+        raise CheckpointError(f"{path}: {where}.model_type={model_type!r} is not supported "
+                              f"(supported: {sorted(defaults)})")
+    return {**defaults[model_type], **{k: v for k, v in section.items() if v is not None}}
+
+
+def _rope_theta(text: dict[str, Any], path: Path) -> float:
+    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"{path}: text_config rope_type={rope_type!r} is not supported (only 'default')")
+    return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
+
+
+def parse_text_config(text: dict[str, Any], path: Path, tie_default: bool = False) -> TextConfig:
+    text = _merged({"model_type": "llama", **text}, _TEXT_DEFAULTS, "text_config", path)
+    if text.get("mlp_bias"):
+        raise CheckpointError(f"{path}: text_config.mlp_bias=true is not supported")
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise CheckpointError(f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    qkv_bias = text["model_type"] in _QKV_BIAS_ALWAYS or bool(text.get("attention_bias", False))
+    return TextConfig(
+        model_type=text["model_type"], vocab_size=int(text["vocab_size"]), hidden_size=int(text["hidden_size"]),
+        intermediate_size=int(text["intermediate_size"]), num_layers=int(text["num_hidden_layers"]),
+        num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=int(text.get("head_dim") or int(text["hidden_size"]) // heads),
+        rms_norm_eps=float(text["rms_norm_eps"]), rope_theta=_rope_theta(text, path),
+        qkv_bias=qkv_bias, o_bias=text["model_type"] == "llama" and bool(text.get("attention_bias", False)),
+        hidden_act=str(text["hidden_act"]),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", tie_default)),
+        max_position_embeddings=int(text["max_position_embeddings"]),
+    )
+
+
+def parse_vision_config(vision: dict[str, Any], path: Path) -> VisionConfig:
+    vision = _merged({"model_type": "clip_vision_model", **vision}, _VISION_DEFAULTS, "vision_config", path)
+    return VisionConfig(
+        model_type=vision["model_type"], hidden_size=int(vision["hidden_size"]),
+        intermediate_size=int(vision["intermediate_size"]), num_layers=int(vision["num_hidden_layers"]),
+        num_heads=int(vision["num_attention_heads"]), image_size=int(vision["image_size"]),
+        patch_size=int(vision["patch_size"]), num_channels=int(vision["num_channels"]),
+        hidden_act=str(vision["hidden_act"]), layer_norm_eps=float(vision["layer_norm_eps"]),
+    )
+
+
+def load_config(model_dir: str | Path) -> LlavaConfig:
+    """Read ``config.json`` of a LLaVA-layout checkpoint folder."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (expected a Hugging Face checkpoint folder)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if raw.get("model_type") != "llava":
+        raise CheckpointError(f"{path}: model_type={raw.get('model_type')!r} is not supported (expected 'llava')")
+    text = parse_text_config(raw.get("text_config") or {}, path, bool(raw.get("tie_word_embeddings", False)))
+    vision = parse_vision_config(raw.get("vision_config") or {}, path)
+    layers = raw.get("vision_feature_layer", -2)
+    layers = (int(layers),) if isinstance(layers, int) else tuple(int(x) for x in layers)
+    for layer in layers:
+        if not -(vision.num_layers + 1) <= layer <= vision.num_layers:
+            raise CheckpointError(f"{path}: vision_feature_layer={layer} is outside the tower's "
+                                  f"{vision.num_layers + 1} hidden states")
+    strategy = raw.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise CheckpointError(f"{path}: vision_feature_select_strategy={strategy!r} is not 'default' or 'full'")
+    eos = raw.get("text_config", {}).get("eos_token_id", raw.get("eos_token_id"))
+    eos_ids = () if eos is None else ((int(eos),) if isinstance(eos, int) else tuple(int(x) for x in eos))
+    return LlavaConfig(
+        text=text, vision=vision,
+        image_token_index=int(raw.get("image_token_index", raw.get("image_token_id", 32000))),
+        vision_feature_layers=layers, vision_feature_select_strategy=strategy,
+        projector_hidden_act=str(raw.get("projector_hidden_act", "gelu")),
+        projector_bias=bool(raw.get("multimodal_projector_bias", True)),
+        eos_token_ids=eos_ids,
+    )

@@ -1,0 +1,88 @@
+"""OpenCV image preprocessing that follows the checkpoint's ``preprocessor_config.json``.
+
+CLIP-style processors resize the shortest edge and centre-crop; SigLIP-style ones resize to a
+fixed height and width. Both then rescale (1/255) and normalise with the file's mean/std. When
+the file is absent, the tower type gives the defaults its processor class would use.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ..model.config import VisionConfig
+
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# PIL resample codes used in processor configs -> OpenCV interpolation.
+_RESAMPLE = {0: cv2.INTER_NEAREST, 1: cv2.INTER_LANCZOS4, 2: cv2.INTER_LINEAR, 3: cv2.INTER_CUBIC,
+             4: cv2.INTER_AREA, 5: cv2.INTER_AREA}
+
+
+def validate_rgb(rgb: object) -> np.ndarray:
+    """Check a frame is ``HxWx3 uint8`` with a non-zero size; raise ``ValueError`` naming what is wrong."""
+    if not isinstance(rgb, np.ndarray):
+        raise ValueError(f"frame must be a numpy array, got {type(rgb).__name__}")
+    if rgb.dtype != np.uint8:
+        raise ValueError(f"frame dtype must be uint8, got {rgb.dtype}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"frame must be HxWx3 (RGB), got shape {rgb.shape}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"frame has zero size {rgb.shape[:2]}")
+    return rgb
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """RGB uint8 frame -> normalised ``[1, 3, H, W]`` float tensor."""
+
+    height: int
+    width: int
+    shortest_edge: int | None
+    interpolation: int
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    do_normalize: bool = True
+
+    @classmethod
+    def for_model(cls, model_dir: str | Path | None, vision: VisionConfig) -> "ImagePreprocessor":
+        is_clip = vision.model_type == "clip_vision_model"
+        mean, std = (_CLIP_MEAN, _CLIP_STD) if is_clip else ((0.5,) * 3, (0.5,) * 3)
+        raw: dict = {}
+        path = Path(model_dir) / "preprocessor_config.json" if model_dir is not None else None
+        if path is not None and path.is_file():
+            raw = json.loads(path.read_text())
+        size = raw.get("size") or {}
+        crop = raw.get("crop_size") or {}
+        shortest = size.get("shortest_edge") if isinstance(size, dict) else None
+        if shortest is not None and raw.get("do_center_crop", True):
+            height, width = int(crop.get("height", shortest)), int(crop.get("width", shortest))
+        else:
+            height = int(size.get("height", vision.image_size)) if isinstance(size, dict) else vision.image_size
+            width = int(size.get("width", vision.image_size)) if isinstance(size, dict) else vision.image_size
+        return cls(height=height, width=width, shortest_edge=int(shortest) if shortest else None,
+                   interpolation=_RESAMPLE.get(int(raw.get("resample", 3)), cv2.INTER_CUBIC),
+                   rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
+                   mean=tuple(raw.get("image_mean", mean)), std=tuple(raw.get("image_std", std)),
+                   do_normalize=bool(raw.get("do_normalize", True)))
+
+    def resize(self, rgb: np.ndarray) -> np.ndarray:
+        if self.shortest_edge is None:
+            return cv2.resize(rgb, (self.width, self.height), interpolation=self.interpolation)
+        h, w = rgb.shape[:2]
+        scale = self.shortest_edge / min(h, w)
+        new_h, new_w = max(self.height, round(h * scale)), max(self.width, round(w * scale))
+        resized = cv2.resize(rgb, (new_w, new_h), interpolation=self.interpolation)
+        top, left = (new_h - self.height) // 2, (new_w - self.width) // 2
+        return resized[top:top + self.height, left:left + self.width]
+
+    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
+        image = self.resize(validate_rgb(rgb)).astype(np.float32) * self.rescale_factor
+        if self.do_normalize:
+            image = (image - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).unsqueeze(0)

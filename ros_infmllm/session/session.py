@@ -1,0 +1,251 @@
+"""The streaming session: frames and questions in, answers out, over one bounded KV cache.
+
+Everything goes through ``feed``: tokens (with a frame's visual tokens in place of its image
+placeholders) are embedded, split into prefill chunks of at most ``max_chunk`` tokens, and each
+chunk runs one backend step after the policy has made room for it. Answers are generated one
+token at a time through the same path, so they stay in the cache and later questions can refer
+to them. One thread owns a session; nothing here locks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from ..backends.torch_backend import TorchBackend
+from ..cache import BoundedKVCache, EvictionPolicy, make_policy
+from ..errors import CacheFullError, CheckpointError
+from ..model import LlavaModel, load_model
+from .preprocess import ImagePreprocessor, validate_rgb
+from .sampling import SamplingConfig, sample_next
+from .templates import IMAGE_PLACEHOLDER, PromptTemplate, template_for
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Sizes are in tokens.
+
+    capacity: cache slots per (layer, KV head): the memory bound.
+    max_chunk: most tokens per prefill step (a frame larger than this takes several steps).
+    slack_fraction: share of the capacity freed beyond the incoming chunk at each eviction, so
+        evictions are rare and their cost is amortised.
+    max_new_tokens: default answer length limit.
+    max_query_chars / max_query_tokens: questions longer than these are refused.
+    """
+
+    capacity: int = 4096
+    max_chunk: int = 256
+    slack_fraction: float = 0.125
+    template: str = "auto"
+    system_prompt: str | None = None
+    max_new_tokens: int = 64
+    max_query_chars: int = 2000
+    max_query_tokens: int = 256
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("capacity", "max_chunk", "max_new_tokens", "max_query_chars", "max_query_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.slack_fraction < 1:
+            raise ValueError(f"slack_fraction must be in [0, 1), got {self.slack_fraction}")
+
+    @property
+    def slack(self) -> int:
+        return int(self.capacity * self.slack_fraction)
+
+
+@dataclass
+class SessionStats:
+    """Counters for diagnostics."""
+
+    frames_ingested: int = 0
+    queries_answered: int = 0
+    tokens_generated: int = 0
+
+
+class StreamingSession:
+    """A model, a tokenizer, a bounded cache and an eviction policy, driven by frames and questions."""
+
+    def __init__(self, model: LlavaModel, tokenizer: Tokenizer, policy: EvictionPolicy,
+                 config: SessionConfig = SessionConfig(), template: PromptTemplate | None = None,
+                 preprocessor: ImagePreprocessor | None = None, backend: Any = None) -> None:
+        self.model, self.tokenizer, self.policy, self.config = model, tokenizer, policy, config
+        self.template = template or template_for("qwen2")
+        self.preprocessor = preprocessor or ImagePreprocessor.for_model(None, model.cfg.vision)
+        self.backend = backend or TorchBackend(model)
+        text = model.cfg.text
+        self.cache = BoundedKVCache(text.num_layers, text.num_kv_heads, config.capacity, text.head_dim,
+                                    model.decoder.rotary, model.dtype, model.device)
+        policy.bind(self.cache)
+        self.stats = SessionStats()
+        self.generator = torch.Generator().manual_seed(config.sampling.seed)
+        self.stop_ids = {i for i in (tokenizer.token_to_id(s) for s in self.template.stop) if i is not None}
+        self.stop_ids.update(model.cfg.eos_token_ids)
+        system = config.system_prompt if config.system_prompt is not None else self.template.default_system
+        system_ids = self._encode(self.template.system.replace("{system}", system)) if system else []
+        self._check_sizes(len(system_ids))
+        if system_ids:
+            self.feed(torch.tensor(system_ids), pinned=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, policy: str = "inf-mllm", policy_options: dict | None = None,
+                        device: str = "cpu", dtype: torch.dtype = torch.float32, **config: Any) -> "StreamingSession":
+        """Load a checkpoint folder (config.json, safetensors, tokenizer.json) and start a session."""
+        model_dir = Path(path)
+        tokenizer_file = model_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise CheckpointError(f"{tokenizer_file}: not found")
+        policy_obj = make_policy(policy, **(policy_options or {}))
+        session_config = SessionConfig(**config)
+        model = load_model(model_dir, device=device, dtype=dtype)
+        template = template_for(session_config.template, model_dir, model.cfg.text.model_type)
+        return cls(model, Tokenizer.from_file(str(tokenizer_file)), policy_obj, session_config, template,
+                   ImagePreprocessor.for_model(model_dir, model.cfg.vision))
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def _check_sizes(self, pinned: int) -> None:
+        cfg = self.config
+        needed = pinned + self.policy.minimum_kept(self.cache) + max(cfg.max_chunk, cfg.slack)
+        if self.policy.evicts and needed > cfg.capacity:
+            raise ValueError(f"capacity {cfg.capacity} is too small: pinned system prompt ({pinned}) + the "
+                             f"policy's kept tokens ({self.policy.minimum_kept(self.cache)}) + "
+                             f"max(max_chunk, slack) ({max(cfg.max_chunk, cfg.slack)}) = {needed}")
+
+    def _make_room(self, count: int) -> None:
+        if count <= self.cache.free:
+            return
+        if not self.policy.evicts:
+            raise CacheFullError(f"cache full ({self.cache.length}/{self.cache.capacity} tokens) and policy "
+                                 f"'{self.policy.name}' does not evict")
+        keep = self.cache.capacity - max(count, self.config.slack)
+        self.cache.compact(self.policy.select(self.cache, keep))
+
+    # ---- the one path into the cache -----------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _template_ids(self, text: str, image_tokens: int = 0) -> list[int]:
+        parts = text.split(IMAGE_PLACEHOLDER)
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i:
+                ids.extend([self.model.cfg.image_token_index] * image_tokens)
+            if part:
+                ids.extend(self._encode(part))
+        return ids
+
+    @torch.inference_mode()
+    def feed(self, ids: torch.Tensor, image_features: torch.Tensor | None = None, pinned: bool = False,
+             all_logits: bool = False) -> torch.Tensor:
+        """Append tokens ``ids[T]`` (image placeholders filled from ``image_features``) to the cache.
+
+        Returns the logits of the last token ``[vocab]``, or of every token ``[T, vocab]``.
+        Refuses with ``CacheFullError`` before touching the cache if a non-evicting policy would overflow.
+        """
+        ids = ids.to(self.model.device)
+        if not self.policy.evicts and ids.shape[0] > self.cache.free:
+            raise CacheFullError(f"{ids.shape[0]} tokens do not fit: {self.cache.length}/{self.cache.capacity} "
+                                 f"used and policy '{self.policy.name}' does not evict")
+        embeds = self.model.embed_tokens(ids, image_features)
+        window = self.policy.attention_window
+        logits = []
+        for start in range(0, ids.shape[0], self.config.max_chunk):
+            chunk = embeds[start:start + self.config.max_chunk]
+            self._make_room(chunk.shape[0])
+            out = self.backend.step(chunk, self.cache.k, self.cache.v, self.cache.valid(),
+                                    self.cache.positions(chunk.shape[0]), window, all_logits)
+            if out.attn_mass is not None:
+                queries = min(window, chunk.shape[0])
+                self.policy.observe(self.cache, self.cache.fold_new_tokens(out.attn_mass, self.cache.length), queries)
+            self.cache.append(out.new_k, out.new_v, pinned)
+            logits.append(out.logits)
+        return torch.cat(logits) if all_logits else logits[-1][-1]
+
+    # ---- frames ---------------------------------------------------------------------------------
+    def frame_ids(self) -> torch.Tensor:
+        """Token ids of one frame in the template, visual tokens as image placeholders."""
+        return torch.tensor(self._template_ids(self.template.frame, self.model.cfg.num_image_tokens))
+
+    @torch.inference_mode()
+    def encode_frame(self, rgb: np.ndarray) -> torch.Tensor:
+        """RGB ``HxWx3 uint8`` -> visual tokens ``[1, tokens, hidden]`` (preprocess, tower, projector)."""
+        return self.backend.encode_images(self.preprocessor(validate_rgb(rgb)).to(self.model.device))
+
+    def ingest_frame(self, rgb: np.ndarray, stamp: float | None = None) -> None:
+        """Add one camera frame to the stream. Bad frames raise ``ValueError``; the cache is untouched."""
+        features = self.encode_frame(rgb)
+        self.feed(self.frame_ids(), features)
+        self.stats.frames_ingested += 1
+        self.last_frame_stamp = stamp
+
+    # ---- questions ------------------------------------------------------------------------------
+    def _query_ids(self, text: str) -> torch.Tensor:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("query is empty")
+        if len(text) > self.config.max_query_chars:
+            raise ValueError(f"query has {len(text)} characters, more than max_query_chars="
+                             f"{self.config.max_query_chars}")
+        query_ids = self._encode(text.strip())
+        if len(query_ids) > self.config.max_query_tokens:
+            raise ValueError(f"query has {len(query_ids)} tokens, more than max_query_tokens="
+                             f"{self.config.max_query_tokens}")
+        return torch.tensor(self._template_ids(self.template.query.replace("{query}", text.strip())))
+
+    def ask(self, text: str, max_new_tokens: int | None = None,
+            sampling: SamplingConfig | None = None) -> Iterator[str]:
+        """Stream the answer to a question as text pieces. Validation happens at the call, before
+        anything enters the cache; generation runs as the iterator is consumed."""
+        ids = self._query_ids(text)
+        limit = max_new_tokens or self.config.max_new_tokens
+        if limit < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
+        return self._generate(ids, limit, sampling or self.config.sampling)
+
+    def answer(self, text: str, max_new_tokens: int | None = None, sampling: SamplingConfig | None = None) -> str:
+        """The whole answer to a question."""
+        return "".join(self.ask(text, max_new_tokens, sampling)).strip()
+
+    def _generate(self, ids: torch.Tensor, limit: int, sampling: SamplingConfig) -> Iterator[str]:
+        logits = self.feed(ids)
+        generated: list[int] = []
+        shown = ""
+        stopped = False
+        try:
+            for _ in range(limit):
+                token = sample_next(logits, sampling, self.generator)
+                if not self.policy.evicts and self.cache.free < 1:
+                    break
+                logits = self.feed(torch.tensor([token]))
+                if token in self.stop_ids:
+                    stopped = True
+                    break
+                generated.append(token)
+                self.stats.tokens_generated += 1
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                    continue
+                piece, shown = text[len(shown):], text
+                if piece:
+                    yield piece
+        finally:
+            if not stopped:
+                self._close_turn()
+            self.stats.queries_answered += 1
+
+    def _close_turn(self) -> None:
+        end_ids = self._template_ids(self.template.turn_end)
+        if end_ids and (self.policy.evicts or len(end_ids) <= self.cache.free):
+            self.feed(torch.tensor(end_ids))
+
+    def reset(self) -> None:
+        """Forget the stream (keeps the model and buffers); the system prompt is written again."""
+        self.cache.reset()
+        self.policy.bind(self.cache)
+        system = self.config.system_prompt if self.config.system_prompt is not None else self.template.default_system
+        if system:
+            self.feed(torch.tensor(self._encode(self.template.system.replace("{system}", system))), pinned=True)

@@ -1,0 +1,62 @@
+"""Prompt templates: how a system prompt, a camera frame, a question and an answer's end are
+written as text for a given model family. ``<image>`` in a template stands for the frame's
+visual tokens; ``{query}`` and ``{system}`` for the user's text."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    system: str           # written once at the start of the stream and pinned; "{system}" = the prompt
+    frame: str            # one camera frame; must contain <image>
+    query: str            # one question, ending where the answer starts; must contain {query}
+    turn_end: str         # appended after an answer that stopped without a stop token
+    stop: tuple[str, ...]  # token strings that end an answer
+    default_system: str = ""
+
+    def __post_init__(self) -> None:
+        if IMAGE_PLACEHOLDER not in self.frame:
+            raise ValueError(f"template {self.name!r}: frame text must contain {IMAGE_PLACEHOLDER}")
+        if "{query}" not in self.query:
+            raise ValueError(f"template {self.name!r}: query text must contain {{query}}")
+
+
+PRESETS: dict[str, PromptTemplate] = {
+    "qwen2": PromptTemplate(
+        name="qwen2", system="<|im_start|>system\n{system}<|im_end|>\n",
+        frame="<|im_start|>user\n<image>\n<|im_end|>\n",
+        query="<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n",
+        turn_end="<|im_end|>\n", stop=("<|im_end|>", "<|endoftext|>"),
+        default_system="You are a helpful assistant watching a robot's camera."),
+    "vicuna": PromptTemplate(
+        name="vicuna", system="{system} ", frame="USER: <image>\n", query="USER: {query} ASSISTANT:",
+        turn_end="</s>", stop=("</s>",),
+        default_system="A chat between a curious human and an artificial intelligence assistant. "
+                       "The assistant gives helpful, detailed, and polite answers to the human's questions."),
+    # Our demo model's word-level vocabulary: one marker token per frame, question and answer.
+    "demo": PromptTemplate(
+        name="demo", system="{system}", frame="<frame> <image>", query=" <q> {query} <a>",
+        turn_end=" <eos>", stop=("<eos>",)),
+}
+
+TEMPLATE_FILE = "infmllm_template.json"
+
+
+def template_for(name: str, model_dir: str | Path | None = None, model_type: str = "") -> PromptTemplate:
+    """A preset by name, or with ``auto``: the preset named in the checkpoint's
+    ``infmllm_template.json``, else qwen2 for Qwen2 decoders and vicuna for LLaMA/Mistral."""
+    if name == "auto":
+        marker = Path(model_dir) / TEMPLATE_FILE if model_dir is not None else None
+        if marker is not None and marker.is_file():
+            name = json.loads(marker.read_text()).get("template", "")
+        else:
+            name = "qwen2" if model_type == "qwen2" else "vicuna"
+    if name not in PRESETS:
+        raise ValueError(f"unknown prompt template {name!r} (choose from auto, {', '.join(PRESETS)})")
+    return PRESETS[name]

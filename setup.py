@@ -1,0 +1,42 @@
+"""ament_python package ros_infmllm; also installs with pip next to the ROS 2 PyPI wheels."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "ros_infmllm"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "benchmarks.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*")),
+        (f"share/{PACKAGE}/config", glob("config/*")),
+    ],
+    python_requires=">=3.10",
+    # The streaming core's dependencies; rclpy and the message packages come from ROS 2 itself
+    # in a colcon workspace, or from the PyPI wheels in the `ros` extra elsewhere.
+    install_requires=[
+        "numpy>=1.24",
+        "opencv-python-headless>=4.8",
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
+        "torch>=2.4",
+        "PyYAML>=6",
+    ],
+    extras_require={
+        "ros": ["ros-rclpy", "ros-std-msgs", "ros-sensor-msgs", "ros-diagnostic-msgs", "ros-rmw-fastrtps-cpp",
+                "ros-fastdds"],
+        "test": ["pytest>=7", "transformers>=4.45", "rosbags>=0.10"],
+        "export": ["onnx>=1.16", "onnxruntime>=1.18"],
+    },
+    zip_safe=True,
+    maintainer="ros_infmllm developers",
+    maintainer_email="maintainers@ros-infmllm.invalid",
+    description="Streaming vision-language ROS 2 node with a bounded, Inf-MLLM-managed KV cache",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={"console_scripts": []},
+)

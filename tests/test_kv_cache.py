@@ -1,0 +1,94 @@
+"""BoundedKVCache: appends, compaction with re-rotation, per-slot statistics."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ros_infmllm.cache import BoundedKVCache
+from ros_infmllm.errors import CacheFullError
+from ros_infmllm.rope import Rotary
+
+LAYERS, HEADS, DIM = 2, 3, 8
+
+
+def _cache(capacity: int = 16) -> BoundedKVCache:
+    return BoundedKVCache(LAYERS, HEADS, capacity, DIM, Rotary(DIM, 10000.0))
+
+
+def _filled(count: int, capacity: int = 16) -> tuple[BoundedKVCache, torch.Tensor, torch.Tensor]:
+    cache = _cache(capacity)
+    raw_k = torch.randn(LAYERS, HEADS, count, DIM)
+    values = torch.randn(LAYERS, HEADS, count, DIM)
+    cache.append(cache.rotary.rotate(raw_k, torch.arange(count)), values)
+    return cache, raw_k, values
+
+
+def _per_head_subsets(count: int, keep: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.randperm(count, generator=generator)[:keep].sort().values for _ in range(LAYERS * HEADS)]
+    return torch.stack(rows).view(LAYERS, HEADS, keep)
+
+
+def test_compaction_rerotation_equals_rotation_at_new_slots() -> None:
+    cache, raw_k, values = _filled(12)
+    keep = _per_head_subsets(12, 7)
+    cache.compact(keep)
+    gather = keep.unsqueeze(-1).expand(-1, -1, -1, DIM)
+    expected_k = cache.rotary.rotate(torch.gather(raw_k, 2, gather), torch.arange(7))
+    assert cache.length == 7
+    assert torch.allclose(cache.k[:, :, :7], expected_k, atol=1e-5)
+    assert torch.equal(cache.v[:, :, :7], torch.gather(values, 2, gather))
+
+
+def test_repeated_compactions_compose() -> None:
+    cache, raw_k, _ = _filled(12)
+    first = _per_head_subsets(12, 9, seed=1)
+    cache.compact(first)
+    second = _per_head_subsets(9, 5, seed=2)
+    cache.compact(second)
+    original_slots = torch.gather(first, 2, second)
+    gather = original_slots.unsqueeze(-1).expand(-1, -1, -1, DIM)
+    expected = cache.rotary.rotate(torch.gather(raw_k, 2, gather), torch.arange(5))
+    assert torch.allclose(cache.k[:, :, :5], expected, atol=1e-5)
+    assert torch.equal(cache.origin[..., :5], original_slots)
+
+
+def test_append_beyond_capacity_raises_and_changes_nothing() -> None:
+    cache, _, _ = _filled(14)
+    before = cache.k.clone()
+    with pytest.raises(CacheFullError, match="do not fit: 14/16"):
+        cache.append(torch.zeros(LAYERS, HEADS, 3, DIM), torch.zeros(LAYERS, HEADS, 3, DIM))
+    assert cache.length == 14 and torch.equal(cache.k, before)
+
+
+def test_pinned_and_origin_move_with_slots() -> None:
+    cache = _cache()
+    cache.append(torch.randn(LAYERS, HEADS, 3, DIM), torch.randn(LAYERS, HEADS, 3, DIM), pinned=True)
+    cache.append(torch.randn(LAYERS, HEADS, 9, DIM), torch.randn(LAYERS, HEADS, 9, DIM))
+    keep = torch.tensor([0, 1, 2, 5, 8, 11]).expand(LAYERS, HEADS, -1)
+    cache.compact(keep)
+    assert cache.pinned[..., :3].all() and not cache.pinned[..., 3:].any()
+    assert torch.equal(cache.origin[0, 0, :6], torch.tensor([0, 1, 2, 5, 8, 11]))
+    assert cache.evictions == 1 and cache.evicted_tokens == 6
+
+
+@pytest.mark.parametrize("keep, message", [
+    (torch.tensor([3, 1, 2]), "strictly ascending"),
+    (torch.tensor([0, 1, 20]), "empty slot"),
+])
+def test_compact_rejects_bad_indices(keep: torch.Tensor, message: str) -> None:
+    cache, _, _ = _filled(10)
+    with pytest.raises(ValueError, match=message):
+        cache.compact(keep.expand(LAYERS, HEADS, -1))
+    assert cache.length == 10
+
+
+def test_fold_new_tokens_places_mass_on_future_slots() -> None:
+    cache, _, _ = _filled(5, capacity=8)
+    mass = torch.zeros(LAYERS, HEADS, 8 + 2)
+    mass[..., 1] = 1.0
+    mass[..., 8] = 2.0   # first new token -> slot 5
+    mass[..., 9] = 3.0   # second new token -> slot 6
+    folded = cache.fold_new_tokens(mass, cache.length)
+    assert folded.shape == (LAYERS, HEADS, 8)
+    assert folded[0, 0].tolist() == [0, 1, 0, 0, 0, 2, 3, 0]

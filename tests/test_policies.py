@@ -1,0 +1,132 @@
+"""Eviction policies on a cache with planted attention patterns."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ros_infmllm.cache import (BoundedKVCache, H2OConfig, H2OPolicy, InfMLLMConfig, InfMLLMPolicy, StreamingLLMPolicy,
+                               make_policy)
+from ros_infmllm.errors import CacheFullError
+from ros_infmllm.rope import Rotary
+
+LAYERS, HEADS, DIM = 2, 2, 4
+
+
+def _full_cache(capacity: int = 64, pinned: int = 0) -> BoundedKVCache:
+    cache = BoundedKVCache(LAYERS, HEADS, capacity, DIM, Rotary(DIM, 10000.0))
+    if pinned:
+        cache.append(torch.randn(LAYERS, HEADS, pinned, DIM), torch.randn(LAYERS, HEADS, pinned, DIM), pinned=True)
+    rest = capacity - pinned
+    cache.append(torch.randn(LAYERS, HEADS, rest, DIM), torch.randn(LAYERS, HEADS, rest, DIM))
+    return cache
+
+
+def _attention(capacity: int, peaks: dict[int, float], base: float = 1.0) -> torch.Tensor:
+    """Mass ``[layers, heads, capacity]`` with ``base`` everywhere and extra weight at the peaks."""
+    mass = torch.full((LAYERS, HEADS, capacity), base)
+    for slot, weight in peaks.items():
+        mass[..., slot] += weight
+    return mass
+
+
+def _kept(policy, cache: BoundedKVCache, keep: int) -> set[int]:
+    chosen = policy.select(cache, keep)
+    assert chosen.shape == (LAYERS, HEADS, keep)
+    return set(chosen[0, 0].tolist())
+
+
+def test_streamingllm_keeps_exactly_sinks_and_window() -> None:
+    cache = _full_cache(32)
+    kept = _kept(StreamingLLMPolicy(), cache, 20)
+    assert kept == set(range(4)) | set(range(16, 32))
+
+
+def test_inf_mllm_keeps_planted_saddles_and_recent_tokens() -> None:
+    cache = _full_cache(64)
+    policy = InfMLLMPolicy(InfMLLMConfig(recent_fraction=0.25, retrieval_window=4, pool=3, attention_bias=0.5))
+    policy.bind(cache)
+    for _ in range(4):
+        policy.observe(cache, _attention(64, {10: 40.0, 30: 40.0}, base=0.1), queries=1)
+    kept = _kept(policy, cache, 16 + 8)
+    recent = set(range(48, 64))
+    saddles = {9, 10, 11, 29, 30, 31}
+    assert recent | saddles <= kept
+    # The two remaining slots go to the newest non-recent tokens (the bias), not to old ones.
+    assert kept - recent - saddles == {46, 47}
+
+
+def test_attention_bias_moves_kept_set_toward_newer_tokens() -> None:
+    cache = _full_cache(64)
+    # Two equal-looking saddles, the older one slightly stronger.
+    mass = _attention(64, {5: 11.0, 40: 10.0}, base=0.1)
+
+    def kept_saddle(bias: float) -> set[int]:
+        policy = InfMLLMPolicy(InfMLLMConfig(recent_fraction=0.25, retrieval_window=1, pool=1, attention_bias=bias))
+        policy.bind(cache)
+        policy.observe(cache, mass, queries=1)
+        return _kept(policy, cache, 17) - set(range(48, 64))
+
+    assert kept_saddle(0.0) == {5}
+    assert kept_saddle(5.0) == {40}
+
+
+def test_inf_mllm_follows_shifted_attention_where_h2o_stays() -> None:
+    """Old queries attended slot 5; the latest ones attend slot 40 (the conversation moved on)."""
+    cache = _full_cache(64)
+    infmllm = InfMLLMPolicy(InfMLLMConfig(recent_fraction=0.25, retrieval_window=4, pool=1, attention_bias=0.0))
+    h2o = H2OPolicy(H2OConfig(recent_fraction=0.25))
+    for policy in (infmllm, h2o):
+        policy.bind(cache)
+    for step in range(40):
+        mass = _attention(64, {5: 10.0} if step < 36 else {40: 10.0}, base=0.01)
+        for policy in (infmllm, h2o):
+            policy.observe(cache, mass, queries=1)
+    recent = set(range(48, 64))
+    assert _kept(infmllm, cache, 17) - recent == {40}
+    assert _kept(h2o, cache, 17) - recent == {5}
+
+
+def test_selection_differs_per_head() -> None:
+    cache = _full_cache(64)
+    policy = InfMLLMPolicy(InfMLLMConfig(recent_fraction=0.25, retrieval_window=1, pool=1, attention_bias=0.0))
+    policy.bind(cache)
+    mass = torch.full((LAYERS, HEADS, 64), 0.1)
+    mass[0, 0, 7] = mass[0, 1, 21] = mass[1, 0, 33] = mass[1, 1, 2] = 50.0
+    policy.observe(cache, mass, queries=1)
+    chosen = policy.select(cache, 17)
+    assert [int(chosen[l, h, 0]) for l in range(2) for h in range(2)] == [7, 21, 33, 2]
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "h2o", "inf-mllm"])
+def test_pinned_slots_survive_every_policy(name: str) -> None:
+    cache = _full_cache(64, pinned=6)
+    policy = make_policy(name)
+    policy.bind(cache)
+    if policy.attention_window:
+        policy.observe(cache, _attention(64, {50: 30.0}, base=0.0), queries=1)
+    chosen = policy.select(cache, 40)
+    assert set(range(6)) <= set(chosen[1, 1].tolist())
+
+
+def test_too_many_forced_slots_is_a_clear_error() -> None:
+    cache = _full_cache(64, pinned=30)
+    policy = make_policy("inf-mllm", recent_fraction=0.5)
+    policy.bind(cache)
+    with pytest.raises(CacheFullError, match="must be kept"):
+        policy.select(cache, 40)
+
+
+def test_full_policy_refuses_to_evict() -> None:
+    with pytest.raises(CacheFullError, match="never evicts"):
+        make_policy("full").select(_full_cache(16), 8)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("lru", {}, "unknown eviction policy 'lru'"),
+    ("inf-mllm", {"window": 3}, "no option"),
+    ("full", {"sinks": 4}, "takes no options"),
+    ("inf-mllm", {"pool": 4}, "odd"),
+])
+def test_make_policy_rejects_bad_names_and_options(name: str, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_policy(name, **options)

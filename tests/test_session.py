@@ -1,0 +1,266 @@
+"""StreamingSession: exactness against a full forward, eviction correctness, bounds, bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ros_infmllm.backends import TorchBackend
+from ros_infmllm.cache import BoundedKVCache, make_policy
+from ros_infmllm.errors import CacheFullError
+from ros_infmllm.session import SamplingConfig, StreamingSession
+
+POLICIES = ["full", "streamingllm", "h2o", "inf-mllm"]
+
+
+class RecordingBackend(TorchBackend):
+    """The torch backend, also keeping every embedding it was given (the stream in token order)
+    and every new K/V it returned, keys un-rotated back to position 0."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.embeds: list[torch.Tensor] = []
+        self.raw_k: list[torch.Tensor] = []
+        self.raw_v: list[torch.Tensor] = []
+
+    def step(self, embeds, cache_k, cache_v, valid, positions, *args, **kwargs):
+        out = super().step(embeds, cache_k, cache_v, valid, positions, *args, **kwargs)
+        self.embeds.append(embeds.clone())
+        self.raw_k.append(self.model.decoder.rotary.rotate(out.new_k, -positions))
+        self.raw_v.append(out.new_v.clone())
+        return out
+
+    def stream(self) -> torch.Tensor:
+        return torch.cat(self.embeds)
+
+
+def _frames(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (24 + i % 3, 30, 3), dtype=np.uint8) for i in range(count)]
+
+
+def _session(model_dir: Path, policy: str, recording: bool = False, **config) -> StreamingSession:
+    options = dict(capacity=96, max_chunk=8, template="demo", max_new_tokens=6, system_prompt="hello robot")
+    options.update(config)
+    session = StreamingSession.from_pretrained(model_dir, policy=policy, **options)
+    if recording:  # a second session on the same model, recording from its first token (the system prompt)
+        session = StreamingSession(session.model, session.tokenizer, make_policy(policy), session.config,
+                                   session.template, session.preprocessor, RecordingBackend(session.model))
+    return session
+
+
+def _snapshot(session: StreamingSession) -> tuple:
+    cache = session.cache
+    return cache.length, cache.total_seen, cache.k.clone(), cache.v.clone(), cache.origin.clone()
+
+
+def _assert_unchanged(session: StreamingSession, snapshot: tuple) -> None:
+    length, seen, k, v, origin = snapshot
+    assert session.cache.length == length and session.cache.total_seen == seen
+    assert torch.equal(session.cache.k, k) and torch.equal(session.cache.v, v)
+    assert torch.equal(session.cache.origin, origin)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_logits_equal_full_forward_while_stream_fits(tiny_model_dir: Path, policy: str) -> None:
+    session = _session(tiny_model_dir, policy, capacity=256)
+    system_ids = session.cache.length
+    all_ids: list[int] = []
+    pixels: list[torch.Tensor] = []
+    got: list[torch.Tensor] = []
+    question = torch.tensor(session._template_ids(" <q> what is in view ? <a>"))
+    for frame in _frames(2):
+        pixels.append(session.preprocessor(frame))
+        ids = session.frame_ids()
+        got.append(session.feed(ids, session.encode_frame(frame), all_logits=True))
+        all_ids += ids.tolist()
+        got.append(session.feed(question, all_logits=True))
+        all_ids += question.tolist()
+    assert session.cache.evictions == 0
+    prefix = session._encode("hello robot")
+    assert len(prefix) == system_ids
+    expected = session.model.forward_full(torch.tensor([prefix + all_ids]), torch.cat(pixels))[0, system_ids:]
+    assert (torch.cat(got) - expected).abs().max().item() <= 1e-4
+
+
+def _fresh_cache_from_raw(session: StreamingSession, raw_k: torch.Tensor, raw_v: torch.Tensor) -> BoundedKVCache:
+    """A new cache holding, per (layer, head), exactly the kept stream tokens' K/V, keys rotated
+    from scratch at their renumbered positions 0..n-1."""
+    cache = session.cache
+    n = cache.length
+    origin = cache.origin[..., :n]
+    index = origin.unsqueeze(-1).expand(-1, -1, -1, raw_k.shape[-1])
+    fresh = BoundedKVCache(*cache.k.shape[:2], cache.capacity, cache.k.shape[-1], cache.rotary)
+    keys = torch.gather(raw_k, 2, index)
+    fresh.append(cache.rotary.rotate(keys, torch.arange(n)), torch.gather(raw_v, 2, index))
+    return fresh
+
+
+def _one_layer_raw_kv(session: StreamingSession, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-0 K/V of every stream token computed from its embedding alone (unrotated)."""
+    block = session.model.decoder.layers[0]
+    attn = block.self_attn
+    hidden = block.input_layernorm(stream)
+    shape = (stream.shape[0], attn.num_kv_heads, attn.head_dim)
+    raw_k = attn.k_proj(hidden).view(shape).permute(1, 0, 2).unsqueeze(0)
+    raw_v = attn.v_proj(hidden).view(shape).permute(1, 0, 2).unsqueeze(0)
+    return raw_k, raw_v
+
+
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm"])
+def test_after_evictions_next_logits_equal_forward_over_kept_tokens(one_layer_model_dir: Path, policy: str) -> None:
+    session = _session(one_layer_model_dir, policy, recording=True)
+    for frame in _frames(12):
+        session.ingest_frame(frame)
+    assert session.cache.evictions >= 2
+    with torch.inference_mode():
+        raw_k, raw_v = _one_layer_raw_kv(session, session.backend.stream())
+        fresh = _fresh_cache_from_raw(session, raw_k, raw_v)
+        token = torch.tensor([session.tokenizer.token_to_id("what")])
+        embed = session.model.embed_tokens(token)
+        positions = session.cache.positions(1)
+        reference = session.model.decoder.step(embed, fresh.k, fresh.v, fresh.valid(), positions).logits
+    got = session.feed(token)
+    assert (got - reference[-1]).abs().max().item() <= 1e-4
+
+
+def test_streamingllm_after_eviction_equals_plain_forward_over_kept_tokens(one_layer_model_dir: Path) -> None:
+    """With one layer and one kept set for all heads, the reference is literally forward_full's
+    path: the kept tokens' embeddings, then the new token, at positions 0..n."""
+    session = _session(one_layer_model_dir, "streamingllm", recording=True)
+    for frame in _frames(10):
+        session.ingest_frame(frame)
+    assert session.cache.evictions >= 1
+    kept = session.cache.origin[0, 0, : session.cache.length]
+    assert bool((session.cache.origin[..., : kept.numel()] == kept).all())  # one kept set in every head
+    with torch.inference_mode():
+        token = torch.tensor([session.tokenizer.token_to_id("what")])
+        embeds = torch.cat((session.backend.stream()[kept], session.model.embed_tokens(token)))
+        empty_k, empty_v = session.model.decoder.empty_cache(0)
+        reference = session.model.decoder.step(embeds, empty_k, empty_v, torch.zeros(0, dtype=torch.bool),
+                                               torch.arange(embeds.shape[0])).logits[-1]
+    assert (session.feed(token) - reference).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm"])
+def test_multi_layer_compaction_equals_fresh_rotation(tiny_model_dir: Path, policy: str) -> None:
+    """Every layer: the compacted cache equals one rebuilt from the recorded, unrotated K/V of the
+    kept tokens rotated at their new slots, so the next step's logits agree."""
+    session = _session(tiny_model_dir, policy, recording=True)
+    for frame in _frames(12):
+        session.ingest_frame(frame)
+    assert session.cache.evictions >= 2
+    fresh = _fresh_cache_from_raw(session, torch.cat(session.backend.raw_k, 2), torch.cat(session.backend.raw_v, 2))
+    assert (fresh.k[:, :, : fresh.length] - session.cache.k[:, :, : fresh.length]).abs().max() <= 1e-4
+    with torch.inference_mode():
+        embed = session.model.embed_tokens(torch.tensor([20]))
+        reference = session.model.decoder.step(embed, fresh.k, fresh.v, fresh.valid(),
+                                               session.cache.positions(1)).logits[-1]
+    assert (session.feed(torch.tensor([20])) - reference).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm"])
+def test_cache_stays_bounded_over_a_stream_20x_its_capacity(tiny_model_dir: Path, policy: str) -> None:
+    session = _session(tiny_model_dir, policy, capacity=64, max_chunk=8)
+    pinned = session.cache.length
+    assert pinned > 0
+    capacity_bytes = session.cache.k.numel()
+    frames = _frames(4)
+    while session.cache.total_seen < 20 * 64:
+        session.ingest_frame(frames[session.cache.total_seen % 4])
+        assert session.cache.length <= 64
+        if session.stats.frames_ingested % 20 == 0:
+            session.answer("what is in view ?", max_new_tokens=3)
+        # The system prompt is pinned: still in every (layer, head), at the front.
+        assert torch.equal(session.cache.origin[..., :pinned],
+                           torch.arange(pinned).expand_as(session.cache.origin[..., :pinned]))
+    assert session.cache.k.numel() == capacity_bytes
+    assert session.cache.evictions > 10
+
+
+def test_streamingllm_session_keeps_sinks_plus_contiguous_window(tiny_model_dir: Path) -> None:
+    session = _session(tiny_model_dir, "streamingllm", capacity=64, system_prompt="")
+    for frame in _frames(9):
+        session.ingest_frame(frame)
+    assert session.cache.evictions >= 1
+    kept = session.cache.origin[0, 0, : session.cache.length].tolist()
+    window = session.cache.length - 4
+    assert kept == list(range(4)) + list(range(session.cache.total_seen - window, session.cache.total_seen))
+
+
+def test_full_policy_refuses_when_full_and_keeps_cache(tiny_model_dir: Path) -> None:
+    session = _session(tiny_model_dir, "full", capacity=48)
+    session.ingest_frame(_frames(1)[0])
+    session.ingest_frame(_frames(1)[0])
+    snapshot = _snapshot(session)
+    with pytest.raises(CacheFullError, match="does not evict"):
+        session.ingest_frame(_frames(1)[0])
+    _assert_unchanged(session, snapshot)
+
+
+@pytest.mark.parametrize("frame, message", [
+    (np.zeros((20, 20, 3), np.float32), "dtype must be uint8"),
+    (np.zeros((20, 20), np.uint8), "HxWx3"),
+    (np.zeros((20, 20, 4), np.uint8), "HxWx3"),
+    (np.zeros((0, 20, 3), np.uint8), "zero size"),
+    ([[1, 2, 3]], "numpy array"),
+])
+def test_bad_frames_raise_and_leave_cache_unchanged(tiny_model_dir: Path, frame, message: str) -> None:
+    session = _session(tiny_model_dir, "inf-mllm")
+    session.ingest_frame(_frames(1)[0])
+    snapshot = _snapshot(session)
+    with pytest.raises(ValueError, match=message):
+        session.ingest_frame(frame)
+    _assert_unchanged(session, snapshot)
+    session.ingest_frame(_frames(1)[0])  # still usable
+    assert session.stats.frames_ingested == 2
+
+
+@pytest.mark.parametrize("query, message", [
+    ("", "empty"), ("   ", "empty"), ("x" * 501, "max_query_chars=500"), ("what " * 40, "max_query_tokens=30"),
+])
+def test_bad_queries_raise_and_leave_cache_unchanged(tiny_model_dir: Path, query: str, message: str) -> None:
+    session = _session(tiny_model_dir, "inf-mllm", max_query_chars=500, max_query_tokens=30)
+    session.ingest_frame(_frames(1)[0])
+    snapshot = _snapshot(session)
+    with pytest.raises(ValueError, match=message):
+        session.ask(query)
+    _assert_unchanged(session, snapshot)
+    assert isinstance(session.answer("what is in view ?"), str)
+
+
+def test_unknown_policy_and_bad_config_are_value_errors(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="unknown eviction policy 'fifo'"):
+        _session(tiny_model_dir, "fifo")
+    with pytest.raises(ValueError, match="slack_fraction"):
+        _session(tiny_model_dir, "inf-mllm", slack_fraction=1.5)
+    with pytest.raises(ValueError, match="capacity 32 is too small"):
+        _session(tiny_model_dir, "inf-mllm", capacity=32, max_chunk=28)
+    with pytest.raises(ValueError, match="unknown prompt template 'chatml'"):
+        _session(tiny_model_dir, "inf-mllm", template="chatml")
+
+
+def test_answers_stay_in_the_cache(tiny_model_dir: Path) -> None:
+    session = _session(tiny_model_dir, "full", capacity=256, max_new_tokens=5)
+    session.ingest_frame(_frames(1)[0])
+    before = session.cache.total_seen
+    pieces = list(session.ask("what is in view ?"))
+    query_tokens = len(session._query_ids("what is in view ?"))
+    # Every generated token went through the cache, then the turn was closed (stop token or <eos>).
+    assert session.cache.total_seen >= before + query_tokens + len(pieces) + 1
+    assert session.stats.queries_answered == 1
+
+
+def test_sampling_is_repeatable_with_a_seed(tiny_model_dir: Path) -> None:
+    sampling = SamplingConfig(temperature=1.5, top_p=0.9, seed=7)
+    answers = []
+    for _ in range(2):
+        session = _session(tiny_model_dir, "inf-mllm", sampling=sampling, max_new_tokens=12)
+        session.ingest_frame(_frames(1)[0])
+        answers.append(session.answer("what is in view ?"))
+    assert answers[0] == answers[1]
+    greedy = _session(tiny_model_dir, "inf-mllm", max_new_tokens=12)
+    greedy.ingest_frame(_frames(1)[0])
+    assert greedy.answer("what is in view ?") != answers[0]

@@ -38,5 +38,7 @@ setup(
     description="Streaming vision-language ROS 2 node with a bounded, Inf-MLLM-managed KV cache",
     license="Apache-2.0",
     tests_require=["pytest"],
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "infmllm_node = ros_infmllm.ros.node:main",
+    ]},
 )

@@ -1,0 +1,80 @@
+"""The node's parameters: one table with defaults, ranges, choices and descriptions.
+
+The table is declared on the node with descriptors (so `ros2 param describe` shows ranges), is
+validated once at start (a message naming the parameter and the bad value), and is the source
+of truth the tests compare ``config/infmllm.yaml`` against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..cache import POLICIES
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: Any
+    description: str
+    low: float | None = None      # inclusive range for numbers
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    runtime: bool = False          # may change while running (parameter callback)
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("model_path", "", "Checkpoint folder (LLaVA layout). Empty: the bundled demo model."),
+    ParamSpec("image_topics", ["/camera/image_raw"],
+              "Camera topics; names ending in /compressed are sensor_msgs/CompressedImage."),
+    ParamSpec("backend", "torch", "How the model runs.", choices=("torch",)),
+    ParamSpec("device", "cpu", "Torch device: cpu, cuda or cuda:N."),
+    ParamSpec("dtype", "float32", "Weights and cache precision.", choices=("float32", "bfloat16", "float16")),
+    ParamSpec("policy", "inf-mllm", "KV cache eviction policy.", choices=tuple(POLICIES)),
+    ParamSpec("capacity", 4096, "KV cache slots (tokens) per layer and KV head: the memory bound.", 16, 1 << 20),
+    ParamSpec("max_chunk", 256, "Most tokens per prefill step.", 1, 1 << 16),
+    ParamSpec("slack_fraction", 0.125, "Share of the capacity freed beyond the incoming chunk per eviction.",
+              0.0, 0.9),
+    ParamSpec("template", "auto", "Prompt template preset (auto, qwen2, vicuna, demo)."),
+    ParamSpec("system_prompt", "", "System prompt, pinned in the cache. Empty: the template's default."),
+    ParamSpec("max_new_tokens", 64, "Answer length limit in tokens.", 1, 4096, runtime=True),
+    ParamSpec("max_query_chars", 2000, "Longer questions are refused.", 1, 1 << 20),
+    ParamSpec("max_query_tokens", 256, "Questions with more tokens are refused.", 1, 1 << 16),
+    ParamSpec("max_pending_queries", 4, "Questions waiting beyond this are answered 'busy'.", 1, 1024, runtime=True),
+    ParamSpec("frame_rate", 1.0, "Most frames ingested per second, all cameras together.", 0.01, 1000.0,
+              runtime=True),
+    ParamSpec("temperature", 0.0, "Sampling temperature; 0 is greedy.", 0.0, 10.0, runtime=True),
+    ParamSpec("top_p", 1.0, "Nucleus sampling mass.", 0.01, 1.0, runtime=True),
+    ParamSpec("seed", 0, "Sampling seed.", 0, 2**31 - 1),
+    ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", 0.05, 60.0),
+    ParamSpec("inf_mllm.recent_fraction", 0.25, "Inf-MLLM: share of the capacity kept as recent tokens.", 0.0, 0.9),
+    ParamSpec("inf_mllm.retrieval_window", 32, "Inf-MLLM: latest queries that score cached tokens.", 1, 4096),
+    ParamSpec("inf_mllm.pool", 5, "Inf-MLLM: odd width of the local-sum pooling.", 1, 255),
+    ParamSpec("inf_mllm.attention_bias", 1.0, "Inf-MLLM: weight of the bias toward newer tokens.", 0.0, 1000.0),
+    ParamSpec("h2o.recent_fraction", 0.5, "H2O: share of the capacity kept as recent tokens.", 0.0, 0.9),
+    ParamSpec("streamingllm.sinks", 4, "StreamingLLM: attention-sink tokens kept from the stream start.", 0, 1024),
+)
+SPECS = {spec.name: spec for spec in PARAMS}
+
+
+def validate(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming the parameter when ``value`` is out of its range or choices."""
+    spec = SPECS[name]
+    if spec.choices and value not in spec.choices:
+        raise ValueError(f"parameter {name}={value!r} is not one of {', '.join(spec.choices)}")
+    if spec.low is not None and not spec.low <= value <= spec.high:
+        raise ValueError(f"parameter {name}={value!r} is outside [{spec.low}, {spec.high}]")
+    if name == "inf_mllm.pool" and value % 2 == 0:
+        raise ValueError(f"parameter {name}={value!r} must be odd")
+    if name == "image_topics" and (not value or any(not str(t).strip() for t in value)):
+        raise ValueError(f"parameter {name}={value!r} needs at least one non-empty topic")
+    if name == "device" and not (value == "cpu" or str(value).startswith("cuda")):
+        raise ValueError(f"parameter {name}={value!r} is not cpu, cuda or cuda:N")
+
+
+def policy_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The options of the chosen policy, from the parameters under its prefix."""
+    prefix = {"inf-mllm": "inf_mllm.", "h2o": "h2o.", "streamingllm": "streamingllm."}.get(values["policy"])
+    if prefix is None:
+        return {}
+    return {name[len(prefix):]: value for name, value in values.items() if name.startswith(prefix)}

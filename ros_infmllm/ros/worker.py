@@ -1,0 +1,199 @@
+"""The inference worker: one thread owns the session; callbacks only hand work over.
+
+Frames go into a one-slot "latest frame" mailbox per camera: a busy worker skips stale frames,
+never queues them. Questions go into a bounded FIFO: a full queue refuses at once, so the
+caller can answer "busy". Questions take priority over frames. No ROS here: the node wires
+callbacks to publishers, and the tests drive this class directly too.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class WorkerCounters:
+    """What diagnostics report. Latencies are in milliseconds; -1 until measured."""
+
+    frames_received: int = 0
+    frames_ingested: int = 0
+    frames_dropped: int = 0
+    frames_rejected: int = 0
+    queries_received: int = 0
+    queries_answered: int = 0
+    queries_refused: int = 0
+    queries_failed: int = 0
+    last_ingest_ms: float = -1.0
+    last_first_token_ms: float = -1.0
+    last_answer_ms: float = -1.0
+    last_error: str = ""
+
+
+@dataclass
+class Query:
+    id: int
+    text: str
+    received: float = field(default_factory=time.monotonic)
+
+
+class InferenceWorker:
+    """Runs ``session.ingest_frame`` and ``session.ask`` on its own thread.
+
+    on_piece(query, piece) is called for each answer piece, on_answer(query, text) once per
+    question (with an ``error: ...`` text when the question was refused by the session).
+    """
+
+    def __init__(self, session: Any, on_answer: Callable[[Query, str], None],
+                 on_piece: Callable[[Query, str], None] | None = None, max_pending_queries: int = 4,
+                 frame_rate: float = 1.0, log_error: Callable[[str], None] | None = None) -> None:
+        self.session = session
+        self.on_answer, self.on_piece = on_answer, on_piece
+        self.log_error = log_error or (lambda text: None)
+        self.max_pending_queries = max_pending_queries
+        self.frame_rate = frame_rate
+        self.counters = WorkerCounters()
+        self._frames: dict[str, tuple[np.ndarray, float | None]] = {}
+        self._queries: collections.deque[Query] = collections.deque()
+        self._ids = itertools.count(1)
+        self._order: list[str] = []
+        self._next_camera = 0
+        self._last_ingest = float("-inf")
+        self._wake = threading.Condition()
+        self._stop = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="infmllm-worker", daemon=True)
+
+    # ---- called from ROS callbacks (any thread): never block on inference -------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit_frame(self, camera: str, rgb: np.ndarray, stamp: float | None = None) -> None:
+        """Put the newest frame of a camera in its mailbox (an unread older one is dropped)."""
+        with self._wake:
+            self.counters.frames_received += 1
+            if camera in self._frames:
+                self.counters.frames_dropped += 1
+            elif camera not in self._order:
+                self._order.append(camera)
+            self._frames[camera] = (rgb, stamp)
+            self._wake.notify()
+
+    def reject_frame(self, reason: str) -> None:
+        """Count a frame the node could not convert."""
+        with self._wake:
+            self.counters.frames_received += 1
+            self.counters.frames_rejected += 1
+            self.counters.last_error = reason
+
+    def submit_query(self, text: str) -> Query | None:
+        """Queue a question; None if the queue is full (the caller answers busy)."""
+        with self._wake:
+            self.counters.queries_received += 1
+            if len(self._queries) >= self.max_pending_queries:
+                self.counters.queries_refused += 1
+                return None
+            query = Query(next(self._ids), text)
+            self._queries.append(query)
+            self._wake.notify()
+            return query
+
+    @property
+    def pending_queries(self) -> int:
+        with self._wake:
+            return len(self._queries)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no question or frame is waiting and nothing runs (for tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._wake:
+                if not self._queries and not self._frames and not self._busy:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    # ---- the worker thread -----------------------------------------------------------------
+    def _next_job(self) -> tuple[str, Any] | None:
+        """Called with the lock held: a question first, else a frame if the rate allows, else None."""
+        if self._queries:
+            return "query", self._queries.popleft()
+        if self._frames and time.monotonic() - self._last_ingest >= 1.0 / self.frame_rate:
+            for _ in range(len(self._order)):
+                camera = self._order[self._next_camera % len(self._order)]
+                self._next_camera += 1
+                if camera in self._frames:
+                    return "frame", (camera, self._frames.pop(camera))
+        return None
+
+    def _wait_time(self) -> float | None:
+        if self._frames:
+            return max(0.0, self._last_ingest + 1.0 / self.frame_rate - time.monotonic())
+        return None
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                job = self._next_job()
+                while job is None and not self._stop:
+                    self._wake.wait(self._wait_time())
+                    job = self._next_job()
+                if self._stop:
+                    return
+                self._busy = True
+            try:
+                if job[0] == "query":
+                    self._answer(job[1])
+                else:
+                    self._ingest(*job[1])
+            finally:
+                self._busy = False
+
+    def _ingest(self, camera: str, frame: tuple[np.ndarray, float | None]) -> None:
+        started = time.monotonic()
+        self._last_ingest = started
+        try:
+            self.session.ingest_frame(frame[0], frame[1])
+        except Exception as exc:  # a bad frame or a full cache must not kill the worker
+            self.counters.frames_rejected += 1
+            self.counters.last_error = f"frame from {camera} not ingested: {exc}"
+            self.log_error(self.counters.last_error)
+            return
+        self.counters.frames_ingested += 1
+        self.counters.last_ingest_ms = (time.monotonic() - started) * 1000
+
+    def _answer(self, query: Query) -> None:
+        started = time.monotonic()
+        pieces: list[str] = []
+        try:
+            for piece in self.session.ask(query.text):
+                if not pieces:
+                    self.counters.last_first_token_ms = (time.monotonic() - started) * 1000
+                pieces.append(piece)
+                if self.on_piece:
+                    self.on_piece(query, piece)
+        except Exception as exc:  # refused question (empty, too long) or a failure mid-answer
+            self.counters.queries_failed += 1
+            self.counters.last_error = f"query {query.id} failed: {exc}"
+            self.log_error(self.counters.last_error)
+            self.on_answer(query, f"error: {exc}")
+            return
+        self.counters.queries_answered += 1
+        self.counters.last_answer_ms = (time.monotonic() - started) * 1000
+        self.on_answer(query, "".join(pieces).strip())

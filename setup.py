@@ -40,5 +40,7 @@ setup(
     tests_require=["pytest"],
     entry_points={"console_scripts": [
         "infmllm_node = ros_infmllm.ros.node:main",
+        "infmllm_play = ros_infmllm.tools.play:main",
+        "infmllm_make_bag = ros_infmllm.tools.make_bag:main",
     ]},
 )

@@ -1,6 +1,7 @@
 """Shared fixtures: small random checkpoints saved once per test session."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,3 +27,23 @@ def one_layer_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("one_layer_llava")
     build_tiny_llava(path, TinySpec(layers=1, seed=3))
     return path
+
+
+def _isolate_dds() -> None:
+    """Keep DDS traffic of this test run on this machine and off other runs' domains."""
+    os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+
+
+_isolate_dds()
+
+
+@pytest.fixture(scope="module")
+def ros_context():
+    """rclpy initialised for the module's tests, shut down after."""
+    import rclpy
+
+    rclpy.init()
+    yield
+    rclpy.try_shutdown()

@@ -178,7 +178,9 @@ class InfMLLMNode(Node):
         self.diagnostics_pub.publish(array)
 
     def destroy_node(self) -> None:
-        self.worker.stop()
+        worker = getattr(self, "worker", None)  # absent when start-up failed
+        if worker is not None:
+            worker.stop()
         super().destroy_node()
 
 

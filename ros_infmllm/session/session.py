@@ -97,6 +97,8 @@ class StreamingSession:
                         device: str = "cpu", dtype: torch.dtype = torch.float32, **config: Any) -> "StreamingSession":
         """Load a checkpoint folder (config.json, safetensors, tokenizer.json) and start a session."""
         model_dir = Path(path)
+        if not model_dir.is_dir():
+            raise CheckpointError(f"{model_dir}: model folder not found")
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise CheckpointError(f"{tokenizer_file}: not found")

@@ -1,0 +1,43 @@
+"""ros2 launch ros_infmllm infmllm.launch.py [model_path:=DIR] [image_topic:=TOPIC] [params_file:=YAML]
+[backend:=torch] [namespace:=NS]
+
+Starts the infmllm node with the package's default parameter file (or the one given); the
+arguments given here override the file."""
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+ARGUMENTS = {
+    "model_path": ("", "Checkpoint folder; empty for the bundled demo model"),
+    "image_topic": ("/camera/image_raw", "Camera topic (…/compressed for CompressedImage)"),
+    "params_file": (None, "Parameter YAML (default: the package's config/infmllm.yaml)"),
+    "backend": ("torch", "Inference backend"),
+    "namespace": ("", "Namespace for the node"),
+}
+
+
+def generate_launch_description() -> LaunchDescription:
+    default_params = PathJoinSubstitution([FindPackageShare("ros_infmllm"), "config", "infmllm.yaml"])
+    declared = [
+        DeclareLaunchArgument(name, default_value=default if default is not None else default_params,
+                              description=description)
+        for name, (default, description) in ARGUMENTS.items()
+    ]
+    node = Node(
+        package="ros_infmllm",
+        executable="infmllm_node",
+        name="infmllm",
+        namespace=LaunchConfiguration("namespace"),
+        output="screen",
+        parameters=[
+            LaunchConfiguration("params_file"),
+            {
+                "model_path": LaunchConfiguration("model_path"),
+                "image_topics": [LaunchConfiguration("image_topic")],
+                "backend": LaunchConfiguration("backend"),
+            },
+        ],
+    )
+    return LaunchDescription(declared + [node])

@@ -1,0 +1,100 @@
+"""The inference worker's scheduling, on a stand-in session that records what it was given.
+
+The session here is a test double (named so): scheduling is what is under test, and the real
+session is exercised by the node tests."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from ros_infmllm.ros.worker import InferenceWorker
+
+
+class RecordingSessionDouble:
+    """Records calls; frames take ``delay`` seconds so the worker can be caught busy."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.events: list[tuple[str, object]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def ingest_frame(self, rgb, stamp=None) -> None:
+        self.gate.wait()
+        time.sleep(self.delay)
+        self.events.append(("frame", stamp))
+
+    def ask(self, text: str):
+        if not text:
+            raise ValueError("query is empty")
+        self.events.append(("query", text))
+        yield "an "
+        yield "answer"
+
+
+def _frame() -> np.ndarray:
+    return np.zeros((4, 4, 3), np.uint8)
+
+
+def test_busy_worker_keeps_only_the_latest_frame_per_camera() -> None:
+    session = RecordingSessionDouble()
+    session.gate.clear()
+    worker = InferenceWorker(session, lambda q, t: None, frame_rate=1000.0)
+    worker.start()
+    worker.submit_frame("cam", _frame(), 1.0)
+    time.sleep(0.1)  # the worker is now blocked inside frame 1
+    for stamp in (2.0, 3.0, 4.0):
+        worker.submit_frame("cam", _frame(), stamp)
+    session.gate.set()
+    assert worker.wait_idle(5.0)
+    worker.stop()
+    assert [e for e in session.events if e[0] == "frame"] == [("frame", 1.0), ("frame", 4.0)]
+    assert worker.counters.frames_dropped == 2 and worker.counters.frames_ingested == 2
+
+
+def test_full_query_queue_refuses_at_once() -> None:
+    session = RecordingSessionDouble()
+    session.gate.clear()
+    answers: list[str] = []
+    worker = InferenceWorker(session, lambda q, t: answers.append(t), max_pending_queries=2, frame_rate=1000.0)
+    worker.start()
+    worker.submit_frame("cam", _frame(), 1.0)
+    time.sleep(0.1)
+    accepted = [worker.submit_query(f"q{i}") for i in range(5)]
+    assert [a is not None for a in accepted] == [True, True, False, False, False]
+    session.gate.set()
+    assert worker.wait_idle(5.0)
+    worker.stop()
+    assert answers == ["an answer", "an answer"] and worker.counters.queries_refused == 3
+
+
+def test_queries_go_before_waiting_frames_and_errors_are_answered() -> None:
+    session = RecordingSessionDouble()
+    session.gate.clear()
+    answers: list[str] = []
+    worker = InferenceWorker(session, lambda q, t: answers.append(t), frame_rate=1000.0)
+    worker.start()
+    worker.submit_frame("cam", _frame(), 1.0)
+    time.sleep(0.1)
+    worker.submit_frame("cam2", _frame(), 2.0)
+    worker.submit_query("")
+    worker.submit_query("what?")
+    session.gate.set()
+    assert worker.wait_idle(5.0)
+    worker.stop()
+    assert [e[0] for e in session.events] == ["frame", "query", "frame"]
+    assert answers == ["error: query is empty", "an answer"]
+
+
+def test_frame_rate_caps_ingestion() -> None:
+    session = RecordingSessionDouble()
+    worker = InferenceWorker(session, lambda q, t: None, frame_rate=5.0)
+    worker.start()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        worker.submit_frame("cam", _frame())
+        time.sleep(0.005)
+    worker.stop()
+    assert 4 <= worker.counters.frames_ingested <= 7

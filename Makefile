@@ -7,7 +7,11 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch 2.13.0 is what our CI machines carry; any torch >= 2.4 works.
 TORCH ?= torch==2.13.0
 
-.PHONY: test venv clean
+.PHONY: test demo venv clean
+# The bag `make demo` replays, and the model it answers with. Until the bundled demo model ships
+# (issue 4), MODEL must name a LLaVA-layout checkpoint folder.
+DEMO_BAG ?= tests/data/stream_mcap
+MODEL ?=
 
 venv: $(STAMP)
 
@@ -20,6 +24,10 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	@if [ -z "$(MODEL)" ]; then echo "make demo needs MODEL=path/to/llava-checkpoint until the bundled demo model ships"; exit 2; fi
+	$(VENV)/bin/infmllm_demo --model "$(MODEL)" --bag "$(DEMO_BAG)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -42,5 +42,6 @@ setup(
         "infmllm_node = ros_infmllm.ros.node:main",
         "infmllm_play = ros_infmllm.tools.play:main",
         "infmllm_make_bag = ros_infmllm.tools.make_bag:main",
+        "infmllm_demo = ros_infmllm.tools.demo:main",
     ]},
 )

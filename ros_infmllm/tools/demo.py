@@ -1,0 +1,88 @@
+"""``infmllm_demo --model DIR --bag BAG``: start the node, replay a bag into it, print each
+question with the node's answer. What ``make demo`` runs."""
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+QUERY_TOPIC = "/infmllm/query"
+ANSWER_TOPIC = "/infmllm/answer"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="infmllm_demo", description=__doc__)
+    parser.add_argument("--model", default="", help="checkpoint folder (default: the bundled demo model)")
+    parser.add_argument("--bag", type=Path, required=True, help="rosbag2 with camera frames and questions")
+    parser.add_argument("--policy", default="inf-mllm")
+    parser.add_argument("--capacity", type=int, default=1024)
+    parser.add_argument("--rate", type=float, default=1.0, help="bag playback speed")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the last answer")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from std_msgs.msg import String
+
+    from .bag_io import read_bag
+
+    questions = [raw for _, _, _, raw in read_bag(args.bag, [QUERY_TOPIC])]
+    params = Path(tempfile.mkdtemp()) / "demo.yaml"
+    params.write_text("infmllm:\n  ros__parameters:\n"
+                      f"    model_path: \"{args.model}\"\n    policy: \"{args.policy}\"\n"
+                      f"    capacity: {args.capacity}\n    max_chunk: 128\n    frame_rate: 20.0\n"
+                      "    image_topics: [\"/camera/image_raw\"]\n")
+    node = subprocess.Popen([sys.executable, "-m", "ros_infmllm.ros.node", "--ros-args", "--params-file",
+                             str(params)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rclpy.init()
+    listener = rclpy.create_node("infmllm_demo")
+    qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    asked: list[str] = []
+    answers: list[str] = []
+    listener.create_subscription(String, QUERY_TOPIC, lambda m: asked.append(m.data), qos)
+    listener.create_subscription(String, ANSWER_TOPIC, lambda m: answers.append(m.data), qos)
+    executor = SingleThreadedExecutor()
+    executor.add_node(listener)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    code = 1
+    try:
+        deadline = time.monotonic() + 120
+        while listener.count_publishers(ANSWER_TOPIC) == 0:
+            if node.poll() is not None:
+                print(node.communicate()[0], file=sys.stderr)
+                return 2
+            if time.monotonic() > deadline:
+                print("the node did not start within 120 s", file=sys.stderr)
+                return 2
+            time.sleep(0.1)
+        print(f"node up; replaying {args.bag} ({len(questions)} questions)", flush=True)
+        player = subprocess.run([sys.executable, "-m", "ros_infmllm.tools.play", str(args.bag),
+                                 "--topics", "/camera/image_raw", QUERY_TOPIC, "--rate", str(args.rate)])
+        deadline = time.monotonic() + args.timeout
+        while len(answers) < len(questions) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for question, answer in zip(asked, answers):
+            print(f"Q: {question}\nA: {answer}\n", flush=True)
+        code = 0 if player.returncode == 0 and len(answers) == len(questions) else 1
+        if code:
+            print(f"only {len(answers)} of {len(questions)} answers arrived", file=sys.stderr)
+    finally:
+        node.send_signal(signal.SIGINT)
+        node.wait(timeout=30)
+        executor.shutdown()
+        listener.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

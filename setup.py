@@ -43,5 +43,6 @@ setup(
         "infmllm_play = ros_infmllm.tools.play:main",
         "infmllm_make_bag = ros_infmllm.tools.make_bag:main",
         "infmllm_demo = ros_infmllm.tools.demo:main",
+        "infmllm_synthetic_camera = ros_infmllm.ros.synthetic_camera:main",
     ]},
 )

@@ -41,7 +41,7 @@ def test_launch_file_declares_its_arguments_and_names_the_installed_executable()
 
 def test_console_scripts_are_installed() -> None:
     bin_dir = Path(sys.executable).parent
-    for script in ("infmllm_node", "infmllm_play", "infmllm_make_bag"):
+    for script in ("infmllm_node", "infmllm_play", "infmllm_make_bag", "infmllm_demo", "infmllm_synthetic_camera"):
         assert shutil.which(script, path=str(bin_dir)), f"{script} not installed in {bin_dir}"
 
 

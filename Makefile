@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
 .PHONY: test demo venv clean
-# The bag `make demo` replays, and the model it answers with. Until the bundled demo model ships
-# (issue 4), MODEL must name a LLaVA-layout checkpoint folder.
-DEMO_BAG ?= tests/data/stream_mcap
+# The bag `make demo` replays (synthetic-world frames, questions, ground-truth answers), and the
+# model it answers with (empty: the bundled demo model).
+DEMO_BAG ?= tests/data/demo_mcap
 MODEL ?=
 
 venv: $(STAMP)
@@ -26,7 +26,6 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	@if [ -z "$(MODEL)" ]; then echo "make demo needs MODEL=path/to/llava-checkpoint until the bundled demo model ships"; exit 2; fi
 	$(VENV)/bin/infmllm_demo --model "$(MODEL)" --bag "$(DEMO_BAG)"
 
 clean:

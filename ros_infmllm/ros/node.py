@@ -57,9 +57,14 @@ def build_session(values: dict[str, Any]):
 
 
 def default_model_path() -> str:
-    """The bundled demo model; until it ships, a model_path is required."""
-    raise CheckpointError("parameter model_path is empty and no bundled demo model is installed: "
-                          "set model_path to a LLaVA-layout checkpoint folder")
+    """The bundled demo model, used when ``model_path`` is empty."""
+    from ..demo import bundled_model_path
+
+    path = bundled_model_path()
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"parameter model_path is empty and the bundled demo model is missing at {path}: "
+                              "reinstall the package or set model_path")
+    return str(path)
 
 
 class InfMLLMNode(Node):

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+import json
 from pathlib import Path
 
 QUERY_TOPIC = "/infmllm/query"
@@ -34,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     from std_msgs.msg import String
 
     from .bag_io import read_bag
+    from .make_bag import EXPECTED_TOPIC
+
+    from rclpy.serialization import deserialize_message
 
     questions = [raw for _, _, _, raw in read_bag(args.bag, [QUERY_TOPIC])]
+    expected = [json.loads(deserialize_message(raw, String).data) for topic, _, _, raw in read_bag(args.bag)
+                if topic == EXPECTED_TOPIC]
     params = Path(tempfile.mkdtemp()) / "demo.yaml"
     params.write_text("infmllm:\n  ros__parameters:\n"
                       f"    model_path: \"{args.model}\"\n    policy: \"{args.policy}\"\n"
@@ -70,8 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + args.timeout
         while len(answers) < len(questions) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for question, answer in zip(asked, answers):
-            print(f"Q: {question}\nA: {answer}\n", flush=True)
+        right = 0
+        for i, (question, answer) in enumerate(zip(asked, answers)):
+            print(f"Q: {question}\nA: {answer}", flush=True)
+            # The bag records each generated question's answer beside it, in the same order.
+            truth = expected[i]["answer"] if i < len(expected) and expected[i]["question"] == question else None
+            if truth is not None:
+                right += answer == truth
+                print(f"   ({'correct' if answer == truth else 'expected: ' + truth})", flush=True)
+            print(flush=True)
+        if expected:
+            print(f"{right} of {len(expected)} answers match the ground truth", flush=True)
         code = 0 if player.returncode == 0 and len(answers) == len(questions) else 1
         if code:
             print(f"only {len(answers)} of {len(questions)} answers arrived", file=sys.stderr)

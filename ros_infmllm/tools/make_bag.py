@@ -1,12 +1,15 @@
-"""``infmllm_make_bag OUT``: write a small rosbag2 of camera frames and questions for demos and tests.
+"""``infmllm_make_bag OUT``: record a synthetic-world stream and questions into a rosbag2.
 
-Frames are seeded test patterns (coloured shapes drawn with OpenCV on a textured background),
-published as raw ``sensor_msgs/Image`` and/or JPEG ``CompressedImage``; questions are
-``std_msgs/String`` on the node's query topic at set times.
+Frames come from the seeded synthetic camera world (``ros_infmllm.demo.world``) as raw
+``sensor_msgs/Image`` and/or JPEG ``CompressedImage``. Questions are ``std_msgs/String`` on the
+node's query topic: given ones (``--question SECONDS:TEXT``) and/or generated ones
+(``--ask-every N``), whose exact answers go to ``/infmllm_demo/expected`` as JSON, so a replay
+can be checked against the ground truth.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -14,49 +17,46 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from ..demo.questions import CURRENT_TYPES, MEMORY_TYPES, History, current_question, memory_question
+from ..demo.world import scene_stream
 from ..ros.conversion import rgb_to_image_fields
 from .bag_io import BagMessage, write_bag
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+EXPECTED_TOPIC = "/infmllm_demo/expected"
+START_NS = 1_700_000_000 * 10**9
 
 
-def test_pattern(index: int, width: int, height: int, seed: int) -> np.ndarray:
-    """A textured background with one or two filled shapes whose colour and place vary by frame."""
-    rng = np.random.default_rng(seed * 100003 + index)
-    image = np.full((height, width, 3), 128, np.uint8)
-    image = np.clip(image.astype(np.int16) + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
-    for _ in range(1 + index % 2):
-        colour = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
-        centre = (int(rng.integers(8, width - 8)), int(rng.integers(8, height - 8)))
-        if rng.random() < 0.5:
-            cv2.circle(image, centre, int(rng.integers(4, 10)), colour, -1)
-        else:
-            half = int(rng.integers(4, 10))
-            cv2.rectangle(image, (centre[0] - half, centre[1] - half), (centre[0] + half, centre[1] + half),
-                          colour, -1)
-    return image
-
-
-def stream(frames: int, fps: float, width: int, height: int, seed: int, image_topic: str, compressed: bool,
-           query_topic: str, questions: list[tuple[float, str]]) -> Iterator[BagMessage]:
-    events: list[tuple[int, BagMessage]] = []
-    start = 1_700_000_000 * 10**9
-    for index in range(frames):
-        stamp = start + int(index / fps * 1e9)
-        rgb = test_pattern(index, width, height, seed)
-        if image_topic:
-            events.append((stamp, BagMessage(image_topic, "sensor_msgs/msg/Image", stamp, rgb_to_image_fields(rgb))))
-        if compressed:
-            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+def stream(args: argparse.Namespace) -> Iterator[BagMessage]:
+    events: list[BagMessage] = []
+    rng = np.random.default_rng(args.seed)
+    kinds = list(CURRENT_TYPES) + list(MEMORY_TYPES)
+    history = History()
+    frame_ns = int(1e9 / args.fps)
+    frames = scene_stream(args.seed, args.scenes, args.frames_per_scene, args.size[0], args.size[1])
+    for frame in frames:
+        stamp = START_NS + frame.index * frame_ns
+        history.observe(frame.scene)
+        if args.image_topic:
+            events.append(BagMessage(args.image_topic, "sensor_msgs/msg/Image", stamp, rgb_to_image_fields(frame.image)))
+        if args.compressed:
+            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
             assert ok
-            events.append((stamp, BagMessage(f"{image_topic or '/camera/image_raw'}/compressed",
-                                             "sensor_msgs/msg/CompressedImage", stamp,
-                                             {"format": "jpeg", "data": jpeg.tobytes()})))
-    for at, text in questions:
-        stamp = start + int(at * 1e9)
-        events.append((stamp, BagMessage(query_topic, "std_msgs/msg/String", stamp, {"data": text})))
-    for _, message in sorted(events, key=lambda item: item[0]):
-        yield message
+            events.append(BagMessage(f"{args.image_topic or '/camera/image_raw'}/compressed",
+                                     "sensor_msgs/msg/CompressedImage", stamp,
+                                     {"format": "jpeg", "data": jpeg.tobytes()}))
+        if args.ask_every and (frame.index + 1) % args.ask_every == 0:
+            kind = kinds[(frame.index // args.ask_every) % len(kinds)]
+            qa = (memory_question(kind, history, rng) if kind in MEMORY_TYPES
+                  else current_question(kind, frame.scene, rng))
+            if qa is not None:
+                at = stamp + frame_ns // 2
+                events.append(BagMessage(args.query_topic, "std_msgs/msg/String", at, {"data": qa.question}))
+                events.append(BagMessage(EXPECTED_TOPIC, "std_msgs/msg/String", at, {"data": json.dumps(
+                    {"kind": qa.kind, "question": qa.question, "answer": qa.answer})}))
+    for at, text in args.question:
+        stamp = START_NS + int(at * 1e9)
+        events.append(BagMessage(args.query_topic, "std_msgs/msg/String", stamp, {"data": text}))
+    yield from sorted(events, key=lambda m: m.timestamp_ns)
 
 
 def parse_question(text: str) -> tuple[float, str]:
@@ -71,19 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infmllm_make_bag", description=__doc__)
     parser.add_argument("out", type=Path, help="new rosbag2 folder")
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
-    parser.add_argument("--frames", type=int, default=20)
-    parser.add_argument("--fps", type=float, default=5.0)
-    parser.add_argument("--size", type=int, nargs=2, default=(64, 48), metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--scenes", type=int, default=8, help="scene changes in the stream")
+    parser.add_argument("--frames-per-scene", type=int, default=2)
+    parser.add_argument("--fps", type=float, default=4.0)
+    parser.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("WIDTH", "HEIGHT"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-topic", default="/camera/image_raw", help="'' for none")
     parser.add_argument("--compressed", action="store_true", help="also write JPEG frames on TOPIC/compressed")
     parser.add_argument("--query-topic", default="/infmllm/query")
     parser.add_argument("--question", type=parse_question, action="append", default=[], metavar="SECONDS:TEXT")
+    parser.add_argument("--ask-every", type=int, default=0, help="ask a generated question every N frames")
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"{args.out} exists")
-    write_bag(args.out, stream(args.frames, args.fps, args.size[0], args.size[1], args.seed, args.image_topic,
-                               args.compressed, args.query_topic, args.question), args.storage)
+    if args.fps <= 0 or args.scenes < 1 or args.frames_per_scene < 1:
+        parser.error("--fps, --scenes and --frames-per-scene must be positive")
+    write_bag(args.out, stream(args), args.storage)
     print(f"wrote {args.out}")
     return 0
 

@@ -72,3 +72,47 @@ def test_node_subprocess_answers_questions_replayed_from_a_bag(ros_context, tiny
         probe.node.destroy_node()
     assert node.returncode == 0, output
     assert "ready: policy=inf-mllm capacity=256" in output
+
+
+def test_bundled_demo_model_answers_the_demo_bag_correctly(ros_context, tmp_path: Path) -> None:
+    """End to end with real answers: node (default model_path = the bundled demo model) + player
+    + the demo bag; every answer must equal the ground truth recorded in the bag."""
+    import json
+
+    from rclpy.serialization import deserialize_message
+    from std_msgs.msg import String
+
+    from ros_infmllm.tools.make_bag import EXPECTED_TOPIC
+
+    expected = [json.loads(deserialize_message(raw, String).data)["answer"]
+                for _, _, _, raw in read_bag(DATA / "demo_mcap", [EXPECTED_TOPIC])]
+    assert len(expected) >= 6
+    params = tmp_path / "params.yaml"
+    params.write_text("infmllm:\n  ros__parameters:\n    capacity: 1024\n    max_chunk: 128\n    frame_rate: 20.0\n")
+    node = subprocess.Popen([sys.executable, "-m", "ros_infmllm.ros.node", "--ros-args", "--params-file", str(params)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    probe = Probe()
+    executor = SingleThreadedExecutor()
+    executor.add_node(probe.node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 60
+        while probe.node.count_publishers("/infmllm/answer") == 0:
+            assert node.poll() is None, node.communicate()[0]
+            assert time.monotonic() < deadline, "node did not come up"
+            time.sleep(0.1)
+        player = subprocess.run([sys.executable, "-m", "ros_infmllm.tools.play", str(DATA / "demo_mcap"), "--rate",
+                                 "0.5", "--topics", "/camera/image_raw", "/infmllm/query"],
+                                capture_output=True, text=True, timeout=120)
+        assert player.returncode == 0, player.stderr
+        answers = probe.wait_answers(len(expected), timeout=60)
+        time.sleep(1.2)  # one more diagnostics period
+    finally:
+        node.send_signal(signal.SIGINT)
+        output = node.communicate(timeout=30)[0]
+        executor.shutdown()
+        probe.node.destroy_node()
+    assert "model=(bundled demo)" in output
+    frames = len(list(read_bag(DATA / "demo_mcap", ["/camera/image_raw"])))
+    ingested = {kv.key: kv.value for kv in probe.diagnostics[-1].status[0].values}["frames_ingested"]
+    assert answers == expected, f"{ingested} of {frames} frames ingested"

@@ -22,8 +22,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("bag", type=Path, help="rosbag2 folder (mcap or sqlite3)")
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1.0)")
     parser.add_argument("--topics", nargs="+", help="only these topics")
-    parser.add_argument("--delay", type=float, default=1.0,
-                        help="seconds to wait after creating publishers, for subscribers to match")
+    parser.add_argument("--wait", type=float, default=10.0,
+                        help="most seconds to wait for every topic to have a subscriber before playing "
+                             "(messages sent before discovery completes are lost)")
     parser.add_argument("--remap", nargs="+", default=[], metavar="FROM:=TO", help="topic remappings")
     args = parser.parse_args(argv)
     if args.rate <= 0:
@@ -49,7 +50,10 @@ def play(args: argparse.Namespace) -> int:
             classes[topic] = message_class(msgtype)
             publishers[topic] = node.create_publisher(classes[topic], remap.get(topic, topic), qos)
     try:
-        time.sleep(args.delay)
+        deadline = time.monotonic() + args.wait
+        while time.monotonic() < deadline and any(p.get_subscription_count() == 0 for p in publishers.values()):
+            time.sleep(0.05)
+        time.sleep(0.3)  # let the matched readers finish their side of the handshake
         start_wall = time.monotonic()
         start_bag = messages[0][2] if messages else 0
         for topic, _, stamp, raw in messages:

@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=("base", "tiny"), default="base")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
+    parser.add_argument("--validation-episodes", type=int, default=256)
     parser.add_argument("--init", type=Path, help="continue from a checkpoint this script saved")
     args = parser.parse_args(argv)
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % 200 == 0:
             history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(loss.item(), 4)})
             print(f"step {step} {elapsed:.0f}s loss {loss.item():.4f}", flush=True)
-    accuracy = validate(model, vocab, args.device)
+    accuracy = validate(model, vocab, args.device, args.validation_episodes)
     print("teacher-forced exact match on held-out episodes:", json.dumps(accuracy), flush=True)
     meta = {"steps": step, "seconds": round(time.monotonic() - started, 1), "parameters": params,
             "batch": args.batch, "max_frames": args.max_frames, "lr": args.lr, "seed": args.seed,

@@ -8,10 +8,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
@@ -20,6 +18,7 @@ from std_msgs.msg import String
 from ..errors import CheckpointError
 from . import params as P
 from .conversion import ImageConversionError, compressed_to_rgb, image_to_rgb
+from .entry import run_node
 from .worker import InferenceWorker, Query
 
 NODE_NAME = "infmllm"
@@ -191,21 +190,7 @@ class InfMLLMNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``infmllm_node``: exits 2 on bad parameters or a missing model."""
-    rclpy.init(args=args)
-    try:
-        node = InfMLLMNode()
-    except (ValueError, CheckpointError, OSError) as exc:
-        rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
-        rclpy.try_shutdown()
-        return 2
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(InfMLLMNode, NODE_NAME, (ValueError, CheckpointError, OSError), args)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ import json
 import sys
 from typing import Iterator
 
-import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
@@ -17,6 +15,7 @@ from std_msgs.msg import String
 
 from ..demo.world import StreamFrame, scene_stream
 from .conversion import rgb_to_image_fields
+from .entry import run_node
 
 
 def ground_truth(frame: StreamFrame) -> str:
@@ -57,21 +56,7 @@ class SyntheticCamera(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    try:
-        node = SyntheticCamera()
-    except ValueError as exc:
-        rclpy.logging.get_logger("synthetic_camera").fatal(str(exc))
-        rclpy.try_shutdown()
-        return 2
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(SyntheticCamera, "synthetic_camera", (ValueError,), args)
 
 
 if __name__ == "__main__":

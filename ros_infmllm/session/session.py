@@ -86,11 +86,8 @@ class StreamingSession:
         self.generator = torch.Generator().manual_seed(config.sampling.seed)
         self.stop_ids = {i for i in (tokenizer.token_to_id(s) for s in self.template.stop) if i is not None}
         self.stop_ids.update(model.cfg.eos_token_ids)
-        system = config.system_prompt if config.system_prompt is not None else self.template.default_system
-        system_ids = self._encode(self.template.system.replace("{system}", system)) if system else []
-        self._check_sizes(len(system_ids))
-        if system_ids:
-            self.feed(torch.tensor(system_ids), pinned=True)
+        self._check_sizes(len(self._system_ids()))
+        self._write_system_prompt()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, policy: str = "inf-mllm", policy_options: dict | None = None,
@@ -244,10 +241,18 @@ class StreamingSession:
         if end_ids and (self.policy.evicts or len(end_ids) <= self.cache.free):
             self.feed(torch.tensor(end_ids))
 
+    def _system_ids(self) -> list[int]:
+        system = self.config.system_prompt if self.config.system_prompt is not None else self.template.default_system
+        return self._encode(self.template.system.replace("{system}", system)) if system else []
+
+    def _write_system_prompt(self) -> None:
+        """The system prompt opens every stream, pinned so no policy evicts it."""
+        ids = self._system_ids()
+        if ids:
+            self.feed(torch.tensor(ids), pinned=True)
+
     def reset(self) -> None:
         """Forget the stream (keeps the model and buffers); the system prompt is written again."""
         self.cache.reset()
         self.policy.bind(self.cache)
-        system = self.config.system_prompt if self.config.system_prompt is not None else self.template.default_system
-        if system:
-            self.feed(torch.tensor(self._encode(self.template.system.replace("{system}", system))), pinned=True)
+        self._write_system_prompt()

@@ -32,7 +32,7 @@ class BoundedKVCache:
         self.total_seen = 0      # tokens ever appended: the stream index of the next token
         self.evictions = 0       # compactions run
         self.evicted_tokens = 0  # slots freed by them, per head
-        self._slot_index = torch.arange(capacity, device=device)
+        self.slot_index = torch.arange(capacity, device=device)  # [capacity]: 0..C-1, for masks and shifts
         self.stats: dict[str, torch.Tensor] = {}
         self.pinned = self.register_stat("pinned", torch.bool)
         self.origin = self.register_stat("origin", torch.int64)
@@ -55,7 +55,7 @@ class BoundedKVCache:
 
     def valid(self) -> torch.Tensor:
         """``[capacity]`` bool: which slots hold a token."""
-        return self._slot_index < self.length
+        return self.slot_index < self.length
 
     def positions(self, count: int) -> torch.Tensor:
         """Cache-relative positions of the next ``count`` tokens."""
@@ -97,7 +97,7 @@ class BoundedKVCache:
             raise ValueError("keep must be strictly ascending in every (layer, head)")
         gather = keep.unsqueeze(-1).expand(-1, -1, -1, self.k.shape[-1])
         moved_k = torch.gather(self.k, 2, gather)
-        shift = self._slot_index[:kept].view(1, 1, kept) - keep
+        shift = self.slot_index[:kept].view(1, 1, kept) - keep
         self.k[:, :, :kept] = self.rotary.rotate(moved_k, shift)
         self.v[:, :, :kept] = torch.gather(self.v, 2, gather)
         for name, stat in self.stats.items():

@@ -33,7 +33,7 @@ def keep_top(cache: BoundedKVCache, scores: torch.Tensor, must_keep: torch.Tenso
     if int(forced.sum(-1).max()) > keep:
         raise CacheFullError(f"{int(forced.sum(-1).max())} slots must be kept (pinned + recent) "
                              f"but only {keep} may stay: raise the capacity or lower the pinned/recent counts")
-    ranked = scores.float() + cache._slot_index.float() * 1e-9  # stable tie-break toward recent slots
+    ranked = scores.float() + cache.slot_index.float() * 1e-9  # stable tie-break toward recent slots
     ranked = ranked.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
     return ranked.topk(keep, dim=-1).indices.sort(dim=-1).values
 
@@ -94,7 +94,7 @@ class StreamingLLMPolicy(EvictionPolicy):
 
     def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
         sinks = cache.origin < self.config.sinks
-        recency = cache._slot_index.float().expand(cache.k.shape[:3])
+        recency = cache.slot_index.float().expand(cache.k.shape[:3])
         return keep_top(cache, recency, cache.pinned | sinks, keep)
 
     def minimum_kept(self, cache: BoundedKVCache) -> int:
@@ -130,7 +130,7 @@ class H2OPolicy(EvictionPolicy):
         self.accumulated += mass
 
     def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
-        recent = cache._slot_index >= cache.length - _recent_count(cache, self.config.recent_fraction)
+        recent = cache.slot_index >= cache.length - _recent_count(cache, self.config.recent_fraction)
         return keep_top(cache, self.accumulated, cache.pinned | recent, keep)
 
     def minimum_kept(self, cache: BoundedKVCache) -> int:
@@ -215,11 +215,11 @@ class InfMLLMPolicy(EvictionPolicy):
         layers, heads, capacity = score.shape
         pooled = F.avg_pool1d(score.view(-1, 1, capacity), width, stride=1, padding=width // 2,
                               count_include_pad=True).view(layers, heads, capacity) * width
-        age = 1.0 - cache._slot_index.float() / max(n - 1, 1)  # 1 oldest .. 0 newest
+        age = 1.0 - cache.slot_index.float() / max(n - 1, 1)  # 1 oldest .. 0 newest
         return pooled + self.config.attention_bias * (1.0 - age)
 
     def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
-        recent = cache._slot_index >= cache.length - _recent_count(cache, self.config.recent_fraction)
+        recent = cache.slot_index >= cache.length - _recent_count(cache, self.config.recent_fraction)
         return keep_top(cache, self.scores(cache), cache.pinned | recent, keep)
 
     def minimum_kept(self, cache: BoundedKVCache) -> int:

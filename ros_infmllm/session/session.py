@@ -83,6 +83,7 @@ class StreamingSession:
                                     model.decoder.rotary, model.dtype, model.device)
         policy.bind(self.cache)
         self.stats = SessionStats()
+        self._frame_ids: torch.Tensor | None = None
         self.generator = torch.Generator().manual_seed(config.sampling.seed)
         self.stop_ids = {i for i in (tokenizer.token_to_id(s) for s in self.template.stop) if i is not None}
         self.stop_ids.update(model.cfg.eos_token_ids)
@@ -167,8 +168,11 @@ class StreamingSession:
 
     # ---- frames ---------------------------------------------------------------------------------
     def frame_ids(self) -> torch.Tensor:
-        """Token ids of one frame in the template, visual tokens as image placeholders."""
-        return torch.tensor(self._template_ids(self.template.frame, self.model.cfg.num_image_tokens))
+        """Token ids of one frame in the template, visual tokens as image placeholders (the same
+        for every frame, so tokenised once)."""
+        if self._frame_ids is None:
+            self._frame_ids = torch.tensor(self._template_ids(self.template.frame, self.model.cfg.num_image_tokens))
+        return self._frame_ids
 
     @torch.inference_mode()
     def encode_frame(self, rgb: np.ndarray) -> torch.Tensor:

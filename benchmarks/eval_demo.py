@@ -97,9 +97,11 @@ def main() -> int:
     settings = [(0, "full")] + [(m, p) for m in args.multiples for p in ("full", "streamingllm", "h2o", "inf-mllm")]
     jobs = [(args.model, args.device, m, p, args.streams, args.budget) for m, p in settings]
     if args.jobs > 1:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(args.jobs) as pool:
+        # spawn: each worker opens its own CUDA context; a forked one cannot
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             outcomes = list(pool.map(evaluate_setting, *zip(*jobs)))
     else:
         outcomes = [evaluate_setting(*job) for job in jobs]

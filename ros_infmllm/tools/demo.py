@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     listener.create_subscription(String, ANSWER_TOPIC, lambda m: answers.append(m.data), qos)
     executor = SingleThreadedExecutor()
     executor.add_node(listener)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
     code = 1
     try:
         deadline = time.monotonic() + 120
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         node.send_signal(signal.SIGINT)
         node.wait(timeout=30)
         executor.shutdown()
+        spinner.join(timeout=5)  # rclpy aborts the process if its context dies under a spinning thread
         listener.destroy_node()
         rclpy.try_shutdown()
     return code

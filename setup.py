@@ -31,8 +31,8 @@ setup(
     extras_require={
         "ros": ["ros-rclpy", "ros-std-msgs", "ros-sensor-msgs", "ros-diagnostic-msgs", "ros-rmw-fastrtps-cpp",
                 "ros-fastdds"],
-        "test": ["pytest>=7", "transformers>=4.45", "rosbags>=0.10"],
-        "export": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "test": ["pytest>=7", "transformers>=4.45", "rosbags>=0.10", "tensorrt-rtx-cu13>=1.2"],
+        "export": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
     },
     zip_safe=True,
     maintainer="ros_infmllm developers",
@@ -46,5 +46,6 @@ setup(
         "infmllm_make_bag = ros_infmllm.tools.make_bag:main",
         "infmllm_demo = ros_infmllm.tools.demo:main",
         "infmllm_synthetic_camera = ros_infmllm.ros.synthetic_camera:main",
+        "infmllm_export = ros_infmllm.export.cli:main",
     ]},
 )

@@ -1,5 +1,5 @@
 """ros2 launch ros_infmllm infmllm.launch.py [model_path:=DIR] [image_topic:=TOPIC] [params_file:=YAML]
-[backend:=torch] [namespace:=NS]
+[backend:=torch|onnxruntime|tensorrt] [engine_dir:=DIR] [namespace:=NS]
 
 Starts the infmllm node with the package's default parameter file (or the one given); the
 arguments given here override the file."""
@@ -13,7 +13,8 @@ ARGUMENTS = {
     "model_path": ("", "Checkpoint folder; empty for the bundled demo model"),
     "image_topic": ("/camera/image_raw", "Camera topic (…/compressed for CompressedImage)"),
     "params_file": (None, "Parameter YAML (default: the package's config/infmllm.yaml)"),
-    "backend": ("torch", "Inference backend"),
+    "backend": ("torch", "Inference backend: torch, onnxruntime or tensorrt"),
+    "engine_dir": ("", "Folder written by infmllm_export (onnxruntime and tensorrt backends)"),
     "namespace": ("", "Namespace for the node"),
 }
 
@@ -37,6 +38,7 @@ def generate_launch_description() -> LaunchDescription:
                 "model_path": LaunchConfiguration("model_path"),
                 "image_topics": [LaunchConfiguration("image_topic")],
                 "backend": LaunchConfiguration("backend"),
+                "engine_dir": LaunchConfiguration("engine_dir"),
             },
         ],
     )

@@ -17,6 +17,7 @@ from rclpy.serialization import deserialize_message
 from std_msgs.msg import String
 
 from ros_infmllm.demo.questions import CURRENT_TYPES, MEMORY_TYPES
+from ros_infmllm.export.cli import main as export_main
 from ros_infmllm.tools.bag_io import BagMessage, read_bag, write_bag
 from ros_infmllm.tools.make_bag import EXPECTED_TOPIC
 from test_node import Probe
@@ -100,20 +101,27 @@ def test_node_subprocess_answers_questions_replayed_from_a_bag(ros_context, tiny
     assert "ready: policy=inf-mllm capacity=256" in run.output
 
 
-def test_bundled_demo_model_answers_the_demo_bag_correctly(ros_context, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_bundled_demo_model_answers_the_demo_bag_correctly(ros_context, tmp_path: Path, backend: str) -> None:
     """End to end with real answers: node (default model_path = the bundled demo model) + player
-    + the demo bag. Every current-scene answer must equal the ground truth recorded in the bag;
-    of the memory answers at least all but one (benchmarks/results/demo_eval.md: "before" questions
-    are the model's weak kind, about two in three right)."""
+    + the demo bag, on torch and on the onnxruntime backend from files infmllm_export wrote.
+    Every current-scene answer must equal the ground truth recorded in the bag; of the memory
+    answers at least all but one (benchmarks/results/demo_eval.md: "before" questions are the
+    model's weak kind, about two in three right)."""
     truth = [json.loads(deserialize_message(raw, String).data)
              for _, _, _, raw in read_bag(DATA / "demo_mcap", [EXPECTED_TOPIC])]
     assert len(truth) >= 6
     frames = len(list(read_bag(DATA / "demo_mcap", ["/camera/image_raw"])))
-    with node_process("    capacity: 1024\n    max_chunk: 128\n    frame_rate: 20.0\n", tmp_path) as run:
+    params = "    capacity: 1024\n    max_chunk: 128\n    frame_rate: 20.0\n"
+    if backend != "torch":
+        assert export_main(["--out", str(tmp_path / "engines"), "--capacity", "1024", "--max-chunk", "128",
+                            "--engines", "no"]) == 0
+        params += f"    backend: {backend}\n    engine_dir: \"{tmp_path / 'engines'}\"\n"
+    with node_process(params, tmp_path) as run:
         run.play(DATA / "demo_mcap", "--rate", "0.5", "--topics", "/camera/image_raw", "/infmllm/query")
         answers = run.probe.wait_answers(len(truth), timeout=60)
         ingested = run.wait_diagnostics("frames_ingested", str(frames)).get("frames_ingested")
-    assert "model=(bundled demo)" in run.output
+    assert "model=(bundled demo)" in run.output and f"backend={backend}" in run.output
     assert len(answers) == len(truth), f"{ingested} of {frames} frames ingested"
     current = [(a, t["answer"]) for a, t in zip(answers, truth) if t["kind"] in CURRENT_TYPES]
     memory = [(a, t["answer"]) for a, t in zip(answers, truth) if t["kind"] in MEMORY_TYPES]

@@ -163,6 +163,8 @@ def test_runtime_parameters_are_validated(running) -> None:
     (["-p", "policy:=lru"], "parameter policy='lru' is not one of"),
     (["-p", "inf_mllm.pool:=4"], "must be odd"),
     (["-p", "model_path:=/nonexistent/model"], "model folder not found"),
+    (["-p", "backend:=onnxruntime"], "backend onnxruntime needs engine_dir"),
+    (["-p", "backend:=onnxruntime", "-p", "engine_dir:=/nonexistent/engines"], "no manifest"),
 ])
 def test_bad_configuration_exits_non_zero_with_a_clear_message(tiny_model_dir: Path, args: list[str],
                                                                 message: str) -> None:

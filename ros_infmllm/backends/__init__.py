@@ -1,4 +1,29 @@
-"""How one forward step runs (torch now; onnxruntime and TensorRT behind the same step contract)."""
+"""How one forward step runs: torch, or exported graphs through onnxruntime or TensorRT, all
+behind the same step contract (``encode_images`` and ``step``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
 from .torch_backend import TorchBackend
 
-__all__ = ["TorchBackend"]
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def make_backend(name: str, model, model_dir: str | Path, engine_dir: str | Path | None = None):
+    """The backend ``name`` for a loaded model; exported backends read ``engine_dir``."""
+    if name == "torch":
+        return TorchBackend(model)
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if not engine_dir:
+        raise ValueError(f"backend {name} needs engine_dir: a folder written by infmllm_export")
+    if name == "onnxruntime":
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(engine_dir, model_dir, model.device)
+    from .tensorrt_backend import TensorRTBackend
+
+    return TensorRTBackend(engine_dir, model_dir, model.device)
+
+
+__all__ = ["BACKENDS", "TorchBackend", "make_backend"]

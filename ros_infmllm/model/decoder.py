@@ -48,7 +48,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor, mask: torch.Tensor, attn_window: int
+                past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         q_len = x.shape[0]
         q = self.q_proj(x).view(q_len, self.num_heads, self.head_dim).transpose(0, 1)
@@ -58,13 +58,15 @@ class Attention(nn.Module):
         keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
         group = self.num_heads // self.num_kv_heads
         mass = None
-        if attn_window > 0:
-            # Explicit softmax: we need the probabilities themselves, in float32.
+        if isinstance(attn_window, torch.Tensor) or attn_window > 0:
+            # Explicit softmax: we need the probabilities themselves, in float32. A tensor window
+            # (exported graphs) always takes this path, so one graph serves every policy.
             grouped_q = q.view(self.num_kv_heads, group, q_len, self.head_dim).float()
             scores = grouped_q @ keys.float().unsqueeze(1).transpose(-1, -2) * self.head_dim ** -0.5
             probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             out = (probs @ values.float().unsqueeze(1)).to(x.dtype).reshape(self.num_heads, q_len, self.head_dim)
-            mass = probs[:, :, -min(attn_window, q_len):, :].sum(dim=(1, 2))
+            in_window = torch.arange(q_len, device=x.device) >= q_len - attn_window  # the last queries
+            mass = (probs * in_window.view(1, 1, -1, 1).to(probs.dtype)).sum(dim=(1, 2))
         else:
             keys = keys.repeat_interleave(group, dim=0)
             values = values.repeat_interleave(group, dim=0)
@@ -115,12 +117,12 @@ class Decoder(nn.Module):
         return weight.new_zeros(shape), weight.new_zeros(shape)
 
     def step(self, embeds: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
-             positions: torch.Tensor, attn_window: int = 0, all_logits: bool = False) -> StepOutput:
+             positions: torch.Tensor, attn_window: int | torch.Tensor = 0, all_logits: bool = False) -> StepOutput:
         """One forward step over q new tokens (see the module docstring).
 
         embeds ``[q, hidden]``; cache_k/v ``[layers, kv_heads, C, head_dim]``; valid ``[C]`` bool
         (slots holding a token); positions ``[q]`` (cache-relative); attn_window: how many of the
-        last queries to report attention mass for (0: none).
+        last queries to report attention mass for (0: none; a 0-d tensor: always report, for export).
         """
         q_len = embeds.shape[0]
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=embeds.device).tril()
@@ -139,5 +141,5 @@ class Decoder(nn.Module):
         x = self.norm(x if all_logits else x[-1:])
         return StepOutput(
             logits=self.lm_head(x).float(), new_k=torch.stack(new_k), new_v=torch.stack(new_v),
-            attn_mass=torch.stack(masses) if attn_window > 0 else None,
+            attn_mass=torch.stack(masses) if masses[0] is not None else None,
         )

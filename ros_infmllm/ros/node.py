@@ -45,10 +45,11 @@ def build_session(values: dict[str, Any]):
     from ..session import SamplingConfig, StreamingSession
 
     model_path = values["model_path"] or default_model_path()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[values["dtype"]]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(values["dtype"])
     return StreamingSession.from_pretrained(
         model_path, policy=values["policy"], policy_options=P.policy_options(values), device=values["device"],
-        dtype=dtype, capacity=values["capacity"], max_chunk=values["max_chunk"],
+        dtype=dtype, backend=values["backend"], engine_dir=values["engine_dir"] or None,
+        capacity=values["capacity"], max_chunk=values["max_chunk"],
         slack_fraction=values["slack_fraction"], template=values["template"],
         system_prompt=values["system_prompt"] or None, max_new_tokens=values["max_new_tokens"],
         max_query_chars=values["max_query_chars"], max_query_tokens=values["max_query_tokens"],
@@ -92,7 +93,8 @@ class InfMLLMNode(Node):
         self.worker.start()
         self.get_logger().info(
             f"ready: policy={self.values['policy']} capacity={self.values['capacity']} "
-            f"cameras={self.values['image_topics']} model={self.values['model_path'] or '(bundled demo)'}")
+            f"cameras={self.values['image_topics']} model={self.values['model_path'] or '(bundled demo)'} "
+            f"backend={self.session.backend.name}")
 
     # ---- parameters ------------------------------------------------------------------------
     def _declare_parameters(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..backends import BACKENDS
 from ..cache import POLICIES
 
 
@@ -27,9 +28,12 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "", "Checkpoint folder (LLaVA layout). Empty: the bundled demo model."),
     ParamSpec("image_topics", ["/camera/image_raw"],
               "Camera topics; names ending in /compressed are sensor_msgs/CompressedImage."),
-    ParamSpec("backend", "torch", "How the model runs.", choices=("torch",)),
+    ParamSpec("backend", "torch", "How the model runs: torch, or the exported graphs in engine_dir through "
+              "onnxruntime or tensorrt.", choices=BACKENDS),
+    ParamSpec("engine_dir", "", "Folder written by infmllm_export (onnxruntime and tensorrt backends)."),
     ParamSpec("device", "cpu", "Torch device: cpu, cuda or cuda:N."),
-    ParamSpec("dtype", "float32", "Weights and cache precision.", choices=("float32", "bfloat16", "float16")),
+    ParamSpec("dtype", "auto", "Weights and cache precision; auto: float32, or the export's precision.",
+              choices=("auto", "float32", "bfloat16", "float16")),
     ParamSpec("policy", "inf-mllm", "KV cache eviction policy.", choices=tuple(POLICIES)),
     ParamSpec("capacity", 4096, "KV cache slots (tokens) per layer and KV head: the memory bound.", 16, 1 << 20),
     ParamSpec("max_chunk", 256, "Most tokens per prefill step.", 1, 1 << 16),

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from ..backends.torch_backend import TorchBackend
+from ..backends import TorchBackend, make_backend
 from ..cache import BoundedKVCache, EvictionPolicy, make_policy
 from ..errors import CacheFullError, CheckpointError
+from ..export.manifest import Manifest
 from ..model import LlavaModel, load_model
 from .preprocess import ImagePreprocessor, validate_rgb
 from .sampling import SamplingConfig, sample_next
@@ -92,8 +93,14 @@ class StreamingSession:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, policy: str = "inf-mllm", policy_options: dict | None = None,
-                        device: str = "cpu", dtype: torch.dtype = torch.float32, **config: Any) -> "StreamingSession":
-        """Load a checkpoint folder (config.json, safetensors, tokenizer.json) and start a session."""
+                        device: str = "cpu", dtype: torch.dtype | None = None, backend: str = "torch",
+                        engine_dir: str | Path | None = None, **config: Any) -> "StreamingSession":
+        """Load a checkpoint folder (config.json, safetensors, tokenizer.json) and start a session.
+
+        ``backend`` torch runs the model's modules; onnxruntime and tensorrt run the graphs that
+        ``infmllm_export`` wrote to ``engine_dir`` (same capacity, dtype from its manifest when
+        ``dtype`` is None) while embeddings, cache and policy stay here.
+        """
         model_dir = Path(path)
         if not model_dir.is_dir():
             raise CheckpointError(f"{model_dir}: model folder not found")
@@ -102,10 +109,15 @@ class StreamingSession:
             raise CheckpointError(f"{tokenizer_file}: not found")
         policy_obj = make_policy(policy, **(policy_options or {}))
         session_config = SessionConfig(**config)
+        if dtype is None:
+            dtype = Manifest.load(engine_dir).dtype if backend != "torch" and engine_dir else torch.float32
         model = load_model(model_dir, device=device, dtype=dtype)
+        runner = make_backend(backend, model, model_dir, engine_dir)
+        if backend != "torch":
+            runner.check_session(session_config.capacity, session_config.max_chunk, dtype)
         template = template_for(session_config.template, model_dir, model.cfg.text.model_type)
         return cls(model, Tokenizer.from_file(str(tokenizer_file)), policy_obj, session_config, template,
-                   ImagePreprocessor.for_model(model_dir, model.cfg.vision))
+                   ImagePreprocessor.for_model(model_dir, model.cfg.vision), runner)
 
     # ---- sizes -------------------------------------------------------------------------------
     def _check_sizes(self, pinned: int) -> None:

@@ -1,0 +1,85 @@
+"""Export a checkpoint to ONNX: ``vision.onnx`` and ``decoder_step.onnx`` at a fixed cache
+capacity, checked by ``onnx.checker``, described by ``manifest.json``."""
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..model import load_model
+from ..model.llava import LlavaModel
+from .graphs import STEP_INPUTS, STEP_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, StepGraph, VisionGraph, step_example, \
+    vision_example
+from .manifest import DTYPE_NAMES, PRECISIONS, GraphSpec, Manifest, TensorSpec, model_sha256
+
+OPSET = 18
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to a .onnx.data file beside the graph (protobuf's 2 GB cap)
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("torch", "onnx", "onnxscript", "onnxruntime", "tensorrt", "tensorrt_rtx_cu13"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def step_spec(model: LlavaModel, capacity: int, max_chunk: int) -> GraphSpec:
+    text, dtype = model.cfg.text, DTYPE_NAMES[model.dtype]
+    cache = [text.num_layers, text.num_kv_heads, capacity, text.head_dim]
+    new = [text.num_layers, text.num_kv_heads, "q", text.head_dim]
+    inputs = [TensorSpec("embeds", dtype, ["q", text.hidden_size]), TensorSpec("positions", "int64", ["q"]),
+              TensorSpec("cache_k", dtype, cache), TensorSpec("cache_v", dtype, cache),
+              TensorSpec("valid", "bool", [capacity]), TensorSpec("attn_window", "int64", [])]
+    outputs = [TensorSpec("logits", "float32", [1, text.vocab_size]), TensorSpec("new_k", dtype, new),
+               TensorSpec("new_v", dtype, new),
+               TensorSpec("attn_mass", "float32", [text.num_layers, text.num_kv_heads, f"{capacity}+q"])]
+    assert [t.name for t in inputs] == list(STEP_INPUTS) and [t.name for t in outputs] == list(STEP_OUTPUTS)
+    return GraphSpec("decoder_step.onnx", inputs, outputs, {"q": [1, max_chunk]})
+
+
+def vision_spec(model: LlavaModel, max_images: int) -> GraphSpec:
+    size, dtype = model.cfg.vision.image_size, DTYPE_NAMES[model.dtype]
+    inputs = [TensorSpec(VISION_INPUTS[0], dtype, ["n", 3, size, size])]
+    outputs = [TensorSpec(VISION_OUTPUTS[0], dtype, ["n", model.cfg.num_image_tokens, model.cfg.text.hidden_size])]
+    return GraphSpec("vision.onnx", inputs, outputs, {"n": [1, max_images]})
+
+
+def _export(module: torch.nn.Module, example: tuple, spec: GraphSpec, path: Path, external: bool) -> None:
+    import onnx
+
+    dims = {symbol: torch.export.Dim(symbol, min=low, max=high) for symbol, (low, high) in spec.dynamic.items()}
+    dynamic_shapes = tuple({i: dims[d] for i, d in enumerate(t.shape) if d in dims} or None for t in spec.inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), input_names=[t.name for t in spec.inputs],
+                          output_names=[t.name for t in spec.outputs], opset_version=OPSET, dynamo=True,
+                          dynamic_shapes=dynamic_shapes, external_data=external, verbose=False)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, capacity: int = 1024, max_chunk: int = 128,
+                max_images: int = 4, precision: str = "fp32") -> Manifest:
+    """Write both graphs and the manifest into ``out``; returns the manifest."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if not 2 <= max_chunk <= capacity:
+        raise ValueError(f"max_chunk must be in [2, capacity={capacity}], got {max_chunk}")
+    model_dir, out = Path(model_dir), Path(out)
+    model = load_model(model_dir, dtype=PRECISIONS[precision]).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    graphs = {"vision": vision_spec(model, max_images), "decoder_step": step_spec(model, capacity, max_chunk)}
+    with torch.no_grad():
+        _export(VisionGraph(model), vision_example(model, min(2, max_images)), graphs["vision"],
+                out / graphs["vision"].onnx, external)
+        _export(StepGraph(model), step_example(model, capacity, min(3, max_chunk)), graphs["decoder_step"],
+                out / graphs["decoder_step"].onnx, external)
+    manifest = Manifest(model_sha256(model_dir), model.cfg.text.model_type, capacity, max_chunk, max_images,
+                        precision, graphs, tool_versions(), str(model_dir.resolve()))
+    manifest.save(out)
+    return manifest

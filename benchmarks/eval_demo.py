@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from plotting import pyplot
 from ros_infmllm.cache import make_policy
 from ros_infmllm.demo import bundled_model_path
 from ros_infmllm.demo.episodes import make_episode
@@ -156,13 +157,8 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def write_plot(report: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     multiples = list(report["long_streams"])
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -32,6 +32,9 @@ class BoundedKVCache:
         self.total_seen = 0      # tokens ever appended: the stream index of the next token
         self.evictions = 0       # compactions run
         self.evicted_tokens = 0  # slots freed by them, per head
+        # Validate the kept slots of each compaction: costs a host sync per eviction; a streaming
+        # GPU loop turns it off (SessionConfig.check_evictions) once the policies are trusted.
+        self.checks = True
         self.slot_index = torch.arange(capacity, device=device)  # [capacity]: 0..C-1, for masks and shifts
         self.stats: dict[str, torch.Tensor] = {}
         self.pinned = self.register_stat("pinned", torch.bool)
@@ -91,9 +94,9 @@ class BoundedKVCache:
         kept = keep.shape[2]
         if kept > self.length:
             raise ValueError(f"cannot keep {kept} slots of {self.length}")
-        if kept and (int(keep.max()) >= self.length or int(keep.min()) < 0):
+        if self.checks and kept and (int(keep.max()) >= self.length or int(keep.min()) < 0):
             raise ValueError("keep indexes an empty slot")
-        if kept > 1 and bool((keep[..., 1:] <= keep[..., :-1]).any()):
+        if self.checks and kept > 1 and bool((keep[..., 1:] <= keep[..., :-1]).any()):
             raise ValueError("keep must be strictly ascending in every (layer, head)")
         gather = keep.unsqueeze(-1).expand(-1, -1, -1, self.k.shape[-1])
         moved_k = torch.gather(self.k, 2, gather)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..rope import Rotary
@@ -55,22 +54,25 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
         v = self.v_proj(x).view(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
-        keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
+        # Cached slots and new tokens are scored separately and the two blocks of scores joined:
+        # the cache is read once in place (no concatenated or head-repeated copy of it), which is
+        # what bounds decode speed. Query heads are grouped under their KV head (GQA).
         group = self.num_heads // self.num_kv_heads
+        grouped_q = q.reshape(self.num_kv_heads, group * q_len, self.head_dim)
+        scale = self.head_dim ** -0.5
+        scores = torch.cat((grouped_q @ past_k.transpose(-1, -2), grouped_q @ k.transpose(-1, -2)), dim=-1)
+        scores = scores.view(self.num_kv_heads, group, q_len, -1).float() * scale
+        # float32 softmax: policies read these probabilities, and bf16 would round small ones away
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        capacity = past_k.shape[1]
+        flat = probs.to(x.dtype).view(self.num_kv_heads, group * q_len, -1)
+        out = flat[..., :capacity] @ past_v + flat[..., capacity:] @ v
+        out = out.view(self.num_heads, q_len, self.head_dim)
         mass = None
         if isinstance(attn_window, torch.Tensor) or attn_window > 0:
-            # Explicit softmax: we need the probabilities themselves, in float32. A tensor window
-            # (exported graphs) always takes this path, so one graph serves every policy.
-            grouped_q = q.view(self.num_kv_heads, group, q_len, self.head_dim).float()
-            scores = grouped_q @ keys.float().unsqueeze(1).transpose(-1, -2) * self.head_dim ** -0.5
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            out = (probs @ values.float().unsqueeze(1)).to(x.dtype).reshape(self.num_heads, q_len, self.head_dim)
+            # A tensor window (exported graphs) always reports, so one graph serves every policy.
             in_window = torch.arange(q_len, device=x.device) >= q_len - attn_window  # the last queries
             mass = (probs * in_window.view(1, 1, -1, 1).to(probs.dtype)).sum(dim=(1, 2))
-        else:
-            keys = keys.repeat_interleave(group, dim=0)
-            values = values.repeat_interleave(group, dim=0)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = self.o_proj(out.transpose(0, 1).reshape(q_len, self.num_heads * self.head_dim))
         return out, k, v, mass
 
@@ -97,6 +99,18 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = FeedForward(cfg)
 
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
+                past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        attn_out, k, v, mass = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask, attn_window)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v, mass
+
+
+def run_block(block: TransformerBlock, *args):
+    """One block's forward as a plain function: what a backend compiles once for every layer."""
+    return block(*args)
+
 
 class Decoder(nn.Module):
     """Token embeddings, blocks, final norm and LM head."""
@@ -117,12 +131,14 @@ class Decoder(nn.Module):
         return weight.new_zeros(shape), weight.new_zeros(shape)
 
     def step(self, embeds: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
-             positions: torch.Tensor, attn_window: int | torch.Tensor = 0, all_logits: bool = False) -> StepOutput:
+             positions: torch.Tensor, attn_window: int | torch.Tensor = 0, all_logits: bool = False,
+             block_fn=run_block) -> StepOutput:
         """One forward step over q new tokens (see the module docstring).
 
         embeds ``[q, hidden]``; cache_k/v ``[layers, kv_heads, C, head_dim]``; valid ``[C]`` bool
         (slots holding a token); positions ``[q]`` (cache-relative); attn_window: how many of the
-        last queries to report attention mass for (0: none; a 0-d tensor: always report, for export).
+        last queries to report attention mass for (0: none; a 0-d tensor: always report, for export);
+        block_fn: how each block runs (a backend may pass a compiled ``run_block``).
         """
         q_len = embeds.shape[0]
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=embeds.device).tril()
@@ -131,10 +147,7 @@ class Decoder(nn.Module):
         x = embeds
         new_k, new_v, masses = [], [], []
         for i, block in enumerate(self.layers):
-            attn_out, k, v, mass = block.self_attn(block.input_layernorm(x), cos, sin, cache_k[i], cache_v[i],
-                                                   mask, attn_window)
-            x = x + attn_out
-            x = x + block.mlp(block.post_attention_layernorm(x))
+            x, k, v, mass = block_fn(block, x, cos, sin, cache_k[i], cache_v[i], mask, attn_window)
             new_k.append(k)
             new_v.append(v)
             masses.append(mass)

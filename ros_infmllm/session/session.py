@@ -36,6 +36,7 @@ class SessionConfig:
         evictions are rare and their cost is amortised.
     max_new_tokens: default answer length limit.
     max_query_chars / max_query_tokens: questions longer than these are refused.
+    check_evictions: validate every eviction's kept slots (one host sync per eviction).
     """
 
     capacity: int = 4096
@@ -47,6 +48,7 @@ class SessionConfig:
     max_query_chars: int = 2000
     max_query_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    check_evictions: bool = True
 
     def __post_init__(self) -> None:
         for name in ("capacity", "max_chunk", "max_new_tokens", "max_query_chars", "max_query_tokens"):
@@ -82,6 +84,7 @@ class StreamingSession:
         text = model.cfg.text
         self.cache = BoundedKVCache(text.num_layers, text.num_kv_heads, config.capacity, text.head_dim,
                                     model.decoder.rotary, model.dtype, model.device)
+        self.cache.checks = config.check_evictions
         policy.bind(self.cache)
         self.stats = SessionStats()
         self._frame_ids: torch.Tensor | None = None
@@ -159,11 +162,10 @@ class StreamingSession:
         Returns the logits of the last token ``[vocab]``, or of every token ``[T, vocab]``.
         Refuses with ``CacheFullError`` before touching the cache if a non-evicting policy would overflow.
         """
-        ids = ids.to(self.model.device)
         if not self.policy.evicts and ids.shape[0] > self.cache.free:
             raise CacheFullError(f"{ids.shape[0]} tokens do not fit: {self.cache.length}/{self.cache.capacity} "
                                  f"used and policy '{self.policy.name}' does not evict")
-        embeds = self.model.embed_tokens(ids, image_features)
+        embeds = self.model.embed_tokens(ids.cpu(), image_features)
         window = self.policy.attention_window
         logits = []
         for start in range(0, ids.shape[0], self.config.max_chunk):

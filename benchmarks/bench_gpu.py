@@ -1,0 +1,454 @@
+"""GPU benchmark: constant-latency streaming decode against the memory roofline and transformers.
+
+One run measures, for random-weight models of real shapes in bf16, batch 1:
+- the device's copy bandwidth (bytes read + written / time) and each model's decode roofline
+  = (decoder weight bytes + cache bytes read per token) / that bandwidth;
+- decode ms/token (p50, p99) at cache capacity 4096 after 4K, 64K and 1M tokens were streamed
+  into a StreamingSession (mostly frames through the vision tower and chunked prefill, with
+  questions and answers between them), for the policies inf-mllm and streamingllm;
+- time to first answer token after the stream, frame ingest latency (preprocess + tower +
+  projector + prefill of one frame), eviction cost per call and amortised per token, peak GPU
+  memory along the stream;
+- the same decoder in transformers (``generate``, its default dynamic cache, the same weights)
+  at 4K and 32K context: decode tokens/s and peak memory.
+
+Writes ``benchmarks/results/bench_gpu.{json,md}`` and ``bench_gpu.png``; prints a short table.
+``python benchmarks/bench_gpu.py`` on the GPU machine; ``--smoke`` runs tiny shapes on the CPU
+(used by the tests to keep this script working; its numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plotting import pyplot
+from ros_infmllm.cache import make_policy
+from ros_infmllm.model.config import load_config
+from ros_infmllm.model.llava import LlavaModel
+from ros_infmllm.session import ImagePreprocessor, SessionConfig, StreamingSession, template_for
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPECIALS = ["<unk>", "<pad>", "<eos>", "<image>", "<frame>", "<q>", "<a>"]
+SO400M_384 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+              "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14}
+QWEN2 = {"model_type": "qwen2", "vocab_size": 151936, "rope_theta": 1000000.0, "hidden_act": "silu",
+         "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
+SHAPES = {
+    "qwen2-0.5b": {"text": {**QWEN2, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                            "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True},
+                   "vision": SO400M_384},
+    "qwen2-1.5b": {"text": {**QWEN2, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                            "num_attention_heads": 12, "num_key_value_heads": 2, "tie_word_embeddings": True},
+                   "vision": SO400M_384},
+    "llama2-7b": {"text": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
+                           "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                           "num_key_value_heads": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+                           "hidden_act": "silu", "max_position_embeddings": 32768, "tie_word_embeddings": False},
+                  "vision": SO400M_384},
+}
+SMOKE_SHAPES = {
+    "tiny-qwen2": {"text": {**QWEN2, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "tie_word_embeddings": True},
+                   "vision": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                              "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
+}
+POLICIES = ("inf-mllm", "streamingllm")
+
+
+# ---- models -------------------------------------------------------------------------------------
+def write_checkpoint_config(folder: Path, shape: dict) -> Path:
+    """A LLaVA config.json (no weights): the shapes are all the benchmark needs."""
+    config = {"model_type": "llava", "text_config": shape["text"], "vision_config": shape["vision"],
+              "image_token_index": SPECIALS.index("<image>"), "vision_feature_layer": -1,
+              "vision_feature_select_strategy": "full", "projector_hidden_act": "gelu",
+              "tie_word_embeddings": shape["text"]["tie_word_embeddings"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def random_model(folder: Path, device: str, dtype: torch.dtype, seed: int = 0) -> LlavaModel:
+    """Our model from the config with random weights (std 0.02; norms 1, biases 0)."""
+    cfg = load_config(folder)
+    with torch.device("meta"):
+        model = LlavaModel(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    if cfg.text.tie_word_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    model.decoder.rotary.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def word_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = SPECIALS + [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
+    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(SPECIALS)
+    return tokenizer
+
+
+def decoder_bytes_per_token(model: LlavaModel) -> int:
+    """Weight bytes one decode step reads: every decoder matrix, and the embedding table only
+    as the (tied) LM head; a gathered embedding row is negligible."""
+    unique = {id(p): p for p in model.decoder.parameters()}
+    total = sum(p.numel() * p.element_size() for p in unique.values())
+    if not model.cfg.text.tie_word_embeddings:
+        embed = model.decoder.embed_tokens.weight
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def cache_bytes(model: LlavaModel, capacity: int) -> int:
+    text = model.cfg.text
+    return 2 * text.num_layers * text.num_kv_heads * capacity * text.head_dim * model.dtype.itemsize
+
+
+# ---- timing helpers -----------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def copy_bandwidth(device: str, megabytes: int) -> float:
+    """Bytes read + written per second by a device-to-device copy (median of 20)."""
+    source = torch.empty(megabytes << 20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    times = []
+    for i in range(25):
+        sync(device)
+        started = time.perf_counter()
+        target.copy_(source)
+        sync(device)
+        if i >= 5:
+            times.append(time.perf_counter() - started)
+    return 2 * source.numel() / statistics.median(times)
+
+
+def peak_memory(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+
+
+# ---- one session ------------------------------------------------------------------------------------
+class StreamDriver:
+    """Feeds a session a stream of frames with a question every ``question_every`` frames, and
+    times its evictions (a sync around each; none elsewhere)."""
+
+    def __init__(self, session: StreamingSession, device: str, image_size: int, question_every: int = 40) -> None:
+        self.session, self.device, self.question_every = session, device, question_every
+        self.rng = np.random.default_rng(0)
+        self.frames = [self.rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(8)]
+        self.vocab = session.tokenizer.get_vocab_size()
+        self.eviction_ms: list[float] = []
+        self.frame_count = 0
+        original = session._make_room
+
+        def timed_make_room(count: int) -> None:
+            if count <= session.cache.free:
+                return
+            sync(device)
+            started = time.perf_counter()
+            original(count)
+            sync(device)
+            self.eviction_ms.append(1e3 * (time.perf_counter() - started))
+
+        session._make_room = timed_make_room
+
+    def question_ids(self, words: int = 12) -> torch.Tensor:
+        text = " ".join(f"w{i}" for i in self.rng.integers(0, self.vocab - len(SPECIALS), words))
+        return self.session._query_ids(text)
+
+    def decode(self, count: int) -> tuple[float, list[float]]:
+        """Ask a question; time to first token, then ``count`` greedy decode steps, each timed
+        with the host sync that reading the token needs."""
+        sync(self.device)
+        started = time.perf_counter()
+        token = int(self.session.feed(self.question_ids()).argmax())
+        first = 1e3 * (time.perf_counter() - started)
+        steps = []
+        for _ in range(count):
+            started = time.perf_counter()
+            token = int(self.session.feed(torch.tensor([token])).argmax())
+            steps.append(1e3 * (time.perf_counter() - started))
+        return first, steps
+
+    def stream_to(self, total_tokens: int) -> None:
+        while self.session.cache.total_seen < total_tokens:
+            self.session.ingest_frame(self.frames[self.frame_count % len(self.frames)])
+            self.frame_count += 1
+            if self.frame_count % self.question_every == 0:
+                self.decode(8)
+
+    def ingest_latency(self, frames: int) -> list[float]:
+        times = []
+        for i in range(frames):
+            sync(self.device)
+            started = time.perf_counter()
+            self.session.ingest_frame(self.frames[i % len(self.frames)])
+            sync(self.device)
+            times.append(1e3 * (time.perf_counter() - started))
+        return times
+
+
+def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, device: str) -> dict:
+    config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
+                           check_evictions=False)
+    session = StreamingSession(model, tokenizer, make_policy(policy), config, template_for("demo"),
+                               ImagePreprocessor.for_model(folder, model.cfg.vision))
+    driver = StreamDriver(session, device, model.cfg.vision.image_size)
+    driver.stream_to(args.capacity // 2)  # warm-up: kernels, CUDA graphs of the recurring chunk sizes
+    driver.decode(16)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    checkpoints = []
+    for target in args.stream_tokens:
+        driver.stream_to(target)
+        first, steps = driver.decode(args.decode_tokens)
+        checkpoints.append({"streamed_tokens": session.cache.total_seen, "decode_p50_ms": percentile(steps, 50),
+                            "decode_p99_ms": percentile(steps, 99), "decode_mean_ms": float(np.mean(steps)),
+                            "first_token_ms": first, "peak_memory_bytes": peak_memory(device),
+                            "cache_length": session.cache.length, "seconds": round(time.perf_counter() - started, 1)})
+        print(f"  {policy:12s} {session.cache.total_seen:>8d} tokens: decode p50 {checkpoints[-1]['decode_p50_ms']:.3f} "
+              f"ms, p99 {checkpoints[-1]['decode_p99_ms']:.3f} ms, first token {first:.1f} ms "
+              f"({checkpoints[-1]['seconds']} s)", flush=True)
+    ingest = driver.ingest_latency(args.ingest_frames)
+    cache = session.cache
+    freed = cache.evicted_tokens / max(cache.evictions, 1)
+    eviction_ms = statistics.median(driver.eviction_ms) if driver.eviction_ms else float("nan")
+    return {"policy": policy, "checkpoints": checkpoints, "frames": driver.frame_count,
+            "ingest_p50_ms": percentile(ingest, 50), "ingest_p99_ms": percentile(ingest, 99),
+            "evictions": cache.evictions, "eviction_p50_ms": eviction_ms,
+            "eviction_p99_ms": percentile(driver.eviction_ms, 99), "tokens_freed_per_eviction": freed,
+            "eviction_amortised_ms_per_token": eviction_ms / freed if freed else float("nan"),
+            "captured_graphs": sorted(str(k) for k in getattr(session.backend, "graphs", {}))}
+
+
+# ---- transformers ---------------------------------------------------------------------------------
+def transformers_decoder(model: LlavaModel, shape: dict, device: str):
+    """The same decoder as a transformers CausalLM holding a copy of our random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = dict(shape["text"])
+    config = AutoConfig.for_model(text.pop("model_type"), **text)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v
+             for k, v in model.decoder.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if "rotary" not in m and m != "lm_head.weight"]:
+        raise RuntimeError(f"weight names differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return hf.eval().requires_grad_(False)
+
+
+def bench_transformers(hf, contexts: list[int], new_tokens: int, device: str) -> list[dict]:
+    """Decode tokens/s of ``generate`` (greedy, dynamic cache) after a context of random tokens:
+    (time for prefill + N tokens - time for prefill + 1 token) / (N - 1)."""
+    rows = []
+    vocab = hf.config.vocab_size
+    for context in contexts:
+        ids = torch.randint(len(SPECIALS), vocab, (1, context), device=device,
+                            generator=torch.Generator(device=device).manual_seed(context))
+        timings = {}
+        try:
+            for count in (1, new_tokens):
+                if device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                sync(device)
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count,
+                                min_new_tokens=count, do_sample=False, pad_token_id=0)
+                sync(device)
+                timings[count] = time.perf_counter() - started
+            per_token = (timings[new_tokens] - timings[1]) / (new_tokens - 1)
+            rows.append({"context": context, "decode_ms": 1e3 * per_token, "tokens_per_s": 1 / per_token,
+                         "peak_memory_bytes": peak_memory(device)})
+        except torch.OutOfMemoryError:
+            rows.append({"context": context, "error": "out of GPU memory"})
+        print(f"  transformers {context:>6d} context: {rows[-1]}", flush=True)
+        del ids
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> dict:
+    print(f"{name}:", flush=True)
+    folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
+    model = random_model(folder, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    tokenizer = word_tokenizer(model.cfg.text.vocab_size)
+    weights, cache = decoder_bytes_per_token(model), cache_bytes(model, args.capacity)
+    roofline_ms = 1e3 * (weights + cache) / bandwidth
+    result = {"model": name, "decoder_weight_bytes": weights, "cache_bytes": cache, "roofline_ms": roofline_ms,
+              "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+              "image_tokens": model.cfg.num_image_tokens, "policies": {}}
+    for policy in POLICIES:
+        result["policies"][policy] = bench_policy(model, tokenizer, folder, policy, args, device)
+    if not args.skip_transformers:
+        hf = transformers_decoder(model, shape, device)
+        result["transformers"] = bench_transformers(hf, args.hf_contexts, args.hf_new_tokens, device)
+        del hf
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def summarise(report: dict) -> dict:
+    """Targets of issue 6, each with the measured figure and whether it holds."""
+    out = {}
+    for m in report["models"]:
+        ours = m["policies"]["inf-mllm"]["checkpoints"]
+        first, last = ours[0], ours[-1]
+        row = {"roofline_fraction_p50": m["roofline_ms"] / last["decode_p50_ms"],
+               "p50_last_over_first": last["decode_p50_ms"] / first["decode_p50_ms"],
+               "peak_memory_growth": (last["peak_memory_bytes"] / ours[1]["peak_memory_bytes"] - 1)
+               if len(ours) > 2 and ours[1]["peak_memory_bytes"] else float("nan"),
+               "eviction_share_of_decode": m["policies"]["inf-mllm"]["eviction_amortised_ms_per_token"]
+               / last["decode_p50_ms"],
+               "frame_ingest_p50_ms": m["policies"]["inf-mllm"]["ingest_p50_ms"]}
+        for hf in m.get("transformers", []):
+            if "tokens_per_s" in hf:
+                row[f"speedup_vs_transformers_{hf['context']}"] = (1e3 / last["decode_p50_ms"]) / hf["tokens_per_s"]
+        out[m["model"]] = row
+    return out
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    gb = 1 << 30
+    lines = ["# GPU benchmark", "",
+             f"Produced by `benchmarks/bench_gpu.py` in one run on {report['device']} "
+             f"({report['torch']}, transformers {report['transformers']}), {report['seconds']} s. "
+             f"{report['dtype']}, batch 1, cache capacity {report['capacity']}, prefill chunks of {report['max_chunk']}. "
+             f"Copy bandwidth (read + written): **{report['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s**.", "",
+             "## Decode latency along the stream", "",
+             "| model | roofline ms | policy | streamed tokens | p50 ms | p99 ms | roofline / p50 | first token ms | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        for policy, p in m["policies"].items():
+            for c in p["checkpoints"]:
+                lines.append(f"| {m['model']} | {m['roofline_ms']:.3f} | {policy} | {c['streamed_tokens']:,} | "
+                             f"{c['decode_p50_ms']:.3f} | {c['decode_p99_ms']:.3f} | "
+                             f"{100 * m['roofline_ms'] / c['decode_p50_ms']:.0f}% | {c['first_token_ms']:.1f} | "
+                             f"{c['peak_memory_bytes'] / gb:.2f} |")
+    lines += ["", "## Frame ingest and eviction", "",
+              "| model | policy | frame ingest p50 / p99 ms | evictions | eviction p50 ms | tokens freed each | "
+              "amortised ms/token | share of decode p50 |", "|---|---|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        for policy, p in m["policies"].items():
+            decode = p["checkpoints"][-1]["decode_p50_ms"]
+            lines.append(f"| {m['model']} | {policy} | {p['ingest_p50_ms']:.1f} / {p['ingest_p99_ms']:.1f} | "
+                         f"{p['evictions']} | {p['eviction_p50_ms']:.2f} | {p['tokens_freed_per_eviction']:.0f} | "
+                         f"{p['eviction_amortised_ms_per_token']:.4f} | "
+                         f"{100 * p['eviction_amortised_ms_per_token'] / decode:.2f}% |")
+    lines += ["", "## transformers `generate` (dynamic cache, same weights) against ours", "",
+              "| model | context | transformers ms/token | tokens/s | peak GiB | ours (inf-mllm, end of stream) tokens/s | ours / transformers |",
+              "|---|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        ours = 1e3 / m["policies"]["inf-mllm"]["checkpoints"][-1]["decode_p50_ms"]
+        for hf in m.get("transformers", []):
+            if "tokens_per_s" not in hf:
+                lines.append(f"| {m['model']} | {hf['context']:,} | {hf['error']} | | | {ours:.0f} | |")
+                continue
+            lines.append(f"| {m['model']} | {hf['context']:,} | {hf['decode_ms']:.2f} | {hf['tokens_per_s']:.0f} | "
+                         f"{hf['peak_memory_bytes'] / gb:.2f} | {ours:.0f} | {ours / hf['tokens_per_s']:.1f}x |")
+    lines += ["", "## Targets", "", "| model | figure | value |", "|---|---|---|"]
+    for model, row in report["summary"].items():
+        for key, value in row.items():
+            lines.append(f"| {model} | {key} | {value:.3f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(report: dict, path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for m in report["models"]:
+        for policy, p in m["policies"].items():
+            xs = [c["streamed_tokens"] for c in p["checkpoints"]]
+            left.plot(xs, [c["decode_p50_ms"] for c in p["checkpoints"]], marker="o", label=f"{m['model']} {policy}")
+            right.plot(xs, [c["peak_memory_bytes"] / (1 << 30) for c in p["checkpoints"]], marker="o",
+                       label=f"{m['model']} {policy}")
+        left.axhline(m["roofline_ms"], linestyle=":", color="grey")
+    for ax, label in ((left, "decode p50 ms/token (dotted: rooflines)"), (right, "peak GPU memory GiB")):
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens streamed into the session")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--capacity", type=int, default=4096)
+    parser.add_argument("--max-chunk", type=int, default=256)
+    parser.add_argument("--stream-tokens", type=int, nargs="+", default=[4096, 65536, 1 << 20])
+    parser.add_argument("--decode-tokens", type=int, default=256, help="timed decode steps per checkpoint")
+    parser.add_argument("--ingest-frames", type=int, default=20)
+    parser.add_argument("--hf-contexts", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--hf-new-tokens", type=int, default=33)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--bandwidth-mb", type=int, default=2048)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
+    args = parser.parse_args(argv)
+    shapes = SHAPES
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if args.smoke:
+        shapes, args.models = SMOKE_SHAPES, list(SMOKE_SHAPES)
+        args.capacity, args.max_chunk, args.stream_tokens = 128, 32, [160, 400, 1200]
+        args.decode_tokens, args.ingest_frames, args.hf_contexts, args.hf_new_tokens = 8, 3, [64, 128], 5
+        args.bandwidth_mb = 16
+    started = time.perf_counter()
+    bandwidth = copy_bandwidth(device, args.bandwidth_mb)
+    import transformers
+
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor()})",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "dtype": "bfloat16" if device == "cuda" else "float32",
+              "bandwidth_bytes_per_s": bandwidth, "capacity": args.capacity, "max_chunk": args.max_chunk,
+              "models": []}
+    print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s on {report['device']}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        report["models"].append(bench_model(name, shapes[name], args, device, bandwidth))
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        report["summary"] = summarise(report)
+        (args.out / "bench_gpu.json").write_text(json.dumps(report, indent=1))  # after each model: partial runs keep
+        write_markdown(report, args.out / "bench_gpu.md")
+    write_plot(report, args.out / "bench_gpu.png")
+    print((args.out / "bench_gpu.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

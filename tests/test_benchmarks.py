@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end (tiny shapes, CPU): their numbers are not checked here,
+only that a run writes complete, consistent results files."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_gpu  # noqa: E402
+
+
+def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
+    assert bench_gpu.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert report["bandwidth_bytes_per_s"] > 0 and report["capacity"] == 128
+    (model,) = report["models"]
+    assert set(model["policies"]) == {"inf-mllm", "streamingllm"}
+    for policy in model["policies"].values():
+        streamed = [c["streamed_tokens"] for c in policy["checkpoints"]]
+        assert streamed == sorted(streamed) and streamed[-1] >= 1200  # the stream reached each checkpoint
+        assert all(c["cache_length"] <= 128 for c in policy["checkpoints"])  # bounded all along
+        assert policy["evictions"] > 0 and policy["eviction_amortised_ms_per_token"] > 0
+    assert [row["context"] for row in model["transformers"]] == [64, 128]
+    assert model["roofline_ms"] > 0 and set(report["summary"]["tiny-qwen2"]) >= {
+        "roofline_fraction_p50", "p50_last_over_first", "eviction_share_of_decode", "frame_ingest_p50_ms"}
+    markdown = (tmp_path / "bench_gpu.md").read_text()
+    assert "| tiny-qwen2 | 128 |" in markdown and "## Targets" in markdown
+
+
+def test_decoder_weight_bytes_count_a_tied_table_once(tmp_path: Path) -> None:
+    shape = bench_gpu.SMOKE_SHAPES["tiny-qwen2"]
+    folder = bench_gpu.write_checkpoint_config(tmp_path / "m", shape)
+    model = bench_gpu.random_model(folder, "cpu", bench_gpu.torch.float32)
+    text = shape["text"]
+    per_layer = (4 * text["hidden_size"] ** 2 // 2 + text["hidden_size"] ** 2  # q,o full; k,v at 2 of 4 heads
+                 + 3 * text["hidden_size"] * text["intermediate_size"] + 2 * text["hidden_size"]  # MLP, norms
+                 + text["hidden_size"] + 2 * text["hidden_size"] // 2)  # q/k/v biases
+    expected = 4 * (text["num_hidden_layers"] * per_layer + text["vocab_size"] * text["hidden_size"]
+                    + text["hidden_size"])
+    assert bench_gpu.decoder_bytes_per_token(model) == expected

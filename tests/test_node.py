@@ -18,6 +18,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
+from ros_infmllm.export import export_onnx
 from ros_infmllm.ros.conversion import rgb_to_image_fields
 from ros_infmllm.ros.node import InfMLLMNode
 
@@ -165,10 +166,14 @@ def test_runtime_parameters_are_validated(running) -> None:
     (["-p", "model_path:=/nonexistent/model"], "model folder not found"),
     (["-p", "backend:=onnxruntime"], "backend onnxruntime needs engine_dir"),
     (["-p", "backend:=onnxruntime", "-p", "engine_dir:=/nonexistent/engines"], "no manifest"),
+    (["-p", "backend:=tensorrt", "-p", "engine_dir:=ENGINES"], "no engine for graph"),
 ])
-def test_bad_configuration_exits_non_zero_with_a_clear_message(tiny_model_dir: Path, args: list[str],
-                                                                message: str) -> None:
+def test_bad_configuration_exits_non_zero_with_a_clear_message(tiny_model_dir: Path, tmp_path: Path,
+                                                                args: list[str], message: str) -> None:
     base = ["-p", f"model_path:={tiny_model_dir}"] if "model_path" not in args[1] else []
+    if "engine_dir:=ENGINES" in args:  # an ONNX-only export of this model: no engines in it
+        export_onnx(tiny_model_dir, tmp_path, capacity=256, max_chunk=32)
+        args = [a.replace("ENGINES", str(tmp_path)) for a in args]
     result = subprocess.run([sys.executable, "-m", "ros_infmllm.ros.node", "--ros-args", *base, *args],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr

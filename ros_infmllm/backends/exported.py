@@ -77,6 +77,8 @@ class ExportedBackend:
         self._windows: dict[int, torch.Tensor] = {}
 
     def make_runner(self, name: str, spec: GraphSpec) -> GraphRunner:
+        """The object that executes graph ``name``; configuration problems raise ValueError or
+        FileNotFoundError, which the node reports and exits on."""
         raise NotImplementedError
 
     def check_session(self, capacity: int, max_chunk: int, dtype: torch.dtype) -> None:

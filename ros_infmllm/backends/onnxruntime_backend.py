@@ -19,7 +19,7 @@ class OrtRunner:
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeError("device is cuda but this onnxruntime has no CUDAExecutionProvider "
+                raise ValueError("device is cuda but this onnxruntime has no CUDAExecutionProvider "
                                    "(install onnxruntime-gpu, or use device cpu)")
             providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
         options = ort.SessionOptions()

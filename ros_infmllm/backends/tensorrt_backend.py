@@ -23,7 +23,7 @@ class TrtRunner:
         with open(path, "rb") as stream:
             self.engine = self.runtime.deserialize_cuda_engine(stream.read())
         if self.engine is None:
-            raise RuntimeError(f"{path}: {module_label(trt)} cannot load this engine (built for another GPU or "
+            raise ValueError(f"{path}: {module_label(trt)} cannot load this engine (built for another GPU or "
                                "TensorRT version? rebuild it with infmllm_export on this machine)")
         self.context = self.engine.create_execution_context()
         self.device = device
@@ -44,10 +44,10 @@ class TensorRTBackend(ExportedBackend):
     def make_runner(self, name: str, spec: GraphSpec) -> TrtRunner:
         trt = tensorrt_module()
         if trt is None:
-            raise ImportError("backend tensorrt: neither tensorrt nor tensorrt_rtx is importable")
+            raise ValueError("backend tensorrt: neither tensorrt nor tensorrt_rtx is importable here")
         built_with = self.manifest.tools.get("engine_builder")
         if built_with and built_with != module_label(trt):
-            raise RuntimeError(f"{self.folder}: engines built with {built_with}, this machine has {module_label(trt)}; "
+            raise ValueError(f"{self.folder}: engines built with {built_with}, this machine has {module_label(trt)}; "
                                f"plans only load in the TensorRT version that built them: rebuild with infmllm_export")
         if spec.engine is None or not (self.folder / spec.engine).is_file():
             raise FileNotFoundError(f"{self.folder}: no engine for graph {name}; build one with "

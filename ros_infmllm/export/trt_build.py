@@ -129,6 +129,6 @@ def build_engines(folder: str | Path, module: str | None = None, compute_capabil
               f"({module_label(trt)})", file=sys.stderr, flush=True)
         spec.engine = engine.name
     manifest.tools["engine_builder"] = module_label(trt)
-    manifest.tools["engine_compute_capabilities"] = ",".join(compute_capabilities or ["current GPU"])
+    manifest.tools["engine_compute_capabilities"] = ",".join(compute_capabilities or ["builder default"])
     manifest.save(folder)
     return manifest

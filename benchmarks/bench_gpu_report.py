@@ -1,0 +1,93 @@
+"""Tables, target summary and plot of a ``bench_gpu.py`` report (its JSON as a dict)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from plotting import pyplot
+
+
+def summarise(report: dict) -> dict:
+    """Targets of issue 6, each with the measured figure and whether it holds."""
+    out = {}
+    for m in report["models"]:
+        ours = m["policies"]["inf-mllm"]["checkpoints"]
+        first, last = ours[0], ours[-1]
+        row = {"roofline_fraction_p50": m["roofline_ms"] / last["decode_p50_ms"],
+               "p50_last_over_first": last["decode_p50_ms"] / first["decode_p50_ms"],
+               "peak_memory_growth": (last["peak_memory_bytes"] / ours[1]["peak_memory_bytes"] - 1)
+               if len(ours) > 2 and ours[1]["peak_memory_bytes"] else float("nan"),
+               "eviction_share_of_decode": m["policies"]["inf-mllm"]["eviction_amortised_ms_per_token"]
+               / last["decode_p50_ms"],
+               "frame_ingest_p50_ms": m["policies"]["inf-mllm"]["ingest_p50_ms"]}
+        for hf in m.get("transformers", []):
+            if "tokens_per_s" in hf:
+                row[f"speedup_vs_transformers_{hf['context']}"] = (1e3 / last["decode_p50_ms"]) / hf["tokens_per_s"]
+        out[m["model"]] = row
+    return out
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    gb = 1 << 30
+    lines = ["# GPU benchmark", "",
+             f"Produced by `benchmarks/bench_gpu.py` in one run on {report['device']} "
+             f"({report['torch']}, transformers {report['transformers']}), {report['seconds']} s. "
+             f"{report['dtype']}, batch 1, cache capacity {report['capacity']}, prefill chunks of {report['max_chunk']}. "
+             f"Copy bandwidth (read + written): **{report['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s**.", "",
+             "## Decode latency along the stream", "",
+             "| model | roofline ms | policy | streamed tokens | p50 ms | p99 ms | roofline / p50 | first token ms | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        for policy, p in m["policies"].items():
+            for c in p["checkpoints"]:
+                lines.append(f"| {m['model']} | {m['roofline_ms']:.3f} | {policy} | {c['streamed_tokens']:,} | "
+                             f"{c['decode_p50_ms']:.3f} | {c['decode_p99_ms']:.3f} | "
+                             f"{100 * m['roofline_ms'] / c['decode_p50_ms']:.0f}% | {c['first_token_ms']:.1f} | "
+                             f"{c['peak_memory_bytes'] / gb:.2f} |")
+    lines += ["", "## Frame ingest and eviction", "",
+              "| model | policy | frame ingest p50 / p99 ms | evictions | eviction p50 ms | tokens freed each | "
+              "amortised ms/token | share of decode p50 |", "|---|---|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        for policy, p in m["policies"].items():
+            decode = p["checkpoints"][-1]["decode_p50_ms"]
+            lines.append(f"| {m['model']} | {policy} | {p['ingest_p50_ms']:.1f} / {p['ingest_p99_ms']:.1f} | "
+                         f"{p['evictions']} | {p['eviction_p50_ms']:.2f} | {p['tokens_freed_per_eviction']:.0f} | "
+                         f"{p['eviction_amortised_ms_per_token']:.4f} | "
+                         f"{100 * p['eviction_amortised_ms_per_token'] / decode:.2f}% |")
+    lines += ["", "## transformers `generate` (dynamic cache, same weights) against ours", "",
+              "| model | context | transformers ms/token | tokens/s | peak GiB | ours (inf-mllm, end of stream) tokens/s | ours / transformers |",
+              "|---|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        ours = 1e3 / m["policies"]["inf-mllm"]["checkpoints"][-1]["decode_p50_ms"]
+        for hf in m.get("transformers", []):
+            if "tokens_per_s" not in hf:
+                lines.append(f"| {m['model']} | {hf['context']:,} | {hf['error']} | | | {ours:.0f} | |")
+                continue
+            lines.append(f"| {m['model']} | {hf['context']:,} | {hf['decode_ms']:.2f} | {hf['tokens_per_s']:.0f} | "
+                         f"{hf['peak_memory_bytes'] / gb:.2f} | {ours:.0f} | {ours / hf['tokens_per_s']:.1f}x |")
+    lines += ["", "## Targets", "", "| model | figure | value |", "|---|---|---|"]
+    for model, row in report["summary"].items():
+        for key, value in row.items():
+            lines.append(f"| {model} | {key} | {value:.3f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(report: dict, path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for m in report["models"]:
+        for policy, p in m["policies"].items():
+            xs = [c["streamed_tokens"] for c in p["checkpoints"]]
+            left.plot(xs, [c["decode_p50_ms"] for c in p["checkpoints"]], marker="o", label=f"{m['model']} {policy}")
+            right.plot(xs, [c["peak_memory_bytes"] / (1 << 30) for c in p["checkpoints"]], marker="o",
+                       label=f"{m['model']} {policy}")
+        left.axhline(m["roofline_ms"], linestyle=":", color="grey")
+    for ax, label in ((left, "decode p50 ms/token (dotted: rooflines)"), (right, "peak GPU memory GiB")):
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens streamed into the session")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -6,18 +6,17 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.serialization import deserialize_message
 from std_msgs.msg import String
 
 from ros_infmllm.demo.questions import CURRENT_TYPES, MEMORY_TYPES
 from ros_infmllm.export.cli import main as export_main
+from ros_infmllm.ros.entry import spinning
 from ros_infmllm.tools.bag_io import BagMessage, read_bag, write_bag
 from ros_infmllm.tools.make_bag import EXPECTED_TOPIC
 from test_node import Probe
@@ -56,21 +55,18 @@ def node_process(params_yaml: str, tmp_path: Path) -> Iterator[NodeRun]:
     process = subprocess.Popen([sys.executable, "-m", "ros_infmllm.ros.node", "--ros-args", "--params-file",
                                 str(params)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     probe = Probe()
-    executor = SingleThreadedExecutor()
-    executor.add_node(probe.node)
-    threading.Thread(target=executor.spin, daemon=True).start()
     run = NodeRun(process, probe)
     try:
-        deadline = time.monotonic() + 60
-        while probe.node.count_publishers("/infmllm/answer") == 0:
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "node did not come up"
-            time.sleep(0.1)
-        yield run
+        with spinning(probe.node):
+            deadline = time.monotonic() + 60
+            while probe.node.count_publishers("/infmllm/answer") == 0:
+                assert process.poll() is None, process.communicate()[0]
+                assert time.monotonic() < deadline, "node did not come up"
+                time.sleep(0.1)
+            yield run
     finally:
         process.send_signal(signal.SIGINT)
         run.output = process.communicate(timeout=30)[0]
-        executor.shutdown()
         probe.node.destroy_node()
     assert process.returncode == 0, run.output
 

@@ -123,8 +123,8 @@ def test_demo_session_gives_the_same_greedy_answers_on_torch_and_onnxruntime_wit
     for backend in ("torch", "onnxruntime"):
         session = StreamingSession.from_pretrained(bundled_model_path(), backend=backend, engine_dir=demo_export,
                                                    capacity=256, max_chunk=32, max_new_tokens=12)
-        answers[backend] = [session.answer(item.question) if kind == "qa" else session.ingest_frame(episode.frames[item])
-                            for kind, item in episode.events]
+        answers[backend] = [session.answer(item.question) if kind == "qa"
+                            else session.ingest_frame(episode.frames[item]) for kind, item in episode.events]
         seen[backend] = session.cache.total_seen
     assert seen["torch"] > 3 * 256  # the stream outgrew the cache: evictions happened
     questions = [a for a in answers["torch"] if a is not None]

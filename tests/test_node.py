@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from std_msgs.msg import String
 
 from ros_infmllm.export import export_onnx
 from ros_infmllm.ros.conversion import rgb_to_image_fields
+from ros_infmllm.ros.entry import spinning
 from ros_infmllm.ros.node import InfMLLMNode
 
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
@@ -66,17 +66,12 @@ def running(ros_context, tiny_model_dir: Path):
                  Parameter("image_topics", value=["/camera/image_raw", "/camera/image_raw/compressed"])]
     node = InfMLLMNode(parameter_overrides=overrides)
     probe = Probe()
-    executor = MultiThreadedExecutor()
-    executor.add_node(node)
-    executor.add_node(probe.node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while node.count_subscribers("/infmllm/answer") == 0 or probe.queries.get_subscription_count() == 0:
-        assert time.monotonic() < deadline, "DDS discovery did not complete"
-        time.sleep(0.05)
-    yield node, probe
-    executor.shutdown()
+    with spinning(node, probe.node, executor=MultiThreadedExecutor()):
+        deadline = time.monotonic() + 10
+        while node.count_subscribers("/infmllm/answer") == 0 or probe.queries.get_subscription_count() == 0:
+            assert time.monotonic() < deadline, "DDS discovery did not complete"
+            time.sleep(0.05)
+        yield node, probe
     node.destroy_node()
     probe.node.destroy_node()
 

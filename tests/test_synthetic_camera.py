@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ from std_msgs.msg import String
 
 from ros_infmllm.demo.world import scene_stream
 from ros_infmllm.ros.conversion import image_to_rgb
+from ros_infmllm.ros.entry import spinning
 from ros_infmllm.ros.synthetic_camera import SyntheticCamera
 
 
@@ -27,16 +27,12 @@ def test_camera_publishes_the_seeded_stream_with_ground_truth(ros_context) -> No
     probe.create_subscription(Image, "/synthetic/image", lambda m: images.append(image_to_rgb(m)),
                               qos_profile_sensor_data)
     probe.create_subscription(String, "/synthetic_camera/ground_truth", lambda m: truths.append(json.loads(m.data)), 10)
-    executor = MultiThreadedExecutor()
-    executor.add_node(camera)
-    executor.add_node(probe)
-    threading.Thread(target=executor.spin, daemon=True).start()
     try:
-        deadline = time.monotonic() + 15
-        while len(truths) < 6 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with spinning(camera, probe, executor=MultiThreadedExecutor()):
+            deadline = time.monotonic() + 15
+            while len(truths) < 6 and time.monotonic() < deadline:
+                time.sleep(0.05)
     finally:
-        executor.shutdown()
         camera.destroy_node()
         probe.destroy_node()
     expected = list(scene_stream(5, 3, 2))

@@ -113,7 +113,7 @@ class ExportedBackend:
         step = self.manifest.max_images
         pieces = [self._run("vision", {"pixel_values": pixel_values[i:i + step]})["image_features"].clone()
                   for i in range(0, pixel_values.shape[0], step)]
-        return torch.cat(pieces)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # one copy out of the reused buffer
 
     @torch.inference_mode()
     def step(self, embeds: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,

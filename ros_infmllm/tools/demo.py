@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import json
 from pathlib import Path
@@ -30,10 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from std_msgs.msg import String
 
+    from ..ros.entry import spinning
     from .bag_io import read_bag
     from .make_bag import EXPECTED_TOPIC
 
@@ -56,46 +55,41 @@ def main(argv: list[str] | None = None) -> int:
     answers: list[str] = []
     listener.create_subscription(String, QUERY_TOPIC, lambda m: asked.append(m.data), qos)
     listener.create_subscription(String, ANSWER_TOPIC, lambda m: answers.append(m.data), qos)
-    executor = SingleThreadedExecutor()
-    executor.add_node(listener)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
     code = 1
     try:
-        deadline = time.monotonic() + 120
-        while listener.count_publishers(ANSWER_TOPIC) == 0:
-            if node.poll() is not None:
-                print(node.communicate()[0], file=sys.stderr)
-                return 2
-            if time.monotonic() > deadline:
-                print("the node did not start within 120 s", file=sys.stderr)
-                return 2
-            time.sleep(0.1)
-        print(f"node up; replaying {args.bag} ({len(questions)} questions)", flush=True)
-        player = subprocess.run([sys.executable, "-m", "ros_infmllm.tools.play", str(args.bag),
-                                 "--topics", "/camera/image_raw", QUERY_TOPIC, "--rate", str(args.rate)])
-        deadline = time.monotonic() + args.timeout
-        while len(answers) < len(questions) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        right = 0
-        for i, (question, answer) in enumerate(zip(asked, answers)):
-            print(f"Q: {question}\nA: {answer}", flush=True)
-            # The bag records each generated question's answer beside it, in the same order.
-            truth = expected[i]["answer"] if i < len(expected) and expected[i]["question"] == question else None
-            if truth is not None:
-                right += answer == truth
-                print(f"   ({'correct' if answer == truth else 'expected: ' + truth})", flush=True)
-            print(flush=True)
-        if expected:
-            print(f"{right} of {len(expected)} answers match the ground truth", flush=True)
-        code = 0 if player.returncode == 0 and len(answers) == len(questions) else 1
-        if code:
-            print(f"only {len(answers)} of {len(questions)} answers arrived", file=sys.stderr)
+        with spinning(listener):
+            deadline = time.monotonic() + 120
+            while listener.count_publishers(ANSWER_TOPIC) == 0:
+                if node.poll() is not None:
+                    print(node.communicate()[0], file=sys.stderr)
+                    return 2
+                if time.monotonic() > deadline:
+                    print("the node did not start within 120 s", file=sys.stderr)
+                    return 2
+                time.sleep(0.1)
+            print(f"node up; replaying {args.bag} ({len(questions)} questions)", flush=True)
+            player = subprocess.run([sys.executable, "-m", "ros_infmllm.tools.play", str(args.bag),
+                                     "--topics", "/camera/image_raw", QUERY_TOPIC, "--rate", str(args.rate)])
+            deadline = time.monotonic() + args.timeout
+            while len(answers) < len(questions) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            right = 0
+            for i, (question, answer) in enumerate(zip(asked, answers)):
+                print(f"Q: {question}\nA: {answer}", flush=True)
+                # The bag records each generated question's answer beside it, in the same order.
+                truth = expected[i]["answer"] if i < len(expected) and expected[i]["question"] == question else None
+                if truth is not None:
+                    right += answer == truth
+                    print(f"   ({'correct' if answer == truth else 'expected: ' + truth})", flush=True)
+                print(flush=True)
+            if expected:
+                print(f"{right} of {len(expected)} answers match the ground truth", flush=True)
+            code = 0 if player.returncode == 0 and len(answers) == len(questions) else 1
+            if code:
+                print(f"only {len(answers)} of {len(questions)} answers arrived", file=sys.stderr)
     finally:
         node.send_signal(signal.SIGINT)
         node.wait(timeout=30)
-        executor.shutdown()
-        spinner.join(timeout=5)  # rclpy aborts the process if its context dies under a spinning thread
         listener.destroy_node()
         rclpy.try_shutdown()
     return code

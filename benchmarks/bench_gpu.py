@@ -9,8 +9,9 @@ One run measures, for random-weight models of real shapes in bf16, batch 1:
 - time to first answer token after the stream, frame ingest latency (preprocess + tower +
   projector + prefill of one frame), eviction cost per call and amortised per token, peak GPU
   memory along the stream;
-- the same decoder in transformers (``generate``, its default dynamic cache, the same weights)
-  at 4K and 32K context: decode tokens/s and peak memory.
+- the same decoder in transformers (``generate``, the same weights) at 4K and 32K context with
+  its default dynamic cache, and at 32K with its static cache (which it compiles with
+  torch.compile on CUDA): decode tokens/s and peak memory.
 
 Writes ``benchmarks/results/bench_gpu.{json,md}`` and ``bench_gpu.png``; prints a short table.
 ``python benchmarks/bench_gpu.py`` on the GPU machine; ``--smoke`` runs tiny shapes on the CPU
@@ -264,33 +265,48 @@ def transformers_decoder(model: LlavaModel, shape: dict, device: str):
     return hf.eval().requires_grad_(False)
 
 
-def bench_transformers(hf, contexts: list[int], new_tokens: int, device: str) -> list[dict]:
-    """Decode tokens/s of ``generate`` (greedy, dynamic cache) after a context of random tokens:
-    (time for prefill + N tokens - time for prefill + 1 token) / (N - 1)."""
+def bench_transformers(hf, contexts: list[int], new_tokens: int, device: str, static: bool = False) -> list[dict]:
+    """Decode tokens/s of ``generate`` (greedy) after a context of random tokens:
+    (time for prefill + N tokens - time for prefill + 1 token) / (N - 1).
+
+    ``static``: a StaticCache sized for the context, which makes transformers compile its decode
+    forward (torch.compile, CUDA graphs) on CUDA; one untimed call compiles first. Otherwise its
+    default dynamic cache, eager."""
+    from transformers import StaticCache
+
     rows = []
     vocab = hf.config.vocab_size
     for context in contexts:
         ids = torch.randint(len(SPECIALS), vocab, (1, context), device=device,
                             generator=torch.Generator(device=device).manual_seed(context))
+        cache = StaticCache(config=hf.config, max_cache_len=context + new_tokens) if static else None
         timings = {}
         try:
-            for count in (1, new_tokens):
+            for count in ((new_tokens,) if static else ()) + (1, new_tokens):  # static: compile first
                 if device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
                 sync(device)
                 started = time.perf_counter()
                 with torch.inference_mode():
+                    if cache is not None:
+                        cache.reset()  # its tensors are inference tensors
                     hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count,
-                                min_new_tokens=count, do_sample=False, pad_token_id=0)
+                                min_new_tokens=count, do_sample=False, pad_token_id=0, past_key_values=cache)
                 sync(device)
                 timings[count] = time.perf_counter() - started
             per_token = (timings[new_tokens] - timings[1]) / (new_tokens - 1)
-            rows.append({"context": context, "decode_ms": 1e3 * per_token, "tokens_per_s": 1 / per_token,
-                         "peak_memory_bytes": peak_memory(device)})
+            rows.append({"context": context, "cache": "static" if static else "dynamic",
+                         "compiled": static and device.startswith("cuda"), "decode_ms": 1e3 * per_token,
+                         "tokens_per_s": 1 / per_token, "peak_memory_bytes": peak_memory(device)})
         except torch.OutOfMemoryError:
-            rows.append({"context": context, "error": "out of GPU memory"})
-        print(f"  transformers {context:>6d} context: {rows[-1]}", flush=True)
-        del ids
+            rows.append({"context": context, "cache": "static" if static else "dynamic",
+                         "error": "out of GPU memory"})
+        except Exception as error:  # noqa: BLE001 - the compiled path may not run here; report why
+            if not static:
+                raise
+            rows.append({"context": context, "cache": "static", "error": f"{type(error).__name__}: {error}"[:200]})
+        print(f"  transformers {rows[-1]['cache']} {context:>6d} context: {rows[-1]}", flush=True)
+        del ids, cache
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
@@ -312,6 +328,7 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
     if not args.skip_transformers:
         hf = transformers_decoder(model, shape, device)
         result["transformers"] = bench_transformers(hf, args.hf_contexts, args.hf_new_tokens, device)
+        result["transformers"] += bench_transformers(hf, args.hf_static_contexts, args.hf_new_tokens, device, True)
         del hf
     del model
     if device.startswith("cuda"):
@@ -323,11 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(SHAPES))
     parser.add_argument("--capacity", type=int, default=4096)
-    parser.add_argument("--max-chunk", type=int, default=256)
+    parser.add_argument("--max-chunk", type=int, default=1024,
+                        help="prefill chunk: 1024 takes a SigLIP-384 frame (729 visual tokens) in one step")
     parser.add_argument("--stream-tokens", type=int, nargs="+", default=[4096, 65536, 1 << 20])
     parser.add_argument("--decode-tokens", type=int, default=256, help="timed decode steps per checkpoint")
     parser.add_argument("--ingest-frames", type=int, default=20)
     parser.add_argument("--hf-contexts", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--hf-static-contexts", type=int, nargs="*", default=[32768],
+                        help="contexts for transformers' static cache + torch.compile path")
     parser.add_argument("--hf-new-tokens", type=int, default=33)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--bandwidth-mb", type=int, default=2048)
@@ -340,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes, args.models = SMOKE_SHAPES, list(SMOKE_SHAPES)
         args.capacity, args.max_chunk, args.stream_tokens = 128, 32, [160, 400, 1200]
         args.decode_tokens, args.ingest_frames, args.hf_contexts, args.hf_new_tokens = 8, 3, [64, 128], 5
+        args.hf_static_contexts = [128]
         args.bandwidth_mb = 16
     started = time.perf_counter()
     bandwidth = copy_bandwidth(device, args.bandwidth_mb)

@@ -22,7 +22,9 @@ def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
         assert streamed == sorted(streamed) and streamed[-1] >= 1200  # the stream reached each checkpoint
         assert all(c["cache_length"] <= 128 for c in policy["checkpoints"])  # bounded all along
         assert policy["evictions"] > 0 and policy["eviction_amortised_ms_per_token"] > 0
-    assert [row["context"] for row in model["transformers"]] == [64, 128]
+    assert [(row["context"], row["cache"]) for row in model["transformers"]] == [(64, "dynamic"), (128, "dynamic"),
+                                                                             (128, "static")]
+    assert all("tokens_per_s" in row for row in model["transformers"]), model["transformers"]
     assert model["roofline_ms"] > 0 and set(report["summary"]["tiny-qwen2"]) >= {
         "roofline_fraction_p50", "p50_last_over_first", "eviction_share_of_decode", "frame_ingest_p50_ms"}
     markdown = (tmp_path / "bench_gpu.md").read_text()

@@ -1,4 +1,5 @@
-"""The CUDA-graph decode path equals eager execution (needs a GPU; CI has none, the GPU machine runs it)."""
+"""Captured session steps (decode, frame chunks, evictions) equal eager execution (needs a GPU; CI
+has none, the GPU machine runs it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,18 +16,19 @@ from ros_infmllm.session import SessionConfig, StreamingSession, template_for
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
-def _session(model, tokenizer, graphs: bool) -> StreamingSession:
+def _session(model, tokenizer, graphs: bool, policy: str) -> StreamingSession:
     config = SessionConfig(capacity=96, max_chunk=16, template="demo", max_new_tokens=6, check_evictions=False)
-    return StreamingSession(model, tokenizer, make_policy("inf-mllm"), config, template_for("demo"),
+    return StreamingSession(model, tokenizer, make_policy(policy), config, template_for("demo"),
                             backend=TorchBackend(model, cuda_graphs=graphs))
 
 
-def test_graph_replay_gives_the_eager_logits_through_evictions(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("policy", ["inf-mllm", "h2o", "streamingllm"])
+def test_graph_replay_gives_the_eager_logits_through_evictions(tiny_model_dir: Path, policy: str) -> None:
     from tokenizers import Tokenizer
 
     model = load_model(tiny_model_dir, device="cuda")
     tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
-    eager, graphed = _session(model, tokenizer, False), _session(model, tokenizer, True)
+    eager, graphed = _session(model, tokenizer, False, policy), _session(model, tokenizer, True, policy)
     frames = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
     for i, frame in enumerate(frames):
         for session in (eager, graphed):
@@ -36,14 +38,22 @@ def test_graph_replay_gives_the_eager_logits_through_evictions(tiny_model_dir: P
             a, b = eager.feed(token), graphed.feed(token)
             assert (a - b).abs().max() <= 1e-4
             token = a.argmax().view(1).cpu()
-    assert graphed.cache.evictions > 2 and (1, 32) in graphed.backend.graphs
+    kinds = {key[0] for key in graphed.runner.graphs}
+    assert graphed.cache.evictions > 3 and kinds == {"text", "frame", "evict"}, graphed.runner.graphs.keys()
+    assert (graphed.cache.length, graphed.cache.total_seen) == (eager.cache.length, eager.cache.total_seen)
+    assert int(graphed.cache.length_t) == graphed.cache.length and int(graphed.cache.seen_t) == graphed.cache.total_seen
+    assert torch.equal(eager.cache.origin, graphed.cache.origin)
     assert torch.allclose(eager.cache.k, graphed.cache.k, atol=1e-5)
+    graphed.reset()  # captured steps keep working on the reset cache and policy state
+    eager.reset()
+    token = torch.tensor([7])
+    assert (eager.feed(token) - graphed.feed(token)).abs().max() <= 1e-4
 
 
 def test_graphed_vision_encoder_equals_eager(tiny_model_dir: Path) -> None:
     model = load_model(tiny_model_dir, device="cuda")
     backend = TorchBackend(model)
-    pixels = torch.randn(1, 3, 32, 32, device="cuda")
-    for _ in range(2):  # the second call replays the captured graph
+    for _ in range(4):  # two eager warm-up calls, then capture and replay
+        pixels = torch.randn(1, 3, 32, 32, device="cuda")
         assert (backend.encode_images(pixels) - model.encode_images(pixels)).abs().max() <= 1e-5
-    assert (1, 3, 32, 32) in backend._vision
+    assert ("vision", (1, 3, 32, 32)) in backend.vision_runner.graphs

@@ -29,7 +29,9 @@ def _per_head_subsets(count: int, keep: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(rows).view(LAYERS, HEADS, keep)
 
 
-def test_compaction_rerotation_equals_rotation_at_new_slots() -> None:
+@pytest.mark.parametrize("scratch", [256 << 20, 1])  # all layers at once, or one layer at a time
+def test_compaction_rerotation_equals_rotation_at_new_slots(scratch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ros_infmllm.cache.kv_cache.MOVE_SCRATCH_BYTES", scratch)
     cache, raw_k, values = _filled(12)
     keep = _per_head_subsets(12, 7)
     cache.compact(keep)
@@ -89,6 +91,6 @@ def test_fold_new_tokens_places_mass_on_future_slots() -> None:
     mass[..., 1] = 1.0
     mass[..., 8] = 2.0   # first new token -> slot 5
     mass[..., 9] = 3.0   # second new token -> slot 6
-    folded = cache.fold_new_tokens(mass, cache.length)
+    folded = cache.fold_new_tokens(mass)
     assert folded.shape == (LAYERS, HEADS, 8)
     assert folded[0, 0].tolist() == [0, 1, 0, 0, 0, 2, 3, 0]

@@ -130,3 +130,22 @@ def test_full_policy_refuses_to_evict() -> None:
 def test_make_policy_rejects_bad_names_and_options(name: str, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_policy(name, **options)
+
+
+def test_inf_mllm_window_sums_the_newest_steps_until_r_queries() -> None:
+    """Steps of 7, 3, 40, 2 and 1 queries with r = 8: a step reports its last min(q, r) queries; the
+    newest (1 and 2 queries) count whole, the 40-query step (8 reported) for the 5 queries still
+    missing (5/8 of its mass), older steps not at all."""
+    cache = _full_cache()
+    policy = InfMLLMPolicy(InfMLLMConfig(retrieval_window=8))
+    policy.bind(cache)
+    masses = [torch.rand(LAYERS, HEADS, 64) for _ in range(5)]
+    for mass, queries in zip(masses, [7, 3, 40, 2, 1]):
+        policy.observe(cache, mass, queries)
+    total, covered = policy.window_mass()
+    expected = masses[4] + masses[3] + masses[2] * (5 / 8)
+    assert int(covered) == 8 and torch.allclose(total, expected)
+    for step in range(10):  # around the ring: only the newest steps count
+        policy.observe(cache, masses[step % 5], 1)
+    total, covered = policy.window_mass()
+    assert int(covered) == 8 and torch.allclose(total, sum(masses[s % 5] for s in range(2, 10)))

@@ -16,6 +16,7 @@ import torch
 from ..errors import CheckpointError
 from ..export.manifest import GraphSpec, Manifest, model_sha256
 from ..model.decoder import StepOutput
+from .graph_runner import EagerRunner
 
 
 class GraphRunner(Protocol):
@@ -80,6 +81,10 @@ class ExportedBackend:
         """The object that executes graph ``name``; configuration problems raise ValueError or
         FileNotFoundError, which the node reports and exits on."""
         raise NotImplementedError
+
+    def graph_runner(self) -> EagerRunner:
+        """Session step functions run as they are: the engines are the compiled part here."""
+        return EagerRunner()
 
     def check_session(self, capacity: int, max_chunk: int, dtype: torch.dtype) -> None:
         """Refuse a session the export cannot serve (the capacity is baked into every shape)."""

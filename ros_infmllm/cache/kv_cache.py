@@ -7,6 +7,12 @@ the kept slots to the front and re-rotates each moved key by (new slot - old slo
 
 Per-slot statistics (pinned flags, stream origin, a policy's attention accumulators) are
 registered here and moved by the same gather, so no policy has to track slot movements.
+
+The fill level is kept twice: as host integers (``length``, ``total_seen``) for the session's
+decisions, and as device scalars (``length_t``, ``seen_t``) that every device-side operation
+reads. A step that only reads the device copies (``write``, ``move``) can be captured once in a
+CUDA graph and replayed at any fill level; the host copies follow through ``commit`` and
+``shrink``. ``append`` and ``compact`` do both halves.
 """
 from __future__ import annotations
 
@@ -14,6 +20,9 @@ import torch
 
 from ..errors import CacheFullError
 from ..rope import Rotary
+
+
+MOVE_SCRATCH_BYTES = 256 << 20  # scratch memory an eviction may take for its re-rotation
 
 
 class BoundedKVCache:
@@ -30,6 +39,8 @@ class BoundedKVCache:
         self.rotary = rotary
         self.length = 0          # valid slots, the same in every (layer, head)
         self.total_seen = 0      # tokens ever appended: the stream index of the next token
+        self.length_t = torch.zeros((), dtype=torch.int64, device=device)  # device copies of the two
+        self.seen_t = torch.zeros((), dtype=torch.int64, device=device)
         self.evictions = 0       # compactions run
         self.evicted_tokens = 0  # slots freed by them, per head
         # Validate the kept slots of each compaction: costs a host sync per eviction; a streaming
@@ -58,33 +69,44 @@ class BoundedKVCache:
 
     def valid(self) -> torch.Tensor:
         """``[capacity]`` bool: which slots hold a token."""
-        return self.slot_index < self.length
+        return self.slot_index < self.length_t
 
     def positions(self, count: int) -> torch.Tensor:
-        """Cache-relative positions of the next ``count`` tokens."""
-        return torch.arange(self.length, self.length + count, device=self.device)
+        """Cache-relative positions (= slots) of the next ``count`` tokens."""
+        steps = self.slot_index[:count] if count <= self.capacity else torch.arange(count, device=self.device)
+        return self.length_t + steps
 
     def append(self, new_k: torch.Tensor, new_v: torch.Tensor, pinned: bool = False) -> None:
         """Write ``[layers, kv_heads, q, head_dim]`` keys (already rotated) and values after the last slot."""
         count = new_k.shape[2]
         if count > self.free:
             raise CacheFullError(f"{count} new tokens do not fit: {self.length}/{self.capacity} slots used")
-        end = self.length + count
-        self.k[:, :, self.length:end] = new_k
-        self.v[:, :, self.length:end] = new_v
-        self.pinned[..., self.length:end] = pinned
-        self.origin[..., self.length:end] = torch.arange(self.total_seen, self.total_seen + count,
-                                                         device=self.device)
-        self.length = end
+        self.write(new_k, new_v, pinned)
+        self.commit(count)
+
+    def write(self, new_k: torch.Tensor, new_v: torch.Tensor, pinned: bool = False) -> None:
+        """The device half of ``append`` (graph-capturable; the caller has checked the room)."""
+        count = new_k.shape[2]
+        slots = self.positions(count)
+        self.k.index_copy_(2, slots, new_k)
+        self.v.index_copy_(2, slots, new_v)
+        self.pinned.index_fill_(-1, slots, pinned)
+        origin = (self.seen_t + self.slot_index[:count]).expand(self.origin.shape[:-1] + (count,))
+        self.origin.index_copy_(-1, slots, origin)
+        self.length_t += count
+        self.seen_t += count
+
+    def commit(self, count: int) -> None:
+        """The host half of ``append``: count the ``count`` tokens that ``write`` stored."""
+        self.length += count
         self.total_seen += count
 
-    def fold_new_tokens(self, mass: torch.Tensor, start: int) -> torch.Tensor:
+    def fold_new_tokens(self, mass: torch.Tensor) -> torch.Tensor:
         """Map a step's attention mass ``[..., capacity + q]`` (slots, then the q new tokens) onto
-        slots ``[..., capacity]``, as if the new tokens were already written from slot ``start``."""
+        slots ``[..., capacity]``, as if the new tokens were already written after the last slot."""
         count = mass.shape[-1] - self.capacity
         folded = mass[..., : self.capacity].clone()
-        folded[..., start:start + count] += mass[..., self.capacity:]
-        return folded
+        return folded.index_add_(-1, self.positions(count), mass[..., self.capacity:])
 
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the slots ``keep[layers, kv_heads, n]`` (ascending in each row), moved to ``0..n-1``."""
@@ -98,15 +120,30 @@ class BoundedKVCache:
             raise ValueError("keep indexes an empty slot")
         if self.checks and kept > 1 and bool((keep[..., 1:] <= keep[..., :-1]).any()):
             raise ValueError("keep must be strictly ascending in every (layer, head)")
-        gather = keep.unsqueeze(-1).expand(-1, -1, -1, self.k.shape[-1])
-        moved_k = torch.gather(self.k, 2, gather)
-        shift = self.slot_index[:kept].view(1, 1, kept) - keep
-        self.k[:, :, :kept] = self.rotary.rotate(moved_k, shift)
-        self.v[:, :, :kept] = torch.gather(self.v, 2, gather)
+        self.move(keep)
+        self.shrink(kept)
+
+    def move(self, keep: torch.Tensor) -> None:
+        """The device half of ``compact`` (graph-capturable). Layers go in groups whose float32
+        re-rotation scratch stays under ``MOVE_SCRATCH_BYTES``: one group for a small model (few
+        kernels), several for a large one (bounded memory)."""
+        kept = keep.shape[2]
+        shift = self.slot_index[:kept].view(1, kept) - keep  # [layers, heads, kept]: new slot - old slot
+        layers, heads, _, dim = self.k.shape
+        group = max(1, MOVE_SCRATCH_BYTES // (heads * kept * dim * 4 * 4))  # ~4 float32 temporaries
+        for first in range(0, layers, group):
+            rows = slice(first, first + group)
+            gather = keep[rows].unsqueeze(-1).expand(-1, -1, -1, dim)
+            self.k[rows, :, :kept] = self.rotary.rotate(torch.gather(self.k[rows], 2, gather), shift[rows])
+            self.v[rows, :, :kept] = torch.gather(self.v[rows], 2, gather)
         for name, stat in self.stats.items():
             index = keep.expand(stat.shape[:-3] + keep.shape)
             stat[..., :kept] = torch.gather(stat, -1, index)
             stat[..., kept:] = 0
+        self.length_t.fill_(kept)
+
+    def shrink(self, kept: int) -> None:
+        """The host half of ``compact``: ``kept`` slots remain."""
         self.evictions += 1
         self.evicted_tokens += self.length - kept
         self.length = kept
@@ -115,5 +152,7 @@ class BoundedKVCache:
         """Forget every token (buffers are kept allocated)."""
         for stat in self.stats.values():
             stat.zero_()
+        self.length_t.zero_()
+        self.seen_t.zero_()
         self.length = 0
         self.total_seen = 0

@@ -130,7 +130,7 @@ class H2OPolicy(EvictionPolicy):
         self.accumulated += mass
 
     def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
-        recent = cache.slot_index >= cache.length - _recent_count(cache, self.config.recent_fraction)
+        recent = cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction)
         return keep_top(cache, self.accumulated, cache.pinned | recent, keep)
 
     def minimum_kept(self, cache: BoundedKVCache) -> int:
@@ -165,7 +165,8 @@ class InfMLLMPolicy(EvictionPolicy):
 
     The retrieval window is held as a ring of per-step masses (each step contributes its last
     ``min(q, r)`` queries); the newest entries are summed until r queries are covered, the
-    oldest entry scaled to the share still needed.
+    oldest entry scaled to the share still needed. The ring position and the query counts live
+    on the device, so observing a step needs no host state (a captured step replays it).
     """
 
     name = "inf-mllm"
@@ -177,37 +178,40 @@ class InfMLLMPolicy(EvictionPolicy):
             raise ValueError(f"inf-mllm retrieval_window must be >= 1, got {config.retrieval_window}")
         self.config = config
         self.attention_window = config.retrieval_window
-        self.counts: list[int] = [0] * config.retrieval_window
-        self.head = 0
 
     def bind(self, cache: BoundedKVCache) -> None:
-        self.ring = cache.register_stat("infmllm_window", torch.float32, (self.config.retrieval_window,))
-        self.counts = [0] * self.config.retrieval_window
-        self.head = 0
+        """Binding the same cache again (a session reset) zeroes the state in place: captured
+        steps keep pointing at these tensors."""
+        window = self.config.retrieval_window
+        self.ring = cache.register_stat("infmllm_window", torch.float32, (window,))
+        if getattr(self, "_cache", None) is cache:
+            self.counts.zero_()
+            self.head.zero_()
+            return
+        self._cache = cache
+        self.counts = torch.zeros(window, dtype=torch.float32, device=cache.device)  # queries per ring entry
+        self.head = torch.zeros((), dtype=torch.int64, device=cache.device)          # the newest entry
+        self.ages = torch.arange(window, device=cache.device)
 
     def observe(self, cache: BoundedKVCache, mass: torch.Tensor, queries: int) -> None:
-        self.head = (self.head + 1) % len(self.counts)
-        self.ring[self.head] = mass
-        self.counts[self.head] = min(queries, self.config.retrieval_window)
+        self.head.add_(1).remainder_(len(self.counts))
+        self.ring.index_copy_(0, self.head.view(1), mass.unsqueeze(0))
+        self.counts.index_fill_(0, self.head.view(1), float(min(queries, self.config.retrieval_window)))
 
-    def window_mass(self) -> tuple[torch.Tensor, int]:
+    def window_mass(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of the last r queries per slot ``[layers, kv_heads, capacity]``, and how many queries."""
-        total = torch.zeros_like(self.ring[0])
-        covered = 0
-        for back in range(len(self.counts)):
-            index = (self.head - back) % len(self.counts)
-            count = self.counts[index]
-            if count == 0 or covered >= self.config.retrieval_window:
-                break
-            share = min(count, self.config.retrieval_window - covered)
-            total += self.ring[index] * (share / count)
-            covered += share
-        return total, covered
+        window = self.config.retrieval_window
+        newest_first = (self.head - self.ages).remainder(window)
+        counts = self.counts[newest_first]
+        before = counts.cumsum(0) - counts  # queries covered by newer entries
+        share = torch.minimum(counts, (window - before).clamp_min(0))
+        weights = torch.zeros_like(self.counts).index_copy_(0, newest_first, share / counts.clamp_min(1))
+        return torch.einsum("r,rlhc->lhc", weights, self.ring), share.sum()
 
     def scores(self, cache: BoundedKVCache) -> torch.Tensor:
         """Saddle score per slot: pooled window attention (uniform = 1) plus the recency bias."""
         mass, _ = self.window_mass()
-        n = max(cache.length, 1)
+        n = cache.length_t.clamp_min(1)
         # Each row sums the softmax rows of the window's queries and the group's query heads;
         # normalised to a distribution and scaled by n, flat attention scores 1 per slot.
         score = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12) * n
@@ -215,11 +219,11 @@ class InfMLLMPolicy(EvictionPolicy):
         layers, heads, capacity = score.shape
         pooled = F.avg_pool1d(score.view(-1, 1, capacity), width, stride=1, padding=width // 2,
                               count_include_pad=True).view(layers, heads, capacity) * width
-        age = 1.0 - cache.slot_index.float() / max(n - 1, 1)  # 1 oldest .. 0 newest
+        age = 1.0 - cache.slot_index.float() / (n - 1).clamp_min(1)  # 1 oldest .. 0 newest
         return pooled + self.config.attention_bias * (1.0 - age)
 
     def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
-        recent = cache.slot_index >= cache.length - _recent_count(cache, self.config.recent_fraction)
+        recent = cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction)
         return keep_top(cache, self.scores(cache), cache.pinned | recent, keep)
 
     def minimum_kept(self, cache: BoundedKVCache) -> int:

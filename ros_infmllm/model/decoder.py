@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..rope import Rotary
 from .config import TextConfig
-from .layers import RMSNorm, activation
+from .layers import FusedLinear, RMSNorm, activation
 
 
 @dataclass
@@ -45,36 +46,89 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv: FusedLinear | None = None
+
+    def fuse_projections(self) -> None:
+        """q, k and v from one matrix (see FusedLinear); done once, on the device it will run on."""
+        if self.qkv is None:
+            self.qkv = FusedLinear(self, "qkv", (self.q_proj, self.k_proj, self.v_proj))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         q_len = x.shape[0]
-        q = self.q_proj(x).view(q_len, self.num_heads, self.head_dim).transpose(0, 1)
-        k = self.k_proj(x).view(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        q, k, v = self.qkv(self, x) if self.qkv else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.reshape(q_len, self.num_heads, self.head_dim).transpose(0, 1)
+        k = k.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        v = v.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
-        # Cached slots and new tokens are scored separately and the two blocks of scores joined:
-        # the cache is read once in place (no concatenated or head-repeated copy of it), which is
-        # what bounds decode speed. Query heads are grouped under their KV head (GQA).
         group = self.num_heads // self.num_kv_heads
+        if fused_attention(q_len, attn_window):
+            out, mass = self._fused(q, k, v, past_k, past_v, mask, attn_window, group)
+        else:
+            out, mass = self._explicit(q, k, v, past_k, past_v, mask, attn_window, group)
+        out = self.o_proj(out.transpose(0, 1).reshape(q_len, self.num_heads * self.head_dim))
+        return out, k, v, mass
+
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                  past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor, group: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Probabilities materialised: the attention mass comes from the same softmax. Cached
+        slots and new tokens are scored separately and the two blocks of scores joined, so the
+        cache is read once in place (no concatenated or head-repeated copy of it), which is what
+        bounds decode speed. Query heads are grouped under their KV head (GQA)."""
+        q_len = q.shape[1]
         grouped_q = q.reshape(self.num_kv_heads, group * q_len, self.head_dim)
-        scale = self.head_dim ** -0.5
-        scores = torch.cat((grouped_q @ past_k.transpose(-1, -2), grouped_q @ k.transpose(-1, -2)), dim=-1)
-        scores = scores.view(self.num_kv_heads, group, q_len, -1).float() * scale
+        # One new token (decode, in torch): its score and value term as element-wise work that the
+        # compiler fuses into the softmax, instead of two tiny matrix products. The check on the
+        # window comes first so an export (tensor window, symbolic q) never branches on q.
+        single = not isinstance(attn_window, torch.Tensor) and q_len == 1
+        new_scores = (grouped_q * k).sum(-1, keepdim=True) if single else grouped_q @ k.transpose(-1, -2)
+        scores = torch.cat((grouped_q @ past_k.transpose(-1, -2), new_scores), dim=-1)
+        scores = scores.view(self.num_kv_heads, group, q_len, -1).float() * self.head_dim ** -0.5
         # float32 softmax: policies read these probabilities, and bf16 would round small ones away
         probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         capacity = past_k.shape[1]
-        flat = probs.to(x.dtype).view(self.num_kv_heads, group * q_len, -1)
-        out = flat[..., :capacity] @ past_v + flat[..., capacity:] @ v
-        out = out.view(self.num_heads, q_len, self.head_dim)
+        flat = probs.to(q.dtype).view(self.num_kv_heads, group * q_len, -1)
+        out = flat[..., :capacity] @ past_v + (flat[..., capacity:] * v if single else flat[..., capacity:] @ v)
         mass = None
         if isinstance(attn_window, torch.Tensor) or attn_window > 0:
             # A tensor window (exported graphs) always reports, so one graph serves every policy.
-            in_window = torch.arange(q_len, device=x.device) >= q_len - attn_window  # the last queries
+            in_window = torch.arange(q_len, device=q.device) >= q_len - attn_window  # the last queries
             mass = (probs * in_window.view(1, 1, -1, 1).to(probs.dtype)).sum(dim=(1, 2))
-        out = self.o_proj(out.transpose(0, 1).reshape(q_len, self.num_heads * self.head_dim))
-        return out, k, v, mass
+        return out.view(self.num_heads, q_len, self.head_dim), mass
+
+    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+               past_v: torch.Tensor, mask: torch.Tensor, attn_window: int, group: int
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A prefill chunk: fused attention (no q x (C + q) score matrix in memory), and the
+        probabilities of the last ``attn_window`` queries only, which is all a policy reads."""
+        q_len = q.shape[1]
+        keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
+        grouped_q = q.reshape(self.num_kv_heads, group * q_len, self.head_dim)
+        width = mask.shape[1]  # rows follow grouped_q (group, query); the row stride padded to 16,
+        grouped_mask = F.pad(mask, (0, -width % 16)).repeat(group, 1)[:, :width]  # which fused kernels need
+        # 4-D (batch, heads, length, dim): the layout the fused kernels take (3-D falls back to the
+        # math path, which materialises the scores in float32)
+        out = F.scaled_dot_product_attention(grouped_q[None], keys[None], values[None], attn_mask=grouped_mask)[0]
+        out = out.reshape(self.num_heads, q_len, self.head_dim)  # fused kernels may return another layout
+        mass = None
+        if attn_window > 0:
+            last = q[:, q_len - attn_window:].reshape(self.num_kv_heads, group * attn_window, self.head_dim)
+            scores = (last @ keys.transpose(-1, -2)).float() * self.head_dim ** -0.5
+            last_mask = mask[q_len - attn_window:].repeat(group, 1)
+            mass = scores.masked_fill(~last_mask, float("-inf")).softmax(dim=-1).sum(dim=1)
+        return out, mass
+
+
+def fused_attention(q_len: int, attn_window: int | torch.Tensor) -> bool:
+    """Whether a step takes the fused path: chunks of at least ``FUSED_MIN_QUERIES`` whose policy
+    reads fewer queries than the chunk has. Decode (q = 1) and exported graphs (a tensor window)
+    keep the explicit path, where the probabilities are shared with the mass at no extra read."""
+    return not isinstance(attn_window, torch.Tensor) and q_len >= FUSED_MIN_QUERIES and attn_window < q_len
+
+
+FUSED_MIN_QUERIES = 16
 
 
 class FeedForward(nn.Module):
@@ -87,8 +141,16 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = activation(cfg.hidden_act)
 
+        self.gate_up: FusedLinear | None = None
+
+    def fuse_projections(self) -> None:
+        """gate and up from one matrix (see FusedLinear)."""
+        if self.gate_up is None:
+            self.gate_up = FusedLinear(self, "gate_up", (self.gate_proj, self.up_proj))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(self, x) if self.gate_up else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -123,6 +185,12 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+    def fuse_projections(self) -> None:
+        """Fused q/k/v and gate/up matrices in every block (a decode-speed layout; same results)."""
+        for block in self.layers:
+            block.self_attn.fuse_projections()
+            block.mlp.fuse_projections()
 
     def empty_cache(self, capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V buffers ``[layers, kv_heads, capacity, head_dim]`` on the model's device and dtype."""

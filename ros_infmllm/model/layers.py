@@ -40,3 +40,30 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class FusedLinear:
+    """Several linears that read the same input, as one matrix: one weight pass and one kernel
+    per token instead of several, which is what a memory-bound decode step pays for. The
+    original modules keep their parameters as views into the fused matrix (no second copy, the
+    checkpoint layout unchanged); the fused tensors are non-persistent buffers of ``owner``, so
+    state dicts do not change either."""
+
+    def __init__(self, owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> None:
+        self.weight_name, self.bias_name = f"{name}_weight", f"{name}_bias"
+        has_bias = linears[0].bias is not None
+        owner.register_buffer(self.weight_name, torch.cat([m.weight.detach() for m in linears]), persistent=False)
+        owner.register_buffer(self.bias_name, torch.cat([m.bias.detach() for m in linears]) if has_bias else None,
+                              persistent=False)
+        weight, bias = getattr(owner, self.weight_name), getattr(owner, self.bias_name)
+        self.sizes = [m.out_features for m in linears]
+        start = 0
+        for module, size in zip(linears, self.sizes):
+            module.weight = nn.Parameter(weight[start:start + size], requires_grad=False)
+            if has_bias:
+                module.bias = nn.Parameter(bias[start:start + size], requires_grad=False)
+            start += size
+
+    def __call__(self, owner: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = F.linear(x, getattr(owner, self.weight_name), getattr(owner, self.bias_name))
+        return out.split(self.sizes, dim=-1)

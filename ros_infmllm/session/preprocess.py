@@ -81,8 +81,13 @@ class ImagePreprocessor:
         top, left = (new_h - self.height) // 2, (new_w - self.width) // 2
         return resized[top:top + self.height, left:left + self.width]
 
-    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
-        image = self.resize(validate_rgb(rgb)).astype(np.float32) * self.rescale_factor
+    def __call__(self, rgb: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Resize on the CPU (OpenCV, uint8); rescale and normalise where ``device`` says, so a GPU
+        session uploads a quarter of the bytes and does the float work there."""
+        resized = torch.from_numpy(np.ascontiguousarray(self.resize(validate_rgb(rgb))))
+        image = resized.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float() * self.rescale_factor
         if self.do_normalize:
-            image = (image - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).unsqueeze(0)
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
+            std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
+            image = (image - mean) / std
+        return image.contiguous()

@@ -9,6 +9,7 @@ to them. One thread owns a session; nothing here locks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -81,6 +82,7 @@ class StreamingSession:
         self.template = template or template_for("qwen2")
         self.preprocessor = preprocessor or ImagePreprocessor.for_model(None, model.cfg.vision)
         self.backend = backend or TorchBackend(model)
+        self.runner = self.backend.graph_runner()  # this session's captured steps (CUDA) or plain calls
         text = model.cfg.text
         self.cache = BoundedKVCache(text.num_layers, text.num_kv_heads, config.capacity, text.head_dim,
                                     model.decoder.rotary, model.dtype, model.device)
@@ -138,7 +140,15 @@ class StreamingSession:
             raise CacheFullError(f"cache full ({self.cache.length}/{self.cache.capacity} tokens) and policy "
                                  f"'{self.policy.name}' does not evict")
         keep = self.cache.capacity - max(count, self.config.slack)
-        self.cache.compact(self.policy.select(self.cache, keep))
+        if self.cache.checks:  # validated: host syncs, so never captured
+            self.cache.compact(self.policy.select(self.cache, keep))
+            return
+        self.runner(("evict", keep), partial(self._evict, keep), ())
+        self.cache.shrink(keep)
+
+    def _evict(self, keep: int) -> None:
+        """The device side of an eviction: the policy's choice, gathered to the front."""
+        self.cache.move(self.policy.select(self.cache, keep))
 
     # ---- the one path into the cache -----------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -161,24 +171,39 @@ class StreamingSession:
 
         Returns the logits of the last token ``[vocab]``, or of every token ``[T, vocab]``.
         Refuses with ``CacheFullError`` before touching the cache if a non-evicting policy would overflow.
+        Text is embedded inside the step (one id in, one graph replay per decoded token on CUDA);
+        a frame's embeddings are merged first and its chunks stepped from them.
         """
         if not self.policy.evicts and ids.shape[0] > self.cache.free:
             raise CacheFullError(f"{ids.shape[0]} tokens do not fit: {self.cache.length}/{self.cache.capacity} "
                                  f"used and policy '{self.policy.name}' does not evict")
-        embeds = self.model.embed_tokens(ids.cpu(), image_features)
-        window = self.policy.attention_window
+        ids = ids.cpu()
+        has_images = image_features is not None or bool((ids == self.model.cfg.image_token_index).any())
+        source = self.model.embed_tokens(ids, image_features) if has_images else ids
         logits = []
         for start in range(0, ids.shape[0], self.config.max_chunk):
-            chunk = embeds[start:start + self.config.max_chunk]
-            self._make_room(chunk.shape[0])
-            out = self.backend.step(chunk, self.cache.k, self.cache.v, self.cache.valid(),
-                                    self.cache.positions(chunk.shape[0]), window, all_logits)
-            if out.attn_mass is not None:
-                queries = min(window, chunk.shape[0])
-                self.policy.observe(self.cache, self.cache.fold_new_tokens(out.attn_mass, self.cache.length), queries)
-            self.cache.append(out.new_k, out.new_v, pinned)
-            logits.append(out.logits)
-        return torch.cat(logits) if all_logits else logits[-1][-1]
+            chunk = source[start:start + self.config.max_chunk]
+            count = chunk.shape[0]
+            self._make_room(count)
+            # Captured: decode tokens and frame chunks (their sizes recur); questions run eagerly.
+            capture = not (pinned or all_logits) and (has_images or count == 1)
+            key = ("frame" if has_images else "text", count, pinned, all_logits)
+            step = partial(self._step, from_ids=not has_images, pinned=pinned, all_logits=all_logits)
+            logits.append(self.runner(key, step, (chunk,), capture))
+            self.cache.commit(count)
+        return torch.cat(logits) if all_logits else logits[-1][-1].clone()
+
+    def _step(self, chunk: torch.Tensor, from_ids: bool, pinned: bool, all_logits: bool) -> torch.Tensor:
+        """One chunk on the device: embed (text), decoder step, the policy's observation, cache
+        write. Reads the fill level from the cache's device copies only, so it can be captured."""
+        cache, window = self.cache, self.policy.attention_window
+        embeds = self.model.decoder.embed_tokens(chunk.to(self.model.device)) if from_ids else chunk
+        count = embeds.shape[0]
+        out = self.backend.step(embeds, cache.k, cache.v, cache.valid(), cache.positions(count), window, all_logits)
+        if out.attn_mass is not None:
+            self.policy.observe(cache, cache.fold_new_tokens(out.attn_mass), min(window, count))
+        cache.write(out.new_k, out.new_v, pinned)
+        return out.logits
 
     # ---- frames ---------------------------------------------------------------------------------
     def frame_ids(self) -> torch.Tensor:
@@ -191,7 +216,7 @@ class StreamingSession:
     @torch.inference_mode()
     def encode_frame(self, rgb: np.ndarray) -> torch.Tensor:
         """RGB ``HxWx3 uint8`` -> visual tokens ``[1, tokens, hidden]`` (preprocess, tower, projector)."""
-        return self.backend.encode_images(self.preprocessor(validate_rgb(rgb)).to(self.model.device))
+        return self.backend.encode_images(self.preprocessor(validate_rgb(rgb), self.model.device))
 
     def ingest_frame(self, rgb: np.ndarray, stamp: float | None = None) -> None:
         """Add one camera frame to the stream. Bad frames raise ``ValueError``; the cache is untouched."""

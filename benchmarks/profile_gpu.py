@@ -1,0 +1,123 @@
+"""Where the time of one decode token and of one frame goes (a diagnosis aid for bench_gpu.py).
+
+For each model shape of bench_gpu.py, on a session streamed past its capacity (graphs captured):
+- decode: the host-timed step (feed + argmax, as bench_gpu times it), the captured token step's
+  GPU time alone (device events around back-to-back replays), and the GPU kernels by total time
+  (torch.profiler over a few tokens);
+- frame ingest: preprocess, vision tower, the frame's prefill chunks and evictions, each timed
+  with a sync around it, and the kernels of a few frames.
+
+Prints a short table; ``--out`` receives one ``profile_<model>.txt`` per model with the kernel
+tables. ``python benchmarks/profile_gpu.py --models qwen2-1.5b --out /tmp/profile``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_gpu import SHAPES, StreamDriver, random_model, word_tokenizer, write_checkpoint_config
+from ros_infmllm.cache import make_policy
+from ros_infmllm.session import ImagePreprocessor, SessionConfig, StreamingSession, template_for
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall ms of ``fn`` with a device sync on each side."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def replay_ms(session: StreamingSession, repeats: int) -> float:
+    """GPU ms of the captured decode step, replayed back to back; the cache's device fill level
+    is put back afterwards (the replays wrote past the host's count, into empty slots)."""
+    captured = session.runner.graphs[("text", 1, False, False)]
+    repeats = min(repeats, session.cache.free - 1)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        captured.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    session.cache.length_t.fill_(session.cache.length)
+    session.cache.seen_t.fill_(session.cache.total_seen)
+    return start.elapsed_time(end) / repeats
+
+
+def kernel_table(fn, rows: int = 25) -> str:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
+def profile_model(name: str, args) -> dict:
+    folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, SHAPES[name])
+    model = random_model(folder, "cuda", torch.bfloat16)
+    tokenizer = word_tokenizer(model.cfg.text.vocab_size)
+    config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
+                           check_evictions=False)
+    session = StreamingSession(model, tokenizer, make_policy(args.policy), config, template_for("demo"),
+                               ImagePreprocessor.for_model(folder, model.cfg.vision))
+    driver = StreamDriver(session, "cuda", model.cfg.vision.image_size)
+    driver.stream_to(3 * args.capacity)
+    driver.decode(16)
+    _, steps = driver.decode(128)
+    row = {"model": name, "decode_host_p50_ms": statistics.median(steps), "decode_replay_ms": replay_ms(session, 64)}
+    token = torch.tensor([9])
+    decode_kernels = kernel_table(lambda: [session.feed(token).argmax().item() for _ in range(10)])
+
+    frame = driver.frames[0]
+    row["preprocess_ms"] = timed(lambda: session.preprocessor(frame, model.device), 10)
+    pixels = session.preprocessor(frame, model.device)
+    row["vision_ms"] = timed(lambda: session.backend.encode_images(pixels), 10)
+    features = session.backend.encode_images(pixels)
+    ids = session.frame_ids()
+    driver.eviction_ms.clear()
+    prefill = timed(lambda: session.feed(ids, features), 20)
+    row["prefill_ms"] = prefill
+    row["evictions_per_frame"] = len(driver.eviction_ms) / 20
+    row["eviction_p50_ms"] = statistics.median(driver.eviction_ms) if driver.eviction_ms else 0.0
+    row["ingest_ms"] = timed(lambda: session.ingest_frame(frame), 10)
+    frame_kernels = kernel_table(lambda: [session.ingest_frame(frame) for _ in range(3)])
+    row["graphs"] = sorted(str(k) for k in session.runner.graphs)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"profile_{name}.txt").write_text(
+            f"{row}\n\n# 10 decode tokens\n{decode_kernels}\n\n# 3 frames\n{frame_kernels}\n")
+    del session, model
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--policy", default="inf-mllm")
+    parser.add_argument("--capacity", type=int, default=4096)
+    parser.add_argument("--max-chunk", type=int, default=1024)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = [profile_model(name, args) for name in args.models]
+    columns = ["model", "decode_host_p50_ms", "decode_replay_ms", "preprocess_ms", "vision_ms", "prefill_ms",
+               "evictions_per_frame", "eviction_p50_ms", "ingest_ms"]
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+        print("   graphs:", row["graphs"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

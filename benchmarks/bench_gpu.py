@@ -245,7 +245,7 @@ def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, 
             "evictions": cache.evictions, "eviction_p50_ms": eviction_ms,
             "eviction_p99_ms": percentile(driver.eviction_ms, 99), "tokens_freed_per_eviction": freed,
             "eviction_amortised_ms_per_token": eviction_ms / freed if freed else float("nan"),
-            "captured_graphs": sorted(str(k) for k in getattr(session.backend, "graphs", {}))}
+            "captured_graphs": sorted(str(k) for k in session.runner.graphs)}
 
 
 # ---- transformers ---------------------------------------------------------------------------------

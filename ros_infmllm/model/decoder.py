@@ -140,7 +140,6 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = activation(cfg.hidden_act)
-
         self.gate_up: FusedLinear | None = None
 
     def fuse_projections(self) -> None:

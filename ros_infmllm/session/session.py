@@ -22,7 +22,7 @@ from ..cache import BoundedKVCache, EvictionPolicy, make_policy
 from ..errors import CacheFullError, CheckpointError
 from ..export.manifest import Manifest
 from ..model import LlavaModel, load_model
-from .preprocess import ImagePreprocessor, validate_rgb
+from .preprocess import ImagePreprocessor
 from .sampling import SamplingConfig, sample_next
 from .templates import IMAGE_PLACEHOLDER, PromptTemplate, template_for
 
@@ -216,7 +216,7 @@ class StreamingSession:
     @torch.inference_mode()
     def encode_frame(self, rgb: np.ndarray) -> torch.Tensor:
         """RGB ``HxWx3 uint8`` -> visual tokens ``[1, tokens, hidden]`` (preprocess, tower, projector)."""
-        return self.backend.encode_images(self.preprocessor(validate_rgb(rgb), self.model.device))
+        return self.backend.encode_images(self.preprocessor(rgb, self.model.device))  # it validates the frame
 
     def ingest_frame(self, rgb: np.ndarray, stamp: float | None = None) -> None:
         """Add one camera frame to the stream. Bad frames raise ``ValueError``; the cache is untouched."""

@@ -31,7 +31,7 @@ setup(
     extras_require={
         "ros": ["ros-rclpy", "ros-std-msgs", "ros-sensor-msgs", "ros-diagnostic-msgs", "ros-rmw-fastrtps-cpp",
                 "ros-fastdds"],
-        "test": ["pytest>=7", "transformers>=4.45", "rosbags>=0.10", "tensorrt-rtx-cu13>=1.2"],
+        "test": ["pytest>=7", "transformers>=4.45", "rosbags>=0.10", "tensorrt-rtx-cu13>=1.2", "triton>=3.1"],
         "export": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
     },
     zip_safe=True,

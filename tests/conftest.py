@@ -29,6 +29,14 @@ def one_layer_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def head16_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA with 16-wide attention heads: the smallest the Triton decode attention takes."""
+    path = tmp_path_factory.mktemp("head16_llava")
+    build_tiny_llava(path, TinySpec(extra_text={"hidden_size": 64, "intermediate_size": 128}))
+    return path
+
+
 def _isolate_dds() -> None:
     """Keep DDS traffic of this test run on this machine and off other runs' domains."""
     os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))

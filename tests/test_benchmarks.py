@@ -3,6 +3,7 @@ only that a run writes complete, consistent results files."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,3 +43,15 @@ def test_decoder_weight_bytes_count_a_tied_table_once(tmp_path: Path) -> None:
     expected = 4 * (text["num_hidden_layers"] * per_layer + text["vocab_size"] * text["hidden_size"]
                     + text["hidden_size"])
     assert bench_gpu.decoder_bytes_per_token(model) == expected
+
+
+def test_bench_decode_attention_smoke_run_writes_its_table(tmp_path: Path) -> None:
+    """In a process of its own: the smoke run puts Triton in interpreter mode before importing it."""
+    script = Path(bench_gpu.__file__).with_name("bench_decode_attention.py")
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (model,) = json.loads((tmp_path / "bench_decode_attention.json").read_text())["models"]
+    assert len(model["variants"]) == 2 and model["best"] in model["variants"]
+    assert max(v["out_error"] for v in model["variants"]) < 1e-5 and model["explicit"]["mass_error"] < 1e-5
+    assert "| tiny-qwen2 | 4 / 2 / 16 |" in (tmp_path / "bench_decode_attention.md").read_text()

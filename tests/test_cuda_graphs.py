@@ -23,12 +23,14 @@ def _session(model, tokenizer, graphs: bool, policy: str) -> StreamingSession:
 
 
 @pytest.mark.parametrize("policy", ["inf-mllm", "h2o", "streamingllm"])
-def test_graph_replay_gives_the_eager_logits_through_evictions(tiny_model_dir: Path, policy: str) -> None:
+def test_graph_replay_gives_the_eager_logits_through_evictions(head16_model_dir: Path, policy: str) -> None:
+    """Compiled blocks, the Triton decode attention and captured steps against plain eager calls."""
     from tokenizers import Tokenizer
 
-    model = load_model(tiny_model_dir, device="cuda")
-    tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    model = load_model(head16_model_dir, device="cuda")
+    tokenizer = Tokenizer.from_file(str(head16_model_dir / "tokenizer.json"))
     eager, graphed = _session(model, tokenizer, False, policy), _session(model, tokenizer, True, policy)
+    assert graphed.backend.decode_kernel
     frames = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
     for i, frame in enumerate(frames):
         for session in (eager, graphed):

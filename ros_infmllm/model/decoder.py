@@ -16,6 +16,7 @@ from torch import nn
 
 from ..rope import Rotary
 from .config import TextConfig
+from .decode_attention import decode_attention, kernel_supported
 from .layers import FusedLinear, RMSNorm, activation
 
 
@@ -47,6 +48,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.qkv: FusedLinear | None = None
+        self.decode_kernel = False  # one-token steps through the Triton op (decode_attention.py)
 
     def fuse_projections(self) -> None:
         """q, k and v from one matrix (see FusedLinear); done once, on the device it will run on."""
@@ -63,7 +65,9 @@ class Attention(nn.Module):
         v = v.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         group = self.num_heads // self.num_kv_heads
-        if fused_attention(q_len, attn_window):
+        if self.decode_kernel and q_len == 1 and not isinstance(attn_window, torch.Tensor):
+            out, mass = self._kernel(q, k, v, past_k, past_v, mask, attn_window)
+        elif fused_attention(q_len, attn_window):
             out, mass = self._fused(q, k, v, past_k, past_v, mask, attn_window, group)
         else:
             out, mass = self._explicit(q, k, v, past_k, past_v, mask, attn_window, group)
@@ -98,6 +102,14 @@ class Attention(nn.Module):
             mass = (probs * in_window.view(1, 1, -1, 1).to(probs.dtype)).sum(dim=(1, 2))
         return out.view(self.num_heads, q_len, self.head_dim), mass
 
+    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                past_v: torch.Tensor, mask: torch.Tensor, attn_window: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A decode token: scores, softmax, values and the mass in two Triton launches."""
+        capacity = past_k.shape[1]
+        out, mass = decode_attention(q[:, 0], k[:, 0], v[:, 0], past_k, past_v, mask[0, :capacity], attn_window > 0)
+        return out.view(self.num_heads, 1, self.head_dim), mass if attn_window > 0 else None
+
     def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
                past_v: torch.Tensor, mask: torch.Tensor, attn_window: int, group: int
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,8 +135,9 @@ class Attention(nn.Module):
 
 def fused_attention(q_len: int, attn_window: int | torch.Tensor) -> bool:
     """Whether a step takes the fused path: chunks of at least ``FUSED_MIN_QUERIES`` whose policy
-    reads fewer queries than the chunk has. Decode (q = 1) and exported graphs (a tensor window)
-    keep the explicit path, where the probabilities are shared with the mass at no extra read."""
+    reads fewer queries than the chunk has. Decode (q = 1: the Triton op where it runs) and exported
+    graphs (a tensor window) keep the explicit path, where the probabilities are shared with the
+    mass at no extra read."""
     return not isinstance(attn_window, torch.Tensor) and q_len >= FUSED_MIN_QUERIES and attn_window < q_len
 
 
@@ -190,6 +203,15 @@ class Decoder(nn.Module):
         for block in self.layers:
             block.self_attn.fuse_projections()
             block.mlp.fuse_projections()
+
+    def use_decode_kernel(self, enabled: bool = True) -> bool:
+        """Route one-token steps through the Triton decode attention where it can run here
+        (``kernel_supported``); returns whether it is on. Prefill and exported graphs are unchanged."""
+        weight = self.embed_tokens.weight
+        on = enabled and kernel_supported(weight.device, self.cfg.head_dim, weight.dtype)
+        for block in self.layers:
+            block.self_attn.decode_kernel = on
+        return on
 
     def empty_cache(self, capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V buffers ``[layers, kv_heads, capacity, head_dim]`` on the model's device and dtype."""

@@ -1,0 +1,200 @@
+"""Decode attention alone: the Triton kernels (model/decode_attention.py) against the decoder's
+explicit path compiled as the decode block compiles it, per model shape of bench_gpu.py, bf16.
+
+For each shape: the error of both against a float64 reference, then each launch shape of a sweep
+(slots per block, programs, warps) and the explicit path, timed as a CUDA graph of one call per
+layer over the layers' own caches (so the caches do not sit in L2 as one repeated buffer would),
+replayed back to back between device events; median of several replays. Bytes are the K and V
+slots read once per call; GB/s = those bytes / time. The fastest launch shape per model is what
+``DecodeKernelTuning`` should hold.
+
+Writes ``results/bench_decode_attention.{json,md}``; prints the table. ``--smoke`` runs tiny shapes
+through Triton's CPU interpreter (checks the script; its numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+
+from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
+from ros_infmllm.model import decode_attention as op  # noqa: E402
+from ros_infmllm.model.config import load_config  # noqa: E402
+from ros_infmllm.model.decoder import Attention  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WINDOW = 32  # inf-mllm's retrieval window: the mass is computed
+
+
+def inputs(attention: Attention, capacity: int, layers: int, device: str, dtype: torch.dtype, seed: int):
+    """Per layer: q, k, v of the new token ``[heads|kv_heads, 1, dim]``, the cache ``[kv_heads, C, dim]``
+    (random: zeros would hide wrong indexing) and a mask with the last 100 slots empty."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    mask = torch.ones(1, capacity + 1, dtype=torch.bool, device=device)
+    mask[0, capacity - 100:capacity] = False
+    return [(draw(heads, 1, dim), draw(kv_heads, 1, dim), draw(kv_heads, 1, dim), draw(kv_heads, capacity, dim),
+             draw(kv_heads, capacity, dim), mask) for _ in range(layers)]
+
+
+def reference(attention: Attention, q, k, v, past_k, past_v, mask):
+    kv_heads = attention.num_kv_heads
+    keys = torch.cat((past_k, k), 1).double()
+    values = torch.cat((past_v, v), 1).double()
+    grouped = q.double().reshape(kv_heads, -1, attention.head_dim)
+    scores = grouped @ keys.transpose(-1, -2) * attention.head_dim ** -0.5
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (probs @ values).reshape(attention.num_heads, 1, -1), probs.sum(1)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+def timed_us(fn, per_layer: list, device: str, replays: int) -> float:
+    """µs per call: a CUDA graph of one call per layer, replayed; median over replays."""
+    if device != "cuda":
+        started = time.perf_counter()
+        for args in per_layer:
+            fn(*args)
+        return 1e6 * (time.perf_counter() - started) / len(per_layer)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for args in per_layer:
+                fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in per_layer:
+            fn(*args)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / len(per_layer))
+    return statistics.median(times)
+
+
+def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
+                shipped: op.DecodeKernelTuning) -> dict:
+    cfg = load_config(write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)).text
+    attention = Attention(cfg).to(device)
+    group = cfg.num_heads // cfg.num_kv_heads
+    per_layer = inputs(attention, args.capacity, cfg.num_layers, device, dtype, seed=1)
+    bytes_read = 2 * cfg.num_kv_heads * args.capacity * cfg.head_dim * dtype.itemsize
+
+    def explicit(q, k, v, past_k, past_v, mask):
+        return attention._explicit(q, k, v, past_k, past_v, mask, WINDOW, group)
+
+    def kernel(q, k, v, past_k, past_v, mask):
+        return attention._kernel(q, k, v, past_k, past_v, mask, WINDOW)
+
+    compiled = (torch.compile(explicit, dynamic=False, options={"split_reductions": False})
+                if device == "cuda" else explicit)
+    fresh = inputs(attention, args.capacity, 1, device, dtype, seed=2)[0]  # other values than the timed ones
+    want_out, want_mass = reference(attention, *fresh)
+    result = {"model": name, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+              "layers": cfg.num_layers, "bytes_per_call": bytes_read, "variants": []}
+    out, mass = compiled(*fresh)
+    result["explicit"] = {"us": timed_us(compiled, per_layer, device, args.replays),
+                          "out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)}
+    sweep = [op.DecodeKernelTuning(**vars(shipped))]
+    sweep += [op.DecodeKernelTuning(block=b, programs=p, min_split=m, num_warps=w, num_stages=s)
+              for b, p, m, w, s in itertools.product(args.blocks, args.programs, args.min_splits, args.warps, args.stages)]
+    for tuning in sweep:
+        for field, value in vars(tuning).items():
+            setattr(op.TUNING, field, value)
+        out, mass = kernel(*fresh)
+        result["variants"].append({
+            **vars(tuning), "us": timed_us(kernel, per_layer, device, args.replays),
+            "out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)})
+    result["shipped"] = result["variants"].pop(0)
+    for entry in [result["explicit"], result["shipped"]] + result["variants"]:
+        entry["gb_per_s"] = bytes_read / entry["us"] / 1e3
+    result["best"] = min(result["variants"], key=lambda v: v["us"])
+    return result
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [f"# Decode attention: Triton kernels against the explicit path ({report['device']}, "
+             f"{report['dtype']}, capacity {report['capacity']}, mass computed)", "",
+             "Shipped: the launch shape `DecodeKernelTuning` holds; best: the fastest of the sweep.", "",
+             "| model | heads / KV heads / dim | K+V MB per call | explicit us (GB/s) | shipped us (GB/s) | "
+             "best us: block, programs, min split, warps, stages | shipped speed-up | error out / mass |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["models"]:
+        e, s, b = r["explicit"], r["shipped"], r["best"]
+        lines.append(f"| {r['model']} | {r['heads']} / {r['kv_heads']} / {r['head_dim']} | "
+                     f"{r['bytes_per_call'] / 1e6:.1f} | {e['us']:.1f} ({e['gb_per_s']:.0f}) | "
+                     f"{s['us']:.1f} ({s['gb_per_s']:.0f}) | {b['us']:.1f}: {launch(b)} | {e['us'] / s['us']:.2f}x | "
+                     f"{s['out_error']:.1e} / {s['mass_error']:.1e} |")
+    lines += ["", "Every launch shape of the sweep:", "",
+              "| model | block, programs, min split, warps, stages | us | GB/s |", "|---|---|---|---|"]
+    for r in report["models"]:
+        for v in sorted(r["variants"], key=lambda v: v["us"]):
+            lines.append(f"| {r['model']} | {launch(v)} | {v['us']:.1f} | {v['gb_per_s']:.0f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def launch(variant: dict) -> str:
+    return ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--capacity", type=int, default=4096)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--programs", type=int, nargs="+", default=[66, 132, 264, 528])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[3])
+    parser.add_argument("--min-splits", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's CPU interpreter")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    shapes, dtype = SHAPES, torch.bfloat16
+    if args.smoke:
+        shapes, args.models, dtype = SMOKE_SHAPES, list(SMOKE_SHAPES), torch.float32
+        args.capacity, args.blocks, args.programs, args.warps, args.replays = 80, [16], [4, 8], [4], 1
+        args.min_splits = [16]
+    saved = op.DecodeKernelTuning(**vars(op.TUNING))
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
+              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "capacity": args.capacity,
+              "models": []}
+    try:
+        for name in args.models:
+            report["models"].append(bench_shape(name, shapes[name], args, device, dtype, saved))
+    finally:
+        for field, value in vars(saved).items():
+            setattr(op.TUNING, field, value)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_decode_attention.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, args.out / "bench_decode_attention.md")
+    print((args.out / "bench_decode_attention.md").read_text().split("\n\nEvery")[0])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""One decode token's attention over the bounded cache as a torch op, run by the Triton kernels of
+decode_kernels.py (two launches per layer instead of about six; see that module for why).
+
+Registered with ``torch.library`` so that ``torch.compile`` keeps it as one opaque call inside the
+compiled decode block and a CUDA graph captures its launches. Where Triton or CUDA is missing the
+decoder keeps its explicit path (``kernel_supported``); results agree with it to rounding.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DecodeKernelTuning:
+    """Launch shape. block: slots per loop step of a split; programs: about how many (KV head,
+    split) programs to launch; min_split: fewest slots per split (the splits per head follow from
+    both); num_warps, num_stages: per program of the partial kernel; mass_block: slots per mass
+    program of the combine kernel; merge_elements: most split values one merge step loads at once.
+    Chosen on an H100 (benchmarks/bench_decode_attention.py, results/bench_decode_attention.md)."""
+
+    block: int = 64
+    programs: int = 264
+    min_split: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    mass_block: int = 512
+    merge_elements: int = 8192
+
+
+TUNING = DecodeKernelTuning()
+
+
+def kernel_supported(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels can run here: a CUDA device (or Triton's CPU interpreter), Triton
+    installed, a power-of-two head size of at least 16, a float dtype."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    on_device = device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    return (on_device and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@torch.library.custom_op("ros_infmllm::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor,
+                     cache_v: torch.Tensor, valid: torch.Tensor, with_mass: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of one query token over the cache slots and itself.
+
+    q ``[heads, dim]`` (rotated); k_new, v_new ``[kv_heads, dim]`` (the token's own key and value);
+    cache_k, cache_v ``[kv_heads, C, dim]``; valid ``[C]`` bool. Returns the output ``[heads, dim]``
+    in q's dtype and, with ``with_mass``, the probabilities summed over each KV group's query heads
+    ``[kv_heads, C + 1]`` float32 (the slots, then the token itself; empty otherwise).
+    """
+    from . import decode_kernels
+
+    heads, dim = q.shape
+    kv_heads, capacity, _ = cache_k.shape
+    group = heads // kv_heads
+    tuning = TUNING
+    splits = max(1, min(tuning.programs // kv_heads, _cdiv(capacity, max(tuning.block, tuning.min_split))))
+    split_len = _cdiv(_cdiv(capacity, splits), tuning.block) * tuning.block  # whole blocks per split
+    splits = _cdiv(capacity, split_len)
+    q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
+    cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
+    f32 = dict(dtype=torch.float32, device=q.device)
+    scores = torch.empty((heads, capacity) if with_mass else (1,), **f32)
+    split_max, split_sum = torch.empty((heads, splits), **f32), torch.empty((heads, splits), **f32)
+    split_acc = torch.empty((heads, splits, dim), **f32)
+    out = torch.empty_like(q)
+    mass = torch.empty((kv_heads, capacity + 1) if with_mass else (0,), **f32)
+    scale = dim ** -0.5
+    decode_kernels.partial_attention[(kv_heads, splits)](
+        q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc,
+        capacity, scale, SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)),
+        DIM=dim, BLOCK=tuning.block, NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+    splits_pad = _next_power_of_2(splits)
+    blocks = _cdiv(capacity, tuning.mass_block) if with_mass else 0
+    decode_kernels.combine_attention[(kv_heads, group + blocks)](
+        q, k_new, v_new, scores, split_max, split_sum, split_acc, out, mass if with_mass else scores,
+        capacity, scale, GROUP=group, ROWS=_next_power_of_2(group), DIM=dim, NUM_SPLITS=splits,
+        SPLITS_PAD=splits_pad, SPLIT_CHUNK=min(splits_pad, max(1, tuning.merge_elements // dim)),
+        MASS_BLOCK=tuning.mass_block, num_warps=4)
+    return out, mass
+
+
+@decode_attention.register_fake
+def _decode_attention_shapes(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor,
+                             cache_v: torch.Tensor, valid: torch.Tensor, with_mass: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    mass_shape = (cache_k.shape[0], cache_k.shape[1] + 1) if with_mass else (0,)
+    return torch.empty_like(q), q.new_empty(mass_shape, dtype=torch.float32)

@@ -1,0 +1,153 @@
+"""Triton kernels of one decode token's attention over a bounded cache (flash-decoding), with the
+attention mass an eviction policy reads. Imported only where Triton is installed (decode_attention.py
+wraps them in a torch op).
+
+Why: at decode the attention over the C cache slots is a few megabytes per layer, yet done with
+matrix products and a separate softmax it costs about six small kernels per layer, each reading or
+writing the C scores; those launches, not the bytes, bounded the step. Two kernels do it here:
+
+1. ``partial_attention``, grid (KV head, split): each program scores its slice of slots for every
+   query head of its group (one matrix product, the heads padded to the 16 rows a dot needs),
+   keeps a running max, sum and weighted value sum (flash attention), and stores the raw scores
+   when the mass is wanted.
+2. ``combine_attention``, grid (KV head, group heads + slot blocks): merges the splits with the
+   new token's own score into the softmax's max and sum per head, in parallel: a program per
+   query head writes its output, a program per block of slots turns its scores into
+   probabilities summed over the group's heads (the mass). No program loops over the splits
+   (a serial merge in one program cost more than the whole partial pass).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr,
+                      capacity, scale, SPLIT_LEN: tl.constexpr,
+                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                      NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr):
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, DIM)
+    row_ok = rows < GROUP
+    q_rows = head * GROUP + rows
+    q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
+    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
+    base = head.to(tl.int64) * capacity * DIM
+    first = split * SPLIT_LEN
+    for offset in range(0, SPLIT_LEN, BLOCK):
+        slots = first + offset + tl.arange(0, BLOCK)
+        in_range = slots < capacity
+        keep = tl.load(valid_ptr + slots, mask=in_range, other=0) != 0
+        k = tl.load(k_ptr + base + slots[:, None] * DIM + dims[None, :], mask=in_range[:, None], other=0.0)
+        scores = tl.where(keep[None, :], _scores(q, k, IEEE) * scale, float("-inf"))
+        if WITH_SCORES:
+            tl.store(scores_ptr + q_rows[:, None] * capacity + slots[None, :], scores,
+                     mask=row_ok[:, None] & in_range[None, :])
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a block with no valid slot yet
+        rescale = tl.exp(running_max - shift)
+        probs = tl.exp(scores - shift[:, None])
+        running_sum = running_sum * rescale + tl.sum(probs, 1)
+        v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=in_range[:, None], other=0.0)
+        acc = acc * rescale[:, None] + _weighted_values(probs, v, IEEE)
+        running_max = new_max
+    partial = q_rows * NUM_SPLITS + split
+    tl.store(max_ptr + partial, running_max, mask=row_ok)
+    tl.store(sum_ptr + partial, running_sum, mask=row_ok)
+    tl.store(acc_ptr + partial[:, None] * DIM + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _scores(q, k, IEEE: tl.constexpr):
+    """``q [rows, DIM]`` against ``k [BLOCK, DIM]``: ``[rows, BLOCK]`` float32, on tensor cores
+    (also for one head per KV head, its row padded to 16: element-wise products measured slower)."""
+    if IEEE:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _weighted_values(probs, v, IEEE: tl.constexpr):
+    """``probs [rows, BLOCK]`` float32 times ``v [BLOCK, DIM]``: ``[rows, DIM]`` float32."""
+    if IEEE:
+        return tl.dot(probs.to(v.dtype), v, input_precision="ieee")
+    return tl.dot(probs.to(v.dtype), v)
+
+
+@triton.jit
+def combine_attention(q_ptr, k_new_ptr, v_new_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr, out_ptr, mass_ptr,
+                      capacity, scale,
+                      GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                      SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, MASS_BLOCK: tl.constexpr):
+    """Programs ``0..GROUP-1`` of a KV head merge one query head's output each; the programs after
+    them each turn ``MASS_BLOCK`` slots of scores into the group's summed probabilities."""
+    head = tl.program_id(0)
+    task = tl.program_id(1)
+    if task < GROUP:
+        _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_ptr, head, head * GROUP + task,
+                      scale, DIM, NUM_SPLITS, SPLITS_PAD, SPLIT_CHUNK)
+    else:
+        _mass_block(q_ptr, k_new_ptr, scores_ptr, max_ptr, sum_ptr, mass_ptr, head, task - GROUP, capacity, scale,
+                    GROUP, ROWS, DIM, NUM_SPLITS, SPLITS_PAD, MASS_BLOCK)
+
+
+@triton.jit
+def _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_ptr, head, row, scale,
+                  DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """One query head's output: every split's weighted values and the new token's own."""
+    dims = tl.arange(0, DIM)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < NUM_SPLITS
+    q = tl.load(q_ptr + row * DIM + dims).to(tl.float32)
+    new_score = tl.sum(q * tl.load(k_new_ptr + head * DIM + dims).to(tl.float32), 0) * scale  # always valid
+    split_max = tl.load(max_ptr + row * NUM_SPLITS + splits, mask=split_ok, other=float("-inf"))
+    overall_max = tl.maximum(tl.max(split_max, 0), new_score)
+    new_prob = tl.exp(new_score - overall_max)
+    split_sum = tl.load(sum_ptr + row * NUM_SPLITS + splits, mask=split_ok, other=0.0)
+    total = tl.sum(split_sum * tl.exp(split_max - overall_max), 0) + new_prob
+    out = new_prob * tl.load(v_new_ptr + head * DIM + dims).to(tl.float32)
+    chunk = tl.arange(0, SPLIT_CHUNK)
+    for first in range(0, SPLITS_PAD, SPLIT_CHUNK):
+        ok = first + chunk < NUM_SPLITS
+        weight = tl.exp(tl.load(max_ptr + row * NUM_SPLITS + first + chunk, mask=ok, other=float("-inf"))
+                        - overall_max)
+        acc = tl.load(acc_ptr + (row * NUM_SPLITS + first + chunk)[:, None] * DIM + dims[None, :],
+                      mask=ok[:, None], other=0.0)
+        out += tl.sum(acc * weight[:, None], 0)
+    tl.store(out_ptr + row * DIM + dims, (out / total).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _mass_block(q_ptr, k_new_ptr, scores_ptr, max_ptr, sum_ptr, mass_ptr, head, block, capacity, scale,
+                GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                SPLITS_PAD: tl.constexpr, MASS_BLOCK: tl.constexpr):
+    """The attention mass of ``MASS_BLOCK`` slots, summed over the group's query heads; block 0
+    also writes the new token's own."""
+    dims = tl.arange(0, DIM)
+    splits = tl.arange(0, SPLITS_PAD)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP
+    q_rows = head * GROUP + rows
+    q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    k_new = tl.load(k_new_ptr + head * DIM + dims).to(tl.float32)
+    new_score = tl.sum(q * k_new[None, :], 1) * scale
+    idx = q_rows[:, None] * NUM_SPLITS + splits[None, :]
+    ok = row_ok[:, None] & (splits < NUM_SPLITS)[None, :]
+    split_max = tl.load(max_ptr + idx, mask=ok, other=float("-inf"))
+    overall_max = tl.maximum(tl.max(split_max, 1), new_score)
+    new_prob = tl.exp(new_score - overall_max)
+    split_sum = tl.load(sum_ptr + idx, mask=ok, other=0.0)
+    total = tl.sum(split_sum * tl.exp(split_max - overall_max[:, None]), 1) + new_prob
+    slots = block * MASS_BLOCK + tl.arange(0, MASS_BLOCK)
+    in_range = slots < capacity
+    scores = tl.load(scores_ptr + q_rows[:, None] * capacity + slots[None, :],
+                     mask=row_ok[:, None] & in_range[None, :], other=float("-inf"))
+    probs = tl.exp(scores - overall_max[:, None]) / total[:, None]
+    tl.store(mass_ptr + head * (capacity + 1) + slots, tl.sum(probs, 0), mask=in_range)
+    if block == 0:
+        tl.store(mass_ptr + head * (capacity + 1) + capacity, tl.sum(tl.where(row_ok, new_prob / total, 0.0), 0))

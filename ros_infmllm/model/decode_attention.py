@@ -8,6 +8,7 @@ decoder keeps its explicit path (``kernel_supported``); results agree with it to
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +45,6 @@ def kernel_supported(device: torch.device, head_dim: int, dtype: torch.dtype) ->
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

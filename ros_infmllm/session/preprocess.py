@@ -6,6 +6,7 @@ the file is absent, the tower type gives the defaults its processor class would 
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,13 @@ class ImagePreprocessor:
         resized = torch.from_numpy(np.ascontiguousarray(self.resize(validate_rgb(rgb))))
         image = resized.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float() * self.rescale_factor
         if self.do_normalize:
-            mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
-            std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
-            image = (image - mean) / std
+            where = str(torch.device(device))
+            image = (image - _channel_constant(self.mean, where)) / _channel_constant(self.std, where)
         return image.contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_constant(values: tuple[float, ...], device: str) -> torch.Tensor:
+    """A per-channel ``[1, 3, 1, 1]`` constant on ``device``, made once rather than uploaded with
+    every frame (only read, never written in place)."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)

@@ -97,6 +97,18 @@ def combine_attention(q_ptr, k_new_ptr, v_new_ptr, scores_ptr, max_ptr, sum_ptr,
 
 
 @triton.jit
+def _softmax_totals(q, k_new, split_max, split_sum, scale):
+    """Per query row of ``q [rows, DIM]`` (float32): the new token's own score (always valid), the
+    softmax's max over the splits and that score, the new token's weight and the softmax's sum.
+    ``split_max``, ``split_sum [rows, splits]`` (padding -inf and 0); ``k_new [DIM]`` float32."""
+    new_score = tl.sum(q * k_new[None, :], 1) * scale
+    overall_max = tl.maximum(tl.max(split_max, 1), new_score)
+    new_prob = tl.exp(new_score - overall_max)
+    total = tl.sum(split_sum * tl.exp(split_max - overall_max[:, None]), 1) + new_prob
+    return overall_max, new_prob, total
+
+
+@triton.jit
 def _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_ptr, head, row, scale,
                   DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     """One query head's output: every split's weighted values and the new token's own."""
@@ -104,12 +116,12 @@ def _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_pt
     splits = tl.arange(0, SPLITS_PAD)
     split_ok = splits < NUM_SPLITS
     q = tl.load(q_ptr + row * DIM + dims).to(tl.float32)
-    new_score = tl.sum(q * tl.load(k_new_ptr + head * DIM + dims).to(tl.float32), 0) * scale  # always valid
     split_max = tl.load(max_ptr + row * NUM_SPLITS + splits, mask=split_ok, other=float("-inf"))
-    overall_max = tl.maximum(tl.max(split_max, 0), new_score)
-    new_prob = tl.exp(new_score - overall_max)
     split_sum = tl.load(sum_ptr + row * NUM_SPLITS + splits, mask=split_ok, other=0.0)
-    total = tl.sum(split_sum * tl.exp(split_max - overall_max), 0) + new_prob
+    k_new = tl.load(k_new_ptr + head * DIM + dims).to(tl.float32)
+    row_max, row_new_prob, row_total = _softmax_totals(q[None, :], k_new, split_max[None, :], split_sum[None, :],
+                                                       scale)
+    overall_max, new_prob, total = tl.sum(row_max, 0), tl.sum(row_new_prob, 0), tl.sum(row_total, 0)  # one row
     out = new_prob * tl.load(v_new_ptr + head * DIM + dims).to(tl.float32)
     chunk = tl.arange(0, SPLIT_CHUNK)
     for first in range(0, SPLITS_PAD, SPLIT_CHUNK):
@@ -134,15 +146,11 @@ def _mass_block(q_ptr, k_new_ptr, scores_ptr, max_ptr, sum_ptr, mass_ptr, head, 
     row_ok = rows < GROUP
     q_rows = head * GROUP + rows
     q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    k_new = tl.load(k_new_ptr + head * DIM + dims).to(tl.float32)
-    new_score = tl.sum(q * k_new[None, :], 1) * scale
     idx = q_rows[:, None] * NUM_SPLITS + splits[None, :]
     ok = row_ok[:, None] & (splits < NUM_SPLITS)[None, :]
-    split_max = tl.load(max_ptr + idx, mask=ok, other=float("-inf"))
-    overall_max = tl.maximum(tl.max(split_max, 1), new_score)
-    new_prob = tl.exp(new_score - overall_max)
-    split_sum = tl.load(sum_ptr + idx, mask=ok, other=0.0)
-    total = tl.sum(split_sum * tl.exp(split_max - overall_max[:, None]), 1) + new_prob
+    overall_max, new_prob, total = _softmax_totals(
+        q, tl.load(k_new_ptr + head * DIM + dims).to(tl.float32), tl.load(max_ptr + idx, mask=ok, other=float("-inf")),
+        tl.load(sum_ptr + idx, mask=ok, other=0.0), scale)
     slots = block * MASS_BLOCK + tl.arange(0, MASS_BLOCK)
     in_range = slots < capacity
     scores = tl.load(scores_ptr + q_rows[:, None] * capacity + slots[None, :],

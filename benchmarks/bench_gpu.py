@@ -183,17 +183,19 @@ class StreamDriver:
         return self.session._query_ids(text)
 
     def decode(self, count: int) -> tuple[float, list[float]]:
-        """Ask a question; time to first token, then ``count`` greedy decode steps, each timed
-        with the host sync that reading the token needs."""
+        """Ask a question; the time to its first answer token, then the interval at which each of
+        the next ``count`` greedy tokens reaches the host (the session's ``tokens``: each step
+        chosen and fed on the device, launched before the host reads the previous token)."""
         sync(self.device)
         started = time.perf_counter()
-        token = int(self.session.feed(self.question_ids()).argmax())
-        first = 1e3 * (time.perf_counter() - started)
-        steps = []
-        for _ in range(count):
-            started = time.perf_counter()
-            token = int(self.session.feed(torch.tensor([token])).argmax())
-            steps.append(1e3 * (time.perf_counter() - started))
+        tokens = self.session.tokens(self.question_ids(), count + 1)
+        next(tokens)
+        last = time.perf_counter()
+        first, steps = 1e3 * (last - started), []
+        for _ in tokens:
+            now = time.perf_counter()
+            steps.append(1e3 * (now - last))
+            last = now
         return first, steps
 
     def stream_to(self, total_tokens: int) -> None:

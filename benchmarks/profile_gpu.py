@@ -1,7 +1,7 @@
 """Where the time of one decode token and of one frame goes (a diagnosis aid for bench_gpu.py).
 
 For each model shape of bench_gpu.py, on a session streamed past its capacity (graphs captured):
-- decode: the host-timed step (feed + argmax, as bench_gpu times it), the captured token step's
+- decode: the host-timed step (the interval between tokens, as bench_gpu times it), the captured token step's
   GPU time alone (device events around back-to-back replays), and the GPU kernels by total time
   (torch.profiler over a few tokens);
 - frame ingest: preprocess, vision tower, the frame's prefill chunks and evictions, each timed
@@ -42,7 +42,7 @@ def timed(fn, repeats: int) -> float:
 def replay_ms(session: StreamingSession, repeats: int) -> float:
     """GPU ms of the captured decode step, replayed back to back; the cache's device fill level
     is put back afterwards (the replays wrote past the host's count, into empty slots)."""
-    captured = session.runner.graphs[("text", 1, False, False)]
+    captured = session.runner.graphs[("next", 1, False, False)]
     repeats = min(repeats, session.cache.free - 1)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -75,8 +75,8 @@ def profile_model(name: str, args) -> dict:
     driver.decode(16)
     _, steps = driver.decode(128)
     row = {"model": name, "decode_host_p50_ms": statistics.median(steps), "decode_replay_ms": replay_ms(session, 64)}
-    token = torch.tensor([9])
-    decode_kernels = kernel_table(lambda: [session.feed(token).argmax().item() for _ in range(10)])
+    question = driver.question_ids()
+    decode_kernels = kernel_table(lambda: list(session.tokens(question, 10)))
 
     frame = driver.frames[0]
     row["preprocess_ms"] = timed(lambda: session.preprocessor(frame, model.device), 10)

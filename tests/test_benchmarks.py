@@ -55,3 +55,16 @@ def test_bench_decode_attention_smoke_run_writes_its_table(tmp_path: Path) -> No
     assert len(model["variants"]) == 2 and model["best"] in model["variants"]
     assert max(v["out_error"] for v in model["variants"]) < 1e-5 and model["explicit"]["mass_error"] < 1e-5
     assert "| tiny-qwen2 | 4 / 2 / 16 |" in (tmp_path / "bench_decode_attention.md").read_text()
+
+
+def test_bench_decode_linear_smoke_run_writes_its_table(tmp_path: Path) -> None:
+    """In a process of its own (Triton's interpreter): every matrix of a layer, each version checked."""
+    script = Path(bench_gpu.__file__).with_name("bench_decode_linear.py")
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (model,) = json.loads((tmp_path / "bench_decode_linear.json").read_text())["models"]
+    assert [m["name"] for m in model["matrices"]] == ["q/k/v", "o", "gate/up", "down"]
+    assert max(m["op"]["error"] for m in model["matrices"]) < 1e-5
+    assert max(m["compiled"]["error"] for m in model["matrices"]) < 1e-5
+    assert "| tiny-qwen2 | gate/up |" in (tmp_path / "bench_decode_linear.md").read_text()

@@ -59,3 +59,26 @@ def test_graphed_vision_encoder_equals_eager(tiny_model_dir: Path) -> None:
         pixels = torch.randn(1, 3, 32, 32, device="cuda")
         assert (backend.encode_images(pixels) - model.encode_images(pixels)).abs().max() <= 1e-5
     assert ("vision", (1, 3, 32, 32)) in backend.vision_runner.graphs
+
+
+def test_device_fed_greedy_decode_is_captured_and_equals_eager(head16_model_dir: Path) -> None:
+    """``tokens``' device-fed greedy step, captured, gives the tokens of the eager host-fed loop."""
+    from tokenizers import Tokenizer
+
+    model = load_model(head16_model_dir, device="cuda")
+    tokenizer = Tokenizer.from_file(str(head16_model_dir / "tokenizer.json"))
+    eager, graphed = _session(model, tokenizer, False, "inf-mllm"), _session(model, tokenizer, True, "inf-mllm")
+    assert all(block.decode_matvec for block in model.decoder.layers)
+    frames = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    for frame in frames:
+        for session in (eager, graphed):
+            session.ingest_frame(frame)
+    ids = graphed._query_ids("what is in view ?")
+    produced = list(graphed.tokens(ids, 60))
+    logits, expected = eager.feed(ids), []
+    for _ in range(60):
+        expected.append(int(logits.argmax()))
+        logits = eager.feed(torch.tensor([expected[-1]]))
+    assert produced == expected
+    assert ("next", 1, False, False) in graphed.runner.graphs and graphed.cache.evictions > 0
+    assert torch.allclose(eager.cache.k, graphed.cache.k, atol=1e-4)

@@ -264,3 +264,43 @@ def test_sampling_is_repeatable_with_a_seed(tiny_model_dir: Path) -> None:
     greedy = _session(tiny_model_dir, "inf-mllm", max_new_tokens=12)
     greedy.ingest_frame(_frames(1)[0])
     assert greedy.answer("what is in view ?") != answers[0]
+
+
+def _host_greedy(session: StreamingSession, ids: torch.Tensor, count: int) -> list[int]:
+    """Greedy decoding the plain way: the host reads each token and feeds it back."""
+    logits, tokens = session.feed(ids), []
+    for _ in range(count):
+        tokens.append(int(logits.argmax()))
+        logits = session.feed(torch.tensor([tokens[-1]]))
+    return tokens
+
+
+@pytest.mark.parametrize("policy", ["inf-mllm", "streamingllm"])
+def test_device_fed_greedy_tokens_equal_host_fed_greedy(tiny_model_dir: Path, policy: str) -> None:
+    """``tokens`` chooses and feeds each greedy token on the device: same tokens and same cache
+    (through evictions) as reading every token on the host and feeding it back."""
+    pipelined, plain = (_session(tiny_model_dir, policy, capacity=64) for _ in range(2))
+    for session in (pipelined, plain):
+        session.ingest_frame(_frames(1)[0])
+    ids = pipelined._query_ids("what is in view ?")
+    produced = list(pipelined.tokens(ids, 40))
+    assert produced == _host_greedy(plain, ids, 40)
+    assert pipelined.cache.evictions > 0
+    assert (pipelined.cache.length, pipelined.cache.total_seen) == (plain.cache.length, plain.cache.total_seen)
+    assert torch.allclose(pipelined.cache.k, plain.cache.k, atol=1e-6)
+    assert torch.equal(pipelined.cache.origin, plain.cache.origin)
+
+
+def test_tokens_feed_nothing_past_where_the_caller_stops(tiny_model_dir: Path) -> None:
+    """A caller that stops at a token (a stop token) leaves exactly that token as the last one fed:
+    the next step is launched only when the caller asks for the next token."""
+    probe, session = (_session(tiny_model_dir, "full", capacity=256) for _ in range(2))
+    ids = probe._query_ids("where is the robot ?")
+    produced = list(probe.tokens(ids, 8))
+    stop_at = produced[3]
+    before = session.cache.total_seen
+    for token in session.tokens(ids, 8):
+        if token == stop_at:
+            break
+    assert session.cache.total_seen - before == len(ids) + produced.index(stop_at) + 1
+    assert probe.cache.total_seen - before == len(ids) + 8

@@ -35,13 +35,17 @@ TUNING = DecodeKernelTuning()
 
 
 def kernel_supported(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the Triton kernels can run here: a CUDA device (or Triton's CPU interpreter), Triton
-    installed, a power-of-two head size of at least 16, a float dtype."""
+    """Whether the Triton kernels can run here: ``triton_runs_on(device)``, a power-of-two head
+    size of at least 16, a float dtype."""
+    return (triton_runs_on(device) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton installed, and the device a CUDA GPU (or the CPU under Triton's interpreter)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    on_device = device.type == "cuda" or (device.type == "cpu" and _interpreting())
-    return (on_device and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and dtype in (torch.bfloat16, torch.float16, torch.float32))
+    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 
 
 def _interpreting() -> bool:

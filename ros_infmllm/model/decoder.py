@@ -16,6 +16,7 @@ from torch import nn
 
 from ..rope import Rotary
 from .config import TextConfig
+from . import decode_linear
 from .decode_attention import decode_attention, kernel_supported
 from .layers import FusedLinear, RMSNorm, activation
 
@@ -58,8 +59,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        q_len = x.shape[0]
         q, k, v = self.qkv(self, x) if self.qkv else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        out, k, v, mass = self.attend(q, k, v, cos, sin, past_k, past_v, mask, attn_window)
+        return self.o_proj(out), k, v, mass
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Projected q, k, v ``[q_len, heads|kv_heads * dim]`` -> attention output ``[q_len, heads * dim]``
+        (before o_proj), the rotated keys and the values ``[kv_heads, q_len, dim]``, the mass."""
+        q_len = q.shape[0]
         q = q.reshape(q_len, self.num_heads, self.head_dim).transpose(0, 1)
         k = k.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
         v = v.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
@@ -71,8 +80,7 @@ class Attention(nn.Module):
             out, mass = self._fused(q, k, v, past_k, past_v, mask, attn_window, group)
         else:
             out, mass = self._explicit(q, k, v, past_k, past_v, mask, attn_window, group)
-        out = self.o_proj(out.transpose(0, 1).reshape(q_len, self.num_heads * self.head_dim))
-        return out, k, v, mass
+        return out.transpose(0, 1).reshape(q_len, self.num_heads * self.head_dim), k, v, mass
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
                   past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor, group: int
@@ -172,13 +180,37 @@ class TransformerBlock(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = FeedForward(cfg)
+        self.silu = cfg.hidden_act == "silu"
+        self.decode_matvec = False  # one-token steps through the Triton linear op (decode_linear.py)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.decode_matvec and x.shape[0] == 1 and not isinstance(attn_window, torch.Tensor):
+            return self._decode_token(x, cos, sin, past_k, past_v, mask, attn_window)
         attn_out, k, v, mass = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask, attn_window)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), k, v, mass
+
+    def can_use_matvec(self) -> bool:
+        """The one-token path needs the fused q/k/v and gate/up matrices and a SwiGLU MLP."""
+        return self.self_attn.qkv is not None and self.mlp.gate_up is not None and self.silu
+
+    def _decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
+                      past_v: torch.Tensor, mask: torch.Tensor, attn_window: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The same block for one token in four matrix-vector launches around the attention: the
+        norms go into the products that read them, SwiGLU into gate/up, the residual adds into
+        o_proj and down_proj (each of those was a kernel launch of its own, at ~2 us apiece)."""
+        attn, mlp, linear = self.self_attn, self.mlp, decode_linear.decode_linear
+        qkv_weight, qkv_bias = attn.qkv.tensors(attn)
+        qkv = linear(x, qkv_weight, qkv_bias, self.input_layernorm.weight, None, self.input_layernorm.eps, False)
+        out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask, attn_window)
+        x = linear(out, attn.o_proj.weight, attn.o_proj.bias, None, x, 0.0, False)
+        gate_up_weight, gate_up_bias = mlp.gate_up.tensors(mlp)
+        hidden = linear(x, gate_up_weight, gate_up_bias, self.post_attention_layernorm.weight, None,
+                        self.post_attention_layernorm.eps, True)
+        return linear(hidden, mlp.down_proj.weight, mlp.down_proj.bias, None, x, 0.0, False), k, v, mass
 
 
 def run_block(block: TransformerBlock, *args):
@@ -205,12 +237,16 @@ class Decoder(nn.Module):
             block.mlp.fuse_projections()
 
     def use_decode_kernel(self, enabled: bool = True) -> bool:
-        """Route one-token steps through the Triton decode attention where it can run here
-        (``kernel_supported``); returns whether it is on. Prefill and exported graphs are unchanged."""
+        """Route one-token steps through the Triton decode attention and, where the projections
+        are fused (``fuse_projections``), the Triton matrix-vector op, where they can run here
+        (``kernel_supported`` of each); returns whether the attention kernel is on. Prefill and
+        exported graphs are unchanged."""
         weight = self.embed_tokens.weight
         on = enabled and kernel_supported(weight.device, self.cfg.head_dim, weight.dtype)
+        matvec = enabled and decode_linear.kernel_supported(weight.device, weight.dtype)
         for block in self.layers:
             block.self_attn.decode_kernel = on
+            block.decode_matvec = matvec and block.can_use_matvec()
         return on
 
     def empty_cache(self, capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,5 +65,8 @@ class FusedLinear:
             start += size
 
     def __call__(self, owner: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = F.linear(x, getattr(owner, self.weight_name), getattr(owner, self.bias_name))
-        return out.split(self.sizes, dim=-1)
+        return F.linear(x, *self.tensors(owner)).split(self.sizes, dim=-1)
+
+    def tensors(self, owner: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused weight and bias (None without bias)."""
+        return getattr(owner, self.weight_name), getattr(owner, self.bias_name)

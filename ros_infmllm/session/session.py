@@ -91,6 +91,11 @@ class StreamingSession:
         self.stats = SessionStats()
         self._frame_ids: torch.Tensor | None = None
         self.generator = torch.Generator().manual_seed(config.sampling.seed)
+        # greedy decoding: each step's choice stays on the device and feeds the next step (see tokens())
+        self._next_token = torch.zeros(1, dtype=torch.long, device=model.device)
+        on_cuda = model.device.type == "cuda"
+        self._token_readback = torch.zeros(1, dtype=torch.long, pin_memory=on_cuda)
+        self._token_ready = torch.cuda.Event() if on_cuda else None
         self.stop_ids = {i for i in (tokenizer.token_to_id(s) for s in self.template.stop) if i is not None}
         self.stop_ids.update(model.cfg.eos_token_ids)
         self._check_sizes(len(self._system_ids()))
@@ -205,6 +210,58 @@ class StreamingSession:
         cache.write(out.new_k, out.new_v, pinned)
         return out.logits
 
+    def _step_next_token(self) -> torch.Tensor:
+        """A greedy decode step fed from the device: it embeds the token the previous step chose
+        and writes its own choice in that token's place, so no host round trip sits between steps."""
+        logits = self._step(self._next_token, from_ids=True, pinned=False, all_logits=False)
+        self._next_token.copy_(logits[-1].argmax().view(1))
+        return logits
+
+    def _feed_next_token(self) -> None:
+        self._make_room(1)
+        self.runner(("next", 1, False, False), self._step_next_token, ())
+        self.cache.commit(1)
+
+    def _start_reading_next_token(self) -> None:
+        """Queue the copy of the device's chosen token to the host (before the step that overwrites it)."""
+        self._token_readback.copy_(self._next_token, non_blocking=self._token_ready is not None)
+        if self._token_ready is not None:
+            self._token_ready.record()
+
+    def _next_token_on_host(self) -> int:
+        if self._token_ready is not None:
+            self._token_ready.synchronize()
+        return int(self._token_readback[0])
+
+    @torch.inference_mode()
+    def tokens(self, ids: torch.Tensor, limit: int, sampling: SamplingConfig | None = None) -> Iterator[int]:
+        """Feed the prompt ``ids``, then generate: yields up to ``limit`` token ids, each already fed
+        into the cache when it is yielded. Stop tokens are yielded (and fed) like any other: the
+        caller stops consuming at one, and nothing more is fed.
+
+        Greedy (temperature 0) runs pipelined: a step's token is chosen on the device and feeds the
+        next step there, which is launched before the host reads the token back. The host's work
+        per token (reading it, the caller's text handling and publishing) overlaps the GPU's next
+        step instead of leaving the GPU idle; no step is speculative, since the step launched
+        for token i only needs token i-1 not to be a stop token, which is known by then.
+        """
+        sampling = sampling or self.config.sampling
+        logits = self.feed(ids)
+        greedy = sampling.temperature == 0
+        if greedy:
+            self._next_token.copy_(logits.argmax().view(1))
+        for _ in range(limit):
+            if not self.policy.evicts and self.cache.free < 1:
+                return
+            if greedy:
+                self._start_reading_next_token()
+                self._feed_next_token()
+                token = self._next_token_on_host()
+            else:
+                token = sample_next(logits, sampling, self.generator)
+                logits = self.feed(torch.tensor([token]))
+            yield token
+
     # ---- frames ---------------------------------------------------------------------------------
     def frame_ids(self) -> torch.Tensor:
         """Token ids of one frame in the template, visual tokens as image placeholders (the same
@@ -253,16 +310,11 @@ class StreamingSession:
         return "".join(self.ask(text, max_new_tokens, sampling)).strip()
 
     def _generate(self, ids: torch.Tensor, limit: int, sampling: SamplingConfig) -> Iterator[str]:
-        logits = self.feed(ids)
         generated: list[int] = []
         shown = ""
         stopped = False
         try:
-            for _ in range(limit):
-                token = sample_next(logits, sampling, self.generator)
-                if not self.policy.evicts and self.cache.free < 1:
-                    break
-                logits = self.feed(torch.tensor([token]))
+            for token in self.tokens(ids, limit, sampling):
                 if token in self.stop_ids:
                     stopped = True
                     break

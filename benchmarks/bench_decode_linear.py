@@ -1,0 +1,183 @@
+"""One decode token's linear layers: the Triton matrix-vector op (model/decode_linear.py) against
+cuBLAS, per matrix of each model shape of bench_gpu.py, bf16, batch 1.
+
+Per decoder matrix (q/k/v with the input norm and bias, o with the residual add, gate/up with the
+norm and SwiGLU, down with the residual add), three versions of the same work:
+- **cuBLAS**: ``F.linear`` alone (the product only);
+- **compiled**: what the decode block ran before the op: norm, product, bias/SwiGLU/residual as
+  torch ops under ``torch.compile`` (inductor's kernels around cuBLAS);
+- **op**: the Triton op with its fusions, at the shipped launch shape and at each of a sweep.
+Each is timed as a CUDA graph of one call per layer over that layer's own weights (so no weight
+sits in L2 between calls), replayed back to back between device events; median of the replays.
+GB/s = the matrix's bytes / time. Errors are against a float64 reference.
+
+Writes ``results/bench_decode_linear.{json,md}``; prints the table. ``--smoke`` runs tiny shapes
+through Triton's CPU interpreter (checks the script; its numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is first imported
+
+from bench_decode_attention import relative, timed_us  # noqa: E402
+from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
+from ros_infmllm.model import decode_linear as op  # noqa: E402
+from ros_infmllm.model.config import load_config  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EPS = 1e-6
+
+
+def matrices(cfg) -> list[dict]:
+    """The four products of one decoder layer and what each folds in."""
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    return [dict(name="q/k/v", rows=qkv, columns=cfg.hidden_size, norm=True, bias=cfg.qkv_bias, residual=False,
+                 gated=False),
+            dict(name="o", rows=cfg.hidden_size, columns=cfg.num_heads * cfg.head_dim, norm=False, bias=cfg.o_bias,
+                 residual=True, gated=False),
+            dict(name="gate/up", rows=2 * cfg.intermediate_size, columns=cfg.hidden_size, norm=True, bias=False,
+                 residual=False, gated=True),
+            dict(name="down", rows=cfg.hidden_size, columns=cfg.intermediate_size, norm=False, bias=False,
+                 residual=True, gated=False)]
+
+
+def layer_inputs(spec: dict, layers: int, device: str, dtype: torch.dtype, seed: int) -> list[tuple]:
+    """Per layer: the op's arguments (random, scaled like trained weights; never zeros)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator, device=device)).to(dtype)
+
+    out_rows = spec["rows"] // (2 if spec["gated"] else 1)
+    return [(draw(1, spec["columns"]), draw(spec["rows"], spec["columns"], scale=spec["columns"] ** -0.5),
+             draw(spec["rows"]) if spec["bias"] else None, 1 + draw(spec["columns"], scale=0.1) if spec["norm"] else None,
+             draw(1, out_rows) if spec["residual"] else None, EPS, spec["gated"]) for _ in range(layers)]
+
+
+def unfused(x, weight, bias, norm_weight, residual, eps, gated):
+    """The same work as separate torch ops (the decoder's plain path)."""
+    if norm_weight is not None:
+        x32 = x.float()
+        x = norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = F.linear(x, weight, bias)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y
+
+
+def reference(x, weight, bias, norm_weight, residual, eps, gated):
+    return unfused(x.double(), weight.double(), None if bias is None else bias.double(),
+                   None if norm_weight is None else norm_weight.double(),
+                   None if residual is None else residual.double(), eps, gated)
+
+
+def cublas_only(x, weight, *_):
+    return F.linear(x, weight)
+
+
+def bench_matrix(spec: dict, layers: int, args, device: str, dtype: torch.dtype, shipped: op.MatvecTuning) -> dict:
+    per_layer = layer_inputs(spec, layers, device, dtype, seed=1)
+    fresh = layer_inputs(spec, 1, device, dtype, seed=2)[0]
+    want = reference(*fresh)
+    weight_bytes = spec["rows"] * spec["columns"] * dtype.itemsize
+    compiled = torch.compile(unfused, dynamic=False) if device == "cuda" else unfused
+    row = {**spec, "bytes": weight_bytes,
+           "cublas": {"us": timed_us(cublas_only, per_layer, device, args.replays)},
+           "compiled": {"us": timed_us(compiled, per_layer, device, args.replays),
+                        "error": relative(compiled(*fresh), want)},
+           "variants": []}
+    sweep = [shipped] + [op.MatvecTuning(block_n=n, block_k=k, num_warps=w)
+                         for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)]
+    for tuning in sweep:
+        for field, value in vars(tuning).items():
+            setattr(op.TUNING, field, value)
+        row["variants"].append({**vars(tuning), "us": timed_us(op.decode_linear, per_layer, device, args.replays),
+                                "error": relative(op.decode_linear(*fresh), want)})
+    row["op"] = row["variants"].pop(0)
+    for entry in [row["cublas"], row["compiled"], row["op"]] + row["variants"]:
+        entry["gb_per_s"] = weight_bytes / entry["us"] / 1e3
+    row["best"] = min(row["variants"], key=lambda v: v["us"])
+    return row
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [f"# Decode linear layers: the Triton matrix-vector op against cuBLAS ({report['device']}, "
+             f"{report['dtype']}, batch 1)", "",
+             "cuBLAS: the product alone; compiled: norm + product + bias/SwiGLU/residual as torch ops under "
+             "torch.compile; op: the Triton op with those folded in, at the shipped launch shape "
+             "(`MatvecTuning`); best: the fastest of the sweep (rows per program, chunk, warps).", "",
+             "| model | matrix | MB | folds in | cuBLAS us (GB/s) | compiled us | op us (GB/s) | best us: rows, chunk, "
+             "warps | op vs compiled | op error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    totals = []
+    for model in report["models"]:
+        for r in model["matrices"]:
+            folds = ", ".join(k for k in ("norm", "bias", "gated", "residual") if r[k]) or "-"
+            c, m, o, b = r["cublas"], r["compiled"], r["op"], r["best"]
+            lines.append(f"| {model['model']} | {r['name']} | {r['bytes'] / 1e6:.1f} | {folds} | "
+                         f"{c['us']:.1f} ({c['gb_per_s']:.0f}) | {m['us']:.1f} | {o['us']:.1f} ({o['gb_per_s']:.0f}) | "
+                         f"{b['us']:.1f}: {b['block_n']}, {b['block_k']}, {b['num_warps']} | "
+                         f"{m['us'] / o['us']:.2f}x | {o['error']:.1e} |")
+        compiled = sum(r["compiled"]["us"] for r in model["matrices"])
+        fused = sum(r["op"]["us"] for r in model["matrices"])
+        totals.append(f"| {model['model']} | {compiled:.1f} | {fused:.1f} | {compiled - fused:.1f} | "
+                      f"{(compiled - fused) * model['layers'] / 1e3:.3f} |")
+    lines += ["", "Per layer, the four products with their folded work:", "",
+              "| model | compiled us | op us | saved us | saved ms per token (all layers) |", "|---|---|---|---|---|"]
+    lines += totals
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--block-n", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--block-k", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--min-weight-mb", type=int, default=240, help="weights per timed graph, above L2's size")
+    parser.add_argument("--replays", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's CPU interpreter")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    shapes, dtype = SHAPES, torch.bfloat16
+    if args.smoke:
+        shapes, args.models, dtype = SMOKE_SHAPES, list(SMOKE_SHAPES), torch.float32
+        args.block_n, args.block_k, args.warps, args.replays, args.min_weight_mb = [2], [64], [4], 1, 0
+    saved = op.MatvecTuning(**vars(op.TUNING))
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
+              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "models": []}
+    try:
+        for name in args.models:
+            cfg = load_config(write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shapes[name])).text
+            rows = []
+            for spec in matrices(cfg):
+                size = spec["rows"] * spec["columns"] * dtype.itemsize
+                layers = max(2, -(-(args.min_weight_mb << 20) // size))
+                rows.append(bench_matrix(spec, layers, args, device, dtype, saved))
+                print(f"{name} {spec['name']}: cuBLAS {rows[-1]['cublas']['us']:.1f} us, op {rows[-1]['op']['us']:.1f} us",
+                      flush=True)
+            report["models"].append({"model": name, "layers": cfg.num_layers, "matrices": rows})
+    finally:
+        for field, value in vars(saved).items():
+            setattr(op.TUNING, field, value)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_decode_linear.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, args.out / "bench_decode_linear.md")
+    print((args.out / "bench_decode_linear.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

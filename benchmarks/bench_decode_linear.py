@@ -1,7 +1,7 @@
 """One decode token's linear layers: the Triton matrix-vector op (model/decode_linear.py) against
 cuBLAS, per matrix of each model shape of bench_gpu.py, bf16, batch 1.
 
-Per decoder matrix (q/k/v with the input norm and bias, o with the residual add, gate/up with the
+Per decoder matrix (q/k/v with the input norm, bias and rotary, o with the residual add, gate/up with the
 norm and SwiGLU, down with the residual add), three versions of the same work:
 - **cuBLAS**: ``F.linear`` alone (the product only);
 - **compiled**: what the decode block ran before the op: norm, product, bias/SwiGLU/residual as
@@ -34,22 +34,26 @@ from bench_decode_attention import relative, timed_us  # noqa: E402
 from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model.config import load_config  # noqa: E402
+from ros_infmllm.rope import Rotary  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPS = 1e-6
 
 
 def matrices(cfg) -> list[dict]:
-    """The four products of one decoder layer and what each folds in."""
+    """The four products of one decoder layer and the LM head, and what each folds in."""
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     return [dict(name="q/k/v", rows=qkv, columns=cfg.hidden_size, norm=True, bias=cfg.qkv_bias, residual=False,
-                 gated=False),
+                 gated=False, rotary=cfg.head_dim, rotated_rows=(cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim),
             dict(name="o", rows=cfg.hidden_size, columns=cfg.num_heads * cfg.head_dim, norm=False, bias=cfg.o_bias,
                  residual=True, gated=False),
             dict(name="gate/up", rows=2 * cfg.intermediate_size, columns=cfg.hidden_size, norm=True, bias=False,
                  residual=False, gated=True),
             dict(name="down", rows=cfg.hidden_size, columns=cfg.intermediate_size, norm=False, bias=False,
-                 residual=True, gated=False)]
+                 residual=True, gated=False),
+            # once per token, not per layer: the LM head with the final norm
+            dict(name="LM head", rows=cfg.vocab_size, columns=cfg.hidden_size, norm=True, bias=False, residual=False,
+                 gated=False, per_token=True)]
 
 
 def layer_inputs(spec: dict, layers: int, device: str, dtype: torch.dtype, seed: int) -> list[tuple]:
@@ -60,12 +64,16 @@ def layer_inputs(spec: dict, layers: int, device: str, dtype: torch.dtype, seed:
         return (scale * torch.randn(*shape, generator=generator, device=device)).to(dtype)
 
     out_rows = spec["rows"] // (2 if spec["gated"] else 1)
+    rotary = spec.get("rotary", 0)
+    cos, sin = Rotary(rotary, 10000.0).cos_sin(torch.tensor([1234]), dtype) if rotary else (None, None)
     return [(draw(1, spec["columns"]), draw(spec["rows"], spec["columns"], scale=spec["columns"] ** -0.5),
              draw(spec["rows"]) if spec["bias"] else None, 1 + draw(spec["columns"], scale=0.1) if spec["norm"] else None,
-             draw(1, out_rows) if spec["residual"] else None, EPS, spec["gated"]) for _ in range(layers)]
+             draw(1, out_rows) if spec["residual"] else None, EPS, spec["gated"],
+             None if cos is None else cos.to(device), None if sin is None else sin.to(device), spec.get("rotated_rows", 0))
+            for _ in range(layers)]
 
 
-def unfused(x, weight, bias, norm_weight, residual, eps, gated):
+def unfused(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0):
     """The same work as separate torch ops (the decoder's plain path)."""
     if norm_weight is not None:
         x32 = x.float()
@@ -74,13 +82,18 @@ def unfused(x, weight, bias, norm_weight, residual, eps, gated):
     if gated:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
+    if cos is not None:
+        heads = Rotary.apply(y[:, :rotated_rows].view(-1, cos.shape[-1]), cos, sin).view(1, -1)
+        y = torch.cat((heads, y[:, rotated_rows:]), dim=-1)
     return y if residual is None else residual + y
 
 
-def reference(x, weight, bias, norm_weight, residual, eps, gated):
-    return unfused(x.double(), weight.double(), None if bias is None else bias.double(),
-                   None if norm_weight is None else norm_weight.double(),
-                   None if residual is None else residual.double(), eps, gated)
+def reference(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0):
+    def wide(t):
+        return None if t is None else t.double()
+
+    return unfused(wide(x), wide(weight), wide(bias), wide(norm_weight), wide(residual), eps, gated, wide(cos),
+                   wide(sin), rotated_rows)
 
 
 def cublas_only(x, weight, *_):
@@ -98,15 +111,16 @@ def bench_matrix(spec: dict, layers: int, args, device: str, dtype: torch.dtype,
            "compiled": {"us": timed_us(compiled, per_layer, device, args.replays),
                         "error": relative(compiled(*fresh), want)},
            "variants": []}
-    sweep = [shipped] + [op.MatvecTuning(block_n=n, block_k=k, num_warps=w)
-                         for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)]
+    sweep = [shipped, op.MatvecTuning(**{**vars(shipped), "pdl": False})]
+    sweep += [op.MatvecTuning(block_n=n, gated_block_n=n, wide_block_n=n, block_k=k, num_warps=w, pdl=shipped.pdl)
+              for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)]
     for tuning in sweep:
         for field, value in vars(tuning).items():
             setattr(op.TUNING, field, value)
         row["variants"].append({**vars(tuning), "us": timed_us(op.decode_linear, per_layer, device, args.replays),
                                 "error": relative(op.decode_linear(*fresh), want)})
-    row["op"] = row["variants"].pop(0)
-    for entry in [row["cublas"], row["compiled"], row["op"]] + row["variants"]:
+    row["op"], row["op_without_pdl"] = row["variants"].pop(0), row["variants"].pop(0)
+    for entry in [row["cublas"], row["compiled"], row["op"], row["op_without_pdl"]] + row["variants"]:
         entry["gb_per_s"] = weight_bytes / entry["us"] / 1e3
     row["best"] = min(row["variants"], key=lambda v: v["us"])
     return row
@@ -117,20 +131,23 @@ def write_markdown(report: dict, path: Path) -> None:
              f"{report['dtype']}, batch 1)", "",
              "cuBLAS: the product alone; compiled: norm + product + bias/SwiGLU/residual as torch ops under "
              "torch.compile; op: the Triton op with those folded in, at the shipped launch shape "
-             "(`MatvecTuning`); best: the fastest of the sweep (rows per program, chunk, warps).", "",
-             "| model | matrix | MB | folds in | cuBLAS us (GB/s) | compiled us | op us (GB/s) | best us: rows, chunk, "
-             "warps | op vs compiled | op error |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "(`MatvecTuning`), and the same without programmatic dependent launch (no PDL); best: the fastest "
+             "of the sweep (rows per program, chunk, warps). Each is one launch per layer, back to back.", "",
+             "| model | matrix | MB | folds in | cuBLAS us (GB/s) | compiled us | op us (GB/s) | no PDL us | "
+             "best us: rows, chunk, warps | op vs compiled | op error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     totals = []
     for model in report["models"]:
         for r in model["matrices"]:
-            folds = ", ".join(k for k in ("norm", "bias", "gated", "residual") if r[k]) or "-"
+            folds = ", ".join(k for k in ("norm", "rotary", "bias", "gated", "residual") if r.get(k)) or "-"
             c, m, o, b = r["cublas"], r["compiled"], r["op"], r["best"]
             lines.append(f"| {model['model']} | {r['name']} | {r['bytes'] / 1e6:.1f} | {folds} | "
                          f"{c['us']:.1f} ({c['gb_per_s']:.0f}) | {m['us']:.1f} | {o['us']:.1f} ({o['gb_per_s']:.0f}) | "
+                         f"{r['op_without_pdl']['us']:.1f} | "
                          f"{b['us']:.1f}: {b['block_n']}, {b['block_k']}, {b['num_warps']} | "
                          f"{m['us'] / o['us']:.2f}x | {o['error']:.1e} |")
-        compiled = sum(r["compiled"]["us"] for r in model["matrices"])
-        fused = sum(r["op"]["us"] for r in model["matrices"])
+        per_layer = [r for r in model["matrices"] if not r.get("per_token")]
+        compiled = sum(r["compiled"]["us"] for r in per_layer)
+        fused = sum(r["op"]["us"] for r in per_layer)
         totals.append(f"| {model['model']} | {compiled:.1f} | {fused:.1f} | {compiled - fused:.1f} | "
                       f"{(compiled - fused) * model['layers'] / 1e3:.3f} |")
     lines += ["", "Per layer, the four products with their folded work:", "",

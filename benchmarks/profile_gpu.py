@@ -55,7 +55,7 @@ def replay_ms(session: StreamingSession, repeats: int) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def kernel_table(fn, rows: int = 25) -> str:
+def kernel_table(fn, rows: int = 60) -> str:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()

@@ -106,16 +106,19 @@ pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr")}
 pointers.update(valid_ptr="*u8", scores_ptr="*fp32", max_ptr="*fp32", sum_ptr="*fp32", acc_ptr="*fp32")
 for group, dim in [(6, 128), (1, 128), (7, 64)]:
     constants = dict(SPLIT_LEN=512, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
-                     DIM=dim, BLOCK=TUNING.block, NUM_SPLITS=8, WITH_SCORES=True, IEEE=False)
+                     DIM=dim, BLOCK=TUNING.block, NUM_SPLITS=8, WITH_SCORES=True, IEEE=False,
+                     PDL=arch >= 90)
     signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=decode_kernels.partial_attention, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
     compiled = compile(source, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": TUNING.num_warps, "num_stages": TUNING.num_stages})
+                       options={"num_warps": TUNING.num_warps, "num_stages": TUNING.num_stages,
+                                "launch_pdl": arch >= 90})
     assert ".entry partial_attention" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
     constants = dict(GROUP=group, ROWS=1 << (group - 1).bit_length(), DIM=dim, NUM_SPLITS=33, SPLITS_PAD=64,
-                     SPLIT_CHUNK=min(64, TUNING.merge_elements // dim), MASS_BLOCK=TUNING.mass_block)
+                     SPLIT_CHUNK=min(64, TUNING.merge_elements // dim), MASS_BLOCK=TUNING.mass_block,
+                     PDL=arch >= 90)
     signature = {name: "*bf16" for name in ("q_ptr", "k_new_ptr", "v_new_ptr")}
     signature.update({name: "*fp32" for name in ("scores_ptr", "max_ptr", "sum_ptr", "acc_ptr")})
     signature.update(out_ptr="*bf16", mass_ptr="*fp32", capacity="i32", scale="fp32")
@@ -123,7 +126,8 @@ for group, dim in [(6, 128), (1, 128), (7, 64)]:
     names = list(signature)
     source = ASTSource(fn=decode_kernels.combine_attention, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
-    compiled = compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    compiled = compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "launch_pdl": arch >= 90})
+    assert ("griddepcontrol.wait" in compiled.asm["ptx"]) is (arch >= 90)
     assert ".entry combine_attention" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
     print("built", group, dim)
 """

@@ -17,12 +17,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model import load_model  # noqa: E402
+from ros_infmllm.rope import Rotary  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 
-def _reference(x, weight, bias, norm_weight, residual, eps, gated):
+def _reference(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0):
     h = x.double()
     if norm_weight is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
@@ -32,6 +33,9 @@ def _reference(x, weight, bias, norm_weight, residual, eps, gated):
     if gated:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
+    if cos is not None:
+        heads = y[:, :rotated_rows].view(-1, cos.shape[-1])
+        y = torch.cat((Rotary.apply(heads, cos.double(), sin.double()).view(1, -1), y[:, rotated_rows:]), dim=-1)
     return y if residual is None else y + residual.double()
 
 
@@ -55,6 +59,27 @@ def test_matvec_matches_a_float64_reference(dtype, gated, norm, bias, residual, 
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     assert out.shape == (1, rows) and out.dtype == dtype
     assert float((out.double() - want).norm() / want.norm()) < tolerance
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,dim,columns", [(4, 2, 16, 64), (3, 1, 32, 1100)])
+def test_rotary_folded_into_qkv_matches_a_float64_reference(dtype, heads, kv_heads, dim, columns) -> None:
+    """q and k heads rotated by the token's angle, v heads untouched, with the norm and bias."""
+    generator = torch.Generator().manual_seed(heads * dim + columns)
+    rows, rotated_rows = (heads + 2 * kv_heads) * dim, (heads + kv_heads) * dim
+    cos, sin = Rotary(dim, 10000.0).cos_sin(torch.tensor([123]), torch.float32)
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator)).to(DEVICE, dtype)
+
+    args = (draw(1, columns), draw(rows, columns, scale=columns ** -0.5), draw(rows), draw(columns), None, 1e-6, False,
+            cos.to(DEVICE, dtype), sin.to(DEVICE, dtype), rotated_rows)
+    out, want = op.decode_linear(*args), _reference(*args)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert out.shape == (1, rows) and float((out.double() - want).norm() / want.norm()) < tolerance
+    plain = op.decode_linear(*args[:7])  # the v heads are the unrotated product
+    assert torch.equal(out[:, rotated_rows:], plain[:, rotated_rows:])
+    assert not torch.allclose(out[:, :rotated_rows], plain[:, :rotated_rows], atol=1e-2)
 
 
 def test_the_norm_is_folded_in_not_skipped() -> None:
@@ -105,29 +130,36 @@ import sys
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from ros_infmllm.model import matvec_kernels
-from ros_infmllm.model.decode_linear import TUNING
+from ros_infmllm.model.decode_linear import TUNING, chunk_size
 
 arch = int(sys.argv[1])
-pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr")}
-# Qwen2-1.5B: q/k/v (norm, bias), o (residual), gate/up (norm, SwiGLU), down (residual)
-for rows, columns, norm, gated, bias, residual in [(2048, 1536, 1, 0, 1, 0), (1536, 1536, 0, 0, 0, 1),
-                                                   (8960, 1536, 1, 1, 0, 0), (1536, 8960, 0, 0, 0, 1)]:
-    constants = dict(N=rows, K=columns, NORM=bool(norm), GATED=bool(gated), BIAS=bool(bias),
-                     RESIDUAL=bool(residual), BLOCK_N=TUNING.block_n, BLOCK_K=TUNING.block_k)
+pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr",
+                                       "cos_ptr", "sin_ptr")}
+# Qwen2-1.5B: q/k/v (norm, rotary, bias), o (residual), gate/up (norm, SwiGLU), down (residual)
+for rows, columns, norm, gated, half, bias, residual in [(2048, 1536, 1, 0, 64, 1, 0), (1536, 1536, 0, 0, 0, 0, 1),
+                                                         (8960, 1536, 1, 1, 0, 0, 0), (1536, 8960, 0, 0, 0, 0, 1)]:
+    constants = dict(N=rows, K=columns, NORM=bool(norm), GATED=bool(gated), HALF=half, ROTATED_ROWS=1792 if half else 0,
+                     BIAS=bool(bias), RESIDUAL=bool(residual),
+                     BLOCK_N=TUNING.gated_block_n if gated or half else TUNING.block_n,
+                     BLOCK_K=chunk_size(columns, TUNING.block_k), PDL=arch >= 90)
     signature = dict(pointers, eps="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=matvec_kernels.matvec, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
-    compiled = compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": TUNING.num_warps})
-    assert ".entry matvec" in compiled.asm["ptx"] and compiled.asm["cubin"], (rows, columns)
-    assert "evict_first" in compiled.asm["ptx"]  # the weights stream past the caches
+    compiled = compile(source, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": TUNING.num_warps, "launch_pdl": arch >= 90})
+    ptx = compiled.asm["ptx"]
+    assert ".entry matvec" in ptx and compiled.asm["cubin"], (rows, columns)
+    assert "evict_first" in ptx  # the weights stream past the caches
+    assert ("griddepcontrol.wait" in ptx) is (arch >= 90)  # dependent launch where the GPU has it
     print("built", rows, columns)
 """
 
 
 @pytest.mark.parametrize("arch", [90, 87], ids=["hopper", "jetson-orin"])
 def test_matvec_compiles_for_the_target_gpus(arch: int) -> None:
-    """Ahead of time through Triton's compiler and ptxas (no GPU needed), outside the interpreter."""
+    """Ahead of time through Triton's compiler and ptxas (no GPU needed), outside the interpreter:
+    the Qwen2-1.5B products build for an H100 (with dependent launch) and a Jetson Orin (without)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)

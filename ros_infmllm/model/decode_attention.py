@@ -19,7 +19,9 @@ class DecodeKernelTuning:
     """Launch shape. block: slots per loop step of a split; programs: about how many (KV head,
     split) programs to launch; min_split: fewest slots per split (the splits per head follow from
     both); num_warps, num_stages: per program of the partial kernel; mass_block: slots per mass
-    program of the combine kernel; merge_elements: most split values one merge step loads at once.
+    program of the combine kernel; merge_elements: most split values one merge step loads at once;
+    pdl: programmatic dependent launch on GPUs that have it (compute capability 9+, see
+    matvec_kernels.py): the partial pass requests its first keys before q is written.
     Chosen on an H100 (benchmarks/bench_decode_attention.py, results/bench_decode_attention.md)."""
 
     block: int = 64
@@ -29,6 +31,7 @@ class DecodeKernelTuning:
     num_stages: int = 3
     mass_block: int = 512
     merge_elements: int = 8192
+    pdl: bool = True
 
 
 TUNING = DecodeKernelTuning()
@@ -81,6 +84,8 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     splits = _cdiv(capacity, split_len)
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
+    pdl = tuning.pdl and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    launch = {"launch_pdl": True} if pdl else {}
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty((heads, capacity) if with_mass else (1,), **f32)
     split_max, split_sum = torch.empty((heads, splits), **f32), torch.empty((heads, splits), **f32)
@@ -92,14 +97,14 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc,
         capacity, scale, SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)),
         DIM=dim, BLOCK=tuning.block, NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32,
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+        PDL=pdl, num_warps=tuning.num_warps, num_stages=tuning.num_stages, **launch)
     splits_pad = _next_power_of_2(splits)
     blocks = _cdiv(capacity, tuning.mass_block) if with_mass else 0
     decode_kernels.combine_attention[(kv_heads, group + blocks)](
         q, k_new, v_new, scores, split_max, split_sum, split_acc, out, mass if with_mass else scores,
         capacity, scale, GROUP=group, ROWS=_next_power_of_2(group), DIM=dim, NUM_SPLITS=splits,
         SPLITS_PAD=splits_pad, SPLIT_CHUNK=min(splits_pad, max(1, tuning.merge_elements // dim)),
-        MASS_BLOCK=tuning.mass_block, num_warps=4)
+        MASS_BLOCK=tuning.mass_block, PDL=pdl, num_warps=4, **launch)
     return out, mass
 
 

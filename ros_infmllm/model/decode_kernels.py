@@ -26,24 +26,33 @@ import triton.language as tl
 def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr,
                       capacity, scale, SPLIT_LEN: tl.constexpr,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-                      NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr):
+                      NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
+                      PDL: tl.constexpr):
+    if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
+        tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, DIM)
     row_ok = rows < GROUP
     q_rows = head * GROUP + rows
-    q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
     running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     running_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
     base = head.to(tl.int64) * capacity * DIM
     first = split * SPLIT_LEN
+    end = tl.minimum(capacity, first + SPLIT_LEN)
+    # The cache and its validity are no output of this step's launches: the first block of keys is
+    # requested before waiting for the launch that wrote q; then each block one step ahead.
+    k = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, dims, DIM)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
     for offset in range(0, SPLIT_LEN, BLOCK):
         slots = first + offset + tl.arange(0, BLOCK)
         in_range = slots < capacity
         keep = tl.load(valid_ptr + slots, mask=in_range, other=0) != 0
-        k = tl.load(k_ptr + base + slots[:, None] * DIM + dims[None, :], mask=in_range[:, None], other=0.0)
+        next_k = _key_block(k_ptr, base, slots + BLOCK, end, dims, DIM)
         scores = tl.where(keep[None, :], _scores(q, k, IEEE) * scale, float("-inf"))
         if WITH_SCORES:
             tl.store(scores_ptr + q_rows[:, None] * capacity + slots[None, :], scores,
@@ -56,10 +65,17 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=in_range[:, None], other=0.0)
         acc = acc * rescale[:, None] + _weighted_values(probs, v, IEEE)
         running_max = new_max
+        k = next_k
     partial = q_rows * NUM_SPLITS + split
     tl.store(max_ptr + partial, running_max, mask=row_ok)
     tl.store(sum_ptr + partial, running_sum, mask=row_ok)
     tl.store(acc_ptr + partial[:, None] * DIM + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _key_block(k_ptr, base, slots, end, dims, DIM: tl.constexpr):
+    """Keys of ``slots`` (those from ``end`` on read as zeros, without a memory access)."""
+    return tl.load(k_ptr + base + slots[:, None] * DIM + dims[None, :], mask=(slots < end)[:, None], other=0.0)
 
 
 @triton.jit
@@ -83,9 +99,13 @@ def _weighted_values(probs, v, IEEE: tl.constexpr):
 def combine_attention(q_ptr, k_new_ptr, v_new_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr, out_ptr, mass_ptr,
                       capacity, scale,
                       GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                      SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, MASS_BLOCK: tl.constexpr):
+                      SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, MASS_BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
     """Programs ``0..GROUP-1`` of a KV head merge one query head's output each; the programs after
     them each turn ``MASS_BLOCK`` slots of scores into the group's summed probabilities."""
+    if PDL:  # everything here reads the partial pass's output: only the launch overlaps
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     head = tl.program_id(0)
     task = tl.program_id(1)
     if task < GROUP:

@@ -17,14 +17,21 @@ from .decode_attention import triton_runs_on
 
 @dataclass
 class MatvecTuning:
-    """Launch shape: output rows per program, input elements per loop step, warps per program.
-    Chosen on an H100 over the Qwen2-1.5B and LLaMA-2-7B matrices (benchmarks/bench_decode_linear.py,
-    results/bench_decode_linear.md): one row per program in 1024-wide chunks was within 2% of the
-    best shape for every matrix."""
+    """Launch shape: output rows per program (``gated_block_n`` for SwiGLU and rotary, whose
+    programs read a pair of rows each; ``wide_block_n`` for products of at least ``wide_rows``
+    outputs: the LM head, where one row per program left the chip under-filled with requests),
+    input elements per loop step (halved where that divides the input
+    size and the full chunk does not), warps per program; ``pdl``: programmatic dependent launch
+    on GPUs that have it (compute capability 9+). Chosen on an H100 over the Qwen2-0.5B, 1.5B and
+    LLaMA-2-7B matrices (benchmarks/bench_decode_linear.py, results/bench_decode_linear.md)."""
 
     block_n: int = 1
+    gated_block_n: int = 2
+    wide_block_n: int = 4
+    wide_rows: int = 16384
     block_k: int = 1024
     num_warps: int = 4
+    pdl: bool = True
 
 
 TUNING = MatvecTuning()
@@ -37,12 +44,15 @@ def kernel_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 @torch.library.custom_op("ros_infmllm::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
-                  residual: torch.Tensor | None, eps: float, gated: bool) -> torch.Tensor:
+                  residual: torch.Tensor | None, eps: float, gated: bool, cos: torch.Tensor | None = None,
+                  sin: torch.Tensor | None = None, rotated_rows: int = 0) -> torch.Tensor:
     """``residual + W @ norm(x) + bias`` for one token, each term optional.
 
     x ``[1, K]``; weight ``[N, K]``, or gate and up stacked ``[2N, K]`` with ``gated`` (then the
     result is ``silu(gate) * up``); bias ``[N]`` (``[2N]`` gated); norm_weight ``[K]``: RMSNorm of
-    x with this weight and ``eps`` first; residual ``[1, N]``. Returns ``[1, N]`` in x's dtype.
+    x with this weight and ``eps`` first; residual ``[1, N]``; cos, sin ``[1, head_dim]`` (the
+    token's rotary angles, as ``Rotary.cos_sin`` gives them): the first ``rotated_rows`` outputs,
+    whole heads of ``head_dim``, are rotated (q and k of a fused q/k/v). Returns ``[1, N]`` in x's dtype.
     """
     from . import matvec_kernels
 
@@ -51,23 +61,35 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = x.new_empty((1, rows))
     placeholder = out
     tuning = TUNING
-    matvec_kernels.matvec[(-(-rows // tuning.block_n),)](
+    half = 0 if cos is None else cos.shape[-1] // 2
+    block_n = (tuning.gated_block_n if gated or half else
+               tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)
+    programs = -(-(rows // 2 if half else rows) // block_n)
+    pdl = tuning.pdl and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    matvec_kernels.matvec[(programs,)](
         x.contiguous(), weight.contiguous(), out,
         placeholder if norm_weight is None else norm_weight.contiguous(),
         placeholder if bias is None else bias.contiguous(),
-        placeholder if residual is None else residual.contiguous(), eps,
-        N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, BIAS=bias is not None,
-        RESIDUAL=residual is not None, BLOCK_N=tuning.block_n, BLOCK_K=min(tuning.block_k, _pow2_at_least(columns)),
-        num_warps=tuning.num_warps)
+        placeholder if residual is None else residual.contiguous(),
+        placeholder if cos is None else cos.contiguous(), placeholder if sin is None else sin.contiguous(), eps,
+        N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, HALF=half, ROTATED_ROWS=rotated_rows,
+        BIAS=bias is not None,
+        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=chunk_size(columns, tuning.block_k),
+        PDL=pdl, num_warps=tuning.num_warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 
 @decode_linear.register_fake
 def _decode_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          norm_weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float,
-                         gated: bool) -> torch.Tensor:
+                         gated: bool, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                         rotated_rows: int = 0) -> torch.Tensor:
     return x.new_empty((1, weight.shape[0] // (2 if gated else 1)))
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def chunk_size(columns: int, block_k: int) -> int:
+    """Input elements per loop step: ``block_k``, or half of it where that divides ``columns`` and
+    ``block_k`` does not (1536 = 3 x 512: no half-empty second chunk), never wider than needed."""
+    if columns % block_k and not columns % (block_k // 2):
+        block_k //= 2
+    return min(block_k, 1 << max(0, (columns - 1).bit_length()))

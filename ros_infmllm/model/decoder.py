@@ -64,15 +64,17 @@ class Attention(nn.Module):
         return self.o_proj(out), k, v, mass
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Projected q, k, v ``[q_len, heads|kv_heads * dim]`` -> attention output ``[q_len, heads * dim]``
-        (before o_proj), the rotated keys and the values ``[kv_heads, q_len, dim]``, the mass."""
+               past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor,
+               rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Projected q, k, v ``[q_len, heads|kv_heads * dim]`` (q and k already rotated if ``rotated``)
+        -> attention output ``[q_len, heads * dim]`` (before o_proj), the rotated keys and the
+        values ``[kv_heads, q_len, dim]``, the mass."""
         q_len = q.shape[0]
         q = q.reshape(q_len, self.num_heads, self.head_dim).transpose(0, 1)
         k = k.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
         v = v.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        if not rotated:
+            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         group = self.num_heads // self.num_kv_heads
         if self.decode_kernel and q_len == 1 and not isinstance(attn_window, torch.Tensor):
             out, mass = self._kernel(q, k, v, past_k, past_v, mask, attn_window)
@@ -200,12 +202,15 @@ class TransformerBlock(nn.Module):
                       past_v: torch.Tensor, mask: torch.Tensor, attn_window: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The same block for one token in four matrix-vector launches around the attention: the
-        norms go into the products that read them, SwiGLU into gate/up, the residual adds into
-        o_proj and down_proj (each of those was a kernel launch of its own, at ~2 us apiece)."""
+        norms go into the products that read them, rotary into q/k/v, SwiGLU into gate/up, the
+        residual adds into o_proj and down_proj (each of those was a kernel launch of its own, at
+        ~2 us apiece)."""
         attn, mlp, linear = self.self_attn, self.mlp, decode_linear.decode_linear
         qkv_weight, qkv_bias = attn.qkv.tensors(attn)
-        qkv = linear(x, qkv_weight, qkv_bias, self.input_layernorm.weight, None, self.input_layernorm.eps, False)
-        out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask, attn_window)
+        qkv = linear(x, qkv_weight, qkv_bias, self.input_layernorm.weight, None, self.input_layernorm.eps, False,
+                     cos, sin, (attn.num_heads + attn.num_kv_heads) * attn.head_dim)
+        out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask, attn_window,
+                                      rotated=True)
         x = linear(out, attn.o_proj.weight, attn.o_proj.bias, None, x, 0.0, False)
         gate_up_weight, gate_up_bias = mlp.gate_up.tensors(mlp)
         hidden = linear(x, gate_up_weight, gate_up_bias, self.post_attention_layernorm.weight, None,
@@ -276,8 +281,13 @@ class Decoder(nn.Module):
             new_k.append(k)
             new_v.append(v)
             masses.append(mass)
-        x = self.norm(x if all_logits else x[-1:])
+        if self.layers[0].decode_matvec and q_len == 1 and not isinstance(attn_window, torch.Tensor):
+            # the final norm folded into the LM head's product (cuBLAS read this matrix at 2.3-2.8 TB/s)
+            logits = decode_linear.decode_linear(x, self.lm_head.weight, self.lm_head.bias, self.norm.weight, None,
+                                                 self.norm.eps, False)
+        else:
+            logits = self.lm_head(self.norm(x if all_logits else x[-1:]))
         return StepOutput(
-            logits=self.lm_head(x).float(), new_k=torch.stack(new_k), new_v=torch.stack(new_v),
+            logits=logits.float(), new_k=torch.stack(new_k), new_v=torch.stack(new_v),
             attn_mass=torch.stack(masses) if masses[0] is not None else None,
         )

@@ -13,7 +13,14 @@ products are folded into them:
   end, so no pass of its own and no normalised copy of x.
 - ``GATED``: SwiGLU. The weight is gate and up stacked (``[2N, K]``); a program reads row n of
   both and writes ``silu(gate_n) * up_n``.
+- ``HALF``: rotary embedding of q and k (half the head size; 0: none). A program takes rows i and
+  i + HALF of a head and rotates the pair by the token's angle before storing; rows from
+  ``ROTATED_ROWS`` on (the v heads) pass through. No rotary kernel between q/k/v and attention.
 - ``BIAS`` and ``RESIDUAL``: added to the sums before the one rounding to the output dtype.
+- ``PDL`` (Hopper and later): programmatic dependent launch. Consecutive products (o_proj, gate/up,
+  down, the next layer's q/k/v) overlap: a launch lets the next one start placing programs during
+  its last wave, and those request their first weight chunk before waiting (``gdc_wait``) for the
+  previous launch's output. The launch ramp, a few microseconds per product, is mostly hidden.
 """
 from __future__ import annotations
 
@@ -22,41 +29,72 @@ import triton.language as tl
 
 
 @triton.jit
-def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, eps,
-           N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr,
-           RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _weight_chunk(w_ptr, rows, pair, index, live, K: tl.constexpr, PAIRED: tl.constexpr):
+    """Rows ``rows`` of the weight (and rows ``pair`` when paired) at columns ``index``; masked
+    past K, so a chunk beyond the end reads nothing."""
+    tile = live[:, None] & (index < K)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * K + index[None, :], mask=tile, other=0.0, eviction_policy="evict_first")
+    u = w
+    if PAIRED:
+        u = tl.load(w_ptr + pair[:, None] * K + index[None, :], mask=tile, other=0.0, eviction_policy="evict_first")
+    return w, u
+
+
+@triton.jit
+def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin_ptr, eps,
+           N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr,
+           ROTATED_ROWS: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # the next launch may start placing its programs as ours run their last wave
+        tl.extra.cuda.gdc_launch_dependents()
+    index_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HALF > 0:  # rotary: a program takes row pairs (i, i + HALF) of a head
+        live = index_n < N // 2
+        rows = (index_n // HALF) * (2 * HALF) + index_n % HALF
+        pair = rows + HALF
+    else:  # gated: row n of the gate half and of the up half
+        live = index_n < N
+        rows = index_n
+        pair = rows + N
     cols = tl.arange(0, BLOCK_K)
-    live = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_pair = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     squares = tl.zeros((BLOCK_K,), tl.float32)
+    # The first weight chunk is requested before waiting for the previous launch (weights are no
+    # launch's output; x and the residual are), then each chunk is requested one step ahead.
+    w, u = _weight_chunk(w_ptr, rows, pair, cols, live, K, GATED or HALF > 0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     for start in range(0, K, BLOCK_K):
         index = start + cols
-        inside = index < K
-        x = tl.load(x_ptr + index, mask=inside, other=0.0).to(tl.float32)
+        next_w, next_u = _weight_chunk(w_ptr, rows, pair, index + BLOCK_K, live, K, GATED or HALF > 0)
+        x = tl.load(x_ptr + index, mask=index < K, other=0.0).to(tl.float32)
         if NORM:
             squares += x * x
-            x = x * tl.load(norm_ptr + index, mask=inside, other=0.0).to(tl.float32)
-        tile = live[:, None] & inside[None, :]
-        w = tl.load(w_ptr + rows[:, None] * K + index[None, :], mask=tile, other=0.0, eviction_policy="evict_first")
+            x = x * tl.load(norm_ptr + index, mask=index < K, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
-        if GATED:
-            u = tl.load(w_ptr + (rows[:, None] + N) * K + index[None, :], mask=tile, other=0.0,
-                        eviction_policy="evict_first")
-            acc_up += u.to(tl.float32) * x[None, :]
+        if GATED or HALF > 0:
+            acc_pair += u.to(tl.float32) * x[None, :]
+        w, u = next_w, next_u
     y = tl.sum(acc, axis=1)
-    up = tl.sum(acc_up, axis=1)
+    y_pair = tl.sum(acc_pair, axis=1)
     if NORM:
         inverse_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         y = y * inverse_rms
-        up = up * inverse_rms
+        y_pair = y_pair * inverse_rms
     if BIAS:
         y += tl.load(bias_ptr + rows, mask=live, other=0.0).to(tl.float32)
-        if GATED:
-            up += tl.load(bias_ptr + N + rows, mask=live, other=0.0).to(tl.float32)
+        if GATED or HALF > 0:
+            y_pair += tl.load(bias_ptr + pair, mask=live, other=0.0).to(tl.float32)
     if GATED:
-        y = y * tl.sigmoid(y) * up
+        y = y * tl.sigmoid(y) * y_pair
+    if HALF > 0:
+        # x * cos + rotate_half(x) * sin; the angle of column i and i + HALF is the same
+        turn = rows < ROTATED_ROWS  # q and k heads; v heads pass through
+        cos = tl.where(turn, tl.load(cos_ptr + index_n % HALF, mask=live, other=1.0).to(tl.float32), 1.0)
+        sin = tl.where(turn, tl.load(sin_ptr + index_n % HALF, mask=live, other=0.0).to(tl.float32), 0.0)
+        y, y_pair = y * cos - y_pair * sin, y_pair * cos + y * sin
+        tl.store(out_ptr + pair, y_pair.to(out_ptr.dtype.element_ty), mask=live)
     if RESIDUAL:
         y += tl.load(residual_ptr + rows, mask=live, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=live)

@@ -1,7 +1,7 @@
 """One decode token's linear layers: the Triton matrix-vector op (model/decode_linear.py) against
 cuBLAS, per matrix of each model shape of bench_gpu.py, bf16, batch 1.
 
-Per decoder matrix (q/k/v with the input norm, bias and rotary, o with the residual add, gate/up with the
+Per decoder matrix and the LM head (q/k/v with the input norm, bias and rotary, o with the residual add, gate/up with the
 norm and SwiGLU, down with the residual add), three versions of the same work:
 - **cuBLAS**: ``F.linear`` alone (the product only);
 - **compiled**: what the decode block ran before the op: norm, product, bias/SwiGLU/residual as

@@ -66,6 +66,13 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b).norm() / b.norm())
 
 
+def set_tuning(target, values) -> None:
+    """Copy every field of the tuning dataclass ``values`` onto the op's module-level ``target``
+    (the ops read their launch shape from there)."""
+    for field, value in vars(values).items():
+        setattr(target, field, value)
+
+
 def timed_us(fn, per_layer: list, device: str, replays: int) -> float:
     """µs per call: a CUDA graph of one call per layer, replayed; median over replays."""
     if device != "cuda":
@@ -122,8 +129,7 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     sweep += [op.DecodeKernelTuning(block=b, programs=p, min_split=m, num_warps=w, num_stages=s)
               for b, p, m, w, s in itertools.product(args.blocks, args.programs, args.min_splits, args.warps, args.stages)]
     for tuning in sweep:
-        for field, value in vars(tuning).items():
-            setattr(op.TUNING, field, value)
+        set_tuning(op.TUNING, tuning)
         out, mass = kernel(*fresh)
         result["variants"].append({
             **vars(tuning), "us": timed_us(kernel, per_layer, device, args.replays),
@@ -187,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             report["models"].append(bench_shape(name, shapes[name], args, device, dtype, saved))
     finally:
-        for field, value in vars(saved).items():
-            setattr(op.TUNING, field, value)
+        set_tuning(op.TUNING, saved)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_decode_attention.json").write_text(json.dumps(report, indent=1))
     write_markdown(report, args.out / "bench_decode_attention.md")

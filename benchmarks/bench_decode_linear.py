@@ -30,7 +30,7 @@ import torch.nn.functional as F
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is first imported
 
-from bench_decode_attention import relative, timed_us  # noqa: E402
+from bench_decode_attention import relative, set_tuning, timed_us  # noqa: E402
 from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model.config import load_config  # noqa: E402
@@ -115,8 +115,7 @@ def bench_matrix(spec: dict, layers: int, args, device: str, dtype: torch.dtype,
     sweep += [op.MatvecTuning(block_n=n, gated_block_n=n, wide_block_n=n, block_k=k, num_warps=w, pdl=shipped.pdl)
               for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)]
     for tuning in sweep:
-        for field, value in vars(tuning).items():
-            setattr(op.TUNING, field, value)
+        set_tuning(op.TUNING, tuning)
         row["variants"].append({**vars(tuning), "us": timed_us(op.decode_linear, per_layer, device, args.replays),
                                 "error": relative(op.decode_linear(*fresh), want)})
     row["op"], row["op_without_pdl"] = row["variants"].pop(0), row["variants"].pop(0)
@@ -187,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             report["models"].append({"model": name, "layers": cfg.num_layers, "matrices": rows})
     finally:
-        for field, value in vars(saved).items():
-            setattr(op.TUNING, field, value)
+        set_tuning(op.TUNING, saved)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_decode_linear.json").write_text(json.dumps(report, indent=1))
     write_markdown(report, args.out / "bench_decode_linear.md")

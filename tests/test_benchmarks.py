@@ -45,25 +45,27 @@ def test_decoder_weight_bytes_count_a_tied_table_once(tmp_path: Path) -> None:
     assert bench_gpu.decoder_bytes_per_token(model) == expected
 
 
-def test_bench_decode_attention_smoke_run_writes_its_table(tmp_path: Path) -> None:
-    """In a process of its own: the smoke run puts Triton in interpreter mode before importing it."""
-    script = Path(bench_gpu.__file__).with_name("bench_decode_attention.py")
-    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+def _smoke_run(name: str, out: Path) -> dict:
+    """``benchmarks/NAME.py --smoke`` in a process of its own (the smoke run puts Triton in
+    interpreter mode before importing it); its one model's JSON entry."""
+    script = Path(bench_gpu.__file__).with_name(f"{name}.py")
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    (model,) = json.loads((tmp_path / "bench_decode_attention.json").read_text())["models"]
+    (model,) = json.loads((out / f"{name}.json").read_text())["models"]
+    return model
+
+
+def test_bench_decode_attention_smoke_run_writes_its_table(tmp_path: Path) -> None:
+    model = _smoke_run("bench_decode_attention", tmp_path)
     assert len(model["variants"]) == 2 and model["best"] in model["variants"]
     assert max(v["out_error"] for v in model["variants"]) < 1e-5 and model["explicit"]["mass_error"] < 1e-5
     assert "| tiny-qwen2 | 4 / 2 / 16 |" in (tmp_path / "bench_decode_attention.md").read_text()
 
 
 def test_bench_decode_linear_smoke_run_writes_its_table(tmp_path: Path) -> None:
-    """In a process of its own (Triton's interpreter): every matrix of a layer, each version checked."""
-    script = Path(bench_gpu.__file__).with_name("bench_decode_linear.py")
-    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (model,) = json.loads((tmp_path / "bench_decode_linear.json").read_text())["models"]
+    """Every matrix of a layer and the LM head, each version checked."""
+    model = _smoke_run("bench_decode_linear", tmp_path)
     assert [m["name"] for m in model["matrices"]] == ["q/k/v", "o", "gate/up", "down", "LM head"]
     assert max(max(m["op"]["error"], m["op_without_pdl"]["error"]) for m in model["matrices"]) < 1e-5
     assert max(m["compiled"]["error"] for m in model["matrices"]) < 1e-5

@@ -51,6 +51,14 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 
 
+def dependent_launch(tensor: torch.Tensor, enabled: bool) -> dict:
+    """Launch options for programmatic dependent launch (see matvec_kernels.py): on where asked
+    and the GPU has it (compute capability 9+); empty (off) elsewhere, the interpreter included.
+    A kernel's ``PDL`` constant is ``bool`` of this."""
+    on = enabled and tensor.is_cuda and torch.cuda.get_device_capability(tensor.device)[0] >= 9
+    return {"launch_pdl": True} if on else {}
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -84,8 +92,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     splits = _cdiv(capacity, split_len)
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
-    pdl = tuning.pdl and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = dependent_launch(q, tuning.pdl)
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty((heads, capacity) if with_mass else (1,), **f32)
     split_max, split_sum = torch.empty((heads, splits), **f32), torch.empty((heads, splits), **f32)
@@ -97,14 +104,14 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc,
         capacity, scale, SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)),
         DIM=dim, BLOCK=tuning.block, NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32,
-        PDL=pdl, num_warps=tuning.num_warps, num_stages=tuning.num_stages, **launch)
+        PDL=bool(launch), num_warps=tuning.num_warps, num_stages=tuning.num_stages, **launch)
     splits_pad = _next_power_of_2(splits)
     blocks = _cdiv(capacity, tuning.mass_block) if with_mass else 0
     decode_kernels.combine_attention[(kv_heads, group + blocks)](
         q, k_new, v_new, scores, split_max, split_sum, split_acc, out, mass if with_mass else scores,
         capacity, scale, GROUP=group, ROWS=_next_power_of_2(group), DIM=dim, NUM_SPLITS=splits,
         SPLITS_PAD=splits_pad, SPLIT_CHUNK=min(splits_pad, max(1, tuning.merge_elements // dim)),
-        MASS_BLOCK=tuning.mass_block, PDL=pdl, num_warps=4, **launch)
+        MASS_BLOCK=tuning.mass_block, PDL=bool(launch), num_warps=4, **launch)
     return out, mass
 
 

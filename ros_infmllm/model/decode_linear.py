@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode_attention import triton_runs_on
+from .decode_attention import dependent_launch, triton_runs_on
 
 
 @dataclass
@@ -65,7 +65,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     block_n = (tuning.gated_block_n if gated or half else
                tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)
     programs = -(-(rows // 2 if half else rows) // block_n)
-    pdl = tuning.pdl and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    launch = dependent_launch(x, tuning.pdl)
     matvec_kernels.matvec[(programs,)](
         x.contiguous(), weight.contiguous(), out,
         placeholder if norm_weight is None else norm_weight.contiguous(),
@@ -75,7 +75,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, HALF=half, ROTATED_ROWS=rotated_rows,
         BIAS=bias is not None,
         RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=chunk_size(columns, tuning.block_k),
-        PDL=pdl, num_warps=tuning.num_warps, **({"launch_pdl": True} if pdl else {}))
+        PDL=bool(launch), num_warps=tuning.num_warps, **launch)
     return out
 
 

@@ -126,7 +126,7 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     result["explicit"] = {"us": timed_us(compiled, per_layer, device, args.replays),
                           "out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)}
     sweep = [op.DecodeKernelTuning(**vars(shipped))]
-    sweep += [op.DecodeKernelTuning(block=b, programs=p, min_split=m, num_warps=w, num_stages=s)
+    sweep += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s)
               for b, p, m, w, s in itertools.product(args.blocks, args.programs, args.min_splits, args.warps, args.stages)]
     for tuning in sweep:
         set_tuning(op.TUNING, tuning)
@@ -135,6 +135,7 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
             **vars(tuning), "us": timed_us(kernel, per_layer, device, args.replays),
             "out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)})
     result["shipped"] = result["variants"].pop(0)
+    result["shipped"]["block_used"] = shipped.block_for(cfg.num_heads // cfg.num_kv_heads)
     for entry in [result["explicit"], result["shipped"]] + result["variants"]:
         entry["gb_per_s"] = bytes_read / entry["us"] / 1e3
     result["best"] = min(result["variants"], key=lambda v: v["us"])
@@ -145,14 +146,14 @@ def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# Decode attention: Triton kernels against the explicit path ({report['device']}, "
              f"{report['dtype']}, capacity {report['capacity']}, mass computed)", "",
              "Shipped: the launch shape `DecodeKernelTuning` holds; best: the fastest of the sweep.", "",
-             "| model | heads / KV heads / dim | K+V MB per call | explicit us (GB/s) | shipped us (GB/s) | "
+             "| model | heads / KV heads / dim | K+V MB per call | explicit us (GB/s) | shipped us (GB/s), block | "
              "best us: block, programs, min split, warps, stages | shipped speed-up | error out / mass |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         e, s, b = r["explicit"], r["shipped"], r["best"]
         lines.append(f"| {r['model']} | {r['heads']} / {r['kv_heads']} / {r['head_dim']} | "
                      f"{r['bytes_per_call'] / 1e6:.1f} | {e['us']:.1f} ({e['gb_per_s']:.0f}) | "
-                     f"{s['us']:.1f} ({s['gb_per_s']:.0f}) | {b['us']:.1f}: {launch(b)} | {e['us'] / s['us']:.2f}x | "
+                     f"{s['us']:.1f} ({s['gb_per_s']:.0f}), {s['block_used']} | {b['us']:.1f}: {launch(b)} | {e['us'] / s['us']:.2f}x | "
                      f"{s['out_error']:.1e} / {s['mass_error']:.1e} |")
     lines += ["", "Every launch shape of the sweep:", "",
               "| model | block, programs, min split, warps, stages | us | GB/s |", "|---|---|---|---|"]

@@ -3,6 +3,7 @@ decoder's explicit path. On a GPU the kernels run compiled; on the CPU they run 
 interpreter (TRITON_INTERPRET, set here before the kernels are first imported), same code."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -24,14 +25,10 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "c
 
 
 @pytest.fixture
-def small_launches():
+def small_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Launch shapes small enough that the test sizes span several splits, merge steps and mass blocks."""
-    saved = op.DecodeKernelTuning(**vars(op.TUNING))
-    op.TUNING.block, op.TUNING.programs, op.TUNING.min_split = 16, 8, 16
-    op.TUNING.mass_block, op.TUNING.merge_elements = 32, 32
-    yield
-    for name, value in vars(saved).items():
-        setattr(op.TUNING, name, value)
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(
+        op.TUNING, block=16, grouped_block=16, programs=8, min_split=16, mass_block=32, merge_elements=32))
 
 
 def _reference(q, k_new, v_new, cache_k, cache_v, valid):
@@ -106,7 +103,7 @@ pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr")}
 pointers.update(valid_ptr="*u8", scores_ptr="*fp32", max_ptr="*fp32", sum_ptr="*fp32", acc_ptr="*fp32")
 for group, dim in [(6, 128), (1, 128), (7, 64)]:
     constants = dict(SPLIT_LEN=512, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
-                     DIM=dim, BLOCK=TUNING.block, NUM_SPLITS=8, WITH_SCORES=True, IEEE=False,
+                     DIM=dim, BLOCK=TUNING.block_for(group), NUM_SPLITS=8, WITH_SCORES=True, IEEE=False,
                      PDL=arch >= 90)
     signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)

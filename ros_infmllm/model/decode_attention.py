@@ -16,7 +16,9 @@ import torch
 
 @dataclass
 class DecodeKernelTuning:
-    """Launch shape. block: slots per loop step of a split; programs: about how many (KV head,
+    """Launch shape. block: slots per loop step of a split where each KV head serves one query
+    head; grouped_block: the same where it serves several (grouped-query attention: the score tile
+    has a row per query head, so a longer step pays for its loads on more rows); programs: about how many (KV head,
     split) programs to launch; min_split: fewest slots per split (the splits per head follow from
     both); num_warps, num_stages: per program of the partial kernel; mass_block: slots per mass
     program of the combine kernel; merge_elements: most split values one merge step loads at once;
@@ -25,6 +27,7 @@ class DecodeKernelTuning:
     Chosen on an H100 (benchmarks/bench_decode_attention.py, results/bench_decode_attention.md)."""
 
     block: int = 64
+    grouped_block: int = 128
     programs: int = 264
     min_split: int = 128
     num_warps: int = 4
@@ -32,6 +35,10 @@ class DecodeKernelTuning:
     mass_block: int = 512
     merge_elements: int = 8192
     pdl: bool = True
+
+    def block_for(self, group: int) -> int:
+        """Slots per loop step for KV heads that serve ``group`` query heads each."""
+        return self.grouped_block if group > 1 else self.block
 
 
 TUNING = DecodeKernelTuning()
@@ -87,8 +94,9 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     kv_heads, capacity, _ = cache_k.shape
     group = heads // kv_heads
     tuning = TUNING
-    splits = max(1, min(tuning.programs // kv_heads, _cdiv(capacity, max(tuning.block, tuning.min_split))))
-    split_len = _cdiv(_cdiv(capacity, splits), tuning.block) * tuning.block  # whole blocks per split
+    block = tuning.block_for(group)
+    splits = max(1, min(tuning.programs // kv_heads, _cdiv(capacity, max(block, tuning.min_split))))
+    split_len = _cdiv(_cdiv(capacity, splits), block) * block  # whole blocks per split
     splits = _cdiv(capacity, split_len)
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
@@ -103,7 +111,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     decode_kernels.partial_attention[(kv_heads, splits)](
         q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc,
         capacity, scale, SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)),
-        DIM=dim, BLOCK=tuning.block, NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32,
+        DIM=dim, BLOCK=block, NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32,
         PDL=bool(launch), num_warps=tuning.num_warps, num_stages=tuning.num_stages, **launch)
     splits_pad = _next_power_of_2(splits)
     blocks = _cdiv(capacity, tuning.mass_block) if with_mass else 0

@@ -26,7 +26,7 @@ class MatvecTuning:
     LLaMA-2-7B matrices (benchmarks/bench_decode_linear.py, results/bench_decode_linear.md)."""
 
     block_n: int = 1
-    gated_block_n: int = 2
+    gated_block_n: int = 1
     wide_block_n: int = 4
     wide_rows: int = 16384
     block_k: int = 1024

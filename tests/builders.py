@@ -92,3 +92,15 @@ def build_tiny_llava(path: Path, spec: TinySpec = TinySpec()) -> "torch.nn.Modul
 def image_tokens_per_frame(spec: TinySpec) -> int:
     patches = (spec.image_size // spec.patch) ** 2 + (1 if spec.tower == "clip" else 0)
     return patches - 1 if spec.strategy == "default" else patches
+
+
+def one_token_step_inputs(cfg: Any, capacity: int, filled: int, seed: int, device: torch.device
+                          ) -> dict[str, torch.Tensor]:
+    """Keyword arguments of ``Decoder.step`` for one token after ``filled`` random cached slots of
+    ``capacity`` (the rest invalid): what the decode-path parity tests feed both paths."""
+    generator = torch.Generator().manual_seed(seed)
+    cache_k, cache_v = (torch.randn(cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim,
+                                    generator=generator).to(device) for _ in range(2))
+    return {"embeds": torch.randn(1, cfg.hidden_size, generator=generator).to(device),
+            "cache_k": cache_k, "cache_v": cache_v, "valid": torch.arange(capacity, device=device) < filled,
+            "positions": torch.tensor([filled], device=device)}

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 
 from ros_infmllm.model import decode_attention as op  # noqa: E402
 from ros_infmllm.model import load_model  # noqa: E402
+from builders import one_token_step_inputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Triton's interpreter computes bfloat16 dot products wrongly (its own limitation, seen with Triton
@@ -72,18 +73,12 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
 
 def test_decoder_step_with_the_kernel_equals_the_explicit_path(head16_model_dir, small_launches) -> None:
     model = load_model(head16_model_dir, device=DEVICE)
-    decoder, cfg = model.decoder, model.cfg.text
-    generator = torch.Generator().manual_seed(1)
-    capacity = 50
-    cache_k, cache_v = (torch.randn(cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim,
-                                    generator=generator).to(DEVICE) for _ in range(2))
-    valid = torch.arange(capacity, device=DEVICE) < 37
-    embeds = torch.randn(1, cfg.hidden_size, generator=generator).to(DEVICE)
-    positions = torch.tensor([37], device=DEVICE)
+    decoder = model.decoder
+    inputs = one_token_step_inputs(model.cfg.text, capacity=50, filled=37, seed=1, device=DEVICE)
     results = []
     for enabled in (False, True):
         assert decoder.use_decode_kernel(enabled) is enabled
-        results.append(decoder.step(embeds, cache_k, cache_v, valid, positions, attn_window=4))
+        results.append(decoder.step(**inputs, attn_window=4))
     explicit, kernel = results
     decoder.use_decode_kernel(False)
     assert torch.allclose(kernel.logits, explicit.logits, atol=1e-4)

@@ -18,6 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model import load_model  # noqa: E402
 from ros_infmllm.rope import Rotary  # noqa: E402
+from builders import one_token_step_inputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
@@ -98,19 +99,14 @@ def test_the_norm_is_folded_in_not_skipped() -> None:
 
 def test_decoder_step_through_the_matvec_op_equals_the_plain_path(head16_model_dir) -> None:
     model = load_model(head16_model_dir, device=DEVICE)
-    decoder, cfg = model.decoder, model.cfg.text
+    decoder = model.decoder
     decoder.fuse_projections()
-    generator = torch.Generator().manual_seed(2)
-    capacity = 40
-    cache_k, cache_v = (torch.randn(cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim,
-                                    generator=generator).to(DEVICE) for _ in range(2))
-    valid = torch.arange(capacity, device=DEVICE) < 29
-    embeds = torch.randn(1, cfg.hidden_size, generator=generator).to(DEVICE)
+    inputs = one_token_step_inputs(model.cfg.text, capacity=40, filled=29, seed=2, device=DEVICE)
     results = []
     for enabled in (False, True):
         decoder.use_decode_kernel(enabled)
         assert all(block.decode_matvec is enabled for block in decoder.layers)
-        results.append(decoder.step(embeds, cache_k, cache_v, valid, torch.tensor([29], device=DEVICE), 4))
+        results.append(decoder.step(**inputs, attn_window=4))
     decoder.use_decode_kernel(False)
     plain, matvec = results
     assert torch.allclose(matvec.logits, plain.logits, atol=1e-4)

@@ -76,7 +76,7 @@ class Attention(nn.Module):
         if not rotated:
             q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         group = self.num_heads // self.num_kv_heads
-        if self.decode_kernel and q_len == 1 and not isinstance(attn_window, torch.Tensor):
+        if self.decode_kernel and one_token_step(q_len, attn_window):
             out, mass = self._kernel(q, k, v, past_k, past_v, mask, attn_window)
         elif fused_attention(q_len, attn_window):
             out, mass = self._fused(q, k, v, past_k, past_v, mask, attn_window, group)
@@ -94,9 +94,8 @@ class Attention(nn.Module):
         q_len = q.shape[1]
         grouped_q = q.reshape(self.num_kv_heads, group * q_len, self.head_dim)
         # One new token (decode, in torch): its score and value term as element-wise work that the
-        # compiler fuses into the softmax, instead of two tiny matrix products. The check on the
-        # window comes first so an export (tensor window, symbolic q) never branches on q.
-        single = not isinstance(attn_window, torch.Tensor) and q_len == 1
+        # compiler fuses into the softmax, instead of two tiny matrix products.
+        single = one_token_step(q_len, attn_window)
         new_scores = (grouped_q * k).sum(-1, keepdim=True) if single else grouped_q @ k.transpose(-1, -2)
         scores = torch.cat((grouped_q @ past_k.transpose(-1, -2), new_scores), dim=-1)
         scores = scores.view(self.num_kv_heads, group, q_len, -1).float() * self.head_dim ** -0.5
@@ -154,6 +153,12 @@ def fused_attention(q_len: int, attn_window: int | torch.Tensor) -> bool:
 FUSED_MIN_QUERIES = 16
 
 
+def one_token_step(q_len: int, attn_window: int | torch.Tensor) -> bool:
+    """Whether a step is eager or captured decode: one new token and a Python window. The window
+    is tested first, so an exported graph (tensor window, symbolic q) never branches on q."""
+    return not isinstance(attn_window, torch.Tensor) and q_len == 1
+
+
 class FeedForward(nn.Module):
     """SwiGLU MLP."""
 
@@ -188,7 +193,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if self.decode_matvec and x.shape[0] == 1 and not isinstance(attn_window, torch.Tensor):
+        if self.decode_matvec and one_token_step(x.shape[0], attn_window):
             return self._decode_token(x, cos, sin, past_k, past_v, mask, attn_window)
         attn_out, k, v, mass = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask, attn_window)
         x = x + attn_out
@@ -281,7 +286,7 @@ class Decoder(nn.Module):
             new_k.append(k)
             new_v.append(v)
             masses.append(mass)
-        if self.layers[0].decode_matvec and q_len == 1 and not isinstance(attn_window, torch.Tensor):
+        if self.layers[0].decode_matvec and one_token_step(q_len, attn_window):
             # the final norm folded into the LM head's product (cuBLAS read this matrix at 2.3-2.8 TB/s)
             logits = decode_linear.decode_linear(x, self.lm_head.weight, self.lm_head.bias, self.norm.weight, None,
                                                  self.norm.eps, False)

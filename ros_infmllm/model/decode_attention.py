@@ -17,13 +17,14 @@ import torch
 @dataclass
 class DecodeKernelTuning:
     """Launch shape. block: slots per loop step of a split where each KV head serves one query
-    head; grouped_block: the same where it serves several (grouped-query attention: the score tile
-    has a row per query head, so a longer step pays for its loads on more rows); programs: about how many (KV head,
-    split) programs to launch; min_split: fewest slots per split (the splits per head follow from
-    both); num_warps, num_stages: per program of the partial kernel; mass_block: slots per mass
-    program of the combine kernel; merge_elements: most split values one merge step loads at once;
-    pdl: programmatic dependent launch on GPUs that have it (compute capability 9+, see
-    matvec_kernels.py): the partial pass requests its first keys before q is written.
+    head; grouped_block: the same where it serves several (grouped-query attention: the score
+    tile has a row per query head, so a longer step pays for its loads on more rows); programs:
+    about how many (KV head, split) programs to launch; min_split: fewest slots per split (the
+    splits per head follow from both); num_warps, num_stages: per program of the partial kernel;
+    mass_block: slots per mass program of the combine kernel; merge_elements: most split values
+    one merge step loads at once; pdl: programmatic dependent launch on GPUs that have it
+    (compute capability 9+, see matvec_kernels.py): the partial pass requests its first keys
+    before q is written.
     Chosen on an H100 (benchmarks/bench_decode_attention.py, results/bench_decode_attention.md)."""
 
     block: int = 64

@@ -73,6 +73,16 @@ def set_tuning(target, values) -> None:
         setattr(target, field, value)
 
 
+def sweep(target, tunings: list, timed, errors) -> list[dict]:
+    """Each launch shape of ``tunings`` copied onto the op's ``target`` in turn: its fields, the
+    dict ``errors()`` returns and the µs ``timed()`` returns. The caller restores the tuning."""
+    rows = []
+    for tuning in tunings:
+        set_tuning(target, tuning)
+        rows.append({**vars(tuning), **errors(), "us": timed()})
+    return rows
+
+
 def timed_us(fn, per_layer: list, device: str, replays: int) -> float:
     """µs per call: a CUDA graph of one call per layer, replayed; median over replays."""
     if device != "cuda":
@@ -121,19 +131,20 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     fresh = inputs(attention, args.capacity, 1, device, dtype, seed=2)[0]  # other values than the timed ones
     want_out, want_mass = reference(attention, *fresh)
     result = {"model": name, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-              "layers": cfg.num_layers, "bytes_per_call": bytes_read, "variants": []}
+              "layers": cfg.num_layers, "bytes_per_call": bytes_read}
     out, mass = compiled(*fresh)
     result["explicit"] = {"us": timed_us(compiled, per_layer, device, args.replays),
                           "out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)}
-    sweep = [op.DecodeKernelTuning(**vars(shipped))]
-    sweep += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s)
-              for b, p, m, w, s in itertools.product(args.blocks, args.programs, args.min_splits, args.warps, args.stages)]
-    for tuning in sweep:
-        set_tuning(op.TUNING, tuning)
+    tunings = [op.DecodeKernelTuning(**vars(shipped))]
+    tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s)
+                for b, p, m, w, s in itertools.product(args.blocks, args.programs, args.min_splits, args.warps,
+                                                       args.stages)]
+
+    def errors() -> dict:
         out, mass = kernel(*fresh)
-        result["variants"].append({
-            **vars(tuning), "us": timed_us(kernel, per_layer, device, args.replays),
-            "out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)})
+        return {"out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)}
+
+    result["variants"] = sweep(op.TUNING, tunings, lambda: timed_us(kernel, per_layer, device, args.replays), errors)
     result["shipped"] = result["variants"].pop(0)
     result["shipped"]["block_used"] = shipped.block_for(cfg.num_heads // cfg.num_kv_heads)
     for entry in [result["explicit"], result["shipped"]] + result["variants"]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is first imported
 
-from bench_decode_attention import relative, set_tuning, timed_us  # noqa: E402
+from bench_decode_attention import relative, set_tuning, sweep, timed_us  # noqa: E402
 from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model.config import load_config  # noqa: E402
@@ -109,15 +109,12 @@ def bench_matrix(spec: dict, layers: int, args, device: str, dtype: torch.dtype,
     row = {**spec, "bytes": weight_bytes,
            "cublas": {"us": timed_us(cublas_only, per_layer, device, args.replays)},
            "compiled": {"us": timed_us(compiled, per_layer, device, args.replays),
-                        "error": relative(compiled(*fresh), want)},
-           "variants": []}
-    sweep = [shipped, op.MatvecTuning(**{**vars(shipped), "pdl": False})]
-    sweep += [op.MatvecTuning(block_n=n, gated_block_n=n, wide_block_n=n, block_k=k, num_warps=w, pdl=shipped.pdl)
-              for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)]
-    for tuning in sweep:
-        set_tuning(op.TUNING, tuning)
-        row["variants"].append({**vars(tuning), "us": timed_us(op.decode_linear, per_layer, device, args.replays),
-                                "error": relative(op.decode_linear(*fresh), want)})
+                        "error": relative(compiled(*fresh), want)}}
+    tunings = [shipped, op.MatvecTuning(**{**vars(shipped), "pdl": False})]
+    tunings += [op.MatvecTuning(block_n=n, gated_block_n=n, wide_block_n=n, block_k=k, num_warps=w, pdl=shipped.pdl)
+                for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)]
+    row["variants"] = sweep(op.TUNING, tunings, lambda: timed_us(op.decode_linear, per_layer, device, args.replays),
+                            lambda: {"error": relative(op.decode_linear(*fresh), want)})
     row["op"], row["op_without_pdl"] = row["variants"].pop(0), row["variants"].pop(0)
     for entry in [row["cublas"], row["compiled"], row["op"], row["op_without_pdl"]] + row["variants"]:
         entry["gb_per_s"] = weight_bytes / entry["us"] / 1e3

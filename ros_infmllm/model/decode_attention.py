@@ -43,13 +43,14 @@ class DecodeKernelTuning:
 
 
 TUNING = DecodeKernelTuning()
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the Triton decode kernels take
 
 
 def kernel_supported(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the Triton kernels can run here: ``triton_runs_on(device)``, a power-of-two head
     size of at least 16, a float dtype."""
     return (triton_runs_on(device) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and dtype in (torch.bfloat16, torch.float16, torch.float32))
+            and dtype in KERNEL_DTYPES)
 
 
 def triton_runs_on(device: torch.device) -> bool:

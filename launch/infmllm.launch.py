@@ -1,4 +1,5 @@
-"""ros2 launch ros_infmllm infmllm.launch.py [model_path:=DIR] [image_topic:=TOPIC] [params_file:=YAML]
+"""ros2 launch ros_infmllm infmllm.launch.py [model_path:=DIR|FILE.gguf] [mmproj_path:=FILE.gguf]
+[image_topic:=TOPIC] [params_file:=YAML]
 [backend:=torch|onnxruntime|tensorrt] [engine_dir:=DIR] [namespace:=NS]
 
 Starts the infmllm node with the package's default parameter file (or the one given); the
@@ -10,7 +11,8 @@ from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
 ARGUMENTS = {
-    "model_path": ("", "Checkpoint folder; empty for the bundled demo model"),
+    "model_path": ("", "Checkpoint folder or .gguf file; empty for the bundled demo model"),
+    "mmproj_path": ("", "llama.cpp mmproj .gguf for a .gguf model_path"),
     "image_topic": ("/camera/image_raw", "Camera topic (…/compressed for CompressedImage)"),
     "params_file": (None, "Parameter YAML (default: the package's config/infmllm.yaml)"),
     "backend": ("torch", "Inference backend: torch, onnxruntime or tensorrt"),
@@ -36,6 +38,7 @@ def generate_launch_description() -> LaunchDescription:
             LaunchConfiguration("params_file"),
             {
                 "model_path": LaunchConfiguration("model_path"),
+                "mmproj_path": LaunchConfiguration("mmproj_path"),
                 "image_topics": [LaunchConfiguration("image_topic")],
                 "backend": LaunchConfiguration("backend"),
                 "engine_dir": LaunchConfiguration("engine_dir"),

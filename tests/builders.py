@@ -104,3 +104,26 @@ def one_token_step_inputs(cfg: Any, capacity: int, filled: int, seed: int, devic
     return {"embeds": torch.randn(1, cfg.hidden_size, generator=generator).to(device),
             "cache_k": cache_k, "cache_v": cache_v, "valid": torch.arange(capacity, device=device) < filled,
             "positions": torch.tensor([filled], device=device)}
+
+
+def build_tiny_causal_lm(path: Path, decoder: str = "llama", kv_heads: int = 2, tie: bool = False, seed: int = 0,
+                         **text: Any) -> "torch.nn.Module":
+    """Save a random text-only ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (+ tokenizer) to ``path``
+    and return it (eval, fp32). ``text`` overrides config fields (hidden_size, ...)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[decoder]
+    kwargs: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=kv_heads, vocab_size=VOCAB_SIZE, tie_word_embeddings=tie,
+                                  max_position_embeddings=4096, eos_token_id=2)
+    kwargs.update(text)
+    model = model_cls(config_cls(**kwargs)).eval()
+    with torch.no_grad():  # random init leaves biases at zero and norms at one; make them matter
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    build_tokenizer(path)
+    return model

@@ -1,6 +1,8 @@
-"""Loading Hugging Face LLaVA checkpoints (safetensors) into ``LlavaModel``.
+"""Finding a model's files and loading them: Hugging Face folders (safetensors; LLaVA layout into
+``LlavaModel``, text-only LLaMA-family models into ``CausalLM``) here, GGUF files through
+``gguf_loader``.
 
-The key-name map lives here and only here. Hugging Face has saved LLaVA under two layouts
+The safetensors key-name maps live here and only here. Hugging Face has saved LLaVA under two layouts
 (``language_model.model.layers.0...`` before transformers 4.52 and in files it writes today;
 ``model.language_model.layers.0...`` in some newer files) and vision towers with or without the
 ``vision_model.`` level; all map to our module names. Every tensor we need must be present with
@@ -9,17 +11,19 @@ the right shape, else one ``CheckpointError`` names the file and the tensor.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from .causal_lm import CausalLM
 from .config import LlavaConfig, load_config
 from .llava import LlavaModel
 
 # (checkpoint prefix, our prefix), longest first so the most specific prefix wins.
-_PREFIXES: list[tuple[str, str]] = sorted([
+_LLAVA_PREFIXES: list[tuple[str, str]] = sorted([
     ("language_model.model.", "decoder."),
     ("model.language_model.", "decoder."),
     ("language_model.lm_head.", "decoder.lm_head."),
@@ -31,23 +35,29 @@ _PREFIXES: list[tuple[str, str]] = sorted([
     ("multi_modal_projector.", "projector."),
     ("model.multi_modal_projector.", "projector."),
 ], key=lambda pair: -len(pair[0]))
+# Text-only *ForCausalLM checkpoints: ``model.layers.0...``, ``lm_head.weight``.
+_CAUSAL_LM_PREFIXES: list[tuple[str, str]] = [("model.", "decoder."), ("lm_head.", "decoder.lm_head.")]
 # Checkpoint tensors that LLaVA never uses (SigLIP pooling head, final vision norm).
 _UNUSED = ("vision_tower.head.", "vision_tower.post_layernorm.")
 
 
-def canonical_name(key: str) -> str | None:
-    """Our parameter name for a checkpoint key, or None for keys outside the LLaVA layout."""
-    for prefix, ours in _PREFIXES:
+def _prefixes(model: CausalLM) -> list[tuple[str, str]]:
+    return _LLAVA_PREFIXES if isinstance(model, LlavaModel) else _CAUSAL_LM_PREFIXES
+
+
+def canonical_name(key: str, prefixes: list[tuple[str, str]] = _LLAVA_PREFIXES) -> str | None:
+    """Our parameter name for a checkpoint key, or None for keys outside the layout."""
+    for prefix, ours in prefixes:
         if key.startswith(prefix):
             return ours + key[len(prefix):]
     return None
 
 
-def checkpoint_name(name: str) -> str:
+def checkpoint_name(name: str, prefixes: list[tuple[str, str]] = _LLAVA_PREFIXES) -> str:
     """The Hugging Face key (transformers' saved layout) for one of our parameter names."""
-    for prefix, ours in _PREFIXES:
-        if name.startswith(ours) and prefix.startswith(("language_model.", "vision_tower.vision_model.",
-                                                        "multi_modal_projector.")):
+    saved = ("language_model.", "vision_tower.vision_model.", "multi_modal_projector.", "model.", "lm_head.")
+    for prefix, ours in sorted(prefixes, key=lambda pair: -len(pair[1])):
+        if name.startswith(ours) and prefix.startswith(saved) and not prefix.startswith("model.language_model."):
             return prefix + name[len(ours):]
     return name
 
@@ -63,8 +73,9 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_state(model: LlavaModel, model_dir: Path, dtype: torch.dtype) -> None:
+def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype) -> None:
     """Copy every tensor the model needs from the folder's safetensors files."""
+    prefixes = _prefixes(model)
     expected = dict(model.state_dict())
     found: dict[str, Path] = {}
     with torch.no_grad():
@@ -77,7 +88,7 @@ def load_state(model: LlavaModel, model_dir: Path, dtype: torch.dtype) -> None:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
             with handle:
                 for key in handle.keys():
-                    name = canonical_name(key)
+                    name = canonical_name(key, prefixes)
                     if name is None or name.startswith(_UNUSED) or name not in expected:
                         continue
                     tensor = handle.get_tensor(key)
@@ -93,20 +104,66 @@ def load_state(model: LlavaModel, model_dir: Path, dtype: torch.dtype) -> None:
         found[lm_head] = found[embed]
     missing = [name for name in expected if name not in found]
     if missing:
-        raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {checkpoint_name(missing[0])!r}"
+        raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {checkpoint_name(missing[0], prefixes)!r}"
                               f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LlavaModel:
-    """Build the model from ``config.json`` and load its safetensors weights, ready for inference."""
-    model_dir = Path(path)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir}: model folder not found")
-    cfg: LlavaConfig = load_config(model_dir)
-    with torch.device("meta"):
-        model = LlavaModel(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
-    load_state(model, model_dir, dtype)
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Where a model's files are. ``gguf`` is None for a Hugging Face folder (config.json,
+    safetensors, tokenizer.json); otherwise the text GGUF, with ``mmproj`` the vision GGUF, if any."""
+
+    folder: Path
+    gguf: Path | None = None
+    mmproj: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.gguf or self.folder)
+
+
+def locate(path: str | Path, mmproj: str | Path | None = None) -> CheckpointFiles:
+    """The files of the model at ``path``: a Hugging Face folder, a ``.gguf`` file (with an optional
+    ``mmproj`` GGUF beside it, named explicitly), or a folder holding one text GGUF and at most one
+    ``mmproj*.gguf`` (as llama.cpp users keep them)."""
+    path = Path(path)
+    extra = Path(mmproj) if mmproj else None
+    if extra is not None and not extra.is_file():
+        raise CheckpointError(f"{extra}: mmproj file not found")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: a model path is a checkpoint folder or a .gguf file")
+        return CheckpointFiles(folder=path.parent, gguf=path, mmproj=extra)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model folder not found")
+    ggufs = sorted(path.glob("*.gguf"))
+    if (path / "config.json").is_file() or not ggufs:
+        if extra is not None:
+            raise CheckpointError(f"{extra}: an mmproj file goes with a GGUF model, not with the folder {path}")
+        return CheckpointFiles(folder=path)
+    projections = [f for f in ggufs if f.name.lower().startswith("mmproj")]
+    texts = [f for f in ggufs if f not in projections]
+    if len(texts) != 1 or (extra is None and len(projections) > 1):
+        raise CheckpointError(f"{path}: expected one text GGUF and at most one mmproj*.gguf, found "
+                              f"{', '.join(f.name for f in ggufs)}; name the files explicitly")
+    return CheckpointFiles(folder=path, gguf=texts[0], mmproj=extra or (projections[0] if projections else None))
+
+
+def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, mmproj: str | Path | None = None) -> CausalLM:
+    """Build the model from a checkpoint (see ``locate``) and load its weights, ready for inference:
+    ``LlavaModel`` when it has a vision tower, ``CausalLM`` when it is text-only."""
+    files = path if isinstance(path, CheckpointFiles) else locate(path, mmproj)
+    if files.gguf is not None:
+        from .gguf_loader import load_gguf_model
+
+        model = load_gguf_model(files.gguf, files.mmproj, dtype)
+    else:
+        cfg = load_config(files.folder)
+        with torch.device("meta"):
+            model = LlavaModel(cfg) if isinstance(cfg, LlavaConfig) else CausalLM(cfg)
+        model = model.to_empty(device="cpu").to(dtype)
+        load_state(model, files.folder, dtype)
     model = model.to(device).eval()
     model.decoder.rotary.to(device)
     model.requires_grad_(False)

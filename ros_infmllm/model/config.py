@@ -1,4 +1,5 @@
-"""Model configuration read from a Hugging Face ``config.json`` (``LlavaForConditionalGeneration``).
+"""Model configuration read from a Hugging Face ``config.json``: ``LlavaForConditionalGeneration``,
+or a text-only ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM``.
 
 Checkpoints often leave out fields that equal the `transformers` class defaults, so each supported
 ``model_type`` carries a table of those defaults here. Anything we do not implement (rope scaling,
@@ -84,6 +85,18 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class CausalLMConfig:
+    """A text-only language model: the decoder and its end-of-sequence ids. It has no vision
+    tower, so no frame can be ingested (``vision`` is None, no visual tokens per image)."""
+
+    text: TextConfig
+    eos_token_ids: tuple[int, ...]
+    vision = None
+    image_token_index = -1  # never a real id: text-only streams hold no image placeholders
+    num_image_tokens = 0
+
+
+@dataclass(frozen=True)
 class LlavaConfig:
     """The whole vision-language model: tower, projector, decoder and how they are joined."""
 
@@ -152,8 +165,13 @@ def parse_vision_config(vision: dict[str, Any], path: Path) -> VisionConfig:
     )
 
 
-def load_config(model_dir: str | Path) -> LlavaConfig:
-    """Read ``config.json`` of a LLaVA-layout checkpoint folder."""
+def _eos_ids(section: dict[str, Any], fallback: Any = None) -> tuple[int, ...]:
+    eos = section.get("eos_token_id", fallback)
+    return () if eos is None else ((int(eos),) if isinstance(eos, int) else tuple(int(x) for x in eos))
+
+
+def load_config(model_dir: str | Path) -> LlavaConfig | CausalLMConfig:
+    """Read ``config.json`` of a checkpoint folder: LLaVA layout, or a text-only LLaMA-family model."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (expected a Hugging Face checkpoint folder)")
@@ -161,8 +179,12 @@ def load_config(model_dir: str | Path) -> LlavaConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    if raw.get("model_type") != "llava":
-        raise CheckpointError(f"{path}: model_type={raw.get('model_type')!r} is not supported (expected 'llava')")
+    model_type = raw.get("model_type")
+    if model_type in _TEXT_DEFAULTS:
+        return CausalLMConfig(text=parse_text_config(raw, path), eos_token_ids=_eos_ids(raw))
+    if model_type != "llava":
+        raise CheckpointError(f"{path}: model_type={model_type!r} is not supported "
+                              f"(expected 'llava' or a text model: {', '.join(sorted(_TEXT_DEFAULTS))})")
     text = parse_text_config(raw.get("text_config") or {}, path, bool(raw.get("tie_word_embeddings", False)))
     vision = parse_vision_config(raw.get("vision_config") or {}, path)
     layers = raw.get("vision_feature_layer", -2)
@@ -174,8 +196,7 @@ def load_config(model_dir: str | Path) -> LlavaConfig:
     strategy = raw.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise CheckpointError(f"{path}: vision_feature_select_strategy={strategy!r} is not 'default' or 'full'")
-    eos = raw.get("text_config", {}).get("eos_token_id", raw.get("eos_token_id"))
-    eos_ids = () if eos is None else ((int(eos),) if isinstance(eos, int) else tuple(int(x) for x in eos))
+    eos_ids = _eos_ids(raw.get("text_config") or {}, raw.get("eos_token_id"))
     return LlavaConfig(
         text=text, vision=vision,
         image_token_index=int(raw.get("image_token_index", raw.get("image_token_id", 32000))),

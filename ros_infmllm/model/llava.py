@@ -2,31 +2,19 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from .causal_lm import CausalLM
 from .config import LlavaConfig
-from .decoder import Decoder
 from .vision import Projector, VisionTower, select_features
 
 
-class LlavaModel(nn.Module):
-    """Plain-PyTorch LLaVA. ``forward_full`` is the no-cache reference; streaming goes through
-    ``encode_images`` / ``embed_tokens`` and ``decoder.step``."""
+class LlavaModel(CausalLM):
+    """Plain-PyTorch LLaVA: a ``CausalLM`` whose image placeholder ids take visual tokens."""
 
     def __init__(self, cfg: LlavaConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.vision_tower = VisionTower(cfg.vision)
         self.projector = Projector(cfg)
-        self.decoder = Decoder(cfg.text)
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` normalised pixels -> ``[N, num_image_tokens, hidden]`` visual tokens."""
@@ -49,16 +37,3 @@ class LlavaModel(nn.Module):
         if placeholders:
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_features.reshape(-1, embeds.shape[-1]))
         return embeds
-
-    @torch.inference_mode()
-    def forward_full(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Plain causal forward, no cache: ``input_ids[1, T]`` -> ``logits[1, T, vocab]``."""
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
-        ids = input_ids[0].to(self.device)
-        features = self.encode_images(pixel_values) if pixel_values is not None else None
-        embeds = self.embed_tokens(ids, features)
-        cache_k, cache_v = self.decoder.empty_cache(0)
-        valid = torch.zeros(0, dtype=torch.bool, device=self.device)
-        positions = torch.arange(ids.shape[0], device=self.device)
-        return self.decoder.step(embeds, cache_k, cache_v, valid, positions, all_logits=True).logits.unsqueeze(0)

@@ -25,7 +25,9 @@ class ParamSpec:
 
 
 PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("model_path", "", "Checkpoint folder (LLaVA layout). Empty: the bundled demo model."),
+    ParamSpec("model_path", "", "Checkpoint: a Hugging Face folder (LLaVA or text-only), a .gguf file, or a folder "
+                                "with one text .gguf and an mmproj*.gguf. Empty: the bundled demo model."),
+    ParamSpec("mmproj_path", "", "llama.cpp mmproj .gguf (vision tower + projector) for a .gguf model_path."),
     ParamSpec("image_topics", ["/camera/image_raw"],
               "Camera topics; names ending in /compressed are sensor_msgs/CompressedImage."),
     ParamSpec("backend", "torch", "How the model runs: torch, or the exported graphs in engine_dir through "

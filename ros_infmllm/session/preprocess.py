@@ -15,7 +15,9 @@ import cv2
 import numpy as np
 import torch
 
+from ..model.checkpoint import CheckpointFiles
 from ..model.config import VisionConfig
+from ..model.gguf_file import open_gguf
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -98,3 +100,22 @@ def _channel_constant(values: tuple[float, ...], device: str) -> torch.Tensor:
     """A per-channel ``[1, 3, 1, 1]`` constant on ``device``, made once rather than uploaded with
     every frame (only read, never written in place)."""
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
+def preprocessor_for(files: CheckpointFiles, model) -> ImagePreprocessor | None:
+    """The preprocessing a loaded model's checkpoint asks for; None for a text-only model. An
+    mmproj GGUF gives its image size and normalisation (``clip.vision.image_mean`` / ``image_std``)
+    and llama.cpp's plain square resize; a Hugging Face folder its ``preprocessor_config.json``."""
+    vision = model.cfg.vision
+    if vision is None:
+        return None
+    if files.mmproj is None:
+        return ImagePreprocessor.for_model(files.folder, vision)
+    from gguf import Keys
+
+    mmproj = open_gguf(files.mmproj)
+    default = ImagePreprocessor.for_model(None, vision)
+    return ImagePreprocessor(height=vision.image_size, width=vision.image_size, shortest_edge=None,
+                             interpolation=cv2.INTER_CUBIC, rescale_factor=1 / 255,
+                             mean=tuple(mmproj.get(Keys.ClipVision.IMAGE_MEAN) or default.mean),
+                             std=tuple(mmproj.get(Keys.ClipVision.IMAGE_STD) or default.std))

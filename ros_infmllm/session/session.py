@@ -21,8 +21,10 @@ from ..backends import TorchBackend, make_backend
 from ..cache import BoundedKVCache, EvictionPolicy, make_policy
 from ..errors import CacheFullError, CheckpointError
 from ..export.manifest import Manifest
-from ..model import LlavaModel, load_model
-from .preprocess import ImagePreprocessor
+from ..model import CausalLM, load_model, locate
+from ..model.checkpoint_text import chat_template, load_tokenizer
+from .chat_template import template_from_chat
+from .preprocess import ImagePreprocessor, preprocessor_for
 from .sampling import SamplingConfig, sample_next
 from .templates import IMAGE_PLACEHOLDER, PromptTemplate, template_for
 
@@ -68,6 +70,7 @@ class SessionStats:
     """Counters for diagnostics."""
 
     frames_ingested: int = 0
+    text_tokens_fed: int = 0
     queries_answered: int = 0
     tokens_generated: int = 0
 
@@ -75,12 +78,13 @@ class SessionStats:
 class StreamingSession:
     """A model, a tokenizer, a bounded cache and an eviction policy, driven by frames and questions."""
 
-    def __init__(self, model: LlavaModel, tokenizer: Tokenizer, policy: EvictionPolicy,
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, policy: EvictionPolicy,
                  config: SessionConfig = SessionConfig(), template: PromptTemplate | None = None,
                  preprocessor: ImagePreprocessor | None = None, backend: Any = None) -> None:
         self.model, self.tokenizer, self.policy, self.config = model, tokenizer, policy, config
         self.template = template or template_for("qwen2")
-        self.preprocessor = preprocessor or ImagePreprocessor.for_model(None, model.cfg.vision)
+        self.preprocessor = preprocessor or (ImagePreprocessor.for_model(None, model.cfg.vision)
+                                             if model.has_vision else None)
         self.backend = backend or TorchBackend(model)
         self.runner = self.backend.graph_runner()  # this session's captured steps (CUDA) or plain calls
         text = model.cfg.text
@@ -104,30 +108,33 @@ class StreamingSession:
     @classmethod
     def from_pretrained(cls, path: str | Path, policy: str = "inf-mllm", policy_options: dict | None = None,
                         device: str = "cpu", dtype: torch.dtype | None = None, backend: str = "torch",
-                        engine_dir: str | Path | None = None, **config: Any) -> "StreamingSession":
-        """Load a checkpoint folder (config.json, safetensors, tokenizer.json) and start a session.
+                        engine_dir: str | Path | None = None, mmproj: str | Path | None = None,
+                        **config: Any) -> "StreamingSession":
+        """Load a checkpoint and start a session: a Hugging Face folder (config.json, safetensors,
+        tokenizer.json), a text GGUF file, or a text GGUF with its ``mmproj`` GGUF (see
+        ``ros_infmllm.model.locate``). Text-only models take text and questions, not frames.
 
         ``backend`` torch runs the model's modules; onnxruntime and tensorrt run the graphs that
         ``infmllm_export`` wrote to ``engine_dir`` (same capacity, dtype from its manifest when
         ``dtype`` is None) while embeddings, cache and policy stay here.
         """
-        model_dir = Path(path)
-        if not model_dir.is_dir():
-            raise CheckpointError(f"{model_dir}: model folder not found")
-        tokenizer_file = model_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise CheckpointError(f"{tokenizer_file}: not found")
+        files = locate(path, mmproj)
+        if files.gguf is not None and backend != "torch":
+            raise ValueError(f"backend {backend!r} runs graphs exported from Hugging Face folders; "
+                             f"{files.name} is a GGUF model: use backend 'torch'")
         policy_obj = make_policy(policy, **(policy_options or {}))
         session_config = SessionConfig(**config)
         if dtype is None:
             dtype = Manifest.load(engine_dir).dtype if backend != "torch" and engine_dir else torch.float32
-        model = load_model(model_dir, device=device, dtype=dtype)
-        runner = make_backend(backend, model, model_dir, engine_dir)
+        tokenizer = load_tokenizer(files)  # before the weights: a missing tokenizer fails fast
+        model = load_model(files, device=device, dtype=dtype)
+        runner = make_backend(backend, model, files.folder, engine_dir)
         if backend != "torch":
             runner.check_session(session_config.capacity, session_config.max_chunk, dtype)
-        template = template_for(session_config.template, model_dir, model.cfg.text.model_type)
-        return cls(model, Tokenizer.from_file(str(tokenizer_file)), policy_obj, session_config, template,
-                   ImagePreprocessor.for_model(model_dir, model.cfg.vision), runner)
+        chat = chat_template(files)
+        template = template_for(session_config.template, files.folder, model.cfg.text.model_type,
+                                template_from_chat(chat) if chat is not None else None)
+        return cls(model, tokenizer, policy_obj, session_config, template, preprocessor_for(files, model), runner)
 
     # ---- sizes -------------------------------------------------------------------------------
     def _check_sizes(self, pinned: int) -> None:
@@ -273,6 +280,8 @@ class StreamingSession:
     @torch.inference_mode()
     def encode_frame(self, rgb: np.ndarray) -> torch.Tensor:
         """RGB ``HxWx3 uint8`` -> visual tokens ``[1, tokens, hidden]`` (preprocess, tower, projector)."""
+        if self.preprocessor is None:
+            raise ValueError("this model is text-only (no vision tower): frames cannot be ingested")
         return self.backend.encode_images(self.preprocessor(rgb, self.model.device))  # it validates the frame
 
     def ingest_frame(self, rgb: np.ndarray, stamp: float | None = None) -> None:
@@ -281,6 +290,20 @@ class StreamingSession:
         self.feed(self.frame_ids(), features)
         self.stats.frames_ingested += 1
         self.last_frame_stamp = stamp
+
+    # ---- text -----------------------------------------------------------------------------------
+    def feed_text(self, text: str) -> int:
+        """Append text to the stream as it is (no chat template; special tokens written in it, such
+        as ``<|im_start|>``, count as theirs), through the same bounded cache and policy as frames.
+        Returns the number of tokens fed. Empty text raises ``ValueError``; the cache is untouched."""
+        if not isinstance(text, str) or not text:
+            raise ValueError("text is empty")
+        ids = self._encode(text)
+        if not ids:
+            raise ValueError("text encodes to no tokens")
+        self.feed(torch.tensor(ids))
+        self.stats.text_tokens_fed += len(ids)
+        return len(ids)
 
     # ---- questions ------------------------------------------------------------------------------
     def _query_ids(self, text: str) -> torch.Tensor:

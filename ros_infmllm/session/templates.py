@@ -48,15 +48,24 @@ PRESETS: dict[str, PromptTemplate] = {
 TEMPLATE_FILE = "infmllm_template.json"
 
 
-def template_for(name: str, model_dir: str | Path | None = None, model_type: str = "") -> PromptTemplate:
-    """A preset by name, or with ``auto``: the preset named in the checkpoint's
-    ``infmllm_template.json``, else qwen2 for Qwen2 decoders and vicuna for LLaMA/Mistral."""
+def template_for(name: str, model_dir: str | Path | None = None, model_type: str = "",
+                 chat: PromptTemplate | None = None) -> PromptTemplate:
+    """A preset by name; ``chat``: the template derived from the checkpoint's own chat template
+    (``chat``, see chat_template.py); ``auto``: the preset named in the checkpoint's
+    ``infmllm_template.json``, else the checkpoint's chat template, else qwen2 for Qwen2 decoders
+    and vicuna for LLaMA/Mistral."""
+    if name == "chat":
+        if chat is None:
+            raise ValueError("template 'chat': the checkpoint has no chat template we can use")
+        return chat
     if name == "auto":
         marker = Path(model_dir) / TEMPLATE_FILE if model_dir is not None else None
         if marker is not None and marker.is_file():
             name = json.loads(marker.read_text()).get("template", "")
+        elif chat is not None:
+            return chat
         else:
             name = "qwen2" if model_type == "qwen2" else "vicuna"
     if name not in PRESETS:
-        raise ValueError(f"unknown prompt template {name!r} (choose from auto, {', '.join(PRESETS)})")
+        raise ValueError(f"unknown prompt template {name!r} (choose from auto, chat, {', '.join(PRESETS)})")
     return PRESETS[name]

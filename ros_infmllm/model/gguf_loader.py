@@ -1,0 +1,80 @@
+"""A model from llama.cpp GGUF files: a text GGUF alone (``CausalLM``), or a text GGUF plus an
+``mmproj`` GGUF holding the vision tower and projector (``LlavaModel``).
+
+Every tensor is dequantized by the `gguf` package into the requested dtype; a file with a tensor
+type we cannot dequantize is refused before anything is read, in one message that lists them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .causal_lm import CausalLM
+from .config import CausalLMConfig
+from .gguf_file import SUPPORTED_TYPES, GGUFFile, open_gguf
+from .gguf_mmproj import llava_config, vision_tensor_names
+from .gguf_text import needs_unpermute, text_config, text_tensor_names, unpermute_qk
+from .llava import LlavaModel
+
+IMAGE_TOKEN_TEXT = "<image>"
+
+
+def eos_token_ids(text: GGUFFile) -> tuple[int, ...]:
+    """End-of-sequence and end-of-turn ids named in the metadata."""
+    ids = [text.get(key) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def image_token_index(text: GGUFFile) -> int:
+    """The id of ``<image>`` where the vocabulary has one (a converted LLaVA), else -1: llama.cpp
+    feeds visual tokens without a placeholder id, so ours is then one no tokenizer produces."""
+    try:
+        return text.tokens.index(IMAGE_TOKEN_TEXT)
+    except ValueError:
+        return -1
+
+
+def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None,
+                    dtype: torch.dtype = torch.float32) -> CausalLM:
+    """Build and fill the model on the CPU (the caller moves it)."""
+    text = open_gguf(text_path)
+    text_cfg = text_config(text)
+    sources: list[tuple[GGUFFile, dict[str, str]]] = [(text, text_tensor_names(text_cfg))]
+    if mmproj_path is None:
+        cfg = CausalLMConfig(text=text_cfg, eos_token_ids=eos_token_ids(text))
+        builder = CausalLM
+    else:
+        mmproj = open_gguf(mmproj_path)
+        cfg = llava_config(mmproj, text_cfg, image_token_index(text), eos_token_ids(text))
+        sources.append((mmproj, vision_tensor_names(mmproj, cfg)))
+        builder = LlavaModel
+    for file, names in sources:
+        bad = file.unsupported_types(list(names.values()))
+        if bad:
+            listed = ", ".join(f"{n} ({t})" for n, t in list(bad.items())[:3])
+            raise CheckpointError(f"{file.path}: tensor types not supported: {listed}"
+                                  f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} "
+                                  f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    with torch.device("meta"):
+        model = builder(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    params = dict(model.state_dict())
+    with torch.no_grad():
+        for file, names in sources:
+            for ours, theirs in names.items():
+                tensor = file.tensor(theirs)
+                heads = needs_unpermute(text_cfg, ours) if file is text else 0
+                if heads:
+                    tensor = unpermute_qk(tensor, heads)
+                target = params[ours]
+                if tensor.shape != target.shape:
+                    if tensor.numel() != target.numel() or target.dim() != 1:
+                        raise CheckpointError(f"{file.path}: tensor {theirs!r} has shape {tuple(tensor.shape)}, "
+                                              f"the metadata implies {tuple(target.shape)}")
+                    tensor = tensor.reshape(target.shape)  # a [1, n] class embedding, say
+                target.copy_(tensor.to(dtype))
+    if cfg.text.tie_word_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    return model

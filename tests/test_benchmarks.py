@@ -70,3 +70,19 @@ def test_bench_decode_linear_smoke_run_writes_its_table(tmp_path: Path) -> None:
     assert max(max(m["op"]["error"], m["op_without_pdl"]["error"]) for m in model["matrices"]) < 1e-5
     assert max(m["compiled"]["error"] for m in model["matrices"]) < 1e-5
     assert "| tiny-qwen2 | gate/up |" in (tmp_path / "bench_decode_linear.md").read_text()
+
+
+def test_stream_perplexity_smoke_run_scores_every_token(tmp_path: Path) -> None:
+    """SmolLM2 over 300 tokens of the benchmark text at one tiny capacity, every configuration."""
+    import stream_perplexity
+
+    assert stream_perplexity.main(["--tokens", "300", "--capacities", "64", "--chunk", "16", "--block", "64",
+                                   "--segments", "3", "--out", str(tmp_path), "--tag", "smoke"]) == 0
+    report = json.loads((tmp_path / "stream_perplexity_smoke.json").read_text())
+    runs = {row["configuration"]: row for row in report["runs"]}
+    assert set(runs) == {"sliding-window", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "full"}
+    for row in runs.values():
+        assert row["tokens"] == 299 and len(row["segment_perplexity"]) == 3 and 1 < row["perplexity"] < 1000
+    # with the whole stream in view, full attention predicts at least as well as a 48-token window
+    assert runs["full"]["mean_nll"] <= runs["sliding-window"]["mean_nll"]
+    assert "vs_sliding_window" in runs["h2o"] and "vs_sliding_window" not in runs["full"]

@@ -97,7 +97,7 @@ def test_selection_differs_per_head() -> None:
     assert [int(chosen[l, h, 0]) for l in range(2) for h in range(2)] == [7, 21, 33, 2]
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "h2o", "inf-mllm"])
+@pytest.mark.parametrize("name", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper"])
 def test_pinned_slots_survive_every_policy(name: str) -> None:
     cache = _full_cache(64, pinned=6)
     policy = make_policy(name)
@@ -149,3 +149,27 @@ def test_inf_mllm_window_sums_the_newest_steps_until_r_queries() -> None:
         policy.observe(cache, masses[step % 5], 1)
     total, covered = policy.window_mass()
     assert int(covered) == 8 and torch.allclose(total, sum(masses[s % 5] for s in range(2, 10)))
+
+
+def test_inf_mllm_paper_keeps_the_prompt_and_the_keys_it_attended_most() -> None:
+    """Figure 3: the new prompt's (last step's) tokens stay; of the rest, the keys with the highest
+    average attention from the prompt's queries stay, the lowest go; no recency preference."""
+    cache = _full_cache(64)
+    policy = make_policy("inf-mllm-paper")
+    policy.bind(cache)
+    policy.observe(cache, _attention(64, {3: 9.0, 20: 5.0}, base=0.01), queries=8)  # an older prompt
+    cache.stats["paper_window_mass"].zero_(), policy.queries.zero_()  # as if an eviction had run since
+    policy.observe(cache, _attention(64, {2: 30.0, 17: 20.0, 33: 10.0}, base=0.01), queries=8)  # the new prompt
+    kept = _kept(policy, cache, 8 + 3)
+    assert kept == set(range(56, 64)) | {2, 17, 33}
+
+
+def test_inf_mllm_paper_starts_a_new_window_after_each_eviction() -> None:
+    cache = _full_cache(64)
+    policy = make_policy("inf-mllm-paper")
+    policy.bind(cache)
+    policy.observe(cache, _attention(64, {5: 50.0}, base=0.01), queries=4)
+    assert _kept(policy, cache, 4 + 1) == {5, 60, 61, 62, 63}
+    assert float(policy.queries) == 0 and float(cache.stats["paper_window_mass"].abs().sum()) == 0
+    policy.observe(cache, _attention(64, {9: 50.0}, base=0.01), queries=2)
+    assert _kept(policy, cache, 2 + 1) == {9, 62, 63}  # slot 5's old attention no longer counts

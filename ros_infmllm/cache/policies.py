@@ -230,11 +230,54 @@ class InfMLLMPolicy(EvictionPolicy):
         return _recent_count(cache, self.config.recent_fraction)
 
 
+class InfMLLMPaperPolicy(EvictionPolicy):
+    """Inf-MLLM as its Figure 3 draws it (arXiv 2409.09086; ../shared/papers/, DESIGN.md): the
+    incoming prompt is prefilled against the whole cache (which holds the budget plus the prompt:
+    the session evicts only when the next chunk does not fit), every query of that prompt is the
+    retrieval window, each cached key's attention is summed and averaged over those queries, and
+    the lowest-scoring keys are evicted while the prompt's own tokens stay. No recent window, no
+    pooling, no recency bias: exactly what the figure shows, nothing the summaries add.
+
+    "The prompt" is everything fed since the last eviction (a chunk, a question, an answer's
+    tokens); its tokens are the newest step's. The sum and the query count live on the device.
+    """
+
+    name = "inf-mllm-paper"
+    attention_window = ALL_QUERIES
+
+    def bind(self, cache: BoundedKVCache) -> None:
+        self.mass = cache.register_stat("paper_window_mass", torch.float32)
+        if getattr(self, "_cache", None) is cache:  # a session reset: zero in place for captured steps
+            self.queries.zero_()
+            self.last.zero_()
+            return
+        self._cache = cache
+        self.queries = torch.zeros((), dtype=torch.float32, device=cache.device)  # since the last eviction
+        self.last = torch.zeros((), dtype=torch.int64, device=cache.device)       # the newest step's tokens
+
+    def observe(self, cache: BoundedKVCache, mass: torch.Tensor, queries: int) -> None:
+        self.mass += mass
+        self.queries += queries
+        self.last.fill_(queries)
+
+    def scores(self) -> torch.Tensor:
+        """Each slot's attention averaged over the window's queries (sum / query count)."""
+        return self.mass / self.queries.clamp_min(1)
+
+    def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
+        prompt = cache.slot_index >= cache.length_t - self.last
+        kept = keep_top(cache, self.scores(), cache.pinned | prompt, keep)
+        self.mass.zero_()  # the next window starts after this eviction
+        self.queries.zero_()
+        return kept
+
+
 POLICIES: dict[str, tuple[type[EvictionPolicy], type | None]] = {
     "full": (FullPolicy, None),
     "streamingllm": (StreamingLLMPolicy, StreamingLLMConfig),
     "h2o": (H2OPolicy, H2OConfig),
     "inf-mllm": (InfMLLMPolicy, InfMLLMConfig),
+    "inf-mllm-paper": (InfMLLMPaperPolicy, None),
 }
 
 

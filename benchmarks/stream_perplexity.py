@@ -30,22 +30,18 @@ import argparse
 import ast
 import json
 import math
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import streaming_workers
 from plotting import pyplot
-from ros_infmllm.backends import TorchBackend
-from ros_infmllm.cache import make_policy
-from ros_infmllm.model import load_model, locate
+from ros_infmllm.model import locate
 from ros_infmllm.model.checkpoint_text import load_tokenizer
 from ros_infmllm.model.smollm2 import smollm2_path
-from ros_infmllm.session import SessionConfig, StreamingSession, template_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("streamingllm", "h2o", "inf-mllm", "inf-mllm-paper")
@@ -72,12 +68,9 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
     return (-logprobs.gather(-1, targets.view(-1, 1).to(logits.device)).view(-1)).cpu().double().numpy()
 
 
-def stream_policy(model, tokenizer, ids: torch.Tensor, policy: str, capacity: int, chunk: int,
-                  backend) -> np.ndarray:
+def stream_policy(ids: torch.Tensor, policy: str, capacity: int, chunk: int) -> np.ndarray:
     """NLL of tokens 1..N-1 streamed through a bounded cache kept by ``policy``."""
-    config = SessionConfig(capacity=capacity, max_chunk=chunk, slack_fraction=chunk / capacity, system_prompt="",
-                           check_evictions=model.device.type != "cuda")
-    session = StreamingSession(model, tokenizer, make_policy(policy), config, template_for("qwen2"), backend=backend)
+    session = streaming_workers.session(policy, capacity, chunk)
     out = np.empty(len(ids) - 1)
     previous = None  # the logits that predict the first token of the next chunk
     for start in range(0, len(ids), chunk):
@@ -170,27 +163,14 @@ def write_report(report: dict, out: Path, tag: str) -> None:
     figure.savefig(out / f"{stem}.png", dpi=110)
 
 
-_WORKER: dict = {}
-
-
-def _start_worker(model_path: str, device: str, compile_prefill: bool) -> None:
-    """Load the model once per worker process."""
-    files = locate(model_path)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_model(files, device=device, dtype=dtype)
-    _WORKER.update(model=model, tokenizer=load_tokenizer(files),
-                   backend=TorchBackend(model, compile_prefill=compile_prefill, compile_decode=False,
-                                        compile_vision=False))
-
-
 def run_configuration(name: str, capacity: int | None, chunk: int, ids: torch.Tensor) -> tuple[np.ndarray, float]:
-    """NLL of one configuration over the stream, and the seconds it took."""
-    model, tokenizer, backend = _WORKER["model"], _WORKER["tokenizer"], _WORKER["backend"]
+    """NLL of one configuration over the stream, and the seconds it took (in a worker process)."""
+    worker = streaming_workers.WORKER
     tick = time.monotonic()
     if name == "sliding-window":
-        nll = stream_sliding_window(model, ids, capacity, chunk, backend)
+        nll = stream_sliding_window(worker["model"], ids, capacity, chunk, worker["backend"])
     else:
-        nll = stream_policy(model, tokenizer, ids, name, capacity or len(ids) + chunk, chunk, backend)
+        nll = stream_policy(ids, name, capacity or len(ids) + chunk, chunk)
     return nll, time.monotonic() - tick
 
 
@@ -221,23 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.tensor((text_ids * repeats)[args.offset:args.offset + args.tokens])
     configurations = [(p, c, min(args.chunk, c // 4)) for c in args.capacities
                       for p in ([] if args.no_reference else ["sliding-window"]) + args.policies]
-    max_context = _text_context(files)
+    max_context = streaming_workers.model_context(model_path)
     if args.tokens <= max_context:
         configurations.append(("full", None, args.chunk))
     # the longest first, so parallel workers finish together
     configurations.sort(key=lambda c: -(args.tokens / c[2]))
-    if args.workers > 1:
-        pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_worker, initargs=(model_path, args.device, args.compile))
-        futures = [pool.submit(run_configuration, name, capacity, chunk, ids) for name, capacity, chunk in configurations]
-        results = [f.result() for f in futures]
-        pool.shutdown()
-    else:
-        _start_worker(model_path, args.device, args.compile)
-        results = []
-        for name, capacity, chunk in configurations:
-            results.append(run_configuration(name, capacity, chunk, ids))
-            print(f"{name} capacity={capacity} chunk={chunk}: {results[-1][1]:.0f} s", flush=True)
+    results = streaming_workers.run_all(
+        run_configuration, [(name, capacity, chunk, ids) for name, capacity, chunk in configurations], args.workers,
+        model_path, args.device, args.compile,
+        report=lambda job, result: print(f"{job[0]} capacity={job[1]} chunk={job[2]}: {result[1]:.0f} s", flush=True))
     nll_by = {(name, capacity): nll for (name, capacity, _), (nll, _) in zip(configurations, results)}
     order = sorted(range(len(configurations)), key=lambda i: (configurations[i][1] or 1 << 40,
                    (["sliding-window"] + args.policies + ["full"]).index(configurations[i][0])))
@@ -258,18 +230,6 @@ def main(argv: list[str] | None = None) -> int:
               "compiled_prefill": args.compile, "seconds": time.monotonic() - started, "runs": runs}
     write_report(report, args.out, args.tag)
     return 0
-
-
-def _text_context(files) -> int:
-    """The model's trained context length (the ``full`` configuration runs only within it)."""
-    from ros_infmllm.model.config import load_config
-
-    if files.gguf is not None:
-        from ros_infmllm.model.gguf_file import open_gguf
-        from ros_infmllm.model.gguf_text import text_config
-
-        return text_config(open_gguf(files.gguf)).max_position_embeddings
-    return load_config(files.folder).text.max_position_embeddings
 
 
 if __name__ == "__main__":

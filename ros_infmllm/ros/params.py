@@ -41,7 +41,7 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("max_chunk", 256, "Most tokens per prefill step.", 1, 1 << 16),
     ParamSpec("slack_fraction", 0.125, "Share of the capacity freed beyond the incoming chunk per eviction.",
               0.0, 0.9),
-    ParamSpec("template", "auto", "Prompt template preset (auto, qwen2, vicuna, demo)."),
+    ParamSpec("template", "auto", "Prompt template: auto, chat (the checkpoint's chat template), qwen2, vicuna, demo."),
     ParamSpec("system_prompt", "", "System prompt, pinned in the cache. Empty: the template's default."),
     ParamSpec("max_new_tokens", 64, "Answer length limit in tokens.", 1, 4096, runtime=True),
     ParamSpec("max_query_chars", 2000, "Longer questions are refused.", 1, 1 << 20),

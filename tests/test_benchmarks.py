@@ -86,3 +86,18 @@ def test_stream_perplexity_smoke_run_scores_every_token(tmp_path: Path) -> None:
     # with the whole stream in view, full attention predicts at least as well as a 48-token window
     assert runs["full"]["mean_nll"] <= runs["sliding-window"]["mean_nll"]
     assert "vs_sliding_window" in runs["h2o"] and "vs_sliding_window" not in runs["full"]
+
+
+def test_recall_passkey_smoke_run_counts_every_cell(tmp_path: Path) -> None:
+    """SmolLM2, one stream per cell at a 64-token budget: full recalls the key, counts add up."""
+    import recall_passkey
+
+    assert recall_passkey.main(["--capacity", "64", "--lengths", "4", "--episodes", "1", "--policies",
+                                "streamingllm", "--out", str(tmp_path), "--tag", "smoke"]) == 0
+    report = json.loads((tmp_path / "recall_passkey_smoke.json").read_text())
+    assert report["complete"] and [(c["policy"], c["length"]) for c in report["cells"]] == [
+        ("streamingllm", 256), ("full", 256)]
+    cells = {c["policy"]: c for c in report["cells"]}
+    assert cells["full"]["correct"] == 1  # the model does the task when nothing is evicted
+    assert all(0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1 for c in report["cells"])
+    assert f"| streamingllm | {cells['streamingllm']['correct']}/1 " in (tmp_path / "recall_passkey_smoke.md").read_text()

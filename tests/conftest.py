@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,8 @@ def _isolate_dds() -> None:
 
 
 _isolate_dds()
+# checkpoint digests (export/file_digest.py) cached in a folder of this run, not the user's cache
+os.environ.setdefault("ROS_INFMLLM_CACHE", tempfile.mkdtemp(prefix="infmllm-cache-"))
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ from .torch_backend import TorchBackend
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
-def make_backend(name: str, model, model_dir: str | Path, engine_dir: str | Path | None = None):
-    """The backend ``name`` for a loaded model; exported backends read ``engine_dir``."""
+def make_backend(name: str, model, model_dir: str | Path, engine_dir: str | Path | None = None, manifest=None):
+    """The backend ``name`` for a loaded model; exported backends read ``engine_dir`` (and its
+    manifest, unless the caller passes the one it has read)."""
     if name == "torch":
         return TorchBackend(model)
     if name not in BACKENDS:
@@ -20,10 +21,10 @@ def make_backend(name: str, model, model_dir: str | Path, engine_dir: str | Path
     if name == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(engine_dir, model_dir, model.device)
+        return OnnxRuntimeBackend(engine_dir, model_dir, model.device, manifest)
     from .tensorrt_backend import TensorRTBackend
 
-    return TensorRTBackend(engine_dir, model_dir, model.device)
+    return TensorRTBackend(engine_dir, model_dir, model.device, manifest)
 
 
 __all__ = ["BACKENDS", "TorchBackend", "make_backend"]

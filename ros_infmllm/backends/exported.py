@@ -66,9 +66,11 @@ class ExportedBackend:
 
     name = "exported"
 
-    def __init__(self, folder: str | Path, model_dir: str | Path, device: str | torch.device = "cpu") -> None:
+    def __init__(self, folder: str | Path, model_dir: str | Path, device: str | torch.device = "cpu",
+                 manifest: Manifest | None = None) -> None:
+        """``manifest``: the folder's manifest where the caller has already read it."""
         self.folder, self.device = Path(folder), torch.device(device)
-        self.manifest = Manifest.load(self.folder)
+        self.manifest = manifest or Manifest.load(self.folder)
         expected = model_sha256(Path(model_dir))
         if self.manifest.model_sha256 != expected:
             raise CheckpointError(f"{self.folder}: exported from another checkpoint than {model_dir} "

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .file_digest import file_sha256
+
 MANIFEST = "manifest.json"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -82,11 +84,12 @@ class Manifest:
 
 
 def model_sha256(model_dir: Path) -> str:
-    """Hash of config.json and the weights, so an export can be matched to its checkpoint."""
+    """Hash of config.json and the weights, so an export can be matched to its checkpoint: the
+    SHA-256 of each file's name and SHA-256 in order (file digests come from a cache keyed by
+    size and modification time, so an unchanged checkpoint is not read again; file_digest.py)."""
+    paths = [model_dir / "config.json"] + sorted(model_dir.glob("*.safetensors"))
     digest = hashlib.sha256()
-    for path in [model_dir / "config.json"] + sorted(model_dir.glob("*.safetensors")):
+    for path, file_digest in zip(paths, file_sha256(paths)):
         digest.update(path.name.encode())
-        with path.open("rb") as stream:
-            for block in iter(lambda: stream.read(1 << 24), b""):
-                digest.update(block)
+        digest.update(bytes.fromhex(file_digest))
     return digest.hexdigest()

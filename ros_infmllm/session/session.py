@@ -124,11 +124,12 @@ class StreamingSession:
                              f"{files.name} is a GGUF model: use backend 'torch'")
         policy_obj = make_policy(policy, **(policy_options or {}))
         session_config = SessionConfig(**config)
+        manifest = Manifest.load(engine_dir) if backend != "torch" and engine_dir else None  # read once
         if dtype is None:
-            dtype = Manifest.load(engine_dir).dtype if backend != "torch" and engine_dir else torch.float32
+            dtype = manifest.dtype if manifest is not None else torch.float32
         tokenizer = load_tokenizer(files)  # before the weights: a missing tokenizer fails fast
         model = load_model(files, device=device, dtype=dtype)
-        runner = make_backend(backend, model, files.folder, engine_dir)
+        runner = make_backend(backend, model, files.folder, engine_dir, manifest)
         if backend != "torch":
             runner.check_session(session_config.capacity, session_config.max_chunk, dtype)
         chat = chat_template(files)

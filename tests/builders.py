@@ -74,14 +74,7 @@ def build_tiny_llava(path: Path, spec: TinySpec = TinySpec()) -> "torch.nn.Modul
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                       vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.strategy,
                       tie_word_embeddings=spec.tie)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # random init leaves biases at zero; make them matter
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    build_tokenizer(path)
+    model = _save_perturbed(LlavaForConditionalGeneration(cfg), path)
     (path / "preprocessor_config.json").write_text(json.dumps({
         "do_resize": True, "size": {"height": spec.image_size, "width": spec.image_size}, "resample": 2,
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
@@ -118,8 +111,14 @@ def build_tiny_causal_lm(path: Path, decoder: str = "llama", kv_heads: int = 2, 
                                   num_key_value_heads=kv_heads, vocab_size=VOCAB_SIZE, tie_word_embeddings=tie,
                                   max_position_embeddings=4096, eos_token_id=2)
     kwargs.update(text)
-    model = model_cls(config_cls(**kwargs)).eval()
-    with torch.no_grad():  # random init leaves biases at zero and norms at one; make them matter
+    return _save_perturbed(model_cls(config_cls(**kwargs)), path)
+
+
+def _save_perturbed(model: "torch.nn.Module", path: Path) -> "torch.nn.Module":
+    """Random init leaves biases at zero and norms at one: perturb them so they matter, then save
+    the model (eval) with the test tokenizer."""
+    model.eval()
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 param.add_(torch.randn_like(param) * 0.1)

@@ -55,9 +55,10 @@ def canonical_name(key: str, prefixes: list[tuple[str, str]] = _LLAVA_PREFIXES) 
 
 def checkpoint_name(name: str, prefixes: list[tuple[str, str]] = _LLAVA_PREFIXES) -> str:
     """The Hugging Face key (transformers' saved layout) for one of our parameter names."""
-    saved = ("language_model.", "vision_tower.vision_model.", "multi_modal_projector.", "model.", "lm_head.")
-    for prefix, ours in sorted(prefixes, key=lambda pair: -len(pair[1])):
-        if name.startswith(ours) and prefix.startswith(saved) and not prefix.startswith("model.language_model."):
+    saved = (("language_model.", "vision_tower.vision_model.", "multi_modal_projector.")
+             if prefixes is _LLAVA_PREFIXES else ("model.", "lm_head."))
+    for prefix, ours in sorted(prefixes, key=lambda pair: -len(pair[1])):  # decoder.lm_head. before decoder.
+        if name.startswith(ours) and prefix.startswith(saved):
             return prefix + name[len(ours):]
     return name
 

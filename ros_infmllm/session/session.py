@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from ..backends import TorchBackend, make_backend
 from ..cache import BoundedKVCache, EvictionPolicy, make_policy
-from ..errors import CacheFullError, CheckpointError
+from ..errors import CacheFullError
 from ..export.manifest import Manifest
 from ..model import CausalLM, load_model, locate
 from ..model.checkpoint_text import chat_template, load_tokenizer

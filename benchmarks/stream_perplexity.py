@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offset", type=int, default=0, help="first token of the text used")
     parser.add_argument("--capacities", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--chunk", type=int, default=64, help="largest prefill chunk (at most capacity / 4)")
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES),
+                        help="policy names, or name[option=value,...] for a policy with config fields set")
     parser.add_argument("--no-reference", action="store_true", help="skip the sliding-window reference")
     parser.add_argument("--block", type=int, default=512, help="tokens per block for confidence intervals")
     parser.add_argument("--segments", type=int, default=20)

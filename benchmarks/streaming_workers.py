@@ -31,13 +31,24 @@ def start_worker(model_path: str, device: str, compile_prefill: bool = False) ->
                                        compile_decode=False, compile_vision=False))
 
 
+def parse_policy(spec: str) -> tuple[str, dict[str, float]]:
+    """``name`` or ``name[option=value,...]`` (a policy with config fields set, for sweeps)."""
+    name, _, rest = spec.partition("[")
+    options = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, value = item.partition("=")
+        options[key.strip()] = float(value) if "." in value or "e" in value else int(value)
+    return name, options
+
+
 def session(policy: str, capacity: int, chunk: int) -> StreamingSession:
     """A session with no system prompt, freeing one chunk per eviction (evictions validated on
-    the CPU, trusted and captured on CUDA)."""
+    the CPU, trusted and captured on CUDA). ``policy`` as ``parse_policy`` reads it."""
     model = WORKER["model"]
     config = SessionConfig(capacity=capacity, max_chunk=chunk, slack_fraction=chunk / capacity, system_prompt="",
                            check_evictions=model.device.type != "cuda", max_new_tokens=16)
-    return StreamingSession(model, WORKER["tokenizer"], make_policy(policy), config, template_for("qwen2"),
+    name, options = parse_policy(policy)
+    return StreamingSession(model, WORKER["tokenizer"], make_policy(name, **options), config, template_for("qwen2"),
                             backend=WORKER["backend"])
 
 

@@ -94,3 +94,17 @@ def test_fold_new_tokens_places_mass_on_future_slots() -> None:
     folded = cache.fold_new_tokens(mass)
     assert folded.shape == (LAYERS, HEADS, 8)
     assert folded[0, 0].tolist() == [0, 1, 0, 0, 0, 2, 3, 0]
+
+
+def test_truncate_forgets_the_newest_slots_and_their_statistics() -> None:
+    cache, _, _ = _filled(6)
+    accumulated = cache.register_stat("accumulated", torch.float32)
+    accumulated += 1.0
+    cache.append(torch.randn(LAYERS, HEADS, 4, DIM), torch.randn(LAYERS, HEADS, 4, DIM), pinned=True)
+    cache.truncate(6, 6)
+    assert (cache.length, cache.total_seen, int(cache.length_t), int(cache.seen_t)) == (6, 6, 6, 6)
+    assert not cache.pinned[..., 6:].any() and not accumulated[..., 6:].any() and accumulated[..., :6].all()
+    cache.append(torch.randn(LAYERS, HEADS, 2, DIM), torch.randn(LAYERS, HEADS, 2, DIM))
+    assert cache.origin[0, 0, 6:8].tolist() == [6, 7]  # the stream index continues from before
+    with pytest.raises(ValueError, match="cannot truncate 8 slots to 9"):
+        cache.truncate(9, 9)

@@ -304,3 +304,41 @@ def test_tokens_feed_nothing_past_where_the_caller_stops(tiny_model_dir: Path) -
             break
     assert session.cache.total_seen - before == len(ids) + produced.index(stop_at) + 1
     assert probe.cache.total_seen - before == len(ids) + 8
+
+
+@pytest.mark.parametrize("policy", ["inf-mllm", "h2o", "inf-mllm-paper"])
+def test_a_step_failing_mid_frame_leaves_the_cache_as_before_the_frame(tiny_model_dir: Path, policy: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame takes two chunks here; the second one's step fails (as an out-of-memory error
+    would). The first chunk is taken out again, and the stream goes on exactly as if the failed
+    frame had never come: same cache, same answer as a session that never saw it."""
+    frames = _frames(4, seed=7)
+    failing, clean = _session(tiny_model_dir, policy), _session(tiny_model_dir, policy)
+    for frame in frames[:2]:
+        failing.ingest_frame(frame)
+        clean.ingest_frame(frame)
+    cache = failing.cache
+    before = (cache.length, cache.total_seen, int(cache.length_t), int(cache.seen_t))
+    valid = [t[..., :cache.length, :].clone() for t in (cache.k, cache.v)]
+    real_step, calls = failing.backend.step, []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(failing.backend, "step", failing_step)
+    with pytest.raises(RuntimeError, match="injected"):
+        failing.ingest_frame(frames[2])
+    monkeypatch.setattr(failing.backend, "step", real_step)
+    assert len(calls) == 2  # the first chunk went in before the failure
+    assert (cache.length, cache.total_seen, int(cache.length_t), int(cache.seen_t)) == before
+    assert all(torch.equal(t[..., :cache.length, :], kept) for t, kept in zip((cache.k, cache.v), valid))
+    # the forgotten slots start from nothing (what the policy observed of the failed chunk's
+    # attention to earlier slots stays: statistics, not cache contents)
+    assert all(not stat[..., cache.length:].any() for stat in cache.stats.values())
+    failing.ingest_frame(frames[3])
+    clean.ingest_frame(frames[3])
+    assert torch.equal(cache.k[..., :cache.length, :], clean.cache.k[..., :clean.cache.length, :])
+    assert failing.answer("what is in view ?") == clean.answer("what is in view ?")

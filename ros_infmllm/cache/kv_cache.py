@@ -148,6 +148,19 @@ class BoundedKVCache:
         self.evicted_tokens += self.length - kept
         self.length = kept
 
+    def truncate(self, length: int, total_seen: int) -> None:
+        """Forget the slots from ``length`` on and set the stream index back to ``total_seen``:
+        undoes appends made since the cache held ``length`` tokens, where no compaction has run in
+        between (the session's rollback of a failed feed). Statistics of the forgotten slots are
+        zeroed, so the tokens written there next start from nothing, as after a compaction."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate {self.length} slots to {length}")
+        for stat in self.stats.values():
+            stat[..., length:] = 0
+        self.length_t.fill_(length)
+        self.seen_t.fill_(total_seen)
+        self.length, self.total_seen = length, total_seen
+
     def reset(self) -> None:
         """Forget every token (buffers are kept allocated)."""
         for stat in self.stats.values():

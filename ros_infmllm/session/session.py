@@ -184,13 +184,29 @@ class StreamingSession:
 
         Returns the logits of the last token ``[vocab]``, or of every token ``[T, vocab]``.
         Refuses with ``CacheFullError`` before touching the cache if a non-evicting policy would overflow.
+        If a step fails, the chunks this call had already added are removed before the error is
+        raised (unless an eviction ran during the call: then what the policy kept stays); the
+        attention statistics the policy took from those chunks are not taken back.
         Text is embedded inside the step (one id in, one graph replay per decoded token on CUDA);
         a frame's embeddings are merged first and its chunks stepped from them.
         """
         if not self.policy.evicts and ids.shape[0] > self.cache.free:
             raise CacheFullError(f"{ids.shape[0]} tokens do not fit: {self.cache.length}/{self.cache.capacity} "
                                  f"used and policy '{self.policy.name}' does not evict")
-        ids = ids.cpu()
+        cache = self.cache
+        before = (cache.length, cache.total_seen, cache.evictions)
+        try:
+            return self._feed_chunks(ids.cpu(), image_features, pinned, all_logits)
+        except Exception:
+            # A failed step (out of memory, a backend error) writes nothing; the chunks of this
+            # feed that did go in are taken out again, so a frame or a question is in the cache
+            # whole or not at all. An eviction already made for it cannot be undone.
+            if cache.evictions == before[2]:
+                cache.truncate(before[0], before[1])  # also puts back device counts a step moved
+            raise
+
+    def _feed_chunks(self, ids: torch.Tensor, image_features: torch.Tensor | None, pinned: bool,
+                     all_logits: bool) -> torch.Tensor:
         has_images = image_features is not None or bool((ids == self.model.cfg.image_token_index).any())
         source = self.model.embed_tokens(ids, image_features) if has_images else ids
         logits = []

@@ -104,13 +104,21 @@ def stream_sliding_window(model, ids: torch.Tensor, capacity: int, chunk: int, b
     return out
 
 
-def summarise(nll: np.ndarray, block: int, segments: int) -> dict:
-    blocks = nll[: len(nll) // block * block].reshape(-1, block).mean(1)
-    mean = float(nll.mean())
+def block_ci_half_width(values: np.ndarray, block: int) -> tuple[float, int]:
+    """Half-width of a 95% confidence interval for the mean of ``values`` from the spread of its
+    means over whole blocks of ``block`` tokens (nearby tokens are not independent), and the
+    number of blocks."""
+    blocks = values[: len(values) // block * block].reshape(-1, block).mean(1)
     half = 1.96 * float(blocks.std(ddof=1)) / math.sqrt(len(blocks)) if len(blocks) > 1 else float("nan")
+    return half, len(blocks)
+
+
+def summarise(nll: np.ndarray, block: int, segments: int) -> dict:
+    mean = float(nll.mean())
+    half, blocks = block_ci_half_width(nll, block)
     parts = np.array_split(nll, segments)
     return {"tokens": int(len(nll)), "mean_nll": mean, "perplexity": math.exp(mean),
-            "perplexity_ci95": [math.exp(mean - half), math.exp(mean + half)], "blocks": int(len(blocks)),
+            "perplexity_ci95": [math.exp(mean - half), math.exp(mean + half)], "blocks": blocks,
             "segment_perplexity": [math.exp(float(p.mean())) for p in parts]}
 
 
@@ -118,8 +126,7 @@ def paired(nll: np.ndarray, reference: np.ndarray, block: int) -> dict:
     """Mean NLL difference from the reference over every token (nats/token), with a 95% CI from
     the spread of its block means (paired: the same tokens in both)."""
     diff = nll - reference
-    blocks = diff[: len(diff) // block * block].reshape(-1, block).mean(1)
-    half = 1.96 * float(blocks.std(ddof=1)) / math.sqrt(len(blocks)) if len(blocks) > 1 else float("nan")
+    half, _ = block_ci_half_width(diff, block)
     mean = float(diff.mean())
     return {"delta_nll": mean, "delta_nll_ci95": [mean - half, mean + half], "perplexity_ratio": math.exp(mean)}
 
@@ -227,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report = {"model": Path(files.name).name, "text": f"the World English Bible ({TEXT_PACKAGE})",
               "device": device, "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
-              "tokens": args.tokens, "text_tokens": len(text_ids), "offset": args.offset, "block": args.block, "workers": args.workers,
-              "compiled_prefill": args.compile, "seconds": time.monotonic() - started, "runs": runs}
+              "tokens": args.tokens, "text_tokens": len(text_ids), "offset": args.offset, "block": args.block,
+              "workers": args.workers, "compiled_prefill": args.compile, "seconds": time.monotonic() - started, "runs": runs}
     write_report(report, args.out, args.tag)
     return 0
 

@@ -28,6 +28,15 @@ def _vocabulary() -> list[str]:
     return words + [f"w{i}" for i in range(len(words), VOCAB_SIZE)]
 
 
+def finish(writer: Any, path: Path) -> Path:
+    """Write a ``GGUFWriter``'s header, metadata and tensors to ``path`` and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter: rotate-half rows -> interleaved rows, per head."""
     return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
@@ -120,11 +129,7 @@ def write_text_gguf(path: Path, text_cfg: Any, state: dict[str, torch.Tensor], k
             value = _permute(value, kv_heads)
         data, qtype = _encode(value, kind, rng)
         writer.add_tensor(names[key], data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish(writer, path)
 
 
 def write_mmproj_gguf(path: Path, llava: Any, legacy_mlp_names: bool = False) -> Path:
@@ -184,8 +189,4 @@ def write_mmproj_gguf(path: Path, llava: Any, legacy_mlp_names: bool = False) ->
             out[f"{TENSOR_NAMES[MODEL_TENSOR.V_MMPROJ].format(bid=bid)}.{part}"] = state[f"{projector}{ours}.{part}"]
     for name, value in out.items():
         writer.add_tensor(name, value.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish(writer, path)

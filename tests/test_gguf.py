@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from builders import IMAGE_TOKEN, TinySpec, build_tiny_causal_lm, build_tiny_llava, image_tokens_per_frame
-from gguf_builders import K_TYPES, write_mmproj_gguf, write_text_gguf
+from gguf_builders import K_TYPES, finish, write_mmproj_gguf, write_text_gguf
 from ros_infmllm.errors import CheckpointError
 from ros_infmllm.model import CausalLM, LlavaModel, load_model, locate
 from ros_infmllm.session import StreamingSession
@@ -150,7 +150,7 @@ def test_unsupported_architecture_and_tensor_type_are_named(tmp_path: Path) -> N
 
     writer = GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    finish(writer, tmp_path / "gpt2.gguf")
     with pytest.raises(CheckpointError, match=r"architecture 'gpt2' is not supported \(supported: llama, qwen2\)"):
         load_model(tmp_path / "gpt2.gguf")
 
@@ -172,7 +172,7 @@ def test_unsupported_architecture_and_tensor_type_are_named(tmp_path: Path) -> N
                               raw_dtype=GGMLQuantizationType.Q5_0)
         else:
             writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    finish(writer, tmp_path / "q5.gguf")
     with pytest.raises(CheckpointError, match=r"q5\.gguf: tensor types not supported: blk\.1\.ffn_up\.weight "
                                               r"\(Q5_0\) \(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K"):
         load_model(tmp_path / "q5.gguf")

@@ -22,8 +22,17 @@ from .causal_lm import CausalLM
 from .config import LlavaConfig, load_config
 from .llava import LlavaModel
 
-# (checkpoint prefix, our prefix), longest first so the most specific prefix wins.
-_LLAVA_PREFIXES: list[tuple[str, str]] = sorted([
+@dataclass(frozen=True)
+class KeyLayout:
+    """How one kind of checkpoint names its tensors. ``prefixes``: (checkpoint prefix, our
+    prefix), longest checkpoint prefix first so the most specific one wins; ``saved``: the
+    checkpoint prefixes transformers writes today, used to name a missing tensor."""
+
+    prefixes: tuple[tuple[str, str], ...]
+    saved: tuple[str, ...]
+
+
+LLAVA_LAYOUT = KeyLayout(tuple(sorted([
     ("language_model.model.", "decoder."),
     ("model.language_model.", "decoder."),
     ("language_model.lm_head.", "decoder.lm_head."),
@@ -34,31 +43,29 @@ _LLAVA_PREFIXES: list[tuple[str, str]] = sorted([
     ("vision_tower.", "vision_tower."),
     ("multi_modal_projector.", "projector."),
     ("model.multi_modal_projector.", "projector."),
-], key=lambda pair: -len(pair[0]))
+], key=lambda pair: -len(pair[0]))), saved=("language_model.", "vision_tower.vision_model.", "multi_modal_projector."))
 # Text-only *ForCausalLM checkpoints: ``model.layers.0...``, ``lm_head.weight``.
-_CAUSAL_LM_PREFIXES: list[tuple[str, str]] = [("model.", "decoder."), ("lm_head.", "decoder.lm_head.")]
+CAUSAL_LM_LAYOUT = KeyLayout((("lm_head.", "decoder.lm_head."), ("model.", "decoder.")), saved=("model.", "lm_head."))
 # Checkpoint tensors that LLaVA never uses (SigLIP pooling head, final vision norm).
 _UNUSED = ("vision_tower.head.", "vision_tower.post_layernorm.")
 
 
-def _prefixes(model: CausalLM) -> list[tuple[str, str]]:
-    return _LLAVA_PREFIXES if isinstance(model, LlavaModel) else _CAUSAL_LM_PREFIXES
+def layout_of(model: CausalLM) -> KeyLayout:
+    return LLAVA_LAYOUT if isinstance(model, LlavaModel) else CAUSAL_LM_LAYOUT
 
 
-def canonical_name(key: str, prefixes: list[tuple[str, str]] = _LLAVA_PREFIXES) -> str | None:
+def canonical_name(key: str, layout: KeyLayout = LLAVA_LAYOUT) -> str | None:
     """Our parameter name for a checkpoint key, or None for keys outside the layout."""
-    for prefix, ours in prefixes:
+    for prefix, ours in layout.prefixes:
         if key.startswith(prefix):
             return ours + key[len(prefix):]
     return None
 
 
-def checkpoint_name(name: str, prefixes: list[tuple[str, str]] = _LLAVA_PREFIXES) -> str:
+def checkpoint_name(name: str, layout: KeyLayout = LLAVA_LAYOUT) -> str:
     """The Hugging Face key (transformers' saved layout) for one of our parameter names."""
-    saved = (("language_model.", "vision_tower.vision_model.", "multi_modal_projector.")
-             if prefixes is _LLAVA_PREFIXES else ("model.", "lm_head."))
-    for prefix, ours in sorted(prefixes, key=lambda pair: -len(pair[1])):  # decoder.lm_head. before decoder.
-        if name.startswith(ours) and prefix.startswith(saved):
+    for prefix, ours in sorted(layout.prefixes, key=lambda pair: -len(pair[1])):  # decoder.lm_head. first
+        if name.startswith(ours) and prefix.startswith(layout.saved):
             return prefix + name[len(ours):]
     return name
 
@@ -76,7 +83,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype) -> None:
     """Copy every tensor the model needs from the folder's safetensors files."""
-    prefixes = _prefixes(model)
+    layout = layout_of(model)
     expected = dict(model.state_dict())
     found: dict[str, Path] = {}
     with torch.no_grad():
@@ -89,7 +96,7 @@ def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype) -> None:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
             with handle:
                 for key in handle.keys():
-                    name = canonical_name(key, prefixes)
+                    name = canonical_name(key, layout)
                     if name is None or name.startswith(_UNUSED) or name not in expected:
                         continue
                     tensor = handle.get_tensor(key)
@@ -105,7 +112,7 @@ def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype) -> None:
         found[lm_head] = found[embed]
     missing = [name for name in expected if name not in found]
     if missing:
-        raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {checkpoint_name(missing[0], prefixes)!r}"
+        raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {checkpoint_name(missing[0], layout)!r}"
                               f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
 
 

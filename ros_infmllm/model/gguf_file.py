@@ -21,6 +21,14 @@ from ..errors import CheckpointError
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
 
+def tensor_names():
+    """The `gguf` package's tensor kinds and their llama.cpp names (``blk.{bid}.attn_q``, ...),
+    imported where a GGUF is read."""
+    from gguf import MODEL_TENSOR, TENSOR_NAMES
+
+    return MODEL_TENSOR, TENSOR_NAMES
+
+
 class GGUFFile:
     """Typed access to one GGUF file's metadata and tensors."""
 
@@ -40,9 +48,6 @@ class GGUFFile:
         self.tensors = {t.name: t for t in self.reader.tensors}
 
     # ---- metadata -----------------------------------------------------------------------------
-    def has(self, key: str) -> bool:
-        return key in self.reader.fields
-
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value (int, float, str, bool or a list of them), or ``default`` if absent."""
         field = self.reader.fields.get(key)

@@ -17,16 +17,10 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from .config import LlavaConfig, TextConfig, VisionConfig
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, tensor_names
 
 SUPPORTED_PROJECTORS = ("mlp",)
 FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # written by llama.cpp's LLaVA converter
-
-
-def _names():
-    from gguf import MODEL_TENSOR, TENSOR_NAMES
-
-    return MODEL_TENSOR, TENSOR_NAMES
 
 
 def vision_config(mmproj: GGUFFile) -> VisionConfig:
@@ -39,7 +33,7 @@ def vision_config(mmproj: GGUFFile) -> VisionConfig:
     if projector not in SUPPORTED_PROJECTORS:
         raise CheckpointError(f"{mmproj.path}: projector type {projector!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_PROJECTORS)})")
-    MODEL_TENSOR, TENSOR_NAMES = _names()
+    MODEL_TENSOR, TENSOR_NAMES = tensor_names()
     clip = mmproj.has_tensor(TENSOR_NAMES[MODEL_TENSOR.V_ENC_EMBD_CLS])
     use_gelu = bool(mmproj.get(Keys.ClipVision.USE_GELU, not clip))
     return VisionConfig(
@@ -64,7 +58,7 @@ def llava_config(mmproj: GGUFFile, text: TextConfig, image_token_index: int,
         if not 0 <= layer <= vision.num_layers:
             raise CheckpointError(f"{mmproj.path}: feature layer {layer} is outside the {vision.num_layers + 1} "
                                   f"hidden states of the stored tower")
-    MODEL_TENSOR, TENSOR_NAMES = _names()
+    MODEL_TENSOR, TENSOR_NAMES = tensor_names()
     first = TENSOR_NAMES[MODEL_TENSOR.V_MMPROJ].format(bid=0)
     width = mmproj.tensor_shape(first + ".weight")
     if width != (text.hidden_size, vision.hidden_size * len(layers)):
@@ -78,7 +72,7 @@ def llava_config(mmproj: GGUFFile, text: TextConfig, image_token_index: int,
 
 def vision_tensor_names(mmproj: GGUFFile, cfg: LlavaConfig) -> dict[str, str]:
     """``{our parameter name: GGUF tensor name}`` for the tower and the projector."""
-    MODEL_TENSOR, TENSOR_NAMES = _names()
+    MODEL_TENSOR, TENSOR_NAMES = tensor_names()
     vision = cfg.vision
     names = {"vision_tower.embeddings.patch_embedding.weight": TENSOR_NAMES[MODEL_TENSOR.V_ENC_EMBD_PATCH] + ".weight",
              "vision_tower.embeddings.position_embedding.weight": TENSOR_NAMES[MODEL_TENSOR.V_ENC_EMBD_POS] + ".weight"}
@@ -109,7 +103,7 @@ def vision_tensor_names(mmproj: GGUFFile, cfg: LlavaConfig) -> dict[str, str]:
 
 def _mlp_order(mmproj: GGUFFile, bid: int, vision: VisionConfig) -> tuple[str, str]:
     """(first, second) MLP matrix names of block ``bid``: the first widens to the intermediate size."""
-    MODEL_TENSOR, TENSOR_NAMES = _names()
+    MODEL_TENSOR, TENSOR_NAMES = tensor_names()
     up = TENSOR_NAMES[MODEL_TENSOR.V_ENC_FFN_UP].format(bid=bid)
     down = TENSOR_NAMES[MODEL_TENSOR.V_ENC_FFN_DOWN].format(bid=bid)
     if mmproj.has_tensor(up + ".weight") and mmproj.tensor_shape(up + ".weight")[0] == vision.intermediate_size:

@@ -12,17 +12,11 @@ import torch
 
 from ..errors import CheckpointError
 from .config import TextConfig
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, tensor_names
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 # Architectures whose q/k rows llama.cpp's converter permutes.
 _PERMUTED_QK = {"llama"}
-
-
-def _names():
-    from gguf import MODEL_TENSOR, TENSOR_NAMES
-
-    return MODEL_TENSOR, TENSOR_NAMES
 
 
 def text_config(gguf: GGUFFile) -> TextConfig:
@@ -31,7 +25,7 @@ def text_config(gguf: GGUFFile) -> TextConfig:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"{gguf.path}: architecture {arch!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    MODEL_TENSOR, TENSOR_NAMES = _names()
+    MODEL_TENSOR, TENSOR_NAMES = tensor_names()
     rope_scaling = gguf.get(f"{arch}.rope.scaling.type", "none")
     if rope_scaling not in ("none", "") or gguf.has_tensor(TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"):
         raise CheckpointError(f"{gguf.path}: rope scaling ({rope_scaling!r} or a rope_freqs tensor) is not "
@@ -60,7 +54,7 @@ def text_config(gguf: GGUFFile) -> TextConfig:
 
 def text_tensor_names(cfg: TextConfig) -> dict[str, str]:
     """``{our parameter name: GGUF tensor name}`` for the decoder (LM head left out when tied)."""
-    MODEL_TENSOR, TENSOR_NAMES = _names()
+    MODEL_TENSOR, TENSOR_NAMES = tensor_names()
     names = {"decoder.embed_tokens.weight": TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight",
              "decoder.norm.weight": TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight"}
     if not cfg.tie_word_embeddings:

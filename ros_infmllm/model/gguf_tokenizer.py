@@ -61,5 +61,6 @@ def gguf_tokenizer(gguf: GGUFFile) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                   for i, kind in enumerate(kinds) if kind == _CONTROL])
-    tokenizer.add_tokens([AddedToken(tokens[i], normalized=False) for i, kind in enumerate(kinds) if kind == _USER_DEFINED])
+    tokenizer.add_tokens([AddedToken(tokens[i], normalized=False)
+                          for i, kind in enumerate(kinds) if kind == _USER_DEFINED])
     return tokenizer

@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
 .PHONY: test demo venv clean
-# The bag `make demo` replays (synthetic-world frames, questions, ground-truth answers), and the
-# model it answers with (empty: the bundled demo model).
-DEMO_BAG ?= tests/data/demo_mcap
-MODEL ?=
+# The bag `make demo` replays (synthetic busy-table frames, questions, ground-truth answers), and
+# the model it answers with (demo-vlm: SmolLM2 + the trained tower, assembled on first use; empty:
+# the tiny test model, with DEMO_BAG=tests/data/demo_mcap).
+DEMO_BAG ?= tests/data/demo_vlm_mcap
+MODEL ?= demo-vlm
 
 venv: $(STAMP)
 

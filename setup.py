@@ -16,7 +16,7 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*")),
     ],
     # The bundled demo model (issue 4): a real LLaVA-layout checkpoint, about 13 MB.
-    package_data={PACKAGE: ["demo_model/*"]},
+    package_data={PACKAGE: ["demo_model/*", "demo_vlm/*"]},
     python_requires=">=3.10",
     # The streaming core's dependencies; rclpy and the message packages come from ROS 2 itself
     # in a colcon workspace, or from the PyPI wheels in the `ros` extra elsewhere.

@@ -1,7 +1,13 @@
-"""Evaluate the bundled demo model through StreamingSession on held-out synthetic streams.
+"""Evaluate a demo model through StreamingSession on held-out synthetic streams.
+
+``--model demo-vlm`` (default): the demo VLM (SmolLM2 + trained tower, see ros_infmllm.demo.vlm) on
+the busy table with questions in English (``chat_questions``); ``--model tiny``: the tiny test model
+on the small table with its terse questions; or a checkpoint folder (``--questions`` says which set).
+A reply is right when it equals the reference sentence up to case, punctuation and spacing
+(``chat_questions.judge``).
 
 1. Current-scene and memory questions with no eviction (policy ``full``, short streams):
-   exact-match accuracy per question type.
+   accuracy per question type.
 2. Streams 4x-20x longer than the cache budget: exact-match accuracy per policy (``full`` with a
    cache large enough to hold the stream, ``streamingllm``, ``h2o``, ``inf-mllm`` at equal budget),
    for memory questions and current-scene questions asked once eviction has begun.
@@ -22,30 +28,42 @@ import torch
 from plotting import pyplot
 from ros_infmllm.cache import make_policy
 from ros_infmllm.demo import bundled_model_path
-from ros_infmllm.demo.episodes import make_episode
-from ros_infmllm.demo.questions import CURRENT_TYPES, MEMORY_TYPES
-from ros_infmllm.model import load_model
-from ros_infmllm.session import ImagePreprocessor, SessionConfig, StreamingSession, template_for
+from ros_infmllm.demo.chat_questions import judge
+from ros_infmllm.demo.episodes import CHAT, TERSE, make_episode
+from ros_infmllm.model import load_model, locate
+from ros_infmllm.model.checkpoint_text import load_tokenizer
+from ros_infmllm.session import SessionConfig, StreamingSession, checkpoint_template
+from ros_infmllm.session.preprocess import preprocessor_for
 
 HELD_OUT_SEED = 30_000_000  # training used seeds below 10M, the trainer's validation 10M..
 RESULTS = Path(__file__).resolve().parent / "results"
+QUESTION_SETS = {"chat": CHAT, "terse": TERSE}
+
+
+def resolve_model(name: str) -> Path:
+    if name == "demo-vlm":
+        from ros_infmllm.demo.vlm import demo_vlm_path
+
+        return demo_vlm_path()
+    return bundled_model_path() if name == "tiny" else Path(name)
 
 
 class Evaluator:
     """The model loaded once per process; runs episodes through fresh sessions."""
 
     def __init__(self, model_dir: Path, device: str) -> None:
-        from tokenizers import Tokenizer
-
-        self.model = load_model(model_dir, device=device)
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.template = template_for("auto", model_dir, self.model.cfg.text.model_type)
-        self.preprocessor = ImagePreprocessor.for_model(model_dir, self.model.cfg.vision)
-        self.tokens_per_frame = self.model.cfg.num_image_tokens + 1
+        files = locate(model_dir)
+        self.model = load_model(files, device=device)
+        self.tokenizer = load_tokenizer(files)
+        self.template = checkpoint_template(files, self.model.cfg.text.model_type)
+        self.preprocessor = preprocessor_for(files, self.model)
+        probe = StreamingSession(self.model, self.tokenizer, make_policy("full"), SessionConfig(capacity=64),
+                                 self.template, self.preprocessor)
+        self.tokens_per_frame = len(probe.frame_ids())
 
     def run(self, policy: str, capacity: int, episode, budget_tokens: int) -> list[tuple[str, bool, bool]]:
         """(kind, correct, asked after the stream outgrew the budget) for every question."""
-        config = SessionConfig(capacity=capacity, max_chunk=32, max_new_tokens=12)
+        config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32)
         session = StreamingSession(self.model, self.tokenizer, make_policy(policy), config, self.template,
                                    self.preprocessor)
         results = []
@@ -54,26 +72,28 @@ class Evaluator:
                 session.ingest_frame(episode.frames[item])
             else:
                 answer = session.answer(item.question)
-                results.append((item.kind, answer == item.answer, session.cache.total_seen > budget_tokens))
+                results.append((item.kind, judge(answer, item.answer), session.cache.total_seen > budget_tokens))
         return results
 
 
 def evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, streams: int,
-                     budget: int) -> tuple[int, str, list]:
+                     budget: int, questions: str) -> tuple[int, str, list]:
     """One (stream length, policy) cell; a separate process when --jobs > 1."""
     torch.set_num_threads(1)
     evaluator = Evaluator(model_dir, device)
+    question_set = QUESTION_SETS[questions]
     if multiple == 0:  # the no-eviction table: short streams, every kind of question
         rows = []
         for i in range(streams * 2):
-            episode = make_episode(HELD_OUT_SEED + i, 4 + i % 13, question_rate=0.5, memory_share=0.4)
-            rows += evaluator.run("full", 2048, episode, 10**9)
+            episode = make_episode(HELD_OUT_SEED + i, 4 + i % 13, question_rate=0.5, memory_share=0.4,
+                                   questions=question_set)
+            rows += evaluator.run("full", 4096, episode, 10**9)
         return multiple, policy, rows
     frames = multiple * budget // evaluator.tokens_per_frame
     rows = []
     for i in range(streams):
         episode = make_episode(HELD_OUT_SEED + 1_000_000 * multiple + i, frames, question_rate=0.06,
-                               memory_share=0.6)
+                               memory_share=0.6, questions=question_set)
         capacity = budget if policy != "full" else frames * evaluator.tokens_per_frame + 64 * frames
         rows += evaluator.run(policy, capacity, episode, budget)
     return multiple, policy, rows
@@ -86,17 +106,23 @@ def accuracy(rows: list[tuple[str, bool, bool]], kinds: tuple[str, ...], late_on
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, default=bundled_model_path())
+    parser.add_argument("--model", default="demo-vlm", help="demo-vlm, tiny or a checkpoint folder")
+    parser.add_argument("--questions", choices=sorted(QUESTION_SETS), default=None,
+                        help="question set (default: terse for the tiny model, chat otherwise)")
+    parser.add_argument("--name", default="demo_eval", help="results file name (without extension)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--streams", type=int, default=40, help="held-out streams per setting")
-    parser.add_argument("--budget", type=int, default=256, help="cache capacity in tokens for the policies")
+    parser.add_argument("--budget", type=int, default=512, help="cache capacity in tokens for the policies")
     parser.add_argument("--multiples", type=int, nargs="+", default=[4, 8, 20])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--jobs", type=int, default=1, help="settings evaluated in parallel processes")
     args = parser.parse_args()
+    questions = args.questions or ("terse" if args.model == "tiny" else "chat")
+    question_set = QUESTION_SETS[questions]
+    args.model = resolve_model(args.model)
     started = time.monotonic()
     settings = [(0, "full")] + [(m, p) for m in args.multiples for p in ("full", "streamingllm", "h2o", "inf-mllm")]
-    jobs = [(args.model, args.device, m, p, args.streams, args.budget) for m, p in settings]
+    jobs = [(args.model, args.device, m, p, args.streams, args.budget, questions) for m, p in settings]
     if args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -110,24 +136,26 @@ def main() -> int:
     long_results: dict[str, dict[str, dict]] = defaultdict(dict)
     for multiple, policy, rows in outcomes:
         if multiple == 0:
-            per_type = {kind: accuracy(rows, (kind,)) for kind in CURRENT_TYPES + MEMORY_TYPES}
+            per_type = {kind: accuracy(rows, (kind,)) for kind in question_set.current_types + question_set.memory_types}
+            per_type["all current-scene"] = accuracy(rows, question_set.current_types)
             continue
         long_results[f"{multiple}x"][policy] = {
-            "memory": accuracy(rows, MEMORY_TYPES, late_only=True),
-            "current": accuracy(rows, CURRENT_TYPES, late_only=True),
-            **{kind: accuracy(rows, (kind,), late_only=True) for kind in MEMORY_TYPES},
+            "memory": accuracy(rows, question_set.memory_types, late_only=True),
+            "current": accuracy(rows, question_set.current_types, late_only=True),
+            **{kind: accuracy(rows, (kind,), late_only=True) for kind in question_set.memory_types},
         }
     tokens_per_frame = Evaluator(args.model, "cpu").tokens_per_frame
 
-    report = {"model": str(args.model), "device": args.device, "budget_tokens": args.budget,
+    report = {"model": str(args.model), "questions": questions, "memory_kinds": list(question_set.memory_types),
+              "device": args.device, "budget_tokens": args.budget,
               "tokens_per_frame": tokens_per_frame, "streams_per_setting": args.streams,
               "seconds": round(time.monotonic() - started, 1), "no_eviction_per_type": per_type,
               "long_streams": long_results}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "demo_eval.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / "demo_eval.md")
-    write_plot(report, args.out / "demo_eval.png")
-    print((args.out / "demo_eval.md").read_text())
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, args.out / f"{args.name}.md")
+    write_plot(report, args.out / f"{args.name}.png")
+    print((args.out / f"{args.name}.md").read_text())
     return 0
 
 
@@ -137,22 +165,24 @@ def _cell(value: tuple[float, int]) -> str:
 
 
 def write_markdown(report: dict, path: Path) -> None:
+    kinds = report["memory_kinds"]
     lines = ["# Demo model evaluation", "",
-             f"Produced by `benchmarks/eval_demo.py` on {report['device']} in {report['seconds']} s; "
-             f"{report['streams_per_setting']} held-out streams per setting; exact match of the whole answer; "
-             "(n) = questions.", "",
+             f"Produced by `benchmarks/eval_demo.py` on {report['device']} in {report['seconds']} s; model "
+             f"`{Path(report['model']).name}`, questions `{report['questions']}`; "
+             f"{report['streams_per_setting']} held-out streams per setting; a reply is right when it equals the "
+             "reference answer up to case, punctuation and spacing; (n) = questions.", "",
              "## No eviction (policy `full`, streams of 4-16 frames)", "", "| question type | accuracy |", "|---|---|"]
     lines += [f"| {kind} | {_cell(value)} |" for kind, value in report["no_eviction_per_type"].items()]
     lines += ["", f"## Long streams at equal budget ({report['budget_tokens']} tokens, "
                   f"{report['tokens_per_frame']} tokens per frame)", "",
               "Questions asked after the stream outgrew the budget. `full` holds the whole stream "
               "(an upper bound that needs memory growing with the stream).", "",
-              "| stream | policy | memory questions | first_seen | did_you_see | before | current-scene |",
-              "|---|---|---|---|---|---|---|"]
+              "| stream | policy | memory questions | " + " | ".join(kinds) + " | current-scene |",
+              "|---|---|---|" + "---|" * len(kinds) + "---|"]
     for multiple, policies in report["long_streams"].items():
         for policy, values in policies.items():
-            lines.append(f"| {multiple} | {policy} | {_cell(values['memory'])} | {_cell(values['first_seen'])} | "
-                         f"{_cell(values['did_you_see'])} | {_cell(values['before'])} | {_cell(values['current'])} |")
+            cells = " | ".join(_cell(values[k]) for k in kinds)
+            lines.append(f"| {multiple} | {policy} | {_cell(values['memory'])} | {cells} | {_cell(values['current'])} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -70,21 +70,24 @@ def test_full_query_queue_refuses_at_once() -> None:
     assert answers == ["an answer", "an answer"] and worker.counters.queries_refused == 3
 
 
-def test_queries_go_before_waiting_frames_and_errors_are_answered() -> None:
+def test_questions_go_after_earlier_frames_before_later_ones_and_errors_are_answered() -> None:
     session = RecordingSessionDouble()
     session.gate.clear()
     answers: list[str] = []
     worker = InferenceWorker(session, lambda q, t: answers.append(t), frame_rate=1000.0)
     worker.start()
     worker.submit_frame("cam", _frame(), 1.0)
-    time.sleep(0.1)
-    worker.submit_frame("cam2", _frame(), 2.0)
+    time.sleep(0.1)  # the worker is blocked inside frame 1
+    worker.submit_frame("cam2", _frame(), 2.0)  # seen before the questions were asked: goes in first
+    time.sleep(0.01)
     worker.submit_query("")
     worker.submit_query("what?")
+    time.sleep(0.01)
+    worker.submit_frame("cam3", _frame(), 3.0)  # arrived after them: waits for both answers
     session.gate.set()
     assert worker.wait_idle(5.0)
     worker.stop()
-    assert [e[0] for e in session.events] == ["frame", "query", "frame"]
+    assert session.events == [("frame", 1.0), ("frame", 2.0), ("query", "what?"), ("frame", 3.0)]
     assert answers == ["error: query is empty", "an answer"]
 
 

@@ -3,15 +3,36 @@ laid out exactly as the session's ``demo`` template writes them into the cache."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
+from .chat_questions import (CHAT_CURRENT_TYPES, CHAT_MEMORY_TYPES, StreamHistory, chat_current_question,
+                             chat_memory_question)
 from .questions import CURRENT_TYPES, MEMORY_TYPES, QA, History, current_question, memory_question
-from .world import scene_stream
+from .world import BUSY_TABLE, TABLE, WorldSpec, scene_stream
 
 # The demo template (ros_infmllm.session.templates.PRESETS["demo"]) as token strings.
 FRAME_MARK, QUERY_MARK, ANSWER_MARK, EOS, IMAGE, PAD, UNK = "<frame>", "<q>", "<a>", "<eos>", "<image>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (PAD, UNK, EOS, IMAGE, FRAME_MARK, QUERY_MARK, ANSWER_MARK)
+
+
+@dataclass(frozen=True)
+class QuestionSet:
+    """A world and the questions asked about it: the tiny model's terse set or the VLM's chat set."""
+
+    world: WorldSpec
+    current_types: tuple[str, ...]
+    memory_types: tuple[str, ...]
+    current: Callable[[str, Any, np.random.Generator], QA | None]
+    memory: Callable[[str, Any, np.random.Generator], QA | None]
+    history: Callable[[], Any]
+    frame_size: int
+
+
+TERSE = QuestionSet(TABLE, CURRENT_TYPES, MEMORY_TYPES, current_question, memory_question, History, 64)
+CHAT = QuestionSet(BUSY_TABLE, CHAT_CURRENT_TYPES, CHAT_MEMORY_TYPES, chat_current_question, chat_memory_question,
+                   StreamHistory, 128)
 
 
 @dataclass
@@ -20,15 +41,18 @@ class Episode:
 
     frames: list[np.ndarray]
     events: list[tuple[str, object]]
+    labels: list[np.ndarray] | None = None  # per-pixel thing classes of each frame, if asked for
 
 
 def make_episode(seed: int, frames: int, question_rate: float = 0.35, memory_share: float = 0.35,
-                 size: int = 64) -> Episode:
+                 size: int | None = None, questions: QuestionSet = TERSE, with_labels: bool = False) -> Episode:
     """A seeded stream of ``frames`` frames with questions after random frames, and one at the end."""
     rng = np.random.default_rng(seed + 1_000_003)
     per_scene = int(rng.integers(1, 4))
-    stream = list(scene_stream(seed, (frames + per_scene - 1) // per_scene, per_scene, size, size))[:frames]
-    history = History()
+    size = size or questions.frame_size
+    stream = list(scene_stream(seed, (frames + per_scene - 1) // per_scene, per_scene, size, size,
+                               questions.world, with_labels))[:frames]
+    history = questions.history()
     images, events = [], []
     for i, frame in enumerate(stream):
         images.append(frame.image)
@@ -38,14 +62,16 @@ def make_episode(seed: int, frames: int, question_rate: float = 0.35, memory_sha
             qa = None
             for _ in range(4):  # some kinds have no question for some scenes
                 if rng.random() < memory_share:
-                    qa = memory_question(MEMORY_TYPES[rng.integers(len(MEMORY_TYPES))], history, rng)
+                    kinds = questions.memory_types
+                    qa = questions.memory(kinds[rng.integers(len(kinds))], history, rng)
                 else:
-                    qa = current_question(CURRENT_TYPES[rng.integers(len(CURRENT_TYPES))], frame.scene, rng)
+                    kinds = questions.current_types
+                    qa = questions.current(kinds[rng.integers(len(kinds))], frame.scene, rng)
                 if qa is not None:
                     break
             if qa is not None:
                 events.append(("qa", qa))
-    return Episode(images, events)
+    return Episode(images, events, [f.labels for f in stream] if with_labels else None)
 
 
 def episode_words(episode: Episode, image_tokens: int) -> tuple[list[str], list[bool]]:
@@ -64,3 +90,28 @@ def episode_words(episode: Episode, image_tokens: int) -> tuple[list[str], list[
             words += prompt + answer
             target += [False] * len(prompt) + [True] * len(answer)
     return words, target
+
+
+def episode_ids(episode: Episode, tokenizer, template, image_token: int, image_tokens: int,
+                system: str) -> tuple[list[int], list[bool], list[str]]:
+    """The token ids a ``StreamingSession`` with ``template`` writes for the episode (system prompt,
+    frames, questions, then each answer followed by its stop token, as a greedy answer that
+    stopped leaves it in the cache), whether each id is an answer token (trained on), and the
+    question kind of each answer in order."""
+    from ..session.templates import template_ids
+
+    stop = tokenizer.token_to_id(template.stop[0])
+    ids = template_ids(tokenizer, template.system.replace("{system}", system))
+    target = [False] * len(ids)
+    frame = template_ids(tokenizer, template.frame, image_token, image_tokens)
+    kinds = []
+    for kind, item in episode.events:
+        if kind == "frame":
+            block, answer = frame, []
+        else:
+            block = template_ids(tokenizer, template.query.replace("{query}", item.question))
+            answer = tokenizer.encode(item.answer, add_special_tokens=False).ids + [stop]
+            kinds.append(item.kind)
+        ids += block + answer
+        target += [False] * len(block) + [True] * len(answer)
+    return ids, target, kinds

@@ -45,6 +45,10 @@ def build_session(values: dict[str, Any]):
     from ..session import SamplingConfig, StreamingSession
 
     model_path = values["model_path"] or default_model_path()
+    if model_path == DEMO_VLM:
+        from ..demo.vlm import demo_vlm_path
+
+        model_path = str(demo_vlm_path())  # assembled on first use, with progress on stderr
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(values["dtype"])
     return StreamingSession.from_pretrained(
         model_path, policy=values["policy"], policy_options=P.policy_options(values), device=values["device"],
@@ -56,8 +60,11 @@ def build_session(values: dict[str, Any]):
         sampling=SamplingConfig(values["temperature"], values["top_p"], values["seed"]))
 
 
+DEMO_VLM = "demo-vlm"  # model_path naming the demo VLM
+
+
 def default_model_path() -> str:
-    """The bundled demo model, used when ``model_path`` is empty."""
+    """The tiny bundled model, used when ``model_path`` is empty."""
     from ..demo import bundled_model_path
 
     path = bundled_model_path()

@@ -26,7 +26,8 @@ class ParamSpec:
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "", "Checkpoint: a Hugging Face folder (LLaVA or text-only), a .gguf file, or a folder "
-                                "with one text .gguf and an mmproj*.gguf. Empty: the bundled demo model."),
+                                "with one text .gguf and an mmproj*.gguf. 'demo-vlm': the demo VLM (SmolLM2 + trained tower, "
+                                "assembled in the cache on first use). Empty: the tiny bundled test model."),
     ParamSpec("mmproj_path", "", "llama.cpp mmproj .gguf (vision tower + projector) for a .gguf model_path."),
     ParamSpec("image_topics", ["/camera/image_raw"],
               "Camera topics; names ending in /compressed are sensor_msgs/CompressedImage."),

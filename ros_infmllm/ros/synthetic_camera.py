@@ -13,7 +13,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from ..demo.world import StreamFrame, scene_stream
+from ..demo.world import WORLDS, StreamFrame, scene_stream
 from .conversion import rgb_to_image_fields
 from .entry import run_node
 
@@ -36,10 +36,13 @@ class SyntheticCamera(Node):
         per_scene = declare("frames_per_scene", 3, "Frames showing each scene before it changes.")
         scenes = declare("scenes", 0, "Scenes to publish, 0 for no end.")
         topic = declare("image_topic", "/camera/image_raw", "Where frames go.")
-        if self.rate <= 0 or width < 16 or height < 16 or per_scene < 1 or scenes < 0:
+        world = declare("world", "table", f"Which table: {', '.join(WORLDS)} (busy_table: the demo VLM's, "
+                                          "up to 5 things at 9 places; use width and height 128).")
+        if self.rate <= 0 or width < 16 or height < 16 or per_scene < 1 or scenes < 0 or world not in WORLDS:
             raise ValueError(f"bad synthetic camera parameters: rate={self.rate} width={width} height={height} "
-                             f"frames_per_scene={per_scene} scenes={scenes}")
-        self.frames: Iterator[StreamFrame] = scene_stream(seed, scenes or 1 << 62, per_scene, width, height)
+                             f"frames_per_scene={per_scene} scenes={scenes} world={world!r}")
+        self.frames: Iterator[StreamFrame] = scene_stream(seed, scenes or 1 << 62, per_scene, width, height,
+                                                          WORLDS[world])
         self.image_pub = self.create_publisher(Image, topic, qos_profile_sensor_data)
         self.truth_pub = self.create_publisher(String, "~/ground_truth", 10)
         self.create_timer(1.0 / self.rate, self._publish)

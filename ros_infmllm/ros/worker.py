@@ -2,7 +2,9 @@
 
 Frames go into a one-slot "latest frame" mailbox per camera: a busy worker skips stale frames,
 never queues them. Questions go into a bounded FIFO: a full queue refuses at once, so the
-caller can answer "busy". Questions take priority over frames. No ROS here: the node wires
+caller can answer "busy". Questions take priority over frames, except a frame that is due (the
+rate allows it) and arrived before the question: it goes in first, so an answer covers what the
+camera showed when the question was asked. No ROS here: the node wires
 callbacks to publishers, and the tests drive this class directly too.
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ class InferenceWorker:
         self.max_pending_queries = max_pending_queries
         self.frame_rate = frame_rate
         self.counters = WorkerCounters()
-        self._frames: dict[str, tuple[np.ndarray, float | None]] = {}
+        self._frames: dict[str, tuple[np.ndarray, float | None, float]] = {}  # rgb, stamp, received
         self._queries: collections.deque[Query] = collections.deque()
         self._ids = itertools.count(1)
         self._order: list[str] = []
@@ -88,7 +90,7 @@ class InferenceWorker:
                 self.counters.frames_dropped += 1
             elif camera not in self._order:
                 self._order.append(camera)
-            self._frames[camera] = (rgb, stamp)
+            self._frames[camera] = (rgb, stamp, time.monotonic())
             self._wake.notify()
 
     def reject_frame(self, reason: str) -> None:
@@ -131,10 +133,14 @@ class InferenceWorker:
 
     # ---- the worker thread -----------------------------------------------------------------
     def _next_job(self) -> tuple[str, Any] | None:
-        """Called with the lock held: a question first, else a frame if the rate allows, else None."""
+        """Called with the lock held: a question first (unless a due frame came before it), else a
+        frame if the rate allows, else None."""
+        due = bool(self._frames) and time.monotonic() - self._last_ingest >= 1.0 / self.frame_rate
         if self._queries:
-            return "query", self._queries.popleft()
-        if self._frames and time.monotonic() - self._last_ingest >= 1.0 / self.frame_rate:
+            first = self._queries[0].received
+            if not (due and any(received < first for _, _, received in self._frames.values())):
+                return "query", self._queries.popleft()
+        if due:
             for _ in range(len(self._order)):
                 camera = self._order[self._next_camera % len(self._order)]
                 self._next_camera += 1
@@ -165,7 +171,7 @@ class InferenceWorker:
             finally:
                 self._busy = False
 
-    def _ingest(self, camera: str, frame: tuple[np.ndarray, float | None]) -> None:
+    def _ingest(self, camera: str, frame: tuple[np.ndarray, float | None, float]) -> None:
         started = time.monotonic()
         self._last_ingest = started
         try:

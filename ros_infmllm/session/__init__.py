@@ -1,8 +1,8 @@
 """The streaming session (no ROS): frames and questions in, answers out, over a bounded cache."""
 from .preprocess import ImagePreprocessor, validate_rgb
 from .sampling import SamplingConfig, sample_next
-from .session import SessionConfig, SessionStats, StreamingSession
+from .session import SessionConfig, SessionStats, StreamingSession, checkpoint_template
 from .templates import PRESETS, PromptTemplate, template_for
 
 __all__ = ["ImagePreprocessor", "validate_rgb", "SamplingConfig", "sample_next", "SessionConfig", "SessionStats",
-           "StreamingSession", "PRESETS", "PromptTemplate", "template_for"]
+           "StreamingSession", "checkpoint_template", "PRESETS", "PromptTemplate", "template_for"]

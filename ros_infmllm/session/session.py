@@ -26,7 +26,7 @@ from ..model.checkpoint_text import chat_template, load_tokenizer
 from .chat_template import template_from_chat
 from .preprocess import ImagePreprocessor, preprocessor_for
 from .sampling import SamplingConfig, sample_next
-from .templates import IMAGE_PLACEHOLDER, PromptTemplate, template_for
+from .templates import PromptTemplate, template_for, template_ids
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,13 @@ class SessionStats:
     text_tokens_fed: int = 0
     queries_answered: int = 0
     tokens_generated: int = 0
+
+
+def checkpoint_template(files, model_type: str, name: str = "auto") -> PromptTemplate:
+    """The template a session uses for a checkpoint: preset ``name``, where ``auto`` and ``chat``
+    resolve against the checkpoint's own chat template (see templates.template_for)."""
+    chat = chat_template(files)
+    return template_for(name, files.folder, model_type, template_from_chat(chat) if chat is not None else None)
 
 
 class StreamingSession:
@@ -132,9 +139,7 @@ class StreamingSession:
         runner = make_backend(backend, model, files.folder, engine_dir, manifest)
         if backend != "torch":
             runner.check_session(session_config.capacity, session_config.max_chunk, dtype)
-        chat = chat_template(files)
-        template = template_for(session_config.template, files.folder, model.cfg.text.model_type,
-                                template_from_chat(chat) if chat is not None else None)
+        template = checkpoint_template(files, model.cfg.text.model_type, session_config.template)
         return cls(model, tokenizer, policy_obj, session_config, template, preprocessor_for(files, model), runner)
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -168,14 +173,7 @@ class StreamingSession:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def _template_ids(self, text: str, image_tokens: int = 0) -> list[int]:
-        parts = text.split(IMAGE_PLACEHOLDER)
-        ids: list[int] = []
-        for i, part in enumerate(parts):
-            if i:
-                ids.extend([self.model.cfg.image_token_index] * image_tokens)
-            if part:
-                ids.extend(self._encode(part))
-        return ids
+        return template_ids(self.tokenizer, text, self.model.cfg.image_token_index, image_tokens)
 
     @torch.inference_mode()
     def feed(self, ids: torch.Tensor, image_features: torch.Tensor | None = None, pinned: bool = False,

@@ -48,6 +48,19 @@ PRESETS: dict[str, PromptTemplate] = {
 TEMPLATE_FILE = "infmllm_template.json"
 
 
+def template_ids(tokenizer, text: str, image_token: int = -1, image_tokens: int = 0) -> list[int]:
+    """Token ids of a template text as a session writes it: the pieces between ``<image>``
+    placeholders tokenised alone (no special tokens added), each placeholder ``image_tokens``
+    copies of ``image_token``. Training data is laid out by this same function."""
+    ids: list[int] = []
+    for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            ids.extend([image_token] * image_tokens)
+        if part:
+            ids.extend(tokenizer.encode(part, add_special_tokens=False).ids)
+    return ids
+
+
 def template_for(name: str, model_dir: str | Path | None = None, model_type: str = "",
                  chat: PromptTemplate | None = None) -> PromptTemplate:
     """A preset by name; ``chat``: the template derived from the checkpoint's own chat template

@@ -17,11 +17,14 @@ ANSWER_TOPIC = "/infmllm/answer"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="infmllm_demo", description=__doc__)
-    parser.add_argument("--model", default="", help="checkpoint folder (default: the bundled demo model)")
+    parser.add_argument("--model", default="demo-vlm",
+                        help="'demo-vlm' (default: SmolLM2 + trained tower, assembled on first use), '' for the "
+                             "tiny bundled test model, or a checkpoint path")
     parser.add_argument("--bag", type=Path, required=True, help="rosbag2 with camera frames and questions")
     parser.add_argument("--policy", default="inf-mllm")
     parser.add_argument("--capacity", type=int, default=1024)
-    parser.add_argument("--rate", type=float, default=1.0, help="bag playback speed")
+    parser.add_argument("--rate", type=float, default=0.25,
+                        help="bag playback speed (0.25 leaves a CPU time to ingest each frame of a 4 fps bag)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the last answer")
     return parser.parse_args(argv)
 
@@ -38,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from rclpy.serialization import deserialize_message
 
+    from ..demo.chat_questions import judge
+
+    if args.model == "demo-vlm":  # assemble here, so the progress shows before the node starts
+        from ..demo.vlm import demo_vlm_path
+
+        args.model = str(demo_vlm_path())
     questions = [raw for _, _, _, raw in read_bag(args.bag, [QUERY_TOPIC])]
     expected = [json.loads(deserialize_message(raw, String).data) for topic, _, _, raw in read_bag(args.bag)
                 if topic == EXPECTED_TOPIC]
@@ -79,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                 # The bag records each generated question's answer beside it, in the same order.
                 truth = expected[i]["answer"] if i < len(expected) and expected[i]["question"] == question else None
                 if truth is not None:
-                    right += answer == truth
-                    print(f"   ({'correct' if answer == truth else 'expected: ' + truth})", flush=True)
+                    correct = judge(answer, truth)  # up to case, punctuation and spacing
+                    right += correct
+                    print(f"   ({'correct' if correct else 'expected: ' + truth})", flush=True)
                 print(flush=True)
             if expected:
                 print(f"{right} of {len(expected)} answers match the ground truth", flush=True)

@@ -17,22 +17,25 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from ..demo.questions import CURRENT_TYPES, MEMORY_TYPES, History, current_question, memory_question
+from ..demo.episodes import CHAT, TERSE
 from ..demo.world import scene_stream
 from ..ros.conversion import rgb_to_image_fields
 from .bag_io import BagMessage, write_bag
 
 EXPECTED_TOPIC = "/infmllm_demo/expected"
+QUESTION_SETS = {"terse": TERSE, "chat": CHAT}
 START_NS = 1_700_000_000 * 10**9
 
 
 def stream(args: argparse.Namespace) -> Iterator[BagMessage]:
     events: list[BagMessage] = []
     rng = np.random.default_rng(args.seed)
-    kinds = list(CURRENT_TYPES) + list(MEMORY_TYPES)
-    history = History()
+    questions = QUESTION_SETS[args.questions]
+    kinds = list(questions.current_types) + list(questions.memory_types)
+    history = questions.history()
     frame_ns = int(1e9 / args.fps)
-    frames = scene_stream(args.seed, args.scenes, args.frames_per_scene, args.size[0], args.size[1])
+    size = args.size or (questions.frame_size, questions.frame_size)
+    frames = scene_stream(args.seed, args.scenes, args.frames_per_scene, size[0], size[1], questions.world)
     for frame in frames:
         stamp = START_NS + frame.index * frame_ns
         history.observe(frame.scene)
@@ -46,8 +49,8 @@ def stream(args: argparse.Namespace) -> Iterator[BagMessage]:
                                      {"format": "jpeg", "data": jpeg.tobytes()}))
         if args.ask_every and (frame.index + 1) % args.ask_every == 0:
             kind = kinds[(frame.index // args.ask_every) % len(kinds)]
-            qa = (memory_question(kind, history, rng) if kind in MEMORY_TYPES
-                  else current_question(kind, frame.scene, rng))
+            qa = (questions.memory(kind, history, rng) if kind in questions.memory_types
+                  else questions.current(kind, frame.scene, rng))
             if qa is not None:
                 at = stamp + frame_ns // 2
                 events.append(BagMessage(args.query_topic, "std_msgs/msg/String", at, {"data": qa.question}))
@@ -74,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=8, help="scene changes in the stream")
     parser.add_argument("--frames-per-scene", type=int, default=2)
     parser.add_argument("--fps", type=float, default=4.0)
-    parser.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("WIDTH", "HEIGHT"),
+                        help="frame size (default: 64x64 for terse questions, 128x128 for chat)")
+    parser.add_argument("--questions", choices=sorted(QUESTION_SETS), default="terse",
+                        help="terse: the small table and the tiny model's questions; chat: the busy table and "
+                             "the demo VLM's questions in English")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-topic", default="/camera/image_raw", help="'' for none")
     parser.add_argument("--compressed", action="store_true", help="also write JPEG frames on TOPIC/compressed")

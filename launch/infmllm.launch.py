@@ -1,4 +1,4 @@
-"""ros2 launch ros_infmllm infmllm.launch.py [model_path:=DIR|FILE.gguf] [mmproj_path:=FILE.gguf]
+"""ros2 launch ros_infmllm infmllm.launch.py [model_path:=DIR|FILE.gguf|demo-vlm] [mmproj_path:=FILE.gguf]
 [image_topic:=TOPIC] [params_file:=YAML]
 [backend:=torch|onnxruntime|tensorrt] [engine_dir:=DIR] [namespace:=NS]
 
@@ -11,7 +11,7 @@ from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
 ARGUMENTS = {
-    "model_path": ("", "Checkpoint folder or .gguf file; empty for the bundled demo model"),
+    "model_path": ("", "Checkpoint folder or .gguf file; demo-vlm for the demo VLM; empty for the tiny test model"),
     "mmproj_path": ("", "llama.cpp mmproj .gguf for a .gguf model_path"),
     "image_topic": ("/camera/image_raw", "Camera topic (…/compressed for CompressedImage)"),
     "params_file": (None, "Parameter YAML (default: the package's config/infmllm.yaml)"),

@@ -82,3 +82,25 @@ def test_device_fed_greedy_decode_is_captured_and_equals_eager(head16_model_dir:
     assert produced == expected
     assert ("next", 1, False, False) in graphed.runner.graphs and graphed.cache.evictions > 0
     assert torch.allclose(eager.cache.k, graphed.cache.k, atol=1e-4)
+
+
+def test_after_warm_up_a_stream_compiles_and_captures_nothing(head16_model_dir: Path) -> None:
+    """The node's warm-up promise: once warm_up() returns, frames, questions and evictions replay
+    what it captured: no new CUDA graph, no new torch.compile frame."""
+    from tokenizers import Tokenizer
+    from torch._dynamo.utils import counters
+
+    model = load_model(head16_model_dir, device="cuda")
+    tokenizer = Tokenizer.from_file(str(head16_model_dir / "tokenizer.json"))
+    session = _session(model, tokenizer, True, "inf-mllm")
+    session.warm_up()
+    graphs = (set(session.runner.graphs), set(session.backend.vision_runner.graphs))
+    compiled = counters["stats"]["unique_graphs"]
+    frames = np.random.default_rng(1).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        session.ingest_frame(frame)
+        if i % 5 == 4:
+            session.answer("a question of a length not seen in warm-up" if i % 10 else "short", max_new_tokens=5)
+    assert session.cache.evictions >= 2
+    assert (set(session.runner.graphs), set(session.backend.vision_runner.graphs)) == graphs
+    assert counters["stats"]["unique_graphs"] == compiled

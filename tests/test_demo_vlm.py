@@ -21,10 +21,7 @@ SHIPPED_LIMIT_BYTES = 20 * 10**6
 
 @pytest.fixture(scope="module")
 def demo_vlm() -> Path:
-    lines: list[str] = []
-    path = vlm.demo_vlm_path(progress=lines.append)
-    assert lines[0].startswith("assembling") and lines[-1] == "ready"  # a fresh cache: assembled now
-    return path
+    return vlm.demo_vlm_path(progress=lambda line: None)  # the test session's cache (conftest)
 
 
 def test_the_package_ships_only_the_trained_parts_and_under_20_mb() -> None:
@@ -39,9 +36,18 @@ def test_the_package_ships_only_the_trained_parts_and_under_20_mb() -> None:
     assert sum(k.startswith("lora.") for k in keys) == 2 * len(vlm.LORA_TARGETS) * 30
 
 
-def test_assembly_is_cached_and_loads_in_transformers_with_our_logits(demo_vlm: Path) -> None:
+def test_first_use_assembles_with_progress_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROS_INFMLLM_CACHE", str(tmp_path))
     lines: list[str] = []
-    assert vlm.demo_vlm_path(progress=lines.append) == demo_vlm and lines == []  # second use: nothing to do
+    path = vlm.demo_vlm_path(progress=lines.append)
+    assert path.parent == tmp_path and lines[0].startswith("assembling") and lines[-1] == "ready"
+    assert sum(line.startswith("[") for line in lines) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo_vlm-")]  # no staging folder left
+    again: list[str] = []
+    assert vlm.demo_vlm_path(progress=again.append) == path and again == []  # second use: nothing to do
+
+
+def test_assembled_folder_loads_in_transformers_with_our_logits(demo_vlm: Path) -> None:
     from transformers import LlavaForConditionalGeneration
 
     from ros_infmllm.model import load_model

@@ -101,6 +101,8 @@ def test_frames_in_answers_out(running) -> None:
     values = {kv.key: kv.value for kv in probe.diagnostics[-1].status[0].values}
     assert int(values["frames_ingested"]) == 6 and int(values["cache_fill"]) > 0
     assert int(values["cache_capacity"]) == 256
+    assert values["state"] == "ready" and float(values["warm_up_s"]) > 0  # warm-up is on by default
+    assert probe.diagnostics[-1].status[0].message == "streaming"
 
 
 def test_malformed_input_is_refused_and_the_node_keeps_answering(running) -> None:

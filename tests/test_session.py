@@ -342,3 +342,22 @@ def test_a_step_failing_mid_frame_leaves_the_cache_as_before_the_frame(tiny_mode
     clean.ingest_frame(frames[3])
     assert torch.equal(cache.k[..., :cache.length, :], clean.cache.k[..., :clean.cache.length, :])
     assert failing.answer("what is in view ?") == clean.answer("what is in view ?")
+
+
+@pytest.mark.parametrize("policy", ["inf-mllm", "h2o"])
+def test_warm_up_leaves_no_trace_in_the_stream(tiny_model_dir: Path, policy: str) -> None:
+    """After warm_up (here with the GPU's eviction rounds forced on the CPU) a session streams and
+    answers exactly as one that never warmed up, sampled answers included."""
+    sampling = SamplingConfig(temperature=1.2, top_p=0.9, seed=3)
+    cold = _session(tiny_model_dir, policy, capacity=96, max_chunk=16, sampling=sampling, max_new_tokens=8)
+    warm = _session(tiny_model_dir, policy, capacity=96, max_chunk=16, sampling=sampling, max_new_tokens=8)
+    empty = warm.cache.length
+    seconds = warm.warm_up(evictions=2)
+    assert seconds > 0 and warm.cache.length == empty and warm.cache.evictions == 0
+    assert warm.stats.frames_ingested == 0 and warm.stats.queries_answered == 0
+    for session in (cold, warm):
+        for frame in _frames(12):
+            session.ingest_frame(frame)
+    assert warm.cache.evictions == cold.cache.evictions > 0
+    assert torch.equal(warm.cache.k[:, :, :warm.cache.length], cold.cache.k[:, :, :cold.cache.length])
+    assert warm.answer("what is in view ?") == cold.answer("what is in view ?")

@@ -101,3 +101,49 @@ def test_frame_rate_caps_ingestion() -> None:
         time.sleep(0.005)
     worker.stop()
     assert 4 <= worker.counters.frames_ingested <= 7
+
+
+def test_warm_up_runs_first_and_what_arrives_meanwhile_waits() -> None:
+    session = RecordingSessionDouble()
+    released = threading.Event()
+    ready: list[tuple] = []
+
+    def warm_up() -> float:
+        session.events.append(("warm-up", None))
+        released.wait(5.0)
+        return 0.25
+
+    answers: list[str] = []
+    worker = InferenceWorker(session, lambda q, t: answers.append(t), frame_rate=1000.0, warm_up=warm_up,
+                             on_ready=lambda seconds, error: ready.append((seconds, error)))
+    worker.start()
+    time.sleep(0.05)
+    assert worker.state == "warming up"
+    worker.submit_frame("cam", _frame(), 1.0)
+    worker.submit_query("what?")
+    time.sleep(0.05)
+    assert session.events == [("warm-up", None)] and answers == []  # nothing runs during warm-up
+    released.set()
+    assert worker.wait_idle(5.0)
+    worker.stop()
+    assert worker.state == "ready" and worker.warm_up_s == 0.25 and ready == [(0.25, "")]
+    assert session.events == [("warm-up", None), ("frame", 1.0), ("query", "what?")] and answers == ["an answer"]
+
+
+def test_a_failed_warm_up_is_reported_and_the_worker_still_serves() -> None:
+    session = RecordingSessionDouble()
+    errors: list[str] = []
+    ready: list[tuple] = []
+
+    def warm_up() -> float:
+        raise RuntimeError("CUDA out of memory")
+
+    answers: list[str] = []
+    worker = InferenceWorker(session, lambda q, t: answers.append(t), warm_up=warm_up, log_error=errors.append,
+                             on_ready=lambda seconds, error: ready.append((seconds, error)))
+    worker.start()
+    worker.submit_query("what?")
+    assert worker.wait_idle(5.0)
+    worker.stop()
+    assert worker.state == "ready" and answers == ["an answer"]
+    assert errors == ["warm-up failed: CUDA out of memory"] and ready == [(None, "warm-up failed: CUDA out of memory")]

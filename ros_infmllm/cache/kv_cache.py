@@ -162,10 +162,11 @@ class BoundedKVCache:
         self.length, self.total_seen = length, total_seen
 
     def reset(self) -> None:
-        """Forget every token (buffers are kept allocated)."""
+        """Forget every token and the eviction counts (buffers are kept allocated)."""
         for stat in self.stats.values():
             stat.zero_()
         self.length_t.zero_()
         self.seen_t.zero_()
         self.length = 0
         self.total_seen = 0
+        self.evictions = self.evicted_tokens = 0

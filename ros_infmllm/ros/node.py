@@ -86,7 +86,9 @@ class InfMLLMNode(Node):
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.worker = InferenceWorker(self.session, self._publish_answer, self._publish_piece,
                                       self.values["max_pending_queries"], self.values["frame_rate"],
-                                      log_error=lambda text: self.get_logger().error(text))
+                                      log_error=lambda text: self.get_logger().error(text),
+                                      warm_up=self.session.warm_up if self.values["warm_up"] else None,
+                                      on_ready=self._on_ready)
         for topic in self.values["image_topics"]:
             if topic.endswith("/compressed"):
                 self.create_subscription(CompressedImage, topic, self._frame_callback(topic, compressed_to_rgb),
@@ -98,10 +100,17 @@ class InfMLLMNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics)
         self.worker.start()
+        if self.values["warm_up"]:
+            self.get_logger().info("warming up: frames and questions wait until ready")
+
+    def _on_ready(self, seconds: float | None, error: str) -> None:
+        """Called by the worker once warm-up is over (at once without one)."""
+        warm = f" after a {seconds:.2f} s warm-up" if seconds is not None else (f" ({error})" if error else "")
         self.get_logger().info(
             f"ready: policy={self.values['policy']} capacity={self.values['capacity']} "
             f"cameras={self.values['image_topics']} model={self.values['model_path'] or '(bundled demo)'} "
-            f"backend={self.session.backend.name}")
+            f"backend={self.session.backend.name}{warm}")
+        self._publish_diagnostics()
 
     # ---- parameters ------------------------------------------------------------------------
     def _declare_parameters(self) -> dict[str, Any]:
@@ -169,10 +178,12 @@ class InfMLLMNode(Node):
     def _publish_diagnostics(self) -> None:
         counters, cache = self.worker.counters, self.session.cache
         level = DiagnosticStatus.OK
-        message = "streaming"
+        message = "streaming" if self.worker.state == "ready" else self.worker.state
         if self.worker.pending_queries >= self.worker.max_pending_queries:
             level, message = DiagnosticStatus.WARN, "query queue full"
+        warm_up_s = self.worker.warm_up_s
         values = {
+            "state": self.worker.state, "warm_up_s": "" if warm_up_s is None else f"{warm_up_s:.3f}",
             "cache_fill": cache.length, "cache_capacity": cache.capacity, "tokens_streamed": cache.total_seen,
             "evictions": cache.evictions, "evicted_tokens": cache.evicted_tokens, "policy": self.session.policy.name,
             "frames_received": counters.frames_received, "frames_ingested": counters.frames_ingested,

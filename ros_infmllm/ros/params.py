@@ -29,6 +29,8 @@ PARAMS: tuple[ParamSpec, ...] = (
                                 "with one text .gguf and an mmproj*.gguf. 'demo-vlm': the demo VLM (SmolLM2 + trained tower, "
                                 "assembled in the cache on first use). Empty: the tiny bundled test model."),
     ParamSpec("mmproj_path", "", "llama.cpp mmproj .gguf (vision tower + projector) for a .gguf model_path."),
+    ParamSpec("warm_up", True, "Before taking frames and questions, run each kind of step once (on a GPU: compile "
+                               "and capture CUDA graphs); what arrives meanwhile waits and is handled after."),
     ParamSpec("image_topics", ["/camera/image_raw"],
               "Camera topics; names ending in /compressed are sensor_msgs/CompressedImage."),
     ParamSpec("backend", "torch", "How the model runs: torch, or the exported graphs in engine_dir through "

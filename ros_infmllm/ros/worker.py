@@ -4,7 +4,9 @@ Frames go into a one-slot "latest frame" mailbox per camera: a busy worker skips
 never queues them. Questions go into a bounded FIFO: a full queue refuses at once, so the
 caller can answer "busy". Questions take priority over frames, except a frame that is due (the
 rate allows it) and arrived before the question: it goes in first, so an answer covers what the
-camera showed when the question was asked. No ROS here: the node wires
+camera showed when the question was asked. If given a warm-up, the worker runs it first (state
+"warming up"); frames and questions that arrive meanwhile wait in the mailbox and the queue and
+are handled once it is "ready". No ROS here: the node wires
 callbacks to publishers, and the tests drive this class directly too.
 """
 from __future__ import annotations
@@ -53,8 +55,13 @@ class InferenceWorker:
 
     def __init__(self, session: Any, on_answer: Callable[[Query, str], None],
                  on_piece: Callable[[Query, str], None] | None = None, max_pending_queries: int = 4,
-                 frame_rate: float = 1.0, log_error: Callable[[str], None] | None = None) -> None:
+                 frame_rate: float = 1.0, log_error: Callable[[str], None] | None = None,
+                 warm_up: Callable[[], float] | None = None,
+                 on_ready: Callable[[float | None, str], None] | None = None) -> None:
         self.session = session
+        self.warm_up, self.on_ready = warm_up, on_ready
+        self.state = "warming up" if warm_up is not None else "ready"
+        self.warm_up_s: float | None = None
         self.on_answer, self.on_piece = on_answer, on_piece
         self.log_error = log_error or (lambda text: None)
         self.max_pending_queries = max_pending_queries
@@ -126,7 +133,7 @@ class InferenceWorker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._wake:
-                if not self._queries and not self._frames and not self._busy:
+                if not self._queries and not self._frames and not self._busy and self.state == "ready":
                     return True
             time.sleep(0.01)
         return False
@@ -153,7 +160,23 @@ class InferenceWorker:
             return max(0.0, self._last_ingest + 1.0 / self.frame_rate - time.monotonic())
         return None
 
+    def _warm_up(self) -> None:
+        """Run the warm-up (if any), then become ready; a failed warm-up is reported, not fatal."""
+        error = ""
+        if self.warm_up is not None:
+            try:
+                self.warm_up_s = self.warm_up()
+            except Exception as exc:  # e.g. out of memory: the stream may still run, eagerly
+                error = f"warm-up failed: {exc}"
+                self.counters.last_error = error
+                self.log_error(error)
+        with self._wake:
+            self.state = "ready"
+        if self.on_ready is not None:
+            self.on_ready(self.warm_up_s, error)
+
     def _run(self) -> None:
+        self._warm_up()
         while True:
             with self._wake:
                 job = self._next_job()

@@ -8,6 +8,7 @@ to them. One thread owns a session; nothing here locks.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -383,6 +384,44 @@ class StreamingSession:
         ids = self._system_ids()
         if ids:
             self.feed(torch.tensor(ids), pinned=True)
+
+    # ---- warm-up ----------------------------------------------------------------------------------
+    def warm_up(self, evictions: int | None = None) -> float:
+        """Run every kind of step the stream will run before the first real frame or question, so
+        that on a GPU torch.compile has compiled and the CUDA graphs are captured (a graph is
+        captured at a key's third call): frames (vision tower, each prefill chunk size of a
+        frame), questions of two lengths with greedy decode, sampled decode if sampling is
+        configured, and for an evicting policy enough frames to evict ``evictions`` times
+        (default: 4 on a GPU, none on the CPU, where nothing compiles). Then the stream is reset:
+        nothing of the warm-up stays in the cache, the statistics or the sampling generator.
+        Returns the seconds it took."""
+        started = time.monotonic()
+        on_gpu = self.model.device.type == "cuda"
+        evictions = (4 if on_gpu else 0) if evictions is None else evictions
+        repeats = 4 if on_gpu else 1
+        frame = None
+        if self.preprocessor is not None:
+            frame = np.full((self.preprocessor.height, self.preprocessor.width, 3), 128, np.uint8)
+        feed = (lambda: self.ingest_frame(frame)) if frame is not None else (lambda: self.feed_text(" warm up" * 8))
+        with torch.inference_mode():
+            for _ in range(repeats):
+                feed()
+            greedy = SamplingConfig(0.0, 1.0, self.config.sampling.seed)
+            for question in ("What is in view?", "What did you see first, and what came after it?")[:repeats]:
+                self.answer(question, max_new_tokens=4, sampling=greedy)
+                if self.config.sampling.temperature > 0:
+                    self.answer(question, max_new_tokens=4)
+            if self.policy.evicts and evictions:
+                limit = 3 * self.cache.capacity  # frames enough for any frame size: a bound, not a target
+                while self.cache.evictions < evictions and limit > 0:
+                    feed()
+                    limit -= 1
+        self.reset()
+        self.stats = SessionStats()
+        self.generator.manual_seed(self.config.sampling.seed)
+        if on_gpu:
+            torch.cuda.synchronize(self.model.device)
+        return time.monotonic() - started
 
     def reset(self) -> None:
         """Forget the stream (keeps the model and buffers); the system prompt is written again."""

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
+import numpy as np
+from sensor_msgs.msg import Image
+
 from test_node import Probe
+from ros_infmllm.ros.conversion import rgb_to_image_fields
 from ros_infmllm.ros.entry import spinning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,17 +73,20 @@ def test_installed_node_starts_and_answers_a_question(install: Path, ros_context
     probe = Probe()
     try:
         with spinning(probe.node):
-            for _ in range(60):  # the question goes out until the node has discovered us and answers
+            frame = Image(**rgb_to_image_fields(np.full((48, 64, 3), 90, np.uint8)))
+            for _ in range(60):  # a frame and the question go out until the node has discovered us and answers
+                probe.images.publish(frame)
                 probe.ask("what is in view ?")
-                if probe.answers:
+                if any(not a.startswith("busy") for a in probe.answers):
                     break
                 try:
                     node.wait(timeout=1.0)
                 except subprocess.TimeoutExpired:
                     continue
                 pytest.fail(f"installed node exited: {node.stdout.read()}")
-            answers = probe.wait_answers(1, timeout=30.0)
-        assert answers[0] and not answers[0].startswith(("error", "busy")), answers
+            probe.wait_answers(1, timeout=30.0)
+            answers = [a for a in probe.answers if not a.startswith("busy: no camera frame")]
+        assert answers and answers[0] and not answers[0].startswith(("error", "busy")), probe.answers
     finally:
         probe.node.destroy_node()
         node.terminate()

@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
+import torch
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -21,6 +22,7 @@ from ros_infmllm.export import export_onnx
 from ros_infmllm.ros.conversion import rgb_to_image_fields
 from ros_infmllm.ros.entry import spinning
 from ros_infmllm.ros.node import InfMLLMNode
+from ros_infmllm.ros.worker import NO_FRAME_YET
 
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
@@ -102,7 +104,6 @@ def test_frames_in_answers_out(running) -> None:
     assert int(values["frames_ingested"]) == 6 and int(values["cache_fill"]) > 0
     assert int(values["cache_capacity"]) == 256
     assert values["state"] == "ready" and float(values["warm_up_s"]) > 0  # warm-up is on by default
-    assert probe.diagnostics[-1].status[0].message == "streaming"
 
 
 def test_malformed_input_is_refused_and_the_node_keeps_answering(running) -> None:
@@ -135,6 +136,8 @@ def test_malformed_input_is_refused_and_the_node_keeps_answering(running) -> Non
 
 def test_query_flood_beyond_the_queue_is_answered_busy(running) -> None:
     node, probe = running
+    probe.images.publish(Image(**rgb_to_image_fields(_rgb(0))))
+    _wait(lambda: node.worker.counters.frames_ingested == 1)
     node.set_parameters([Parameter("max_pending_queries", value=1)])
     for i in range(25):
         probe.ask(f"what is in view ? {i}")
@@ -175,3 +178,62 @@ def test_bad_configuration_exits_non_zero_with_a_clear_message(tiny_model_dir: P
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr + result.stdout
+
+
+def test_a_question_before_any_frame_is_answered_busy_then_answered_after_one(running) -> None:
+    node, probe = running
+    probe.ask("what is in view ?")
+    assert probe.wait_answers(1)[0] == NO_FRAME_YET
+    probe.images.publish(Image(**rgb_to_image_fields(_rgb(1))))
+    _wait(lambda: node.worker.counters.frames_ingested == 1)
+    probe.ask("what is in view ?")
+    assert not probe.wait_answers(2)[1].startswith(("busy", "error"))
+
+
+def test_an_out_of_memory_step_is_answered_error_and_the_cache_is_kept(running) -> None:
+    """A fault injected into the backend (a CUDA out-of-memory error raised on the CPU, where no
+    real one can happen) fails one question; the next one is answered from the same cache."""
+    node, probe = running
+    probe.images.publish(Image(**rgb_to_image_fields(_rgb(2))))
+    _wait(lambda: node.worker.counters.frames_ingested == 1)
+    cache = node.session.cache
+    before = (cache.length, cache.total_seen, cache.k.clone())
+    backend, real_step = node.session.backend, node.session.backend.step
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    backend.step = out_of_memory
+    try:
+        probe.ask("what is in view ?")
+        answer = probe.wait_answers(1)[0]
+    finally:
+        backend.step = real_step
+    assert answer.startswith("error: CUDA out of memory")
+    assert (cache.length, cache.total_seen) == before[:2] and torch.equal(cache.k, before[2])
+    _wait(lambda: any(kv.key == "last_error" and "out of memory" in kv.value
+                      for d in probe.diagnostics for s in d.status for kv in s.values))
+    assert node.worker.counters.queries_failed == 1
+    probe.ask("what is in view ?")
+    assert not probe.wait_answers(2)[1].startswith(("busy", "error"))
+
+
+def test_a_camera_that_stops_is_reported_and_taken_again_when_it_restarts(running) -> None:
+    node, probe = running
+    assert node.set_parameters([Parameter("camera_timeout", value=0.5)])[0].successful
+    probe.images.publish(Image(**rgb_to_image_fields(_rgb(3))))
+    _wait(lambda: node.worker.counters.frames_ingested == 1)
+
+    def latest() -> tuple[int, str]:
+        status = probe.diagnostics[-1].status[0] if probe.diagnostics else None
+        return (status.level, status.message) if status is not None else (-1, "")
+
+    _wait(lambda: "/camera/image_raw for" in latest()[1])  # stopped
+    level, message = latest()
+    assert level == DiagnosticStatus.WARN and "/camera/image_raw/compressed yet" in message
+    deadline = time.monotonic() + 10.0
+    while "/camera/image_raw for" in latest()[1]:  # restarts: streams until no longer reported
+        assert time.monotonic() < deadline, "the restarted camera is still reported silent"
+        probe.images.publish(Image(**rgb_to_image_fields(_rgb(4))))
+        time.sleep(0.1)
+    assert node.worker.counters.frames_ingested >= 2  # and its frames are taken again

@@ -6,6 +6,7 @@ and questions are logged (throttled) and answered with a reason; the node keeps 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -84,6 +85,8 @@ class InfMLLMNode(Node):
         self.answer_pub = self.create_publisher(String, "~/answer", ANSWER_QOS)
         self.stream_pub = self.create_publisher(String, "~/answer_stream", ANSWER_QOS)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.started_at = time.monotonic()
+        self.last_frame_at: dict[str, float] = {}  # per camera topic, when its last frame came
         self.worker = InferenceWorker(self.session, self._publish_answer, self._publish_piece,
                                       self.values["max_pending_queries"], self.values["frame_rate"],
                                       log_error=lambda text: self.get_logger().error(text),
@@ -158,6 +161,7 @@ class InfMLLMNode(Node):
                 self.get_logger().warning(f"frame on {topic} refused: {exc}", throttle_duration_sec=WARN_THROTTLE_S)
                 return
             stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+            self.last_frame_at[topic] = time.monotonic()
             self.worker.submit_frame(topic, rgb, stamp)
         return callback
 
@@ -179,6 +183,9 @@ class InfMLLMNode(Node):
         counters, cache = self.worker.counters, self.session.cache
         level = DiagnosticStatus.OK
         message = "streaming" if self.worker.state == "ready" else self.worker.state
+        silent = self.silent_cameras()
+        if silent:
+            level, message = DiagnosticStatus.WARN, "no frames from " + ", ".join(silent)
         if self.worker.pending_queries >= self.worker.max_pending_queries:
             level, message = DiagnosticStatus.WARN, "query queue full"
         warm_up_s = self.worker.warm_up_s
@@ -200,6 +207,18 @@ class InfMLLMNode(Node):
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self.diagnostics_pub.publish(array)
+
+    def silent_cameras(self) -> list[str]:
+        """Camera topics with no frame for ``camera_timeout`` seconds ('for N s', or 'yet')."""
+        now, timeout = time.monotonic(), self.values["camera_timeout"]
+        silent = []
+        for topic in self.values["image_topics"]:
+            last = self.last_frame_at.get(topic)
+            if last is None and now - self.started_at > timeout:
+                silent.append(f"{topic} yet")
+            elif last is not None and now - last > timeout:
+                silent.append(f"{topic} for {now - last:.0f} s")
+        return silent
 
     def destroy_node(self) -> None:
         worker = getattr(self, "worker", None)  # absent when start-up failed

@@ -56,6 +56,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("top_p", 1.0, "Nucleus sampling mass.", 0.01, 1.0, runtime=True),
     ParamSpec("seed", 0, "Sampling seed.", 0, 2**31 - 1),
     ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", 0.05, 60.0),
+    ParamSpec("camera_timeout", 5.0, "Seconds without a frame after which /diagnostics warns that a camera is "
+                                     "silent (frames are taken again as soon as it restarts).", 0.1, 3600.0,
+              runtime=True),
     ParamSpec("inf_mllm.recent_fraction", 0.25, "Inf-MLLM: share of the capacity kept as recent tokens.", 0.0, 0.9),
     ParamSpec("inf_mllm.retrieval_window", 32, "Inf-MLLM: latest queries that score cached tokens.", 1, 4096),
     ParamSpec("inf_mllm.pool", 5, "Inf-MLLM: odd width of the local-sum pooling.", 1, 255),

@@ -6,7 +6,10 @@ caller can answer "busy". Questions take priority over frames, except a frame th
 rate allows it) and arrived before the question: it goes in first, so an answer covers what the
 camera showed when the question was asked. If given a warm-up, the worker runs it first (state
 "warming up"); frames and questions that arrive meanwhile wait in the mailbox and the queue and
-are handled once it is "ready". No ROS here: the node wires
+are handled once it is "ready". A question to a vision model before its first frame is answered
+"busy: no camera frame ..." instead of letting the model guess. Failures (a bad frame, a CUDA
+out-of-memory error mid-step) are answered ``error: ...``, counted and logged; the session has put
+the cache back as it was before the failed step. No ROS here: the node wires
 callbacks to publishers, and the tests drive this class directly too.
 """
 from __future__ import annotations
@@ -19,6 +22,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+
+
+NO_FRAME_YET = "busy: no camera frame has arrived yet; ask again once the camera streams"
+
+
+def release_device_memory(exc: BaseException) -> None:
+    """After a CUDA out-of-memory error, hand the allocator's cached blocks back, so the next step
+    (which the session left with the cache as before the failed one) has room to run."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -200,6 +215,7 @@ class InferenceWorker:
         try:
             self.session.ingest_frame(frame[0], frame[1])
         except Exception as exc:  # a bad frame or a full cache must not kill the worker
+            release_device_memory(exc)
             self.counters.frames_rejected += 1
             self.counters.last_error = f"frame from {camera} not ingested: {exc}"
             self.log_error(self.counters.last_error)
@@ -210,6 +226,10 @@ class InferenceWorker:
     def _answer(self, query: Query) -> None:
         started = time.monotonic()
         pieces: list[str] = []
+        if getattr(self.session, "awaiting_first_frame", False):
+            self.counters.queries_refused += 1
+            self.on_answer(query, NO_FRAME_YET)
+            return
         try:
             for piece in self.session.ask(query.text):
                 if not pieces:
@@ -218,6 +238,7 @@ class InferenceWorker:
                 if self.on_piece:
                     self.on_piece(query, piece)
         except Exception as exc:  # refused question (empty, too long) or a failure mid-answer
+            release_device_memory(exc)
             self.counters.queries_failed += 1
             self.counters.last_error = f"query {query.id} failed: {exc}"
             self.log_error(self.counters.last_error)

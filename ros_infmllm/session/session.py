@@ -307,6 +307,12 @@ class StreamingSession:
         self.stats.frames_ingested += 1
         self.last_frame_stamp = stamp
 
+    @property
+    def awaiting_first_frame(self) -> bool:
+        """A vision model that has not seen a frame since the stream began: a question now would
+        be answered from no picture at all."""
+        return self.preprocessor is not None and self.stats.frames_ingested == 0
+
     # ---- text -----------------------------------------------------------------------------------
     def feed_text(self, text: str) -> int:
         """Append text to the stream as it is (no chat template; special tokens written in it, such
@@ -351,7 +357,7 @@ class StreamingSession:
     def _generate(self, ids: torch.Tensor, limit: int, sampling: SamplingConfig) -> Iterator[str]:
         generated: list[int] = []
         shown = ""
-        stopped = False
+        stopped = failed = False
         try:
             for token in self.tokens(ids, limit, sampling):
                 if token in self.stop_ids:
@@ -365,8 +371,11 @@ class StreamingSession:
                 piece, shown = text[len(shown):], text
                 if piece:
                     yield piece
+        except Exception:
+            failed = True  # a failed step: its feed was rolled back; writing a turn end would add to it
+            raise
         finally:
-            if not stopped:
+            if not stopped and not failed:
                 self._close_turn()
             self.stats.queries_answered += 1
 

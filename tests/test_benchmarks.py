@@ -101,3 +101,33 @@ def test_recall_passkey_smoke_run_counts_every_cell(tmp_path: Path) -> None:
     assert cells["full"]["correct"] == 1  # the model does the task when nothing is evicted
     assert all(0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1 for c in report["cells"])
     assert f"| streamingllm | {cells['streamingllm']['correct']}/1 " in (tmp_path / "recall_passkey_smoke.md").read_text()
+
+
+def test_soak_node_short_run_passes_and_records_samples(tmp_path: Path) -> None:
+    """The CI version of the soak (half a minute): a real node subprocess, a 30 fps camera and
+    questions over DDS; every question answered, memory within its bound."""
+    import soak_node
+
+    code = soak_node.main(["--minutes", "0.5", "--sample-every", "2", "--out", str(tmp_path), "--name", "soak"])
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert code == 0 and report["passed"], report["failures"]
+    assert report["questions_asked"] >= 8 and report["questions_answered"] == report["questions_asked"]
+    rows = (tmp_path / "soak.csv").read_text().splitlines()
+    assert len(rows) >= 10 and rows[0].startswith("seconds,rss_mb")
+    assert int(report["last_sample"]["frames_ingested"]) > 0 and report["rss_growth_mb"] is not None
+
+
+def test_bench_node_smoke_run_times_every_question(tmp_path: Path) -> None:
+    """bench_node on the tiny random shape, CPU: every question answered, each with a first piece
+    and a whole-answer time, frames counted from the node's diagnostics."""
+    import bench_node
+
+    code = bench_node.main(["--model", "tiny-qwen2", "--device", "cpu", "--questions", "3", "--question-every", "1",
+                            "--settle", "1", "--capacity", "512", "--max-chunk", "64", "--max-new-tokens", "8",
+                            "--work", str(tmp_path / "work"), "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_node_tiny-qwen2.json").read_text())
+    assert code == 0 and report["answers"] == report["questions"] == 3
+    rows = report["per_question"]
+    assert all(0 < r["first_piece_ms"] <= r["answer_ms"] for r in rows) and all(r["answer"] for r in rows)
+    assert int(report["frames"]["frames_ingested"]) > 0 and float(report["max_frame_age_ms"]) >= 0
+    assert "| query -> first answer piece" in (tmp_path / "bench_node_tiny-qwen2.md").read_text()

@@ -200,6 +200,8 @@ class InfMLLMNode(Node):
             "queries_failed": counters.queries_failed, "last_ingest_ms": f"{counters.last_ingest_ms:.1f}",
             "last_first_token_ms": f"{counters.last_first_token_ms:.1f}",
             "last_answer_ms": f"{counters.last_answer_ms:.1f}", "last_error": counters.last_error,
+            "last_frame_age_ms": f"{counters.last_frame_age_ms:.1f}", "max_frame_age_ms": f"{counters.max_frame_age_ms:.1f}",
+            **self._gpu_memory(),
         }
         status = DiagnosticStatus(level=level, name=f"{self.get_name()}: streaming session", message=message,
                                   hardware_id=str(self.values["device"]),
@@ -207,6 +209,16 @@ class InfMLLMNode(Node):
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self.diagnostics_pub.publish(array)
+
+    def _gpu_memory(self) -> dict[str, str]:
+        """The CUDA allocator's figures for the session's device (none on the CPU)."""
+        device = self.session.model.device
+        if device.type != "cuda":
+            return {}
+        import torch
+
+        return {"gpu_memory_allocated_mb": f"{torch.cuda.memory_allocated(device) / 2**20:.1f}",
+                "gpu_memory_reserved_mb": f"{torch.cuda.memory_reserved(device) / 2**20:.1f}"}
 
     def silent_cameras(self) -> list[str]:
         """Camera topics with no frame for ``camera_timeout`` seconds ('for N s', or 'yet')."""

@@ -47,6 +47,8 @@ class WorkerCounters:
     queries_received: int = 0
     queries_answered: int = 0
     queries_refused: int = 0
+    last_frame_age_ms: float = -1.0  # camera stamp to ingest start, for frames with a stamp
+    max_frame_age_ms: float = -1.0
     queries_failed: int = 0
     last_ingest_ms: float = -1.0
     last_first_token_ms: float = -1.0
@@ -212,6 +214,10 @@ class InferenceWorker:
     def _ingest(self, camera: str, frame: tuple[np.ndarray, float | None, float]) -> None:
         started = time.monotonic()
         self._last_ingest = started
+        if frame[1]:  # the camera's stamp (wall clock): how old the frame is as it goes in
+            age = (time.time() - frame[1]) * 1000
+            self.counters.last_frame_age_ms = age
+            self.counters.max_frame_age_ms = max(self.counters.max_frame_age_ms, age)
         try:
             self.session.ingest_frame(frame[0], frame[1])
         except Exception as exc:  # a bad frame or a full cache must not kill the worker

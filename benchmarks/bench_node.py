@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = [float(s["gpu_memory_reserved_mb"]) for s in result["samples"] if s.get("gpu_memory_reserved_mb")]
     report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "ready_s": round(result["ready_s"], 2), "questions": len(result["asked"]), "answers": len(rows),
-              "first_piece_ms": {"p50": percentile(first, 50), "p90": percentile(first, 90), "max": max(first, default=None)},
+              "first_piece_ms": {"p50": percentile(first, 50), "p90": percentile(first, 90),
+                                 "max": max(first, default=None)},
               "answer_ms": {"p50": percentile(whole, 50), "p90": percentile(whole, 90)},
               "bench_gpu_first_token_ms": bench_gpu_first_token(args.model, args.policy),
               "frames": {"published": result["frames_published"], **{k: final.get(k) for k in (

@@ -200,7 +200,8 @@ class InfMLLMNode(Node):
             "queries_failed": counters.queries_failed, "last_ingest_ms": f"{counters.last_ingest_ms:.1f}",
             "last_first_token_ms": f"{counters.last_first_token_ms:.1f}",
             "last_answer_ms": f"{counters.last_answer_ms:.1f}", "last_error": counters.last_error,
-            "last_frame_age_ms": f"{counters.last_frame_age_ms:.1f}", "max_frame_age_ms": f"{counters.max_frame_age_ms:.1f}",
+            "last_frame_age_ms": f"{counters.last_frame_age_ms:.1f}",
+            "max_frame_age_ms": f"{counters.max_frame_age_ms:.1f}",
             **self._gpu_memory(),
         }
         status = DiagnosticStatus(level=level, name=f"{self.get_name()}: streaming session", message=message,

@@ -47,12 +47,12 @@ class WorkerCounters:
     queries_received: int = 0
     queries_answered: int = 0
     queries_refused: int = 0
-    last_frame_age_ms: float = -1.0  # camera stamp to ingest start, for frames with a stamp
-    max_frame_age_ms: float = -1.0
     queries_failed: int = 0
     last_ingest_ms: float = -1.0
     last_first_token_ms: float = -1.0
     last_answer_ms: float = -1.0
+    last_frame_age_ms: float = -1.0  # camera stamp to ingest start, for frames with a stamp
+    max_frame_age_ms: float = -1.0
     last_error: str = ""
 
 

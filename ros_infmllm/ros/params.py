@@ -65,6 +65,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("inf_mllm.attention_bias", 1.0, "Inf-MLLM: weight of the bias toward newer tokens.", 0.0, 1000.0),
     ParamSpec("h2o.recent_fraction", 0.5, "H2O: share of the capacity kept as recent tokens.", 0.0, 0.9),
     ParamSpec("streamingllm.sinks", 4, "StreamingLLM: attention-sink tokens kept from the stream start.", 0, 1024),
+    ParamSpec("visual_tokens.pool", 1, "Average each frame's visual tokens over pool x pool grid cells before the "
+                                       "decoder (1: off; 2: a quarter of the cache slots per frame).", 1, 4),
 )
 SPECS = {spec.name: spec for spec in PARAMS}
 

@@ -28,6 +28,7 @@ from .chat_template import template_from_chat
 from .preprocess import ImagePreprocessor, preprocessor_for
 from .sampling import SamplingConfig, sample_next
 from .templates import PromptTemplate, template_for, template_ids
+from .visual_tokens import pool_tokens, pooled_count
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class SessionConfig:
     max_new_tokens: default answer length limit.
     max_query_chars / max_query_tokens: questions longer than these are refused.
     check_evictions: validate every eviction's kept slots (one host sync per eviction).
+    visual_pool: average each frame's visual tokens over pool x pool grid cells before the
+        decoder (1: off); see visual_tokens.py.
     """
 
     capacity: int = 4096
@@ -52,6 +55,7 @@ class SessionConfig:
     max_query_chars: int = 2000
     max_query_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    visual_pool: int = 1
     check_evictions: bool = True
 
     def __post_init__(self) -> None:
@@ -110,6 +114,8 @@ class StreamingSession:
         self._token_ready = torch.cuda.Event() if on_cuda else None
         self.stop_ids = {i for i in (tokenizer.token_to_id(s) for s in self.template.stop) if i is not None}
         self.stop_ids.update(model.cfg.eos_token_ids)
+        if model.has_vision:
+            pooled_count(model.cfg.num_image_tokens, config.visual_pool)  # a bad pool fails here, not at a frame
         self._check_sizes(len(self._system_ids()))
         self._write_system_prompt()
 
@@ -290,7 +296,7 @@ class StreamingSession:
         """Token ids of one frame in the template, visual tokens as image placeholders (the same
         for every frame, so tokenised once)."""
         if self._frame_ids is None:
-            self._frame_ids = torch.tensor(self._template_ids(self.template.frame, self.model.cfg.num_image_tokens))
+            self._frame_ids = torch.tensor(self._template_ids(self.template.frame, self.image_tokens_per_frame))
         return self._frame_ids
 
     @torch.inference_mode()
@@ -298,7 +304,13 @@ class StreamingSession:
         """RGB ``HxWx3 uint8`` -> visual tokens ``[1, tokens, hidden]`` (preprocess, tower, projector)."""
         if self.preprocessor is None:
             raise ValueError("this model is text-only (no vision tower): frames cannot be ingested")
-        return self.backend.encode_images(self.preprocessor(rgb, self.model.device))  # it validates the frame
+        features = self.backend.encode_images(self.preprocessor(rgb, self.model.device))  # it validates the frame
+        return pool_tokens(features, self.config.visual_pool)
+
+    @property
+    def image_tokens_per_frame(self) -> int:
+        """Visual tokens a frame puts in the cache (after ``visual_pool``)."""
+        return pooled_count(self.model.cfg.num_image_tokens, self.config.visual_pool)
 
     def ingest_frame(self, rgb: np.ndarray, stamp: float | None = None) -> None:
         """Add one camera frame to the stream. Bad frames raise ``ValueError``; the cache is untouched."""

@@ -136,7 +136,7 @@ def test_demo_vlm_answers_its_demo_bag_through_the_node(ros_context, tmp_path: P
     frames = len(list(read_bag(bag, ["/camera/image_raw"])))
     params = "    model_path: \"demo-vlm\"\n    capacity: 1024\n    max_chunk: 128\n    frame_rate: 20.0\n"
     with node_process(params, tmp_path) as run:
-        run.play(bag, "--rate", "0.25", "--topics", "/camera/image_raw", "/infmllm/query")
+        run.play(bag, "--rate", "0.15", "--topics", "/camera/image_raw", "/infmllm/query")
         answers = run.probe.wait_answers(len(truth), timeout=120)
         ingested = run.wait_diagnostics("frames_received", str(frames)).get("frames_ingested")
     assert len(answers) == len(truth), f"{ingested} of {frames} frames ingested"

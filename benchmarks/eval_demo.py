@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -159,9 +160,25 @@ def main() -> int:
     return 0
 
 
-def _cell(value: tuple[float, int]) -> str:
+def wilson_interval(right: int, count: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound at small counts and at 0% or 100%)."""
+    if count == 0:
+        return float("nan"), float("nan")
+    p = right / count
+    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
+    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / (1 + z * z / count)
+    return centre - half, centre + half
+
+
+def _cell(value: tuple[float, int], interval: bool = False) -> str:
     acc, count = value
-    return "n/a" if count == 0 else f"{100 * acc:.1f}% ({count})"
+    if count == 0:
+        return "n/a"
+    if not interval:
+        return f"{100 * acc:.1f}% ({count})"
+    right = round(acc * count)
+    low, high = wilson_interval(right, count)
+    return f"{100 * acc:.1f}% ({right}/{count}; 95% CI {100 * low:.0f}-{100 * high:.0f}%)"
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -170,9 +187,10 @@ def write_markdown(report: dict, path: Path) -> None:
              f"Produced by `benchmarks/eval_demo.py` on {report['device']} in {report['seconds']} s; model "
              f"`{Path(report['model']).name}`, questions `{report['questions']}`; "
              f"{report['streams_per_setting']} held-out streams per setting; a reply is right when it equals the "
-             "reference answer up to case, punctuation and spacing; (n) = questions.", "",
+             "reference answer up to case, punctuation and spacing; (n) = questions; intervals are 95% Wilson "
+             "intervals of the proportion.", "",
              "## No eviction (policy `full`, streams of 4-16 frames)", "", "| question type | accuracy |", "|---|---|"]
-    lines += [f"| {kind} | {_cell(value)} |" for kind, value in report["no_eviction_per_type"].items()]
+    lines += [f"| {kind} | {_cell(value, interval=True)} |" for kind, value in report["no_eviction_per_type"].items()]
     lines += ["", f"## Long streams at equal budget ({report['budget_tokens']} tokens, "
                   f"{report['tokens_per_frame']} tokens per frame)", "",
               "Questions asked after the stream outgrew the budget. `full` holds the whole stream "
@@ -182,7 +200,8 @@ def write_markdown(report: dict, path: Path) -> None:
     for multiple, policies in report["long_streams"].items():
         for policy, values in policies.items():
             cells = " | ".join(_cell(values[k]) for k in kinds)
-            lines.append(f"| {multiple} | {policy} | {_cell(values['memory'])} | {cells} | {_cell(values['current'])} |")
+            lines.append(f"| {multiple} | {policy} | {_cell(values['memory'], True)} | {cells} | "
+                         f"{_cell(values['current'], True)} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -147,3 +147,23 @@ def test_a_failed_warm_up_is_reported_and_the_worker_still_serves() -> None:
     worker.stop()
     assert worker.state == "ready" and answers == ["an answer"]
     assert errors == ["warm-up failed: CUDA out of memory"] and ready == [(None, "warm-up failed: CUDA out of memory")]
+
+
+def test_a_question_keeps_the_frame_it_was_asked_about_when_newer_ones_arrive() -> None:
+    """The worker is far behind: frames keep coming while a question waits. The frame that was
+    unread when the question came goes in before the answer, newer ones after it."""
+    session = RecordingSessionDouble()
+    session.gate.clear()
+    worker = InferenceWorker(session, lambda q, t: None, frame_rate=1000.0)
+    worker.start()
+    worker.submit_frame("cam", _frame(), 1.0)
+    time.sleep(0.1)  # blocked inside frame 1
+    worker.submit_frame("cam", _frame(), 2.0)
+    worker.submit_query("what is in view?")  # asked while frame 2 was the newest
+    for stamp in (3.0, 4.0):
+        worker.submit_frame("cam", _frame(), stamp)  # frame 3 is replaced by frame 4 unread
+    session.gate.set()
+    assert worker.wait_idle(5.0)
+    worker.stop()
+    assert session.events == [("frame", 1.0), ("frame", 2.0), ("query", "what is in view?"), ("frame", 4.0)]
+    assert worker.counters.frames_dropped == 1 and worker.counters.frames_ingested == 3

@@ -2,15 +2,17 @@
 
 Frames go into a one-slot "latest frame" mailbox per camera: a busy worker skips stale frames,
 never queues them. Questions go into a bounded FIFO: a full queue refuses at once, so the
-caller can answer "busy". Questions take priority over frames, except a frame that is due (the
-rate allows it) and arrived before the question: it goes in first, so an answer covers what the
-camera showed when the question was asked. If given a warm-up, the worker runs it first (state
-"warming up"); frames and questions that arrive meanwhile wait in the mailbox and the queue and
-are handled once it is "ready". A question to a vision model before its first frame is answered
-"busy: no camera frame ..." instead of letting the model guess. Failures (a bad frame, a CUDA
-out-of-memory error mid-step) are answered ``error: ...``, counted and logged; the session has put
-the cache back as it was before the failed step. No ROS here: the node wires
-callbacks to publishers, and the tests drive this class directly too.
+caller can answer "busy". Questions take priority over frames, but a question takes the unread
+frame of each camera with it when it is queued, and those frames go in just before it is
+answered: an answer covers what the cameras showed when it was asked, however far behind the
+worker is (these frames are not held to ``frame_rate``; at most one per camera per question).
+If given a warm-up, the worker runs it first (state "warming up"); frames and questions that
+arrive meanwhile wait in the mailbox and the queue and are handled once it is "ready". A
+question to a vision model before its first frame is answered "busy: no camera frame ..."
+instead of letting the model guess. Failures (a bad frame, a CUDA out-of-memory error mid-step)
+are answered ``error: ...``, counted and logged; the session has put the cache back as it was
+before the failed step. No ROS here: the node wires callbacks to publishers, and the tests
+drive this class directly too.
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ class Query:
     id: int
     text: str
     received: float = field(default_factory=time.monotonic)
+    # the unread frame of each camera when the question came: ingested before it is answered
+    frames: dict[str, tuple[np.ndarray, float | None, float]] = field(default_factory=dict)
 
 
 class InferenceWorker:
@@ -131,7 +135,8 @@ class InferenceWorker:
             if len(self._queries) >= self.max_pending_queries:
                 self.counters.queries_refused += 1
                 return None
-            query = Query(next(self._ids), text)
+            query = Query(next(self._ids), text, frames=self._frames)
+            self._frames = {}  # newer frames wait for the next turn; these go in before the answer
             self._queries.append(query)
             self._wake.notify()
             return query
@@ -157,14 +162,11 @@ class InferenceWorker:
 
     # ---- the worker thread -----------------------------------------------------------------
     def _next_job(self) -> tuple[str, Any] | None:
-        """Called with the lock held: a question first (unless a due frame came before it), else a
-        frame if the rate allows, else None."""
-        due = bool(self._frames) and time.monotonic() - self._last_ingest >= 1.0 / self.frame_rate
+        """Called with the lock held: a question first (with the frames it holds), else a frame if
+        the rate allows, else None."""
         if self._queries:
-            first = self._queries[0].received
-            if not (due and any(received < first for _, _, received in self._frames.values())):
-                return "query", self._queries.popleft()
-        if due:
+            return "query", self._queries.popleft()
+        if self._frames and time.monotonic() - self._last_ingest >= 1.0 / self.frame_rate:
             for _ in range(len(self._order)):
                 camera = self._order[self._next_camera % len(self._order)]
                 self._next_camera += 1
@@ -230,6 +232,8 @@ class InferenceWorker:
         self.counters.last_ingest_ms = (time.monotonic() - started) * 1000
 
     def _answer(self, query: Query) -> None:
+        for camera, frame in query.frames.items():  # what the cameras showed when it was asked
+            self._ingest(camera, frame)
         started = time.monotonic()
         pieces: list[str] = []
         if getattr(self.session, "awaiting_first_frame", False):

@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    report["plot"] = write_plot(rows, args.out / f"{args.name}.png")
     write_markdown(report, rows, args.out / f"{args.name}.md")
-    write_plot(rows, args.out / f"{args.name}.png")
     print((args.out / f"{args.name}.md").read_text())
     return 0 if report["passed"] else 1
 
@@ -162,7 +162,8 @@ def write_markdown(report: dict, rows: list[dict], path: Path) -> None:
              f"`{s['model'] or 'tiny bundled'}`, policy {s['policy']}, capacity {s['capacity']}): a {s['fps']:g} fps "
              f"{s['size'][0]}x{s['size'][1]} rgb8 camera over DDS, a question every {s['question_every']:g} s; "
              f"the node's frame_rate cap {s['frame_rate']:g}/s. Samples every {s['sample_every']:g} s in "
-             f"`{path.stem}.csv`, plot `{path.stem}.png`.", "",
+             f"`{path.stem}.csv`" + (f", plot `{path.stem}.png`." if report.get("plot") else
+                                     " (no plot: matplotlib is not installed)."), "",
              "| figure | value |", "|---|---|",
              f"| node ready after (start-up incl. warm-up) | {report['ready_s']} s |",
              f"| questions asked / answered | {report['questions_asked']} / {report['questions_answered']} |",
@@ -179,12 +180,12 @@ def write_markdown(report: dict, rows: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(rows: list[dict], path: Path) -> None:
+def write_plot(rows: list[dict], path: Path) -> bool:
     from plotting import pyplot
 
     plt = pyplot()
     if plt is None or not rows:
-        return
+        return False
     seconds = [r["seconds"] / 60 for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     axes[0].plot(seconds, [r["rss_mb"] for r in rows], label="RSS (MB)")
@@ -201,6 +202,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 if __name__ == "__main__":

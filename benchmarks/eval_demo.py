@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from intervals import wilson
 from plotting import pyplot
 from ros_infmllm.cache import make_policy
 from ros_infmllm.demo import bundled_model_path
@@ -160,16 +160,6 @@ def main() -> int:
     return 0
 
 
-def wilson_interval(right: int, count: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sound at small counts and at 0% or 100%)."""
-    if count == 0:
-        return float("nan"), float("nan")
-    p = right / count
-    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
-    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / (1 + z * z / count)
-    return centre - half, centre + half
-
-
 def _cell(value: tuple[float, int], interval: bool = False) -> str:
     acc, count = value
     if count == 0:
@@ -177,7 +167,7 @@ def _cell(value: tuple[float, int], interval: bool = False) -> str:
     if not interval:
         return f"{100 * acc:.1f}% ({count})"
     right = round(acc * count)
-    low, high = wilson_interval(right, count)
+    low, high = wilson(right, count)
     return f"{100 * acc:.1f}% ({right}/{count}; 95% CI {100 * low:.0f}-{100 * high:.0f}%)"
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 import streaming_workers
+from intervals import wilson
 from ros_infmllm.model import locate
 from ros_infmllm.model.smollm2 import smollm2_path
 
@@ -53,16 +53,6 @@ def episode(seed: int, tokens: int, tokenizer) -> tuple[list[int], list[int], st
     repeats = max(2, (tokens - len(intro) - len(needle) - len(question)) // len(filler))
     before = int(repeats * rng.uniform(0.0, 0.5))
     return intro + filler * before + needle + filler * (repeats - before), question, key
-
-
-def wilson(correct: int, total: int) -> list[float]:
-    """95% Wilson score interval of a proportion."""
-    if total == 0:
-        return [float("nan"), float("nan")]
-    z, p = 1.96, correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def run_cell(policy: str, capacity: int, chunk: int, length: int, episodes: int) -> dict:

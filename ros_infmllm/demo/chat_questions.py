@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .questions import QA, History
-from .world import COLOURS, SHAPES, Scene
+from .questions import QA, History, pick_seen_or_not, pick_unique_shape
+from .world import Scene
 
 CHAT_CURRENT_TYPES = ("in_view", "colour", "count", "position")
 CHAT_MEMORY_TYPES = ("first_seen", "did_you_see", "before", "which_first", "count_seen", "last_left")
@@ -66,12 +66,9 @@ def chat_current_question(kind: str, scene: Scene, rng: np.random.Generator) -> 
                   "There is one object on the table." if count == 1 else f"There are {number(count)} objects on the table.")
         return QA(kind, "How many objects are on the table?", answer)
     if kind == "colour":
-        shapes = [t.shape for t in things]
-        unique = [t for t in things if shapes.count(t.shape) == 1]
-        if not unique:
-            return None
-        thing = unique[rng.integers(len(unique))]
-        return QA(kind, f"What colour is the {thing.shape}?", f"The {thing.shape} is {thing.colour}.")
+        thing = pick_unique_shape(things, rng)
+        return None if thing is None else QA(kind, f"What colour is the {thing.shape}?",
+                                             f"The {thing.shape} is {thing.colour}.")
     if kind == "position":
         if not things:
             return None
@@ -88,12 +85,9 @@ def chat_memory_question(kind: str, history: StreamHistory, rng: np.random.Gener
             return None
         return QA(kind, "What was the first object you saw?", f"The first object I saw was a {_name(seen[0])}.")
     if kind == "did_you_see":
-        if seen and rng.random() < 0.5:
-            key = seen[rng.integers(len(seen))]
-            return QA(kind, f"Have you seen a {_name(key)}?", f"Yes, I have seen a {_name(key)}.")
-        unseen = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in seen]
-        key = unseen[rng.integers(len(unseen))]
-        return QA(kind, f"Have you seen a {_name(key)}?", f"No, I have not seen a {_name(key)}.")
+        key, was_seen = pick_seen_or_not(seen, rng)
+        answer = f"Yes, I have seen a {_name(key)}." if was_seen else f"No, I have not seen a {_name(key)}."
+        return QA(kind, f"Have you seen a {_name(key)}?", answer)
     if kind == "before":
         if len(seen) < 2:
             return None

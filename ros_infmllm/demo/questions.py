@@ -51,6 +51,21 @@ class History:
                 self.first_seen.append(key)
 
 
+def pick_unique_shape(things: list[Thing], rng: np.random.Generator) -> Thing | None:
+    """A thing whose shape no other thing in view has (so "the star" names it), or None."""
+    shapes = [t.shape for t in things]
+    unique = [t for t in things if shapes.count(t.shape) == 1]
+    return unique[rng.integers(len(unique))] if unique else None
+
+
+def pick_seen_or_not(seen: list[tuple[str, str]], rng: np.random.Generator) -> tuple[tuple[str, str], bool]:
+    """Half the time (when anything was seen) a (shape, colour) seen so far, else one never seen."""
+    if seen and rng.random() < 0.5:
+        return seen[rng.integers(len(seen))], True
+    unseen = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in seen]
+    return unseen[rng.integers(len(unseen))], False
+
+
 def current_question(kind: str, scene: Scene, rng: np.random.Generator) -> QA | None:
     """A question about ``scene``; None when this kind has no well-posed question for it."""
     things = scene.ordered()
@@ -59,12 +74,8 @@ def current_question(kind: str, scene: Scene, rng: np.random.Generator) -> QA | 
     if kind == "count":
         return QA(kind, "how many objects are there ?", NUMBERS[len(things)])
     if kind == "colour":
-        shapes = [t.shape for t in things]
-        unique = [t for t in things if shapes.count(t.shape) == 1]
-        if not unique:
-            return None
-        thing = unique[rng.integers(len(unique))]
-        return QA(kind, f"what colour is the {thing.shape} ?", thing.colour)
+        thing = pick_unique_shape(things, rng)
+        return None if thing is None else QA(kind, f"what colour is the {thing.shape} ?", thing.colour)
     if kind == "position":
         if not things:
             return None
@@ -82,14 +93,8 @@ def memory_question(kind: str, history: History, rng: np.random.Generator) -> QA
         shape, colour = seen[0]
         return QA(kind, "what was the first object you saw ?", f"a {colour} {shape}")
     if kind == "did_you_see":
-        if seen and rng.random() < 0.5:
-            shape, colour = seen[rng.integers(len(seen))]
-            answer = "yes"
-        else:
-            unseen = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in seen]
-            shape, colour = unseen[rng.integers(len(unseen))]
-            answer = "no"
-        return QA(kind, f"did you see a {colour} {shape} ?", answer)
+        (shape, colour), was_seen = pick_seen_or_not(seen, rng)
+        return QA(kind, f"did you see a {colour} {shape} ?", "yes" if was_seen else "no")
     if kind == "before":
         if len(seen) < 2:
             return None

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .episodes import ANSWER_MARK, EOS, IMAGE, PAD, SPECIAL_TOKENS, UNK, Episode, episode_words, make_episode
+from .episodes import EOS, IMAGE, PAD, SPECIAL_TOKENS, UNK, Episode, episode_words, make_episode
 from .questions import CURRENT_TYPES, MEMORY_TYPES, vocabulary
 
 IMAGE_SIZE, PATCH = 64, 16
@@ -54,7 +54,8 @@ def build_model(vocab_size: int, image_token: int, eos: int, pad: int, size: str
 
 
 def normalise(frames: list[np.ndarray]) -> torch.Tensor:
-    """The preprocessor_config.json we ship: rescale 1/255, mean 0.5, std 0.5 (frames are 64x64)."""
+    """What preprocessor_config() asks for: rescale 1/255, mean 0.5, std 0.5 (frames are rendered at the
+    tower's size, so no resize)."""
     array = np.stack(frames).astype(np.float32) / 255.0
     return torch.from_numpy((array - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
 
@@ -106,30 +107,36 @@ def validate(model, vocab: dict[str, int], device: str, episodes: int = 256, max
         targets = batch["labels"][:, 1:]
         for row, episode in enumerate(batch_eps):
             kinds = [item.kind for kind, item in episode.events if kind == "qa"]
-            answer_rows = (targets[row] != -100).nonzero().flatten().tolist()
-            groups, current = [], []
-            for position in answer_rows:  # consecutive answer tokens form one answer
-                if current and position != current[-1] + 1:
-                    groups.append(current)
-                    current = []
-                current.append(position)
-            if current:
-                groups.append(current)
-            for kind, group in zip(kinds, groups):
+            for kind, group in zip(kinds, answer_spans(targets[row])):
                 ok = bool((predicted[row, group] == targets[row, group]).all())
                 correct.setdefault(kind, []).append(int(ok))
     model.train()
     return {kind: float(np.mean(v)) for kind, v in sorted(correct.items())}
 
 
+def answer_spans(targets: torch.Tensor) -> list[list[int]]:
+    """Positions of each answer in a row of shifted labels: runs of consecutive trained tokens."""
+    spans: list[list[int]] = []
+    for position in (targets != -100).nonzero().flatten().tolist():
+        if spans and position == spans[-1][-1] + 1:
+            spans[-1].append(position)
+        else:
+            spans.append([position])
+    return spans
+
+
+def preprocessor_config(size: int) -> dict:
+    """The preprocessor_config.json of a demo model: resize to ``size``, rescale 1/255, mean/std 0.5."""
+    return {"do_resize": True, "size": {"height": size, "width": size}, "resample": 2, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5]}
+
+
 def save(model, tokenizer, vocab: dict[str, int], out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save(str(out / "tokenizer.json"))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "do_resize": True, "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 2, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5]}, indent=1))
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(IMAGE_SIZE), indent=1))
     (out / "infmllm_template.json").write_text(json.dumps({"template": "demo"}))
     (out / "chat_template.json").write_text(json.dumps({
         "chat_template": "{% for m in messages %}{% if m['role'] == 'user' %}{% for c in m['content'] %}"

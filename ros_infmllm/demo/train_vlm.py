@@ -34,6 +34,7 @@ from ..model.checkpoint_text import ChatTemplateSource
 from ..session.chat_template import template_from_chat
 from . import vlm
 from .episodes import CHAT, Episode, episode_ids, make_episode
+from .train import answer_spans, normalise, preprocessor_config
 from .world import COLOURS, SHAPES
 
 VALIDATION_SEED = 10_000_000  # training seeds stay below; the evaluation uses seeds above 30M
@@ -101,12 +102,7 @@ def load_trained(model: torch.nn.Module, trained: dict[str, torch.Tensor]) -> in
     loaded = 0
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
-            if ".lora_" in key:
-                base, _, which = key.rpartition(".lora_")
-                ours = canonical_name(base + ".weight", LLAVA_LAYOUT)[:-len(".weight")]
-                name = f"lora.{ours}.{which[0].upper()}"
-            else:
-                name = canonical_name(key, LLAVA_LAYOUT)
+            name = vlm.shipped_name(key)
             if name in trained:
                 tensor.copy_(trained[name])
                 loaded += 1
@@ -147,12 +143,6 @@ def patch_labels(masks: list[np.ndarray], patch: int) -> torch.Tensor:
                 labels[i] = int(counts.argmax())
         out.append(labels)
     return torch.from_numpy(np.stack(out))
-
-
-def normalise(frames: list[np.ndarray]) -> torch.Tensor:
-    """preprocessor_config.json: rescale 1/255, mean 0.5, std 0.5 (frames are rendered at the tower's size)."""
-    array = np.stack(frames).astype(np.float32) / 255.0
-    return torch.from_numpy((array - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
 
 
 class Layout:
@@ -230,14 +220,7 @@ def validate(model, layout: Layout, device: str, episodes: int, max_frames: int)
         predicted = logits[:, :-1].argmax(-1)
         targets = batch["labels"][:, 1:]
         for row, row_kinds in enumerate(kinds):
-            positions = (targets[row] != -100).nonzero().flatten().tolist()
-            groups: list[list[int]] = []
-            for p in positions:  # consecutive answer tokens form one answer
-                if groups and p == groups[-1][-1] + 1:
-                    groups[-1].append(p)
-                else:
-                    groups.append([p])
-            for kind, group in zip(row_kinds, groups):
+            for kind, group in zip(row_kinds, answer_spans(targets[row])):
                 correct.setdefault(kind, []).append(int(bool((predicted[row, group] == targets[row, group]).all())))
     model.train()
     return {kind: round(float(np.mean(v)), 4) for kind, v in sorted(correct.items())}
@@ -249,11 +232,8 @@ def save(model, out: Path, recipe: dict, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(vlm.trained_state(model), str(out / vlm.TRAINED_FILE), metadata={"format": "pt"})
     (out / vlm.RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
-    size = recipe["vision_config"]["image_size"]
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "do_resize": True, "size": {"height": size, "width": size}, "resample": 2, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5]}, indent=1))
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        preprocessor_config(recipe["vision_config"]["image_size"]), indent=1))
     (out / "training.json").write_text(json.dumps(meta, indent=1))
 
 

@@ -198,20 +198,28 @@ def demo_vlm_path(progress: Progress = _print_progress, shipped: Path = SHIPPED_
     return target
 
 
+def shipped_name(key: str) -> str | None:
+    """The name a training model's tensor ``key`` has in ``trained.safetensors``: LoRA factors as
+    ``lora.<our linear name>.A/B`` (see ``train_vlm.LoRALinear``), tower and projector under our
+    parameter names; None for what is not shipped (SmolLM2's own weights, the tower's final norm,
+    which LLaVA's path does not use)."""
+    if ".lora_" in key:
+        base, _, which = key.rpartition(".lora_")
+        ours = canonical_name(base + ".weight", LLAVA_LAYOUT)
+        if ours is None:
+            raise ValueError(f"LoRA factor {key!r} outside the LLaVA layout")
+        return f"lora.{ours[:-len('.weight')]}.{which[0].upper()}"
+    ours = canonical_name(key, LLAVA_LAYOUT)
+    if ours is not None and ours.startswith(("vision_tower.", "projector.")) and "post_layernorm" not in ours:
+        return ours
+    return None
+
+
 def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What the package ships from a training model: tower and projector under our parameter
-    names, LoRA factors as ``lora.<our linear name>.A/B`` (see ``train_vlm.LoRALinear``); bf16."""
+    """What the package ships from a training model (names by `shipped_name`), in bf16."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
-        if ".lora_a" in key or ".lora_b" in key:
-            base, _, which = key.rpartition(".lora_")
-            ours = canonical_name(base + ".weight", LLAVA_LAYOUT)
-            if ours is None:
-                raise ValueError(f"LoRA factor {key!r} outside the LLaVA layout")
-            out[f"lora.{ours[:-len('.weight')]}.{which[0].upper()}"] = tensor.detach().to(torch.bfloat16).cpu()
-            continue
-        ours = canonical_name(key, LLAVA_LAYOUT)
-        # the tower's final norm is not on LLaVA's path (it reads the last layer's hidden state)
-        if ours is not None and ours.startswith(("vision_tower.", "projector.")) and "post_layernorm" not in ours:
-            out[ours] = tensor.detach().to(torch.bfloat16).cpu().contiguous()
+        name = shipped_name(key)
+        if name is not None:
+            out[name] = tensor.detach().to(torch.bfloat16).cpu().contiguous()
     return out

@@ -39,6 +39,7 @@ from ros_infmllm.session.preprocess import preprocessor_for
 HELD_OUT_SEED = 30_000_000  # training used seeds below 10M, the trainer's validation 10M..
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION_SETS = {"chat": CHAT, "terse": TERSE}
+POLICIES = ("full", "streamingllm", "h2o", "inf-mllm")
 
 
 def resolve_model(name: str) -> Path:
@@ -62,8 +63,9 @@ class Evaluator:
                                  self.template, self.preprocessor)
         self.tokens_per_frame = len(probe.frame_ids())
 
-    def run(self, policy: str, capacity: int, episode, budget_tokens: int) -> list[tuple[str, bool, bool]]:
-        """(kind, correct, asked after the stream outgrew the budget) for every question."""
+    def run(self, policy: str, capacity: int, episode, budget_tokens: int) -> list[list]:
+        """[kind, correct, asked after the stream outgrew the budget, question, reply, reference] for
+        every question (the texts say what a wrong reply was)."""
         config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32)
         session = StreamingSession(self.model, self.tokenizer, make_policy(policy), config, self.template,
                                    self.preprocessor)
@@ -73,13 +75,27 @@ class Evaluator:
                 session.ingest_frame(episode.frames[item])
             else:
                 answer = session.answer(item.question)
-                results.append((item.kind, judge(answer, item.answer), session.cache.total_seen > budget_tokens))
+                results.append([item.kind, judge(answer, item.answer), session.cache.total_seen > budget_tokens,
+                                 item.question, answer, item.answer])
         return results
 
 
+def cell_path(cells: Path, multiple: int, policy: str) -> Path:
+    return cells / f"{multiple}x_{policy}.json"
+
+
 def evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, streams: int,
-                     budget: int, questions: str) -> tuple[int, str, list]:
-    """One (stream length, policy) cell; a separate process when --jobs > 1."""
+                     budget: int, questions: str, cells: Path) -> tuple[int, str, list]:
+    """One (stream length, policy) cell; a separate process when --jobs > 1. Its rows are written
+    to ``cells`` as soon as it ends, so a run cut short keeps the cells it finished."""
+    rows = _evaluate_setting(model_dir, device, multiple, policy, streams, budget, questions)
+    cells.mkdir(parents=True, exist_ok=True)
+    cell_path(cells, multiple, policy).write_text(json.dumps(rows))
+    return multiple, policy, rows
+
+
+def _evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, streams: int,
+                      budget: int, questions: str) -> list:
     torch.set_num_threads(1)
     evaluator = Evaluator(model_dir, device)
     question_set = QUESTION_SETS[questions]
@@ -89,7 +105,7 @@ def evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, s
             episode = make_episode(HELD_OUT_SEED + i, 4 + i % 13, question_rate=0.5, memory_share=0.4,
                                    questions=question_set)
             rows += evaluator.run("full", 4096, episode, 10**9)
-        return multiple, policy, rows
+        return rows
     frames = multiple * budget // evaluator.tokens_per_frame
     rows = []
     for i in range(streams):
@@ -97,11 +113,11 @@ def evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, s
                                memory_share=0.6, questions=question_set)
         capacity = budget if policy != "full" else frames * evaluator.tokens_per_frame + 64 * frames
         rows += evaluator.run(policy, capacity, episode, budget)
-    return multiple, policy, rows
+    return rows
 
 
-def accuracy(rows: list[tuple[str, bool, bool]], kinds: tuple[str, ...], late_only: bool = False) -> tuple[float, int]:
-    picked = [ok for kind, ok, late in rows if kind in kinds and (late or not late_only)]
+def accuracy(rows: list[list], kinds: tuple[str, ...], late_only: bool = False) -> tuple[float, int]:
+    picked = [ok for kind, ok, late, *_ in rows if kind in kinds and (late or not late_only)]
     return (sum(picked) / len(picked) if picked else float("nan")), len(picked)
 
 
@@ -117,14 +133,22 @@ def main() -> int:
     parser.add_argument("--multiples", type=int, nargs="+", default=[4, 8, 20])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--jobs", type=int, default=1, help="settings evaluated in parallel processes")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the cells a previous run saved (<out>/<name>_cells)")
     args = parser.parse_args()
     questions = args.questions or ("terse" if args.model == "tiny" else "chat")
     question_set = QUESTION_SETS[questions]
     args.model = resolve_model(args.model)
     started = time.monotonic()
-    settings = [(0, "full")] + [(m, p) for m in args.multiples for p in ("full", "streamingllm", "h2o", "inf-mllm")]
-    jobs = [(args.model, args.device, m, p, args.streams, args.budget, questions) for m, p in settings]
-    if args.jobs > 1:
+    # longest cells first, so parallel jobs end together and a run cut short loses the fewest
+    settings = [(m, p) for m in sorted(args.multiples, reverse=True) for p in POLICIES]
+    settings.insert(min(len(settings), 4), (0, "full"))
+    cells = args.out / f"{args.name}_cells"
+    jobs = [(args.model, args.device, m, p, args.streams, args.budget, questions, cells) for m, p in settings]
+    if args.report_only:  # compile the report from the cells an earlier (perhaps cut short) run wrote
+        outcomes = [(m, p, json.loads(cell_path(cells, m, p).read_text())) for m, p in settings
+                    if cell_path(cells, m, p).exists()]
+    elif args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -134,11 +158,13 @@ def main() -> int:
     else:
         outcomes = [evaluate_setting(*job) for job in jobs]
     per_type: dict = {}
+    wrong: list = []
     long_results: dict[str, dict[str, dict]] = defaultdict(dict)
-    for multiple, policy, rows in outcomes:
+    for multiple, policy, rows in sorted(outcomes, key=lambda o: (o[0], POLICIES.index(o[1]))):
         if multiple == 0:
             per_type = {kind: accuracy(rows, (kind,)) for kind in question_set.current_types + question_set.memory_types}
             per_type["all current-scene"] = accuracy(rows, question_set.current_types)
+            wrong = [{"kind": r[0], "question": r[3], "reply": r[4], "reference": r[5]} for r in rows if not r[1]]
             continue
         long_results[f"{multiple}x"][policy] = {
             "memory": accuracy(rows, question_set.memory_types, late_only=True),
@@ -151,7 +177,8 @@ def main() -> int:
               "device": args.device, "budget_tokens": args.budget,
               "tokens_per_frame": tokens_per_frame, "streams_per_setting": args.streams,
               "seconds": round(time.monotonic() - started, 1), "no_eviction_per_type": per_type,
-              "long_streams": long_results}
+              "long_streams": long_results, "cells_not_run": [f"{m}x {p}" for m, p in settings if not any(
+                  (m, p) == (o[0], o[1]) for o in outcomes)], "wrong_without_eviction": wrong}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     write_markdown(report, args.out / f"{args.name}.md")
@@ -192,6 +219,12 @@ def write_markdown(report: dict, path: Path) -> None:
             cells = " | ".join(_cell(values[k]) for k in kinds)
             lines.append(f"| {multiple} | {policy} | {_cell(values['memory'], True)} | {cells} | "
                          f"{_cell(values['current'], True)} |")
+    if report.get("cells_not_run"):
+        lines += ["", "Not run (the run was cut short): " + ", ".join(report["cells_not_run"]) + "."]
+    wrong = report.get("wrong_without_eviction", [])
+    if wrong:
+        lines += ["", "## Wrong replies without eviction", "", "| kind | question | reply | reference |", "|---|---|---|---|"]
+        lines += [f"| {w['kind']} | {w['question']} | {w['reply']} | {w['reference']} |" for w in wrong]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -201,8 +234,9 @@ def write_plot(report: dict, path: Path) -> None:
         return
     multiples = list(report["long_streams"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for policy in ("full", "streamingllm", "h2o", "inf-mllm"):
-        ax.plot(multiples, [100 * report["long_streams"][m][policy]["memory"][0] for m in multiples], marker="o",
+    for policy in POLICIES:
+        shown = [m for m in multiples if policy in report["long_streams"][m]]
+        ax.plot(shown, [100 * report["long_streams"][m][policy]["memory"][0] for m in shown], marker="o",
                 label=policy)
     ax.set_xlabel("stream length / cache budget")
     ax.set_ylabel("memory questions, exact match %")

@@ -155,3 +155,29 @@ def test_recipe_names_the_base_model_it_was_trained_on() -> None:
     recipe = json.loads((vlm.SHIPPED_DIR / vlm.RECIPE_FILE).read_text())
     assert recipe["base_sha256"] == file_sha256([smollm2_path()])[0]
     assert (recipe["vision_config"]["image_size"] // recipe["vision_config"]["patch_size"]) ** 2 >= 64
+
+
+def test_a_training_run_cut_in_segments_takes_the_steps_of_an_unbroken_one(tmp_path: Path) -> None:
+    """The shipped run was trained in two device calls: --stop-at-step then --resume must give the
+    weights an unbroken run gives (CPU, tiny tower, SmolLM2 frozen; two loader workers vs none)."""
+    from safetensors.torch import load_file
+
+    from ros_infmllm.demo import train_vlm
+
+    run = ["--device", "cpu", "--max-steps", "3", "--batch", "1", "--max-frames", "2", "--tower-width", "32",
+           "--tower-layers", "1", "--lora-rank", "2", "--validation-episodes", "0"]
+    assert train_vlm.main(run + ["--out", str(tmp_path / "whole"), "--workers", "2"]) == 0
+    checkpoint = tmp_path / "run.pt"
+    assert train_vlm.main(run + ["--out", str(tmp_path / "cut"), "--workers", "0", "--stop-at-step", "2",
+                                 "--checkpoint", str(checkpoint)]) == 0
+    assert checkpoint.exists() and not (tmp_path / "cut").exists()
+    with pytest.raises(SystemExit, match="other seed"):
+        train_vlm.main(run + ["--out", str(tmp_path / "cut"), "--seed", "1", "--resume", str(checkpoint)])
+    assert train_vlm.main(run + ["--out", str(tmp_path / "cut"), "--workers", "0", "--resume", str(checkpoint)]) == 0
+    whole = load_file(str(tmp_path / "whole" / vlm.TRAINED_FILE))
+    cut = load_file(str(tmp_path / "cut" / vlm.TRAINED_FILE))
+    assert whole.keys() == cut.keys()
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    meta = json.loads((tmp_path / "cut" / "training.json").read_text())
+    assert meta["steps"] == 3 and [s["steps"] for s in meta["segments"]] == [[0, 2], [2, 3]]
+    assert any(k.endswith(".B") and whole[k].abs().max() > 0 for k in whole)  # LoRA's B starts at zero: steps ran

@@ -10,8 +10,11 @@ one user turn per frame, questions, answers ending in ``<|im_end|>``), generated
 seeds below ``VALIDATION_SEED``: short batches (1-3 frames, a question after every frame) that
 teach the tower to see, and longer ones of equal frame counts (no padding) that teach memory. An
 auxiliary loss trains the tower alone: a linear probe (dropped after training) on each visual
-token names the thing drawn in its patch, from the renderer's masks. The learning rate follows a cosine over the time budget, or over
-``--max-steps`` when given: a run is reproduced by its seed and the step count in ``training.json``.
+token names the thing drawn in its patch, from the renderer's masks. The learning rate follows a
+cosine over the time budget, or over ``--max-steps`` when given: a run is reproduced by its seed and
+the step count in ``training.json``. Batch ``k`` depends on the seed and ``k`` only, so a run may be
+cut into segments (``--stop-at-step`` writes a checkpoint, ``--resume`` continues it) and takes the
+same steps as an unbroken one: that is how the shipped run fits calls of ten minutes.
 
 The LoRA wrapper is ours (a dozen lines) rather than peft's: the product never runs it (the factors
 are merged at assembly, see vlm.py), and it keeps the base weight under its own name.
@@ -177,30 +180,35 @@ class Layout:
 
 
 class EpisodeBatches(torch.utils.data.IterableDataset):
-    """Endless batches of fresh episodes; each worker draws from its own seed range. A share of
+    """Endless batches of fresh episodes. Batch ``k`` is a function of ``(seed, k)`` alone, so a run
+    resumed at step ``k`` sees the batches an unbroken run would; with ``n`` workers, worker ``w``
+    builds batches ``start + w, start + w + n, ...`` and the loader takes them in turn. A share of
     the batches is short (1-3 frames, a question after each frame, ``3 * batch`` episodes); the
     rest hold ``batch`` episodes of one common frame count drawn from 4..max_frames."""
 
-    def __init__(self, layout: Layout, batch: int, max_frames: int, seed: int, short_share: float = 0.4) -> None:
+    def __init__(self, layout: Layout, batch: int, max_frames: int, seed: int, short_share: float = 0.4,
+                 start: int = 0) -> None:
         self.layout, self.batch, self.max_frames, self.seed = layout, batch, max_frames, seed
-        self.short_share = short_share
+        self.short_share, self.start = short_share, start
+
+    def episodes(self, index: int) -> list[Episode]:
+        rng = np.random.default_rng([self.seed, index])
+        if rng.random() < self.short_share or self.max_frames < 4:
+            return [make_episode(int(s), int(rng.integers(1, 4)), question_rate=1.0, memory_share=0.25,
+                                 questions=CHAT, with_labels=True)
+                    for s in rng.integers(0, VALIDATION_SEED, 3 * self.batch)]
+        frames = int(rng.integers(4, self.max_frames + 1))
+        return [make_episode(int(s), frames, question_rate=0.4, memory_share=0.6, questions=CHAT, with_labels=True)
+                for s in rng.integers(0, VALIDATION_SEED, self.batch)]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng(self.seed + 7919 * (info.id if info else 0))
+        index, stride = (self.start + info.id, info.num_workers) if info else (self.start, 1)
         while True:
-            if rng.random() < self.short_share or self.max_frames < 4:
-                episodes = [make_episode(int(s), int(rng.integers(1, 4)), question_rate=1.0, memory_share=0.25,
-                                         questions=CHAT, with_labels=True)
-                            for s in rng.integers(0, VALIDATION_SEED, 3 * self.batch)]
-            else:
-                frames = int(rng.integers(4, self.max_frames + 1))
-                episodes = [make_episode(int(s), frames, question_rate=0.4, memory_share=0.6, questions=CHAT,
-                                         with_labels=True)
-                            for s in rng.integers(0, VALIDATION_SEED, self.batch)]
-            batch = self.layout.collate(episodes)
+            batch = self.layout.collate(self.episodes(index))
             batch.pop("kinds")
             yield batch
+            index += stride
 
 
 @torch.no_grad()
@@ -237,6 +245,38 @@ def save(model, out: Path, recipe: dict, meta: dict) -> None:
     (out / "training.json").write_text(json.dumps(meta, indent=1))
 
 
+RUN_ARGUMENTS = ("gguf", "device", "minutes", "max_steps", "batch", "max_frames", "lr", "lora_lr", "lora_rank",
+                 "tower_width", "tower_layers", "seed", "init", "probe_weight")  # a resumed run keeps these
+
+
+def trained_parameters(model: torch.nn.Module, probe: PatchProbe) -> dict[str, torch.Tensor]:
+    named = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    return named | {f"probe.{n}": p for n, p in probe.named_parameters()}
+
+
+def write_checkpoint(path: Path, args, model, probe, optimizer, step: int, seconds: float,
+                     history: list, segments: list) -> None:
+    """Everything a resumed run needs to take the next step as an unbroken run would."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".partial")
+    torch.save({"arguments": {k: str(getattr(args, k)) for k in RUN_ARGUMENTS}, "step": step, "seconds": seconds,
+                "history": history, "segments": segments, "optimizer": optimizer.state_dict(),
+                "parameters": {k: p.detach().cpu() for k, p in trained_parameters(model, probe).items()}}, staging)
+    staging.replace(path)  # a run killed while writing keeps the previous checkpoint
+
+
+def resume(path: Path, args, model, probe, optimizer) -> tuple[list, int, float, list]:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    changed = [k for k in RUN_ARGUMENTS if saved["arguments"][k] != str(getattr(args, k))]
+    if changed:
+        raise SystemExit(f"--resume {path}: this run was started with other {', '.join(changed)}")
+    with torch.no_grad():
+        for name, parameter in trained_parameters(model, probe).items():
+            parameter.copy_(saved["parameters"][name])
+    optimizer.load_state_dict(saved["optimizer"])
+    return saved["history"], saved["step"], saved["seconds"], saved["segments"]
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..model.smollm2 import FILE_NAME, smollm2_path
     from ..export.file_digest import file_sha256
@@ -259,8 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-weight", type=float, default=0.5, help="weight of the tower's patch loss")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--validation-episodes", type=int, default=128)
+    parser.add_argument("--stop-at-step", type=int, default=0,
+                        help="end this process at this step, writing --checkpoint (to resume where one call "
+                             "may not run the whole run)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="file written by --stop-at-step, and every --checkpoint-every steps")
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--resume", type=Path, default=None, help="continue the run saved in this checkpoint")
     args = parser.parse_args(argv)
+    if args.stop_at_step and args.checkpoint is None:
+        parser.error("--stop-at-step needs --checkpoint")
 
+    command = "python -m ros_infmllm.demo.train_vlm " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(args.seed)
     gguf = args.gguf or smollm2_path()
     recipe = {"base": FILE_NAME, "base_sha256": file_sha256([gguf])[0], "lora_rank": args.lora_rank,
@@ -287,19 +337,29 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW([{"params": own, "lr": args.lr, "base": args.lr},
                                    {"params": lora, "lr": args.lora_lr, "base": args.lora_lr}],
                                   weight_decay=0.01, betas=(0.9, 0.98))
-    loader = torch.utils.data.DataLoader(EpisodeBatches(layout, args.batch, args.max_frames, args.seed),
+    history, step, before, segments = [], 0, 0.0, []
+    if args.resume is not None:
+        history, step, before, segments = resume(args.resume, args, model, probe, optimizer)
+        print(f"resuming at step {step} ({before:.0f} s trained)", flush=True)
+    loader = torch.utils.data.DataLoader(EpisodeBatches(layout, args.batch, args.max_frames, args.seed, start=step),
                                          batch_size=None, num_workers=args.workers,
                                          pin_memory=args.device.startswith("cuda"),
                                          prefetch_factor=4 if args.workers else None)
     print(f"built in {time.monotonic() - started:.0f} s; {trainable / 1e6:.2f} M trained parameters, "
           f"{image_tokens} visual tokens per frame", flush=True)
     budget = args.minutes * 60
-    started = time.monotonic()
-    history, step, device_type = [], 0, torch.device(args.device).type
+    started, first_step = time.monotonic(), step
+    device_type = torch.device(args.device).type
     for batch in loader:
-        elapsed = time.monotonic() - started
+        elapsed = before + time.monotonic() - started
         if (args.max_steps and step >= args.max_steps) or (not args.max_steps and elapsed > budget):
             break
+        if args.stop_at_step and step >= args.stop_at_step:
+            segments.append({"steps": [first_step, step], "seconds": round(time.monotonic() - started, 1),
+                             "command": command})
+            write_checkpoint(args.checkpoint, args, model, probe, optimizer, step, elapsed, history, segments)
+            print(f"stopped at step {step}; resume with --resume {args.checkpoint}", flush=True)
+            return 0
         progress = step / args.max_steps if args.max_steps else elapsed / budget
         for group in optimizer.param_groups:
             group["lr"] = group["base"] * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -313,18 +373,24 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if args.checkpoint is not None and step % args.checkpoint_every == 0:
+            write_checkpoint(args.checkpoint, args, model, probe, optimizer, step, before + time.monotonic() - started,
+                             history, segments + [{"steps": [first_step, step], "command": command}])
         if step % 100 == 0 or step in (1, 10):
             history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(loss.item(), 4),
                             "patch_loss": round(probe_loss.item(), 4)})
             print(f"step {step} {elapsed:.0f}s loss {loss.item():.4f} patch {probe_loss.item():.4f}", flush=True)
-    seconds = time.monotonic() - started
+    seconds = before + time.monotonic() - started
+    segments.append({"steps": [first_step, step], "seconds": round(time.monotonic() - started, 1),
+                     "command": command})
     accuracy = validate(model, layout, args.device, args.validation_episodes, args.max_frames)
     print("teacher-forced exact match on held-out episodes:", json.dumps(accuracy), flush=True)
     meta = {"steps": step, "seconds": round(seconds, 1), "trained_parameters": trainable, "batch": args.batch,
             "max_frames": args.max_frames, "lr": args.lr, "lora_lr": args.lora_lr, "seed": args.seed,
             "device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
             "torch": torch.__version__, "validation_exact_match": accuracy, "loss_history": history,
-            "continued_from": previous, "command": "python -m ros_infmllm.demo.train_vlm " + " ".join(sys.argv[1:] if argv is None else argv)}
+            "continued_from": previous, "segments": segments,
+            "command": segments[0]["command"]}
     save(model, args.out, recipe, meta)
     print(f"saved to {args.out}", flush=True)
     return 0

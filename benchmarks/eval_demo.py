@@ -39,7 +39,7 @@ from ros_infmllm.session.preprocess import preprocessor_for
 HELD_OUT_SEED = 30_000_000  # training used seeds below 10M, the trainer's validation 10M..
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION_SETS = {"chat": CHAT, "terse": TERSE}
-POLICIES = ("full", "streamingllm", "h2o", "inf-mllm")
+POLICIES = ("full", "streamingllm", "h2o", "inf-mllm", "inf-mllm-lt")
 
 
 def resolve_model(name: str) -> Path:
@@ -84,14 +84,22 @@ def cell_path(cells: Path, multiple: int, policy: str) -> Path:
     return cells / f"{multiple}x_{policy}.json"
 
 
+def device_label(device: str) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
+
+
 def evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, streams: int,
-                     budget: int, questions: str, cells: Path) -> tuple[int, str, list]:
-    """One (stream length, policy) cell; a separate process when --jobs > 1. Its rows are written
-    to ``cells`` as soon as it ends, so a run cut short keeps the cells it finished."""
+                     budget: int, questions: str, cells: Path) -> tuple[int, str, dict]:
+    """One (stream length, policy) cell; a separate process when --jobs > 1. It is written to
+    ``cells`` as soon as it ends (rows, device, seconds), so a run cut short keeps the cells it
+    finished, and cells run on different machines can make one report (--report-only)."""
+    started = time.monotonic()
     rows = _evaluate_setting(model_dir, device, multiple, policy, streams, budget, questions)
+    cell = {"device": device_label(device), "seconds": round(time.monotonic() - started, 1), "streams": streams,
+            "rows": rows}
     cells.mkdir(parents=True, exist_ok=True)
-    cell_path(cells, multiple, policy).write_text(json.dumps(rows))
-    return multiple, policy, rows
+    cell_path(cells, multiple, policy).write_text(json.dumps(cell))
+    return multiple, policy, cell
 
 
 def _evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, streams: int,
@@ -130,18 +138,20 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--streams", type=int, default=40, help="held-out streams per setting")
     parser.add_argument("--budget", type=int, default=512, help="cache capacity in tokens for the policies")
-    parser.add_argument("--multiples", type=int, nargs="+", default=[4, 8, 20])
+    parser.add_argument("--multiples", type=int, nargs="*", default=[4, 8, 20],
+                        help="stream lengths as multiples of the budget (none: only the no-eviction cell)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--jobs", type=int, default=1, help="settings evaluated in parallel processes")
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES[:4]),
+                        help="policies of the long-stream table (full holds the whole stream)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the cells a previous run saved (<out>/<name>_cells)")
     args = parser.parse_args()
     questions = args.questions or ("terse" if args.model == "tiny" else "chat")
     question_set = QUESTION_SETS[questions]
     args.model = resolve_model(args.model)
-    started = time.monotonic()
     # longest cells first, so parallel jobs end together and a run cut short loses the fewest
-    settings = [(m, p) for m in sorted(args.multiples, reverse=True) for p in POLICIES]
+    settings = [(m, p) for m in sorted(args.multiples, reverse=True) for p in args.policies]
     settings.insert(min(len(settings), 4), (0, "full"))
     cells = args.out / f"{args.name}_cells"
     jobs = [(args.model, args.device, m, p, args.streams, args.budget, questions, cells) for m, p in settings]
@@ -160,13 +170,17 @@ def main() -> int:
     per_type: dict = {}
     wrong: list = []
     long_results: dict[str, dict[str, dict]] = defaultdict(dict)
-    for multiple, policy, rows in sorted(outcomes, key=lambda o: (o[0], POLICIES.index(o[1]))):
+    cell_devices = {f"{m}x {p}": cell["device"] for m, p, cell in outcomes}
+    cell_streams = {f"{m}x {p}": cell["streams"] for m, p, cell in outcomes}
+    for multiple, policy, cell in sorted(outcomes, key=lambda o: (o[0], POLICIES.index(o[1]))):
+        rows = cell["rows"]
         if multiple == 0:
             per_type = {kind: accuracy(rows, (kind,)) for kind in question_set.current_types + question_set.memory_types}
             per_type["all current-scene"] = accuracy(rows, question_set.current_types)
             wrong = [{"kind": r[0], "question": r[3], "reply": r[4], "reference": r[5]} for r in rows if not r[1]]
             continue
         long_results[f"{multiple}x"][policy] = {
+            "device": cell["device"], "streams": cell["streams"],
             "memory": accuracy(rows, question_set.memory_types, late_only=True),
             "current": accuracy(rows, question_set.current_types, late_only=True),
             **{kind: accuracy(rows, (kind,), late_only=True) for kind in question_set.memory_types},
@@ -174,9 +188,11 @@ def main() -> int:
     tokens_per_frame = Evaluator(args.model, "cpu").tokens_per_frame
 
     report = {"model": str(args.model), "questions": questions, "memory_kinds": list(question_set.memory_types),
-              "device": args.device, "budget_tokens": args.budget,
-              "tokens_per_frame": tokens_per_frame, "streams_per_setting": args.streams,
-              "seconds": round(time.monotonic() - started, 1), "no_eviction_per_type": per_type,
+              "device": ", ".join(sorted(set(cell_devices.values()))), "cell_devices": cell_devices,
+              "cell_streams": cell_streams, "budget_tokens": args.budget,
+              "tokens_per_frame": tokens_per_frame,
+              "cell_seconds": {f"{m}x {p}": cell["seconds"] for m, p, cell in outcomes},
+              "no_eviction_per_type": per_type,
               "long_streams": long_results, "cells_not_run": [f"{m}x {p}" for m, p in settings if not any(
                   (m, p) == (o[0], o[1]) for o in outcomes)], "wrong_without_eviction": wrong}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -201,26 +217,30 @@ def _cell(value: tuple[float, int], interval: bool = False) -> str:
 def write_markdown(report: dict, path: Path) -> None:
     kinds = report["memory_kinds"]
     lines = ["# Demo model evaluation", "",
-             f"Produced by `benchmarks/eval_demo.py` on {report['device']} in {report['seconds']} s; model "
-             f"`{Path(report['model']).name}`, questions `{report['questions']}`; "
-             f"{report['streams_per_setting']} held-out streams per setting; a reply is right when it equals the "
+             f"Produced by `benchmarks/eval_demo.py` on {report['device']}; model "
+             f"`{Path(report['model']).name}`, questions `{report['questions']}`; held-out streams per setting as "
+             "given; a reply is right when it equals the "
              "reference answer up to case, punctuation and spacing; (n) = questions; intervals are 95% Wilson "
              "intervals of the proportion.", "",
-             "## No eviction (policy `full`, streams of 4-16 frames)", "", "| question type | accuracy |", "|---|---|"]
+             "## No eviction (policy `full`, streams of 4-16 frames)", ""]
+    if "0x full" in report.get("cell_devices", {}):
+        lines += [f"{2 * report['cell_streams']['0x full']} streams, run on {report['cell_devices']['0x full']}.", ""]
+    lines += ["| question type | accuracy |", "|---|---|"]
     lines += [f"| {kind} | {_cell(value, interval=True)} |" for kind, value in report["no_eviction_per_type"].items()]
     lines += ["", f"## Long streams at equal budget ({report['budget_tokens']} tokens, "
                   f"{report['tokens_per_frame']} tokens per frame)", "",
               "Questions asked after the stream outgrew the budget. `full` holds the whole stream "
               "(an upper bound that needs memory growing with the stream).", "",
-              "| stream | policy | memory questions | " + " | ".join(kinds) + " | current-scene |",
-              "|---|---|---|" + "---|" * len(kinds) + "---|"]
+              "| stream | policy | streams | run on | memory questions | " + " | ".join(kinds) + " | current-scene |",
+              "|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
     for multiple, policies in report["long_streams"].items():
         for policy, values in policies.items():
             cells = " | ".join(_cell(values[k]) for k in kinds)
-            lines.append(f"| {multiple} | {policy} | {_cell(values['memory'], True)} | {cells} | "
+            lines.append(f"| {multiple} | {policy} | {values['streams']} | {values['device']} | "
+                         f"{_cell(values['memory'], True)} | {cells} | "
                          f"{_cell(values['current'], True)} |")
     if report.get("cells_not_run"):
-        lines += ["", "Not run (the run was cut short): " + ", ".join(report["cells_not_run"]) + "."]
+        lines += ["", "Not run (cut short, or left to another machine): " + ", ".join(report["cells_not_run"]) + "."]
     wrong = report.get("wrong_without_eviction", [])
     if wrong:
         lines += ["", "## Wrong replies without eviction", "", "| kind | question | reply | reference |", "|---|---|---|---|"]

@@ -39,17 +39,20 @@ class TinySpec:
     extra_text: dict[str, Any] = field(default_factory=dict)
 
 
-def build_tokenizer(path: Path) -> None:
-    """A word-level tokenizer covering the test vocabulary, saved as tokenizer.json."""
+def build_tokenizer(path: Path, extra_specials: tuple[str, ...] = ()) -> None:
+    """A word-level tokenizer covering the test vocabulary, saved as tokenizer.json;
+    ``extra_specials`` take the last ids of the vocabulary (a layout's own markers)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
     vocab = {w: i for i, w in enumerate(VOCAB_WORDS + WORDS)}
-    for i in range(len(vocab), VOCAB_SIZE):
+    for i in range(len(vocab), VOCAB_SIZE - len(extra_specials)):
         vocab[f"w{i}"] = i
+    for i, token in enumerate(extra_specials, start=VOCAB_SIZE - len(extra_specials)):
+        vocab[token] = i
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.add_special_tokens(VOCAB_WORDS)
+    tok.add_special_tokens(VOCAB_WORDS + list(extra_specials))
     tok.save(str(path / "tokenizer.json"))
 
 
@@ -79,6 +82,41 @@ def build_tiny_llava(path: Path, spec: TinySpec = TinySpec()) -> "torch.nn.Modul
         "do_resize": True, "size": {"height": spec.image_size, "width": spec.image_size}, "resample": 2,
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    return model
+
+
+IDEFICS3_SPECIALS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
+# SmolVLM's chat template (HuggingFaceTB/SmolVLM-Instruct): message contents are lists of parts.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def build_tiny_idefics3(path: Path, image_size: int = 32, patch: int = 4, scale: int = 2, seed: int = 0,
+                        chat_template: bool = True) -> "torch.nn.Module":
+    """Save a random ``Idefics3ForConditionalGeneration`` (SmolVLM layout: SigLIP tower, pixel
+    shuffle by ``scale``, LLaMA decoder) with its marker tokens and chat template; return it (eval, fp32)."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE,
+                         max_position_embeddings=4096, eos_token_id=2, pad_token_id=1),
+        scale_factor=scale, image_token_id=IMAGE_TOKEN)
+    model = _save_perturbed(Idefics3ForConditionalGeneration(cfg), path)
+    build_tokenizer(path, IDEFICS3_SPECIALS)
+    if chat_template:
+        (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": SMOLVLM_CHAT_TEMPLATE}))
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "do_image_splitting": True, "max_image_size": {"longest_edge": image_size}, "resample": 1,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "size": {"longest_edge": 4 * image_size}}))
     return model
 
 

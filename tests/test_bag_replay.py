@@ -103,7 +103,7 @@ def test_bundled_demo_model_answers_the_demo_bag_correctly(ros_context, tmp_path
     """End to end with real answers: node (default model_path = the bundled demo model) + player
     + the demo bag, on torch and on the onnxruntime backend from files infmllm_export wrote.
     Every current-scene answer must equal the ground truth recorded in the bag; of the memory
-    answers at least all but one (benchmarks/results/demo_eval.md: "before" questions are the
+    answers at least all but one (benchmarks/results/demo_eval_tiny.md: "before" questions are the
     model's weak kind, about two in three right)."""
     truth = [json.loads(deserialize_message(raw, String).data)
              for _, _, _, raw in read_bag(DATA / "demo_mcap", [EXPECTED_TOPIC])]

@@ -97,7 +97,7 @@ def test_selection_differs_per_head() -> None:
     assert [int(chosen[l, h, 0]) for l in range(2) for h in range(2)] == [7, 21, 33, 2]
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper"])
+@pytest.mark.parametrize("name", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt"])
 def test_pinned_slots_survive_every_policy(name: str) -> None:
     cache = _full_cache(64, pinned=6)
     policy = make_policy(name)
@@ -126,6 +126,8 @@ def test_full_policy_refuses_to_evict() -> None:
     ("inf-mllm", {"window": 3}, "no option"),
     ("full", {"sinks": 4}, "takes no options"),
     ("inf-mllm", {"pool": 4}, "odd"),
+    ("inf-mllm-lt", {"long_term_half_life": 0}, ">= 1"),
+    ("inf-mllm-lt", {"representative_fraction": 1.0}, "representative_fraction"),
 ])
 def test_make_policy_rejects_bad_names_and_options(name: str, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -173,3 +175,50 @@ def test_inf_mllm_paper_starts_a_new_window_after_each_eviction() -> None:
     assert float(policy.queries) == 0 and float(cache.stats["paper_window_mass"].abs().sum()) == 0
     policy.observe(cache, _attention(64, {9: 50.0}, base=0.01), queries=2)
     assert _kept(policy, cache, 2 + 1) == {9, 62, 63}  # slot 5's old attention no longer counts
+
+
+def test_inf_mllm_lt_keeps_a_representative_of_every_stretch() -> None:
+    """Attention only on two slots of one stretch: plain inf-mllm spends the rest on the newest
+    tokens (its bias) and forgets the oldest stretches; inf-mllm-lt keeps one slot of each."""
+    peaks = {10: 40.0, 12: 40.0}
+    kept = {}
+    for name, options in (("inf-mllm", {}), ("inf-mllm-lt", {"stretch": 8, "long_term_weight": 0.0})):
+        cache = _full_cache(64)
+        policy = make_policy(name, retrieval_window=4, pool=1, **options)
+        policy.bind(cache)
+        for _ in range(4):
+            policy.observe(cache, _attention(64, peaks, base=0.1), queries=1)
+        kept[name] = _kept(policy, cache, 16 + 8)
+    stretches = [set(range(start, start + 8)) for start in range(0, 48, 8)]
+    assert {10, 12} <= kept["inf-mllm-lt"] and set(range(48, 64)) <= kept["inf-mllm-lt"]
+    assert all(kept["inf-mllm-lt"] & stretch for stretch in stretches)
+    assert not all(kept["inf-mllm"] & stretch for stretch in stretches)
+
+
+def test_inf_mllm_lt_widens_stretches_to_stay_within_its_share() -> None:
+    cache = _full_cache(64)
+    policy = make_policy("inf-mllm-lt", stretch=8, representative_fraction=4 / 64)  # at most 4 stretches
+    policy.bind(cache)
+    evictable = cache.valid() & (cache.slot_index < 48)
+    chosen = policy.representatives(cache, torch.rand(LAYERS, HEADS, 64), evictable.expand(LAYERS, HEADS, 64))
+    assert chosen.sum(-1).tolist() == [[3, 3], [3, 3]]  # slots 0-47 span 3 of the 16-token stretches
+
+
+def test_inf_mllm_lt_remembers_what_drew_attention_long_ago_then_forgets_it() -> None:
+    """Slot 5 drew attention for a while, then the window moved to slot 40 (and a little to 20).
+    The windowed score alone has forgotten slot 5; the long-term score keeps it, until its
+    half-life has passed many times and slot 20's steady share outweighs it."""
+    def kept_after(name: str, later_steps: int) -> set[int]:
+        cache = _full_cache(64)
+        policy = make_policy(name, retrieval_window=4, pool=1, attention_bias=0.0,
+                             **({"stretch": 0, "long_term_half_life": 64} if name == "inf-mllm-lt" else {}))
+        policy.bind(cache)
+        for _ in range(64):
+            policy.observe(cache, _attention(64, {5: 20.0}, base=0.1), queries=1)
+        for _ in range(later_steps):
+            policy.observe(cache, _attention(64, {40: 20.0, 20: 1.0}, base=0.1), queries=1)
+        return _kept(policy, cache, 16 + 2)
+
+    assert 5 not in kept_after("inf-mllm", 8)
+    assert {5, 40} <= kept_after("inf-mllm-lt", 8)
+    assert kept_after("inf-mllm-lt", 64 * 12) - set(range(48, 64)) == {20, 40}

@@ -230,6 +230,81 @@ class InfMLLMPolicy(EvictionPolicy):
         return _recent_count(cache, self.config.recent_fraction)
 
 
+@dataclass(frozen=True)
+class InfMLLMLongTermConfig(InfMLLMConfig):
+    """Inf-MLLM-LT: ours (not in the paper). Inf-MLLM's windowed saddles answer for the present;
+    two additions answer for the distant past, where H2O's accumulated score measured better
+    (benchmarks/results/demo_eval_tiny.md, demo_eval.md):
+
+    long_term_weight: weight of a long-term score added to the saddle score: each slot's
+        attention in units of uniform attention, averaged over the stream with exponential decay
+        (an H2O-like memory that forgets, so early tokens do not win by age alone).
+    long_term_half_life: queries after which a step's attention counts half in the long-term score.
+    stretch: tokens per stretch of the stream (about a frame); the best-scoring slot of every
+        stretch is kept before any other evictable slot, so no stretch is wholly forgotten.
+        0 turns representatives off.
+    representative_fraction: at most this share of the capacity goes to representatives; when the
+        stream holds more stretches, they are widened so the count stays within it.
+    """
+
+    long_term_weight: float = 1.0
+    long_term_half_life: int = 2048
+    stretch: int = 64
+    representative_fraction: float = 0.25
+
+
+class InfMLLMLongTermPolicy(InfMLLMPolicy):
+    """Inf-MLLM's saddle score plus a decayed long-term score, and one representative per stretch."""
+
+    name = "inf-mllm-lt"
+    REPRESENTATIVE_BONUS = 1e6  # ranks representatives above every other evictable slot
+
+    def __init__(self, config: InfMLLMLongTermConfig = InfMLLMLongTermConfig()) -> None:
+        super().__init__(config)
+        if config.long_term_half_life < 1:
+            raise ValueError(f"inf-mllm-lt long_term_half_life must be >= 1, got {config.long_term_half_life}")
+        if config.stretch < 0 or not 0.0 <= config.representative_fraction < 1.0:
+            raise ValueError("inf-mllm-lt stretch must be >= 0 and representative_fraction in [0, 1)")
+
+    def bind(self, cache: BoundedKVCache) -> None:
+        super().bind(cache)
+        self.long_term = cache.register_stat("infmllm_long_term", torch.float32)
+        self.long_term.zero_()  # a reset binds again: zero in place (captured steps keep the tensor)
+
+    def observe(self, cache: BoundedKVCache, mass: torch.Tensor, queries: int) -> None:
+        super().observe(cache, mass, queries)
+        keep = 0.5 ** (queries / self.config.long_term_half_life)  # host float: a captured step replays it
+        n = cache.length_t.clamp_min(1)
+        uniform = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12) * n
+        self.long_term.mul_(keep).add_(uniform, alpha=1.0 - keep)
+
+    def scores(self, cache: BoundedKVCache) -> torch.Tensor:
+        return super().scores(cache) + self.config.long_term_weight * self.long_term
+
+    def representatives(self, cache: BoundedKVCache, scores: torch.Tensor, evictable: torch.Tensor) -> torch.Tensor:
+        """Per (layer, head), the best evictable slot of each stretch of stream positions. Slots
+        hold ascending origins, so a stretch is a run of slots; runs are numbered by a cumulative
+        sum (static shapes: capturable in a CUDA graph)."""
+        allowed = max(1, int(cache.capacity * self.config.representative_fraction))
+        width = torch.clamp_min((cache.seen_t + allowed - 1) // allowed, self.config.stretch)
+        stretch = torch.where(evictable, cache.origin // width, torch.full_like(cache.origin, -1))
+        starts = torch.ones_like(stretch, dtype=torch.bool)
+        starts[..., 1:] = stretch[..., 1:] != stretch[..., :-1]
+        run = starts.long().cumsum(-1) - 1
+        ranked = scores.masked_fill(~evictable, float("-inf"))
+        best = torch.full_like(ranked, float("-inf")).scatter_reduce(-1, run, ranked, "amax")
+        return evictable & (ranked >= best.gather(-1, run))
+
+    def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
+        recent = cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction)
+        forced = cache.pinned | recent
+        scores = self.scores(cache)
+        if self.config.stretch:
+            evictable = cache.valid() & ~forced
+            scores = scores + self.REPRESENTATIVE_BONUS * self.representatives(cache, scores, evictable)
+        return keep_top(cache, scores, forced, keep)
+
+
 class InfMLLMPaperPolicy(EvictionPolicy):
     """Inf-MLLM as its Figure 3 draws it (arXiv 2409.09086; ../shared/papers/, DESIGN.md): the
     incoming prompt is prefilled against the whole cache (which holds the budget plus the prompt:
@@ -278,6 +353,7 @@ POLICIES: dict[str, tuple[type[EvictionPolicy], type | None]] = {
     "h2o": (H2OPolicy, H2OConfig),
     "inf-mllm": (InfMLLMPolicy, InfMLLMConfig),
     "inf-mllm-paper": (InfMLLMPaperPolicy, None),
+    "inf-mllm-lt": (InfMLLMLongTermPolicy, InfMLLMLongTermConfig),
 }
 
 

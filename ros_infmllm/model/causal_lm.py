@@ -43,12 +43,15 @@ class CausalLM(nn.Module):
         return self.decoder.embed_tokens(input_ids.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
-    def forward_full(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Plain causal forward, no cache: ``input_ids[1, T]`` -> ``logits[1, T, vocab]``."""
+    def forward_full(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     **vision_inputs: torch.Tensor) -> torch.Tensor:
+        """Plain causal forward, no cache: ``input_ids[1, T]`` -> ``logits[1, T, vocab]``.
+        ``vision_inputs``: the layout's extra image inputs, by transformers' names
+        (``pixel_attention_mask`` for Idefics3)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
         ids = input_ids[0].to(self.device)
-        features = self.encode_images(pixel_values) if pixel_values is not None else None
+        features = self.encode_images(pixel_values, **vision_inputs) if pixel_values is not None else None
         embeds = self.embed_tokens(ids, features)
         cache_k, cache_v = self.decoder.empty_cache(0)
         valid = torch.zeros(0, dtype=torch.bool, device=self.device)

@@ -1,6 +1,6 @@
 """Finding a model's files and loading them: Hugging Face folders (safetensors; LLaVA layout into
-``LlavaModel``, text-only LLaMA-family models into ``CausalLM``) here, GGUF files through
-``gguf_loader``.
+``LlavaModel``, Idefics3 / SmolVLM into ``Idefics3Model``, text-only LLaMA-family models into
+``CausalLM``) here, GGUF files through ``gguf_loader``.
 
 The safetensors key-name maps live here and only here. Hugging Face has saved LLaVA under two layouts
 (``language_model.model.layers.0...`` before transformers 4.52 and in files it writes today;
@@ -19,8 +19,10 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from .causal_lm import CausalLM
-from .config import LlavaConfig, load_config
+from .config import Idefics3Config, LlavaConfig, load_config
+from .idefics3 import Idefics3Model
 from .llava import LlavaModel
+
 
 @dataclass(frozen=True)
 class KeyLayout:
@@ -30,6 +32,7 @@ class KeyLayout:
 
     prefixes: tuple[tuple[str, str], ...]
     saved: tuple[str, ...]
+    unused: tuple[str, ...] = ()  # our names of checkpoint tensors this layout never reads
 
 
 LLAVA_LAYOUT = KeyLayout(tuple(sorted([
@@ -43,15 +46,27 @@ LLAVA_LAYOUT = KeyLayout(tuple(sorted([
     ("vision_tower.", "vision_tower."),
     ("multi_modal_projector.", "projector."),
     ("model.multi_modal_projector.", "projector."),
-], key=lambda pair: -len(pair[0]))), saved=("language_model.", "vision_tower.vision_model.", "multi_modal_projector."))
+], key=lambda pair: -len(pair[0]))), saved=("language_model.", "vision_tower.vision_model.", "multi_modal_projector."),
+    unused=("vision_tower.head.", "vision_tower.post_layernorm."))  # SigLIP pooling head, final vision norm
+# SmolVLM (Idefics3): ``model.vision_model.*``, ``model.connector.*``, ``model.text_model.*``, ``lm_head.*``.
+IDEFICS3_LAYOUT = KeyLayout((("model.vision_model.", "vision_tower."), ("model.connector.", "connector."),
+                             ("model.text_model.", "decoder."), ("lm_head.", "decoder.lm_head.")),
+                            saved=("model.", "lm_head."))
 # Text-only *ForCausalLM checkpoints: ``model.layers.0...``, ``lm_head.weight``.
 CAUSAL_LM_LAYOUT = KeyLayout((("lm_head.", "decoder.lm_head."), ("model.", "decoder.")), saved=("model.", "lm_head."))
-# Checkpoint tensors that LLaVA never uses (SigLIP pooling head, final vision norm).
-_UNUSED = ("vision_tower.head.", "vision_tower.post_layernorm.")
 
 
 def layout_of(model: CausalLM) -> KeyLayout:
-    return LLAVA_LAYOUT if isinstance(model, LlavaModel) else CAUSAL_LM_LAYOUT
+    if isinstance(model, LlavaModel):
+        return LLAVA_LAYOUT
+    return IDEFICS3_LAYOUT if isinstance(model, Idefics3Model) else CAUSAL_LM_LAYOUT
+
+
+def model_class(cfg) -> type[CausalLM]:
+    """The module a config builds: one class per checkpoint layout."""
+    if isinstance(cfg, LlavaConfig):
+        return LlavaModel
+    return Idefics3Model if isinstance(cfg, Idefics3Config) else CausalLM
 
 
 def canonical_name(key: str, layout: KeyLayout = LLAVA_LAYOUT) -> str | None:
@@ -97,7 +112,7 @@ def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype) -> None:
             with handle:
                 for key in handle.keys():
                     name = canonical_name(key, layout)
-                    if name is None or name.startswith(_UNUSED) or name not in expected:
+                    if name is None or (layout.unused and name.startswith(layout.unused)) or name not in expected:
                         continue
                     tensor = handle.get_tensor(key)
                     target = expected[name]
@@ -160,7 +175,7 @@ def locate(path: str | Path, mmproj: str | Path | None = None) -> CheckpointFile
 def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, mmproj: str | Path | None = None) -> CausalLM:
     """Build the model from a checkpoint (see ``locate``) and load its weights, ready for inference:
-    ``LlavaModel`` when it has a vision tower, ``CausalLM`` when it is text-only."""
+    ``LlavaModel`` or ``Idefics3Model`` when it has a vision tower, ``CausalLM`` when it is text-only."""
     files = path if isinstance(path, CheckpointFiles) else locate(path, mmproj)
     if files.gguf is not None:
         from .gguf_loader import load_gguf_model
@@ -169,7 +184,7 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
     else:
         cfg = load_config(files.folder)
         with torch.device("meta"):
-            model = LlavaModel(cfg) if isinstance(cfg, LlavaConfig) else CausalLM(cfg)
+            model = model_class(cfg)(cfg)
         model = model.to_empty(device="cpu").to(dtype)
         load_state(model, files.folder, dtype)
     model = model.to(device).eval()

@@ -1,5 +1,5 @@
 """Model configuration read from a Hugging Face ``config.json``: ``LlavaForConditionalGeneration``,
-or a text-only ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM``.
+``Idefics3ForConditionalGeneration`` (SmolVLM, SmolVLM2), or a text-only ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM``.
 
 Checkpoints often leave out fields that equal the `transformers` class defaults, so each supported
 ``model_type`` carries a table of those defaults here. Anything we do not implement (rope scaling,
@@ -34,6 +34,9 @@ _VISION_DEFAULTS: dict[str, dict[str, Any]] = {
     "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                 num_attention_heads=12, image_size=224, patch_size=16, num_channels=3,
                                 hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "idefics3_vision": dict(hidden_size=1152, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=16, image_size=224, patch_size=32, num_channels=3,
+                            hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
 }
 # Qwen2 always has q/k/v biases and no o_proj bias; LLaMA's `attention_bias` covers all four.
 _QKV_BIAS_ALWAYS = {"qwen2"}
@@ -94,6 +97,26 @@ class CausalLMConfig:
     vision = None
     image_token_index = -1  # never a real id: text-only streams hold no image placeholders
     num_image_tokens = 0
+
+
+@dataclass(frozen=True)
+class Idefics3Config:
+    """SmolVLM / SmolVLM2 (transformers' Idefics3 layout): a SigLIP tower whose last hidden state
+    (after its post-layernorm) is pixel-shuffled (``scale_factor`` x ``scale_factor`` patches into
+    one token) and projected by one linear layer into a LLaMA decoder. In the prompt each image is
+    ``<fake_token_around_image><global-img>`` + the image tokens + ``<fake_token_around_image>``."""
+
+    text: TextConfig
+    vision: VisionConfig
+    image_token_index: int
+    scale_factor: int
+    eos_token_ids: tuple[int, ...]
+    image_prefix: tuple[str, ...] = ("<fake_token_around_image>", "<global-img>")
+    image_suffix: tuple[str, ...] = ("<fake_token_around_image>",)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches // self.scale_factor ** 2
 
 
 @dataclass(frozen=True)
@@ -170,8 +193,27 @@ def _eos_ids(section: dict[str, Any], fallback: Any = None) -> tuple[int, ...]:
     return () if eos is None else ((int(eos),) if isinstance(eos, int) else tuple(int(x) for x in eos))
 
 
-def load_config(model_dir: str | Path) -> LlavaConfig | CausalLMConfig:
-    """Read ``config.json`` of a checkpoint folder: LLaVA layout, or a text-only LLaMA-family model."""
+def idefics3_config(raw: dict[str, Any], path: Path) -> Idefics3Config:
+    """``config.json`` of an ``Idefics3ForConditionalGeneration`` checkpoint (transformers'
+    ``Idefics3Config`` defaults where a field is left out)."""
+    text_raw = raw.get("text_config") or {}
+    text = parse_text_config(text_raw, path, bool(raw.get("tie_word_embeddings", False)))
+    if text.model_type != "llama":
+        raise CheckpointError(f"{path}: Idefics3 text_config.model_type={text.model_type!r} is not supported (only 'llama')")
+    vision = parse_vision_config({"model_type": "idefics3_vision", **(raw.get("vision_config") or {})}, path)
+    if vision.model_type != "idefics3_vision":
+        raise CheckpointError(f"{path}: Idefics3 vision_config.model_type={vision.model_type!r} is not 'idefics3_vision'")
+    scale = int(raw.get("scale_factor", 2))
+    side = vision.image_size // vision.patch_size
+    if scale < 1 or side % scale:
+        raise CheckpointError(f"{path}: scale_factor={scale} does not divide the tower's {side}x{side} patch grid")
+    return Idefics3Config(text=text, vision=vision, image_token_index=int(raw.get("image_token_id", 128257)),
+                          scale_factor=scale, eos_token_ids=_eos_ids(text_raw, raw.get("eos_token_id")))
+
+
+def load_config(model_dir: str | Path) -> LlavaConfig | Idefics3Config | CausalLMConfig:
+    """Read ``config.json`` of a checkpoint folder: LLaVA or Idefics3 layout, or a text-only
+    LLaMA-family model."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (expected a Hugging Face checkpoint folder)")
@@ -182,9 +224,11 @@ def load_config(model_dir: str | Path) -> LlavaConfig | CausalLMConfig:
     model_type = raw.get("model_type")
     if model_type in _TEXT_DEFAULTS:
         return CausalLMConfig(text=parse_text_config(raw, path), eos_token_ids=_eos_ids(raw))
+    if model_type == "idefics3":
+        return idefics3_config(raw, path)
     if model_type != "llava":
         raise CheckpointError(f"{path}: model_type={model_type!r} is not supported "
-                              f"(expected 'llava' or a text model: {', '.join(sorted(_TEXT_DEFAULTS))})")
+                              f"(expected 'llava', 'idefics3' or a text model: {', '.join(sorted(_TEXT_DEFAULTS))})")
     text = parse_text_config(raw.get("text_config") or {}, path, bool(raw.get("tie_word_embeddings", False)))
     vision = parse_vision_config(raw.get("vision_config") or {}, path)
     layers = raw.get("vision_feature_layer", -2)

@@ -8,6 +8,8 @@ is the image placeholder. A template that will not render those conversations gi
 """
 from __future__ import annotations
 
+import functools
+
 from ..model.checkpoint_text import ChatTemplateSource
 from .templates import IMAGE_PLACEHOLDER, PromptTemplate
 
@@ -24,17 +26,27 @@ def _renderer(chat: ChatTemplateSource):
     env.globals["raise_exception"] = raise_exception
     template = env.from_string(chat.source)
 
-    def render(messages: list[tuple[str, str]], generation: bool = False) -> str:
-        return template.render(messages=[{"role": r, "content": c} for r, c in messages],
+    def render(messages: list[tuple[str, str]], generation: bool = False, parts: bool = False) -> str:
+        return template.render(messages=[{"role": r, "content": [{"type": "text", "text": c}] if parts else c}
+                                         for r, c in messages],
                                add_generation_prompt=generation, bos_token=chat.bos_token,
                                eos_token=chat.eos_token)
     return render
 
 
 def template_from_chat(chat: ChatTemplateSource, name: str = "chat") -> PromptTemplate | None:
-    """The session template for ``chat``, or None if it cannot be derived."""
+    """The session template for ``chat``, or None if it cannot be derived. Message contents are
+    tried as plain strings, then as lists of text parts (the form SmolVLM's template reads)."""
+    for parts in (False, True):
+        template = _derive(chat, name, parts)
+        if template is not None:
+            return template
+    return None
+
+
+def _derive(chat: ChatTemplateSource, name: str, parts: bool) -> PromptTemplate | None:
     try:
-        render = _renderer(chat)
+        render = functools.partial(_renderer(chat), parts=parts)
         system_only = render([("system", _SYSTEM)])
         with_user = render([("system", _SYSTEM), ("user", _USER)])
         opened = render([("system", _SYSTEM), ("user", _USER)], generation=True)

@@ -27,7 +27,7 @@ from ..model.checkpoint_text import chat_template, load_tokenizer
 from .chat_template import template_from_chat
 from .preprocess import ImagePreprocessor, preprocessor_for
 from .sampling import SamplingConfig, sample_next
-from .templates import PromptTemplate, template_for, template_ids
+from .templates import PromptTemplate, image_wrap_ids, template_for, template_ids
 from .visual_tokens import pool_tokens, pooled_count
 
 
@@ -106,6 +106,7 @@ class StreamingSession:
         policy.bind(self.cache)
         self.stats = SessionStats()
         self._frame_ids: torch.Tensor | None = None
+        self._image_wrap = image_wrap_ids(tokenizer, model.cfg)
         self.generator = torch.Generator().manual_seed(config.sampling.seed)
         # greedy decoding: each step's choice stays on the device and feeds the next step (see tokens())
         self._next_token = torch.zeros(1, dtype=torch.long, device=model.device)
@@ -180,7 +181,7 @@ class StreamingSession:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def _template_ids(self, text: str, image_tokens: int = 0) -> list[int]:
-        return template_ids(self.tokenizer, text, self.model.cfg.image_token_index, image_tokens)
+        return template_ids(self.tokenizer, text, self.model.cfg.image_token_index, image_tokens, self._image_wrap)
 
     @torch.inference_mode()
     def feed(self, ids: torch.Tensor, image_features: torch.Tensor | None = None, pinned: bool = False,

@@ -48,17 +48,31 @@ PRESETS: dict[str, PromptTemplate] = {
 TEMPLATE_FILE = "infmllm_template.json"
 
 
-def template_ids(tokenizer, text: str, image_token: int = -1, image_tokens: int = 0) -> list[int]:
+def template_ids(tokenizer, text: str, image_token: int = -1, image_tokens: int = 0,
+                 image_wrap: tuple[list[int], list[int]] = ([], [])) -> list[int]:
     """Token ids of a template text as a session writes it: the pieces between ``<image>``
     placeholders tokenised alone (no special tokens added), each placeholder ``image_tokens``
-    copies of ``image_token``. Training data is laid out by this same function."""
+    copies of ``image_token`` between the layout's ``image_wrap`` (prefix, suffix) ids. Training
+    data is laid out by this same function."""
     ids: list[int] = []
     for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if i:
-            ids.extend([image_token] * image_tokens)
+            ids.extend(image_wrap[0] + [image_token] * image_tokens + image_wrap[1])
         if part:
             ids.extend(tokenizer.encode(part, add_special_tokens=False).ids)
     return ids
+
+
+def image_wrap_ids(tokenizer, cfg) -> tuple[list[int], list[int]]:
+    """The ids a layout writes around each image's visual tokens (Idefics3:
+    ``<fake_token_around_image><global-img>`` ... ``<fake_token_around_image>``; LLaVA: none)."""
+    def ids(tokens: tuple[str, ...]) -> list[int]:
+        found = [tokenizer.token_to_id(t) for t in tokens]
+        missing = [t for t, i in zip(tokens, found) if i is None]
+        if missing:
+            raise ValueError(f"the tokenizer has no {', '.join(missing)} token, which this model's image prompt needs")
+        return found
+    return ids(getattr(cfg, "image_prefix", ())), ids(getattr(cfg, "image_suffix", ()))
 
 
 def template_for(name: str, model_dir: str | Path | None = None, model_type: str = "",

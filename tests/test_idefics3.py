@@ -1,0 +1,113 @@
+"""SmolVLM (transformers' Idefics3 layout): our model against transformers on small random
+checkpoints, and streaming it through a session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from builders import IMAGE_TOKEN, build_tiny_idefics3
+from ros_infmllm.errors import CheckpointError
+from ros_infmllm.model import Idefics3Model, load_model
+from ros_infmllm.session import StreamingSession
+
+SIZES = [(32, 4, 2), (48, 8, 2), (32, 4, 4)]  # (image size, patch, scale): 16, 9 and 4 tokens per image
+
+
+@pytest.fixture(scope="module", params=SIZES, ids=lambda s: f"{s[0]}px-patch{s[1]}-scale{s[2]}")
+def idefics3(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    image_size, patch, scale = request.param
+    path = tmp_path_factory.mktemp("idefics3")
+    return path, build_tiny_idefics3(path, image_size, patch, scale)
+
+
+def _prompt(tokens_per_image: int, images: int) -> torch.Tensor:
+    ids = [10, 23, 24]
+    for _ in range(images):
+        ids += [61, 62] + [IMAGE_TOKEN] * tokens_per_image + [61, 20, 21]
+    return torch.tensor([ids + [30, 31]])
+
+
+def test_text_only_logits_equal_transformers(idefics3) -> None:
+    path, theirs = idefics3
+    ours = load_model(path)
+    assert isinstance(ours, Idefics3Model)
+    ids = torch.tensor([[10, 23, 24, 20, 21, 30]])
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits[0]
+    assert (ours.forward_full(ids)[0] - expected).abs().max().item() <= 1e-4
+
+
+def test_image_logits_equal_transformers(idefics3) -> None:
+    """Two images in one prompt, fed as transformers takes them ([batch, images, 3, H, W])."""
+    path, theirs = idefics3
+    ours = load_model(path)
+    size = ours.cfg.vision.image_size
+    pixels = torch.randn(1, 2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    ids = _prompt(ours.cfg.num_image_tokens, 2)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, pixel_values=pixels).logits[0]
+    got = ours.forward_full(ids, pixel_values=pixels)[0]
+    assert (got - expected).abs().max().item() <= 1e-4
+    other = ours.forward_full(ids, pixel_values=pixels.flip(1))[0]
+    assert (other - got).abs().max().item() > 1e-3  # the images do reach the logits
+
+
+def test_padded_image_with_pixel_attention_mask_equals_transformers(idefics3) -> None:
+    """A smaller image padded into the square, its real region given by ``pixel_attention_mask``
+    (as transformers' processor pads): positions by fraction of the grid, padding never attended;
+    an all-zero padding image in the batch is dropped as transformers drops it."""
+    path, theirs = idefics3
+    ours = load_model(path)
+    size, patch = ours.cfg.vision.image_size, ours.cfg.vision.patch_size
+    mask = torch.zeros(1, 2, size, size, dtype=torch.long)
+    mask[0, 0, : size - 2 * patch, : size - patch] = 1
+    pixels = torch.randn(1, 2, 3, size, size, generator=torch.Generator().manual_seed(2)) * mask[:, :, None]
+    ids = _prompt(ours.cfg.num_image_tokens, 1)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, pixel_values=pixels, pixel_attention_mask=mask).logits[0]
+    got = ours.forward_full(ids, pixel_values=pixels, pixel_attention_mask=mask)[0]
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_a_session_streams_frames_between_the_image_markers(idefics3) -> None:
+    """Each frame is one global image at the tower's size, written between SmolVLM's markers in
+    its chat template's user turn; the cache gives the logits of one full forward."""
+    path, _ = idefics3
+    session = StreamingSession.from_pretrained(path, policy="full", capacity=1024)
+    tokenizer, cfg = session.tokenizer, session.model.cfg
+    assert session.template.turn_end == "<end_of_utterance>\n"  # derived from SmolVLM's template
+    frame_ids = session.frame_ids().tolist()
+    start = frame_ids.index(tokenizer.token_to_id("<fake_token_around_image>"))
+    assert frame_ids[start + 1] == tokenizer.token_to_id("<global-img>")
+    assert frame_ids[start + 2: start + 2 + cfg.num_image_tokens] == [IMAGE_TOKEN] * cfg.num_image_tokens
+    assert frame_ids[start + 2 + cfg.num_image_tokens] == tokenizer.token_to_id("<fake_token_around_image>")
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(2)]
+    system = session.cache.length
+    prefix = session._system_ids()
+    got, ids, pixels = [], [], []
+    for frame in frames:
+        pixels.append(session.preprocessor(frame))
+        got.append(session.feed(session.frame_ids(), session.encode_frame(frame), all_logits=True))
+        ids += frame_ids
+    expected = session.model.forward_full(torch.tensor([prefix + ids]), torch.cat(pixels))[0, system:]
+    assert (torch.cat(got) - expected).abs().max().item() <= 1e-4
+    assert isinstance(session.answer("what is in view ?", max_new_tokens=4), str)
+
+
+def test_a_tokenizer_without_the_image_markers_is_refused(tmp_path: Path) -> None:
+    from builders import build_tokenizer
+
+    build_tiny_idefics3(tmp_path)
+    build_tokenizer(tmp_path)  # the plain test vocabulary: no <global-img>
+    with pytest.raises(ValueError, match="no <fake_token_around_image>, <global-img> token"):
+        StreamingSession.from_pretrained(tmp_path, policy="full", capacity=256)
+
+
+def test_a_grid_the_shuffle_cannot_divide_is_refused(tmp_path: Path) -> None:
+    build_tiny_idefics3(tmp_path, image_size=24, patch=8, scale=2)  # a 3x3 grid, shuffled by 2
+    with pytest.raises(CheckpointError, match="scale_factor=2 does not divide"):
+        load_model(tmp_path)

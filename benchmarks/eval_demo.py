@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from intervals import wilson
+from streaming_workers import parse_policy
 from plotting import pyplot
 from ros_infmllm.cache import make_policy
 from ros_infmllm.demo import bundled_model_path
@@ -37,6 +39,8 @@ from ros_infmllm.session import SessionConfig, StreamingSession, checkpoint_temp
 from ros_infmllm.session.preprocess import preprocessor_for
 
 HELD_OUT_SEED = 30_000_000  # training used seeds below 10M, the trainer's validation 10M..
+DEV_SEED = 20_000_000       # --split dev: for tuning policies; held-out streams report them (no seed is shared)
+SPLITS = {"held-out": HELD_OUT_SEED, "dev": DEV_SEED}
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION_SETS = {"chat": CHAT, "terse": TERSE}
 POLICIES = ("full", "streamingllm", "h2o", "inf-mllm", "inf-mllm-lt")
@@ -67,7 +71,8 @@ class Evaluator:
         """[kind, correct, asked after the stream outgrew the budget, question, reply, reference] for
         every question (the texts say what a wrong reply was)."""
         config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32)
-        session = StreamingSession(self.model, self.tokenizer, make_policy(policy), config, self.template,
+        name, options = parse_policy(policy)
+        session = StreamingSession(self.model, self.tokenizer, make_policy(name, **options), config, self.template,
                                    self.preprocessor)
         results = []
         for kind, item in episode.events:
@@ -89,35 +94,36 @@ def device_label(device: str) -> str:
 
 
 def evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, streams: int,
-                     budget: int, questions: str, cells: Path) -> tuple[int, str, dict]:
+                     budget: int, questions: str, cells: Path, command: str = "",
+                     seed: int = HELD_OUT_SEED) -> tuple[int, str, dict]:
     """One (stream length, policy) cell; a separate process when --jobs > 1. It is written to
     ``cells`` as soon as it ends (rows, device, seconds), so a run cut short keeps the cells it
     finished, and cells run on different machines can make one report (--report-only)."""
     started = time.monotonic()
-    rows = _evaluate_setting(model_dir, device, multiple, policy, streams, budget, questions)
+    rows = _evaluate_setting(model_dir, device, multiple, policy, streams, budget, questions, seed)
     cell = {"device": device_label(device), "seconds": round(time.monotonic() - started, 1), "streams": streams,
-            "rows": rows}
+            "command": command, "rows": rows}
     cells.mkdir(parents=True, exist_ok=True)
     cell_path(cells, multiple, policy).write_text(json.dumps(cell))
     return multiple, policy, cell
 
 
 def _evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, streams: int,
-                      budget: int, questions: str) -> list:
+                      budget: int, questions: str, seed: int) -> list:
     torch.set_num_threads(1)
     evaluator = Evaluator(model_dir, device)
     question_set = QUESTION_SETS[questions]
     if multiple == 0:  # the no-eviction table: short streams, every kind of question
         rows = []
         for i in range(streams * 2):
-            episode = make_episode(HELD_OUT_SEED + i, 4 + i % 13, question_rate=0.5, memory_share=0.4,
+            episode = make_episode(seed + i, 4 + i % 13, question_rate=0.5, memory_share=0.4,
                                    questions=question_set)
             rows += evaluator.run("full", 4096, episode, 10**9)
         return rows
     frames = multiple * budget // evaluator.tokens_per_frame
     rows = []
     for i in range(streams):
-        episode = make_episode(HELD_OUT_SEED + 1_000_000 * multiple + i, frames, question_rate=0.06,
+        episode = make_episode(seed + 1_000_000 * multiple + i, frames, question_rate=0.06,
                                memory_share=0.6, questions=question_set)
         capacity = budget if policy != "full" else frames * evaluator.tokens_per_frame + 64 * frames
         rows += evaluator.run(policy, capacity, episode, budget)
@@ -142,8 +148,11 @@ def main() -> int:
                         help="stream lengths as multiples of the budget (none: only the no-eviction cell)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--jobs", type=int, default=1, help="settings evaluated in parallel processes")
-    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES[:4]),
-                        help="policies of the long-stream table (full holds the whole stream)")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES[:4]),
+                        help="policies of the long-stream table (full holds the whole stream); "
+                             "name[option=value,...] sets a policy's config fields")
+    parser.add_argument("--split", choices=sorted(SPLITS), default="held-out",
+                        help="held-out streams (reports) or development streams (tuning)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the cells a previous run saved (<out>/<name>_cells)")
     args = parser.parse_args()
@@ -154,7 +163,12 @@ def main() -> int:
     settings = [(m, p) for m in sorted(args.multiples, reverse=True) for p in args.policies]
     settings.insert(min(len(settings), 4), (0, "full"))
     cells = args.out / f"{args.name}_cells"
-    jobs = [(args.model, args.device, m, p, args.streams, args.budget, questions, cells) for m, p in settings]
+    command = "python benchmarks/eval_demo.py " + " ".join(sys.argv[1:])
+    for spec in args.policies:  # a bad name or option fails here, not in a worker
+        name, options = parse_policy(spec)
+        make_policy(name, **options)
+    jobs = [(args.model, args.device, m, p, args.streams, args.budget, questions, cells, command, SPLITS[args.split])
+            for m, p in settings]
     if args.report_only:  # compile the report from the cells an earlier (perhaps cut short) run wrote
         outcomes = [(m, p, json.loads(cell_path(cells, m, p).read_text())) for m, p in settings
                     if cell_path(cells, m, p).exists()]
@@ -172,7 +186,8 @@ def main() -> int:
     long_results: dict[str, dict[str, dict]] = defaultdict(dict)
     cell_devices = {f"{m}x {p}": cell["device"] for m, p, cell in outcomes}
     cell_streams = {f"{m}x {p}": cell["streams"] for m, p, cell in outcomes}
-    for multiple, policy, cell in sorted(outcomes, key=lambda o: (o[0], POLICIES.index(o[1]))):
+    order = ["full"] + list(args.policies)
+    for multiple, policy, cell in sorted(outcomes, key=lambda o: (o[0], order.index(o[1]))):
         rows = cell["rows"]
         if multiple == 0:
             per_type = {kind: accuracy(rows, (kind,)) for kind in question_set.current_types + question_set.memory_types}
@@ -188,8 +203,9 @@ def main() -> int:
     tokens_per_frame = Evaluator(args.model, "cpu").tokens_per_frame
 
     report = {"model": str(args.model), "questions": questions, "memory_kinds": list(question_set.memory_types),
-              "device": ", ".join(sorted(set(cell_devices.values()))), "cell_devices": cell_devices,
+              "split": args.split, "device": ", ".join(sorted(set(cell_devices.values()))), "cell_devices": cell_devices,
               "cell_streams": cell_streams, "budget_tokens": args.budget,
+              "commands": sorted({cell.get("command", "") for _, _, cell in outcomes} - {""}),
               "tokens_per_frame": tokens_per_frame,
               "cell_seconds": {f"{m}x {p}": cell["seconds"] for m, p, cell in outcomes},
               "no_eviction_per_type": per_type,
@@ -218,10 +234,11 @@ def write_markdown(report: dict, path: Path) -> None:
     kinds = report["memory_kinds"]
     lines = ["# Demo model evaluation", "",
              f"Produced by `benchmarks/eval_demo.py` on {report['device']}; model "
-             f"`{Path(report['model']).name}`, questions `{report['questions']}`; held-out streams per setting as "
-             "given; a reply is right when it equals the "
+             f"`{Path(report['model']).name}`, questions `{report['questions']}`; "
+             f"{report.get('split', 'held-out')} streams, as many per setting as given; a reply is right when it equals the "
              "reference answer up to case, punctuation and spacing; (n) = questions; intervals are 95% Wilson "
-             "intervals of the proportion.", "",
+             "intervals of the proportion.", ""]
+    lines += [f"Run as: `{c}`" for c in report.get("commands", [])] + ["",
              "## No eviction (policy `full`, streams of 4-16 frames)", ""]
     if "0x full" in report.get("cell_devices", {}):
         lines += [f"{2 * report['cell_streams']['0x full']} streams, run on {report['cell_devices']['0x full']}.", ""]
@@ -254,7 +271,7 @@ def write_plot(report: dict, path: Path) -> None:
         return
     multiples = list(report["long_streams"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for policy in POLICIES:
+    for policy in dict.fromkeys(p for m in multiples for p in report["long_streams"][m]):
         shown = [m for m in multiples if policy in report["long_streams"][m]]
         ax.plot(shown, [100 * report["long_streams"][m][policy]["memory"][0] for m in shown], marker="o",
                 label=policy)

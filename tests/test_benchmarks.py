@@ -131,3 +131,23 @@ def test_bench_node_smoke_run_times_every_question(tmp_path: Path) -> None:
     assert all(0 < r["first_piece_ms"] <= r["answer_ms"] for r in rows) and all(r["answer"] for r in rows)
     assert int(report["frames"]["frames_ingested"]) > 0 and float(report["max_frame_age_ms"]) >= 0
     assert "| query -> first answer piece" in (tmp_path / "bench_node_tiny-qwen2.md").read_text()
+
+
+def test_eval_demo_keeps_each_cell_and_reports_a_run_cut_short(tmp_path: Path) -> None:
+    """eval_demo on the tiny model (one stream, 4x the budget): every cell is saved as it ends; a
+    report compiled from the cells alone names the cells that are missing."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_demo.py"
+    run = [sys.executable, str(script), "--model", "tiny", "--device", "cpu", "--streams", "1", "--budget", "256",
+           "--multiples", "4", "--split", "dev", "--policies", "h2o", "inf-mllm-lt[stretch=17]",
+           "--out", str(tmp_path), "--name", "t"]
+    subprocess.run(run, check=True, capture_output=True, cwd=script.parent)
+    cells = sorted(p.name for p in (tmp_path / "t_cells").iterdir())
+    assert cells == ["0x_full.json", "4x_h2o.json", "4x_inf-mllm-lt[stretch=17].json"]
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["split"] == "dev" and report["cells_not_run"] == []
+    assert set(report["long_streams"]["4x"]) == {"h2o", "inf-mllm-lt[stretch=17]"}
+    (tmp_path / "t_cells" / "4x_h2o.json").unlink()
+    subprocess.run(run + ["--report-only"], check=True, capture_output=True, cwd=script.parent)
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["cells_not_run"] == ["4x h2o"] and set(report["long_streams"]["4x"]) == {"inf-mllm-lt[stretch=17]"}
+    assert "Not run" in (tmp_path / "t.md").read_text()

@@ -51,3 +51,16 @@ def test_package_xml_is_format_3_with_runtime_dependencies() -> None:
     depends = {d.text for d in root.findall("exec_depend")}
     assert {"rclpy", "std_msgs", "sensor_msgs", "diagnostic_msgs"} <= depends
     assert root.find("export/build_type").text == "ament_python"
+
+
+def test_each_policy_gets_its_parameters_and_builds_from_them() -> None:
+    from ros_infmllm.cache import make_policy
+    from ros_infmllm.ros.params import policy_options
+
+    defaults = {spec.name: spec.default for spec in PARAMS}
+    for policy in ("full", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt"):
+        options = policy_options({**defaults, "policy": policy})
+        assert make_policy(policy, **options).name == policy
+    both = policy_options({**defaults, "policy": "inf-mllm-lt", "inf_mllm.retrieval_window": 8,
+                           "inf_mllm_lt.stretch": 16})
+    assert both["retrieval_window"] == 8 and both["stretch"] == 16 and "sinks" not in both

@@ -63,6 +63,14 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("inf_mllm.retrieval_window", 32, "Inf-MLLM: latest queries that score cached tokens.", 1, 4096),
     ParamSpec("inf_mllm.pool", 5, "Inf-MLLM: odd width of the local-sum pooling.", 1, 255),
     ParamSpec("inf_mllm.attention_bias", 1.0, "Inf-MLLM: weight of the bias toward newer tokens.", 0.0, 1000.0),
+    ParamSpec("inf_mllm_lt.long_term_weight", 1.0, "Inf-MLLM-LT (also reads inf_mllm.*): weight of the decayed "
+                                                  "long-term attention score.", 0.0, 1000.0),
+    ParamSpec("inf_mllm_lt.long_term_half_life", 2048, "Inf-MLLM-LT: queries after which attention counts half "
+                                                       "in the long-term score.", 1, 1 << 30),
+    ParamSpec("inf_mllm_lt.stretch", 64, "Inf-MLLM-LT: tokens per stretch of the stream that keeps one representative "
+                                         "(0: off).", 0, 1 << 20),
+    ParamSpec("inf_mllm_lt.representative_fraction", 0.25, "Inf-MLLM-LT: most of the capacity representatives take.",
+              0.0, 0.9),
     ParamSpec("h2o.recent_fraction", 0.5, "H2O: share of the capacity kept as recent tokens.", 0.0, 0.9),
     ParamSpec("streamingllm.sinks", 4, "StreamingLLM: attention-sink tokens kept from the stream start.", 0, 1024),
     ParamSpec("visual_tokens.pool", 1, "Average each frame's visual tokens over pool x pool grid cells before the "
@@ -87,8 +95,8 @@ def validate(name: str, value: Any) -> None:
 
 
 def policy_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The options of the chosen policy, from the parameters under its prefix."""
-    prefix = {"inf-mllm": "inf_mllm.", "h2o": "h2o.", "streamingllm": "streamingllm."}.get(values["policy"])
-    if prefix is None:
-        return {}
-    return {name[len(prefix):]: value for name, value in values.items() if name.startswith(prefix)}
+    """The options of the chosen policy, from the parameters under its prefixes."""
+    prefixes = {"inf-mllm": ("inf_mllm.",), "inf-mllm-lt": ("inf_mllm.", "inf_mllm_lt."), "h2o": ("h2o.",),
+                "streamingllm": ("streamingllm.",)}.get(values["policy"], ())
+    return {name[len(prefix):]: value for prefix in prefixes for name, value in values.items()
+            if name.startswith(prefix)}

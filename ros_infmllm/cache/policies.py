@@ -247,7 +247,7 @@ class InfMLLMLongTermConfig(InfMLLMConfig):
         stream holds more stretches, they are widened so the count stays within it.
     """
 
-    long_term_weight: float = 1.0
+    long_term_weight: float = 4.0
     long_term_half_life: int = 2048
     stretch: int = 64
     representative_fraction: float = 0.25

@@ -63,7 +63,7 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("inf_mllm.retrieval_window", 32, "Inf-MLLM: latest queries that score cached tokens.", 1, 4096),
     ParamSpec("inf_mllm.pool", 5, "Inf-MLLM: odd width of the local-sum pooling.", 1, 255),
     ParamSpec("inf_mllm.attention_bias", 1.0, "Inf-MLLM: weight of the bias toward newer tokens.", 0.0, 1000.0),
-    ParamSpec("inf_mllm_lt.long_term_weight", 1.0, "Inf-MLLM-LT (also reads inf_mllm.*): weight of the decayed "
+    ParamSpec("inf_mllm_lt.long_term_weight", 4.0, "Inf-MLLM-LT (also reads inf_mllm.*): weight of the decayed "
                                                   "long-term attention score.", 0.0, 1000.0),
     ParamSpec("inf_mllm_lt.long_term_half_life", 2048, "Inf-MLLM-LT: queries after which attention counts half "
                                                        "in the long-term score.", 1, 1 << 30),

@@ -111,3 +111,22 @@ def test_a_grid_the_shuffle_cannot_divide_is_refused(tmp_path: Path) -> None:
     build_tiny_idefics3(tmp_path, image_size=24, patch=8, scale=2)  # a 3x3 grid, shuffled by 2
     with pytest.raises(CheckpointError, match="scale_factor=2 does not divide"):
         load_model(tmp_path)
+
+
+def test_onnx_export_gives_torch_logits_in_onnxruntime(tmp_path: Path) -> None:
+    """infmllm_export writes the vision and step graphs for this layout too; the onnxruntime
+    backend then ingests a frame and a question with the torch backend's logits."""
+    from ros_infmllm.export.cli import main as export
+
+    build_tiny_idefics3(tmp_path / "model")
+    assert export(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "onnx"), "--capacity", "64",
+                   "--max-chunk", "16", "--engines", "no"]) == 0
+    frame = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    logits = []
+    for backend, options in (("torch", {}), ("onnxruntime", {"engine_dir": tmp_path / "onnx"})):
+        session = StreamingSession.from_pretrained(tmp_path / "model", policy="inf-mllm", capacity=64, max_chunk=16,
+                                                   backend=backend, **options)
+        frame_logits = session.feed(session.frame_ids(), session.encode_frame(frame))
+        question = torch.tensor(session._template_ids(session.template.query.replace("{query}", "what is in view ?")))
+        logits.append(torch.stack([frame_logits, session.feed(question)]))
+    assert (logits[0] - logits[1]).abs().max().item() <= 1e-4

@@ -1,5 +1,6 @@
 """Model configuration read from a Hugging Face ``config.json``: ``LlavaForConditionalGeneration``,
-``Idefics3ForConditionalGeneration`` (SmolVLM, SmolVLM2), or a text-only ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM``.
+``Idefics3ForConditionalGeneration`` (SmolVLM, SmolVLM2), or a text-only ``LlamaForCausalLM`` /
+``Qwen2ForCausalLM`` / ``MistralForCausalLM``.
 
 Checkpoints often leave out fields that equal the `transformers` class defaults, so each supported
 ``model_type`` carries a table of those defaults here. Anything we do not implement (rope scaling,

@@ -74,6 +74,8 @@ class Idefics3VisionTower(nn.Module):
 
 
 class ModalityProjection(nn.Module):
+    """One bias-free linear layer (named as in the checkpoint: ``modality_projection.proj``)."""
+
     def __init__(self, cfg: Idefics3Config) -> None:
         super().__init__()
         width = cfg.vision.hidden_size * cfg.scale_factor ** 2

@@ -361,3 +361,15 @@ def test_warm_up_leaves_no_trace_in_the_stream(tiny_model_dir: Path, policy: str
     assert warm.cache.evictions == cold.cache.evictions > 0
     assert torch.equal(warm.cache.k[:, :, :warm.cache.length], cold.cache.k[:, :, :cold.cache.length])
     assert warm.answer("what is in view ?") == cold.answer("what is in view ?")
+
+
+def test_a_reset_begins_a_new_stream_that_awaits_its_first_frame(tiny_model_dir: Path) -> None:
+    """After reset() a question is answered from no picture unless a frame comes first; the
+    diagnostic counters keep counting across streams."""
+    session = _session(tiny_model_dir, "inf-mllm", capacity=256)
+    assert session.awaiting_first_frame
+    session.ingest_frame(_frames(1)[0], stamp=12.5)
+    assert not session.awaiting_first_frame and session.last_frame_stamp == 12.5
+    session.reset()
+    assert session.awaiting_first_frame and session.last_frame_stamp is None
+    assert session.stats.frames_ingested == 1 and session.cache.total_seen == session.cache.length

@@ -105,6 +105,8 @@ class StreamingSession:
         self.cache.checks = config.check_evictions
         policy.bind(self.cache)
         self.stats = SessionStats()
+        self.frames_in_stream = 0  # since the stream began (a reset begins a new one); stats count all
+        self.last_frame_stamp: float | None = None
         self._frame_ids: torch.Tensor | None = None
         self._image_wrap = image_wrap_ids(tokenizer, model.cfg)
         self.generator = torch.Generator().manual_seed(config.sampling.seed)
@@ -318,13 +320,14 @@ class StreamingSession:
         features = self.encode_frame(rgb)
         self.feed(self.frame_ids(), features)
         self.stats.frames_ingested += 1
+        self.frames_in_stream += 1
         self.last_frame_stamp = stamp
 
     @property
     def awaiting_first_frame(self) -> bool:
         """A vision model that has not seen a frame since the stream began: a question now would
         be answered from no picture at all."""
-        return self.preprocessor is not None and self.stats.frames_ingested == 0
+        return self.preprocessor is not None and self.frames_in_stream == 0
 
     # ---- text -----------------------------------------------------------------------------------
     def feed_text(self, text: str) -> int:
@@ -449,4 +452,6 @@ class StreamingSession:
         """Forget the stream (keeps the model and buffers); the system prompt is written again."""
         self.cache.reset()
         self.policy.bind(self.cache)
+        self.frames_in_stream = 0
+        self.last_frame_stamp = None
         self._write_system_prompt()

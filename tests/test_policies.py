@@ -222,3 +222,12 @@ def test_inf_mllm_lt_remembers_what_drew_attention_long_ago_then_forgets_it() ->
     assert 5 not in kept_after("inf-mllm", 8)
     assert {5, 40} <= kept_after("inf-mllm-lt", 8)
     assert kept_after("inf-mllm-lt", 64 * 12) - set(range(48, 64)) == {20, 40}
+
+
+def test_inf_mllm_lt_stretches_are_one_frame_unless_set(tiny_model_dir) -> None:
+    from ros_infmllm.session import StreamingSession
+
+    session = StreamingSession.from_pretrained(tiny_model_dir, policy="inf-mllm-lt", capacity=256, max_chunk=16)
+    assert session.policy.stretch == len(session.frame_ids()) > 0
+    assert make_policy("inf-mllm-lt", stretch=8).stretch == 8 and make_policy("inf-mllm-lt", stretch=0).stretch == 0
+    assert make_policy("inf-mllm-lt").stretch == 64  # no session yet (or a text-only model)

@@ -61,6 +61,9 @@ class EvictionPolicy(ABC):
         """Slots this policy always keeps besides pinned ones (so the session can validate sizes)."""
         return 0
 
+    def set_frame_tokens(self, tokens: int) -> None:
+        """The session says how many tokens one frame puts in the cache (0: a text-only model)."""
+
 
 class FullPolicy(EvictionPolicy):
     """No eviction: the baseline that grows until the capacity, then refuses clearly."""
@@ -240,16 +243,16 @@ class InfMLLMLongTermConfig(InfMLLMConfig):
         attention in units of uniform attention, averaged over the stream with exponential decay
         (an H2O-like memory that forgets, so early tokens do not win by age alone).
     long_term_half_life: queries after which a step's attention counts half in the long-term score.
-    stretch: tokens per stretch of the stream (about a frame); the best-scoring slot of every
-        stretch is kept before any other evictable slot, so no stretch is wholly forgotten.
-        0 turns representatives off.
+    stretch: tokens per stretch of the stream; the best-scoring slot of every stretch is kept
+        before any other evictable slot, so no stretch is wholly forgotten. -1 (default): one
+        frame's tokens, as the session reports them (64 for a text-only model); 0: off.
     representative_fraction: at most this share of the capacity goes to representatives; when the
         stream holds more stretches, they are widened so the count stays within it.
     """
 
     long_term_weight: float = 4.0
     long_term_half_life: int = 2048
-    stretch: int = 64
+    stretch: int = -1
     representative_fraction: float = 0.25
 
 
@@ -258,13 +261,25 @@ class InfMLLMLongTermPolicy(InfMLLMPolicy):
 
     name = "inf-mllm-lt"
     REPRESENTATIVE_BONUS = 1e6  # ranks representatives above every other evictable slot
+    TEXT_STRETCH = 64           # stretch=-1 on a text-only model
 
     def __init__(self, config: InfMLLMLongTermConfig = InfMLLMLongTermConfig()) -> None:
         super().__init__(config)
         if config.long_term_half_life < 1:
             raise ValueError(f"inf-mllm-lt long_term_half_life must be >= 1, got {config.long_term_half_life}")
-        if config.stretch < 0 or not 0.0 <= config.representative_fraction < 1.0:
-            raise ValueError("inf-mllm-lt stretch must be >= 0 and representative_fraction in [0, 1)")
+        if config.stretch < -1 or not 0.0 <= config.representative_fraction < 1.0:
+            raise ValueError("inf-mllm-lt stretch must be >= -1 and representative_fraction in [0, 1)")
+        self.frame_tokens = 0
+
+    def set_frame_tokens(self, tokens: int) -> None:
+        self.frame_tokens = tokens
+
+    @property
+    def stretch(self) -> int:
+        """Tokens per stretch: the configured count, or one frame's for -1."""
+        if self.config.stretch >= 0:
+            return self.config.stretch
+        return self.frame_tokens or self.TEXT_STRETCH
 
     def bind(self, cache: BoundedKVCache) -> None:
         super().bind(cache)
@@ -286,7 +301,7 @@ class InfMLLMLongTermPolicy(InfMLLMPolicy):
         hold ascending origins, so a stretch is a run of slots; runs are numbered by a cumulative
         sum (static shapes: capturable in a CUDA graph)."""
         allowed = max(1, int(cache.capacity * self.config.representative_fraction))
-        width = torch.clamp_min((cache.seen_t + allowed - 1) // allowed, self.config.stretch)
+        width = torch.clamp_min((cache.seen_t + allowed - 1) // allowed, self.stretch)
         stretch = torch.where(evictable, cache.origin // width, torch.full_like(cache.origin, -1))
         starts = torch.ones_like(stretch, dtype=torch.bool)
         starts[..., 1:] = stretch[..., 1:] != stretch[..., :-1]
@@ -299,7 +314,7 @@ class InfMLLMLongTermPolicy(InfMLLMPolicy):
         recent = cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction)
         forced = cache.pinned | recent
         scores = self.scores(cache)
-        if self.config.stretch:
+        if self.stretch:
             evictable = cache.valid() & ~forced
             scores = scores + self.REPRESENTATIVE_BONUS * self.representatives(cache, scores, evictable)
         return keep_top(cache, scores, forced, keep)

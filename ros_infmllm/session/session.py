@@ -119,6 +119,7 @@ class StreamingSession:
         self.stop_ids.update(model.cfg.eos_token_ids)
         if model.has_vision:
             pooled_count(model.cfg.num_image_tokens, config.visual_pool)  # a bad pool fails here, not at a frame
+        policy.set_frame_tokens(len(self.frame_ids()) if model.has_vision else 0)
         self._check_sizes(len(self._system_ids()))
         self._write_system_prompt()
 

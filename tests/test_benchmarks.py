@@ -80,7 +80,7 @@ def test_stream_perplexity_smoke_run_scores_every_token(tmp_path: Path) -> None:
                                    "--segments", "3", "--out", str(tmp_path), "--tag", "smoke"]) == 0
     report = json.loads((tmp_path / "stream_perplexity_smoke.json").read_text())
     runs = {row["configuration"]: row for row in report["runs"]}
-    assert set(runs) == {"sliding-window", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "full"}
+    assert set(runs) == {"sliding-window", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "full"}
     for row in runs.values():
         assert row["tokens"] == 299 and len(row["segment_perplexity"]) == 3 and 1 < row["perplexity"] < 1000
     # with the whole stream in view, full attention predicts at least as well as a 48-token window

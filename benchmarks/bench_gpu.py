@@ -98,11 +98,14 @@ def random_model(folder: Path, device: str, dtype: torch.dtype, seed: int = 0) -
     return model.eval().requires_grad_(False)
 
 
-def word_tokenizer(vocab_size: int):
+def word_tokenizer(vocab_size: int, words: list[str] | tuple[str, ...] = ()):
+    """Word-level tokenizer over the whole vocabulary: the specials, then ``words``, then ``w0``,
+    ``w1``, ... up to ``vocab_size`` (every id decodes to a word; decoding joins words with spaces)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = SPECIALS + [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
-    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    names = SPECIALS + list(words)
+    names += [f"w{i}" for i in range(vocab_size - len(names))]
+    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(names)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.add_special_tokens(SPECIALS)
     return tokenizer

@@ -51,17 +51,8 @@ def random_checkpoint(shape_name: str, folder: Path) -> Path:
     state = {checkpoint_name(n, LLAVA_LAYOUT): t.contiguous() for n, t in model.state_dict().items()
              if not (n == "decoder.lm_head.weight" and model.cfg.text.tie_word_embeddings)}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    words = sorted({w for q in QUESTIONS for w in q.split()})
-    names = bench_gpu.SPECIALS + words
-    names += [f"w{i}" for i in range(len(names), model.cfg.text.vocab_size)]  # every id decodes to a word
-    vocab = {w: i for i, w in enumerate(names)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces
-    tokenizer.add_special_tokens(bench_gpu.SPECIALS)
-    tokenizer.save(str(folder / "tokenizer.json"))
+    words = sorted({w for q in QUESTIONS for w in q.split()})  # the questions tokenise to real ids
+    bench_gpu.word_tokenizer(model.cfg.text.vocab_size, words).save(str(folder / "tokenizer.json"))
     (folder / "infmllm_template.json").write_text(json.dumps({"template": "demo"}))
     return folder
 

@@ -225,9 +225,12 @@ class InfMLLMPolicy(EvictionPolicy):
         age = 1.0 - cache.slot_index.float() / (n - 1).clamp_min(1)  # 1 oldest .. 0 newest
         return pooled + self.config.attention_bias * (1.0 - age)
 
+    def forced(self, cache: BoundedKVCache) -> torch.Tensor:
+        """Slots kept whatever their score: pinned and the most recent ``capacity * recent_fraction``."""
+        return cache.pinned | (cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction))
+
     def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
-        recent = cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction)
-        return keep_top(cache, self.scores(cache), cache.pinned | recent, keep)
+        return keep_top(cache, self.scores(cache), self.forced(cache), keep)
 
     def minimum_kept(self, cache: BoundedKVCache) -> int:
         return _recent_count(cache, self.config.recent_fraction)
@@ -311,8 +314,7 @@ class InfMLLMLongTermPolicy(InfMLLMPolicy):
         return evictable & (ranked >= best.gather(-1, run))
 
     def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
-        recent = cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction)
-        forced = cache.pinned | recent
+        forced = self.forced(cache)
         scores = self.scores(cache)
         if self.stretch:
             evictable = cache.valid() & ~forced

@@ -126,9 +126,8 @@ class Idefics3Model(ImageTokensModel):
         pixels = pixels[real]
         patch = self.cfg.vision.patch_size
         if pixel_attention_mask is None:
-            pixel_attention_mask = torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.bool)
+            grid = torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.bool, device=self.device)
         else:
-            pixel_attention_mask = pixel_attention_mask.to(self.device)[real]
-        grid = pixel_attention_mask.to(self.device).bool()
+            grid = pixel_attention_mask.to(self.device).bool()[real]
         patch_mask = grid.unfold(1, patch, patch).unfold(2, patch, patch).flatten(-2).any(-1)  # any pixel real
         return self.connector(self.vision_tower(pixels, patch_mask))

@@ -170,12 +170,12 @@ class StreamDriver:
         self.frame_count = 0
         original = session._make_room
 
-        def timed_make_room(count: int) -> None:
+        def timed_make_room(count: int, capture: bool = True) -> None:
             if count <= session.cache.free:
                 return
             sync(device)
             started = time.perf_counter()
-            original(count)
+            original(count, capture)
             sync(device)
             self.eviction_ms.append(1e3 * (time.perf_counter() - started))
 
@@ -328,7 +328,7 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
     result = {"model": name, "decoder_weight_bytes": weights, "cache_bytes": cache, "roofline_ms": roofline_ms,
               "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
               "image_tokens": model.cfg.num_image_tokens, "policies": {}}
-    for policy in POLICIES:
+    for policy in args.policies:
         result["policies"][policy] = bench_policy(model, tokenizer, folder, policy, args, device)
     if not args.skip_transformers:
         hf = transformers_decoder(model, shape, device)
@@ -356,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-new-tokens", type=int, default=33)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--bandwidth-mb", type=int, default=2048)
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES),
+                        help="cache policies timed; the first is the one the targets are reported for")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="bench_gpu", help="results file name (without extension)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
     shapes = SHAPES
@@ -375,17 +378,17 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": "bfloat16" if device == "cuda" else "float32",
               "bandwidth_bytes_per_s": bandwidth, "capacity": args.capacity, "max_chunk": args.max_chunk,
-              "models": []}
+              "ours": args.policies[0], "models": []}
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s on {report['device']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         report["models"].append(bench_model(name, shapes[name], args, device, bandwidth))
         report["seconds"] = round(time.perf_counter() - started, 1)
         report["summary"] = summarise(report)
-        (args.out / "bench_gpu.json").write_text(json.dumps(report, indent=1))  # after each model: partial runs keep
-        write_markdown(report, args.out / "bench_gpu.md")
-    write_plot(report, args.out / "bench_gpu.png")
-    print((args.out / "bench_gpu.md").read_text())
+        (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))  # after each model: partial runs keep
+        write_markdown(report, args.out / f"{args.name}.md")
+    write_plot(report, args.out / f"{args.name}.png")
+    print((args.out / f"{args.name}.md").read_text())
     return 0
 
 

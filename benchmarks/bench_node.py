@@ -27,6 +27,7 @@ import numpy as np
 from node_harness import CameraProbe, camera_frames, rss_mb, start_node, stop_node
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FIRST_FRAME_S = 30.0  # how long the camera may stream before the node has ingested its first frame
 QUESTIONS = ("what is in view ?", "What do you see on the table?", "how many objects are there ?",
              "What was the first object you saw?")
 
@@ -65,6 +66,11 @@ def model_path(name: str, work: Path) -> str:
     return str(random_checkpoint(name, work / name))
 
 
+def frames_ingested(record) -> int:
+    """Frames the node has ingested, from its latest diagnostics message (0 before the first)."""
+    return int(record.diagnostics.get("frames_ingested") or 0)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -89,8 +95,10 @@ def run(args: argparse.Namespace) -> dict:
         with spinning(probe.node):
             ready_s = probe.wait_ready(node, folder / "node.log")
             begin = time.monotonic()
-            end = begin + args.settle + args.questions * args.question_every
-            next_frame, next_question, next_sample = begin, begin + args.settle, begin
+            # questions start after the settle time once the node has ingested a frame (a question
+            # before any frame is answered "busy", which times nothing), within FIRST_FRAME_S
+            end = begin + args.settle + FIRST_FRAME_S
+            next_frame, next_question, next_sample = begin, None, begin
             sent = 0
             while time.monotonic() < end and node.poll() is None:
                 now = time.monotonic()
@@ -98,7 +106,9 @@ def run(args: argparse.Namespace) -> dict:
                     probe.publish_frame(frames[sent % len(frames)])
                     sent += 1
                     next_frame += 1.0 / args.fps
-                if now >= next_question and len(asked) < args.questions:
+                if next_question is None and now >= begin + args.settle and frames_ingested(record) > 0:
+                    next_question, end = now, now + args.questions * args.question_every
+                if next_question is not None and now >= next_question and len(asked) < args.questions:
                     asked.append(probe.ask(QUESTIONS[len(asked) % len(QUESTIONS)]))
                     next_question += args.question_every
                 if now >= next_sample:
@@ -106,7 +116,8 @@ def run(args: argparse.Namespace) -> dict:
                                     **{k: record.diagnostics.get(k) for k in (
                                         "gpu_memory_reserved_mb", "last_ingest_ms", "max_frame_age_ms")}})
                     next_sample += 1.0
-                time.sleep(max(0.0, min(next_frame, next_question, next_sample) - time.monotonic()))
+                wake = min(next_frame, next_sample, next_question if next_question is not None else next_frame)
+                time.sleep(max(0.0, wake - time.monotonic()))
             deadline = time.monotonic() + 60
             while len(record.answers) < len(asked) and time.monotonic() < deadline and node.poll() is None:
                 probe.publish_frame(frames[sent % len(frames)])  # the camera keeps streaming meanwhile

@@ -18,6 +18,7 @@ Writes ``benchmarks/results/demo_eval.{json,md}`` and a plot. Runs on CPU or GPU
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
 import time
@@ -94,45 +95,92 @@ def cell_path(cells: Path, multiple: int, policy: str) -> Path:
     return cells / f"{multiple}x_{policy}.json"
 
 
+def part_path(cells: Path, multiple: int, policy: str, start: int, stop: int) -> Path:
+    return cells / f"{multiple}x_{policy}.streams{start:04d}-{stop:04d}.json"
+
+
+def episode_count(multiple: int, streams: int) -> int:
+    """The no-eviction cell asks on twice as many (short) streams as a long-stream cell."""
+    return 2 * streams if multiple == 0 else streams
+
+
+def shards(multiple: int, streams: int, size: int) -> list[tuple[int, int]]:
+    """Stream ranges of one cell, ``size`` streams each (0: the whole cell in one piece)."""
+    count = episode_count(multiple, streams)
+    size = size or count
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
 def device_label(device: str) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
 
 
-def evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, streams: int,
-                     budget: int, questions: str, cells: Path, command: str = "",
-                     seed: int = HELD_OUT_SEED) -> tuple[int, str, dict]:
-    """One (stream length, policy) cell; a separate process when --jobs > 1. It is written to
-    ``cells`` as soon as it ends (rows, device, seconds), so a run cut short keeps the cells it
-    finished, and cells run on different machines can make one report (--report-only)."""
+_EVALUATORS: dict[tuple[str, str], "Evaluator"] = {}
+
+
+def evaluate_part(model_dir: Path, device: str, multiple: int, policy: str, streams: int, start: int, stop: int,
+                  budget: int, questions: str, cells: Path, command: str = "",
+                  seed: int = HELD_OUT_SEED) -> tuple[int, str, int, dict]:
+    """Streams [start, stop) of one (stream length, policy) cell; a separate process when --jobs > 1.
+    The part is written to ``cells`` as soon as it ends (rows, device, seconds), so a run cut short
+    keeps what it finished, and parts run on different machines can make one report
+    (--keep-cells, --report-only). The model is loaded once per process."""
     started = time.monotonic()
-    rows = _evaluate_setting(model_dir, device, multiple, policy, streams, budget, questions, seed)
-    cell = {"device": device_label(device), "seconds": round(time.monotonic() - started, 1), "streams": streams,
+    torch.set_num_threads(1)
+    key = (str(model_dir), device)
+    if key not in _EVALUATORS:
+        _EVALUATORS[key] = Evaluator(model_dir, device)
+    rows = _evaluate_streams(_EVALUATORS[key], multiple, policy, start, stop, budget, questions, seed)
+    part = {"device": device_label(device), "seconds": round(time.monotonic() - started, 1), "streams": stop - start,
             "command": command, "rows": rows}
     cells.mkdir(parents=True, exist_ok=True)
-    cell_path(cells, multiple, policy).write_text(json.dumps(cell))
-    return multiple, policy, cell
+    part_path(cells, multiple, policy, start, stop).write_text(json.dumps(part))
+    print(f"{time.strftime('%H:%M:%S')} {multiple}x {policy} streams {start}-{stop}: {part['seconds']} s", flush=True)
+    return multiple, policy, start, part
 
 
-def _evaluate_setting(model_dir: Path, device: str, multiple: int, policy: str, streams: int,
-                      budget: int, questions: str, seed: int) -> list:
-    torch.set_num_threads(1)
-    evaluator = Evaluator(model_dir, device)
+def _evaluate_streams(evaluator: "Evaluator", multiple: int, policy: str, start: int, stop: int, budget: int,
+                      questions: str, seed: int) -> list:
     question_set = QUESTION_SETS[questions]
+    rows = []
     if multiple == 0:  # the no-eviction table: short streams, every kind of question
-        rows = []
-        for i in range(streams * 2):
+        for i in range(start, stop):
             episode = make_episode(seed + i, 4 + i % 13, question_rate=0.5, memory_share=0.4,
                                    questions=question_set)
             rows += evaluator.run("full", 4096, episode, 10**9)
         return rows
     frames = multiple * budget // evaluator.tokens_per_frame
-    rows = []
-    for i in range(streams):
+    for i in range(start, stop):
         episode = make_episode(seed + 1_000_000 * multiple + i, frames, question_rate=0.06,
                                memory_share=0.6, questions=question_set)
         capacity = budget if policy != "full" else frames * evaluator.tokens_per_frame + 64 * frames
         rows += evaluator.run(policy, capacity, episode, budget)
     return rows
+
+
+def merge_parts(cells: Path, multiple: int, policy: str, streams: int) -> dict | None:
+    """The whole cell from its saved parts (any split that covers every stream once), written as the
+    cell file (the parts are then deleted); None while a stream is missing."""
+    parts, paths = {}, list(cells.glob(glob.escape(f"{multiple}x_{policy}") + ".streams*-*.json"))
+    for path in paths:
+        start, stop = (int(x) for x in path.stem.rsplit(".streams", 1)[1].split("-"))
+        parts[start] = (stop, json.loads(path.read_text()))
+    position, rows, seconds, devices, commands = 0, [], 0.0, set(), set()
+    while position in parts:
+        stop, part = parts[position]
+        rows += part["rows"]
+        seconds += part["seconds"]
+        devices.add(part["device"])
+        commands.add(part.get("command", ""))
+        position = stop
+    if position != episode_count(multiple, streams):
+        return None
+    cell = {"device": ", ".join(sorted(devices)), "seconds": round(seconds, 1), "streams": streams,
+            "command": "; ".join(sorted(commands - {""})), "rows": rows}
+    cell_path(cells, multiple, policy).write_text(json.dumps(cell))
+    for path in paths:
+        path.unlink()
+    return cell
 
 
 def accuracy(rows: list[list], kinds: tuple[str, ...], late_only: bool = False) -> tuple[float, int]:
@@ -152,7 +200,10 @@ def main() -> int:
     parser.add_argument("--multiples", type=int, nargs="*", default=[4, 8, 20],
                         help="stream lengths as multiples of the budget (none: only the no-eviction cell)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--jobs", type=int, default=1, help="settings evaluated in parallel processes")
+    parser.add_argument("--jobs", type=int, default=1, help="parts evaluated in parallel processes")
+    parser.add_argument("--shard-streams", type=int, default=0,
+                        help="streams per part of a cell (0: one part per cell); smaller parts keep "
+                             "parallel jobs even and lose less to a run cut short")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES[:4]),
                         help="policies of the long-stream table (full holds the whole stream); "
                              "name[option=value,...] sets a policy's config fields")
@@ -166,7 +217,7 @@ def main() -> int:
     questions = args.questions or ("terse" if args.model == "tiny" else "chat")
     question_set = QUESTION_SETS[questions]
     args.model = resolve_model(args.model)
-    # longest cells first, so parallel jobs end together and a run cut short loses the fewest
+    # longest cells first, so parallel jobs end together
     settings = [(m, p) for m in sorted(args.multiples, reverse=True) for p in args.policies]
     settings.insert(min(len(settings), 4), (0, "full"))
     cells = args.out / f"{args.name}_cells"
@@ -175,22 +226,35 @@ def main() -> int:
         name, options = parse_policy(spec)
         make_policy(name, **options)
     # cells saved by an earlier (perhaps cut short) run: compiled as they are with --report-only,
-    # kept and not run again with --keep-cells
+    # kept and not run again with --keep-cells (parts of a cell too)
     kept = [(m, p, json.loads(cell_path(cells, m, p).read_text())) for m, p in settings
             if (args.report_only or args.keep_cells) and cell_path(cells, m, p).exists()]
     done = {(m, p) for m, p, _ in kept}
-    jobs = [(args.model, args.device, m, p, args.streams, args.budget, questions, cells, command, SPLITS[args.split])
-            for m, p in settings if (m, p) not in done and not args.report_only]
+    jobs = [(args.model, args.device, m, p, args.streams, start, stop, args.budget, questions, cells, command,
+             SPLITS[args.split])
+            for m, p in settings if (m, p) not in done and not args.report_only
+            for start, stop in shards(m, args.streams, args.shard_streams)
+            if not (args.keep_cells and part_path(cells, m, p, start, stop).exists())]
+    if not args.keep_cells:  # parts of an earlier run (perhaps split otherwise) must not mix with these
+        for m, p in {(job[2], job[3]) for job in jobs}:
+            for stale in cells.glob(glob.escape(f"{m}x_{p}") + ".streams*-*.json"):
+                stale.unlink()
     if args.jobs > 1 and jobs:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn: each worker opens its own CUDA context; a forked one cannot
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            outcomes = list(pool.map(evaluate_setting, *zip(*jobs)))
+            list(pool.map(evaluate_part, *zip(*jobs)))
     else:
-        outcomes = [evaluate_setting(*job) for job in jobs]
-    outcomes += kept
+        for job in jobs:
+            evaluate_part(*job)
+    outcomes = list(kept)
+    for m, p in settings:
+        if (m, p) not in done and not args.report_only:
+            cell = merge_parts(cells, m, p, args.streams)
+            if cell is not None:
+                outcomes.append((m, p, cell))
     per_type: dict = {}
     wrong: list = []
     long_results: dict[str, dict[str, dict]] = defaultdict(dict)

@@ -363,6 +363,42 @@ def test_warm_up_leaves_no_trace_in_the_stream(tiny_model_dir: Path, policy: str
     assert warm.answer("what is in view ?") == cold.answer("what is in view ?")
 
 
+class CaptureLedger:
+    """Test double of CudaGraphRunner's bookkeeping on the CPU (no CUDA here): counts calls per key
+    and records a key as captured where the real runner would capture it (a call with capture
+    allowed, past ``warmups`` calls); runs every step eagerly."""
+
+    def __init__(self, warmups: int = 2) -> None:
+        self.warmups, self.calls, self.graphs = warmups, {}, {}
+
+    def __call__(self, key, fn, inputs, capture: bool = True):
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if key not in self.graphs and capture and self.calls[key] > self.warmups:
+            self.graphs[key] = True
+        return fn(*inputs)
+
+
+@pytest.mark.parametrize("policy", ["inf-mllm", "inf-mllm-lt"])
+def test_after_warm_up_a_stream_would_capture_no_new_step(tiny_model_dir: Path, policy: str) -> None:
+    """The warm-up promise checked on the CPU through the capture ledger: questions whose last chunk
+    is one token or whose chunks force evictions of unusual sizes capture nothing after warm_up
+    with the GPU's settings (the CUDA test in test_cuda_graphs checks the real runner)."""
+    session = _session(tiny_model_dir, policy, capacity=96, max_chunk=16, max_new_tokens=5, check_evictions=False)
+    session.runner = CaptureLedger()
+    session.warm_up(evictions=4, repeats=4)
+    captured = set(session.runner.graphs)
+    assert any(key[0] == "evict" for key in captured) and ("text", 1, False, False) in captured
+    lengths = set()
+    for i, frame in enumerate(_frames(30, seed=1)):
+        session.ingest_frame(frame)
+        if i % 3 == 2:
+            question = "what is in view ?" + " and then ?" * (i // 3)
+            lengths.add(len(session._template_ids(question)) % 16)
+            session.answer(question)
+    assert 1 in lengths and session.cache.evictions >= 4  # the cases that used to capture
+    assert set(session.runner.graphs) == captured
+
+
 def test_a_reset_begins_a_new_stream_that_awaits_its_first_frame(tiny_model_dir: Path) -> None:
     """After reset() a question is answered from no picture unless a frame comes first; the
     diagnostic counters keep counting across streams."""

@@ -162,17 +162,26 @@ class StreamingSession:
                              f"policy's kept tokens ({self.policy.minimum_kept(self.cache)}) + "
                              f"max(max_chunk, slack) ({max(cfg.max_chunk, cfg.slack)}) = {needed}")
 
-    def _make_room(self, count: int) -> None:
+    def _make_room(self, count: int, capture: bool = True) -> None:
         if count <= self.cache.free:
             return
         if not self.policy.evicts:
             raise CacheFullError(f"cache full ({self.cache.length}/{self.cache.capacity} tokens) and policy "
                                  f"'{self.policy.name}' does not evict")
-        keep = self.cache.capacity - max(count, self.config.slack)
+        self._evict_to(self._keep_for(count), capture)
+
+    def _keep_for(self, count: int) -> int:
+        """Tokens an eviction keeps to make room for a step of ``count`` tokens."""
+        return self.cache.capacity - max(count, self.config.slack)
+
+    def _evict_to(self, keep: int, capture: bool = True) -> None:
+        """The eviction is captured only with a captured step: its graph is keyed by the tokens
+        kept, and an eager step's size (a question's last chunk) need not recur, so warm-up could
+        not have captured it."""
         if self.cache.checks:  # validated: host syncs, so never captured
             self.cache.compact(self.policy.select(self.cache, keep))
             return
-        self.runner(("evict", keep), partial(self._evict, keep), ())
+        self.runner(("evict", keep), partial(self._evict, keep), (), capture)
         self.cache.shrink(keep)
 
     def _evict(self, keep: int) -> None:
@@ -222,9 +231,9 @@ class StreamingSession:
         for start in range(0, ids.shape[0], self.config.max_chunk):
             chunk = source[start:start + self.config.max_chunk]
             count = chunk.shape[0]
-            self._make_room(count)
             # Captured: decode tokens and frame chunks (their sizes recur); questions run eagerly.
             capture = not (pinned or all_logits) and (has_images or count == 1)
+            self._make_room(count, capture)
             key = ("frame" if has_images else "text", count, pinned, all_logits)
             step = partial(self._step, from_ids=not has_images, pinned=pinned, all_logits=all_logits)
             logits.append(self.runner(key, step, (chunk,), capture))
@@ -412,19 +421,21 @@ class StreamingSession:
             self.feed(torch.tensor(ids), pinned=True)
 
     # ---- warm-up ----------------------------------------------------------------------------------
-    def warm_up(self, evictions: int | None = None) -> float:
+    def warm_up(self, evictions: int | None = None, repeats: int | None = None) -> float:
         """Run every kind of step the stream will run before the first real frame or question, so
         that on a GPU torch.compile has compiled and the CUDA graphs are captured (a graph is
         captured at a key's third call): frames (vision tower, each prefill chunk size of a
         frame), questions of two lengths with greedy decode, sampled decode if sampling is
-        configured, and for an evicting policy enough frames to evict ``evictions`` times
-        (default: 4 on a GPU, none on the CPU, where nothing compiles). Then the stream is reset:
-        nothing of the warm-up stays in the cache, the statistics or the sampling generator.
-        Returns the seconds it took."""
+        configured, a one-token step, and for an evicting policy ``evictions`` evictions of each
+        size a captured step can need (default: 4 on a GPU, none on the CPU, where nothing
+        compiles), each kind of step ``repeats`` times (default: 4 on a GPU, past the capture at
+        the third call; once on the CPU). Then the stream
+        is reset: nothing of the warm-up stays in the cache, the statistics or the sampling
+        generator. Returns the seconds it took."""
         started = time.monotonic()
         on_gpu = self.model.device.type == "cuda"
         evictions = (4 if on_gpu else 0) if evictions is None else evictions
-        repeats = 4 if on_gpu else 1
+        repeats = (4 if on_gpu else 1) if repeats is None else repeats
         frame = None
         if self.preprocessor is not None:
             frame = np.full((self.preprocessor.height, self.preprocessor.width, 3), 128, np.uint8)
@@ -437,17 +448,31 @@ class StreamingSession:
                 self.answer(question, max_new_tokens=4, sampling=greedy)
                 if self.config.sampling.temperature > 0:
                     self.answer(question, max_new_tokens=4)
+            one_token = torch.tensor(self._encode(" a")[:1])
+            for _ in range(repeats):  # a one-token text step: sampled decode, a question's last chunk
+                self.feed(one_token)
             if self.policy.evicts and evictions:
-                limit = 3 * self.cache.capacity  # frames enough for any frame size: a bound, not a target
-                while self.cache.evictions < evictions and limit > 0:
-                    feed()
-                    limit -= 1
+                # every eviction a captured step can ask for: one per size of a frame's chunks,
+                # and one for a one-token step (decode, a frame's or a question's last chunk)
+                sizes = {1} if frame is None else {1, *self._chunk_sizes(len(self.frame_ids()))}
+                for keep in sorted({self._keep_for(size) for size in sizes}):
+                    for _ in range(evictions):
+                        for _ in range(self.cache.capacity):  # a bound: each feed adds tokens
+                            if self.cache.length > keep:
+                                break
+                            feed()
+                        self._evict_to(keep)
         self.reset()
         self.stats = SessionStats()
         self.generator.manual_seed(self.config.sampling.seed)
         if on_gpu:
             torch.cuda.synchronize(self.model.device)
         return time.monotonic() - started
+
+    def _chunk_sizes(self, count: int) -> set[int]:
+        """Sizes of the chunks ``count`` tokens are stepped in."""
+        chunk = self.config.max_chunk
+        return {min(chunk, count - start) for start in range(0, count, chunk)}
 
     def reset(self) -> None:
         """Forget the stream (keeps the model and buffers); the system prompt is written again."""

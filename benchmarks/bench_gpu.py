@@ -62,7 +62,7 @@ SMOKE_SHAPES = {
                    "vision": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                               "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
 }
-POLICIES = ("inf-mllm", "streamingllm")
+POLICIES = ("h2o", "inf-mllm", "streamingllm")  # the node's default first: the targets are its
 
 
 # ---- models -------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ros_infmllm.cache import DEFAULT_POLICY
 from node_harness import CameraProbe, camera_frames, rss_mb, start_node, stop_node
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2-1.5b", help="demo-vlm, tiny, or a bench_gpu shape")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--policy", default="inf-mllm")
+    parser.add_argument("--policy", default=DEFAULT_POLICY)
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--max-chunk", type=int, default=256)
     parser.add_argument("--frame-rate", type=float, default=30.0, help="the node's ingest cap")

@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_gpu import SHAPES, StreamDriver, random_model, word_tokenizer, write_checkpoint_config
-from ros_infmllm.cache import make_policy
+from ros_infmllm.cache import DEFAULT_POLICY, make_policy
 from ros_infmllm.session import ImagePreprocessor, SessionConfig, StreamingSession, template_for
 
 
@@ -104,7 +104,7 @@ def profile_model(name: str, args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(SHAPES))
-    parser.add_argument("--policy", default="inf-mllm")
+    parser.add_argument("--policy", default=DEFAULT_POLICY)
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--max-chunk", type=int, default=1024)
     parser.add_argument("--out", type=Path)

@@ -23,6 +23,7 @@ import json
 import time
 from pathlib import Path
 
+from ros_infmllm.cache import DEFAULT_POLICY
 from node_harness import CameraProbe, camera_frames, rss_mb, start_node, stop_node
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--model", default="", help="model_path for the node ('' = tiny bundled model)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--policy", default="inf-mllm")
+    parser.add_argument("--policy", default=DEFAULT_POLICY)
     parser.add_argument("--capacity", type=int, default=1024)
     parser.add_argument("--fps", type=float, default=30.0, help="camera frames per second")
     parser.add_argument("--frame-rate", type=float, default=10.0, help="the node's frame_rate (ingest cap)")

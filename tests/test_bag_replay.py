@@ -95,7 +95,7 @@ def test_node_subprocess_answers_questions_replayed_from_a_bag(ros_context, tiny
         assert len(answers) == 2 and not any(a.startswith(("error", "busy")) for a in answers)
         diagnostics = run.wait_diagnostics("queries_answered", "2")
         assert diagnostics["queries_answered"] == "2" and int(diagnostics["frames_ingested"]) > 0
-    assert "ready: policy=inf-mllm capacity=256" in run.output
+    assert "ready: policy=h2o capacity=256" in run.output
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])

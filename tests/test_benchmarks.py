@@ -17,7 +17,7 @@ def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert report["bandwidth_bytes_per_s"] > 0 and report["capacity"] == 128
     (model,) = report["models"]
-    assert set(model["policies"]) == {"inf-mllm", "streamingllm"}
+    assert set(model["policies"]) == {"h2o", "inf-mllm", "streamingllm"} and report["ours"] == "h2o"
     for policy in model["policies"].values():
         streamed = [c["streamed_tokens"] for c in policy["checkpoints"]]
         assert streamed == sorted(streamed) and streamed[-1] >= 1200  # the stream reached each checkpoint
@@ -27,7 +27,8 @@ def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
                                                                              (128, "static")]
     assert all("tokens_per_s" in row for row in model["transformers"]), model["transformers"]
     assert model["roofline_ms"] > 0 and set(report["summary"]["tiny-qwen2"]) >= {
-        "roofline_fraction_p50", "p50_last_over_first", "eviction_share_of_decode", "frame_ingest_p50_ms"}
+        "roofline_fraction_p50", "p50_last_over_first", "eviction_share_of_decode", "frame_ingest_p50_ms",
+        "decode_p50_over_streamingllm_h2o", "decode_p50_over_streamingllm_inf-mllm"}
     markdown = (tmp_path / "bench_gpu.md").read_text()
     assert "| tiny-qwen2 | 128 |" in markdown and "## Targets" in markdown
 

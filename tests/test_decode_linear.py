@@ -18,6 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model import load_model  # noqa: E402
 from ros_infmllm.rope import Rotary  # noqa: E402
+from ros_infmllm.model.quantized import QuantizedLinear  # noqa: E402
 from builders import one_token_step_inputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,6 +84,63 @@ def test_rotary_folded_into_qkv_matches_a_float64_reference(dtype, heads, kv_hea
     assert not torch.allclose(out[:, :rotated_rows], plain[:, :rotated_rows], atol=1e-2)
 
 
+def _packed(weight: torch.Tensor, packing: str) -> QuantizedLinear:
+    """int8 / int4 (offsets) rounded from floats, or int4 centred on 8 from GGUF Q4_0 blocks."""
+    if packing != "int4-centred":
+        return QuantizedLinear.from_float(weight.float().cpu(), None, packing)
+    from gguf import GGMLQuantizationType, quants
+
+    blocks = quants.quantize(weight.float().cpu().numpy(), GGMLQuantizationType.Q4_0)
+    return QuantizedLinear.from_gguf_blocks(blocks, "Q4_0", tuple(weight.shape))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("packing", ["int8", "int4", "int4-centred"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "swiglu"])
+@pytest.mark.parametrize("norm,bias,residual", [(False, False, False), (True, True, True)], ids=["bare", "all"])
+@pytest.mark.parametrize("rows,columns", [(40, 96), (9, 1088)], ids=["one-chunk", "two-chunks-ragged"])
+def test_packed_matvec_matches_a_float64_reference(dtype, packing, gated, norm, bias, residual, rows,
+                                                   columns) -> None:
+    """Packed weights dequantized in registers give the product of the dequantized matrix."""
+    generator = torch.Generator().manual_seed(rows * columns + 5 * gated + len(packing))
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator)).to(DEVICE, dtype)
+
+    layer = _packed(draw(2 * rows if gated else rows, columns, scale=columns ** -0.5), packing).to(DEVICE)
+    x = draw(1, columns)
+    rest = (draw(layer.out_features) if bias else None, draw(columns) if norm else None,
+            draw(1, rows) if residual else None, 1e-6, gated)
+    out = op.decode_linear(x, layer.qweight, *rest, scales=layer.scales, offsets=layer.offsets, bits=layer.bits)
+    want = _reference(x, layer.dequantized(torch.float64), *rest)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert out.shape == (1, rows) and out.dtype == dtype
+    assert float((out.double() - want).norm() / want.norm()) < tolerance
+
+
+@pytest.mark.parametrize("packing", ["int8", "int4"])
+def test_packed_rotary_qkv_matches_a_float64_reference(packing) -> None:
+    generator = torch.Generator().manual_seed(11)
+    heads, kv_heads, dim, columns = 3, 1, 32, 1088
+    rows, rotated_rows = (heads + 2 * kv_heads) * dim, (heads + kv_heads) * dim
+    cos, sin = Rotary(dim, 10000.0).cos_sin(torch.tensor([77]), torch.float32)
+    layer = _packed(torch.randn(rows, columns, generator=generator) * columns ** -0.5, packing).to(DEVICE)
+    x, bias, norm = (torch.randn(*shape, generator=generator).to(DEVICE) for shape in ((1, columns), (rows,), (columns,)))
+    rest = (bias, norm, None, 1e-6, False, cos.to(DEVICE), sin.to(DEVICE), rotated_rows)
+    out = op.decode_linear(x, layer.qweight, *rest, scales=layer.scales, offsets=layer.offsets, bits=layer.bits)
+    want = _reference(x, layer.dequantized(torch.float64), *rest)
+    assert float((out.double() - want).norm() / want.norm()) < 1e-6
+
+
+def test_packed_arguments_are_checked() -> None:
+    x, codes = torch.zeros(1, 64, device=DEVICE), torch.zeros(4, 32, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match="packed weights"):
+        op.decode_linear(x, codes, None, None, None, 1e-6, False, bits=4)
+    with pytest.raises(ValueError, match="packed weights"):
+        op.decode_linear(x, codes, None, None, None, 1e-6, False, scales=torch.ones(4, 2, dtype=torch.float16,
+                                                                                  device=DEVICE), bits=3)
+
+
 def test_the_norm_is_folded_in_not_skipped() -> None:
     """A norm weight and a scaled input change the result exactly as RMSNorm says (scale-free input)."""
     generator = torch.Generator().manual_seed(3)
@@ -97,11 +155,15 @@ def test_the_norm_is_folded_in_not_skipped() -> None:
     assert torch.allclose(scaled, normed, rtol=1e-5)
 
 
-def test_decoder_step_through_the_matvec_op_equals_the_plain_path(head16_model_dir) -> None:
-    model = load_model(head16_model_dir, device=DEVICE)
+@pytest.mark.parametrize("weights", ["float", "int8", "int4"])
+def test_decoder_step_through_the_matvec_op_equals_the_plain_path(head16_model_dir, weights) -> None:
+    """The one-token block through the op against the plain path; packed projections (int8, int4)
+    fused as q/k/v and gate/up and read by the op against QuantizedLinear's dequantize-and-multiply."""
+    model = load_model(head16_model_dir, device=DEVICE, weights=weights)
     decoder = model.decoder
-    decoder.fuse_projections()
     inputs = one_token_step_inputs(model.cfg.text, capacity=40, filled=29, seed=2, device=DEVICE)
+    unfused = decoder.step(**inputs, attn_window=4)
+    decoder.fuse_projections()
     results = []
     for enabled in (False, True):
         decoder.use_decode_kernel(enabled)
@@ -109,9 +171,13 @@ def test_decoder_step_through_the_matvec_op_equals_the_plain_path(head16_model_d
         results.append(decoder.step(**inputs, attn_window=4))
     decoder.use_decode_kernel(False)
     plain, matvec = results
+    assert torch.allclose(plain.logits, unfused.logits, atol=1e-5)  # fusing moved no weight, scale or bias
     assert torch.allclose(matvec.logits, plain.logits, atol=1e-4)
     assert torch.allclose(matvec.new_k, plain.new_k, atol=1e-5) and torch.allclose(matvec.new_v, plain.new_v, atol=1e-5)
     assert torch.allclose(matvec.attn_mass, plain.attn_mass, atol=1e-5)
+    if weights != "float":  # each layer's buffers are views into the fused ones
+        attn = decoder.layers[0].self_attn
+        assert attn.q_proj.qweight.data_ptr() == attn.qkv_qweight.data_ptr()
 
 
 def test_matvec_is_off_without_fused_projections(head16_model_dir) -> None:
@@ -130,15 +196,19 @@ from ros_infmllm.model.decode_linear import TUNING, chunk_size
 
 arch = int(sys.argv[1])
 pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr",
-                                       "cos_ptr", "sin_ptr")}
+                                       "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr")}
+WEIGHTS = {0: "*bf16", 8: "*i8", 4: "*u8"}  # float, int8 and int4 weights (fp16 scales and offsets)
 # Qwen2-1.5B: q/k/v (norm, rotary, bias), o (residual), gate/up (norm, SwiGLU), down (residual)
-for rows, columns, norm, gated, half, bias, residual in [(2048, 1536, 1, 0, 64, 1, 0), (1536, 1536, 0, 0, 0, 0, 1),
-                                                         (8960, 1536, 1, 1, 0, 0, 0), (1536, 8960, 0, 0, 0, 0, 1)]:
+for (rows, columns, norm, gated, half, bias, residual), bits in [
+        (shape, bits) for bits in WEIGHTS for shape in [(2048, 1536, 1, 0, 64, 1, 0), (1536, 1536, 0, 0, 0, 0, 1),
+                                                        (8960, 1536, 1, 1, 0, 0, 0), (1536, 8960, 0, 0, 0, 0, 1)]]:
     constants = dict(N=rows, K=columns, NORM=bool(norm), GATED=bool(gated), HALF=half, ROTATED_ROWS=1792 if half else 0,
                      BIAS=bool(bias), RESIDUAL=bool(residual),
                      BLOCK_N=TUNING.gated_block_n if gated or half else TUNING.block_n,
-                     BLOCK_K=chunk_size(columns, TUNING.block_k), PDL=arch >= 90)
-    signature = dict(pointers, eps="fp32", **{name: "constexpr" for name in constants})
+                     BLOCK_K=chunk_size(columns, TUNING.block_k), PDL=arch >= 90, BITS=bits, GROUP=32 if bits else 1,
+                     OFFSET=bits == 4)
+    typed = dict(pointers, w_ptr=WEIGHTS[bits], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}))
+    signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=matvec_kernels.matvec, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
@@ -155,9 +225,10 @@ for rows, columns, norm, gated, half, bias, residual in [(2048, 1536, 1, 0, 64, 
 @pytest.mark.parametrize("arch", [90, 87], ids=["hopper", "jetson-orin"])
 def test_matvec_compiles_for_the_target_gpus(arch: int) -> None:
     """Ahead of time through Triton's compiler and ptxas (no GPU needed), outside the interpreter:
-    the Qwen2-1.5B products build for an H100 (with dependent launch) and a Jetson Orin (without)."""
+    the Qwen2-1.5B products, with float, int8 and int4 weights, build for an H100 (with dependent
+    launch) and a Jetson Orin (without)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("built") == 4
+    assert done.stdout.count("built") == 12

@@ -32,7 +32,7 @@ class TorchBackend:
         self.model = model
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self.decode_kernel = False
-        if model.device.type == "cuda":
+        if model.device.type == "cuda":  # float or packed (int8 / int4) projections alike
             model.decoder.fuse_projections()  # fewer, larger weight reads per decode token
             self.decode_kernel = model.decoder.use_decode_kernel(decode_kernel)
         self.max_graphs = max_graphs

@@ -1,7 +1,7 @@
 """The bounded KV cache and its eviction policies (pure torch, no model code, no ROS)."""
 from .kv_cache import BoundedKVCache
-from .policies import (POLICIES, EvictionPolicy, FullPolicy, H2OConfig, H2OPolicy, InfMLLMConfig, InfMLLMPolicy,
-                       StreamingLLMConfig, StreamingLLMPolicy, keep_top, make_policy)
+from .policies import (DEFAULT_POLICY, POLICIES, EvictionPolicy, FullPolicy, H2OConfig, H2OPolicy, InfMLLMConfig,
+                       InfMLLMPolicy, StreamingLLMConfig, StreamingLLMPolicy, keep_top, make_policy)
 
-__all__ = ["BoundedKVCache", "POLICIES", "EvictionPolicy", "FullPolicy", "H2OConfig", "H2OPolicy", "InfMLLMConfig",
-           "InfMLLMPolicy", "StreamingLLMConfig", "StreamingLLMPolicy", "keep_top", "make_policy"]
+__all__ = ["BoundedKVCache", "DEFAULT_POLICY", "POLICIES", "EvictionPolicy", "FullPolicy", "H2OConfig", "H2OPolicy",
+           "InfMLLMConfig", "InfMLLMPolicy", "StreamingLLMConfig", "StreamingLLMPolicy", "keep_top", "make_policy"]

@@ -22,6 +22,7 @@ from .causal_lm import CausalLM
 from .config import Idefics3Config, LlavaConfig, load_config
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
+from .quantized import WEIGHT_MODES, quantize_decoder
 
 
 @dataclass(frozen=True)
@@ -173,20 +174,30 @@ def locate(path: str | Path, mmproj: str | Path | None = None) -> CheckpointFile
 
 
 def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, mmproj: str | Path | None = None) -> CausalLM:
+               dtype: torch.dtype = torch.float32, mmproj: str | Path | None = None,
+               weights: str = "float") -> CausalLM:
     """Build the model from a checkpoint (see ``locate``) and load its weights, ready for inference:
-    ``LlavaModel`` or ``Idefics3Model`` when it has a vision tower, ``CausalLM`` when it is text-only."""
+    ``LlavaModel`` or ``Idefics3Model`` when it has a vision tower, ``CausalLM`` when it is text-only.
+
+    ``weights`` (the decoder blocks' projections; see ``quantized``): ``float`` in ``dtype``;
+    ``int8`` / ``int4`` quantized (GGUF Q8_0 / Q4_0 / Q4_1 blocks kept as they are, anything else
+    rounded to nearest from floats); ``auto``: a GGUF's own Q8_0 / Q4_0 / Q4_1 blocks kept packed,
+    everything else in ``dtype``."""
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
     files = path if isinstance(path, CheckpointFiles) else locate(path, mmproj)
     if files.gguf is not None:
         from .gguf_loader import load_gguf_model
 
-        model = load_gguf_model(files.gguf, files.mmproj, dtype)
+        model = load_gguf_model(files.gguf, files.mmproj, dtype, weights)
     else:
         cfg = load_config(files.folder)
         with torch.device("meta"):
             model = model_class(cfg)(cfg)
         model = model.to_empty(device="cpu").to(dtype)
         load_state(model, files.folder, dtype)
+    if weights in ("int8", "int4"):
+        quantize_decoder(model.decoder, weights)  # layers already packed from GGUF blocks stay
     model = model.to(device).eval()
     model.decoder.rotary.to(device)
     model.requires_grad_(False)

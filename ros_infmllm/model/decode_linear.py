@@ -45,7 +45,8 @@ def kernel_supported(device: torch.device, dtype: torch.dtype) -> bool:
 @torch.library.custom_op("ros_infmllm::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
                   residual: torch.Tensor | None, eps: float, gated: bool, cos: torch.Tensor | None = None,
-                  sin: torch.Tensor | None = None, rotated_rows: int = 0) -> torch.Tensor:
+                  sin: torch.Tensor | None = None, rotated_rows: int = 0, scales: torch.Tensor | None = None,
+                  offsets: torch.Tensor | None = None, bits: int = 0) -> torch.Tensor:
     """``residual + W @ norm(x) + bias`` for one token, each term optional.
 
     x ``[1, K]``; weight ``[N, K]``, or gate and up stacked ``[2N, K]`` with ``gated`` (then the
@@ -53,11 +54,18 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x with this weight and ``eps`` first; residual ``[1, N]``; cos, sin ``[1, head_dim]`` (the
     token's rotary angles, as ``Rotary.cos_sin`` gives them): the first ``rotated_rows`` outputs,
     whole heads of ``head_dim``, are rotated (q and k of a fused q/k/v). Returns ``[1, N]`` in x's dtype.
+    ``bits`` 8 or 4: ``weight`` holds packed codes (int8 ``[N, K]`` or uint8 ``[N, K / 2]``) with
+    float16 ``scales`` ``[N, K / group]`` and, for int4, ``offsets`` of the same shape or None
+    (codes centred on 8); the layout of ``QuantizedLinear`` (model/quantized.py).
     """
     from . import matvec_kernels
 
+    if bits not in (0, 4, 8) or bool(bits) != (scales is not None) or (offsets is not None and bits != 4):
+        raise ValueError(f"packed weights: bits 8 or 4 with scales (offsets for int4 only); got bits={bits}, "
+                         f"scales {'given' if scales is not None else 'missing'}, "
+                         f"offsets {'given' if offsets is not None else 'missing'}")
     rows = weight.shape[0] // (2 if gated else 1)
-    columns = weight.shape[1]
+    columns = weight.shape[1] * (2 if bits == 4 else 1)
     out = x.new_empty((1, rows))
     placeholder = out
     tuning = TUNING
@@ -71,11 +79,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         placeholder if norm_weight is None else norm_weight.contiguous(),
         placeholder if bias is None else bias.contiguous(),
         placeholder if residual is None else residual.contiguous(),
-        placeholder if cos is None else cos.contiguous(), placeholder if sin is None else sin.contiguous(), eps,
-        N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, HALF=half, ROTATED_ROWS=rotated_rows,
+        placeholder if cos is None else cos.contiguous(), placeholder if sin is None else sin.contiguous(),
+        placeholder if scales is None else scales.contiguous(), placeholder if offsets is None else offsets.contiguous(),
+        eps, N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, HALF=half, ROTATED_ROWS=rotated_rows,
         BIAS=bias is not None,
         RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=chunk_size(columns, tuning.block_k),
-        PDL=bool(launch), num_warps=tuning.num_warps, **launch)
+        PDL=bool(launch), BITS=bits, GROUP=columns // scales.shape[1] if scales is not None else 1,
+        OFFSET=offsets is not None, num_warps=tuning.num_warps, **launch)
     return out
 
 
@@ -83,7 +93,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _decode_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          norm_weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float,
                          gated: bool, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                         rotated_rows: int = 0) -> torch.Tensor:
+                         rotated_rows: int = 0, scales: torch.Tensor | None = None,
+                         offsets: torch.Tensor | None = None, bits: int = 0) -> torch.Tensor:
     return x.new_empty((1, weight.shape[0] // (2 if gated else 1)))
 
 

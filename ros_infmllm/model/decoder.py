@@ -18,7 +18,8 @@ from ..rope import Rotary
 from .config import TextConfig
 from . import decode_linear
 from .decode_attention import decode_attention, kernel_supported
-from .layers import FusedLinear, RMSNorm, activation
+from .layers import FusedLinear, RMSNorm, activation, fuse_linears
+from .quantized import FusedQuantizedLinear, linear_operands
 
 
 @dataclass
@@ -48,13 +49,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
-        self.qkv: FusedLinear | None = None
+        self.qkv: FusedLinear | FusedQuantizedLinear | None = None
         self.decode_kernel = False  # one-token steps through the Triton op (decode_attention.py)
 
     def fuse_projections(self) -> None:
         """q, k and v from one matrix (see FusedLinear); done once, on the device it will run on."""
         if self.qkv is None:
-            self.qkv = FusedLinear(self, "qkv", (self.q_proj, self.k_proj, self.v_proj))
+            self.qkv = fuse_linears(self, "qkv", (self.q_proj, self.k_proj, self.v_proj))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor
@@ -168,12 +169,12 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = activation(cfg.hidden_act)
-        self.gate_up: FusedLinear | None = None
+        self.gate_up: FusedLinear | FusedQuantizedLinear | None = None
 
     def fuse_projections(self) -> None:
         """gate and up from one matrix (see FusedLinear)."""
         if self.gate_up is None:
-            self.gate_up = FusedLinear(self, "gate_up", (self.gate_proj, self.up_proj))
+            self.gate_up = fuse_linears(self, "gate_up", (self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(self, x) if self.gate_up else (self.gate_proj(x), self.up_proj(x))
@@ -211,16 +212,18 @@ class TransformerBlock(nn.Module):
         residual adds into o_proj and down_proj (each of those was a kernel launch of its own, at
         ~2 us apiece)."""
         attn, mlp, linear = self.self_attn, self.mlp, decode_linear.decode_linear
-        qkv_weight, qkv_bias = attn.qkv.tensors(attn)
+        qkv_weight, qkv_bias, qkv_packing = attn.qkv.matvec_operands(attn)
         qkv = linear(x, qkv_weight, qkv_bias, self.input_layernorm.weight, None, self.input_layernorm.eps, False,
-                     cos, sin, (attn.num_heads + attn.num_kv_heads) * attn.head_dim)
+                     cos, sin, (attn.num_heads + attn.num_kv_heads) * attn.head_dim, **qkv_packing)
         out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask, attn_window,
                                       rotated=True)
-        x = linear(out, attn.o_proj.weight, attn.o_proj.bias, None, x, 0.0, False)
-        gate_up_weight, gate_up_bias = mlp.gate_up.tensors(mlp)
+        o_weight, o_bias, o_packing = linear_operands(attn.o_proj)
+        x = linear(out, o_weight, o_bias, None, x, 0.0, False, **o_packing)
+        gate_up_weight, gate_up_bias, gate_up_packing = mlp.gate_up.matvec_operands(mlp)
         hidden = linear(x, gate_up_weight, gate_up_bias, self.post_attention_layernorm.weight, None,
-                        self.post_attention_layernorm.eps, True)
-        return linear(hidden, mlp.down_proj.weight, mlp.down_proj.bias, None, x, 0.0, False), k, v, mass
+                        self.post_attention_layernorm.eps, True, **gate_up_packing)
+        down_weight, down_bias, down_packing = linear_operands(mlp.down_proj)
+        return linear(hidden, down_weight, down_bias, None, x, 0.0, False, **down_packing), k, v, mass
 
 
 def run_block(block: TransformerBlock, *args):

@@ -94,6 +94,14 @@ class GGUFFile:
         values = np.asarray(values, dtype=np.float32).reshape(shape)
         return torch.from_numpy(values if values.flags.writeable else values.copy()).to(dtype)
 
+    def tensor_type(self, name: str) -> str:
+        """The tensor's GGUF type name (F16, Q4_0, ...)."""
+        return self._tensor(name).tensor_type.name
+
+    def raw_blocks(self, name: str) -> np.ndarray:
+        """The tensor's stored bytes as they are (quantized blocks), for loaders that keep them packed."""
+        return np.asarray(self._tensor(name).data).view(np.uint8)
+
     def unsupported_types(self, names: list[str]) -> dict[str, str]:
         """``{tensor: type}`` for the tensors among ``names`` whose type we cannot dequantize."""
         return {n: self.tensors[n].tensor_type.name for n in names

@@ -17,6 +17,7 @@ from .gguf_file import SUPPORTED_TYPES, GGUFFile, open_gguf
 from .gguf_mmproj import llava_config, vision_tensor_names
 from .gguf_text import needs_unpermute, text_config, text_tensor_names, unpermute_qk
 from .llava import LlavaModel
+from .quantized import GGUF_DIRECT_MODES, QUANTIZED_PROJECTIONS, QuantizedLinear
 
 IMAGE_TOKEN_TEXT = "<image>"
 
@@ -36,9 +37,31 @@ def image_token_index(text: GGUFFile) -> int:
         return -1
 
 
+def direct_mode(kind: str, weights: str) -> str | None:
+    """The packed mode a GGUF tensor of type ``kind`` is kept in under ``weights``, or None to
+    dequantize it: ``auto`` keeps every type we read directly, ``int8`` / ``int4`` only theirs."""
+    mode = GGUF_DIRECT_MODES.get(kind)
+    return mode if mode is not None and weights in ("auto", mode) else None
+
+
+def packed_projection(file: GGUFFile, theirs: str, kind: str, shape: tuple[int, int], heads: int) -> QuantizedLinear:
+    """A block projection kept in its GGUF blocks (re-laid, never through floats); rows of q and
+    k un-permuted as the float path does."""
+    layer = QuantizedLinear.from_gguf_blocks(file.raw_blocks(theirs), kind, shape)
+    if heads:
+        order = unpermute_qk(torch.arange(shape[0]), heads)
+        for name in ("qweight", "scale_bits", "offset_bits"):
+            buffer = getattr(layer, name)
+            if buffer is not None:
+                setattr(layer, name, buffer[order].contiguous())
+    return layer
+
+
 def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None,
-                    dtype: torch.dtype = torch.float32) -> CausalLM:
-    """Build and fill the model on the CPU (the caller moves it)."""
+                    dtype: torch.dtype = torch.float32, weights: str = "float") -> CausalLM:
+    """Build and fill the model on the CPU (the caller moves it). ``weights`` (see
+    ``quantized.WEIGHT_MODES``): ``float`` dequantizes every tensor to ``dtype``; ``auto``, ``int8``
+    and ``int4`` keep the block projections stored as Q8_0 / Q4_0 / Q4_1 packed (``QuantizedLinear``)."""
     text = open_gguf(text_path)
     text_cfg = text_config(text)
     sources: list[tuple[GGUFFile, dict[str, str]]] = [(text, text_tensor_names(text_cfg))]
@@ -61,11 +84,21 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
         model = builder(cfg)
     model = model.to_empty(device="cpu").to(dtype)
     params = dict(model.state_dict())
+    packed: list[str] = []
     with torch.no_grad():
         for file, names in sources:
             for ours, theirs in names.items():
-                tensor = file.tensor(theirs)
                 heads = needs_unpermute(text_cfg, ours) if file is text else 0
+                module = ours.removesuffix(".weight")
+                mode = direct_mode(file.tensor_type(theirs), weights) if file is text else None
+                if mode and module.endswith(QUANTIZED_PROJECTIONS):
+                    parent, name = module.rsplit(".", 1)
+                    shape = tuple(params[ours].shape)
+                    model.get_submodule(parent).register_module(
+                        name, packed_projection(file, theirs, file.tensor_type(theirs), shape, heads))
+                    packed.append(module)
+                    continue
+                tensor = file.tensor(theirs)
                 if heads:
                     tensor = unpermute_qk(tensor, heads)
                 target = params[ours]
@@ -75,6 +108,10 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
                                               f"the metadata implies {tuple(target.shape)}")
                     tensor = tensor.reshape(target.shape)  # a [1, n] class embedding, say
                 target.copy_(tensor.to(dtype))
+    for module in packed:  # a packed projection's bias was read into the float layer it replaced
+        bias = params.get(module + ".bias")
+        if bias is not None:
+            model.get_submodule(module).bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
     if cfg.text.tie_word_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
     return model

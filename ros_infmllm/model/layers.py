@@ -70,3 +70,18 @@ class FusedLinear:
     def tensors(self, owner: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused weight and bias (None without bias)."""
         return getattr(owner, self.weight_name), getattr(owner, self.bias_name)
+
+    def matvec_operands(self, owner: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """What the decode matrix-vector op takes: weight, bias and (for packed weights) their packing."""
+        return (*self.tensors(owner), {})
+
+
+def fuse_linears(owner: nn.Module, name: str, linears: tuple[nn.Module, ...]):
+    """``FusedLinear`` for float layers, ``FusedQuantizedLinear`` for packed ones (model/quantized.py)."""
+    from .quantized import FusedQuantizedLinear, QuantizedLinear
+
+    if all(isinstance(m, QuantizedLinear) for m in linears):
+        return FusedQuantizedLinear(owner, name, linears)
+    if any(isinstance(m, QuantizedLinear) for m in linears):
+        raise ValueError(f"{name}: cannot fuse packed and float layers")
+    return FusedLinear(owner, name, linears)

@@ -17,6 +17,9 @@ small element-wise kernels around the products are folded into them:
   i + HALF of a head and rotates the pair by the token's angle before storing; rows from
   ``ROTATED_ROWS`` on (the v heads) pass through. No rotary kernel between q/k/v and attention.
 - ``BIAS`` and ``RESIDUAL``: added to the sums before the one rounding to the output dtype.
+- ``BITS`` (8 or 4; 0: float weights): packed weights (model/quantized.py), dequantized in
+  registers as each chunk arrives, so a token reads a half or a quarter of bf16's bytes; ``GROUP``
+  inputs share a float16 scale, and int4 groups an offset where ``OFFSET``.
 - ``PDL`` (Hopper and later): programmatic dependent launch. Consecutive products (o_proj, gate/up,
   down, the next layer's q/k/v) overlap: a launch lets the next one start placing programs during
   its last wave, and those request their first weight chunk before waiting (``gdc_wait``) for the
@@ -29,22 +32,50 @@ import triton.language as tl
 
 
 @triton.jit
-def _weight_chunk(w_ptr, rows, pair, index, live, K: tl.constexpr, PAIRED: tl.constexpr):
+def _packed_rows(w_ptr, scale_ptr, offset_ptr, rows, index, tile, K: tl.constexpr, BITS: tl.constexpr,
+                 GROUP: tl.constexpr, OFFSET: tl.constexpr):
+    """Packed weight rows dequantized in registers (layout: model/quantized.py): int8 codes times
+    the group's float16 scale, or int4 codes (two per byte, low nibble first) times the scale plus
+    the group's offset, or centred on 8 without one."""
+    at_group = rows[:, None] * (K // GROUP) + (index // GROUP)[None, :]
+    scale = tl.load(scale_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
+    if BITS == 8:
+        codes = tl.load(w_ptr + rows[:, None] * K + index[None, :], mask=tile, other=0, eviction_policy="evict_first")
+        return codes.to(tl.float32) * scale
+    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + (index // 2)[None, :], mask=tile, other=0,
+                     eviction_policy="evict_first")
+    codes = ((packed.to(tl.int32) >> ((index % 2) * 4)[None, :]) & 0xF).to(tl.float32)
+    if OFFSET:
+        return codes * scale + tl.load(offset_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
+    return (codes - 8.0) * scale
+
+
+@triton.jit
+def _weight_chunk(w_ptr, scale_ptr, offset_ptr, rows, pair, index, live, K: tl.constexpr, PAIRED: tl.constexpr,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr):
     """Rows ``rows`` of the weight (and rows ``pair`` when paired) at columns ``index``; masked
-    past K, so a chunk beyond the end reads nothing."""
+    past K, so a chunk beyond the end reads nothing. ``BITS`` 0: float weights as stored; 8 or 4:
+    packed (``_packed_rows``)."""
     tile = live[:, None] & (index < K)[None, :]
-    w = tl.load(w_ptr + rows[:, None] * K + index[None, :], mask=tile, other=0.0, eviction_policy="evict_first")
+    if BITS == 0:
+        w = tl.load(w_ptr + rows[:, None] * K + index[None, :], mask=tile, other=0.0, eviction_policy="evict_first")
+    else:
+        w = _packed_rows(w_ptr, scale_ptr, offset_ptr, rows, index, tile, K, BITS, GROUP, OFFSET)
     u = w
     if PAIRED:
-        u = tl.load(w_ptr + pair[:, None] * K + index[None, :], mask=tile, other=0.0, eviction_policy="evict_first")
+        if BITS == 0:
+            u = tl.load(w_ptr + pair[:, None] * K + index[None, :], mask=tile, other=0.0,
+                        eviction_policy="evict_first")
+        else:
+            u = _packed_rows(w_ptr, scale_ptr, offset_ptr, pair, index, tile, K, BITS, GROUP, OFFSET)
     return w, u
 
 
 @triton.jit
-def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin_ptr, eps,
+def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin_ptr, scale_ptr, offset_ptr, eps,
            N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr,
            ROTATED_ROWS: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+           BLOCK_K: tl.constexpr, PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr):
     if PDL:  # the next launch may start placing its programs as ours run their last wave
         tl.extra.cuda.gdc_launch_dependents()
     index_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,12 +93,14 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
     squares = tl.zeros((BLOCK_K,), tl.float32)
     # The first weight chunk is requested before waiting for the previous launch (weights are no
     # launch's output; x and the residual are), then each chunk is requested one step ahead.
-    w, u = _weight_chunk(w_ptr, rows, pair, cols, live, K, GATED or HALF > 0)
+    w, u = _weight_chunk(w_ptr, scale_ptr, offset_ptr, rows, pair, cols, live, K, GATED or HALF > 0, BITS, GROUP,
+                         OFFSET)
     if PDL:
         tl.extra.cuda.gdc_wait()
     for start in range(0, K, BLOCK_K):
         index = start + cols
-        next_w, next_u = _weight_chunk(w_ptr, rows, pair, index + BLOCK_K, live, K, GATED or HALF > 0)
+        next_w, next_u = _weight_chunk(w_ptr, scale_ptr, offset_ptr, rows, pair, index + BLOCK_K, live, K,
+                                       GATED or HALF > 0, BITS, GROUP, OFFSET)
         x = tl.load(x_ptr + index, mask=index < K, other=0.0).to(tl.float32)
         if NORM:
             squares += x * x

@@ -53,7 +53,7 @@ def build_session(values: dict[str, Any]):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(values["dtype"])
     return StreamingSession.from_pretrained(
         model_path, policy=values["policy"], policy_options=P.policy_options(values), device=values["device"],
-        dtype=dtype, backend=values["backend"], engine_dir=values["engine_dir"] or None,
+        dtype=dtype, backend=values["backend"], engine_dir=values["engine_dir"] or None, weights=values["weights"],
         mmproj=values["mmproj_path"] or None, capacity=values["capacity"], max_chunk=values["max_chunk"],
         slack_fraction=values["slack_fraction"], template=values["template"],
         system_prompt=values["system_prompt"] or None, max_new_tokens=values["max_new_tokens"],

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends import BACKENDS
-from ..cache import POLICIES
+from ..cache import DEFAULT_POLICY, POLICIES
+from ..model.quantized import WEIGHT_MODES
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,12 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("device", "cpu", "Torch device: cpu, cuda or cuda:N."),
     ParamSpec("dtype", "auto", "Weights and cache precision; auto: float32, or the export's precision.",
               choices=("auto", "float32", "bfloat16", "float16")),
-    ParamSpec("policy", "inf-mllm", "KV cache eviction policy.", choices=tuple(POLICIES)),
+    ParamSpec("weights", "float", "Decoder projection weights: float (in dtype), int8 or int4 (packed, groups of 32; "
+              "GGUF Q8_0/Q4_0/Q4_1 kept as stored), auto (a GGUF's own Q8_0/Q4_x blocks packed, the rest float). "
+              "Packed weights need backend torch; GPU decode reads them packed (Triton), not yet measured on a GPU.",
+              choices=WEIGHT_MODES),
+    ParamSpec("policy", DEFAULT_POLICY, "KV cache eviction policy (h2o: best measured on video memory, docs/inf_mllm.md).",
+              choices=tuple(POLICIES)),
     ParamSpec("capacity", 4096, "KV cache slots (tokens) per layer and KV head: the memory bound.", 16, 1 << 20),
     ParamSpec("max_chunk", 256, "Most tokens per prefill step.", 1, 1 << 16),
     ParamSpec("slack_fraction", 0.125, "Share of the capacity freed beyond the incoming chunk per eviction.",

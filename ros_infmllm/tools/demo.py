@@ -11,6 +11,8 @@ import time
 import json
 from pathlib import Path
 
+from ..cache import DEFAULT_POLICY
+
 QUERY_TOPIC = "/infmllm/query"
 ANSWER_TOPIC = "/infmllm/answer"
 
@@ -21,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="'demo-vlm' (default: SmolLM2 + trained tower, assembled on first use), '' for the "
                              "tiny bundled test model, or a checkpoint path")
     parser.add_argument("--bag", type=Path, required=True, help="rosbag2 with camera frames and questions")
-    parser.add_argument("--policy", default="inf-mllm")
+    parser.add_argument("--policy", default=DEFAULT_POLICY)
     parser.add_argument("--capacity", type=int, default=1024)
     parser.add_argument("--rate", type=float, default=0.25,
                         help="bag playback speed (0.25 leaves a CPU time to ingest each frame of a 4 fps bag)")

@@ -1,0 +1,228 @@
+"""Weight-only quantized linear layers: int8 and int4 weights with per-group scales.
+
+Why: a decoder's decode speed is the bytes of weights it reads per token, and a robot's memory is
+shared by everything it runs; 8-bit weights halve both against bf16, 4-bit ones quarter them.
+
+One layout for every source, so that one kernel reads them all:
+
+- ``int8``: ``qweight`` int8 ``[out, in]``, ``w = q * scale`` (symmetric); per output channel
+  (one group spanning the row) from float checkpoints, groups of 32 from GGUF ``Q8_0``.
+- ``int4``: ``qweight`` uint8 ``[out, in / 2]``, element ``2j`` in the low nibble of byte ``j``
+  and ``2j + 1`` in the high one, ``q`` in 0..15 and ``w = q * scale + offset``, or
+  ``w = (q - 8) * scale`` where there is no offset; groups of 32 or 64 from float checkpoints
+  (round to nearest between the group's min and max), groups of 32 from GGUF ``Q4_0`` (no offset)
+  and ``Q4_1`` (``offset = m``).
+
+Scales and offsets are float16 ``[out, in / group]``, as GGUF stores them, so a GGUF block's
+values are reproduced exactly. ``forward`` dequantizes the matrix and multiplies (the reference
+path: the CPU and prefill); one-token decode steps read the packed bytes in the Triton
+matrix-vector kernel (matvec_kernels.py), q/k/v and gate/up fused by ``FusedQuantizedLinear``.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WeightMode = Literal["int8", "int4"]
+WEIGHT_MODES = ("auto", "float", "int8", "int4")
+DEFAULT_GROUPS = {"int8": 32, "int4": 32}  # as GGUF Q8_0 / Q4_x; 0 would be one group per output channel
+QUANTIZED_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` held packed (see the module docstring)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                 bits: int, in_features: int, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        if in_features % scales.shape[1]:
+            raise ValueError(f"{in_features} input features do not split into {scales.shape[1]} groups")
+        self.bits, self.in_features, self.out_features = bits, in_features, qweight.shape[0]
+        self.group = in_features // scales.shape[1]
+        self.register_buffer("qweight", qweight)
+        # float16 bits held as int16, so that a module-wide .to(dtype) cannot round them again
+        self.register_buffer("scale_bits", scales.to(torch.float16).view(torch.int16))
+        self.register_buffer("offset_bits", None if offsets is None else offsets.to(torch.float16).view(torch.int16))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def mode(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """Per-group scales, float16 ``[out, in / group]``."""
+        return self.scale_bits.view(torch.float16)
+
+    @property
+    def offsets(self) -> torch.Tensor | None:
+        """Per-group offsets, float16, or None (int8; int4 centred on code 8)."""
+        return None if self.offset_bits is None else self.offset_bits.view(torch.float16)
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes ``[out, in]``: int8 values, or int4 ones in 0..15."""
+        if self.bits == 8:
+            return self.qweight
+        low, high = self.qweight & 0x0F, self.qweight >> 4
+        return torch.stack((low, high), dim=-1).reshape(self.out_features, self.in_features)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W`` ``[out, in]`` in ``dtype`` (computed in float32, the order GGUF's dequantizers use)."""
+        groups = self.scales.shape[1]
+        codes = self.codes().to(torch.float32).reshape(self.out_features, groups, self.group)
+        if self.bits == 4 and self.offsets is None:
+            codes = codes - 8
+        w = codes * self.scales.to(torch.float32)[..., None]
+        if self.offsets is not None:
+            w = w + self.offsets.to(torch.float32)[..., None]
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def packed_bytes(self) -> int:
+        """Bytes the weight occupies (codes, scales, offsets; bias excluded)."""
+        parts = (self.qweight, self.scale_bits, self.offset_bits)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.mode}, group={self.group}"
+
+    # ---- from float weights (round to nearest) ---------------------------------------------------
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: WeightMode,
+                   group: int | None = None) -> "QuantizedLinear":
+        """Round-to-nearest quantization of ``weight [out, in]``; ``group`` input features share a
+        scale (0: the whole row; default ``DEFAULT_GROUPS``: 32, as GGUF's blocks)."""
+        if mode not in DEFAULT_GROUPS:
+            raise ValueError(f"weight mode {mode!r} is not one of {', '.join(DEFAULT_GROUPS)}")
+        out_features, in_features = weight.shape
+        group = DEFAULT_GROUPS[mode] if group is None else group
+        group = group or in_features
+        if in_features % group or (mode == "int4" and group % 2):
+            raise ValueError(f"group {group} does not divide {in_features} input features into even groups")
+        w = weight.detach().to(torch.float32).reshape(out_features, in_features // group, group)
+        if mode == "int8":
+            scales = (w.abs().amax(-1) / 127).to(torch.float16)
+            safe = torch.where(scales > 0, scales.to(torch.float32), torch.ones_like(scales, dtype=torch.float32))
+            codes = torch.round(w / safe[..., None]).clamp(-127, 127).to(torch.int8)
+            return cls(codes.reshape(out_features, in_features), scales, None, 8, in_features, bias)
+        low, high = w.amin(-1), w.amax(-1)
+        scales = ((high - low) / 15).to(torch.float16)
+        offsets = low.to(torch.float16)
+        safe = torch.where(scales > 0, scales.to(torch.float32), torch.ones_like(scales, dtype=torch.float32))
+        codes = torch.round((w - offsets.to(torch.float32)[..., None]) / safe[..., None]).clamp(0, 15)
+        return cls(pack_int4(codes.reshape(out_features, in_features).to(torch.uint8)), scales, offsets, 4,
+                   in_features, bias)
+
+    # ---- from GGUF blocks ------------------------------------------------------------------------
+    @classmethod
+    def from_gguf_blocks(cls, blocks: np.ndarray, kind: str, shape: tuple[int, int],
+                         bias: torch.Tensor | None = None) -> "QuantizedLinear":
+        """The raw bytes of a GGUF ``Q8_0``, ``Q4_0`` or ``Q4_1`` matrix (``shape`` = [out, in],
+        PyTorch's order) re-laid into ours without passing through floats."""
+        out_features, in_features = shape
+        if kind not in GGUF_BLOCK_BYTES:
+            raise ValueError(f"GGUF type {kind} is not read directly (direct: {', '.join(GGUF_BLOCK_BYTES)})")
+        groups = in_features // 32
+        raw = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(out_features, groups, GGUF_BLOCK_BYTES[kind])
+        scales = torch.from_numpy(raw[..., 0:2].copy().view(np.float16).reshape(out_features, groups))
+        if kind == "Q8_0":
+            codes = torch.from_numpy(raw[..., 2:].copy().view(np.int8).reshape(out_features, in_features))
+            return cls(codes, scales, None, 8, in_features, bias)
+        if kind == "Q4_0":
+            offsets, nibbles = None, raw[..., 2:]
+        else:  # Q4_1: d, m, nibbles
+            offsets = torch.from_numpy(raw[..., 2:4].copy().view(np.float16).reshape(out_features, groups))
+            nibbles = raw[..., 4:]
+        # GGUF: byte j of a block holds element j (low nibble) and element j + 16 (high nibble)
+        codes = np.concatenate((nibbles & 0x0F, nibbles >> 4), axis=-1).reshape(out_features, in_features)
+        return cls(pack_int4(torch.from_numpy(codes)), scales, offsets, 4, in_features, bias)
+
+
+GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # 32 weights per block
+GGUF_DIRECT_MODES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 ``[out, in]`` -> bytes ``[out, in / 2]`` (element 2j low nibble, 2j + 1 high)."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+class FusedQuantizedLinear:
+    """``FusedLinear`` for packed layers: their codes, scales, offsets and biases concatenated by
+    output row (one weight pass per decode token for q/k/v, one for gate/up); each layer's buffers
+    become views into the fused ones, so nothing is held twice. Layers fuse when they share the
+    width, the group and the presence of offsets."""
+
+    PARTS = ("qweight", "scale_bits", "offset_bits")
+
+    def __init__(self, owner: nn.Module, name: str, linears: tuple[QuantizedLinear, ...]) -> None:
+        first = linears[0]
+        if any((m.bits, m.group, m.offset_bits is None, m.bias is None) !=
+               (first.bits, first.group, first.offset_bits is None, first.bias is None) for m in linears):
+            raise ValueError(f"{name}: packed layers of different widths, groups or offsets do not fuse")
+        self.name, self.linears = name, linears
+        self.sizes = [m.out_features for m in linears]
+        for part in self.PARTS + ("bias",):
+            if getattr(first, part) is None:
+                owner.register_buffer(f"{name}_{part}", None, persistent=False)
+                continue
+            fused = torch.cat([getattr(m, part).detach() for m in linears])
+            owner.register_buffer(f"{name}_{part}", fused, persistent=False)
+            start = 0
+            for module, size in zip(linears, self.sizes):
+                view = fused[start:start + size]
+                if part == "bias":
+                    module.bias = nn.Parameter(view, requires_grad=False)
+                else:
+                    setattr(module, part, view)
+                start += size
+
+    def __call__(self, owner: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(module(x) for module in self.linears)
+
+    def matvec_operands(self, owner: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """The fused codes and bias, and their packing (scales, offsets, bits) for decode_linear."""
+        codes, scale_bits, offset_bits, bias = (getattr(owner, f"{self.name}_{part}")
+                                                for part in self.PARTS + ("bias",))
+        offsets = None if offset_bits is None else offset_bits.view(torch.float16)
+        return codes, bias, {"scales": scale_bits.view(torch.float16), "offsets": offsets,
+                             "bits": self.linears[0].bits}
+
+
+def linear_operands(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Weight, bias and packing of one linear layer (float or packed) for decode_linear."""
+    if isinstance(layer, QuantizedLinear):
+        return layer.qweight, layer.bias, {"scales": layer.scales, "offsets": layer.offsets, "bits": layer.bits}
+    return layer.weight, layer.bias, {}
+
+
+def quantize_decoder(decoder: nn.Module, mode: WeightMode, group: int | None = None) -> int:
+    """Replace each block's projections (q, k, v, o, gate, up, down) by ``QuantizedLinear`` from their
+    float weights; embeddings, norms and the LM head stay as they are. Returns the layers replaced."""
+    replaced = 0
+    for block in decoder.layers:
+        for path in QUANTIZED_PROJECTIONS:
+            parent_name, name = path.split(".")
+            parent = getattr(block, parent_name)
+            layer = getattr(parent, name)
+            if isinstance(layer, nn.Linear):
+                setattr(parent, name, QuantizedLinear.from_float(layer.weight, layer.bias, mode, group))
+                replaced += 1
+    return replaced
+
+
+def weight_modes(decoder: nn.Module) -> set[str]:
+    """The weight kinds of the block projections: ``float`` and/or ``int8`` / ``int4``."""
+    return {layer.mode if isinstance(layer, QuantizedLinear) else "float"
+            for block in decoder.layers for layer in (block.get_submodule(p) for p in QUANTIZED_PROJECTIONS)}

@@ -1,0 +1,141 @@
+"""Weight-only int8 / int4 projections (ros_infmllm.model.quantized): packing, GGUF blocks kept as
+they are, round-to-nearest from floats, and models and sessions running on them (CPU)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from builders import build_tiny_causal_lm
+from gguf_builders import write_text_gguf
+from ros_infmllm.model import load_model
+from ros_infmllm.model.quantized import (QUANTIZED_PROJECTIONS, QuantizedLinear, pack_int4, quantize_decoder,
+                                         weight_modes)
+from ros_infmllm.session import StreamingSession
+
+
+def _weights(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32) * 0.05
+    w[:, 3] *= 20  # an outlier column, as real projections have
+    return w
+
+
+@pytest.mark.parametrize("kind,bits", [("Q8_0", 8), ("Q4_0", 4), ("Q4_1", 4)])
+def test_gguf_blocks_are_re_laid_without_changing_a_value(kind: str, bits: int) -> None:
+    """Ours reproduces the gguf package's own dequantization bit for bit, from the raw blocks."""
+    from gguf import GGMLQuantizationType, quants
+
+    w = _weights((12, 96))
+    raw = quants.quantize(w, GGMLQuantizationType[kind])
+    layer = QuantizedLinear.from_gguf_blocks(raw, kind, (12, 96))
+    expected = quants.dequantize(raw, GGMLQuantizationType[kind]).reshape(12, 96)
+    assert layer.bits == bits and layer.group == 32
+    assert np.array_equal(layer.dequantized().numpy(), expected)
+    assert layer.packed_bytes() == raw.nbytes  # the same bytes per weight as the file
+    codes = layer.codes()
+    assert (codes.min() >= 0 and codes.max() <= 15) if bits == 4 else codes.dtype == torch.int8
+
+
+@pytest.mark.parametrize("mode,group", [("int8", 32), ("int8", 0), ("int4", 32), ("int4", 64)])
+def test_round_to_nearest_is_within_half_a_step(mode: str, group: int) -> None:
+    w = torch.from_numpy(_weights((10, 128), seed=1))
+    layer = QuantizedLinear.from_float(w, None, mode, group)
+    assert layer.group == (group or 128) and layer.mode == mode
+    error = (layer.dequantized() - w).abs().reshape(10, -1, layer.group)
+    step = layer.scales.to(torch.float32)[..., None]
+    slack = 1e-3 * (0 if layer.offsets is None else layer.offsets.to(torch.float32).abs()[..., None]) + 1e-6
+    assert bool((error <= 0.5 * step * (1 + 2e-3) + slack).all())
+    assert error.max() > 0  # it did quantize
+
+
+def test_packing_keeps_each_code_and_rejects_bad_shapes() -> None:
+    codes = torch.arange(32, dtype=torch.uint8).remainder(16).reshape(2, 16)
+    packed = pack_int4(codes)
+    assert packed.shape == (2, 8) and torch.equal(packed[0, 0], torch.tensor(0 | (1 << 4), dtype=torch.uint8))
+    layer = QuantizedLinear(packed, torch.ones(2, 1), torch.zeros(2, 1), 4, 16)
+    assert torch.equal(layer.codes(), codes)
+    with pytest.raises(ValueError, match="group"):
+        QuantizedLinear.from_float(torch.zeros(4, 40), None, "int4", 32)
+    with pytest.raises(ValueError, match="weight mode"):
+        QuantizedLinear.from_float(torch.zeros(4, 64), None, "int3", 32)
+    with pytest.raises(ValueError, match="not read directly"):
+        QuantizedLinear.from_gguf_blocks(np.zeros((4, 18), np.uint8), "Q5_0", (4, 32))
+
+
+def test_a_dtype_cast_of_the_model_leaves_codes_and_scales_alone() -> None:
+    layer = QuantizedLinear.from_float(torch.from_numpy(_weights((8, 64), seed=4)), None, "int4")
+    before = layer.dequantized()
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer.dequantized(), before) and layer.scales.dtype == torch.float16
+
+
+def test_quantized_linear_is_the_float64_product_of_its_weights() -> None:
+    w = torch.from_numpy(_weights((24, 64), seed=2))
+    bias = torch.linspace(-1, 1, 24)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    for mode in ("int8", "int4"):
+        layer = QuantizedLinear.from_float(w, bias, mode)
+        expected = x.double() @ layer.dequantized(torch.float64).T + bias.double()
+        assert torch.allclose(layer(x).double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("decoder,kind", [("llama", "Q4_0"), ("qwen2", "Q4_1"), ("llama", "Q8_0")])
+def test_a_gguf_loads_packed_and_computes_the_dequantized_model(decoder: str, kind: str, tmp_path: Path) -> None:
+    """weights=auto keeps the file's blocks (LLaMA's permuted q/k rows and Qwen2's biases included)
+    and gives the logits of the model dequantized to float32."""
+    source = build_tiny_causal_lm(tmp_path / "hf", decoder, kv_heads=2, seed=4)
+    file = write_text_gguf(tmp_path / f"{decoder}.gguf", source.config, source.state_dict(), kind)
+    floats, packed = load_model(file), load_model(file, weights="auto")
+    assert weight_modes(floats.decoder) == {"float"}
+    assert weight_modes(packed.decoder) == {"int8" if kind == "Q8_0" else "int4"}
+    if decoder == "qwen2":
+        assert packed.decoder.layers[0].self_attn.q_proj.bias is not None
+    ids = torch.tensor([[7, 20, 21, 22, 30, 31, 40, 3, 9]])
+    assert (packed.forward_full(ids) - floats.forward_full(ids)).abs().max().item() <= 1e-5
+    # asking for the other width re-quantizes from the dequantized floats instead
+    other = load_model(file, weights="int8" if kind != "Q8_0" else "int4")
+    assert weight_modes(other.decoder) == {"int8" if kind != "Q8_0" else "int4"}
+
+
+def test_float_checkpoints_quantize_at_load_and_stay_close(tmp_path: Path) -> None:
+    source = build_tiny_causal_lm(tmp_path, "qwen2", seed=5)
+    floats = load_model(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    reference = floats.forward_full(ids).log_softmax(-1)
+    for mode in ("int8", "int4"):
+        model = load_model(tmp_path, weights=mode)
+        assert weight_modes(model.decoder) == {mode}
+        layers = [model.decoder.layers[0].get_submodule(p) for p in QUANTIZED_PROJECTIONS]
+        assert all(isinstance(layer, QuantizedLinear) and layer.group == 32 for layer in layers)
+        got = model.forward_full(ids).log_softmax(-1)
+        kl = torch.nn.functional.kl_div(got, reference, log_target=True, reduction="batchmean").item()
+        assert kl < (1e-3 if mode == "int8" else 2e-2), (mode, kl)
+    assert isinstance(model.decoder.lm_head, torch.nn.Linear)  # embeddings and head stay float
+    with pytest.raises(ValueError, match="weights must be one of"):
+        load_model(tmp_path, weights="int2")
+    del source
+
+
+def test_quantize_decoder_leaves_packed_layers_and_counts_the_rest(tmp_path: Path) -> None:
+    build_tiny_causal_lm(tmp_path, "llama", seed=6)
+    model = load_model(tmp_path)
+    layers = len(model.decoder.layers) * len(QUANTIZED_PROJECTIONS)
+    assert quantize_decoder(model.decoder, "int4") == layers
+    assert quantize_decoder(model.decoder, "int8") == 0 and weight_modes(model.decoder) == {"int4"}
+
+
+def test_a_session_streams_and_answers_on_int4_weights(tmp_path: Path) -> None:
+    """The whole session path (prefill chunks, evictions, decode) on packed weights; exported
+    backends refuse them with a message."""
+    build_tiny_causal_lm(tmp_path, "qwen2", seed=7)
+    session = StreamingSession.from_pretrained(tmp_path, policy="h2o", capacity=96, max_chunk=16,
+                                               template="qwen2", max_new_tokens=4, weights="int4")
+    assert weight_modes(session.model.decoder) == {"int4"}
+    session.feed_text("the red circle is left of the blue square " * 12)
+    assert session.cache.evictions > 0 and session.cache.length <= 96
+    assert isinstance(session.answer("what is left ?"), str)
+    with pytest.raises(ValueError, match="torch backend"):
+        StreamingSession.from_pretrained(tmp_path, backend="onnxruntime", engine_dir=tmp_path, weights="int8")

@@ -34,6 +34,7 @@ from bench_gpu_report import summarise, write_markdown, write_plot
 from ros_infmllm.cache import make_policy
 from ros_infmllm.model.config import load_config
 from ros_infmllm.model.llava import LlavaModel
+from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
 from ros_infmllm.session import ImagePreprocessor, SessionConfig, StreamingSession, template_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -112,10 +113,11 @@ def word_tokenizer(vocab_size: int, words: list[str] | tuple[str, ...] = ()):
 
 
 def decoder_bytes_per_token(model: LlavaModel) -> int:
-    """Weight bytes one decode step reads: every decoder matrix, and the embedding table only
-    as the (tied) LM head; a gathered embedding row is negligible."""
+    """Weight bytes one decode step reads: every decoder matrix (packed ones as packed), and the
+    embedding table only as the (tied) LM head; a gathered embedding row is negligible."""
     unique = {id(p): p for p in model.decoder.parameters()}
     total = sum(p.numel() * p.element_size() for p in unique.values())
+    total += sum(m.packed_bytes() for m in model.decoder.modules() if isinstance(m, QuantizedLinear))
     if not model.cfg.text.tie_word_embeddings:
         embed = model.decoder.embed_tokens.weight
         total -= embed.numel() * embed.element_size()
@@ -322,6 +324,8 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
     print(f"{name}:", flush=True)
     folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
     model = random_model(folder, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if args.weights != "float":  # packed decoder projections, rounded from the random floats
+        quantize_decoder(model.decoder, args.weights)
     tokenizer = word_tokenizer(model.cfg.text.vocab_size)
     weights, cache = decoder_bytes_per_token(model), cache_bytes(model, args.capacity)
     roofline_ms = 1e3 * (weights + cache) / bandwidth
@@ -356,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-new-tokens", type=int, default=33)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--bandwidth-mb", type=int, default=2048)
+    parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
+                        help="decoder projections: float (bf16 on a GPU) or packed (groups of 32)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES),
                         help="cache policies timed; the first is the one the targets are reported for")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -378,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": "bfloat16" if device == "cuda" else "float32",
               "bandwidth_bytes_per_s": bandwidth, "capacity": args.capacity, "max_chunk": args.max_chunk,
-              "ours": args.policies[0], "models": []}
+              "ours": args.policies[0], "weights": args.weights, "models": []}
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s on {report['device']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:

@@ -33,6 +33,21 @@ def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert "| tiny-qwen2 | 128 |" in markdown and "## Targets" in markdown
 
 
+def test_bench_gpu_smoke_run_with_int4_weights_counts_packed_bytes(tmp_path: Path) -> None:
+    """--weights int4: the decoder's projections packed, the roofline from their packed bytes."""
+    assert bench_gpu.main(["--smoke", "--weights", "int4", "--policies", "h2o", "--skip-transformers",
+                           "--out", str(tmp_path), "--name", "packed"]) == 0
+    packed = json.loads((tmp_path / "packed.json").read_text())
+    assert bench_gpu.main(["--smoke", "--policies", "h2o", "--skip-transformers", "--out", str(tmp_path),
+                           "--name", "float"]) == 0
+    floats = json.loads((tmp_path / "float.json").read_text())
+    assert packed["weights"] == "int4" and floats["weights"] == "float"
+    (p,), (f,) = packed["models"], floats["models"]
+    assert 0 < p["decoder_weight_bytes"] < f["decoder_weight_bytes"]
+    assert p["policies"]["h2o"]["checkpoints"][-1]["streamed_tokens"] >= 1200
+    assert "decoder projections int4" in (tmp_path / "packed.md").read_text()
+
+
 def test_decoder_weight_bytes_count_a_tied_table_once(tmp_path: Path) -> None:
     shape = bench_gpu.SMOKE_SHAPES["tiny-qwen2"]
     folder = bench_gpu.write_checkpoint_config(tmp_path / "m", shape)

@@ -224,6 +224,24 @@ def test_inf_mllm_lt_remembers_what_drew_attention_long_ago_then_forgets_it() ->
     assert kept_after("inf-mllm-lt", 64 * 12) - set(range(48, 64)) == {20, 40}
 
 
+def test_inf_mllm_lt_without_decay_sums_attention_as_h2o_does() -> None:
+    """long_term_half_life=-1: the long-term score is the sum of every step's attention, so slot 5,
+    attended early and hard, outlasts slot 20's steady trickle however long the stream runs."""
+    cache = _full_cache(64)
+    policy = make_policy("inf-mllm-lt", retrieval_window=4, pool=1, attention_bias=0.0, stretch=0,
+                         long_term_half_life=-1)
+    policy.bind(cache)
+    for _ in range(64):
+        policy.observe(cache, _attention(64, {5: 20.0}, base=0.1), queries=1)
+    early = policy.long_term[..., 5].clone()
+    for _ in range(64 * 12):
+        policy.observe(cache, _attention(64, {40: 20.0, 20: 1.0}, base=0.1), queries=1)
+    assert torch.all(policy.long_term[..., 5] >= early)  # nothing decays
+    # two slots beside the recent window: slot 5's early sum beats slot 20's trickle (with a
+    # half-life of 64 queries the same stream keeps 20 and 40: the test above)
+    assert _kept(policy, cache, 16 + 2) - set(range(48, 64)) == {5, 40}
+
+
 def test_inf_mllm_lt_stretches_are_one_frame_unless_set(tiny_model_dir) -> None:
     from ros_infmllm.session import StreamingSession
 

@@ -245,7 +245,9 @@ class InfMLLMLongTermConfig(InfMLLMConfig):
     long_term_weight: weight of a long-term score added to the saddle score: each slot's
         attention in units of uniform attention, averaged over the stream with exponential decay
         (an H2O-like memory that forgets, so early tokens do not win by age alone).
-    long_term_half_life: queries after which a step's attention counts half in the long-term score.
+    long_term_half_life: queries after which a step's attention counts half in the long-term score;
+        -1: no decay, the long-term score is then the sum of every step's attention (in units of
+        uniform attention), as H2O accumulates it.
     stretch: tokens per stretch of the stream; the best-scoring slot of every stretch is kept
         before any other evictable slot, so no stretch is wholly forgotten. -1 (default): one
         frame's tokens, as the session reports them (64 for a text-only model); 0: off.
@@ -268,8 +270,9 @@ class InfMLLMLongTermPolicy(InfMLLMPolicy):
 
     def __init__(self, config: InfMLLMLongTermConfig = InfMLLMLongTermConfig()) -> None:
         super().__init__(config)
-        if config.long_term_half_life < 1:
-            raise ValueError(f"inf-mllm-lt long_term_half_life must be >= 1, got {config.long_term_half_life}")
+        if config.long_term_half_life < 1 and config.long_term_half_life != -1:
+            raise ValueError(f"inf-mllm-lt long_term_half_life must be >= 1, or -1 (no decay), got "
+                             f"{config.long_term_half_life}")
         if config.stretch < -1 or not 0.0 <= config.representative_fraction < 1.0:
             raise ValueError("inf-mllm-lt stretch must be >= -1 and representative_fraction in [0, 1)")
         self.frame_tokens = 0
@@ -291,9 +294,12 @@ class InfMLLMLongTermPolicy(InfMLLMPolicy):
 
     def observe(self, cache: BoundedKVCache, mass: torch.Tensor, queries: int) -> None:
         super().observe(cache, mass, queries)
-        keep = 0.5 ** (queries / self.config.long_term_half_life)  # host float: a captured step replays it
         n = cache.length_t.clamp_min(1)
         uniform = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12) * n
+        if self.config.long_term_half_life == -1:  # a sum, as H2O accumulates
+            self.long_term.add_(uniform)
+            return
+        keep = 0.5 ** (queries / self.config.long_term_half_life)  # host float: a captured step replays it
         self.long_term.mul_(keep).add_(uniform, alpha=1.0 - keep)
 
     def scores(self, cache: BoundedKVCache) -> torch.Tensor:

@@ -72,7 +72,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("inf_mllm_lt.long_term_weight", 4.0, "Inf-MLLM-LT (also reads inf_mllm.*): weight of the decayed "
                                                   "long-term attention score.", 0.0, 1000.0),
     ParamSpec("inf_mllm_lt.long_term_half_life", 2048, "Inf-MLLM-LT: queries after which attention counts half "
-                                                       "in the long-term score.", 1, 1 << 30),
+                                                       "in the long-term score (-1: no decay, a sum as H2O's).",
+              -1, 1 << 30),
     ParamSpec("inf_mllm_lt.stretch", -1, "Inf-MLLM-LT: tokens per stretch of the stream that keeps one "
                                          "representative (-1: one frame; 0: off).", -1, 1 << 20),
     ParamSpec("inf_mllm_lt.representative_fraction", 0.25, "Inf-MLLM-LT: most of the capacity representatives take.",

@@ -37,11 +37,11 @@ def image_token_index(text: GGUFFile) -> int:
         return -1
 
 
-def direct_mode(kind: str, weights: str) -> str | None:
-    """The packed mode a GGUF tensor of type ``kind`` is kept in under ``weights``, or None to
-    dequantize it: ``auto`` keeps every type we read directly, ``int8`` / ``int4`` only theirs."""
+def keeps_packed(kind: str, weights: str) -> bool:
+    """Whether a projection stored as ``kind`` stays in its blocks under ``weights``: ``auto`` keeps
+    every type we read directly, ``int8`` / ``int4`` only those of their width."""
     mode = GGUF_DIRECT_MODES.get(kind)
-    return mode if mode is not None and weights in ("auto", mode) else None
+    return mode is not None and weights in ("auto", mode)
 
 
 def packed_projection(file: GGUFFile, theirs: str, kind: str, shape: tuple[int, int], heads: int) -> QuantizedLinear:
@@ -89,13 +89,12 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
         for file, names in sources:
             for ours, theirs in names.items():
                 heads = needs_unpermute(text_cfg, ours) if file is text else 0
-                module = ours.removesuffix(".weight")
-                mode = direct_mode(file.tensor_type(theirs), weights) if file is text else None
-                if mode and module.endswith(QUANTIZED_PROJECTIONS):
+                module, kind = ours.removesuffix(".weight"), file.tensor_type(theirs)
+                if file is text and module.endswith(QUANTIZED_PROJECTIONS) and keeps_packed(kind, weights):
                     parent, name = module.rsplit(".", 1)
                     shape = tuple(params[ours].shape)
                     model.get_submodule(parent).register_module(
-                        name, packed_projection(file, theirs, file.tensor_type(theirs), shape, heads))
+                        name, packed_projection(file, theirs, kind, shape, heads))
                     packed.append(module)
                     continue
                 tensor = file.tensor(theirs)

@@ -5,8 +5,8 @@ shared by everything it runs; 8-bit weights halve both against bf16, 4-bit ones 
 
 One layout for every source, so that one kernel reads them all:
 
-- ``int8``: ``qweight`` int8 ``[out, in]``, ``w = q * scale`` (symmetric); per output channel
-  (one group spanning the row) from float checkpoints, groups of 32 from GGUF ``Q8_0``.
+- ``int8``: ``qweight`` int8 ``[out, in]``, ``w = q * scale`` (symmetric); groups of 32 (or one
+  group spanning the row) from float checkpoints, groups of 32 from GGUF ``Q8_0``.
 - ``int4``: ``qweight`` uint8 ``[out, in / 2]``, element ``2j`` in the low nibble of byte ``j``
   and ``2j + 1`` in the high one, ``q`` in 0..15 and ``w = q * scale + offset``, or
   ``w = (q - 8) * scale`` where there is no offset; groups of 32 or 64 from float checkpoints
@@ -112,14 +112,12 @@ class QuantizedLinear(nn.Module):
         w = weight.detach().to(torch.float32).reshape(out_features, in_features // group, group)
         if mode == "int8":
             scales = (w.abs().amax(-1) / 127).to(torch.float16)
-            safe = torch.where(scales > 0, scales.to(torch.float32), torch.ones_like(scales, dtype=torch.float32))
-            codes = torch.round(w / safe[..., None]).clamp(-127, 127).to(torch.int8)
+            codes = torch.round(w / _divisor(scales)).clamp(-127, 127).to(torch.int8)
             return cls(codes.reshape(out_features, in_features), scales, None, 8, in_features, bias)
         low, high = w.amin(-1), w.amax(-1)
         scales = ((high - low) / 15).to(torch.float16)
         offsets = low.to(torch.float16)
-        safe = torch.where(scales > 0, scales.to(torch.float32), torch.ones_like(scales, dtype=torch.float32))
-        codes = torch.round((w - offsets.to(torch.float32)[..., None]) / safe[..., None]).clamp(0, 15)
+        codes = torch.round((w - offsets.to(torch.float32)[..., None]) / _divisor(scales)).clamp(0, 15)
         return cls(pack_int4(codes.reshape(out_features, in_features).to(torch.uint8)), scales, offsets, 4,
                    in_features, bias)
 
@@ -150,6 +148,12 @@ class QuantizedLinear(nn.Module):
 
 GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # 32 weights per block
 GGUF_DIRECT_MODES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+
+
+def _divisor(scales: torch.Tensor) -> torch.Tensor:
+    """Per-group float16 scales as float32 divisors ``[..., 1]`` (1 for an all-zero group)."""
+    scales = scales.to(torch.float32)
+    return torch.where(scales > 0, scales, torch.ones_like(scales))[..., None]
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ synthetic-world frames at a real camera's size, a DDS probe that publishes frame
 and records answers, streamed pieces and diagnostics with arrival times, and /proc memory."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Both ends of the camera (this process and the node it starts) use the package's Fast DDS profile,
+# as infmllm.launch.py sets it: without it Fast DDS delivers a few percent of 640x480 rgb8 frames
+# (results/dds_frames_cpu.md). A profile already named in the environment is kept.
+os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(ROOT / "config" / "fastdds_large_frames.xml"))
 
 
 def rss_mb(pid: int) -> float:

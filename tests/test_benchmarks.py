@@ -72,6 +72,39 @@ def _smoke_run(name: str, out: Path) -> dict:
     return model
 
 
+def test_bench_llamacpp_random_gguf_has_the_shape_llama_cpp_reads(tmp_path: Path) -> None:
+    """The random GGUFs llama-bench times: every block tensor of the shape in the file's type (norms
+    and biases f32), no tokenizer, a tied LM head left out. (llama.cpp itself is built on the GPU
+    machine only; the CPU build of it read these files there and here when the script was made.)"""
+    import gguf
+
+    import bench_llamacpp
+
+    text = bench_gpu.SMOKE_SHAPES["tiny-qwen2"]["text"]
+    for kind, qtype in (("F16", gguf.GGMLQuantizationType.F16), ("Q4_0", gguf.GGMLQuantizationType.Q4_0)):
+        reader = gguf.GGUFReader(bench_llamacpp.write_random_gguf(tmp_path / f"{kind}.gguf", text, kind))
+        tensors = {t.name: t for t in reader.tensors}
+        hidden, layers = text["hidden_size"], text["num_hidden_layers"]
+        assert "output.weight" not in tensors and tensors["token_embd.weight"].tensor_type == qtype
+        assert list(tensors["blk.0.ffn_down.weight"].shape) == [text["intermediate_size"], hidden]
+        assert tensors["blk.1.attn_q.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+        assert len(tensors) == 2 + layers * (9 + 3)
+        assert reader.fields["tokenizer.ggml.model"].contents() == "none"
+
+
+def test_bench_llamacpp_smoke_run_times_ours_in_every_weight_mode(tmp_path: Path) -> None:
+    import bench_llamacpp
+
+    assert bench_llamacpp.main(["--smoke", "--skip-llama-cpp", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_llamacpp.json").read_text())
+    rows = {(r["weights"], r["lm_head"]): r for r in report["ours"]}
+    assert set(rows) == set(bench_llamacpp.OURS)
+    packed = rows[("int4", "int4")]["weight_bytes_per_token"]
+    assert packed < rows[("int8", "int8")]["weight_bytes_per_token"] < rows[("float", "float")]["weight_bytes_per_token"]
+    assert all(r["decode_p50_ms"] > 0 and r["parts_bytes"]["cache"] > 0 for r in rows.values())
+    assert "speedup_over_bf16_int4_head_int4" in report["summary"]["tiny-qwen2"]
+
+
 def test_bench_decode_attention_smoke_run_writes_its_table(tmp_path: Path) -> None:
     model = _smoke_run("bench_decode_attention", tmp_path)
     assert len(model["variants"]) == 2 and model["best"] in model["variants"]

@@ -58,6 +58,7 @@ def test_install_space_holds_executables_launch_config_model_and_index(install: 
         assert executable.is_file() and os.access(executable, os.X_OK), name
     share = install / "share" / "ros_infmllm"
     assert (share / "launch" / "infmllm.launch.py").is_file() and (share / "config" / "infmllm.yaml").is_file()
+    assert (share / "config" / "fastdds_large_frames.xml").is_file()  # the launch file points Fast DDS at it
     assert (share / "package.xml").is_file()
     assert (install / "share" / "ament_index" / "resource_index" / "packages" / "ros_infmllm").is_file()
     (site,) = install.glob("lib/python*/site-packages")

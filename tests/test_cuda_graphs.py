@@ -104,3 +104,42 @@ def test_after_warm_up_a_stream_compiles_and_captures_nothing(head16_model_dir: 
     assert session.cache.evictions >= 2
     assert (set(session.runner.graphs), set(session.backend.vision_runner.graphs)) == graphs
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_a_failed_capture_falls_back_to_eager_and_leaves_the_pool_usable() -> None:
+    """A function that cannot be captured (it syncs the host) runs eagerly with its right result;
+    the runner stops capturing and says why; a new runner can still capture (the failed capture
+    left no pool recording), and a capture survives another thread's CUDA work meanwhile."""
+    import threading
+
+    from ros_infmllm.backends.graph_runner import CudaGraphRunner
+
+    device = torch.device("cuda")
+    runner = CudaGraphRunner(device, warmups=1)
+    x = torch.arange(6.0, device=device)
+
+    def host_sync(t: torch.Tensor) -> torch.Tensor:
+        return t * float(t.sum().item())  # .item() is illegal inside a capture
+
+    results = [runner("bad", host_sync, (x,)) for _ in range(3)]
+    assert all(torch.equal(r, x * 15.0) for r in results)
+    assert runner.capture_error and "'bad'" in runner.capture_error and not runner.graphs
+    assert torch.equal(runner("other", lambda t: t + 1, (x,)), x + 1) and not runner.graphs  # eager from now on
+
+    fresh = CudaGraphRunner(device, warmups=1)
+    stop = threading.Event()
+
+    def other_thread() -> None:  # allocations and copies from another thread while capturing
+        while not stop.is_set():
+            torch.randn(1 << 16, device=device).sum().item()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    try:
+        for _ in range(4):
+            out = fresh("double", lambda t: t * 2, (x,))
+    finally:
+        stop.set()
+        worker.join()
+    assert fresh.capture_error is None and "double" in fresh.graphs
+    assert torch.equal(out, x * 2)

@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model import load_model  # noqa: E402
 from ros_infmllm.rope import Rotary  # noqa: E402
-from ros_infmllm.model.quantized import QuantizedLinear  # noqa: E402
+from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder  # noqa: E402
 from builders import one_token_step_inputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,12 +155,16 @@ def test_the_norm_is_folded_in_not_skipped() -> None:
     assert torch.allclose(scaled, normed, rtol=1e-5)
 
 
-@pytest.mark.parametrize("weights", ["float", "int8", "int4"])
-def test_decoder_step_through_the_matvec_op_equals_the_plain_path(head16_model_dir, weights) -> None:
+@pytest.mark.parametrize("weights,head", [("float", None), ("int8", None), ("int4", None), ("int4", "int8"),
+                                          ("int8", "int4")])
+def test_decoder_step_through_the_matvec_op_equals_the_plain_path(head16_model_dir, weights, head) -> None:
     """The one-token block through the op against the plain path; packed projections (int8, int4)
-    fused as q/k/v and gate/up and read by the op against QuantizedLinear's dequantize-and-multiply."""
+    fused as q/k/v and gate/up, and a packed LM head, read by the op against QuantizedLinear's
+    dequantize-and-multiply."""
     model = load_model(head16_model_dir, device=DEVICE, weights=weights)
     decoder = model.decoder
+    if head is not None:
+        assert quantize_decoder(decoder, head, head=head) == 1  # the projections are packed already
     inputs = one_token_step_inputs(model.cfg.text, capacity=40, filled=29, seed=2, device=DEVICE)
     unfused = decoder.step(**inputs, attn_window=4)
     decoder.fuse_projections()
@@ -175,6 +179,16 @@ def test_decoder_step_through_the_matvec_op_equals_the_plain_path(head16_model_d
     assert torch.allclose(matvec.logits, plain.logits, atol=1e-4)
     assert torch.allclose(matvec.new_k, plain.new_k, atol=1e-5) and torch.allclose(matvec.new_v, plain.new_v, atol=1e-5)
     assert torch.allclose(matvec.attn_mass, plain.attn_mass, atol=1e-5)
+    # a prefill chunk's last-token logits also go through the op (the LM head's product)
+    chunk = dict(inputs, embeds=torch.randn(5, model.cfg.text.hidden_size, generator=torch.Generator().manual_seed(3))
+                 .to(DEVICE), positions=torch.arange(29, 34, device=DEVICE))
+    prefill = []
+    for enabled in (False, True):
+        decoder.use_decode_kernel(enabled)
+        prefill.append(decoder.step(**chunk, attn_window=2).logits)
+    decoder.use_decode_kernel(False)
+    assert prefill[0].shape == prefill[1].shape == (1, model.cfg.text.vocab_size)
+    assert torch.allclose(prefill[1], prefill[0], atol=1e-4)
     if weights != "float":  # each layer's buffers are views into the fused ones
         attn = decoder.layers[0].self_attn
         assert attn.q_proj.qweight.data_ptr() == attn.qkv_qweight.data_ptr()

@@ -127,6 +127,28 @@ def test_quantize_decoder_leaves_packed_layers_and_counts_the_rest(tmp_path: Pat
     assert quantize_decoder(model.decoder, "int8") == 0 and weight_modes(model.decoder) == {"int4"}
 
 
+def test_a_packed_lm_head_is_a_copy_and_its_product_is_chunked(tmp_path: Path, monkeypatch) -> None:
+    """``head=``: the (tied) LM head packed, the embedding table left float for lookups; the model
+    computes with the dequantized head, and the row-chunked reference product equals the one-shot one."""
+    build_tiny_causal_lm(tmp_path, "qwen2", seed=8)
+    model = load_model(tmp_path, weights="int8")
+    embed = model.decoder.embed_tokens.weight.detach().clone()
+    assert quantize_decoder(model.decoder, "int8", head="int4") == 1
+    head = model.decoder.lm_head
+    assert isinstance(head, QuantizedLinear) and head.mode == "int4"
+    assert torch.equal(model.decoder.embed_tokens.weight, embed)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    got = model.forward_full(ids)
+    model.decoder.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+    model.decoder.lm_head.weight.data = head.dequantized()
+    assert torch.allclose(got, model.forward_full(ids), atol=1e-5)
+    x = torch.randn(3, head.in_features)
+    whole = head(x)
+    monkeypatch.setattr("ros_infmllm.model.quantized.FORWARD_ROWS", 7)  # uneven chunks of the output rows
+    assert torch.allclose(head(x), whole, atol=1e-6)
+    assert torch.equal(head.dequantized(rows=slice(7, 20)), head.dequantized()[7:20])
+
+
 def test_a_session_streams_and_answers_on_int4_weights(tmp_path: Path) -> None:
     """The whole session path (prefill chunks, evictions, decode) on packed weights; exported
     backends refuse them with a message."""

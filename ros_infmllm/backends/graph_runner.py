@@ -11,6 +11,12 @@ Python once; replays run none of it) and its inputs must keep their shapes.
 
 Graphs of one runner share a memory pool: safe because every caller consumes a graph's outputs
 (logits, visual tokens) before the next replay of any graph of that pool.
+
+Capture is thread-local: CUDA calls other threads make meanwhile (a ROS callback, a diagnostics
+timer reading the allocator) do not invalidate it. If a capture fails all the same, the runner
+ends the pool's capture allocation (which a failed ``cudaStreamEndCapture`` leaves open, so that
+every later capture into the pool would fail too), stops capturing, runs that call and every
+later uncaptured key eagerly, and keeps the reason in ``capture_error``: slower, never broken.
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ class CudaGraphRunner:
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.graphs: dict[Hashable, CapturedFunction] = {}
         self.calls: dict[Hashable, int] = {}
+        self.capture_error: str | None = None  # why capture stopped, if it did
         self._side = torch.cuda.Stream(device=device)
 
     def __call__(self, key: Hashable, fn: StepFunction, inputs: tuple[torch.Tensor, ...],
@@ -56,9 +63,15 @@ class CudaGraphRunner:
         captured = self.graphs.get(key)
         if captured is None:
             calls = self.calls[key] = self.calls.get(key, 0) + 1
-            if not capture or calls <= self.warmups or len(self.graphs) >= self.max_graphs:
+            if (not capture or calls <= self.warmups or len(self.graphs) >= self.max_graphs
+                    or self.capture_error is not None):
                 return self._eager(fn, inputs)
-            captured = self.graphs[key] = self._capture(fn, inputs)
+            try:
+                captured = self._capture(fn, inputs)
+            except Exception as exc:  # noqa: BLE001 - any failed capture: run eagerly from now on
+                self._abandon_capture(key, exc)
+                return self._eager(fn, inputs)
+            self.graphs[key] = captured
         for static, value in zip(captured.inputs, inputs):
             static.copy_(value, non_blocking=True)
         captured.graph.replay()
@@ -77,6 +90,16 @@ class CudaGraphRunner:
         static = tuple(value.to(self.device).clone() for value in inputs)
         torch.cuda.current_stream(self.device).synchronize()  # capture starts from a quiet device
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = fn(*static)
         return CapturedFunction(graph, static, outputs)
+
+    def _abandon_capture(self, key: Hashable, exc: Exception) -> None:
+        """After a failed capture: close the pool's capture allocation and stop capturing."""
+        self.capture_error = f"capture of {key!r} failed ({type(exc).__name__}: {exc}); running eagerly"
+        try:
+            index = torch.device(self.device).index
+            torch._C._cuda_endAllocateToPool(torch.cuda.current_device() if index is None else index, self.pool)
+        except Exception:  # noqa: BLE001 - already closed (capture_end got that far), or no such hook
+            pass
+        torch.cuda.synchronize(self.device)

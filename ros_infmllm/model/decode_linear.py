@@ -32,6 +32,10 @@ class MatvecTuning:
     block_k: int = 1024
     num_warps: int = 4
     pdl: bool = True
+    # packed weights: rows per program so that a program has as many bytes in flight per chunk as
+    # bf16's one row (int8 2 rows, int4 4), halved for paired rows (SwiGLU, rotary); not yet tuned
+    int8_block_n: int = 2
+    int4_block_n: int = 4
 
 
 TUNING = MatvecTuning()
@@ -70,8 +74,12 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     placeholder = out
     tuning = TUNING
     half = 0 if cos is None else cos.shape[-1] // 2
-    block_n = (tuning.gated_block_n if gated or half else
-               tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)
+    if bits:
+        block_n = max(1, (tuning.int8_block_n if bits == 8 else tuning.int4_block_n) // (2 if gated or half else 1))
+    else:
+        block_n = (tuning.gated_block_n if gated or half else
+                   tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)
+    group = columns // scales.shape[1] if scales is not None else 1
     programs = -(-(rows // 2 if half else rows) // block_n)
     launch = dependent_launch(x, tuning.pdl)
     matvec_kernels.matvec[(programs,)](
@@ -83,8 +91,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         placeholder if scales is None else scales.contiguous(), placeholder if offsets is None else offsets.contiguous(),
         eps, N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, HALF=half, ROTATED_ROWS=rotated_rows,
         BIAS=bias is not None,
-        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=chunk_size(columns, tuning.block_k),
-        PDL=bool(launch), BITS=bits, GROUP=columns // scales.shape[1] if scales is not None else 1,
+        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=max(chunk_size(columns, tuning.block_k), group),
+        PDL=bool(launch), BITS=bits, GROUP=group,
         OFFSET=offsets is not None, num_warps=tuning.num_warps, **launch)
     return out
 

@@ -289,10 +289,13 @@ class Decoder(nn.Module):
             new_k.append(k)
             new_v.append(v)
             masses.append(mass)
-        if self.layers[0].decode_matvec and one_token_step(q_len, attn_window):
-            # the final norm folded into the LM head's product (cuBLAS read this matrix at 2.3-2.8 TB/s)
-            logits = decode_linear.decode_linear(x, self.lm_head.weight, self.lm_head.bias, self.norm.weight, None,
-                                                 self.norm.eps, False)
+        if self.layers[0].decode_matvec and not all_logits and not isinstance(attn_window, torch.Tensor):
+            # Only the last token's logits: the final norm folded into the LM head's product (cuBLAS
+            # read this matrix at 2.3-2.8 TB/s), for prefill chunks too, so a packed head is never
+            # dequantized whole (a captured chunk would keep that copy in its graph's memory).
+            head_weight, head_bias, head_packing = linear_operands(self.lm_head)
+            logits = decode_linear.decode_linear(x[-1:], head_weight, head_bias, self.norm.weight, None,
+                                                 self.norm.eps, False, **head_packing)
         else:
             logits = self.lm_head(self.norm(x if all_logits else x[-1:]))
         return StepOutput(

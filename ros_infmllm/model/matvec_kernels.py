@@ -32,43 +32,59 @@ import triton.language as tl
 
 
 @triton.jit
-def _packed_rows(w_ptr, scale_ptr, offset_ptr, rows, index, tile, K: tl.constexpr, BITS: tl.constexpr,
-                 GROUP: tl.constexpr, OFFSET: tl.constexpr):
-    """Packed weight rows dequantized in registers (layout: model/quantized.py): int8 codes times
-    the group's float16 scale, or int4 codes (two per byte, low nibble first) times the scale plus
-    the group's offset, or centred on 8 without one."""
-    at_group = rows[:, None] * (K // GROUP) + (index // GROUP)[None, :]
-    scale = tl.load(scale_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
-    if BITS == 8:
-        codes = tl.load(w_ptr + rows[:, None] * K + index[None, :], mask=tile, other=0, eviction_policy="evict_first")
-        return codes.to(tl.float32) * scale
-    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + (index // 2)[None, :], mask=tile, other=0,
-                     eviction_policy="evict_first")
-    codes = ((packed.to(tl.int32) >> ((index % 2) * 4)[None, :]) & 0xF).to(tl.float32)
-    if OFFSET:
-        return codes * scale + tl.load(offset_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
-    return (codes - 8.0) * scale
+def _float_chunk(w_ptr, rows, pair, index, live, K: tl.constexpr, PAIRED: tl.constexpr):
+    """Rows ``rows`` of a float weight (and rows ``pair`` when paired) at columns ``index``; masked
+    past K, so a chunk beyond the end reads nothing."""
+    tile = live[:, None] & (index < K)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * K + index[None, :], mask=tile, other=0.0, eviction_policy="evict_first")
+    u = w
+    if PAIRED:
+        u = tl.load(w_ptr + pair[:, None] * K + index[None, :], mask=tile, other=0.0, eviction_policy="evict_first")
+    return w, u
 
 
 @triton.jit
-def _weight_chunk(w_ptr, scale_ptr, offset_ptr, rows, pair, index, live, K: tl.constexpr, PAIRED: tl.constexpr,
-                  BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr):
-    """Rows ``rows`` of the weight (and rows ``pair`` when paired) at columns ``index``; masked
-    past K, so a chunk beyond the end reads nothing. ``BITS`` 0: float weights as stored; 8 or 4:
-    packed (``_packed_rows``)."""
-    tile = live[:, None] & (index < K)[None, :]
-    if BITS == 0:
-        w = tl.load(w_ptr + rows[:, None] * K + index[None, :], mask=tile, other=0.0, eviction_policy="evict_first")
-    else:
-        w = _packed_rows(w_ptr, scale_ptr, offset_ptr, rows, index, tile, K, BITS, GROUP, OFFSET)
+def _packed_chunk(w_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.constexpr, BITS: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """The packed bytes of a chunk of ``BLOCK_K`` inputs as stored (int8 codes, or int4 codes two
+    to a byte): each row's run is contiguous, so the loads are wide; nothing is decoded here."""
+    WIDTH: tl.constexpr = BLOCK_K if BITS == 8 else BLOCK_K // 2
+    ROW: tl.constexpr = K if BITS == 8 else K // 2
+    index = start // (8 // BITS) + tl.arange(0, WIDTH)
+    tile = live[:, None] & (index < ROW)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * ROW + index[None, :], mask=tile, other=0, eviction_policy="evict_first")
     u = w
     if PAIRED:
-        if BITS == 0:
-            u = tl.load(w_ptr + pair[:, None] * K + index[None, :], mask=tile, other=0.0,
-                        eviction_policy="evict_first")
-        else:
-            u = _packed_rows(w_ptr, scale_ptr, offset_ptr, pair, index, tile, K, BITS, GROUP, OFFSET)
+        u = tl.load(w_ptr + pair[:, None] * ROW + index[None, :], mask=tile, other=0, eviction_policy="evict_first")
     return w, u
+
+
+@triton.jit
+def _packed_sums(packed, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Per-group partial products of a packed chunk, ``[BLOCK_N, BLOCK_K / GROUP]``: the codes
+    times x summed within each group first, then one scale (and offset) per group:
+    ``sum_j (q_j s + m) x_j = s sum_j q_j x_j + m sum_j x_j`` (int4 without offsets: ``m = -8 s``).
+    int8: ``x_lo`` is the chunk of x; int4: ``x_lo`` / ``x_hi`` are its even / odd elements, which
+    meet a byte's low / high nibble. ``x_groups``: x summed per group."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    at_group = rows[:, None] * (K // GROUP) + (start // GROUP + tl.arange(0, GROUPS))[None, :]
+    tile = live[:, None] & ((start // GROUP + tl.arange(0, GROUPS)) < K // GROUP)[None, :]
+    scale = tl.load(scale_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
+    if BITS == 8:
+        products = packed.to(tl.float32) * x_lo[None, :]
+        sums = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS, GROUP)), axis=2)
+    else:
+        codes = packed.to(tl.int32)
+        products = (codes & 0xF).to(tl.float32) * x_lo[None, :] + (codes >> 4).to(tl.float32) * x_hi[None, :]
+        sums = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
+    if BITS == 4 and OFFSET:
+        offset = tl.load(offset_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
+        return sums * scale + offset * x_groups[None, :]
+    if BITS == 4:
+        return (sums - 8.0 * x_groups[None, :]) * scale
+    return sums * scale
 
 
 @triton.jit
@@ -87,28 +103,65 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
         live = index_n < N
         rows = index_n
         pair = rows + N
-    cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    acc_pair = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    squares = tl.zeros((BLOCK_K,), tl.float32)
-    # The first weight chunk is requested before waiting for the previous launch (weights are no
-    # launch's output; x and the residual are), then each chunk is requested one step ahead.
-    w, u = _weight_chunk(w_ptr, scale_ptr, offset_ptr, rows, pair, cols, live, K, GATED or HALF > 0, BITS, GROUP,
-                         OFFSET)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    for start in range(0, K, BLOCK_K):
-        index = start + cols
-        next_w, next_u = _weight_chunk(w_ptr, scale_ptr, offset_ptr, rows, pair, index + BLOCK_K, live, K,
-                                       GATED or HALF > 0, BITS, GROUP, OFFSET)
-        x = tl.load(x_ptr + index, mask=index < K, other=0.0).to(tl.float32)
-        if NORM:
-            squares += x * x
-            x = x * tl.load(norm_ptr + index, mask=index < K, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
-        if GATED or HALF > 0:
-            acc_pair += u.to(tl.float32) * x[None, :]
-        w, u = next_w, next_u
+    PAIRED: tl.constexpr = GATED or HALF > 0
+    if BITS == 0:
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc_pair = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        squares = tl.zeros((BLOCK_K,), tl.float32)
+        # The first weight chunk is requested before waiting for the previous launch (weights are no
+        # launch's output; x and the residual are), then each chunk is requested one step ahead.
+        w, u = _float_chunk(w_ptr, rows, pair, cols, live, K, PAIRED)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        for start in range(0, K, BLOCK_K):
+            index = start + cols
+            next_w, next_u = _float_chunk(w_ptr, rows, pair, index + BLOCK_K, live, K, PAIRED)
+            x = tl.load(x_ptr + index, mask=index < K, other=0.0).to(tl.float32)
+            if NORM:
+                squares += x * x
+                x = x * tl.load(norm_ptr + index, mask=index < K, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+            if PAIRED:
+                acc_pair += u.to(tl.float32) * x[None, :]
+            w, u = next_w, next_u
+    else:
+        # Packed: the raw bytes are prefetched one chunk ahead; decoding, the products and the
+        # per-group scaling happen in registers (``_packed_sums``). int4 bytes hold elements 2j
+        # (low nibble) and 2j + 1 (high), so x is read as its even and odd elements.
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
+        SPAN: tl.constexpr = BLOCK_K if BITS == 8 else BLOCK_K // 2
+        STRIDE: tl.constexpr = 1 if BITS == 8 else 2
+        acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
+        acc_pair = tl.zeros((BLOCK_N, GROUPS), tl.float32)
+        squares = tl.zeros((SPAN,), tl.float32)
+        lanes = tl.arange(0, SPAN)
+        w, u = _packed_chunk(w_ptr, rows, pair, 0, live, K, PAIRED, BITS, BLOCK_K)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        for start in range(0, K, BLOCK_K):
+            next_w, next_u = _packed_chunk(w_ptr, rows, pair, start + BLOCK_K, live, K, PAIRED, BITS, BLOCK_K)
+            first = start + STRIDE * lanes  # every element (int8) or the even ones (int4)
+            x_lo = tl.load(x_ptr + first, mask=first < K, other=0.0).to(tl.float32)
+            x_hi = x_lo
+            if BITS == 4:
+                x_hi = tl.load(x_ptr + first + 1, mask=first + 1 < K, other=0.0).to(tl.float32)
+            if NORM:
+                squares += x_lo * x_lo
+                x_lo = x_lo * tl.load(norm_ptr + first, mask=first < K, other=0.0).to(tl.float32)
+                if BITS == 4:
+                    squares += x_hi * x_hi
+                    x_hi = x_hi * tl.load(norm_ptr + first + 1, mask=first + 1 < K, other=0.0).to(tl.float32)
+            if BITS == 4:
+                x_groups = tl.sum(tl.reshape(x_lo + x_hi, (GROUPS, GROUP // 2)), axis=1)
+            else:
+                x_groups = tl.sum(tl.reshape(x_lo, (GROUPS, GROUP)), axis=1)
+            acc += _packed_sums(w, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP,
+                                OFFSET, BLOCK_N, BLOCK_K)
+            if PAIRED:
+                acc_pair += _packed_sums(u, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, pair, start, live, K,
+                                         BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
+            w, u = next_w, next_u
     y = tl.sum(acc, axis=1)
     y_pair = tl.sum(acc_pair, axis=1)
     if NORM:

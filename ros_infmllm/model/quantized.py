@@ -30,6 +30,7 @@ from torch import nn
 WeightMode = Literal["int8", "int4"]
 WEIGHT_MODES = ("auto", "float", "int8", "int4")
 DEFAULT_GROUPS = {"int8": 32, "int4": 32}  # as GGUF Q8_0 / Q4_x; 0 would be one group per output channel
+FORWARD_ROWS = 16384  # output rows dequantized at once by ``QuantizedLinear.forward``
 QUANTIZED_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -73,20 +74,32 @@ class QuantizedLinear(nn.Module):
         low, high = self.qweight & 0x0F, self.qweight >> 4
         return torch.stack((low, high), dim=-1).reshape(self.out_features, self.in_features)
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``W`` ``[out, in]`` in ``dtype`` (computed in float32, the order GGUF's dequantizers use)."""
-        groups = self.scales.shape[1]
-        codes = self.codes().to(torch.float32).reshape(self.out_features, groups, self.group)
-        if self.bits == 4 and self.offsets is None:
-            codes = codes - 8
-        w = codes * self.scales.to(torch.float32)[..., None]
-        if self.offsets is not None:
-            w = w + self.offsets.to(torch.float32)[..., None]
-        return w.reshape(self.out_features, self.in_features).to(dtype)
+    def dequantized(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """``W[rows]`` ``[out, in]`` in ``dtype`` (computed in float32, the order GGUF's dequantizers use)."""
+        qweight, scales = self.qweight[rows], self.scales[rows]
+        offsets = None if self.offsets is None else self.offsets[rows]
+        count, groups = scales.shape
+        if self.bits == 8:
+            codes = qweight.to(torch.float32)
+        else:
+            codes = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).to(torch.float32)
+            if offsets is None:
+                codes = codes - 8
+        w = codes.reshape(count, groups, self.group) * scales.to(torch.float32)[..., None]
+        if offsets is not None:
+            w = w + offsets.to(torch.float32)[..., None]
+        return w.reshape(count, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference product; a large matrix (an LM head) is dequantized ``FORWARD_ROWS`` output
+        rows at a time, so a prefill's float copy of it stays small."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized(x.dtype), bias)
+        if self.out_features <= FORWARD_ROWS:
+            return F.linear(x, self.dequantized(x.dtype), bias)
+        parts = [F.linear(x, self.dequantized(x.dtype, slice(start, start + FORWARD_ROWS)))
+                 for start in range(0, self.out_features, FORWARD_ROWS)]
+        out = torch.cat(parts, dim=-1)
+        return out if bias is None else out + bias
 
     def packed_bytes(self) -> int:
         """Bytes the weight occupies (codes, scales, offsets; bias excluded)."""
@@ -211,10 +224,16 @@ def linear_operands(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return layer.weight, layer.bias, {}
 
 
-def quantize_decoder(decoder: nn.Module, mode: WeightMode, group: int | None = None) -> int:
+def quantize_decoder(decoder: nn.Module, mode: WeightMode, group: int | None = None,
+                     head: WeightMode | None = None) -> int:
     """Replace each block's projections (q, k, v, o, gate, up, down) by ``QuantizedLinear`` from their
-    float weights; embeddings, norms and the LM head stay as they are. Returns the layers replaced."""
+    float weights, and the LM head too where ``head`` names a mode (a tied head gets a packed copy:
+    the embedding table stays float for its row lookups); embeddings and norms stay as they are.
+    Returns the layers replaced."""
     replaced = 0
+    if head is not None and isinstance(decoder.lm_head, nn.Linear):
+        decoder.lm_head = QuantizedLinear.from_float(decoder.lm_head.weight, decoder.lm_head.bias, head)
+        replaced += 1
     for block in decoder.layers:
         for path in QUANTIZED_PROJECTIONS:
             parent_name, name = path.split(".")

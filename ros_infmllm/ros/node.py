@@ -5,6 +5,7 @@ and questions are logged (throttled) and answered with a reason; the node keeps 
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -106,6 +107,12 @@ class InfMLLMNode(Node):
         self.worker.start()
         if self.values["warm_up"]:
             self.get_logger().info("warming up: frames and questions wait until ready")
+        if (os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp") == "rmw_fastrtps_cpp"
+                and not os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")):
+            self.get_logger().warning(
+                "FASTDDS_DEFAULT_PROFILES_FILE is not set: Fast DDS's default shared-memory segment (512 KB) "
+                "drops most camera frames larger than it (640x480 rgb8 is 900 KB); give the camera driver's "
+                "process share/ros_infmllm/config/fastdds_large_frames.xml (infmllm.launch.py does so for its own)")
 
     def _on_ready(self, seconds: float | None, error: str) -> None:
         """Called by the worker once warm-up is over (at once without one)."""
@@ -189,6 +196,8 @@ class InfMLLMNode(Node):
             level, message = DiagnosticStatus.WARN, "no frames from " + ", ".join(silent)
         if self.worker.pending_queries >= self.worker.max_pending_queries:
             level, message = DiagnosticStatus.WARN, "query queue full"
+        if getattr(self.session.runner, "capture_error", None):
+            level, message = DiagnosticStatus.WARN, "CUDA graph capture failed: running eagerly (slower)"
         warm_up_s = self.worker.warm_up_s
         values = {
             "state": self.worker.state, "warm_up_s": "" if warm_up_s is None else f"{warm_up_s:.3f}",
@@ -203,6 +212,8 @@ class InfMLLMNode(Node):
             "last_answer_ms": f"{counters.last_answer_ms:.1f}", "last_error": counters.last_error,
             "last_frame_age_ms": f"{counters.last_frame_age_ms:.1f}",
             "max_frame_age_ms": f"{counters.max_frame_age_ms:.1f}",
+            "captured_graphs": len(self.session.runner.graphs),
+            "graph_capture_error": getattr(self.session.runner, "capture_error", None) or "",
             **self._gpu_memory(),
         }
         status = DiagnosticStatus(level=level, name=f"{self.get_name()}: streaming session", message=message,

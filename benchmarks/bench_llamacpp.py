@@ -189,19 +189,20 @@ def run_llama_bench(binary: Path, model: Path, depth: int, tokens: int, repetiti
 
 # ---- ours -------------------------------------------------------------------------------------------
 def part_bytes(model) -> dict[str, int]:
-    """Bytes held by each part of the model (tied tensors counted once, under the embeddings)."""
-    def size(module) -> int:
-        tensors = {id(t): t for t in (*module.parameters(), *module.buffers()) if t is not None}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes held by each part of the model, each storage counted once (fused projections are
+    views of one buffer; a tied table is counted under the embeddings)."""
+    def storages(module) -> dict[int, int]:
+        tensors = (t for t in (*module.parameters(), *module.buffers()) if t is not None)
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
 
     decoder = model.decoder
-    embed = decoder.embed_tokens.weight
-    head = decoder.lm_head
-    tied = isinstance(head, torch.nn.Linear) and head.weight is embed
-    blocks = sum(size(block) for block in decoder.layers)
-    return {"decoder_blocks": blocks, "embeddings": embed.numel() * embed.element_size(),
-            "lm_head": 0 if tied else size(head), "vision_and_projector": size(model) - size(decoder),
-            "norms_and_rest": size(decoder) - blocks - embed.numel() * embed.element_size() - (0 if tied else size(head))}
+    embed, head, blocks = storages(decoder.embed_tokens), storages(decoder.lm_head), storages(decoder.layers)
+    whole, text = storages(model), storages(decoder)
+    head = {k: v for k, v in head.items() if k not in embed}
+    rest = {k: v for k, v in text.items() if k not in embed and k not in head and k not in blocks}
+    return {"decoder_blocks": sum(blocks.values()), "embeddings": sum(embed.values()), "lm_head": sum(head.values()),
+            "vision_and_projector": sum(v for k, v in whole.items() if k not in text),
+            "norms_and_rest": sum(rest.values())}
 
 
 def bench_ours(name: str, shape: dict, weights: str, head: str, args, device: str, bandwidth: float) -> dict:

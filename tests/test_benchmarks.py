@@ -205,3 +205,16 @@ def test_eval_demo_keeps_each_cell_and_reports_a_run_cut_short(tmp_path: Path) -
     again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "t_cells").iterdir()}
     assert again.keys() - kept.keys() == {"4x_h2o.json"} and all(again[n] == t for n, t in kept.items())
     assert json.loads((tmp_path / "t.json").read_text())["cells_not_run"] == []
+
+
+def test_jetson_plan_scales_with_bandwidth_and_marks_what_does_not_fit(tmp_path: Path) -> None:
+    import jetson_plan
+
+    assert jetson_plan.main(["--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "jetson_plan.json").read_text())
+    rows = {(r["model"], r["weights"], r["board"]): r for r in report["measured"]}
+    nano, agx = rows[("qwen2-1.5b", "float", "Orin Nano 8GB")], rows[("qwen2-1.5b", "float", "AGX Orin 64GB")]
+    assert abs(agx["tokens_per_s"] / nano["tokens_per_s"] - 204.8 / 68) < 1e-6
+    assert not rows[("llama2-7b", "float", "Orin Nano 8GB")]["fits"] and rows[("llama2-7b", "int4", "AGX Orin 64GB")]["fits"]
+    goal = {(r["model"], r["weights"], r["board"]): r for r in report["bf16_efficiency"]}
+    assert goal[("llama2-7b", "int4", "Orin NX 16GB")]["tokens_per_s"] > goal[("llama2-7b", "float", "Orin NX 16GB")]["tokens_per_s"]

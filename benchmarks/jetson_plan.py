@@ -1,0 +1,149 @@
+"""Expected decode speed and memory on Jetson Orin boards, from the efficiency measured on the H200.
+
+``python benchmarks/jetson_plan.py``: a plan on paper, not a measurement. For decoder shapes of
+0.5B, 1.5B, 3B and 7B parameters (Qwen2 / Qwen2.5 / LLaMA-2 shapes, SigLIP so400m/384 tower, a
+4096-token cache) in bf16, int8 and int4:
+
+- bytes one decode token reads = the decoder's projections (bf16 2 bytes a weight; int8 1 + a
+  float16 scale per 32; int4 0.5 + a float16 scale and offset per 32) + the LM head (bf16, int8
+  with packed weights) + the K/V cache (bf16);
+- tokens/s = (the board's memory bandwidth x the share of it a copy reaches) x the fraction of
+  that roofline our decode reached on the H200 for that weight type (``--measured``: a
+  ``bench_llamacpp.py`` results file; the nearest measured shape) / bytes per token. The copy
+  share is the H200's (measured copy bandwidth / datasheet), assumed the same on LPDDR5;
+- memory = weights (decoder, embeddings, LM head, vision tower and projector) + cache + the
+  workspace the H200 run needed beyond them (peak - parts, same weight type), against the board's
+  memory less what JetPack and the robot's other processes keep (``--reserve-gib``).
+
+Two tables: with each weight type's own measured fraction, and with the bf16 kernel's fraction
+for every type (what a packed kernel as efficient as the bf16 one would give: the goal, while the
+packed kernel's measured fraction is far below it).
+
+Writes ``<out>/jetson_plan.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATASHEET_BYTES_PER_S = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12}
+BOARDS = {  # name: (memory GiB, bandwidth bytes/s)
+    "Orin Nano 8GB": (8, 68e9), "Orin Nano 8GB Super": (8, 102e9), "Orin NX 16GB": (16, 102.4e9),
+    "AGX Orin 64GB": (64, 204.8e9)}
+QWEN2 = {"vocab": 151936, "tied": True}
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied LM head; nearest measured shape
+    "qwen2-0.5b": dict(QWEN2, hidden=896, inter=4864, layers=24, heads=14, kv=2, measured="qwen2-1.5b"),
+    "qwen2-1.5b": dict(QWEN2, hidden=1536, inter=8960, layers=28, heads=12, kv=2, measured="qwen2-1.5b"),
+    "qwen2.5-3b": dict(QWEN2, hidden=2048, inter=11008, layers=36, heads=16, kv=2, measured="qwen2-1.5b"),
+    "llama2-7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv=32, vocab=32000, tied=False,
+                      measured="llama2-7b"),
+}
+BYTES_PER_WEIGHT = {"float": 2.0, "int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32}
+HEAD_FOR = {"float": "float", "int8": "int8", "int4": "int8"}
+TOWER_BYTES = 0.81 * (1 << 30)  # SigLIP so400m/384 + projector in bf16, as the H200 run held them
+
+
+def shape_bytes(shape: dict, weights: str, capacity: int) -> dict[str, float]:
+    h, i, layers = shape["hidden"], shape["inter"], shape["layers"]
+    kv = h // shape["heads"] * shape["kv"]
+    projections = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    head_bytes = shape["vocab"] * h * BYTES_PER_WEIGHT[HEAD_FOR[weights]]
+    embed_bytes = shape["vocab"] * h * 2.0
+    cache = 2 * layers * kv * capacity * 2.0
+    blocks = projections * BYTES_PER_WEIGHT[weights]
+    held_head = 0.0 if shape["tied"] and weights == "float" else head_bytes
+    return {"per_token": blocks + head_bytes + cache, "decoder_blocks": blocks, "embeddings": embed_bytes,
+            "lm_head": held_head, "cache": cache, "parameters": projections + shape["vocab"] * h * (1 if shape["tied"] else 2)}
+
+
+def measured_efficiency(report: dict, capacity: int) -> dict[tuple[str, str], dict]:
+    """Fraction of the roofline and workspace bytes per (shape, weight type) from the H200 run
+    (the row whose LM head is packed as HEAD_FOR says); the workspace is the peak less the
+    weights, tower and cache counted from the shape (a results file's per-part figures may count
+    fused projections twice: the first run's did)."""
+    out = {}
+    for row in report["ours"]:
+        if row["lm_head"] != HEAD_FOR[row["weights"]] or row["model"] not in SHAPES:
+            continue
+        sizes = shape_bytes(SHAPES[row["model"]], row["weights"], report["depth"])
+        held = sizes["decoder_blocks"] + sizes["embeddings"] + sizes["lm_head"] + TOWER_BYTES + sizes["cache"]
+        out[(row["model"], row["weights"])] = {"fraction": row["roofline_fraction"],
+                                               "workspace": max(0.0, row["peak_memory_bytes"] - held)}
+    return out
+
+
+def plan(report: dict, capacity: int, reserve_gib: float, as_float: bool = False) -> list[dict]:
+    """One row per (shape, weight type, board); ``as_float``: the bf16 kernel's roofline fraction
+    for every weight type (each type's own workspace)."""
+    copy_share = report["bandwidth_bytes_per_s"] / DATASHEET_BYTES_PER_S.get(report["device"], 4.8e12)
+    efficiency = measured_efficiency(report, capacity)
+    rows = []
+    for name, shape in SHAPES.items():
+        for weights in ("float", "int8", "int4"):
+            measured = efficiency.get((shape["measured"], weights))
+            if measured is None:
+                continue
+            if as_float and (shape["measured"], "float") in efficiency:
+                measured = {**measured, "fraction": efficiency[(shape["measured"], "float")]["fraction"]}
+            sizes = shape_bytes(shape, weights, capacity)
+            memory = (sizes["decoder_blocks"] + sizes["embeddings"] + sizes["lm_head"] + TOWER_BYTES + sizes["cache"]
+                      + measured["workspace"])
+            for board, (memory_gib, bandwidth) in BOARDS.items():
+                ms = 1e3 * sizes["per_token"] / (bandwidth * copy_share * measured["fraction"])
+                rows.append({"model": name, "weights": weights, "board": board, "tokens_per_s": 1e3 / ms,
+                             "ms_per_token": ms, "memory_gib": memory / (1 << 30),
+                             "fits": memory / (1 << 30) <= memory_gib - reserve_gib,
+                             "efficiency_from": f"{shape['measured']} {'float' if as_float else weights}",
+                             "roofline_fraction": measured["fraction"]})
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    boards = list(BOARDS)
+    lines = ["| model | weights | " + " | ".join(boards) + " | memory GiB | H200 roofline fraction used |",
+             "|---|---|" + "---|" * len(boards) + "---|---|"]
+    for (model, weights) in dict.fromkeys((r["model"], r["weights"]) for r in rows):
+        cells = {r["board"]: r for r in rows if r["model"] == model and r["weights"] == weights}
+        first = next(iter(cells.values()))
+        lines.append(f"| {model} | {weights} | " + " | ".join(
+            f"{cells[b]['tokens_per_s']:.0f}" if cells[b]["fits"] else f"no ({cells[b]['tokens_per_s']:.0f})"
+            for b in boards) + f" | {first['memory_gib']:.1f} | {first['roofline_fraction']:.2f} ({first['efficiency_from']}) |")
+    return lines
+
+
+def write_markdown(report: dict, measured: list[dict], goal: list[dict], source: Path, capacity: int,
+                   reserve: float, path: Path) -> None:
+    lines = ["# Jetson plan (on paper, from the H200's measured efficiency)", "",
+             f"From `benchmarks/jetson_plan.py` over [{source.name}]({source.name}) ({report['device']}, copy "
+             f"{report['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s); decode tokens/s at a {capacity}-token cache, "
+             f"batch 1; memory = weights + so400m tower + cache + the H200 run's workspace; 'no' where it "
+             f"exceeds the board's memory less {reserve:g} GiB for JetPack and the robot. Not measured on a Jetson.", "",
+             "Tokens/s with each weight type's measured fraction of the roofline:", ""]
+    lines += table(measured)
+    lines += ["", "Tokens/s if the packed kernels reached the bf16 kernel's fraction (the goal, not measured):", ""]
+    lines += table(goal)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_h200_kernel1.json")
+    parser.add_argument("--capacity", type=int, default=4096)
+    parser.add_argument("--reserve-gib", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    report = json.loads(args.measured.read_text())
+    measured = plan(report, args.capacity, args.reserve_gib)
+    goal = plan(report, args.capacity, args.reserve_gib, as_float=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "jetson_plan.json").write_text(json.dumps({"source": args.measured.name, "measured": measured,
+                                                           "bf16_efficiency": goal}, indent=1))
+    write_markdown(report, measured, goal, args.measured, args.capacity, args.reserve_gib, args.out / "jetson_plan.md")
+    print((args.out / "jetson_plan.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

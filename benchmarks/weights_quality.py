@@ -33,8 +33,9 @@ from ros_infmllm.model.smollm2 import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # float / int8 / int4 / auto: load_model(weights=...) (on a GGUF, int4 and auto keep its Q4 blocks);
-# int4-rtn-gN: the float model rounded to int4 with groups of N at load (what a float checkpoint gets)
-SETTINGS = ("float", "int8", "int4", "auto", "int4-rtn-g32", "int4-rtn-g64")
+# int4-rtn-gN: the float model rounded to int4 with groups of N at load (what a float checkpoint gets);
+# W+head-H: weights W and the LM head packed as H (load_model(lm_head_weights=H))
+SETTINGS = ("float", "int8", "int4", "auto", "int4-rtn-g32", "int4-rtn-g64", "int4+head-int8", "int4+head-int4")
 
 
 def load(files, setting: str, device: str) -> tuple[torch.nn.Module, float]:
@@ -43,6 +44,9 @@ def load(files, setting: str, device: str) -> tuple[torch.nn.Module, float]:
         model = load_model(files, device="cpu")
         quantize_decoder(model.decoder, "int4", int(setting.rsplit("g", 1)[1]))
         model = model.to(device)
+    elif "+head-" in setting:
+        weights, head = setting.split("+head-")
+        model = load_model(files, device=device, weights=weights, lm_head_weights=head)
     else:
         model = load_model(files, device=device, weights=setting)
     return model, time.monotonic() - started

@@ -161,3 +161,20 @@ def test_a_session_streams_and_answers_on_int4_weights(tmp_path: Path) -> None:
     assert isinstance(session.answer("what is left ?"), str)
     with pytest.raises(ValueError, match="torch backend"):
         StreamingSession.from_pretrained(tmp_path, backend="onnxruntime", engine_dir=tmp_path, weights="int8")
+
+
+def test_lm_head_weights_pack_the_head_at_load_and_are_checked(tmp_path: Path) -> None:
+    build_tiny_causal_lm(tmp_path, "qwen2", seed=9, tie=True)
+    floats = load_model(tmp_path)
+    model = load_model(tmp_path, weights="int4", lm_head_weights="int8")
+    assert isinstance(model.decoder.lm_head, QuantizedLinear) and model.decoder.lm_head.mode == "int8"
+    assert torch.equal(model.decoder.embed_tokens.weight, floats.decoder.embed_tokens.weight)  # the table stays float
+    assert weight_modes(model.decoder) == {"int4"}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kl = torch.nn.functional.kl_div(model.forward_full(ids).log_softmax(-1), floats.forward_full(ids).log_softmax(-1),
+                                    log_target=True, reduction="batchmean").item()
+    assert kl < 2e-2
+    with pytest.raises(ValueError, match="lm_head_weights must be one of"):
+        load_model(tmp_path, lm_head_weights="int2")
+    with pytest.raises(ValueError, match="torch backend"):
+        StreamingSession.from_pretrained(tmp_path, backend="onnxruntime", engine_dir=tmp_path, lm_head_weights="int8")

@@ -22,7 +22,7 @@ from .causal_lm import CausalLM
 from .config import Idefics3Config, LlavaConfig, load_config
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
-from .quantized import WEIGHT_MODES, quantize_decoder
+from .quantized import HEAD_MODES, WEIGHT_MODES, quantize_decoder, quantize_head
 
 
 @dataclass(frozen=True)
@@ -175,16 +175,19 @@ def locate(path: str | Path, mmproj: str | Path | None = None) -> CheckpointFile
 
 def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, mmproj: str | Path | None = None,
-               weights: str = "float") -> CausalLM:
+               weights: str = "float", lm_head_weights: str = "float") -> CausalLM:
     """Build the model from a checkpoint (see ``locate``) and load its weights, ready for inference:
     ``LlavaModel`` or ``Idefics3Model`` when it has a vision tower, ``CausalLM`` when it is text-only.
 
     ``weights`` (the decoder blocks' projections; see ``quantized``): ``float`` in ``dtype``;
     ``int8`` / ``int4`` quantized (GGUF Q8_0 / Q4_0 / Q4_1 blocks kept as they are, anything else
     rounded to nearest from floats); ``auto``: a GGUF's own Q8_0 / Q4_0 / Q4_1 blocks kept packed,
-    everything else in ``dtype``."""
+    everything else in ``dtype``. ``lm_head_weights``: the LM head in ``dtype`` (``float``) or packed
+    (``int8`` / ``int4``, rounded from its floats; a tied table stays float for the embedding)."""
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
+    if lm_head_weights not in HEAD_MODES:
+        raise ValueError(f"lm_head_weights must be one of {', '.join(HEAD_MODES)}, not {lm_head_weights!r}")
     files = path if isinstance(path, CheckpointFiles) else locate(path, mmproj)
     if files.gguf is not None:
         from .gguf_loader import load_gguf_model
@@ -198,6 +201,8 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
         load_state(model, files.folder, dtype)
     if weights in ("int8", "int4"):
         quantize_decoder(model.decoder, weights)  # layers already packed from GGUF blocks stay
+    if lm_head_weights != "float":
+        quantize_head(model.decoder, lm_head_weights)
     model = model.to(device).eval()
     model.decoder.rotary.to(device)
     model.requires_grad_(False)

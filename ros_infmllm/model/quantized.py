@@ -29,6 +29,7 @@ from torch import nn
 
 WeightMode = Literal["int8", "int4"]
 WEIGHT_MODES = ("auto", "float", "int8", "int4")
+HEAD_MODES = ("float", "int8", "int4")  # the LM head: in the model's dtype, or packed
 DEFAULT_GROUPS = {"int8": 32, "int4": 32}  # as GGUF Q8_0 / Q4_x; 0 would be one group per output channel
 FORWARD_ROWS = 16384  # output rows dequantized at once by ``QuantizedLinear.forward``
 QUANTIZED_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -230,10 +231,7 @@ def quantize_decoder(decoder: nn.Module, mode: WeightMode, group: int | None = N
     float weights, and the LM head too where ``head`` names a mode (a tied head gets a packed copy:
     the embedding table stays float for its row lookups); embeddings and norms stay as they are.
     Returns the layers replaced."""
-    replaced = 0
-    if head is not None and isinstance(decoder.lm_head, nn.Linear):
-        decoder.lm_head = QuantizedLinear.from_float(decoder.lm_head.weight, decoder.lm_head.bias, head)
-        replaced += 1
+    replaced = int(head is not None and quantize_head(decoder, head))
     for block in decoder.layers:
         for path in QUANTIZED_PROJECTIONS:
             parent_name, name = path.split(".")
@@ -243,6 +241,17 @@ def quantize_decoder(decoder: nn.Module, mode: WeightMode, group: int | None = N
                 setattr(parent, name, QuantizedLinear.from_float(layer.weight, layer.bias, mode, group))
                 replaced += 1
     return replaced
+
+
+def quantize_head(decoder: nn.Module, mode: WeightMode) -> bool:
+    """Pack the LM head (round to nearest, groups of 32) unless it is packed already; a tied head
+    gets a packed copy and the embedding table stays float for its row lookups. For a large
+    vocabulary the head is a large share of a packed model's bytes per token (Qwen2-1.5B: 467 MB in
+    bf16 beside 0.76 GB of int4 projections). Returns whether it was replaced."""
+    if not isinstance(decoder.lm_head, nn.Linear):
+        return False
+    decoder.lm_head = QuantizedLinear.from_float(decoder.lm_head.weight, decoder.lm_head.bias, mode)
+    return True
 
 
 def weight_modes(decoder: nn.Module) -> set[str]:

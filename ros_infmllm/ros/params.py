@@ -11,7 +11,7 @@ from typing import Any
 
 from ..backends import BACKENDS
 from ..cache import DEFAULT_POLICY, POLICIES
-from ..model.quantized import WEIGHT_MODES
+from ..model.quantized import HEAD_MODES, WEIGHT_MODES
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=("auto", "float32", "bfloat16", "float16")),
     ParamSpec("weights", "float", "Decoder projection weights: float (in dtype), int8 or int4 (packed, groups of 32; "
               "GGUF Q8_0/Q4_0/Q4_1 kept as stored), auto (a GGUF's own Q8_0/Q4_x blocks packed, the rest float). "
-              "Packed weights need backend torch; GPU decode reads them packed (Triton), not yet measured on a GPU.",
+              "Packed weights need backend torch; GPU decode reads them packed (Triton); docs/quantized_weights.md.",
               choices=WEIGHT_MODES),
+    ParamSpec("lm_head_weights", "float", "LM head weights: float (in dtype), int8 or int4 (packed, rounded from its "
+              "floats; a tied embedding table stays float). A large vocabulary's head is a large share of a packed "
+              "model's bytes per token. Needs backend torch.", choices=HEAD_MODES),
     ParamSpec("policy", DEFAULT_POLICY, "KV cache eviction policy (h2o: best measured on video memory, docs/inf_mllm.md).",
               choices=tuple(POLICIES)),
     ParamSpec("capacity", 4096, "KV cache slots (tokens) per layer and KV head: the memory bound.", 16, 1 << 20),

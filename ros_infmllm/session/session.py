@@ -127,7 +127,7 @@ class StreamingSession:
     def from_pretrained(cls, path: str | Path, policy: str = DEFAULT_POLICY, policy_options: dict | None = None,
                         device: str = "cpu", dtype: torch.dtype | None = None, backend: str = "torch",
                         engine_dir: str | Path | None = None, mmproj: str | Path | None = None,
-                        weights: str = "float", **config: Any) -> "StreamingSession":
+                        weights: str = "float", lm_head_weights: str = "float", **config: Any) -> "StreamingSession":
         """Load a checkpoint and start a session: a Hugging Face folder (config.json, safetensors,
         tokenizer.json), a text GGUF file, or a text GGUF with its ``mmproj`` GGUF (see
         ``ros_infmllm.model.locate``). Text-only models take text and questions, not frames.
@@ -138,22 +138,23 @@ class StreamingSession:
 
         ``weights``: the decoder blocks' projections in ``dtype`` (``float``) or packed ``int8`` /
         ``int4`` (``auto``: a GGUF's own Q8_0 / Q4_0 / Q4_1 blocks; see ``ros_infmllm.model.quantized``);
-        packed weights run on the torch backend.
+        packed weights run on the torch backend. ``lm_head_weights``: the LM head likewise (``float``,
+        ``int8``, ``int4``).
         """
         files = locate(path, mmproj)
         if files.gguf is not None and backend != "torch":
             raise ValueError(f"backend {backend!r} runs graphs exported from Hugging Face folders; "
                              f"{files.name} is a GGUF model: use backend 'torch'")
-        if weights != "float" and backend != "torch":
-            raise ValueError(f"weights {weights!r} run on the torch backend; the {backend} graphs were exported "
-                             f"with float weights")
+        if (weights != "float" or lm_head_weights != "float") and backend != "torch":
+            raise ValueError(f"weights {weights!r} / lm_head_weights {lm_head_weights!r}: packed weights run on the "
+                             f"torch backend; the {backend} graphs were exported with float weights")
         policy_obj = make_policy(policy, **(policy_options or {}))
         session_config = SessionConfig(**config)
         manifest = Manifest.load(engine_dir) if backend != "torch" and engine_dir else None  # read once
         if dtype is None:
             dtype = manifest.dtype if manifest is not None else torch.float32
         tokenizer = load_tokenizer(files)  # before the weights: a missing tokenizer fails fast
-        model = load_model(files, device=device, dtype=dtype, weights=weights)
+        model = load_model(files, device=device, dtype=dtype, weights=weights, lm_head_weights=lm_head_weights)
         runner = make_backend(backend, model, files.folder, engine_dir, manifest)
         if backend != "torch":
             runner.check_session(session_config.capacity, session_config.max_chunk, dtype)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ros_infmllm.cache import DEFAULT_POLICY
-from node_harness import CameraProbe, camera_frames, rss_mb, start_node, stop_node
+from node_harness import CameraProbe, Ticker, camera_frames, rss_mb, sleep_until_due, start_node, stop_node
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIRST_FRAME_S = 30.0  # how long the camera may stream before the node has ingested its first frame
@@ -99,26 +99,24 @@ def run(args: argparse.Namespace) -> dict:
             # questions start after the settle time once the node has ingested a frame (a question
             # before any frame is answered "busy", which times nothing), within FIRST_FRAME_S
             end = begin + args.settle + FIRST_FRAME_S
-            next_frame, next_question, next_sample = begin, None, begin
+            frame_tick, question_tick, sample_tick = Ticker(1.0 / args.fps, begin), Ticker(args.question_every), \
+                Ticker(1.0, begin)
             sent = 0
             while time.monotonic() < end and node.poll() is None:
                 now = time.monotonic()
-                if now >= next_frame:
+                if frame_tick.due(now):
                     probe.publish_frame(frames[sent % len(frames)])
                     sent += 1
-                    next_frame += 1.0 / args.fps
-                if next_question is None and now >= begin + args.settle and frames_ingested(record) > 0:
-                    next_question, end = now, now + args.questions * args.question_every
-                if next_question is not None and now >= next_question and len(asked) < args.questions:
+                if question_tick.next is None and now >= begin + args.settle and frames_ingested(record) > 0:
+                    question_tick.start(now)
+                    end = now + args.questions * args.question_every
+                if question_tick.due(now) and len(asked) < args.questions:
                     asked.append(probe.ask(QUESTIONS[len(asked) % len(QUESTIONS)]))
-                    next_question += args.question_every
-                if now >= next_sample:
+                if sample_tick.due(now):
                     samples.append({"seconds": round(now - begin, 2), "rss_mb": rss_mb(node.pid),
                                     **{k: record.diagnostics.get(k) for k in (
                                         "gpu_memory_reserved_mb", "last_ingest_ms", "max_frame_age_ms")}})
-                    next_sample += 1.0
-                wake = min(next_frame, next_sample, next_question if next_question is not None else next_frame)
-                time.sleep(max(0.0, wake - time.monotonic()))
+                sleep_until_due(frame_tick, question_tick, sample_tick)
             deadline = time.monotonic() + 60
             while len(record.answers) < len(asked) and time.monotonic() < deadline and node.poll() is None:
                 probe.publish_frame(frames[sent % len(frames)])  # the camera keeps streaming meanwhile

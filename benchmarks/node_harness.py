@@ -38,6 +38,31 @@ def camera_frames(size: tuple[int, int], count: int = 64) -> list[dict]:
             for frame in scene_stream(5, count, 1, 128, 128, BUSY_TABLE)]
 
 
+@dataclass
+class Ticker:
+    """A periodic event for the benchmarks' camera loops (frames, questions, samples): ``due`` says
+    whether it fires now and schedules the next one a ``period`` later; ``next`` is None until it
+    is started."""
+
+    period: float
+    next: float | None = None
+
+    def start(self, now: float) -> None:
+        self.next = now
+
+    def due(self, now: float) -> bool:
+        if self.next is None or now < self.next:
+            return False
+        self.next += self.period
+        return True
+
+
+def sleep_until_due(*tickers: Ticker) -> None:
+    """Sleep until the earliest started ticker is due."""
+    wake = min(t.next for t in tickers if t.next is not None)
+    time.sleep(max(0.0, wake - time.monotonic()))
+
+
 def start_node(params: dict, folder: Path | None = None) -> tuple[subprocess.Popen, Path]:
     """``python -m ros_infmllm.ros.node`` with ``params`` (written as YAML); output to node.log."""
     folder = folder or Path(tempfile.mkdtemp(prefix="node-bench-"))

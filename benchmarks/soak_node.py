@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ros_infmllm.cache import DEFAULT_POLICY
-from node_harness import CameraProbe, camera_frames, rss_mb, start_node, stop_node
+from node_harness import CameraProbe, Ticker, camera_frames, rss_mb, sleep_until_due, start_node, stop_node
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTIONS = ("what is in view ?", "how many objects are there ?", "what was the first object you saw ?",
@@ -72,21 +72,20 @@ def soak(args: argparse.Namespace) -> dict:
             ready_s = probe.wait_ready(node, folder / "node.log")
             begin = time.monotonic()
             end = begin + args.minutes * 60
-            next_frame = next_question = next_sample = begin
+            frame_tick, question_tick, sample_tick = (Ticker(1.0 / args.fps, begin), Ticker(args.question_every, begin),
+                                                      Ticker(args.sample_every, begin))
             sent = 0
             while time.monotonic() < end:
                 now = time.monotonic()
                 if node.poll() is not None:
                     failure = f"node died (exit {node.returncode})"
                     break
-                if now >= next_frame:
+                if frame_tick.due(now):
                     probe.publish_frame(frames[sent % len(frames)])
                     sent += 1
-                    next_frame += 1.0 / args.fps
-                if now >= next_question:
+                if question_tick.due(now):
                     asked.append(probe.ask(QUESTIONS[len(asked) % len(QUESTIONS)]))
-                    next_question += args.question_every
-                if now >= next_sample:
+                if sample_tick.due(now):
                     rows.append({"seconds": round(now - begin, 1), "rss_mb": round(rss_mb(node.pid), 1),
                                  "frames_published": sent, "questions_asked": len(asked),
                                  "answers": len(record.answers), **{k: record.diagnostics.get(k, "") for k in (
@@ -95,8 +94,7 @@ def soak(args: argparse.Namespace) -> dict:
                                      "frames_ingested", "frames_dropped", "queries_answered", "queries_refused",
                                      "queries_failed", "last_ingest_ms", "last_first_token_ms",
                                      "max_frame_age_ms")}})
-                    next_sample += args.sample_every
-                time.sleep(max(0.0, min(next_frame, next_question, next_sample) - time.monotonic()))
+                sleep_until_due(frame_tick, question_tick, sample_tick)
             deadline = time.monotonic() + args.answer_timeout  # the last questions' answers
             while len(record.answers) < len(asked) and time.monotonic() < deadline and node.poll() is None:
                 time.sleep(0.1)

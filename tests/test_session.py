@@ -363,6 +363,22 @@ def test_warm_up_leaves_no_trace_in_the_stream(tiny_model_dir: Path, policy: str
     assert warm.answer("what is in view ?") == cold.answer("what is in view ?")
 
 
+def test_a_failed_warm_up_leaves_no_trace_either(tiny_model_dir: Path, monkeypatch) -> None:
+    """A warm-up that fails midway (on a GPU: an out-of-memory, a failed capture) still resets the
+    stream: the frames it had fed do not stay in the cache as if the camera had sent them."""
+    session = _session(tiny_model_dir, "h2o", capacity=96, max_chunk=16)
+    empty = session.cache.length
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected warm-up failure")
+
+    monkeypatch.setattr(session, "answer", broken)  # fails after the warm-up's frames went in
+    with pytest.raises(RuntimeError, match="injected"):
+        session.warm_up()
+    assert session.cache.length == empty and session.cache.total_seen == empty
+    assert session.frames_in_stream == 0 and session.stats.frames_ingested == 0
+
+
 class CaptureLedger:
     """Test double of CudaGraphRunner's bookkeeping on the CPU (no CUDA here): counts calls per key
     and records a key as captured where the real runner would capture it (a call with capture

@@ -147,6 +147,7 @@ def test_a_failed_warm_up_is_reported_and_the_worker_still_serves() -> None:
     worker.stop()
     assert worker.state == "ready" and answers == ["an answer"]
     assert errors == ["warm-up failed: CUDA out of memory"] and ready == [(None, "warm-up failed: CUDA out of memory")]
+    assert worker.warm_up_error == "warm-up failed: CUDA out of memory"  # kept for the diagnostics
 
 
 def test_a_question_keeps_the_frame_it_was_asked_about_when_newer_ones_arrive() -> None:

@@ -197,11 +197,14 @@ class InfMLLMNode(Node):
             level, message = DiagnosticStatus.WARN, "no frames from " + ", ".join(silent)
         if self.worker.pending_queries >= self.worker.max_pending_queries:
             level, message = DiagnosticStatus.WARN, "query queue full"
+        if self.worker.warm_up_error:
+            level, message = DiagnosticStatus.WARN, self.worker.warm_up_error[:200]
         if getattr(self.session.runner, "capture_error", None):
             level, message = DiagnosticStatus.WARN, "CUDA graph capture failed: running eagerly (slower)"
         warm_up_s = self.worker.warm_up_s
         values = {
             "state": self.worker.state, "warm_up_s": "" if warm_up_s is None else f"{warm_up_s:.3f}",
+            "warm_up_error": self.worker.warm_up_error,
             "cache_fill": cache.length, "cache_capacity": cache.capacity, "tokens_streamed": cache.total_seen,
             "evictions": cache.evictions, "evicted_tokens": cache.evicted_tokens, "policy": self.session.policy.name,
             "frames_received": counters.frames_received, "frames_ingested": counters.frames_ingested,

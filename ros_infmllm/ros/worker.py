@@ -83,6 +83,7 @@ class InferenceWorker:
         self.warm_up, self.on_ready = warm_up, on_ready
         self.state = "warming up" if warm_up is not None else "ready"
         self.warm_up_s: float | None = None
+        self.warm_up_error = ""  # why warm-up failed, if it did (the stream then starts empty all the same)
         self.on_answer, self.on_piece = on_answer, on_piece
         self.log_error = log_error or (lambda text: None)
         self.max_pending_queries = max_pending_queries
@@ -187,6 +188,7 @@ class InferenceWorker:
                 self.warm_up_s = self.warm_up()
             except Exception as exc:  # e.g. out of memory: the stream may still run, eagerly
                 error = f"warm-up failed: {exc}"
+                self.warm_up_error = error
                 self.counters.last_error = error
                 self.log_error(error)
         with self._wake:

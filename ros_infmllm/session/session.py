@@ -438,8 +438,8 @@ class StreamingSession:
         size a captured step can need (default: 4 on a GPU, none on the CPU, where nothing
         compiles), each kind of step ``repeats`` times (default: 4 on a GPU, past the capture at
         the third call; once on the CPU). Then the stream
-        is reset: nothing of the warm-up stays in the cache, the statistics or the sampling
-        generator. Returns the seconds it took."""
+        is reset, whether the warm-up ends or fails: nothing of it stays in the cache, the
+        statistics or the sampling generator. Returns the seconds it took."""
         started = time.monotonic()
         on_gpu = self.model.device.type == "cuda"
         evictions = (4 if on_gpu else 0) if evictions is None else evictions
@@ -448,31 +448,33 @@ class StreamingSession:
         if self.preprocessor is not None:
             frame = np.full((self.preprocessor.height, self.preprocessor.width, 3), 128, np.uint8)
         feed = (lambda: self.ingest_frame(frame)) if frame is not None else (lambda: self.feed_text(" warm up" * 8))
-        with torch.inference_mode():
-            for _ in range(repeats):
-                feed()
-            greedy = SamplingConfig(0.0, 1.0, self.config.sampling.seed)
-            for question in ("What is in view?", "What did you see first, and what came after it?")[:repeats]:
-                self.answer(question, max_new_tokens=4, sampling=greedy)
-                if self.config.sampling.temperature > 0:
-                    self.answer(question, max_new_tokens=4)
-            one_token = torch.tensor(self._encode(" a")[:1])
-            for _ in range(repeats):  # a one-token text step: sampled decode, a question's last chunk
-                self.feed(one_token)
-            if self.policy.evicts and evictions:
-                # every eviction a captured step can ask for: one per size of a frame's chunks,
-                # and one for a one-token step (decode, a frame's or a question's last chunk)
-                sizes = {1} if frame is None else {1, *self._chunk_sizes(len(self.frame_ids()))}
-                for keep in sorted({self._keep_for(size) for size in sizes}):
-                    for _ in range(evictions):
-                        for _ in range(self.cache.capacity):  # a bound: each feed adds tokens
-                            if self.cache.length > keep:
-                                break
-                            feed()
-                        self._evict_to(keep)
-        self.reset()
-        self.stats = SessionStats()
-        self.generator.manual_seed(self.config.sampling.seed)
+        try:
+            with torch.inference_mode():
+                for _ in range(repeats):
+                    feed()
+                greedy = SamplingConfig(0.0, 1.0, self.config.sampling.seed)
+                for question in ("What is in view?", "What did you see first, and what came after it?")[:repeats]:
+                    self.answer(question, max_new_tokens=4, sampling=greedy)
+                    if self.config.sampling.temperature > 0:
+                        self.answer(question, max_new_tokens=4)
+                one_token = torch.tensor(self._encode(" a")[:1])
+                for _ in range(repeats):  # a one-token text step: sampled decode, a question's last chunk
+                    self.feed(one_token)
+                if self.policy.evicts and evictions:
+                    # every eviction a captured step can ask for: one per size of a frame's chunks,
+                    # and one for a one-token step (decode, a frame's or a question's last chunk)
+                    sizes = {1} if frame is None else {1, *self._chunk_sizes(len(self.frame_ids()))}
+                    for keep in sorted({self._keep_for(size) for size in sizes}):
+                        for _ in range(evictions):
+                            for _ in range(self.cache.capacity):  # a bound: each feed adds tokens
+                                if self.cache.length > keep:
+                                    break
+                                feed()
+                            self._evict_to(keep)
+        finally:  # also after a failure (an out-of-memory, a failed capture): nothing of it stays
+            self.reset()
+            self.stats = SessionStats()
+            self.generator.manual_seed(self.config.sampling.seed)
         if on_gpu:
             torch.cuda.synchronize(self.model.device)
         return time.monotonic() - started

@@ -22,7 +22,7 @@ def _session(model, tokenizer, graphs: bool, policy: str) -> StreamingSession:
                             backend=TorchBackend(model, cuda_graphs=graphs))
 
 
-@pytest.mark.parametrize("policy", ["inf-mllm", "h2o", "streamingllm", "inf-mllm-paper", "inf-mllm-lt"])
+@pytest.mark.parametrize("policy", ["inf-mllm", "h2o", "streamingllm", "inf-mllm-paper", "inf-mllm-lt", "look-m"])
 def test_graph_replay_gives_the_eager_logits_through_evictions(head16_model_dir: Path, policy: str) -> None:
     """Compiled blocks, the Triton decode attention and captured steps against plain eager calls."""
     from tokenizers import Tokenizer

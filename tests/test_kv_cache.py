@@ -108,3 +108,48 @@ def test_truncate_forgets_the_newest_slots_and_their_statistics() -> None:
     assert cache.origin[0, 0, 6:8].tolist() == [6, 7]  # the stream index continues from before
     with pytest.raises(ValueError, match="cannot truncate 8 slots to 9"):
         cache.truncate(9, 9)
+
+
+@pytest.mark.parametrize("scratch", [256 << 20, 1])  # every head at once, or one head at a time
+def test_merging_averages_each_evicted_visual_slot_into_its_closest_kept_key(scratch: int, monkeypatch) -> None:
+    """LOOK-M merging against a loop written from its definition: each evicted visual slot joins
+    the kept slot of highest key cosine similarity (per layer and head); a kept slot becomes the
+    mean of itself and what joined it; text slots are dropped, never merged; the cache stays bounded."""
+    monkeypatch.setattr("ros_infmllm.cache.kv_cache.MOVE_SCRATCH_BYTES", scratch)
+    cache = _cache(16)
+    keys, values = torch.randn(LAYERS, HEADS, 12, DIM), torch.randn(LAYERS, HEADS, 12, DIM)
+    cache.append(keys[:, :, :4], values[:, :, :4])                         # text
+    cache.append(keys[:, :, 4:], values[:, :, 4:], visual=True)            # a frame
+    keep = _per_head_subsets(12, 5, seed=3)
+    expected_k, expected_v = keys.clone(), values.clone()
+    for layer in range(LAYERS):
+        for head in range(HEADS):
+            kept = keep[layer, head].tolist()
+            joined: dict[int, list[int]] = {slot: [slot] for slot in kept}
+            for slot in range(4, 12):  # visual slots only
+                if slot in kept:
+                    continue
+                similarity = [torch.nn.functional.cosine_similarity(keys[layer, head, slot], keys[layer, head, k], 0)
+                              for k in kept]
+                joined[kept[int(torch.stack(similarity).argmax())]].append(slot)
+            for slot, members in joined.items():
+                expected_k[layer, head, slot] = keys[layer, head, members].mean(0)
+                expected_v[layer, head, slot] = values[layer, head, members].mean(0)
+    cache.compact(keep, merge=True)
+    gather = keep.unsqueeze(-1).expand(-1, -1, -1, DIM)
+    shift = torch.arange(5).view(1, 1, 5) - keep
+    assert cache.length == 5 and cache.k.shape[2] == 16
+    assert torch.allclose(cache.v[:, :, :5], torch.gather(expected_v, 2, gather), atol=1e-5)
+    assert torch.allclose(cache.k[:, :, :5], cache.rotary.rotate(torch.gather(expected_k, 2, gather), shift), atol=1e-5)
+    assert torch.equal(cache.visual[:, :, :5], torch.gather(torch.arange(12).expand(LAYERS, HEADS, 12) >= 4, 2, keep))
+
+
+def test_merging_without_visual_slots_changes_nothing() -> None:
+    cache, _, _ = _filled(12)
+    plain, _, _ = _filled(12)
+    plain.k.copy_(cache.k)
+    plain.v.copy_(cache.v)
+    keep = _per_head_subsets(12, 6, seed=4)
+    cache.compact(keep, merge=True)
+    plain.compact(keep)
+    assert torch.equal(cache.k, plain.k) and torch.equal(cache.v, plain.v)

@@ -97,7 +97,7 @@ def test_selection_differs_per_head() -> None:
     assert [int(chosen[l, h, 0]) for l in range(2) for h in range(2)] == [7, 21, 33, 2]
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt"])
+@pytest.mark.parametrize("name", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m"])
 def test_pinned_slots_survive_every_policy(name: str) -> None:
     cache = _full_cache(64, pinned=6)
     policy = make_policy(name)

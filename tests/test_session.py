@@ -12,7 +12,7 @@ from ros_infmllm.cache import BoundedKVCache, make_policy
 from ros_infmllm.errors import CacheFullError
 from ros_infmllm.session import SamplingConfig, StreamingSession
 
-POLICIES = ["full", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt"]
+POLICIES = ["full", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m"]
 
 
 class RecordingBackend(TorchBackend):
@@ -42,12 +42,16 @@ def _frames(count: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def _session(model_dir: Path, policy: str, recording: bool = False, **config) -> StreamingSession:
+    """``policy`` is a name, or ``name:option=value`` for one boolean option (``look-m:merge=false``)."""
+    name, _, option = policy.partition(":")
+    policy_options = {option.split("=")[0]: option.split("=")[1] == "true"} if option else {}
     options = dict(capacity=96, max_chunk=8, template="demo", max_new_tokens=6, system_prompt="hello robot")
     options.update(config)
-    session = StreamingSession.from_pretrained(model_dir, policy=policy, **options)
+    session = StreamingSession.from_pretrained(model_dir, policy=name, policy_options=policy_options, **options)
     if recording:  # a second session on the same model, recording from its first token (the system prompt)
-        session = StreamingSession(session.model, session.tokenizer, make_policy(policy), session.config,
-                                   session.template, session.preprocessor, RecordingBackend(session.model))
+        session = StreamingSession(session.model, session.tokenizer, make_policy(name, **policy_options),
+                                   session.config, session.template, session.preprocessor,
+                                   RecordingBackend(session.model))
     return session
 
 
@@ -109,7 +113,8 @@ def _one_layer_raw_kv(session: StreamingSession, stream: torch.Tensor) -> tuple[
     return raw_k, raw_v
 
 
-@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt"])
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt",
+                                    "look-m:merge=false"])
 def test_after_evictions_next_logits_equal_forward_over_kept_tokens(one_layer_model_dir: Path, policy: str) -> None:
     session = _session(one_layer_model_dir, policy, recording=True)
     for frame in _frames(12):
@@ -124,6 +129,30 @@ def test_after_evictions_next_logits_equal_forward_over_kept_tokens(one_layer_mo
         reference = session.model.decoder.step(embed, fresh.k, fresh.v, fresh.valid(), positions).logits
     got = session.feed(token)
     assert (got - reference[-1]).abs().max().item() <= 1e-4
+
+
+def test_look_m_keeps_text_before_frames_and_merges_what_it_evicts(tiny_model_dir: Path) -> None:
+    """look-m: after evictions every text token of the stream is still in the cache (text-prior),
+    which h2o does not promise; and merging changes the kept entries (against look-m without it)."""
+    names = ("look-m", "look-m:merge=false", "h2o")
+    sessions = {name: _session(tiny_model_dir, name, capacity=160, max_chunk=16) for name in names}
+    for session in sessions.values():
+        for i, frame in enumerate(_frames(10)):
+            session.ingest_frame(frame)
+            if i % 3 == 2:
+                session.feed_text(" what is in view ?")
+        assert session.cache.evictions >= 2 and session.cache.length <= 160
+
+    def text_kept(cache) -> int:
+        return int((~cache.visual[..., :cache.length]).sum(-1).min())
+
+    look_m = sessions["look-m"]
+    text_fed = look_m.cache.total_seen - 10 * len(look_m.frame_ids())
+    assert text_kept(look_m.cache) == text_fed == text_kept(sessions["look-m:merge=false"].cache)
+    assert text_kept(sessions["h2o"].cache) <= text_fed
+    plain = sessions["look-m:merge=false"].cache
+    assert not torch.equal(look_m.cache.v[..., :plain.length, :], plain.v[..., :plain.length, :])
+    assert isinstance(look_m.answer("what is in view ?"), str)
 
 
 def test_streamingllm_after_eviction_equals_plain_forward_over_kept_tokens(one_layer_model_dir: Path) -> None:
@@ -144,7 +173,8 @@ def test_streamingllm_after_eviction_equals_plain_forward_over_kept_tokens(one_l
     assert (session.feed(token) - reference).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt"])
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt",
+                                    "look-m:merge=false"])
 def test_multi_layer_compaction_equals_fresh_rotation(tiny_model_dir: Path, policy: str) -> None:
     """Every layer: the compacted cache equals one rebuilt from the recorded, unrotated K/V of the
     kept tokens rotated at their new slots, so the next step's logits agree."""
@@ -161,7 +191,7 @@ def test_multi_layer_compaction_equals_fresh_rotation(tiny_model_dir: Path, poli
     assert (session.feed(torch.tensor([20])) - reference).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt"])
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m"])
 def test_cache_stays_bounded_over_a_stream_20x_its_capacity(tiny_model_dir: Path, policy: str) -> None:
     session = _session(tiny_model_dir, policy, capacity=64, max_chunk=8)
     pinned = session.cache.length

@@ -5,8 +5,14 @@ order; every (layer, KV head) holds the same number of tokens, so slot j is RoPE
 all of them, although each head may keep a different subset of the stream. Compaction gathers
 the kept slots to the front and re-rotates each moved key by (new slot - old slot).
 
-Per-slot statistics (pinned flags, stream origin, a policy's attention accumulators) are
-registered here and moved by the same gather, so no policy has to track slot movements.
+Per-slot statistics (pinned flags, stream origin, whether a slot holds a frame's token, a
+policy's attention accumulators) are registered here and moved by the same gather, so no policy
+has to track slot movements.
+
+An eviction may merge instead of drop (``move(keep, merge=True)``, after LOOK-M, arXiv
+2406.18139): each evicted visual slot is averaged into the kept slot whose key is most similar
+(cosine, per layer and KV head), keys and values alike, before the kept slots move. Keys are
+averaged as stored (rotated at their own positions), as LOOK-M averages the cache it holds.
 
 The fill level is kept twice: as host integers (``length``, ``total_seen``) for the session's
 decisions, and as device scalars (``length_t``, ``seen_t``) that every device-side operation
@@ -17,12 +23,13 @@ CUDA graph and replayed at any fill level; the host copies follow through ``comm
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import CacheFullError
 from ..rope import Rotary
 
 
-MOVE_SCRATCH_BYTES = 256 << 20  # scratch memory an eviction may take for its re-rotation
+MOVE_SCRATCH_BYTES = 256 << 20  # scratch memory an eviction may take for its re-rotation or merging
 
 
 class BoundedKVCache:
@@ -50,6 +57,7 @@ class BoundedKVCache:
         self.stats: dict[str, torch.Tensor] = {}
         self.pinned = self.register_stat("pinned", torch.bool)
         self.origin = self.register_stat("origin", torch.int64)
+        self.visual = self.register_stat("visual", torch.bool)  # a frame's token (its chunk's, template included)
 
     @property
     def device(self) -> torch.device:
@@ -76,21 +84,22 @@ class BoundedKVCache:
         steps = self.slot_index[:count] if count <= self.capacity else torch.arange(count, device=self.device)
         return self.length_t + steps
 
-    def append(self, new_k: torch.Tensor, new_v: torch.Tensor, pinned: bool = False) -> None:
+    def append(self, new_k: torch.Tensor, new_v: torch.Tensor, pinned: bool = False, visual: bool = False) -> None:
         """Write ``[layers, kv_heads, q, head_dim]`` keys (already rotated) and values after the last slot."""
         count = new_k.shape[2]
         if count > self.free:
             raise CacheFullError(f"{count} new tokens do not fit: {self.length}/{self.capacity} slots used")
-        self.write(new_k, new_v, pinned)
+        self.write(new_k, new_v, pinned, visual)
         self.commit(count)
 
-    def write(self, new_k: torch.Tensor, new_v: torch.Tensor, pinned: bool = False) -> None:
+    def write(self, new_k: torch.Tensor, new_v: torch.Tensor, pinned: bool = False, visual: bool = False) -> None:
         """The device half of ``append`` (graph-capturable; the caller has checked the room)."""
         count = new_k.shape[2]
         slots = self.positions(count)
         self.k.index_copy_(2, slots, new_k)
         self.v.index_copy_(2, slots, new_v)
         self.pinned.index_fill_(-1, slots, pinned)
+        self.visual.index_fill_(-1, slots, visual)
         origin = (self.seen_t + self.slot_index[:count]).expand(self.origin.shape[:-1] + (count,))
         self.origin.index_copy_(-1, slots, origin)
         self.length_t += count
@@ -108,8 +117,9 @@ class BoundedKVCache:
         folded = mass[..., : self.capacity].clone()
         return folded.index_add_(-1, self.positions(count), mass[..., self.capacity:])
 
-    def compact(self, keep: torch.Tensor) -> None:
-        """Keep the slots ``keep[layers, kv_heads, n]`` (ascending in each row), moved to ``0..n-1``."""
+    def compact(self, keep: torch.Tensor, merge: bool = False) -> None:
+        """Keep the slots ``keep[layers, kv_heads, n]`` (ascending in each row), moved to ``0..n-1``;
+        ``merge``: evicted visual slots averaged into their most similar kept slot first."""
         layers, heads = self.k.shape[:2]
         if keep.dim() != 3 or keep.shape[:2] != (layers, heads):
             raise ValueError(f"keep must be [{layers}, {heads}, n], got {tuple(keep.shape)}")
@@ -120,14 +130,16 @@ class BoundedKVCache:
             raise ValueError("keep indexes an empty slot")
         if self.checks and kept > 1 and bool((keep[..., 1:] <= keep[..., :-1]).any()):
             raise ValueError("keep must be strictly ascending in every (layer, head)")
-        self.move(keep)
+        self.move(keep, merge)
         self.shrink(kept)
 
-    def move(self, keep: torch.Tensor) -> None:
+    def move(self, keep: torch.Tensor, merge: bool = False) -> None:
         """The device half of ``compact`` (graph-capturable). Layers go in groups whose float32
         re-rotation scratch stays under ``MOVE_SCRATCH_BYTES``: one group for a small model (few
         kernels), several for a large one (bounded memory)."""
         kept = keep.shape[2]
+        if merge:
+            self.merge_evicted(keep)
         shift = self.slot_index[:kept].view(1, kept) - keep  # [layers, heads, kept]: new slot - old slot
         layers, heads, _, dim = self.k.shape
         group = max(1, MOVE_SCRATCH_BYTES // (heads * kept * dim * 4 * 4))  # ~4 float32 temporaries
@@ -141,6 +153,35 @@ class BoundedKVCache:
             stat[..., :kept] = torch.gather(stat, -1, index)
             stat[..., kept:] = 0
         self.length_t.fill_(kept)
+
+    def merge_evicted(self, keep: torch.Tensor) -> None:
+        """Average every valid, unkept visual slot into the kept slot (of ``keep``) with the most
+        similar key, per layer and KV head: ``k_kept = (k_kept + sum of its merged keys) / (1 +
+        their count)``, values alike, written back in place (``move`` then gathers them). Heads go
+        in groups whose similarity matrix stays under ``MOVE_SCRATCH_BYTES``. Graph-capturable."""
+        layers, heads, capacity, dim = self.k.shape
+        kept = keep.shape[2]
+        if kept == 0:
+            return
+        group = max(1, MOVE_SCRATCH_BYTES // (capacity * kept * 4 * 2))
+        valid = self.valid()
+        for layer in range(layers):
+            for first in range(0, heads, group):
+                rows = slice(first, first + group)
+                keys, values, index = self.k[layer, rows], self.v[layer, rows], keep[layer, rows]
+                spread = index.unsqueeze(-1).expand(-1, -1, dim)
+                kept_k, kept_v = torch.gather(keys, 1, spread).float(), torch.gather(values, 1, spread).float()
+                unkept = torch.ones_like(self.visual[layer, rows]).scatter_(-1, index, False)
+                evicted = (unkept & valid & self.visual[layer, rows]).float()  # [group, capacity]
+                similarity = F.normalize(keys.float(), dim=-1) @ F.normalize(kept_k, dim=-1).transpose(1, 2)
+                target = similarity.argmax(-1)  # [group, capacity]: the kept entry each slot is closest to
+                count = torch.zeros_like(kept_k[..., 0]).scatter_add_(1, target, evicted)
+                wide = target.unsqueeze(-1).expand(-1, -1, dim)
+                sum_k = torch.zeros_like(kept_k).scatter_add_(1, wide, keys.float() * evicted.unsqueeze(-1))
+                sum_v = torch.zeros_like(kept_v).scatter_add_(1, wide, values.float() * evicted.unsqueeze(-1))
+                scale = 1.0 / (1.0 + count).unsqueeze(-1)
+                keys.scatter_(1, spread, ((kept_k + sum_k) * scale).to(keys.dtype))
+                values.scatter_(1, spread, ((kept_v + sum_v) * scale).to(values.dtype))
 
     def shrink(self, kept: int) -> None:
         """The host half of ``compact``: ``kept`` slots remain."""

@@ -141,6 +141,42 @@ class H2OPolicy(EvictionPolicy):
 
 
 @dataclass(frozen=True)
+class LookMConfig:
+    """LOOK-M (Wan et al., 2024, arXiv 2406.18139) as a streaming policy: text-prior eviction and
+    merging of the evicted visual entries.
+
+    recent_fraction: share of the capacity kept as the recent window, as H2O's (our choice: LOOK-M
+        also keeps a recent window; its size here follows H2O's even split).
+    merge: average evicted visual entries into their most similar kept entry (LOOK-M's merging);
+        False drops them (text-prior eviction alone).
+    """
+
+    recent_fraction: float = 0.5
+    merge: bool = True
+
+
+class LookMPolicy(H2OPolicy):
+    """H2O's accumulated attention, text first: every text slot ranks above every visual slot (the
+    prompt and the conversation are what a question is about; frames are many and redundant), the
+    visual slots by their accumulated attention; evicted visual entries merged (``merges``)."""
+
+    name = "look-m"
+
+    def __init__(self, config: LookMConfig = LookMConfig()) -> None:
+        self.config = config
+
+    @property
+    def merges(self) -> bool:
+        return self.config.merge
+
+    def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
+        recent = cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction)
+        above_any = self.accumulated.amax() + 1.0  # a text slot outranks every visual one, text by its own score
+        text_first = self.accumulated + (~cache.visual).float() * above_any
+        return keep_top(cache, text_first, cache.pinned | recent, keep)
+
+
+@dataclass(frozen=True)
 class InfMLLMConfig:
     """Inf-MLLM (Ning et al., 2024, arXiv 2409.09086, Sec. 4): recent tokens + attention saddles.
 
@@ -377,6 +413,7 @@ POLICIES: dict[str, tuple[type[EvictionPolicy], type | None]] = {
     "inf-mllm": (InfMLLMPolicy, InfMLLMConfig),
     "inf-mllm-paper": (InfMLLMPaperPolicy, None),
     "inf-mllm-lt": (InfMLLMLongTermPolicy, InfMLLMLongTermConfig),
+    "look-m": (LookMPolicy, LookMConfig),
 }
 # The policy that measured best overall (docs/inf_mllm.md): h2o answers the demo VLM's questions
 # about the past best at every stream length (benchmarks/results/demo_eval.md), at a decode cost

@@ -83,8 +83,14 @@ PARAMS: tuple[ParamSpec, ...] = (
               0.0, 0.9),
     ParamSpec("h2o.recent_fraction", 0.5, "H2O: share of the capacity kept as recent tokens.", 0.0, 0.9),
     ParamSpec("streamingllm.sinks", 4, "StreamingLLM: attention-sink tokens kept from the stream start.", 0, 1024),
+    ParamSpec("look_m.recent_fraction", 0.5, "LOOK-M: share of the capacity kept as recent tokens.", 0.0, 0.9),
+    ParamSpec("look_m.merge", True, "LOOK-M: merge evicted visual entries into their most similar kept entry "
+                                    "(false: text-prior eviction alone)."),
     ParamSpec("visual_tokens.pool", 1, "Average each frame's visual tokens over pool x pool grid cells before the "
                                        "decoder (1: off; 2: a quarter of the cache slots per frame).", 1, 4),
+    ParamSpec("visual_tokens.merge", False, "At each eviction, average evicted visual entries into their most similar "
+                                            "kept entry instead of dropping them (LOOK-M's merging, with any policy; "
+                                            "not yet measured)."),
 )
 SPECS = {spec.name: spec for spec in PARAMS}
 
@@ -107,6 +113,6 @@ def validate(name: str, value: Any) -> None:
 def policy_options(values: dict[str, Any]) -> dict[str, Any]:
     """The options of the chosen policy, from the parameters under its prefixes."""
     prefixes = {"inf-mllm": ("inf_mllm.",), "inf-mllm-lt": ("inf_mllm.", "inf_mllm_lt."), "h2o": ("h2o.",),
-                "streamingllm": ("streamingllm.",)}.get(values["policy"], ())
+                "streamingllm": ("streamingllm.",), "look-m": ("look_m.",)}.get(values["policy"], ())
     return {name[len(prefix):]: value for prefix in prefixes for name, value in values.items()
             if name.startswith(prefix)}

@@ -44,6 +44,9 @@ class SessionConfig:
     check_evictions: validate every eviction's kept slots (one host sync per eviction).
     visual_pool: average each frame's visual tokens over pool x pool grid cells before the
         decoder (1: off); see visual_tokens.py.
+    merge_evicted: at each eviction, average the evicted visual slots into their most similar
+        kept slot instead of dropping them (LOOK-M; ``BoundedKVCache.merge_evicted``); a policy
+        may ask for it too (``look-m`` does).
     """
 
     capacity: int = 4096
@@ -56,6 +59,7 @@ class SessionConfig:
     max_query_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     visual_pool: int = 1
+    merge_evicted: bool = False
     check_evictions: bool = True
 
     def __post_init__(self) -> None:
@@ -187,14 +191,19 @@ class StreamingSession:
         kept, and an eager step's size (a question's last chunk) need not recur, so warm-up could
         not have captured it."""
         if self.cache.checks:  # validated: host syncs, so never captured
-            self.cache.compact(self.policy.select(self.cache, keep))
+            self.cache.compact(self.policy.select(self.cache, keep), self.merges)
             return
         self.runner(("evict", keep), partial(self._evict, keep), (), capture)
         self.cache.shrink(keep)
 
+    @property
+    def merges(self) -> bool:
+        """Whether evictions merge evicted visual slots into kept ones (config or policy)."""
+        return self.config.merge_evicted or getattr(self.policy, "merges", False)
+
     def _evict(self, keep: int) -> None:
         """The device side of an eviction: the policy's choice, gathered to the front."""
-        self.cache.move(self.policy.select(self.cache, keep))
+        self.cache.move(self.policy.select(self.cache, keep), self.merges)
 
     # ---- the one path into the cache -----------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -257,7 +266,7 @@ class StreamingSession:
         out = self.backend.step(embeds, cache.k, cache.v, cache.valid(), cache.positions(count), window, all_logits)
         if out.attn_mass is not None:
             self.policy.observe(cache, cache.fold_new_tokens(out.attn_mass), min(window, count))
-        cache.write(out.new_k, out.new_v, pinned)
+        cache.write(out.new_k, out.new_v, pinned, visual=not from_ids)  # a frame's chunk: visual
         return out.logits
 
     def _step_next_token(self) -> torch.Tensor:

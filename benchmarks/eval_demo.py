@@ -76,8 +76,9 @@ class Evaluator:
     def run(self, policy: str, capacity: int, episode, budget_tokens: int) -> list[list]:
         """[kind, correct, asked after the stream outgrew the budget, question, reply, reference] for
         every question (the texts say what a wrong reply was)."""
-        config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32)
-        name, options = parse_policy(policy)
+        merge = policy.endswith(MERGE_SUFFIX)  # "h2o+merge": evicted visual entries merged (LOOK-M)
+        config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32, merge_evicted=merge)
+        name, options = parse_policy(policy.removesuffix(MERGE_SUFFIX))
         session = StreamingSession(self.model, self.tokenizer, make_policy(name, **options), config, self.template,
                                    self.preprocessor, self.backend)
         results = []
@@ -89,6 +90,9 @@ class Evaluator:
                 results.append([item.kind, judge(answer, item.answer), session.cache.total_seen > budget_tokens,
                                  item.question, answer, item.answer])
         return results
+
+
+MERGE_SUFFIX = "+merge"
 
 
 def cell_path(cells: Path, multiple: int, policy: str) -> Path:
@@ -206,7 +210,8 @@ def main() -> int:
                              "parallel jobs even and lose less to a run cut short")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES[:4]),
                         help="policies of the long-stream table (full holds the whole stream); "
-                             "name[option=value,...] sets a policy's config fields")
+                             "name[option=value,...] sets a policy's config fields; a +merge suffix "
+                             "merges evicted visual entries (visual_tokens.merge)")
     parser.add_argument("--split", choices=sorted(SPLITS), default="held-out",
                         help="held-out streams (reports) or development streams (tuning)")
     parser.add_argument("--report-only", action="store_true",
@@ -223,7 +228,7 @@ def main() -> int:
     cells = args.out / f"{args.name}_cells"
     command = "python benchmarks/eval_demo.py " + " ".join(sys.argv[1:])
     for spec in args.policies:  # a bad name or option fails here, not in a worker
-        name, options = parse_policy(spec)
+        name, options = parse_policy(spec.removesuffix(MERGE_SUFFIX))
         make_policy(name, **options)
     # cells saved by an earlier (perhaps cut short) run: compiled as they are with --report-only,
     # kept and not run again with --keep-cells (parts of a cell too)

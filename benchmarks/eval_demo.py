@@ -76,9 +76,9 @@ class Evaluator:
     def run(self, policy: str, capacity: int, episode, budget_tokens: int) -> list[list]:
         """[kind, correct, asked after the stream outgrew the budget, question, reply, reference] for
         every question (the texts say what a wrong reply was)."""
-        merge = policy.endswith(MERGE_SUFFIX)  # "h2o+merge": evicted visual entries merged (LOOK-M)
-        config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32, merge_evicted=merge)
-        name, options = parse_policy(policy.removesuffix(MERGE_SUFFIX))
+        spec, variant = session_variant(policy)
+        config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32, **variant)
+        name, options = parse_policy(spec)
         session = StreamingSession(self.model, self.tokenizer, make_policy(name, **options), config, self.template,
                                    self.preprocessor, self.backend)
         results = []
@@ -92,7 +92,21 @@ class Evaluator:
         return results
 
 
-MERGE_SUFFIX = "+merge"
+def session_variant(spec: str) -> tuple[str, dict]:
+    """A policy spec's session suffixes: ``+merge`` (evicted visual entries merged, LOOK-M's
+    ``visual_tokens.merge``) and ``+poolN`` (each frame's visual tokens pooled N x N,
+    ``visual_tokens.pool``), e.g. ``h2o+pool2+merge``. Streams keep the frames of the unpooled
+    model, so a pooled run answers the same questions over the same stream in fewer slots."""
+    parts = spec.split("+")
+    config: dict = {}
+    for suffix in parts[1:]:
+        if suffix == "merge":
+            config["merge_evicted"] = True
+        elif suffix.startswith("pool") and suffix[4:].isdigit():
+            config["visual_pool"] = int(suffix[4:])
+        else:
+            raise ValueError(f"unknown session suffix +{suffix} in {spec!r} (+merge, +poolN)")
+    return parts[0], config
 
 
 def cell_path(cells: Path, multiple: int, policy: str) -> Path:
@@ -210,8 +224,8 @@ def main() -> int:
                              "parallel jobs even and lose less to a run cut short")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES[:4]),
                         help="policies of the long-stream table (full holds the whole stream); "
-                             "name[option=value,...] sets a policy's config fields; a +merge suffix "
-                             "merges evicted visual entries (visual_tokens.merge)")
+                             "name[option=value,...] sets a policy's config fields; suffixes +merge (evicted "
+                             "visual entries merged) and +poolN (frames pooled N x N) set the session's")
     parser.add_argument("--split", choices=sorted(SPLITS), default="held-out",
                         help="held-out streams (reports) or development streams (tuning)")
     parser.add_argument("--report-only", action="store_true",
@@ -228,7 +242,7 @@ def main() -> int:
     cells = args.out / f"{args.name}_cells"
     command = "python benchmarks/eval_demo.py " + " ".join(sys.argv[1:])
     for spec in args.policies:  # a bad name or option fails here, not in a worker
-        name, options = parse_policy(spec.removesuffix(MERGE_SUFFIX))
+        name, options = parse_policy(session_variant(spec)[0])
         make_policy(name, **options)
     # cells saved by an earlier (perhaps cut short) run: compiled as they are with --report-only,
     # kept and not run again with --keep-cells (parts of a cell too)

@@ -218,3 +218,15 @@ def test_jetson_plan_scales_with_bandwidth_and_marks_what_does_not_fit(tmp_path:
     assert not rows[("llama2-7b", "float", "Orin Nano 8GB")]["fits"] and rows[("llama2-7b", "int4", "AGX Orin 64GB")]["fits"]
     goal = {(r["model"], r["weights"], r["board"]): r for r in report["bf16_efficiency"]}
     assert goal[("llama2-7b", "int4", "Orin NX 16GB")]["tokens_per_s"] > goal[("llama2-7b", "float", "Orin NX 16GB")]["tokens_per_s"]
+
+
+def test_eval_demo_session_suffixes_set_merging_and_pooling() -> None:
+    import pytest
+
+    import eval_demo
+
+    assert eval_demo.session_variant("h2o") == ("h2o", {})
+    assert eval_demo.session_variant("look-m[merge=0]+pool2+merge") == ("look-m[merge=0]",
+                                                                        {"visual_pool": 2, "merge_evicted": True})
+    with pytest.raises(ValueError, match=r"\+fast"):
+        eval_demo.session_variant("h2o+fast")

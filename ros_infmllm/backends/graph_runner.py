@@ -33,6 +33,7 @@ class EagerRunner:
 
     def __init__(self) -> None:
         self.graphs: dict = {}
+        self.capture_error: str | None = None  # never captures, so never fails to
 
     def __call__(self, key: Hashable, fn: StepFunction, inputs: tuple[torch.Tensor, ...],
                  capture: bool = True) -> Any:

@@ -132,9 +132,13 @@ class H2OPolicy(EvictionPolicy):
     def observe(self, cache: BoundedKVCache, mass: torch.Tensor, queries: int) -> None:
         self.accumulated += mass
 
+    def scores(self, cache: BoundedKVCache) -> torch.Tensor:
+        """What ranks the slots outside the recent window: the accumulated attention."""
+        return self.accumulated
+
     def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
         recent = cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction)
-        return keep_top(cache, self.accumulated, cache.pinned | recent, keep)
+        return keep_top(cache, self.scores(cache), cache.pinned | recent, keep)
 
     def minimum_kept(self, cache: BoundedKVCache) -> int:
         return _recent_count(cache, self.config.recent_fraction)
@@ -169,11 +173,9 @@ class LookMPolicy(H2OPolicy):
     def merges(self) -> bool:
         return self.config.merge
 
-    def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
-        recent = cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction)
+    def scores(self, cache: BoundedKVCache) -> torch.Tensor:
         above_any = self.accumulated.amax() + 1.0  # a text slot outranks every visual one, text by its own score
-        text_first = self.accumulated + (~cache.visual).float() * above_any
-        return keep_top(cache, text_first, cache.pinned | recent, keep)
+        return self.accumulated + (~cache.visual).float() * above_any
 
 
 @dataclass(frozen=True)

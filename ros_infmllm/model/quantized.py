@@ -68,24 +68,21 @@ class QuantizedLinear(nn.Module):
         """Per-group offsets, float16, or None (int8; int4 centred on code 8)."""
         return None if self.offset_bits is None else self.offset_bits.view(torch.float16)
 
-    def codes(self) -> torch.Tensor:
-        """The integer codes ``[out, in]``: int8 values, or int4 ones in 0..15."""
+    def codes(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The integer codes ``[out, in]`` (of ``rows``): int8 values, or int4 ones in 0..15."""
+        qweight = self.qweight[rows]
         if self.bits == 8:
-            return self.qweight
-        low, high = self.qweight & 0x0F, self.qweight >> 4
-        return torch.stack((low, high), dim=-1).reshape(self.out_features, self.in_features)
+            return qweight
+        return torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).reshape(qweight.shape[0], self.in_features)
 
     def dequantized(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """``W[rows]`` ``[out, in]`` in ``dtype`` (computed in float32, the order GGUF's dequantizers use)."""
-        qweight, scales = self.qweight[rows], self.scales[rows]
+        scales = self.scales[rows]
         offsets = None if self.offsets is None else self.offsets[rows]
         count, groups = scales.shape
-        if self.bits == 8:
-            codes = qweight.to(torch.float32)
-        else:
-            codes = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).to(torch.float32)
-            if offsets is None:
-                codes = codes - 8
+        codes = self.codes(rows).to(torch.float32)
+        if self.bits == 4 and offsets is None:
+            codes = codes - 8
         w = codes.reshape(count, groups, self.group) * scales.to(torch.float32)[..., None]
         if offsets is not None:
             w = w + offsets.to(torch.float32)[..., None]

@@ -199,7 +199,7 @@ class InfMLLMNode(Node):
             level, message = DiagnosticStatus.WARN, "query queue full"
         if self.worker.warm_up_error:
             level, message = DiagnosticStatus.WARN, self.worker.warm_up_error[:200]
-        if getattr(self.session.runner, "capture_error", None):
+        if self.session.runner.capture_error:
             level, message = DiagnosticStatus.WARN, "CUDA graph capture failed: running eagerly (slower)"
         warm_up_s = self.worker.warm_up_s
         values = {
@@ -217,7 +217,7 @@ class InfMLLMNode(Node):
             "last_frame_age_ms": f"{counters.last_frame_age_ms:.1f}",
             "max_frame_age_ms": f"{counters.max_frame_age_ms:.1f}",
             "captured_graphs": len(self.session.runner.graphs),
-            "graph_capture_error": getattr(self.session.runner, "capture_error", None) or "",
+            "graph_capture_error": self.session.runner.capture_error or "",
             **self._gpu_memory(),
         }
         status = DiagnosticStatus(level=level, name=f"{self.get_name()}: streaming session", message=message,

@@ -90,7 +90,7 @@ PARAMS: tuple[ParamSpec, ...] = (
                                        "decoder (1: off; 2: a quarter of the cache slots per frame).", 1, 4),
     ParamSpec("visual_tokens.merge", False, "At each eviction, average evicted visual entries into their most similar "
                                             "kept entry instead of dropping them (LOOK-M's merging, with any policy; "
-                                            "not yet measured)."),
+                                            "no gain on the tiny model, docs/visual_tokens.md)."),
 )
 SPECS = {spec.name: spec for spec in PARAMS}
 

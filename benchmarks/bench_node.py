@@ -134,20 +134,24 @@ def run(args: argparse.Namespace) -> dict:
 
 def per_question(asked: list[float], answers: list[tuple[float, str]],
                  pieces: list[tuple[float, str]]) -> list[dict]:
-    """Pair questions with answers (FIFO) and each answer with its first non-empty streamed piece
-    (an empty piece ends each streamed answer)."""
-    firsts, current = [], None
-    for at, text in pieces:
-        if text and current is None:
-            current = at
-        elif not text:
-            firsts.append(current)
-            current = None
+    """Pair questions with answers (FIFO) and time each from its streamed pieces: the first
+    non-empty piece, and the empty piece that ends it. Both times come from ``~/answer_stream``
+    alone, whose messages arrive in the order the node sent them; ``~/answer`` is another topic,
+    which the probe's executor may serve before pieces already waiting (seen on a loaded CI
+    machine). ``streamed`` is the pieces' text, which must equal the answer."""
+    groups, first, text = [], None, []
+    for at, piece in pieces:
+        if piece:
+            first = at if first is None else first
+            text.append(piece)
+        else:
+            groups.append((first, at, "".join(text).strip()))
+            first, text = None, []
     rows = []
-    for i, (sent, (done, text)) in enumerate(zip(asked, answers)):
-        first = firsts[i] if i < len(firsts) else None
-        rows.append({"first_piece_ms": None if first is None else (first - sent) * 1000,
-                     "answer_ms": (done - sent) * 1000, "answer": text})
+    for i, (sent, (arrived, answer)) in enumerate(zip(asked, answers)):
+        start, end, streamed = groups[i] if i < len(groups) else (None, arrived, None)
+        rows.append({"first_piece_ms": None if start is None else (start - sent) * 1000,
+                     "answer_ms": (end - sent) * 1000, "answer": answer, "streamed": streamed})
     return rows
 
 

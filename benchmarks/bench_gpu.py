@@ -1,6 +1,8 @@
 """GPU benchmark: constant-latency streaming decode against the memory roofline and transformers.
 
-One run measures, for random-weight models of real shapes in bf16, batch 1:
+One run measures, for random-weight models of real shapes in bf16, batch 1 (LLaVA layouts with a
+SigLIP-so400m tower; a Qwen2.5-VL-3B and a SmolVLM2-2.2B shape, whose frames are 640x480 camera
+frames):
 - the device's copy bandwidth (bytes read + written / time) and each model's decode roofline
   = (decoder weight bytes + cache bytes read per token) / that bandwidth;
 - decode ms/token (p50, p99) at cache capacity 4096 after 4K, 64K and 1M tokens were streamed
@@ -32,10 +34,12 @@ import torch
 
 from bench_gpu_report import summarise, write_markdown, write_plot
 from ros_infmllm.cache import make_policy
+from ros_infmllm.model.checkpoint import model_class
 from ros_infmllm.model.config import load_config
 from ros_infmllm.model.llava import LlavaModel
 from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
-from ros_infmllm.session import ImagePreprocessor, SessionConfig, StreamingSession, template_for
+from ros_infmllm.session import SessionConfig, StreamingSession, template_for
+from ros_infmllm.session.preprocess import preprocessor_for_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPECIALS = ["<unk>", "<pad>", "<eos>", "<image>", "<frame>", "<q>", "<a>"]
@@ -55,6 +59,22 @@ SHAPES = {
                            "num_key_value_heads": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
                            "hidden_act": "silu", "max_position_embeddings": 32768, "tie_word_embeddings": False},
                   "vision": SO400M_384},
+    # Qwen/Qwen2.5-VL-3B-Instruct's config.json: window attention in the tower, M-RoPE decoder.
+    "qwen2.5-vl-3b": {"layout": "qwen2_5_vl", "frame": (480, 640),
+                      "text": {**QWEN2, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                               "num_attention_heads": 16, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                               "max_position_embeddings": 128000},
+                      "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                                 "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2,
+                                 "temporal_patch_size": 2, "window_size": 112, "hidden_act": "silu",
+                                 "fullatt_block_indexes": [7, 15, 23, 31]}},
+    # HuggingFaceTB/SmolVLM2-2.2B-Instruct's config.json: SigLIP-so400m at 384 px, 3x3 pixel shuffle.
+    "smolvlm2-2.2b": {"layout": "idefics3", "frame": (480, 640), "scale_factor": 3,
+                      "text": {"model_type": "llama", "vocab_size": 49280, "hidden_size": 2048,
+                               "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
+                               "num_key_value_heads": 32, "rope_theta": 273768.0, "rms_norm_eps": 1e-5,
+                               "hidden_act": "silu", "max_position_embeddings": 16384, "tie_word_embeddings": False},
+                      "vision": {**SO400M_384, "model_type": "idefics3_vision"}},
 }
 SMOKE_SHAPES = {
     "tiny-qwen2": {"text": {**QWEN2, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
@@ -62,34 +82,61 @@ SMOKE_SHAPES = {
                             "tie_word_embeddings": True},
                    "vision": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                               "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
+    "tiny-qwen2.5-vl": {"layout": "qwen2_5_vl", "frame": (48, 64),
+                        "text": {**QWEN2, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                 "tie_word_embeddings": True},
+                        "vision": {"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+                                   "out_hidden_size": 64, "patch_size": 8, "spatial_merge_size": 2,
+                                   "temporal_patch_size": 2, "window_size": 32, "hidden_act": "silu",
+                                   "fullatt_block_indexes": [1]}},
+    "tiny-smolvlm": {"layout": "idefics3", "frame": (48, 64), "scale_factor": 2,
+                     "text": {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                              "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+                              "max_position_embeddings": 4096, "tie_word_embeddings": False},
+                     "vision": {"model_type": "idefics3_vision", "hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
 }
+# The marker tokens each layout writes around a frame's visual tokens (words of the benchmark's tokenizer).
+LAYOUT_MARKERS = {"llava": (), "idefics3": ("<fake_token_around_image>", "<global-img>"),
+                  "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>")}
 POLICIES = ("h2o", "inf-mllm", "streamingllm")  # the node's default first: the targets are its
 
 
 # ---- models -------------------------------------------------------------------------------------
 def write_checkpoint_config(folder: Path, shape: dict) -> Path:
-    """A LLaVA config.json (no weights): the shapes are all the benchmark needs."""
-    config = {"model_type": "llava", "text_config": shape["text"], "vision_config": shape["vision"],
-              "image_token_index": SPECIALS.index("<image>"), "vision_feature_layer": -1,
-              "vision_feature_select_strategy": "full", "projector_hidden_act": "gelu",
+    """The layout's config.json (no weights): the shapes are all the benchmark needs."""
+    layout, image = shape.get("layout", "llava"), SPECIALS.index("<image>")
+    config = {"model_type": layout, "text_config": shape["text"], "vision_config": shape["vision"],
               "tie_word_embeddings": shape["text"]["tie_word_embeddings"]}
+    if layout == "llava":
+        config.update(image_token_index=image, vision_feature_layer=-1, vision_feature_select_strategy="full",
+                      projector_hidden_act="gelu")
+    elif layout == "idefics3":
+        config.update(image_token_id=image, scale_factor=shape["scale_factor"])
+    else:  # Qwen2.5-VL: M-RoPE sections of a 128-wide head, as the published models have them
+        head = shape["text"]["hidden_size"] // shape["text"]["num_attention_heads"]
+        section = [head // 8, 3 * head // 16, 3 * head // 16]
+        config.update(image_token_id=image, text_config={**shape["text"], "rope_scaling": {
+            "type": "mrope", "mrope_section": section}})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
 def random_model(folder: Path, device: str, dtype: torch.dtype, seed: int = 0) -> LlavaModel:
-    """Our model from the config with random weights (std 0.02; norms 1, biases 0)."""
+    """Our model (the config's layout) with random weights (std 0.02; norms 1, biases 0)."""
     cfg = load_config(folder)
     with torch.device("meta"):
-        model = LlavaModel(cfg)
+        model = model_class(cfg)(cfg)
     model = model.to_empty(device=device).to(dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.zero_()
-            elif "norm" in name:
+            elif "norm" in name or ".ln_" in name:
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=generator)
@@ -163,10 +210,10 @@ class StreamDriver:
     """Feeds a session a stream of frames with a question every ``question_every`` frames, and
     times its evictions (a sync around each; none elsewhere)."""
 
-    def __init__(self, session: StreamingSession, device: str, image_size: int, question_every: int = 40) -> None:
+    def __init__(self, session: StreamingSession, device: str, frame: tuple[int, int], question_every: int = 40) -> None:
         self.session, self.device, self.question_every = session, device, question_every
         self.rng = np.random.default_rng(0)
-        self.frames = [self.rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(8)]
+        self.frames = [self.rng.integers(0, 256, (*frame, 3), dtype=np.uint8) for _ in range(8)]
         self.vocab = session.tokenizer.get_vocab_size()
         self.eviction_ms: list[float] = []
         self.frame_count = 0
@@ -221,12 +268,19 @@ class StreamDriver:
         return times
 
 
-def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, device: str) -> dict:
+def camera_frame(model: LlavaModel, shape: dict) -> tuple[int, int]:
+    """The frames streamed: the shape's camera frame, else the tower's own square size."""
+    if "frame" in shape:
+        return tuple(shape["frame"])
+    return model.cfg.vision.image_size, model.cfg.vision.image_size
+
+
+def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, device: str, shape: dict) -> dict:
     config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
                            check_evictions=False)
     session = StreamingSession(model, tokenizer, make_policy(policy), config, template_for("demo"),
-                               ImagePreprocessor.for_model(folder, model.cfg.vision))
-    driver = StreamDriver(session, device, model.cfg.vision.image_size)
+                               preprocessor_for_folder(folder, model.cfg.vision))
+    driver = StreamDriver(session, device, camera_frame(model, shape))
     driver.stream_to(args.capacity // 2)  # warm-up: kernels, CUDA graphs of the recurring chunk sizes
     driver.decode(16)
     if device.startswith("cuda"):
@@ -244,10 +298,14 @@ def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, 
               f"ms, p99 {checkpoints[-1]['decode_p99_ms']:.3f} ms, first token {first:.1f} ms "
               f"({checkpoints[-1]['seconds']} s)", flush=True)
     ingest = driver.ingest_latency(args.ingest_frames)
+    tokens_per_frame = session.cache.total_seen
+    session.ingest_frame(driver.frames[0])
+    tokens_per_frame = session.cache.total_seen - tokens_per_frame
     cache = session.cache
     freed = cache.evicted_tokens / max(cache.evictions, 1)
     eviction_ms = statistics.median(driver.eviction_ms) if driver.eviction_ms else float("nan")
     return {"policy": policy, "checkpoints": checkpoints, "frames": driver.frame_count,
+            "frame_size": list(driver.frames[0].shape[:2]), "tokens_per_frame": tokens_per_frame,
             "ingest_p50_ms": percentile(ingest, 50), "ingest_p99_ms": percentile(ingest, 99),
             "evictions": cache.evictions, "eviction_p50_ms": eviction_ms,
             "eviction_p99_ms": percentile(driver.eviction_ms, 99), "tokens_freed_per_eviction": freed,
@@ -326,14 +384,15 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
     model = random_model(folder, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.weights != "float":  # packed decoder projections, rounded from the random floats
         quantize_decoder(model.decoder, args.weights)
-    tokenizer = word_tokenizer(model.cfg.text.vocab_size)
+    tokenizer = word_tokenizer(model.cfg.text.vocab_size, LAYOUT_MARKERS[shape.get("layout", "llava")])
     weights, cache = decoder_bytes_per_token(model), cache_bytes(model, args.capacity)
     roofline_ms = 1e3 * (weights + cache) / bandwidth
     result = {"model": name, "decoder_weight_bytes": weights, "cache_bytes": cache, "roofline_ms": roofline_ms,
               "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-              "image_tokens": model.cfg.num_image_tokens, "policies": {}}
+              "layout": shape.get("layout", "llava"), "policies": {}}
     for policy in args.policies:
-        result["policies"][policy] = bench_policy(model, tokenizer, folder, policy, args, device)
+        result["policies"][policy] = bench_policy(model, tokenizer, folder, policy, args, device, shape)
+    result["image_tokens"] = next(iter(result["policies"].values()))["tokens_per_frame"]  # template included
     if not args.skip_transformers:
         hf = transformers_decoder(model, shape, device)
         result["transformers"] = bench_transformers(hf, args.hf_contexts, args.hf_new_tokens, device)
@@ -347,7 +406,8 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--models", nargs="+", help=f"default: every shape ({', '.join(SHAPES)}); with --smoke "
+                                                      f"tiny-qwen2 (also: {', '.join(list(SMOKE_SHAPES)[1:])})")
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--max-chunk", type=int, default=1024,
                         help="prefill chunk: 1024 takes a SigLIP-384 frame (729 visual tokens) in one step")
@@ -371,11 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
-        shapes, args.models = SMOKE_SHAPES, list(SMOKE_SHAPES)
+        shapes, args.models = SMOKE_SHAPES, args.models or ["tiny-qwen2"]
         args.capacity, args.max_chunk, args.stream_tokens = 128, 32, [160, 400, 1200]
         args.decode_tokens, args.ingest_frames, args.hf_contexts, args.hf_new_tokens = 8, 3, [64, 128], 5
         args.hf_static_contexts = [128]
         args.bandwidth_mb = 16
+    args.models = args.models or list(SHAPES)
+    unknown = [name for name in args.models if name not in shapes]
+    if unknown:
+        parser.error(f"unknown model shapes {unknown}: choose from {', '.join(shapes)}")
     started = time.perf_counter()
     bandwidth = copy_bandwidth(device, args.bandwidth_mb)
     import transformers

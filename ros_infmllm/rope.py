@@ -42,3 +42,41 @@ class Rotary:
         """Rotate ``x[..., n, head_dim]`` by ``positions[..., n]`` (may be negative: a shift back)."""
         cos, sin = self.cos_sin(positions, torch.float32)
         return self.apply(x.float(), cos, sin).to(x.dtype)
+
+
+class MultimodalRotary(Rotary):
+    """Qwen2-VL's multimodal RoPE (M-RoPE): a position has three components (temporal, height,
+    width) and each rotary frequency pair is turned by one of them: the first ``section[0]``
+    pairs by the temporal component, the next ``section[1]`` by the height, the rest by the width
+    (transformers' ``mrope_section``). Text tokens have three equal components, which is plain
+    RoPE. Turning all three components by the same amount d is plain RoPE's rotation by d, so the
+    cache re-rotates moved keys with the inherited ``rotate`` unchanged."""
+
+    def __init__(self, head_dim: int, theta: float, section: tuple[int, ...], device: torch.device | str = "cpu") -> None:
+        super().__init__(head_dim, theta, device)
+        if len(section) != 3 or sum(section) != head_dim // 2:
+            raise ValueError(f"mrope section {section} must be three numbers summing to head_dim / 2 = {head_dim // 2}")
+        self.section = tuple(section)
+        pairs = [axis for axis, count in enumerate(section) for _ in range(count)]
+        self.component = torch.tensor(pairs, device="cpu").to(device)  # [head_dim / 2]: each pair's axis
+
+    def to(self, device: torch.device | str) -> "MultimodalRotary":
+        super().to(device)
+        self.component = self.component.to(device)
+        return self
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions[n]`` (plain) or ``[3, n]`` (temporal, height, width) -> cos/sin ``[n, head_dim]``."""
+        if positions.dim() != 2:
+            return super().cos_sin(positions, dtype)
+        if positions.shape[0] != 3:
+            raise ValueError(f"M-RoPE positions must be [3, n], got {tuple(positions.shape)}")
+        per_pair = positions.to(torch.float32)[self.component.to(positions.device)]  # [head_dim / 2, n]
+        freqs = per_pair.transpose(0, 1) * self.inv_freq.to(positions.device)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary_for(head_dim: int, theta: float, mrope_section: tuple[int, ...] | None = None) -> Rotary:
+    """The rotary a decoder config asks for: M-RoPE where it names sections, plain RoPE otherwise."""
+    return Rotary(head_dim, theta) if mrope_section is None else MultimodalRotary(head_dim, theta, mrope_section)

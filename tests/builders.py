@@ -164,3 +164,65 @@ def _save_perturbed(model: "torch.nn.Module", path: Path) -> "torch.nn.Module":
     model.save_pretrained(path)
     build_tokenizer(path)
     return model
+
+
+QWEN2_VL_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+# Qwen2-VL-Instruct's chat template (Qwen/Qwen2-VL-2B-Instruct; Qwen2.5-VL's is the same).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_qwen2_vl(path: Path, variant: str = "qwen2_vl", patch: int = 4, window: int = 16, seed: int = 0,
+                        flat_config: bool = False, min_pixels: int = 64, max_pixels: int = 4096) -> "torch.nn.Module":
+    """Save a random ``Qwen2VLForConditionalGeneration`` (``variant`` qwen2_vl) or
+    ``Qwen2_5_VLForConditionalGeneration`` (qwen2_5_vl: RMSNorm, gated MLP, attention in windows
+    of ``window`` pixels except in block 1) with its markers, chat template and processor config;
+    return it (eval, fp32). Merge 2, temporal patch 2, M-RoPE sections (2, 3, 3) of a 16-wide
+    head. ``flat_config``: rewrite config.json as the Qwen team's files have it (decoder fields
+    at the top level, ``in_chans``, ``rope_scaling`` type mrope)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    specials = {name: VOCAB_SIZE - len(QWEN2_VL_SPECIALS) + i for i, name in enumerate(QWEN2_VL_SPECIALS)}
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=VOCAB_SIZE, max_position_embeddings=4096, eos_token_id=2, bos_token_id=1, rope_theta=10000.0,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    if variant == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=patch,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(depth=3, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4, patch_size=patch,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=window, fullatt_block_indexes=[1])
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                     video_token_id=specials["<|video_pad|>"], vision_start_token_id=specials["<|vision_start|>"],
+                     vision_end_token_id=specials["<|vision_end|>"], tie_word_embeddings=False)
+    model = _save_perturbed(model_cls(cfg), path)
+    build_tokenizer(path, QWEN2_VL_SPECIALS)
+    if flat_config:
+        raw = json.loads((path / "config.json").read_text())
+        flat = {k: v for k, v in raw.pop("text_config").items() if k not in ("model_type", "rope_parameters")}
+        flat["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
+        flat["rope_theta"] = 10000.0
+        raw["vision_config"]["in_chans"] = raw["vision_config"].pop("in_channels", 3)
+        (path / "config.json").write_text(json.dumps({**raw, **flat}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}))
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": patch, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "rescale_factor": 1 / 255,
+        "image_processor_type": "Qwen2VLImageProcessor"}))
+    return model

@@ -245,3 +245,19 @@ def test_eval_demo_session_suffixes_set_merging_and_pooling() -> None:
                                                                         {"visual_pool": 2, "merge_evicted": True})
     with pytest.raises(ValueError, match=r"\+fast"):
         eval_demo.session_variant("h2o+fast")
+
+
+def test_bench_gpu_smoke_run_streams_the_qwen2_5_vl_and_smolvlm_shapes(tmp_path: Path) -> None:
+    """The new families' shapes run through bench_gpu (tiny versions on the CPU): camera frames of
+    the shape's size, each layout's frame tokens counted, transformers' decoder beside ours."""
+    assert bench_gpu.main(["--smoke", "--models", "tiny-qwen2.5-vl", "tiny-smolvlm", "--policies", "h2o",
+                           "streamingllm", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    models = {m["model"]: m for m in report["models"]}
+    assert [models[n]["layout"] for n in ("tiny-qwen2.5-vl", "tiny-smolvlm")] == ["qwen2_5_vl", "idefics3"]
+    for model in models.values():
+        assert model["image_tokens"] > 0 and all("tokens_per_s" in row for row in model["transformers"])
+        for policy in model["policies"].values():
+            assert policy["frame_size"] == [48, 64] and policy["evictions"] > 0
+            assert all(c["cache_length"] <= 128 for c in policy["checkpoints"])
+    assert bench_gpu.SHAPES["qwen2.5-vl-3b"]["layout"] == "qwen2_5_vl"  # the real shapes the GPU run uses

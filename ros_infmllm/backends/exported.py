@@ -116,8 +116,10 @@ class ExportedBackend:
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, H, W]`` -> ``[N, tokens, hidden]``, in slices of at most max_images."""
-        step = self.manifest.max_images
+        """``[N, 3, H, W]`` -> ``[N, tokens, hidden]``, in slices of at most max_images (one for a
+        graph exported for one frame at a time)."""
+        spec = self.bindings["vision"].spec
+        step = self.manifest.max_images if "n" in spec.dynamic else spec.inputs[0].shape[0]
         pieces = [self._run("vision", {"pixel_values": pixel_values[i:i + step]})["image_features"].clone()
                   for i in range(0, pixel_values.shape[0], step)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # one copy out of the reused buffer
@@ -127,6 +129,8 @@ class ExportedBackend:
              positions: torch.Tensor, attn_window: int = 0, all_logits: bool = False) -> StepOutput:
         if all_logits:
             raise ValueError(f"the {self.name} backend returns the last position's logits only")
+        if positions.dim() == 1 and len(self.bindings["decoder_step"].spec.inputs[1].shape) == 2:
+            positions = positions.expand(3, -1)  # text on an M-RoPE graph: three equal components
         out = self._run("decoder_step", {"embeds": embeds, "positions": positions, "cache_k": cache_k,
                                          "cache_v": cache_v, "valid": valid, "attn_window": self._window(attn_window)})
         # new_k/new_v/attn_mass are reused buffers: the session folds and appends them before the next step

@@ -18,6 +18,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-chunk", type=int, default=128, help="most tokens per step (prefill chunk)")
     parser.add_argument("--max-images", type=int, default=4, help="most images per vision call")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--min-pixels", type=int, default=0,
+                        help="Qwen2-VL / Qwen2.5-VL: the node's vision.min_pixels (0: the checkpoint's)")
+    parser.add_argument("--max-pixels", type=int, default=0,
+                        help="Qwen2-VL / Qwen2.5-VL: the node's vision.max_pixels (0: the checkpoint's); the "
+                             "vision graph takes a 640x480 camera's frames resized within them")
     parser.add_argument("--engines", choices=("auto", "yes", "no"), default="auto",
                         help="build TensorRT engines: auto = when tensorrt or tensorrt_rtx imports")
     parser.add_argument("--tensorrt-module", choices=("tensorrt", "tensorrt_rtx"),
@@ -36,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model) if args.model else bundled_model_path()
     started = time.monotonic()
     try:
-        manifest = export_onnx(model, args.out, args.capacity, args.max_chunk, args.max_images, args.precision)
+        manifest = export_onnx(model, args.out, args.capacity, args.max_chunk, args.max_images, args.precision,
+                               args.min_pixels, args.max_pixels)
     except (ValueError, FileNotFoundError) as error:
         print(f"infmllm_export: {error}", file=sys.stderr)
         return 2

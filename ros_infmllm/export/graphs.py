@@ -2,7 +2,9 @@
 
 ``VisionGraph``: normalised pixels ``[n, 3, H, W]`` -> visual tokens ``[n, tokens, hidden]``.
 ``StepGraph``: the decoder step contract of DESIGN.md at a fixed capacity; only q (and n) vary,
-so an engine built from it has static shapes but one axis and constant latency.
+so an engine built from it has static shapes but one axis and constant latency. An M-RoPE
+decoder (Qwen2-VL) takes positions ``[3, q]``; its dynamic-resolution tower is exported for one
+frame size (``frame_size``), one frame per call.
 """
 from __future__ import annotations
 
@@ -42,6 +44,16 @@ class StepGraph(nn.Module):
         return out.logits, out.new_k, out.new_v, out.attn_mass
 
 
+def frame_size(model: LlavaModel, frame: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (height, width) of the pixels the vision graph takes: the tower's square image, or for
+    a dynamic-resolution tower ``frame`` (the preprocessed size of the stream's frames)."""
+    if not model.dynamic_resolution:
+        return model.cfg.vision.image_size, model.cfg.vision.image_size
+    if frame is None:
+        raise ValueError(f"{type(model).__name__} takes frames of any size: export needs the frame size")
+    return frame
+
+
 def step_example(model: LlavaModel, capacity: int, q: int) -> tuple[torch.Tensor, ...]:
     """Inputs of the right shapes and dtypes (half the cache valid), for tracing and tests."""
     text = model.cfg.text
@@ -50,13 +62,14 @@ def step_example(model: LlavaModel, capacity: int, q: int) -> tuple[torch.Tensor
     dtype, device = model.dtype, model.device
     valid = torch.zeros(capacity, dtype=torch.bool)
     valid[: capacity // 2] = True
-    return (torch.randn(q, text.hidden_size, generator=generator).to(device, dtype),
-            torch.arange(capacity // 2, capacity // 2 + q, device=device),
+    positions = torch.arange(capacity // 2, capacity // 2 + q, device=device)
+    if text.mrope_section is not None:  # three components that differ, as a frame's tokens have
+        positions = positions - torch.arange(3, device=device).view(3, 1) * torch.arange(q, device=device) // 2
+    return (torch.randn(q, text.hidden_size, generator=generator).to(device, dtype), positions,
             torch.randn(cache_shape, generator=generator).to(device, dtype),
             torch.randn(cache_shape, generator=generator).to(device, dtype),
             valid.to(device), torch.tensor(min(q, 2), device=device))
 
 
-def vision_example(model: LlavaModel, n: int) -> tuple[torch.Tensor]:
-    size = model.cfg.vision.image_size
-    return (torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1)).to(model.device, model.dtype),)
+def vision_example(model: LlavaModel, n: int, size: tuple[int, int]) -> tuple[torch.Tensor]:
+    return (torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(1)).to(model.device, model.dtype),)

@@ -10,8 +10,8 @@ import torch
 
 from ..model import load_model
 from ..model.llava import LlavaModel
-from .graphs import STEP_INPUTS, STEP_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, StepGraph, VisionGraph, step_example, \
-    vision_example
+from .graphs import STEP_INPUTS, STEP_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, StepGraph, VisionGraph, frame_size, \
+    step_example, vision_example
 from .manifest import DTYPE_NAMES, PRECISIONS, GraphSpec, Manifest, TensorSpec, model_sha256
 
 OPSET = 18
@@ -32,7 +32,8 @@ def step_spec(model: LlavaModel, capacity: int, max_chunk: int) -> GraphSpec:
     text, dtype = model.cfg.text, DTYPE_NAMES[model.dtype]
     cache = [text.num_layers, text.num_kv_heads, capacity, text.head_dim]
     new = [text.num_layers, text.num_kv_heads, "q", text.head_dim]
-    inputs = [TensorSpec("embeds", dtype, ["q", text.hidden_size]), TensorSpec("positions", "int64", ["q"]),
+    positions = ["q"] if text.mrope_section is None else [3, "q"]  # M-RoPE: temporal, height, width
+    inputs = [TensorSpec("embeds", dtype, ["q", text.hidden_size]), TensorSpec("positions", "int64", positions),
               TensorSpec("cache_k", dtype, cache), TensorSpec("cache_v", dtype, cache),
               TensorSpec("valid", "bool", [capacity]), TensorSpec("attn_window", "int64", [])]
     outputs = [TensorSpec("logits", "float32", [1, text.vocab_size]), TensorSpec("new_k", dtype, new),
@@ -42,10 +43,16 @@ def step_spec(model: LlavaModel, capacity: int, max_chunk: int) -> GraphSpec:
     return GraphSpec("decoder_step.onnx", inputs, outputs, {"q": [1, max_chunk]})
 
 
-def vision_spec(model: LlavaModel, max_images: int) -> GraphSpec:
-    size, dtype = model.cfg.vision.image_size, DTYPE_NAMES[model.dtype]
-    inputs = [TensorSpec(VISION_INPUTS[0], dtype, ["n", 3, size, size])]
-    outputs = [TensorSpec(VISION_OUTPUTS[0], dtype, ["n", model.cfg.num_image_tokens, model.cfg.text.hidden_size])]
+def vision_spec(model: LlavaModel, max_images: int, size: tuple[int, int]) -> GraphSpec:
+    """``n`` images of ``size`` pixels; a dynamic-resolution tower: one frame per call (its
+    layout is fixed by the frame's grid, so the batch is too)."""
+    dtype, hidden = DTYPE_NAMES[model.dtype], model.cfg.text.hidden_size
+    if model.dynamic_resolution:
+        rows, cols = model.frame_grid(torch.empty(1, 3, *size, device="meta"))
+        return GraphSpec("vision.onnx", [TensorSpec(VISION_INPUTS[0], dtype, [1, 3, *size])],
+                         [TensorSpec(VISION_OUTPUTS[0], dtype, [1, rows * cols, hidden])], {})
+    inputs = [TensorSpec(VISION_INPUTS[0], dtype, ["n", 3, *size])]
+    outputs = [TensorSpec(VISION_OUTPUTS[0], dtype, ["n", model.cfg.num_image_tokens, hidden])]
     return GraphSpec("vision.onnx", inputs, outputs, {"n": [1, max_images]})
 
 
@@ -63,8 +70,10 @@ def _export(module: torch.nn.Module, example: tuple, spec: GraphSpec, path: Path
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, capacity: int = 1024, max_chunk: int = 128,
-                max_images: int = 4, precision: str = "fp32") -> Manifest:
-    """Write both graphs and the manifest into ``out``; returns the manifest."""
+                max_images: int = 4, precision: str = "fp32", min_pixels: int = 0, max_pixels: int = 0) -> Manifest:
+    """Write both graphs and the manifest into ``out``; returns the manifest. ``min_pixels`` /
+    ``max_pixels``: a dynamic-resolution tower's pixel budget, as the node's ``vision.*``
+    parameters give it (0: the checkpoint's); its vision graph takes a VGA camera's frames so resized."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if not 2 <= max_chunk <= capacity:
@@ -73,10 +82,18 @@ def export_onnx(model_dir: str | Path, out: str | Path, capacity: int = 1024, ma
     model = load_model(model_dir, dtype=PRECISIONS[precision]).eval()
     out.mkdir(parents=True, exist_ok=True)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
-    graphs = {"vision": vision_spec(model, max_images), "decoder_step": step_spec(model, capacity, max_chunk)}
+    size = None
+    if model.dynamic_resolution:
+        from ..session.preprocess import preprocessor_for_folder
+
+        pre = preprocessor_for_folder(model_dir, model.cfg.vision, min_pixels, max_pixels)
+        size = (pre.height, pre.width)
+    size = frame_size(model, size)
+    graphs = {"vision": vision_spec(model, max_images, size), "decoder_step": step_spec(model, capacity, max_chunk)}
     with torch.no_grad():
-        _export(VisionGraph(model), vision_example(model, min(2, max_images)), graphs["vision"],
-                out / graphs["vision"].onnx, external)
+        example = vision_example(model, 1 if model.dynamic_resolution else min(2, max_images), size)
+        model.encode_images(*example)  # a tower that lays out its grid once (Qwen2-VL) does it before tracing
+        _export(VisionGraph(model), example, graphs["vision"], out / graphs["vision"].onnx, external)
         _export(StepGraph(model), step_example(model, capacity, min(3, max_chunk)), graphs["decoder_step"],
                 out / graphs["decoder_step"].onnx, external)
     manifest = Manifest(model_sha256(model_dir), model.cfg.text.model_type, capacity, max_chunk, max_images,

@@ -33,8 +33,19 @@ class CausalLM(nn.Module):
     def has_vision(self) -> bool:
         return self.cfg.vision is not None
 
+    # A tower whose token count follows the image's size (Qwen2-VL); fixed-size towers say False.
+    dynamic_resolution = False
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError("this model is text-only (no vision tower): it cannot encode images")
+
+    def frame_grid(self, pixels: torch.Tensor) -> tuple[int, int] | None:
+        """(rows, columns) of visual tokens of a preprocessed frame, for a tower whose positions
+        need it (M-RoPE); None: the frame's tokens take plain positions."""
+        return None
+
+    def stream_position_offsets(self, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        raise ValueError(f"{type(self).__name__} has no M-RoPE: its frames take plain positions")
 
     def embed_tokens(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """``[T]`` ids -> ``[T, hidden]``."""
@@ -52,8 +63,11 @@ class CausalLM(nn.Module):
             raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
         ids = input_ids[0].to(self.device)
         features = self.encode_images(pixel_values, **vision_inputs) if pixel_values is not None else None
-        embeds = self.embed_tokens(ids, features)
+        return self.forward_embeds(self.embed_tokens(ids, features), torch.arange(ids.shape[0], device=self.device))
+
+    def forward_embeds(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``embeds[T, hidden]`` at ``positions`` (``[T]``, or ``[3, T]`` for M-RoPE), no cache ->
+        ``logits[1, T, vocab]``."""
         cache_k, cache_v = self.decoder.empty_cache(0)
         valid = torch.zeros(0, dtype=torch.bool, device=self.device)
-        positions = torch.arange(ids.shape[0], device=self.device)
         return self.decoder.step(embeds, cache_k, cache_v, valid, positions, all_logits=True).logits.unsqueeze(0)

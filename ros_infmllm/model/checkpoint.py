@@ -1,6 +1,6 @@
 """Finding a model's files and loading them: Hugging Face folders (safetensors; LLaVA layout into
 ``LlavaModel``, Idefics3 / SmolVLM into ``Idefics3Model``, text-only LLaMA-family models into
-``CausalLM``) here, GGUF files through ``gguf_loader``.
+``CausalLM``, Qwen2-VL / Qwen2.5-VL into ``Qwen2VLModel``) here, GGUF files through ``gguf_loader``.
 
 The safetensors key-name maps live here and only here. Hugging Face has saved LLaVA under two layouts
 (``language_model.model.layers.0...`` before transformers 4.52 and in files it writes today;
@@ -19,9 +19,10 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from .causal_lm import CausalLM
-from .config import Idefics3Config, LlavaConfig, load_config
+from .config import Idefics3Config, LlavaConfig, Qwen2VLConfig, load_config
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
+from .qwen2_vl import Qwen2VLModel
 from .quantized import HEAD_MODES, WEIGHT_MODES, quantize_decoder, quantize_head
 
 
@@ -53,21 +54,27 @@ LLAVA_LAYOUT = KeyLayout(tuple(sorted([
 IDEFICS3_LAYOUT = KeyLayout((("model.vision_model.", "vision_tower."), ("model.connector.", "connector."),
                              ("model.text_model.", "decoder."), ("lm_head.", "decoder.lm_head.")),
                             saved=("model.", "lm_head."))
+# Qwen2-VL / Qwen2.5-VL: the Qwen team's files ``visual.*``, ``model.*``, ``lm_head.*``; transformers
+# writes ``model.visual.*``, ``model.language_model.*``, ``lm_head.*``.
+QWEN2_VL_LAYOUT = KeyLayout(tuple(sorted([
+    ("model.language_model.", "decoder."), ("model.visual.", "vision_tower."), ("visual.", "vision_tower."),
+    ("lm_head.", "decoder.lm_head."), ("model.", "decoder."),
+], key=lambda pair: -len(pair[0]))), saved=("model.language_model.", "model.visual.", "lm_head."))
 # Text-only *ForCausalLM checkpoints: ``model.layers.0...``, ``lm_head.weight``.
 CAUSAL_LM_LAYOUT = KeyLayout((("lm_head.", "decoder.lm_head."), ("model.", "decoder.")), saved=("model.", "lm_head."))
 
 
+_LAYOUTS = ((LlavaModel, LlavaConfig, LLAVA_LAYOUT), (Idefics3Model, Idefics3Config, IDEFICS3_LAYOUT),
+            (Qwen2VLModel, Qwen2VLConfig, QWEN2_VL_LAYOUT))
+
+
 def layout_of(model: CausalLM) -> KeyLayout:
-    if isinstance(model, LlavaModel):
-        return LLAVA_LAYOUT
-    return IDEFICS3_LAYOUT if isinstance(model, Idefics3Model) else CAUSAL_LM_LAYOUT
+    return next((layout for cls, _, layout in _LAYOUTS if isinstance(model, cls)), CAUSAL_LM_LAYOUT)
 
 
 def model_class(cfg) -> type[CausalLM]:
     """The module a config builds: one class per checkpoint layout."""
-    if isinstance(cfg, LlavaConfig):
-        return LlavaModel
-    return Idefics3Model if isinstance(cfg, Idefics3Config) else CausalLM
+    return next((cls for cls, config, _ in _LAYOUTS if isinstance(cfg, config)), CausalLM)
 
 
 def canonical_name(key: str, layout: KeyLayout = LLAVA_LAYOUT) -> str | None:

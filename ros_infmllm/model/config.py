@@ -1,6 +1,7 @@
 """Model configuration read from a Hugging Face ``config.json``: ``LlavaForConditionalGeneration``,
-``Idefics3ForConditionalGeneration`` (SmolVLM, SmolVLM2), or a text-only ``LlamaForCausalLM`` /
-``Qwen2ForCausalLM`` / ``MistralForCausalLM``.
+``Idefics3ForConditionalGeneration`` (SmolVLM, SmolVLM2), ``Qwen2VLForConditionalGeneration`` /
+``Qwen2_5_VLForConditionalGeneration``, or a text-only ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
+``MistralForCausalLM``.
 
 Checkpoints often leave out fields that equal the `transformers` class defaults, so each supported
 ``model_type`` carries a table of those defaults here. Anything we do not implement (rope scaling,
@@ -39,8 +40,22 @@ _VISION_DEFAULTS: dict[str, dict[str, Any]] = {
                             num_attention_heads=16, image_size=224, patch_size=32, num_channels=3,
                             hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
 }
+# Qwen2-VL / Qwen2.5-VL decoders: Qwen2 blocks, their config classes' own defaults.
+_QWEN_VL_TEXT = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                     num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1000000.0,
+                     hidden_act="silu", tie_word_embeddings=False, max_position_embeddings=32768)
+_TEXT_DEFAULTS["qwen2_vl_text"] = _QWEN_VL_TEXT
+_TEXT_DEFAULTS["qwen2_5_vl_text"] = _QWEN_VL_TEXT
+# Their vision towers (transformers' Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig defaults).
+_QWEN_VISION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2_vl": dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4, num_heads=16,
+                     in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+    "qwen2_5_vl": dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420, num_heads=16,
+                       in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31]),
+}
 # Qwen2 always has q/k/v biases and no o_proj bias; LLaMA's `attention_bias` covers all four.
-_QKV_BIAS_ALWAYS = {"qwen2"}
+_QKV_BIAS_ALWAYS = {"qwen2", "qwen2_vl_text", "qwen2_5_vl_text"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,9 @@ class TextConfig:
     hidden_act: str
     tie_word_embeddings: bool
     max_position_embeddings: int
+    # Multimodal RoPE (Qwen2-VL): rotary frequency pairs taken by the temporal, height and width
+    # position components, in that order; None: plain RoPE.
+    mrope_section: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +139,59 @@ class Idefics3Config:
 
 
 @dataclass(frozen=True)
+class QwenVisionConfig:
+    """The Qwen2-VL / Qwen2.5-VL vision tower: 3-D patches (``temporal_patch_size`` frames x
+    ``patch_size``^2 pixels) at any resolution that is a multiple of ``patch_size * merge_size``,
+    2-D rotary positions, then ``merge_size`` x ``merge_size`` patches merged into one token of
+    ``out_size`` (the decoder's width). Qwen2-VL blocks: LayerNorm + MLP (``mlp_width``);
+    Qwen2.5-VL: RMSNorm + SwiGLU, attention inside ``window_size``-pixel windows except in
+    ``full_attention_blocks``."""
+
+    variant: str  # "qwen2_vl" or "qwen2_5_vl"
+    width: int
+    depth: int
+    num_heads: int
+    mlp_width: int
+    hidden_act: str
+    out_size: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    in_channels: int
+    window_size: int = 0  # 0: every block attends over the whole image (Qwen2-VL)
+    full_attention_blocks: tuple[int, ...] = ()
+    rope_theta: float = 10000.0
+
+    @property
+    def model_type(self) -> str:
+        return self.variant
+
+    @property
+    def pixel_factor(self) -> int:
+        """An image's sides are multiples of this (one merged token's side in pixels)."""
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_values(self) -> int:
+        """Numbers in one flattened patch, as transformers' processor writes it."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+
+@dataclass(frozen=True)
+class Qwen2VLConfig:
+    """Qwen2-VL / Qwen2.5-VL: the vision tower above and a Qwen2 decoder with multimodal RoPE.
+    In the prompt each image is ``<|vision_start|>`` + one ``<|image_pad|>`` per merged token +
+    ``<|vision_end|>``; an image's tokens count depends on its size (dynamic resolution)."""
+
+    text: TextConfig
+    vision: QwenVisionConfig
+    image_token_index: int
+    eos_token_ids: tuple[int, ...]
+    image_prefix: tuple[str, ...] = ("<|vision_start|>",)
+    image_suffix: tuple[str, ...] = ("<|vision_end|>",)
+
+
+@dataclass(frozen=True)
 class LlavaConfig:
     """The whole vision-language model: tower, projector, decoder and how they are joined."""
 
@@ -148,15 +219,18 @@ def _merged(section: dict[str, Any], defaults: dict[str, dict[str, Any]], where:
     return {**defaults[model_type], **{k: v for k, v in section.items() if v is not None}}
 
 
-def _rope_theta(text: dict[str, Any], path: Path) -> float:
+def _rope_theta(text: dict[str, Any], path: Path, mrope: bool = False) -> float:
     params = text.get("rope_parameters") or text.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if mrope and rope_type == "mrope":  # Qwen2-VL files name M-RoPE a rope type; transformers reads it as default
+        rope_type = "default"
     if rope_type != "default":
         raise CheckpointError(f"{path}: text_config rope_type={rope_type!r} is not supported (only 'default')")
     return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
 
 
-def parse_text_config(text: dict[str, Any], path: Path, tie_default: bool = False) -> TextConfig:
+def parse_text_config(text: dict[str, Any], path: Path, tie_default: bool = False,
+                      mrope_section: tuple[int, ...] | None = None) -> TextConfig:
     text = _merged({"model_type": "llama", **text}, _TEXT_DEFAULTS, "text_config", path)
     if text.get("mlp_bias"):
         raise CheckpointError(f"{path}: text_config.mlp_bias=true is not supported")
@@ -170,11 +244,11 @@ def parse_text_config(text: dict[str, Any], path: Path, tie_default: bool = Fals
         intermediate_size=int(text["intermediate_size"]), num_layers=int(text["num_hidden_layers"]),
         num_heads=heads, num_kv_heads=kv_heads,
         head_dim=int(text.get("head_dim") or int(text["hidden_size"]) // heads),
-        rms_norm_eps=float(text["rms_norm_eps"]), rope_theta=_rope_theta(text, path),
+        rms_norm_eps=float(text["rms_norm_eps"]), rope_theta=_rope_theta(text, path, mrope_section is not None),
         qkv_bias=qkv_bias, o_bias=text["model_type"] == "llama" and bool(text.get("attention_bias", False)),
         hidden_act=str(text["hidden_act"]),
         tie_word_embeddings=bool(text.get("tie_word_embeddings", tie_default)),
-        max_position_embeddings=int(text["max_position_embeddings"]),
+        max_position_embeddings=int(text["max_position_embeddings"]), mrope_section=mrope_section,
     )
 
 
@@ -212,7 +286,51 @@ def idefics3_config(raw: dict[str, Any], path: Path) -> Idefics3Config:
                           scale_factor=scale, eos_token_ids=_eos_ids(text_raw, raw.get("eos_token_id")))
 
 
-def load_config(model_dir: str | Path) -> LlavaConfig | Idefics3Config | CausalLMConfig:
+def _mrope_section(text: dict[str, Any], head_dim: int, path: Path) -> tuple[int, ...]:
+    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    section = tuple(int(x) for x in params.get("mrope_section", (16, 24, 24)))
+    if len(section) != 3 or sum(section) != head_dim // 2:
+        raise CheckpointError(f"{path}: mrope_section={list(section)} must be three numbers summing to head_dim / 2 "
+                              f"= {head_dim // 2}")
+    return section
+
+
+def qwen2_vl_config(raw: dict[str, Any], path: Path) -> Qwen2VLConfig:
+    """``config.json`` of a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``
+    checkpoint: the decoder's fields at the top level (files the Qwen team published) or under
+    ``text_config`` (files transformers writes today)."""
+    variant = raw["model_type"]
+    text_raw = dict(raw.get("text_config") or {k: v for k, v in raw.items() if k != "vision_config"})
+    text_raw["model_type"] = f"{variant}_text"
+    probe = parse_text_config({**text_raw, "rope_scaling": None, "rope_parameters": None}, path)
+    text = parse_text_config(text_raw, path, bool(raw.get("tie_word_embeddings", False)),
+                             _mrope_section(text_raw, probe.head_dim, path))
+    v = {**_QWEN_VISION_DEFAULTS[variant], **{k: x for k, x in (raw.get("vision_config") or {}).items() if x is not None}}
+    if "in_chans" in v:  # the name in the Qwen team's files
+        v["in_channels"] = v.pop("in_chans")
+    rope = v.get("rope_parameters") or {}
+    if variant == "qwen2_vl":
+        width, mlp_width, out_size = int(v["embed_dim"]), int(v["embed_dim"]) * int(v["mlp_ratio"]), int(v["hidden_size"])
+        window, full = 0, ()
+    else:
+        width, mlp_width, out_size = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["out_hidden_size"])
+        window, full = int(v["window_size"]), tuple(int(i) for i in v["fullatt_block_indexes"])
+    vision = QwenVisionConfig(
+        variant=variant, width=width, depth=int(v["depth"]), num_heads=int(v["num_heads"]), mlp_width=mlp_width,
+        hidden_act=str(v["hidden_act"]), out_size=out_size, patch_size=int(v["patch_size"]),
+        temporal_patch_size=int(v["temporal_patch_size"]), merge_size=int(v["spatial_merge_size"]),
+        in_channels=int(v["in_channels"]), window_size=window, full_attention_blocks=full,
+        rope_theta=float(rope.get("rope_theta", 10000.0)))
+    if out_size != text.hidden_size:
+        raise CheckpointError(f"{path}: the vision tower's output width {out_size} is not the decoder's {text.hidden_size}")
+    if window and window % vision.pixel_factor:
+        raise CheckpointError(f"{path}: vision window_size={window} is not a multiple of patch_size * "
+                              f"spatial_merge_size = {vision.pixel_factor}")
+    return Qwen2VLConfig(text=text, vision=vision, image_token_index=int(raw.get("image_token_id", 151655)),
+                         eos_token_ids=_eos_ids(text_raw, raw.get("eos_token_id")))
+
+
+def load_config(model_dir: str | Path) -> LlavaConfig | Idefics3Config | Qwen2VLConfig | CausalLMConfig:
     """Read ``config.json`` of a checkpoint folder: LLaVA or Idefics3 layout, or a text-only
     LLaMA-family model."""
     path = Path(model_dir) / "config.json"
@@ -223,13 +341,16 @@ def load_config(model_dir: str | Path) -> LlavaConfig | Idefics3Config | CausalL
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
     model_type = raw.get("model_type")
-    if model_type in _TEXT_DEFAULTS:
+    if model_type in _TEXT_DEFAULTS and not model_type.endswith("_vl_text"):
         return CausalLMConfig(text=parse_text_config(raw, path), eos_token_ids=_eos_ids(raw))
     if model_type == "idefics3":
         return idefics3_config(raw, path)
+    if model_type in _QWEN_VISION_DEFAULTS:
+        return qwen2_vl_config(raw, path)
     if model_type != "llava":
+        text_types = ", ".join(sorted(t for t in _TEXT_DEFAULTS if not t.endswith("_vl_text")))
         raise CheckpointError(f"{path}: model_type={model_type!r} is not supported "
-                              f"(expected 'llava', 'idefics3' or a text model: {', '.join(sorted(_TEXT_DEFAULTS))})")
+                              f"(expected 'llava', 'idefics3', 'qwen2_vl', 'qwen2_5_vl' or a text model: {text_types})")
     text = parse_text_config(raw.get("text_config") or {}, path, bool(raw.get("tie_word_embeddings", False)))
     vision = parse_vision_config(raw.get("vision_config") or {}, path)
     layers = raw.get("vision_feature_layer", -2)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..rope import Rotary
+from ..rope import Rotary, rotary_for
 from .config import TextConfig
 from . import decode_linear
 from .decode_attention import decode_attention, kernel_supported
@@ -241,7 +241,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = rotary_for(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
     def fuse_projections(self) -> None:
         """Fused q/k/v and gate/up matrices in every block (a decode-speed layout; same results)."""
@@ -274,7 +274,8 @@ class Decoder(nn.Module):
         """One forward step over q new tokens (see the module docstring).
 
         embeds ``[q, hidden]``; cache_k/v ``[layers, kv_heads, C, head_dim]``; valid ``[C]`` bool
-        (slots holding a token); positions ``[q]`` (cache-relative); attn_window: how many of the
+        (slots holding a token); positions ``[q]`` (cache-relative), or ``[3, q]`` for M-RoPE
+        (temporal, height, width; ``rope.MultimodalRotary``); attn_window: how many of the
         last queries to report attention mass for (0: none; a 0-d tensor: always report, for export);
         block_fn: how each block runs (a backend may pass a compiled ``run_block``).
         """

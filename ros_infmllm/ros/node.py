@@ -61,7 +61,8 @@ def build_session(values: dict[str, Any]):
         system_prompt=values["system_prompt"] or None, max_new_tokens=values["max_new_tokens"],
         max_query_chars=values["max_query_chars"], max_query_tokens=values["max_query_tokens"],
         sampling=SamplingConfig(values["temperature"], values["top_p"], values["seed"]),
-        visual_pool=values["visual_tokens.pool"], merge_evicted=values["visual_tokens.merge"])
+        visual_pool=values["visual_tokens.pool"], merge_evicted=values["visual_tokens.merge"],
+        min_pixels=values["vision.min_pixels"], max_pixels=values["vision.max_pixels"])
 
 
 DEMO_VLM = "demo-vlm"  # model_path naming the demo VLM

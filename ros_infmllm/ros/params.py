@@ -88,6 +88,10 @@ PARAMS: tuple[ParamSpec, ...] = (
                                     "(false: text-prior eviction alone)."),
     ParamSpec("visual_tokens.pool", 1, "Average each frame's visual tokens over pool x pool grid cells before the "
                                        "decoder (1: off; 2: a quarter of the cache slots per frame).", 1, 4),
+    ParamSpec("vision.min_pixels", 0, "Dynamic-resolution towers (Qwen2-VL, Qwen2.5-VL): fewest pixels a frame is "
+                                      "resized to (0: the checkpoint's preprocessor_config.json).", 0, 1 << 26),
+    ParamSpec("vision.max_pixels", 0, "Dynamic-resolution towers: most pixels a frame is resized to; visual tokens "
+                                      "per frame = pixels / 28^2 (0: the checkpoint's).", 0, 1 << 26),
     ParamSpec("visual_tokens.merge", False, "At each eviction, average evicted visual entries into their most similar "
                                             "kept entry instead of dropping them (LOOK-M's merging, with any policy; "
                                             "no gain on the tiny model, docs/visual_tokens.md)."),

@@ -1,13 +1,16 @@
 """OpenCV image preprocessing that follows the checkpoint's ``preprocessor_config.json``.
 
 CLIP-style processors resize the shortest edge and centre-crop; SigLIP-style ones resize to a
-fixed height and width. Both then rescale (1/255) and normalise with the file's mean/std. When
-the file is absent, the tower type gives the defaults its processor class would use.
+fixed height and width; Qwen2-VL's resizes each frame to the nearest size whose sides are
+multiples of a merged token's side, within a pixel budget (dynamic resolution). All then rescale
+(1/255) and normalise with the file's mean/std. When the file is absent, the tower type gives
+the defaults its processor class would use.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import CheckpointFiles
-from ..model.config import VisionConfig
+from ..model.config import QwenVisionConfig, VisionConfig
 from ..model.gguf_file import open_gguf
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -95,6 +98,71 @@ class ImagePreprocessor:
         return image.contiguous()
 
 
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size Qwen2-VL's processor resizes an image to: sides rounded to multiples of
+    ``factor``, scaled (aspect kept as nearly as it can be) into ``[min_pixels, max_pixels]``."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"frame aspect ratio {max(height, width) / min(height, width):.0f} is over 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor  # 0 for a side under factor / 2
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+REFERENCE_FRAME = (480, 640)  # a VGA camera: the frame size warm-up and token counts assume
+
+
+@dataclass(frozen=True)
+class DynamicResolutionPreprocessor(ImagePreprocessor):
+    """Qwen2-VL / Qwen2.5-VL: each frame resized (OpenCV) to ``smart_resize`` of its own size, so
+    a camera's frames keep their aspect and take ``pixels / (patch * merge)^2`` visual tokens.
+    ``height`` x ``width`` is the size a ``REFERENCE_FRAME`` camera frame is resized to."""
+
+    factor: int = 28
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+
+    @classmethod
+    def for_qwen(cls, model_dir: str | Path | None, vision: QwenVisionConfig, min_pixels: int = 0,
+                 max_pixels: int = 0) -> "DynamicResolutionPreprocessor":
+        """From the folder's ``preprocessor_config.json`` (``min_pixels`` / ``max_pixels``, or
+        ``size.shortest_edge`` / ``size.longest_edge`` as transformers writes them now); a
+        non-zero ``min_pixels`` / ``max_pixels`` overrides the file (the node's parameters)."""
+        path = Path(model_dir) / "preprocessor_config.json" if model_dir is not None else None
+        raw = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
+        low = int(min_pixels or raw.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
+        high = int(max_pixels or raw.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
+        factor = vision.pixel_factor
+        if low < factor * factor or high < low:
+            raise ValueError(f"pixels per frame: need {factor * factor} <= min_pixels ({low}) <= max_pixels ({high})")
+        height, width = smart_resize(*REFERENCE_FRAME, factor, low, high)
+        return cls(height=height, width=width, shortest_edge=None,
+                   interpolation=_RESAMPLE.get(int(raw.get("resample", 3)), cv2.INTER_CUBIC),
+                   rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
+                   mean=tuple(raw.get("image_mean", _CLIP_MEAN)), std=tuple(raw.get("image_std", _CLIP_STD)),
+                   do_normalize=bool(raw.get("do_normalize", True)), factor=factor, min_pixels=low, max_pixels=high)
+
+    def resize(self, rgb: np.ndarray) -> np.ndarray:
+        height, width = smart_resize(rgb.shape[0], rgb.shape[1], self.factor, self.min_pixels, self.max_pixels)
+        if (height, width) == rgb.shape[:2]:
+            return rgb
+        return cv2.resize(rgb, (width, height), interpolation=self.interpolation)
+
+
+def preprocessor_for_folder(model_dir: str | Path | None, vision, min_pixels: int = 0,
+                            max_pixels: int = 0) -> ImagePreprocessor:
+    """The preprocessing of a Hugging Face folder's tower (``min_pixels`` / ``max_pixels``: the
+    pixel budget of a dynamic-resolution tower, 0 for the checkpoint's own)."""
+    if isinstance(vision, QwenVisionConfig):
+        return DynamicResolutionPreprocessor.for_qwen(model_dir, vision, min_pixels, max_pixels)
+    return ImagePreprocessor.for_model(model_dir, vision)
+
+
 @functools.lru_cache(maxsize=32)
 def _channel_constant(values: tuple[float, ...], device: str) -> torch.Tensor:
     """A per-channel ``[1, 3, 1, 1]`` constant on ``device``, made once rather than uploaded with
@@ -102,7 +170,7 @@ def _channel_constant(values: tuple[float, ...], device: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
 
-def preprocessor_for(files: CheckpointFiles, model) -> ImagePreprocessor | None:
+def preprocessor_for(files: CheckpointFiles, model, min_pixels: int = 0, max_pixels: int = 0) -> ImagePreprocessor | None:
     """The preprocessing a loaded model's checkpoint asks for; None for a text-only model. An
     mmproj GGUF gives its image size and normalisation (``clip.vision.image_mean`` / ``image_std``)
     and llama.cpp's plain square resize; a Hugging Face folder its ``preprocessor_config.json``."""
@@ -110,7 +178,7 @@ def preprocessor_for(files: CheckpointFiles, model) -> ImagePreprocessor | None:
     if vision is None:
         return None
     if files.mmproj is None:
-        return ImagePreprocessor.for_model(files.folder, vision)
+        return preprocessor_for_folder(files.folder, vision, min_pixels, max_pixels)
     from gguf import Keys
 
     mmproj = open_gguf(files.mmproj)

@@ -25,7 +25,7 @@ from ..export.manifest import Manifest
 from ..model import CausalLM, load_model, locate
 from ..model.checkpoint_text import chat_template, load_tokenizer
 from .chat_template import template_from_chat
-from .preprocess import ImagePreprocessor, preprocessor_for
+from .preprocess import ImagePreprocessor, preprocessor_for, preprocessor_for_folder
 from .sampling import SamplingConfig, sample_next
 from .templates import PromptTemplate, image_wrap_ids, template_for, template_ids
 from .visual_tokens import pool_tokens, pooled_count
@@ -44,6 +44,8 @@ class SessionConfig:
     check_evictions: validate every eviction's kept slots (one host sync per eviction).
     visual_pool: average each frame's visual tokens over pool x pool grid cells before the
         decoder (1: off); see visual_tokens.py.
+    min_pixels / max_pixels: pixel budget of each frame for a dynamic-resolution tower (Qwen2-VL,
+        Qwen2.5-VL), which sets its visual tokens: pixels / (patch * merge)^2; 0: the checkpoint's.
     merge_evicted: at each eviction, average the evicted visual slots into their most similar
         kept slot instead of dropping them (LOOK-M; ``BoundedKVCache.merge_evicted``); a policy
         may ask for it too (``look-m`` does).
@@ -59,6 +61,10 @@ class SessionConfig:
     max_query_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     visual_pool: int = 1
+    # Pixels per frame of a dynamic-resolution tower (Qwen2-VL): each frame is resized into
+    # [min_pixels, max_pixels]; 0 takes the checkpoint's preprocessor_config.json.
+    min_pixels: int = 0
+    max_pixels: int = 0
     merge_evicted: bool = False
     check_evictions: bool = True
 
@@ -66,6 +72,9 @@ class SessionConfig:
         for name in ("capacity", "max_chunk", "max_new_tokens", "max_query_chars", "max_query_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: the checkpoint's), got {getattr(self, name)}")
         if not 0 <= self.slack_fraction < 1:
             raise ValueError(f"slack_fraction must be in [0, 1), got {self.slack_fraction}")
 
@@ -99,7 +108,8 @@ class StreamingSession:
                  preprocessor: ImagePreprocessor | None = None, backend: Any = None) -> None:
         self.model, self.tokenizer, self.policy, self.config = model, tokenizer, policy, config
         self.template = template or template_for("qwen2")
-        self.preprocessor = preprocessor or (ImagePreprocessor.for_model(None, model.cfg.vision)
+        self.preprocessor = preprocessor or (preprocessor_for_folder(None, model.cfg.vision, config.min_pixels,
+                                                                     config.max_pixels)
                                              if model.has_vision else None)
         self.backend = backend or TorchBackend(model)
         self.runner = self.backend.graph_runner()  # this session's captured steps (CUDA) or plain calls
@@ -111,7 +121,8 @@ class StreamingSession:
         self.stats = SessionStats()
         self.frames_in_stream = 0  # since the stream began (a reset begins a new one); stats count all
         self.last_frame_stamp: float | None = None
-        self._frame_ids: torch.Tensor | None = None
+        self._frame_ids: dict[int, torch.Tensor] = {}  # per visual token count (one for a fixed-size tower)
+        self._frame_offsets: dict[tuple[int, int], torch.Tensor] = {}  # M-RoPE offsets per frame grid
         self._image_wrap = image_wrap_ids(tokenizer, model.cfg)
         self.generator = torch.Generator().manual_seed(config.sampling.seed)
         # greedy decoding: each step's choice stays on the device and feeds the next step (see tokens())
@@ -122,7 +133,10 @@ class StreamingSession:
         self.stop_ids = {i for i in (tokenizer.token_to_id(s) for s in self.template.stop) if i is not None}
         self.stop_ids.update(model.cfg.eos_token_ids)
         if model.has_vision:
-            pooled_count(model.cfg.num_image_tokens, config.visual_pool)  # a bad pool fails here, not at a frame
+            if model.dynamic_resolution and config.visual_pool != 1:
+                raise ValueError(f"visual_pool {config.visual_pool}: {type(model).__name__} merges its patches in its "
+                                 f"own tower (pixels per frame set its tokens); pooling is for fixed-size towers")
+            pooled_count(self._reference_tokens(), config.visual_pool)  # a bad pool fails here, not at a frame
         policy.set_frame_tokens(len(self.frame_ids()) if model.has_vision else 0)
         self._check_sizes(len(self._system_ids()))
         self._write_system_prompt()
@@ -163,7 +177,8 @@ class StreamingSession:
         if backend != "torch":
             runner.check_session(session_config.capacity, session_config.max_chunk, dtype)
         template = checkpoint_template(files, model.cfg.text.model_type, session_config.template)
-        return cls(model, tokenizer, policy_obj, session_config, template, preprocessor_for(files, model), runner)
+        preprocessor = preprocessor_for(files, model, session_config.min_pixels, session_config.max_pixels)
+        return cls(model, tokenizer, policy_obj, session_config, template, preprocessor, runner)
 
     # ---- sizes -------------------------------------------------------------------------------
     def _check_sizes(self, pinned: int) -> None:
@@ -214,8 +229,10 @@ class StreamingSession:
 
     @torch.inference_mode()
     def feed(self, ids: torch.Tensor, image_features: torch.Tensor | None = None, pinned: bool = False,
-             all_logits: bool = False) -> torch.Tensor:
+             all_logits: bool = False, position_offsets: torch.Tensor | None = None) -> torch.Tensor:
         """Append tokens ``ids[T]`` (image placeholders filled from ``image_features``) to the cache.
+        ``position_offsets`` ``[3, T]``: M-RoPE positions relative to the tokens' slots (a frame of
+        a Qwen2-VL model, see ``frame_inputs``); None: positions are the slots.
 
         Returns the logits of the last token ``[vocab]``, or of every token ``[T, vocab]``.
         Refuses with ``CacheFullError`` before touching the cache if a non-evicting policy would overflow.
@@ -231,7 +248,7 @@ class StreamingSession:
         cache = self.cache
         before = (cache.length, cache.total_seen, cache.evictions)
         try:
-            return self._feed_chunks(ids.cpu(), image_features, pinned, all_logits)
+            return self._feed_chunks(ids.cpu(), image_features, pinned, all_logits, position_offsets)
         except Exception:
             # A failed step (out of memory, a backend error) writes nothing; the chunks of this
             # feed that did go in are taken out again, so a frame or a question is in the cache
@@ -241,9 +258,11 @@ class StreamingSession:
             raise
 
     def _feed_chunks(self, ids: torch.Tensor, image_features: torch.Tensor | None, pinned: bool,
-                     all_logits: bool) -> torch.Tensor:
+                     all_logits: bool, offsets: torch.Tensor | None = None) -> torch.Tensor:
         has_images = image_features is not None or bool((ids == self.model.cfg.image_token_index).any())
         source = self.model.embed_tokens(ids, image_features) if has_images else ids
+        if offsets is not None:
+            offsets = offsets.to(self.model.device, non_blocking=True)
         logits = []
         for start in range(0, ids.shape[0], self.config.max_chunk):
             chunk = source[start:start + self.config.max_chunk]
@@ -251,19 +270,23 @@ class StreamingSession:
             # Captured: decode tokens and frame chunks (their sizes recur); questions run eagerly.
             capture = not (pinned or all_logits) and (has_images or count == 1)
             self._make_room(count, capture)
-            key = ("frame" if has_images else "text", count, pinned, all_logits)
+            key = ("frame" if has_images else "text", count, pinned, all_logits, offsets is not None)
             step = partial(self._step, from_ids=not has_images, pinned=pinned, all_logits=all_logits)
-            logits.append(self.runner(key, step, (chunk,), capture))
+            inputs = (chunk,) if offsets is None else (chunk, offsets[:, start:start + count])
+            logits.append(self.runner(key, step, inputs, capture))
             self.cache.commit(count)
         return torch.cat(logits) if all_logits else logits[-1][-1].clone()
 
-    def _step(self, chunk: torch.Tensor, from_ids: bool, pinned: bool, all_logits: bool) -> torch.Tensor:
+    def _step(self, chunk: torch.Tensor, offsets: torch.Tensor | None = None, *, from_ids: bool, pinned: bool,
+              all_logits: bool) -> torch.Tensor:
         """One chunk on the device: embed (text), decoder step, the policy's observation, cache
-        write. Reads the fill level from the cache's device copies only, so it can be captured."""
+        write. Reads the fill level from the cache's device copies only, so it can be captured.
+        ``offsets`` ``[3, count]``: M-RoPE positions relative to the chunk's slots."""
         cache, window = self.cache, self.policy.attention_window
         embeds = self.model.decoder.embed_tokens(chunk.to(self.model.device)) if from_ids else chunk
         count = embeds.shape[0]
-        out = self.backend.step(embeds, cache.k, cache.v, cache.valid(), cache.positions(count), window, all_logits)
+        positions = cache.positions(count) if offsets is None else cache.positions(count) + offsets
+        out = self.backend.step(embeds, cache.k, cache.v, cache.valid(), positions, window, all_logits)
         if out.attn_mass is not None:
             self.policy.observe(cache, cache.fold_new_tokens(out.attn_mass), min(window, count))
         cache.write(out.new_k, out.new_v, pinned, visual=not from_ids)  # a frame's chunk: visual
@@ -322,30 +345,53 @@ class StreamingSession:
             yield token
 
     # ---- frames ---------------------------------------------------------------------------------
-    def frame_ids(self) -> torch.Tensor:
-        """Token ids of one frame in the template, visual tokens as image placeholders (the same
-        for every frame, so tokenised once)."""
-        if self._frame_ids is None:
-            self._frame_ids = torch.tensor(self._template_ids(self.template.frame, self.image_tokens_per_frame))
-        return self._frame_ids
+    def frame_ids(self, tokens: int | None = None) -> torch.Tensor:
+        """Token ids of one frame of ``tokens`` visual tokens (default: ``image_tokens_per_frame``)
+        in the template, visual tokens as image placeholders (tokenised once per count)."""
+        tokens = self.image_tokens_per_frame if tokens is None else tokens
+        if tokens not in self._frame_ids:
+            self._frame_ids[tokens] = torch.tensor(self._template_ids(self.template.frame, tokens))
+        return self._frame_ids[tokens]
+
+    @torch.inference_mode()
+    def frame_inputs(self, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What ``feed`` takes for one frame: its template ids, its visual tokens and, for an M-RoPE
+        model, its position offsets (per frame grid: a dynamic-resolution tower's token count
+        follows the frame's size)."""
+        if self.preprocessor is None:
+            raise ValueError("this model is text-only (no vision tower): frames cannot be ingested")
+        pixels = self.preprocessor(rgb, self.model.device)  # it validates the frame
+        features = pool_tokens(self.backend.encode_images(pixels), self.config.visual_pool)
+        ids = self.frame_ids(features.shape[1])
+        grid = self.model.frame_grid(pixels)
+        if grid is None:
+            return ids, features, None
+        if grid not in self._frame_offsets:
+            self._frame_offsets[grid] = self.model.stream_position_offsets(ids, grid)
+        return ids, features, self._frame_offsets[grid]
 
     @torch.inference_mode()
     def encode_frame(self, rgb: np.ndarray) -> torch.Tensor:
         """RGB ``HxWx3 uint8`` -> visual tokens ``[1, tokens, hidden]`` (preprocess, tower, projector)."""
-        if self.preprocessor is None:
-            raise ValueError("this model is text-only (no vision tower): frames cannot be ingested")
-        features = self.backend.encode_images(self.preprocessor(rgb, self.model.device))  # it validates the frame
-        return pool_tokens(features, self.config.visual_pool)
+        return self.frame_inputs(rgb)[1]
 
     @property
     def image_tokens_per_frame(self) -> int:
-        """Visual tokens a frame puts in the cache (after ``visual_pool``)."""
-        return pooled_count(self.model.cfg.num_image_tokens, self.config.visual_pool)
+        """Visual tokens a frame puts in the cache (after ``visual_pool``); for a dynamic-resolution
+        tower, a frame of the preprocessor's reference size."""
+        return pooled_count(self._reference_tokens(), self.config.visual_pool)
+
+    def _reference_tokens(self) -> int:
+        if self.model.dynamic_resolution:
+            rows, cols = self.model.frame_grid(torch.empty(1, 3, self.preprocessor.height, self.preprocessor.width,
+                                                           device="meta"))
+            return rows * cols
+        return self.model.cfg.num_image_tokens
 
     def ingest_frame(self, rgb: np.ndarray, stamp: float | None = None) -> None:
         """Add one camera frame to the stream. Bad frames raise ``ValueError``; the cache is untouched."""
-        features = self.encode_frame(rgb)
-        self.feed(self.frame_ids(), features)
+        ids, features, offsets = self.frame_inputs(rgb)
+        self.feed(ids, features, position_offsets=offsets)
         self.stats.frames_ingested += 1
         self.frames_in_stream += 1
         self.last_frame_stamp = stamp

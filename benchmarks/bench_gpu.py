@@ -59,6 +59,9 @@ SHAPES = {
                            "num_key_value_heads": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
                            "hidden_act": "silu", "max_position_embeddings": 32768, "tie_word_embeddings": False},
                   "vision": SO400M_384},
+}
+# Issue 17's families (other layouts than LLaVA; other scripts that read SHAPES stay on the LLaVA three).
+FAMILY_SHAPES = {
     # Qwen/Qwen2.5-VL-3B-Instruct's config.json: window attention in the tower, M-RoPE decoder.
     "qwen2.5-vl-3b": {"layout": "qwen2_5_vl", "frame": (480, 640),
                       "text": {**QWEN2, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
@@ -82,6 +85,8 @@ SMOKE_SHAPES = {
                             "tie_word_embeddings": True},
                    "vision": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                               "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
+}
+SMOKE_FAMILY_SHAPES = {
     "tiny-qwen2.5-vl": {"layout": "qwen2_5_vl", "frame": (48, 64),
                         "text": {**QWEN2, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -268,14 +273,15 @@ class StreamDriver:
         return times
 
 
-def camera_frame(model: LlavaModel, shape: dict) -> tuple[int, int]:
+def camera_frame(model: LlavaModel, shape: dict | None = None) -> tuple[int, int]:
     """The frames streamed: the shape's camera frame, else the tower's own square size."""
-    if "frame" in shape:
+    if shape and "frame" in shape:
         return tuple(shape["frame"])
     return model.cfg.vision.image_size, model.cfg.vision.image_size
 
 
-def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, device: str, shape: dict) -> dict:
+def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, device: str,
+                 shape: dict | None = None) -> dict:
     config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
                            check_evictions=False)
     session = StreamingSession(model, tokenizer, make_policy(policy), config, template_for("demo"),
@@ -406,8 +412,8 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", help=f"default: every shape ({', '.join(SHAPES)}); with --smoke "
-                                                      f"tiny-qwen2 (also: {', '.join(list(SMOKE_SHAPES)[1:])})")
+    parser.add_argument("--models", nargs="+", help=f"default: {', '.join(SHAPES)} (also: {', '.join(FAMILY_SHAPES)}); "
+                                                      f"with --smoke tiny-qwen2 (also: {', '.join(SMOKE_FAMILY_SHAPES)})")
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--max-chunk", type=int, default=1024,
                         help="prefill chunk: 1024 takes a SigLIP-384 frame (729 visual tokens) in one step")
@@ -428,10 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="bench_gpu", help="results file name (without extension)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
-    shapes = SHAPES
+    shapes = {**SHAPES, **FAMILY_SHAPES}
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
-        shapes, args.models = SMOKE_SHAPES, args.models or ["tiny-qwen2"]
+        shapes, args.models = {**SMOKE_SHAPES, **SMOKE_FAMILY_SHAPES}, args.models or list(SMOKE_SHAPES)
         args.capacity, args.max_chunk, args.stream_tokens = 128, 32, [160, 400, 1200]
         args.decode_tokens, args.ingest_frames, args.hf_contexts, args.hf_new_tokens = 8, 3, [64, 128], 5
         args.hf_static_contexts = [128]

@@ -70,7 +70,7 @@ def profile_model(name: str, args) -> dict:
                            check_evictions=False)
     session = StreamingSession(model, tokenizer, make_policy(args.policy), config, template_for("demo"),
                                ImagePreprocessor.for_model(folder, model.cfg.vision))
-    driver = StreamDriver(session, "cuda", model.cfg.vision.image_size)
+    driver = StreamDriver(session, "cuda", (model.cfg.vision.image_size,) * 2)
     driver.stream_to(3 * args.capacity)
     driver.decode(16)
     _, steps = driver.decode(128)

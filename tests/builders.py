@@ -39,12 +39,13 @@ class TinySpec:
     extra_text: dict[str, Any] = field(default_factory=dict)
 
 
-def build_tokenizer(path: Path, extra_specials: tuple[str, ...] = ()) -> None:
+def build_tokenizer(path: Path, extra_specials: tuple[str, ...] = (), extra_words: tuple[str, ...] = ()) -> None:
     """A word-level tokenizer covering the test vocabulary, saved as tokenizer.json;
-    ``extra_specials`` take the last ids of the vocabulary (a layout's own markers)."""
+    ``extra_specials`` take the last ids of the vocabulary (a layout's own markers),
+    ``extra_words`` the ids right after the test words (filler ids otherwise)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
-    vocab = {w: i for i, w in enumerate(VOCAB_WORDS + WORDS)}
+    vocab = {w: i for i, w in enumerate(VOCAB_WORDS + WORDS + list(extra_words))}
     for i in range(len(vocab), VOCAB_SIZE - len(extra_specials)):
         vocab[f"w{i}"] = i
     for i, token in enumerate(extra_specials, start=VOCAB_SIZE - len(extra_specials)):
@@ -95,10 +96,15 @@ SMOLVLM_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
 
+# SmolVLM's tile markers for image splitting, up to 3 x 3 tiles (the test vocabulary has room for nine).
+ROW_COL_TOKENS = tuple(f"<row_{r}_col_{c}>" for r in (1, 2, 3) for c in (1, 2, 3))
+
+
 def build_tiny_idefics3(path: Path, image_size: int = 32, patch: int = 4, scale: int = 2, seed: int = 0,
-                        chat_template: bool = True) -> "torch.nn.Module":
+                        chat_template: bool = True, longest_edge: int | None = None) -> "torch.nn.Module":
     """Save a random ``Idefics3ForConditionalGeneration`` (SmolVLM layout: SigLIP tower, pixel
-    shuffle by ``scale``, LLaMA decoder) with its marker tokens and chat template; return it (eval, fp32)."""
+    shuffle by ``scale``, LLaMA decoder) with its marker tokens (tile markers up to 3 x 3), chat
+    template and processor config (``size.longest_edge``, default 4 tiles); return it (eval, fp32)."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -110,13 +116,13 @@ def build_tiny_idefics3(path: Path, image_size: int = 32, patch: int = 4, scale:
                          max_position_embeddings=4096, eos_token_id=2, pad_token_id=1),
         scale_factor=scale, image_token_id=IMAGE_TOKEN)
     model = _save_perturbed(Idefics3ForConditionalGeneration(cfg), path)
-    build_tokenizer(path, IDEFICS3_SPECIALS)
+    build_tokenizer(path, IDEFICS3_SPECIALS, ROW_COL_TOKENS)
     if chat_template:
         (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": SMOLVLM_CHAT_TEMPLATE}))
     (path / "preprocessor_config.json").write_text(json.dumps({
         "do_image_splitting": True, "max_image_size": {"longest_edge": image_size}, "resample": 1,
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-        "size": {"longest_edge": 4 * image_size}}))
+        "size": {"longest_edge": longest_edge or 4 * image_size}}))
     return model
 
 

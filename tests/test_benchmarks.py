@@ -260,4 +260,4 @@ def test_bench_gpu_smoke_run_streams_the_qwen2_5_vl_and_smolvlm_shapes(tmp_path:
         for policy in model["policies"].values():
             assert policy["frame_size"] == [48, 64] and policy["evictions"] > 0
             assert all(c["cache_length"] <= 128 for c in policy["checkpoints"])
-    assert bench_gpu.SHAPES["qwen2.5-vl-3b"]["layout"] == "qwen2_5_vl"  # the real shapes the GPU run uses
+    assert bench_gpu.FAMILY_SHAPES["qwen2.5-vl-3b"]["layout"] == "qwen2_5_vl"  # the real shapes the GPU run uses

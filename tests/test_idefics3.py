@@ -130,3 +130,50 @@ def test_onnx_export_gives_torch_logits_in_onnxruntime(tmp_path: Path) -> None:
         question = torch.tensor(session._template_ids(session.template.query.replace("{query}", "what is in view ?")))
         logits.append(torch.stack([frame_logits, session.feed(question)]))
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
+
+
+def test_split_frames_are_tiles_then_the_global_image_as_transformers_cuts_them(tmp_path: Path) -> None:
+    """A 640x480 frame: longer side to ``longest_edge`` (96 px: 96x72), both sides rounded up to
+    whole 32-px tiles (96x96 -> 3x3 tiles; the global image is the whole frame at 32 px, last)."""
+    from ros_infmllm.session.preprocess import TiledPreprocessor
+
+    build_tiny_idefics3(tmp_path, longest_edge=96)
+    session = StreamingSession.from_pretrained(tmp_path, policy="full", capacity=1024, image_splitting=True)
+    pre = session.preprocessor
+    assert isinstance(pre, TiledPreprocessor) and (pre.tile, pre.longest_edge) == (32, 96)
+    assert pre.split_size(480, 640) == (96, 96) and pre.split_grid(480, 640) == (3, 3)
+    assert pre.split_grid(20, 30) == (2, 3) and pre.split_grid(100, 20) == (3, 1)  # upscaled like transformers
+    frame = np.zeros((480, 640, 3), np.uint8)
+    frame[:, 320:] = 255  # right half white: the tiles of the last column are white, the first black
+    pixels = pre(frame)
+    assert pixels.shape == (10, 3, 32, 32)
+    assert pixels[2].min() > 0.9 and pixels[0].max() < -0.9  # row 1: col 1 black, col 3 white ([-1, 1])
+    assert pixels[9, :, :, :10].max() < -0.9 and pixels[9, :, :, -10:].min() > 0.9  # the global image
+    with pytest.raises(ValueError, match="image_splitting"):
+        from builders import build_tiny_qwen2_vl
+
+        build_tiny_qwen2_vl(tmp_path / "qwen")
+        StreamingSession.from_pretrained(tmp_path / "qwen", policy="full", image_splitting=True)
+
+
+def test_a_split_frame_streams_with_transformers_logits(tmp_path: Path) -> None:
+    """Image splitting on: each frame is 2 x 3 tiles and its global image, written as SmolVLM's
+    processor writes them (``<row_r_col_c>`` markers, newlines, ``<global-img>``); the cache's
+    logits equal transformers' model fed the same ids and the tiles as one image batch."""
+    theirs = build_tiny_idefics3(tmp_path, longest_edge=96)
+    session = StreamingSession.from_pretrained(tmp_path, policy="full", capacity=1024, image_splitting=True)
+    tokenizer, cfg = session.tokenizer, session.model.cfg
+    frame = np.random.default_rng(0).integers(0, 256, (40, 90, 3), dtype=np.uint8)  # 96x44 -> 96x64: 2 x 3
+    assert session.preprocessor.split_grid(40, 90) == (2, 3)
+    ids, features, offsets = session.frame_inputs(frame)
+    assert offsets is None and features.shape[:2] == (7, cfg.num_image_tokens)
+    marks = [tokenizer.id_to_token(i) for i in ids.tolist() if tokenizer.id_to_token(i).startswith("<row_")]
+    assert marks == [f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2, 3)]
+    assert ids.tolist().count(IMAGE_TOKEN) == 7 * cfg.num_image_tokens
+    system = session.cache.length
+    got = session.feed(ids, features, all_logits=True)
+    full = torch.tensor([session._system_ids() + ids.tolist()])
+    with torch.no_grad():
+        expected = theirs(input_ids=full, pixel_values=session.preprocessor(frame).unsqueeze(0)).logits[0, system:]
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert len(session.frame_ids()) > 10 * cfg.num_image_tokens  # the reference VGA frame: 3 x 3 tiles + global

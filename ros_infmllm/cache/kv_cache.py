@@ -3,7 +3,9 @@
 Layout ``[layers, kv_heads, capacity, head_dim]``. Slots ``0..length-1`` hold tokens in stream
 order; every (layer, KV head) holds the same number of tokens, so slot j is RoPE position j in
 all of them, although each head may keep a different subset of the stream. Compaction gathers
-the kept slots to the front and re-rotates each moved key by (new slot - old slot).
+the kept slots to the front and re-rotates each moved key by (new slot - old slot). (An M-RoPE
+model's frame tokens sit at fixed offsets from their slots, docs/qwen2_vl.md; moving all three of
+a token's position components by the same amount is this same rotation, so nothing here changes.)
 
 Per-slot statistics (pinned flags, stream origin, whether a slot holds a frame's token, a
 policy's attention accumulators) are registered here and moved by the same gather, so no policy

@@ -302,15 +302,19 @@ def qwen2_vl_config(raw: dict[str, Any], path: Path) -> Qwen2VLConfig:
     variant = raw["model_type"]
     text_raw = dict(raw.get("text_config") or {k: v for k, v in raw.items() if k != "vision_config"})
     text_raw["model_type"] = f"{variant}_text"
-    probe = parse_text_config({**text_raw, "rope_scaling": None, "rope_parameters": None}, path)
+    if text_raw.get("use_sliding_window"):
+        raise CheckpointError(f"{path}: use_sliding_window=true is not supported (every layer attends to the cache)")
+    plain = parse_text_config({**text_raw, "rope_scaling": None, "rope_parameters": None}, path)  # its head size
     text = parse_text_config(text_raw, path, bool(raw.get("tie_word_embeddings", False)),
-                             _mrope_section(text_raw, probe.head_dim, path))
-    v = {**_QWEN_VISION_DEFAULTS[variant], **{k: x for k, x in (raw.get("vision_config") or {}).items() if x is not None}}
+                             _mrope_section(text_raw, plain.head_dim, path))
+    given = {k: x for k, x in (raw.get("vision_config") or {}).items() if x is not None}
+    v = {**_QWEN_VISION_DEFAULTS[variant], **given}
     if "in_chans" in v:  # the name in the Qwen team's files
         v["in_channels"] = v.pop("in_chans")
     rope = v.get("rope_parameters") or {}
     if variant == "qwen2_vl":
-        width, mlp_width, out_size = int(v["embed_dim"]), int(v["embed_dim"]) * int(v["mlp_ratio"]), int(v["hidden_size"])
+        width, out_size = int(v["embed_dim"]), int(v["hidden_size"])
+        mlp_width = width * int(v["mlp_ratio"])
         window, full = 0, ()
     else:
         width, mlp_width, out_size = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["out_hidden_size"])
@@ -322,7 +326,8 @@ def qwen2_vl_config(raw: dict[str, Any], path: Path) -> Qwen2VLConfig:
         in_channels=int(v["in_channels"]), window_size=window, full_attention_blocks=full,
         rope_theta=float(rope.get("rope_theta", 10000.0)))
     if out_size != text.hidden_size:
-        raise CheckpointError(f"{path}: the vision tower's output width {out_size} is not the decoder's {text.hidden_size}")
+        raise CheckpointError(f"{path}: the vision tower's output width {out_size} is not the decoder's "
+                              f"{text.hidden_size}")
     if window and window % vision.pixel_factor:
         raise CheckpointError(f"{path}: vision window_size={window} is not a multiple of patch_size * "
                               f"spatial_merge_size = {vision.pixel_factor}")

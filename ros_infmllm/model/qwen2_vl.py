@@ -327,7 +327,8 @@ class Qwen2VLModel(ImageTokensModel):
         features, grids = None, []
         if pixel_values is not None:
             features = self.encode_images(pixel_values, image_grid_thw)
-            grids = image_grids(pixel_values, self.cfg.vision) if pixel_values.dim() == 4 else _grid_list(image_grid_thw)
+            four_d = pixel_values.dim() == 4
+            grids = image_grids(pixel_values, self.cfg.vision) if four_d else _grid_list(image_grid_thw)
         if position_ids is None:
             positions = self.rope_positions(ids, grids)
         else:

@@ -92,6 +92,9 @@ PARAMS: tuple[ParamSpec, ...] = (
                                       "resized to (0: the checkpoint's preprocessor_config.json).", 0, 1 << 26),
     ParamSpec("vision.max_pixels", 0, "Dynamic-resolution towers: most pixels a frame is resized to; visual tokens "
                                       "per frame = pixels / 28^2 (0: the checkpoint's).", 0, 1 << 26),
+    ParamSpec("vision.image_splitting", False, "SmolVLM (Idefics3) only: each frame as tiles plus its global image, "
+                                               "as transformers' processor splits images (a 640x480 frame: 13 images' "
+                                               "tokens); off: the global image alone."),
     ParamSpec("visual_tokens.merge", False, "At each eviction, average evicted visual entries into their most similar "
                                             "kept entry instead of dropping them (LOOK-M's merging, with any policy; "
                                             "no gain on the tiny model, docs/visual_tokens.md)."),

@@ -90,8 +90,12 @@ class ImagePreprocessor:
     def __call__(self, rgb: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
         """Resize on the CPU (OpenCV, uint8); rescale and normalise where ``device`` says, so a GPU
         session uploads a quarter of the bytes and does the float work there."""
-        resized = torch.from_numpy(np.ascontiguousarray(self.resize(validate_rgb(rgb))))
-        image = resized.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float() * self.rescale_factor
+        return self.normalise(self.resize(validate_rgb(rgb))[None], device)
+
+    def normalise(self, images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[N, H, W, 3]`` uint8 -> ``[N, 3, H, W]`` float on ``device``, rescaled and normalised."""
+        resized = torch.from_numpy(np.ascontiguousarray(images))
+        image = resized.to(device, non_blocking=True).permute(0, 3, 1, 2).float() * self.rescale_factor
         if self.do_normalize:
             where = str(torch.device(device))
             image = (image - _channel_constant(self.mean, where)) / _channel_constant(self.std, where)
@@ -106,7 +110,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     h, w = round(height / factor) * factor, round(width / factor) * factor  # 0 for a side under factor / 2
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
@@ -154,12 +159,80 @@ class DynamicResolutionPreprocessor(ImagePreprocessor):
         return cv2.resize(rgb, (width, height), interpolation=self.interpolation)
 
 
+MAX_IMAGE_SIDE = 4096  # transformers' Idefics3 processor caps an image's longer side here
+
+
+@dataclass(frozen=True)
+class TiledPreprocessor(ImagePreprocessor):
+    """SmolVLM's image splitting (transformers' Idefics3 processor, ``do_image_splitting``): the
+    frame's longer side resized to ``longest_edge``, both sides rounded up to whole tiles of the
+    tower's ``tile`` pixels, cut into rows x columns tiles (row by row), then the whole frame at
+    ``tile`` pixels as the global image last: ``[rows * cols + 1, 3, tile, tile]``. A frame no
+    larger than one tile is the global image alone. ``height`` x ``width`` is the camera frame
+    (``REFERENCE_FRAME``) that warm-up and token counts assume."""
+
+    tile: int = 384
+    longest_edge: int = 1536
+
+    @classmethod
+    def for_idefics3(cls, model_dir: str | Path | None, vision: VisionConfig) -> "TiledPreprocessor":
+        base = ImagePreprocessor.for_model(model_dir, vision)
+        path = Path(model_dir) / "preprocessor_config.json" if model_dir is not None else None
+        raw = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
+        return cls(height=REFERENCE_FRAME[0], width=REFERENCE_FRAME[1], shortest_edge=None,
+                   interpolation=base.interpolation, rescale_factor=base.rescale_factor, mean=base.mean,
+                   std=base.std, do_normalize=base.do_normalize, tile=vision.image_size,
+                   longest_edge=min(int(size.get("longest_edge", 4 * vision.image_size)), MAX_IMAGE_SIDE))
+
+    def split_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size the frame is cut from, as transformers computes it: the longer side at
+        ``longest_edge`` (the shorter one made even), then both rounded up to whole tiles."""
+        aspect = width / height
+        if width >= height:
+            width, height = self.longest_edge, int(self.longest_edge / aspect)
+            height = max(height + height % 2, 1)
+        else:
+            height, width = self.longest_edge, int(self.longest_edge * aspect)
+            width = max(width + width % 2, 1)
+        aspect, t = width / height, self.tile
+        if width >= height:
+            width = math.ceil(width / t) * t
+            height = math.ceil(int(width / aspect) / t) * t
+        else:
+            height = math.ceil(height / t) * t
+            width = math.ceil(int(height * aspect) / t) * t
+        return height, width
+
+    def split_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of tiles of a ``height`` x ``width`` frame; (0, 0): no split."""
+        h, w = self.split_size(height, width)
+        if h <= self.tile and w <= self.tile:
+            return 0, 0
+        return h // self.tile, w // self.tile
+
+    def __call__(self, rgb: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        h, w = self.split_size(*validate_rgb(rgb).shape[:2])
+        whole = cv2.resize(rgb, (w, h), interpolation=self.interpolation)
+        global_image = cv2.resize(whole, (self.tile, self.tile), interpolation=self.interpolation)
+        if h <= self.tile and w <= self.tile:
+            return self.normalise(global_image[None], device)
+        t = self.tile
+        tiles = whole.reshape(h // t, t, w // t, t, 3).transpose(0, 2, 1, 3, 4).reshape(-1, t, t, 3)
+        return self.normalise(np.concatenate((tiles, global_image[None])), device)
+
+
 def preprocessor_for_folder(model_dir: str | Path | None, vision, min_pixels: int = 0,
-                            max_pixels: int = 0) -> ImagePreprocessor:
+                            max_pixels: int = 0, image_splitting: bool = False) -> ImagePreprocessor:
     """The preprocessing of a Hugging Face folder's tower (``min_pixels`` / ``max_pixels``: the
-    pixel budget of a dynamic-resolution tower, 0 for the checkpoint's own)."""
+    pixel budget of a dynamic-resolution tower, 0 for the checkpoint's own; ``image_splitting``:
+    SmolVLM's tiles plus global image instead of the global image alone)."""
+    if image_splitting and getattr(vision, "model_type", "") != "idefics3_vision":
+        raise ValueError("image_splitting is SmolVLM's (Idefics3 layout); this model's tower takes whole frames")
     if isinstance(vision, QwenVisionConfig):
         return DynamicResolutionPreprocessor.for_qwen(model_dir, vision, min_pixels, max_pixels)
+    if image_splitting:
+        return TiledPreprocessor.for_idefics3(model_dir, vision)
     return ImagePreprocessor.for_model(model_dir, vision)
 
 
@@ -170,7 +243,8 @@ def _channel_constant(values: tuple[float, ...], device: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
 
-def preprocessor_for(files: CheckpointFiles, model, min_pixels: int = 0, max_pixels: int = 0) -> ImagePreprocessor | None:
+def preprocessor_for(files: CheckpointFiles, model, min_pixels: int = 0, max_pixels: int = 0,
+                     image_splitting: bool = False) -> ImagePreprocessor | None:
     """The preprocessing a loaded model's checkpoint asks for; None for a text-only model. An
     mmproj GGUF gives its image size and normalisation (``clip.vision.image_mean`` / ``image_std``)
     and llama.cpp's plain square resize; a Hugging Face folder its ``preprocessor_config.json``."""
@@ -178,7 +252,9 @@ def preprocessor_for(files: CheckpointFiles, model, min_pixels: int = 0, max_pix
     if vision is None:
         return None
     if files.mmproj is None:
-        return preprocessor_for_folder(files.folder, vision, min_pixels, max_pixels)
+        return preprocessor_for_folder(files.folder, vision, min_pixels, max_pixels, image_splitting)
+    if image_splitting:
+        raise ValueError("image_splitting is SmolVLM's (Idefics3 layout); an mmproj tower takes whole frames")
     from gguf import Keys
 
     mmproj = open_gguf(files.mmproj)

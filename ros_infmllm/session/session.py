@@ -25,9 +25,9 @@ from ..export.manifest import Manifest
 from ..model import CausalLM, load_model, locate
 from ..model.checkpoint_text import chat_template, load_tokenizer
 from .chat_template import template_from_chat
-from .preprocess import ImagePreprocessor, preprocessor_for, preprocessor_for_folder
+from .preprocess import REFERENCE_FRAME, ImagePreprocessor, TiledPreprocessor, preprocessor_for, preprocessor_for_folder
 from .sampling import SamplingConfig, sample_next
-from .templates import PromptTemplate, image_wrap_ids, template_for, template_ids
+from .templates import PromptTemplate, image_wrap_ids, split_image_ids, template_for, template_ids
 from .visual_tokens import pool_tokens, pooled_count
 
 
@@ -46,6 +46,8 @@ class SessionConfig:
         decoder (1: off); see visual_tokens.py.
     min_pixels / max_pixels: pixel budget of each frame for a dynamic-resolution tower (Qwen2-VL,
         Qwen2.5-VL), which sets its visual tokens: pixels / (patch * merge)^2; 0: the checkpoint's.
+    image_splitting: SmolVLM (Idefics3) only: each frame as tiles plus its global image, as
+        transformers' processor splits an image (off: the global image alone, a fixed token count).
     merge_evicted: at each eviction, average the evicted visual slots into their most similar
         kept slot instead of dropping them (LOOK-M; ``BoundedKVCache.merge_evicted``); a policy
         may ask for it too (``look-m`` does).
@@ -65,6 +67,7 @@ class SessionConfig:
     # [min_pixels, max_pixels]; 0 takes the checkpoint's preprocessor_config.json.
     min_pixels: int = 0
     max_pixels: int = 0
+    image_splitting: bool = False
     merge_evicted: bool = False
     check_evictions: bool = True
 
@@ -109,7 +112,7 @@ class StreamingSession:
         self.model, self.tokenizer, self.policy, self.config = model, tokenizer, policy, config
         self.template = template or template_for("qwen2")
         self.preprocessor = preprocessor or (preprocessor_for_folder(None, model.cfg.vision, config.min_pixels,
-                                                                     config.max_pixels)
+                                                                     config.max_pixels, config.image_splitting)
                                              if model.has_vision else None)
         self.backend = backend or TorchBackend(model)
         self.runner = self.backend.graph_runner()  # this session's captured steps (CUDA) or plain calls
@@ -121,7 +124,7 @@ class StreamingSession:
         self.stats = SessionStats()
         self.frames_in_stream = 0  # since the stream began (a reset begins a new one); stats count all
         self.last_frame_stamp: float | None = None
-        self._frame_ids: dict[int, torch.Tensor] = {}  # per visual token count (one for a fixed-size tower)
+        self._frame_ids: dict[tuple, torch.Tensor] = {}  # per visual token count (and tile grid, when split)
         self._frame_offsets: dict[tuple[int, int], torch.Tensor] = {}  # M-RoPE offsets per frame grid
         self._image_wrap = image_wrap_ids(tokenizer, model.cfg)
         self.generator = torch.Generator().manual_seed(config.sampling.seed)
@@ -136,7 +139,7 @@ class StreamingSession:
             if model.dynamic_resolution and config.visual_pool != 1:
                 raise ValueError(f"visual_pool {config.visual_pool}: {type(model).__name__} merges its patches in its "
                                  f"own tower (pixels per frame set its tokens); pooling is for fixed-size towers")
-            pooled_count(self._reference_tokens(), config.visual_pool)  # a bad pool fails here, not at a frame
+        # a bad visual_pool, or a tokenizer without a split frame's markers, fails here, not at a frame
         policy.set_frame_tokens(len(self.frame_ids()) if model.has_vision else 0)
         self._check_sizes(len(self._system_ids()))
         self._write_system_prompt()
@@ -177,7 +180,8 @@ class StreamingSession:
         if backend != "torch":
             runner.check_session(session_config.capacity, session_config.max_chunk, dtype)
         template = checkpoint_template(files, model.cfg.text.model_type, session_config.template)
-        preprocessor = preprocessor_for(files, model, session_config.min_pixels, session_config.max_pixels)
+        preprocessor = preprocessor_for(files, model, session_config.min_pixels, session_config.max_pixels,
+                                        session_config.image_splitting)
         return cls(model, tokenizer, policy_obj, session_config, template, preprocessor, runner)
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -270,7 +274,8 @@ class StreamingSession:
             # Captured: decode tokens and frame chunks (their sizes recur); questions run eagerly.
             capture = not (pinned or all_logits) and (has_images or count == 1)
             self._make_room(count, capture)
-            key = ("frame" if has_images else "text", count, pinned, all_logits, offsets is not None)
+            key = ("frame" if has_images else "text", count, pinned, all_logits)
+            key += ("mrope",) if offsets is not None else ()
             step = partial(self._step, from_ids=not has_images, pinned=pinned, all_logits=all_logits)
             inputs = (chunk,) if offsets is None else (chunk, offsets[:, start:start + count])
             logits.append(self.runner(key, step, inputs, capture))
@@ -345,13 +350,23 @@ class StreamingSession:
             yield token
 
     # ---- frames ---------------------------------------------------------------------------------
-    def frame_ids(self, tokens: int | None = None) -> torch.Tensor:
-        """Token ids of one frame of ``tokens`` visual tokens (default: ``image_tokens_per_frame``)
-        in the template, visual tokens as image placeholders (tokenised once per count)."""
-        tokens = self.image_tokens_per_frame if tokens is None else tokens
-        if tokens not in self._frame_ids:
-            self._frame_ids[tokens] = torch.tensor(self._template_ids(self.template.frame, tokens))
-        return self._frame_ids[tokens]
+    def frame_ids(self, tokens: int | None = None, tiles: tuple[int, int] | None = None) -> torch.Tensor:
+        """Token ids of one frame in the template, visual tokens as image placeholders (tokenised
+        once per layout): ``tokens`` visual tokens (default: ``image_tokens_per_frame``), or with
+        image splitting ``tokens`` per image of a frame cut into ``tiles`` (rows, columns; default:
+        the reference frame's) plus its global image."""
+        if isinstance(self.preprocessor, TiledPreprocessor):
+            tiles = tiles if tiles is not None else self.preprocessor.split_grid(*REFERENCE_FRAME)
+            if tokens is None:
+                tokens = pooled_count(self.model.cfg.num_image_tokens, self.config.visual_pool)
+        key = (self.image_tokens_per_frame if tokens is None else tokens, tiles)
+        if key not in self._frame_ids:
+            image_ids = None if tiles is None or tiles == (0, 0) else split_image_ids(
+                self.tokenizer, self.model.cfg.image_token_index, key[0], *tiles)
+            ids = template_ids(self.tokenizer, self.template.frame, self.model.cfg.image_token_index, key[0],
+                               self._image_wrap, image_ids)
+            self._frame_ids[key] = torch.tensor(ids)
+        return self._frame_ids[key]
 
     @torch.inference_mode()
     def frame_inputs(self, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -362,6 +377,9 @@ class StreamingSession:
             raise ValueError("this model is text-only (no vision tower): frames cannot be ingested")
         pixels = self.preprocessor(rgb, self.model.device)  # it validates the frame
         features = pool_tokens(self.backend.encode_images(pixels), self.config.visual_pool)
+        if isinstance(self.preprocessor, TiledPreprocessor):  # tiles and global image, one prompt
+            ids = self.frame_ids(features.shape[1], self.preprocessor.split_grid(*rgb.shape[:2]))
+            return ids, features, None
         ids = self.frame_ids(features.shape[1])
         grid = self.model.frame_grid(pixels)
         if grid is None:
@@ -378,7 +396,10 @@ class StreamingSession:
     @property
     def image_tokens_per_frame(self) -> int:
         """Visual tokens a frame puts in the cache (after ``visual_pool``); for a dynamic-resolution
-        tower, a frame of the preprocessor's reference size."""
+        tower or split frames, a frame of the reference size (``REFERENCE_FRAME``)."""
+        if isinstance(self.preprocessor, TiledPreprocessor):
+            rows, cols = self.preprocessor.split_grid(*REFERENCE_FRAME)
+            return (rows * cols + 1) * pooled_count(self.model.cfg.num_image_tokens, self.config.visual_pool)
         return pooled_count(self._reference_tokens(), self.config.visual_pool)
 
     def _reference_tokens(self) -> int:

@@ -49,15 +49,16 @@ TEMPLATE_FILE = "infmllm_template.json"
 
 
 def template_ids(tokenizer, text: str, image_token: int = -1, image_tokens: int = 0,
-                 image_wrap: tuple[list[int], list[int]] = ([], [])) -> list[int]:
+                 image_wrap: tuple[list[int], list[int]] = ([], []), image_ids: list[int] | None = None) -> list[int]:
     """Token ids of a template text as a session writes it: the pieces between ``<image>``
     placeholders tokenised alone (no special tokens added), each placeholder ``image_tokens``
-    copies of ``image_token`` between the layout's ``image_wrap`` (prefix, suffix) ids. Training
-    data is laid out by this same function."""
+    copies of ``image_token`` between the layout's ``image_wrap`` (prefix, suffix) ids, or
+    ``image_ids`` as given (a split frame's tiles). Training data is laid out by this same function."""
     ids: list[int] = []
     for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if i:
-            ids.extend(image_wrap[0] + [image_token] * image_tokens + image_wrap[1])
+            ids.extend(image_ids if image_ids is not None else
+                       image_wrap[0] + [image_token] * image_tokens + image_wrap[1])
         if part:
             ids.extend(tokenizer.encode(part, add_special_tokens=False).ids)
     return ids
@@ -73,6 +74,26 @@ def image_wrap_ids(tokenizer, cfg) -> tuple[list[int], list[int]]:
             raise ValueError(f"the tokenizer has no {', '.join(missing)} token, which this model's image prompt needs")
         return found
     return ids(getattr(cfg, "image_prefix", ())), ids(getattr(cfg, "image_suffix", ()))
+
+
+def split_image_ids(tokenizer, image_token: int, tokens: int, rows: int, cols: int) -> list[int]:
+    """SmolVLM's prompt for a frame split into ``rows`` x ``cols`` tiles plus its global image
+    (transformers' Idefics3 processor): ``<fake_token_around_image><row_r_col_c>`` + the tile's
+    ``tokens`` placeholders for each tile, a newline after each row, then a newline and the global
+    image between ``<fake_token_around_image><global-img>`` and ``<fake_token_around_image>``."""
+    names = ["<fake_token_around_image>", "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, rows + 1)
+                                                               for c in range(1, cols + 1)]
+    found = {name: tokenizer.token_to_id(name) for name in names}
+    missing = [name for name, i in found.items() if i is None]
+    if missing:
+        raise ValueError(f"image splitting: the tokenizer has no {', '.join(missing[:3])} token")
+    newline = tokenizer.encode("\n", add_special_tokens=False).ids
+    fake, ids = found["<fake_token_around_image>"], []
+    for r in range(1, rows + 1):
+        for c in range(1, cols + 1):
+            ids += [fake, found[f"<row_{r}_col_{c}>"]] + [image_token] * tokens
+        ids += newline
+    return ids + newline + [fake, found["<global-img>"]] + [image_token] * tokens + [fake]
 
 
 def template_for(name: str, model_dir: str | Path | None = None, model_type: str = "",

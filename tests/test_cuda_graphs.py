@@ -143,3 +143,27 @@ def test_a_failed_capture_falls_back_to_eager_and_leaves_the_pool_usable() -> No
         worker.join()
     assert fresh.capture_error is None and "double" in fresh.graphs
     assert torch.equal(out, x * 2)
+
+
+def test_a_qwen2_5_vl_stream_replays_with_the_eager_logits(tmp_path: Path) -> None:
+    """Qwen2.5-VL on the GPU: the windowed tower captured per frame size, frame chunks with their
+    M-RoPE offsets as a captured input, decode through the Triton kernels, evictions: all equal
+    eager calls."""
+    from builders import build_tiny_qwen2_vl
+    from tokenizers import Tokenizer
+
+    build_tiny_qwen2_vl(tmp_path, "qwen2_5_vl")
+    model = load_model(tmp_path, device="cuda")
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    eager, graphed = _session(model, tokenizer, False, "h2o"), _session(model, tokenizer, True, "h2o")
+    frames = np.random.default_rng(0).integers(0, 256, (10, 30, 44, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        for session in (eager, graphed):
+            session.ingest_frame(frame)
+        token = torch.tensor([5 + i])
+        for _ in range(3):
+            a, b = eager.feed(token), graphed.feed(token)
+            assert (a - b).abs().max() <= 1e-4
+            token = a.argmax().view(1).cpu()
+    assert graphed.cache.evictions > 2 and any(key[-1] == "mrope" for key in graphed.runner.graphs)
+    assert torch.allclose(eager.cache.k, graphed.cache.k, atol=1e-5)

@@ -22,6 +22,18 @@ def _session(model, tokenizer, graphs: bool, policy: str) -> StreamingSession:
                             backend=TorchBackend(model, cuda_graphs=graphs))
 
 
+def _stream_side_by_side(eager: StreamingSession, graphed: StreamingSession, frames: np.ndarray, tokens: int) -> None:
+    """Each frame into both sessions, then ``tokens`` greedy steps each: the logits agree at every step."""
+    for i, frame in enumerate(frames):
+        for session in (eager, graphed):
+            session.ingest_frame(frame)
+        token = torch.tensor([5 + i])
+        for _ in range(tokens):
+            a, b = eager.feed(token), graphed.feed(token)
+            assert (a - b).abs().max() <= 1e-4
+            token = a.argmax().view(1).cpu()
+
+
 @pytest.mark.parametrize("policy", ["inf-mllm", "h2o", "streamingllm", "inf-mllm-paper", "inf-mllm-lt", "look-m"])
 def test_graph_replay_gives_the_eager_logits_through_evictions(head16_model_dir: Path, policy: str) -> None:
     """Compiled blocks, the Triton decode attention and captured steps against plain eager calls."""
@@ -31,15 +43,7 @@ def test_graph_replay_gives_the_eager_logits_through_evictions(head16_model_dir:
     tokenizer = Tokenizer.from_file(str(head16_model_dir / "tokenizer.json"))
     eager, graphed = _session(model, tokenizer, False, policy), _session(model, tokenizer, True, policy)
     assert graphed.backend.decode_kernel
-    frames = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
-    for i, frame in enumerate(frames):
-        for session in (eager, graphed):
-            session.ingest_frame(frame)
-        token = torch.tensor([5 + i])
-        for _ in range(4):
-            a, b = eager.feed(token), graphed.feed(token)
-            assert (a - b).abs().max() <= 1e-4
-            token = a.argmax().view(1).cpu()
+    _stream_side_by_side(eager, graphed, np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), 4)
     kinds = {key[0] for key in graphed.runner.graphs}
     assert graphed.cache.evictions > 3 and kinds == {"text", "frame", "evict"}, graphed.runner.graphs.keys()
     assert (graphed.cache.length, graphed.cache.total_seen) == (eager.cache.length, eager.cache.total_seen)
@@ -156,14 +160,6 @@ def test_a_qwen2_5_vl_stream_replays_with_the_eager_logits(tmp_path: Path) -> No
     model = load_model(tmp_path, device="cuda")
     tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     eager, graphed = _session(model, tokenizer, False, "h2o"), _session(model, tokenizer, True, "h2o")
-    frames = np.random.default_rng(0).integers(0, 256, (10, 30, 44, 3), dtype=np.uint8)
-    for i, frame in enumerate(frames):
-        for session in (eager, graphed):
-            session.ingest_frame(frame)
-        token = torch.tensor([5 + i])
-        for _ in range(3):
-            a, b = eager.feed(token), graphed.feed(token)
-            assert (a - b).abs().max() <= 1e-4
-            token = a.argmax().view(1).cpu()
+    _stream_side_by_side(eager, graphed, np.random.default_rng(0).integers(0, 256, (10, 30, 44, 3), dtype=np.uint8), 3)
     assert graphed.cache.evictions > 2 and any(key[-1] == "mrope" for key in graphed.runner.graphs)
     assert torch.allclose(eager.cache.k, graphed.cache.k, atol=1e-5)

@@ -303,10 +303,9 @@ def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, 
         print(f"  {policy:12s} {session.cache.total_seen:>8d} tokens: decode p50 {checkpoints[-1]['decode_p50_ms']:.3f} "
               f"ms, p99 {checkpoints[-1]['decode_p99_ms']:.3f} ms, first token {first:.1f} ms "
               f"({checkpoints[-1]['seconds']} s)", flush=True)
+    seen = session.cache.total_seen
     ingest = driver.ingest_latency(args.ingest_frames)
-    tokens_per_frame = session.cache.total_seen
-    session.ingest_frame(driver.frames[0])
-    tokens_per_frame = session.cache.total_seen - tokens_per_frame
+    tokens_per_frame = (session.cache.total_seen - seen) // max(args.ingest_frames, 1)  # all frames one size
     cache = session.cache
     freed = cache.evicted_tokens / max(cache.evictions, 1)
     eviction_ms = statistics.median(driver.eviction_ms) if driver.eviction_ms else float("nan")

@@ -11,7 +11,7 @@ loading a model that silently computes something else.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -229,8 +229,9 @@ def _rope_theta(text: dict[str, Any], path: Path, mrope: bool = False) -> float:
     return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
 
 
-def parse_text_config(text: dict[str, Any], path: Path, tie_default: bool = False,
-                      mrope_section: tuple[int, ...] | None = None) -> TextConfig:
+def parse_text_config(text: dict[str, Any], path: Path, tie_default: bool = False, mrope: bool = False) -> TextConfig:
+    """``mrope``: the decoder is Qwen2-VL's, whose files may name M-RoPE a rope type (the caller
+    sets ``mrope_section``)."""
     text = _merged({"model_type": "llama", **text}, _TEXT_DEFAULTS, "text_config", path)
     if text.get("mlp_bias"):
         raise CheckpointError(f"{path}: text_config.mlp_bias=true is not supported")
@@ -244,11 +245,11 @@ def parse_text_config(text: dict[str, Any], path: Path, tie_default: bool = Fals
         intermediate_size=int(text["intermediate_size"]), num_layers=int(text["num_hidden_layers"]),
         num_heads=heads, num_kv_heads=kv_heads,
         head_dim=int(text.get("head_dim") or int(text["hidden_size"]) // heads),
-        rms_norm_eps=float(text["rms_norm_eps"]), rope_theta=_rope_theta(text, path, mrope_section is not None),
+        rms_norm_eps=float(text["rms_norm_eps"]), rope_theta=_rope_theta(text, path, mrope),
         qkv_bias=qkv_bias, o_bias=text["model_type"] == "llama" and bool(text.get("attention_bias", False)),
         hidden_act=str(text["hidden_act"]),
         tie_word_embeddings=bool(text.get("tie_word_embeddings", tie_default)),
-        max_position_embeddings=int(text["max_position_embeddings"]), mrope_section=mrope_section,
+        max_position_embeddings=int(text["max_position_embeddings"]),
     )
 
 
@@ -304,9 +305,8 @@ def qwen2_vl_config(raw: dict[str, Any], path: Path) -> Qwen2VLConfig:
     text_raw["model_type"] = f"{variant}_text"
     if text_raw.get("use_sliding_window"):
         raise CheckpointError(f"{path}: use_sliding_window=true is not supported (every layer attends to the cache)")
-    plain = parse_text_config({**text_raw, "rope_scaling": None, "rope_parameters": None}, path)  # its head size
-    text = parse_text_config(text_raw, path, bool(raw.get("tie_word_embeddings", False)),
-                             _mrope_section(text_raw, plain.head_dim, path))
+    text = parse_text_config(text_raw, path, bool(raw.get("tie_word_embeddings", False)), mrope=True)
+    text = replace(text, mrope_section=_mrope_section(text_raw, text.head_dim, path))
     given = {k: x for k, x in (raw.get("vision_config") or {}).items() if x is not None}
     v = {**_QWEN_VISION_DEFAULTS[variant], **given}
     if "in_chans" in v:  # the name in the Qwen team's files

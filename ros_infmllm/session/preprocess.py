@@ -42,6 +42,28 @@ def validate_rgb(rgb: object) -> np.ndarray:
     return rgb
 
 
+def processor_config(model_dir: str | Path | None) -> dict:
+    """The folder's ``preprocessor_config.json`` ({} when there is none)."""
+    path = Path(model_dir) / "preprocessor_config.json" if model_dir is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def tower_normalisation(vision: VisionConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean / std a tower's processor class defaults to: CLIP's for CLIP, 0.5 for SigLIP."""
+    if vision.model_type == "clip_vision_model":
+        return _CLIP_MEAN, _CLIP_STD
+    return (0.5,) * 3, (0.5,) * 3
+
+
+def pixel_scaling(raw: dict, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+    """Resampling, rescale and normalisation fields from a processor config, ``mean`` / ``std``
+    where it names none (what every preprocessor here takes the same way)."""
+    return dict(interpolation=_RESAMPLE.get(int(raw.get("resample", 3)), cv2.INTER_CUBIC),
+                rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
+                mean=tuple(raw.get("image_mean", mean)), std=tuple(raw.get("image_std", std)),
+                do_normalize=bool(raw.get("do_normalize", True)))
+
+
 @dataclass(frozen=True)
 class ImagePreprocessor:
     """RGB uint8 frame -> normalised ``[1, 3, H, W]`` float tensor."""
@@ -57,12 +79,7 @@ class ImagePreprocessor:
 
     @classmethod
     def for_model(cls, model_dir: str | Path | None, vision: VisionConfig) -> "ImagePreprocessor":
-        is_clip = vision.model_type == "clip_vision_model"
-        mean, std = (_CLIP_MEAN, _CLIP_STD) if is_clip else ((0.5,) * 3, (0.5,) * 3)
-        raw: dict = {}
-        path = Path(model_dir) / "preprocessor_config.json" if model_dir is not None else None
-        if path is not None and path.is_file():
-            raw = json.loads(path.read_text())
+        raw = processor_config(model_dir)
         size = raw.get("size") or {}
         crop = raw.get("crop_size") or {}
         shortest = size.get("shortest_edge") if isinstance(size, dict) else None
@@ -72,10 +89,7 @@ class ImagePreprocessor:
             height = int(size.get("height", vision.image_size)) if isinstance(size, dict) else vision.image_size
             width = int(size.get("width", vision.image_size)) if isinstance(size, dict) else vision.image_size
         return cls(height=height, width=width, shortest_edge=int(shortest) if shortest else None,
-                   interpolation=_RESAMPLE.get(int(raw.get("resample", 3)), cv2.INTER_CUBIC),
-                   rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
-                   mean=tuple(raw.get("image_mean", mean)), std=tuple(raw.get("image_std", std)),
-                   do_normalize=bool(raw.get("do_normalize", True)))
+                   **pixel_scaling(raw, *tower_normalisation(vision)))
 
     def resize(self, rgb: np.ndarray) -> np.ndarray:
         if self.shortest_edge is None:
@@ -137,8 +151,7 @@ class DynamicResolutionPreprocessor(ImagePreprocessor):
         """From the folder's ``preprocessor_config.json`` (``min_pixels`` / ``max_pixels``, or
         ``size.shortest_edge`` / ``size.longest_edge`` as transformers writes them now); a
         non-zero ``min_pixels`` / ``max_pixels`` overrides the file (the node's parameters)."""
-        path = Path(model_dir) / "preprocessor_config.json" if model_dir is not None else None
-        raw = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        raw = processor_config(model_dir)
         size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
         low = int(min_pixels or raw.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
         high = int(max_pixels or raw.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
@@ -146,11 +159,8 @@ class DynamicResolutionPreprocessor(ImagePreprocessor):
         if low < factor * factor or high < low:
             raise ValueError(f"pixels per frame: need {factor * factor} <= min_pixels ({low}) <= max_pixels ({high})")
         height, width = smart_resize(*REFERENCE_FRAME, factor, low, high)
-        return cls(height=height, width=width, shortest_edge=None,
-                   interpolation=_RESAMPLE.get(int(raw.get("resample", 3)), cv2.INTER_CUBIC),
-                   rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
-                   mean=tuple(raw.get("image_mean", _CLIP_MEAN)), std=tuple(raw.get("image_std", _CLIP_STD)),
-                   do_normalize=bool(raw.get("do_normalize", True)), factor=factor, min_pixels=low, max_pixels=high)
+        return cls(height=height, width=width, shortest_edge=None, **pixel_scaling(raw, _CLIP_MEAN, _CLIP_STD),
+                   factor=factor, min_pixels=low, max_pixels=high)
 
     def resize(self, rgb: np.ndarray) -> np.ndarray:
         height, width = smart_resize(rgb.shape[0], rgb.shape[1], self.factor, self.min_pixels, self.max_pixels)
@@ -176,13 +186,10 @@ class TiledPreprocessor(ImagePreprocessor):
 
     @classmethod
     def for_idefics3(cls, model_dir: str | Path | None, vision: VisionConfig) -> "TiledPreprocessor":
-        base = ImagePreprocessor.for_model(model_dir, vision)
-        path = Path(model_dir) / "preprocessor_config.json" if model_dir is not None else None
-        raw = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        raw = processor_config(model_dir)
         size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
         return cls(height=REFERENCE_FRAME[0], width=REFERENCE_FRAME[1], shortest_edge=None,
-                   interpolation=base.interpolation, rescale_factor=base.rescale_factor, mean=base.mean,
-                   std=base.std, do_normalize=base.do_normalize, tile=vision.image_size,
+                   **pixel_scaling(raw, *tower_normalisation(vision)), tile=vision.image_size,
                    longest_edge=min(int(size.get("longest_edge", 4 * vision.image_size)), MAX_IMAGE_SIDE))
 
     def split_size(self, height: int, width: int) -> tuple[int, int]:
@@ -258,8 +265,8 @@ def preprocessor_for(files: CheckpointFiles, model, min_pixels: int = 0, max_pix
     from gguf import Keys
 
     mmproj = open_gguf(files.mmproj)
-    default = ImagePreprocessor.for_model(None, vision)
+    mean, std = tower_normalisation(vision)
     return ImagePreprocessor(height=vision.image_size, width=vision.image_size, shortest_edge=None,
                              interpolation=cv2.INTER_CUBIC, rescale_factor=1 / 255,
-                             mean=tuple(mmproj.get(Keys.ClipVision.IMAGE_MEAN) or default.mean),
-                             std=tuple(mmproj.get(Keys.ClipVision.IMAGE_STD) or default.std))
+                             mean=tuple(mmproj.get(Keys.ClipVision.IMAGE_MEAN) or mean),
+                             std=tuple(mmproj.get(Keys.ClipVision.IMAGE_STD) or std))

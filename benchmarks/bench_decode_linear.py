@@ -1,5 +1,6 @@
 """One decode token's linear layers: the Triton matrix-vector op (model/decode_linear.py) against
-cuBLAS, per matrix of each model shape of bench_gpu.py, bf16, batch 1.
+cuBLAS, per matrix of each model shape of bench_gpu.py, bf16, batch 1; ``--weights int8|int4``
+times the op on packed weights (model/quantized.py, groups of 32) against the same bf16 baselines.
 
 Per decoder matrix and the LM head (q/k/v with the input norm, bias and rotary, o with the residual add, gate/up with the
 norm and SwiGLU, down with the residual add), three versions of the same work:
@@ -9,9 +10,10 @@ norm and SwiGLU, down with the residual add), three versions of the same work:
 - **op**: the Triton op with its fusions, at the shipped launch shape and at each of a sweep.
 Each is timed as a CUDA graph of one call per layer over that layer's own weights (so no weight
 sits in L2 between calls), replayed back to back between device events; median of the replays.
-GB/s = the matrix's bytes / time. Errors are against a float64 reference.
+GB/s = the bytes each version reads (bf16, or packed codes + scales + offsets) / time. Errors
+are against a float64 reference (of the dequantized weights where packed).
 
-Writes ``results/bench_decode_linear.{json,md}``; prints the table. ``--smoke`` runs tiny shapes
+Writes ``results/bench_decode_linear.{json,md}`` (``--name`` changes the name); prints the table. ``--smoke`` runs tiny shapes
 through Triton's CPU interpreter (checks the script; its numbers mean nothing).
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from bench_decode_attention import relative, set_tuning, sweep, timed_us  # noqa
 from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model.config import load_config  # noqa: E402
+from ros_infmllm.model.quantized import QuantizedLinear  # noqa: E402
 from ros_infmllm.rope import Rotary  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,6 +76,27 @@ def layer_inputs(spec: dict, layers: int, device: str, dtype: torch.dtype, seed:
             for _ in range(layers)]
 
 
+def packed_inputs(args: tuple, mode: str) -> tuple:
+    """The op's arguments with the weight packed (round to nearest, groups of 32): codes in place
+    of the weight, then scales, offsets and bits."""
+    packed = QuantizedLinear.from_float(args[1], None, mode)
+    return (args[0], packed.qweight, *args[2:], packed.scales, packed.offsets, packed.bits)
+
+
+def packed_reference(x, codes, bias, norm_weight, residual, eps, gated, cos, sin, rotated_rows, scales, offsets,
+                     bits):
+    """The float64 reference on the dequantized weight."""
+    layer = QuantizedLinear(codes, scales, offsets, bits, codes.shape[1] * (2 if bits == 4 else 1))
+    return reference(x, layer.dequantized(torch.float64), bias, norm_weight, residual, eps, gated, cos, sin,
+                     rotated_rows)
+
+
+def argument_bytes(args: tuple) -> int:
+    """Bytes of the weight operands (weight, or codes + scales + offsets) of one call."""
+    weights = [args[1]] + [t for t in args[10:12] if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in weights)
+
+
 def unfused(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0):
     """The same work as separate torch ops (the decoder's plain path)."""
     if norm_weight is not None:
@@ -104,27 +128,36 @@ def bench_matrix(spec: dict, layers: int, args, device: str, dtype: torch.dtype,
     per_layer = layer_inputs(spec, layers, device, dtype, seed=1)
     fresh = layer_inputs(spec, 1, device, dtype, seed=2)[0]
     want = reference(*fresh)
-    weight_bytes = spec["rows"] * spec["columns"] * dtype.itemsize
+    float_bytes = spec["rows"] * spec["columns"] * dtype.itemsize
     compiled = torch.compile(unfused, dynamic=False) if device == "cuda" else unfused
-    row = {**spec, "bytes": weight_bytes,
-           "cublas": {"us": timed_us(cublas_only, per_layer, device, args.replays)},
+    row = {**spec, "bytes": float_bytes,
+           "cublas": {"us": timed_us(cublas_only, per_layer, device, args.replays), "bytes": float_bytes},
            "compiled": {"us": timed_us(compiled, per_layer, device, args.replays),
-                        "error": relative(compiled(*fresh), want)}}
+                        "error": relative(compiled(*fresh), want), "bytes": float_bytes}}
+    op_bytes, rows_field = float_bytes, "block_n"
+    if args.weights != "float":
+        per_layer = [packed_inputs(layer, args.weights) for layer in per_layer]
+        fresh = packed_inputs(fresh, args.weights)
+        want = packed_reference(*fresh)
+        op_bytes, rows_field = argument_bytes(fresh), f"{args.weights}_block_n"
+        row["bytes"] = op_bytes
     tunings = [shipped, op.MatvecTuning(**{**vars(shipped), "pdl": False})]
-    tunings += [op.MatvecTuning(block_n=n, gated_block_n=n, wide_block_n=n, block_k=k, num_warps=w, pdl=shipped.pdl)
+    tunings += [op.MatvecTuning(**{**vars(shipped), "block_n": n, "gated_block_n": n, "wide_block_n": n,
+                                   rows_field: n, "block_k": k, "num_warps": w})
                 for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)]
     row["variants"] = sweep(op.TUNING, tunings, lambda: timed_us(op.decode_linear, per_layer, device, args.replays),
-                            lambda: {"error": relative(op.decode_linear(*fresh), want)})
+                            lambda: {"error": relative(op.decode_linear(*fresh), want), "bytes": op_bytes})
     row["op"], row["op_without_pdl"] = row["variants"].pop(0), row["variants"].pop(0)
     for entry in [row["cublas"], row["compiled"], row["op"], row["op_without_pdl"]] + row["variants"]:
-        entry["gb_per_s"] = weight_bytes / entry["us"] / 1e3
+        entry["gb_per_s"] = entry["bytes"] / entry["us"] / 1e3
+        entry["rows_per_program"] = entry.get(rows_field, entry.get("block_n"))
     row["best"] = min(row["variants"], key=lambda v: v["us"])
     return row
 
 
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# Decode linear layers: the Triton matrix-vector op against cuBLAS ({report['device']}, "
-             f"{report['dtype']}, batch 1)", "",
+             f"{report['dtype']}, weights {report.get('weights', 'float')}, batch 1)", "",
              "cuBLAS: the product alone; compiled: norm + product + bias/SwiGLU/residual as torch ops under "
              "torch.compile; op: the Triton op with those folded in, at the shipped launch shape "
              "(`MatvecTuning`), and the same without programmatic dependent launch (no PDL); best: the fastest "
@@ -139,7 +172,7 @@ def write_markdown(report: dict, path: Path) -> None:
             lines.append(f"| {model['model']} | {r['name']} | {r['bytes'] / 1e6:.1f} | {folds} | "
                          f"{c['us']:.1f} ({c['gb_per_s']:.0f}) | {m['us']:.1f} | {o['us']:.1f} ({o['gb_per_s']:.0f}) | "
                          f"{r['op_without_pdl']['us']:.1f} | "
-                         f"{b['us']:.1f}: {b['block_n']}, {b['block_k']}, {b['num_warps']} | "
+                         f"{b['us']:.1f}: {b['rows_per_program']}, {b['block_k']}, {b['num_warps']} | "
                          f"{m['us'] / o['us']:.2f}x | {o['error']:.1e} |")
         per_layer = [r for r in model["matrices"] if not r.get("per_token")]
         compiled = sum(r["compiled"]["us"] for r in per_layer)
@@ -158,9 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-n", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--block-k", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
+                        help="the op's weights: the model's dtype, or packed (groups of 32; rows per program swept "
+                             "through MatvecTuning.int8_block_n / int4_block_n)")
     parser.add_argument("--min-weight-mb", type=int, default=240, help="weights per timed graph, above L2's size")
     parser.add_argument("--replays", type=int, default=15)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="bench_decode_linear", help="results file name (without extension)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's CPU interpreter")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -170,13 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         args.block_n, args.block_k, args.warps, args.replays, args.min_weight_mb = [2], [64], [4], 1, 0
     saved = op.MatvecTuning(**vars(op.TUNING))
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
-              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "models": []}
+              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "weights": args.weights,
+              "models": []}
     try:
         for name in args.models:
             cfg = load_config(write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shapes[name])).text
             rows = []
             for spec in matrices(cfg):
                 size = spec["rows"] * spec["columns"] * dtype.itemsize
+                size = size if args.weights == "float" else size // (2 if args.weights == "int8" else 4)
                 layers = max(2, -(-(args.min_weight_mb << 20) // size))
                 rows.append(bench_matrix(spec, layers, args, device, dtype, saved))
                 print(f"{name} {spec['name']}: cuBLAS {rows[-1]['cublas']['us']:.1f} us, op {rows[-1]['op']['us']:.1f} us",
@@ -185,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         set_tuning(op.TUNING, saved)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_decode_linear.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / "bench_decode_linear.md")
-    print((args.out / "bench_decode_linear.md").read_text())
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, args.out / f"{args.name}.md")
+    print((args.out / f"{args.name}.md").read_text())
     return 0
 
 

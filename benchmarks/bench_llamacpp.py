@@ -25,6 +25,7 @@ import argparse
 import json
 import platform
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -65,7 +66,7 @@ def build_llama_bench(tree: Path, build: Path, cuda_arch: str | None, jobs: int)
     if binary.is_file():
         return binary
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-             "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=OFF"]
+             "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=OFF"]
     if cuda_arch:
         flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
     subprocess.run(["cmake", "-S", str(tree), "-B", str(build), "-G", "Ninja", *flags], check=True)
@@ -296,6 +297,18 @@ def write_markdown(report: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def run_row_in_child(name: str, pair: str, args) -> None:
+    """One of our rows timed in a fresh interpreter that adds it to the results file (``--resume``).
+    Why: in one process each model's weights outlived it (the H200 run of 2026-12-02 saw the 7B
+    rows' peak memory grow by every earlier row's model: 16.3, 26.0, 33.2, 40.3 GiB), so a row's
+    peak was not its own; a child's memory, compiled code and CUDA graphs end with it."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--skip-llama-cpp", "--in-process", "--resume",
+               "--models", name, "--ours", pair, "--depth", str(args.depth), "--tokens", str(args.tokens),
+               "--ingest-frames", str(args.ingest_frames), "--policy", args.policy, "--out", str(args.out),
+               "--name", args.name] + (["--smoke"] if args.smoke else [])
+    subprocess.run(command, check=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, help="llama-cpp-python sdist (.tar.gz) or a llama.cpp folder")
@@ -320,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="bench_llamacpp")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows of an earlier run's <out>/<name>.json and time only the missing ones")
+    parser.add_argument("--in-process", action="store_true",
+                        help="time our rows in this process (default: each row in a fresh interpreter)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
     shapes = bench_gpu.SHAPES
@@ -375,8 +390,14 @@ def main(argv: list[str] | None = None) -> int:
                 if (name, pair) in done_ours:
                     continue
                 weights, head = pair.split("/")
-                row = bench_ours(name, shapes[name], weights, head, args, device, bandwidth)
-                report["ours"].append(row)
+                if not args.in_process:
+                    save()  # the child resumes from this file and adds its row
+                    run_row_in_child(name, pair, args)
+                    report["ours"] = json.loads((args.out / f"{args.name}.json").read_text())["ours"]
+                    row = report["ours"][-1]
+                else:
+                    row = bench_ours(name, shapes[name], weights, head, args, device, bandwidth)
+                    report["ours"].append(row)
                 print(f"ours {name} {weights}/{head}: {row['decode_p50_ms']:.3f} ms "
                       f"({100 * row['roofline_fraction']:.0f}% of roofline), peak "
                       f"{row['peak_memory_bytes'] / (1 << 30):.2f} GiB", flush=True)

@@ -63,11 +63,11 @@ def test_decoder_weight_bytes_count_a_tied_table_once(tmp_path: Path) -> None:
     assert bench_gpu.decoder_bytes_per_token(model) == expected
 
 
-def _smoke_run(name: str, out: Path) -> dict:
+def _smoke_run(name: str, out: Path, *options: str) -> dict:
     """``benchmarks/NAME.py --smoke`` in a process of its own (the smoke run puts Triton in
     interpreter mode before importing it); its one model's JSON entry."""
     script = Path(bench_gpu.__file__).with_name(f"{name}.py")
-    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True,
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out), *options], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     (model,) = json.loads((out / f"{name}.json").read_text())["models"]
@@ -121,6 +121,16 @@ def test_bench_decode_linear_smoke_run_writes_its_table(tmp_path: Path) -> None:
     assert max(max(m["op"]["error"], m["op_without_pdl"]["error"]) for m in model["matrices"]) < 1e-5
     assert max(m["compiled"]["error"] for m in model["matrices"]) < 1e-5
     assert "| tiny-qwen2 | gate/up |" in (tmp_path / "bench_decode_linear.md").read_text()
+
+
+def test_bench_decode_linear_times_packed_weights_against_their_dequantized_reference(tmp_path: Path) -> None:
+    """--weights int4: the op reads codes, scales and offsets (a quarter of bf16's bytes and the
+    scales') and agrees with the float64 product of the dequantized weights."""
+    model = _smoke_run("bench_decode_linear", tmp_path, "--weights", "int4")
+    for matrix in model["matrices"]:
+        assert matrix["op"]["error"] < 1e-5 and matrix["op"]["bytes"] < matrix["cublas"]["bytes"] / 2
+        assert matrix["op"]["int4_block_n"] == matrix["op"]["rows_per_program"]
+    assert "weights int4" in (tmp_path / "bench_decode_linear.md").read_text()
 
 
 def test_stream_perplexity_smoke_run_scores_every_token(tmp_path: Path) -> None:

@@ -132,6 +132,21 @@ def test_onnx_export_gives_torch_logits_in_onnxruntime(tmp_path: Path) -> None:
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
 
 
+def test_tensorrt_rtx_builds_engines_for_a_tiny_smolvlm(tmp_path: Path) -> None:
+    """The exported vision graph (SigLIP tower + pixel shuffle + projector) and step graph parse
+    and build in TensorRT-RTX, as the LLaVA and Qwen2.5-VL graphs do."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is in the test extras")
+    from ros_infmllm.export import export_onnx
+    from ros_infmllm.export.trt_build import build_engines
+
+    build_tiny_idefics3(tmp_path / "model")
+    export_onnx(tmp_path / "model", tmp_path / "out", capacity=64, max_chunk=16)
+    manifest = build_engines(tmp_path / "out", "tensorrt_rtx", ["SM86"], progress=False)
+    assert set(manifest.graphs) == {"vision", "decoder_step"}
+    for spec in manifest.graphs.values():
+        assert spec.engine and (tmp_path / "out" / spec.engine).stat().st_size > 10_000
+
+
 def test_split_frames_are_tiles_then_the_global_image_as_transformers_cuts_them(tmp_path: Path) -> None:
     """A 640x480 frame: longer side to ``longest_edge`` (96 px: 96x72), both sides rounded up to
     whole 32-px tiles (96x96 -> 3x3 tiles; the global image is the whole frame at 32 px, last)."""

@@ -32,10 +32,11 @@ class MatvecTuning:
     block_k: int = 1024
     num_warps: int = 4
     pdl: bool = True
-    # packed weights: rows per program so that a program has as many bytes in flight per chunk as
-    # bf16's one row (int8 2 rows, int4 4), halved for paired rows (SwiGLU, rotary); not yet tuned
-    int8_block_n: int = 2
-    int4_block_n: int = 4
+    # packed weights: rows per program (halved for paired rows: SwiGLU, rotary), from a sweep of the
+    # LLaMA-2-7B matrices on an H200 (results/bench_decode_linear_int8_h200.md, _int4_h200.md):
+    # int8 4 rows (89.5 us per layer against 99.6 at 2), int4 8 (96.9 against 126.6 at 4)
+    int8_block_n: int = 4
+    int4_block_n: int = 8
 
 
 TUNING = MatvecTuning()

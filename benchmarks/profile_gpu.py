@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_gpu import SHAPES, StreamDriver, random_model, word_tokenizer, write_checkpoint_config
+from bench_gpu import FAMILY_SHAPES, SHAPES, StreamDriver, camera_frame, random_model, word_tokenizer, \
+    write_checkpoint_config
 from ros_infmllm.cache import DEFAULT_POLICY, make_policy
-from ros_infmllm.session import ImagePreprocessor, SessionConfig, StreamingSession, template_for
+from ros_infmllm.session import SessionConfig, StreamingSession, template_for
+from ros_infmllm.session.preprocess import preprocessor_for_folder
 
 
 def timed(fn, repeats: int) -> float:
@@ -63,14 +65,15 @@ def kernel_table(fn, rows: int = 60) -> str:
 
 
 def profile_model(name: str, args) -> dict:
-    folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, SHAPES[name])
+    shape = {**SHAPES, **FAMILY_SHAPES}[name]
+    folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
     model = random_model(folder, "cuda", torch.bfloat16)
     tokenizer = word_tokenizer(model.cfg.text.vocab_size)
     config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
                            check_evictions=False)
     session = StreamingSession(model, tokenizer, make_policy(args.policy), config, template_for("demo"),
-                               ImagePreprocessor.for_model(folder, model.cfg.vision))
-    driver = StreamDriver(session, "cuda", (model.cfg.vision.image_size,) * 2)
+                               preprocessor_for_folder(folder, model.cfg.vision))
+    driver = StreamDriver(session, "cuda", camera_frame(model, shape))
     driver.stream_to(3 * args.capacity)
     driver.decode(16)
     _, steps = driver.decode(128)
@@ -82,10 +85,9 @@ def profile_model(name: str, args) -> dict:
     row["preprocess_ms"] = timed(lambda: session.preprocessor(frame, model.device), 10)
     pixels = session.preprocessor(frame, model.device)
     row["vision_ms"] = timed(lambda: session.backend.encode_images(pixels), 10)
-    features = session.backend.encode_images(pixels)
-    ids = session.frame_ids()
+    ids, features, offsets = session.frame_inputs(frame)  # M-RoPE models: the frame's position offsets too
     driver.eviction_ms.clear()
-    prefill = timed(lambda: session.feed(ids, features), 20)
+    prefill = timed(lambda: session.feed(ids, features, position_offsets=offsets), 20)
     row["prefill_ms"] = prefill
     row["evictions_per_frame"] = len(driver.eviction_ms) / 20
     row["eviction_p50_ms"] = statistics.median(driver.eviction_ms) if driver.eviction_ms else 0.0
@@ -103,7 +105,7 @@ def profile_model(name: str, args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), help=f"also: {', '.join(FAMILY_SHAPES)}")
     parser.add_argument("--policy", default=DEFAULT_POLICY)
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--max-chunk", type=int, default=1024)

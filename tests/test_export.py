@@ -154,6 +154,70 @@ def test_infmllm_export_builds_demo_engines_with_tensorrt_rtx(tmp_path: Path, ca
     assert "Building engine" in err and "decoder_step.engine:" in err  # the progress display
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_packed_weights_export_as_codes_the_graph_dequantizes(tiny_model_dir: Path, tmp_path: Path,
+                                                              weights: str) -> None:
+    """--weights int8/int4: no float projection weight is left in the step graph (codes, scales,
+    offsets instead), onnxruntime gives the torch backend's logits on the same packed weights, the
+    manifest says what the graphs hold, and a session asking for other weights is refused."""
+    assert export_main(["--model", str(tiny_model_dir), "--out", str(tmp_path), "--capacity", str(CAPACITY),
+                        "--max-chunk", str(MAX_CHUNK), "--weights", weights, "--engines", "no"]) == 0
+    graph = onnx.load(str(tmp_path / "decoder_step.onnx")).graph
+    initializers = {t.name: t for t in graph.initializer}
+    codes_type = onnx.TensorProto.INT8 if weights == "int8" else onnx.TensorProto.INT4
+    for layer in range(TinySpec().layers):
+        for projection in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+            name = f"decoder.layers.{layer}.{projection}.weight"
+            assert name not in initializers and initializers[f"{name}.codes"].data_type == codes_type
+    assert Manifest.load(tmp_path).weights == weights
+    frame = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    logits = []
+    for backend, options in (("torch", {"weights": weights}), ("onnxruntime", {"engine_dir": tmp_path})):
+        session = StreamingSession.from_pretrained(tiny_model_dir, policy="h2o", capacity=CAPACITY,
+                                                   max_chunk=MAX_CHUNK, backend=backend, **options)
+        frame_logits = session.feed(session.frame_ids(), session.encode_frame(frame))
+        question = torch.tensor(session._template_ids(session.template.query.replace("{query}", "what is red ?")))
+        logits.append(torch.stack([frame_logits, session.feed(question)]))
+    assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
+    other = "int4" if weights == "int8" else "int8"
+    with pytest.raises(ValueError, match=f"exported with \\({weights}"):
+        StreamingSession.from_pretrained(tiny_model_dir, backend="onnxruntime", engine_dir=tmp_path, weights=other)
+    with pytest.raises(ValueError, match="LM head float"):
+        StreamingSession.from_pretrained(tiny_model_dir, backend="onnxruntime", engine_dir=tmp_path,
+                                         lm_head_weights="int8")
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is in the test extras")
+    manifest = build_engines(tmp_path, "tensorrt_rtx", ["SM86"], progress=False)
+    assert all((tmp_path / spec.engine).stat().st_size > 100_000 for spec in manifest.graphs.values())
+
+
+def test_centred_int4_exports_without_offsets(tmp_path: Path) -> None:
+    """Codes centred on 8 (GGUF Q4_0, no offsets) become one DequantizeLinear over INT4 codes;
+    onnxruntime's product equals the float64 one of the dequantized weight."""
+    from onnx import TensorProto, helper
+
+    from ros_infmllm.export.packed_weights import pack_initializers
+    from ros_infmllm.model.quantized import QuantizedLinear, pack_int4
+
+    generator = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (6, 64), generator=generator, dtype=torch.uint8)
+    scales = (torch.rand(6, 2, generator=generator) + 0.5).to(torch.float16)
+    layer = QuantizedLinear(pack_int4(codes), scales, None, 4, 64)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [6, 64], np.zeros((6, 64), np.float32).ravel())
+    node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+    model = helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])], [weight]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    pack_initializers(tmp_path / "g.onnx", {"w": layer}, external=False)
+    packed = onnx.load(str(tmp_path / "g.onnx"))
+    assert [n.op_type for n in packed.graph.node] == ["DequantizeLinear", "Gemm"]
+    x = np.random.default_rng(5).standard_normal((1, 64)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(tmp_path / "g.onnx")).run(None, {"x": x})
+    want = torch.from_numpy(x).double() @ layer.dequantized(torch.float64).T
+    assert np.abs(y - want.numpy()).max() < 1e-5
+
+
 def test_engine_build_names_the_nodes_tensorrt_cannot_parse(tmp_path: Path) -> None:
     trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is in the test extras")
     from onnx import TensorProto, helper

@@ -150,8 +150,8 @@ def test_a_packed_lm_head_is_a_copy_and_its_product_is_chunked(tmp_path: Path, m
 
 
 def test_a_session_streams_and_answers_on_int4_weights(tmp_path: Path) -> None:
-    """The whole session path (prefill chunks, evictions, decode) on packed weights; exported
-    backends refuse them with a message."""
+    """The whole session path (prefill chunks, evictions, decode) on packed weights (exported
+    graphs with packed weights: tests/test_export.py)."""
     build_tiny_causal_lm(tmp_path, "qwen2", seed=7)
     session = StreamingSession.from_pretrained(tmp_path, policy="h2o", capacity=96, max_chunk=16,
                                                template="qwen2", max_new_tokens=4, weights="int4")
@@ -159,8 +159,6 @@ def test_a_session_streams_and_answers_on_int4_weights(tmp_path: Path) -> None:
     session.feed_text("the red circle is left of the blue square " * 12)
     assert session.cache.evictions > 0 and session.cache.length <= 96
     assert isinstance(session.answer("what is left ?"), str)
-    with pytest.raises(ValueError, match="torch backend"):
-        StreamingSession.from_pretrained(tmp_path, backend="onnxruntime", engine_dir=tmp_path, weights="int8")
 
 
 def test_lm_head_weights_pack_the_head_at_load_and_are_checked(tmp_path: Path) -> None:
@@ -176,5 +174,3 @@ def test_lm_head_weights_pack_the_head_at_load_and_are_checked(tmp_path: Path) -
     assert kl < 2e-2
     with pytest.raises(ValueError, match="lm_head_weights must be one of"):
         load_model(tmp_path, lm_head_weights="int2")
-    with pytest.raises(ValueError, match="torch backend"):
-        StreamingSession.from_pretrained(tmp_path, backend="onnxruntime", engine_dir=tmp_path, lm_head_weights="int8")

@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-pixels", type=int, default=0,
                         help="Qwen2-VL / Qwen2.5-VL: the node's vision.max_pixels (0: the checkpoint's); the "
                              "vision graph takes a 640x480 camera's frames resized within them")
+    parser.add_argument("--weights", choices=("float", "int8", "int4", "auto"), default="float",
+                        help="the decoder blocks' projections in the step graph: float (in --precision), or packed "
+                             "int8 / int4 (groups of 32, dequantized by the graph); auto: a GGUF's own blocks")
     parser.add_argument("--engines", choices=("auto", "yes", "no"), default="auto",
                         help="build TensorRT engines: auto = when tensorrt or tensorrt_rtx imports")
     parser.add_argument("--tensorrt-module", choices=("tensorrt", "tensorrt_rtx"),
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         manifest = export_onnx(model, args.out, args.capacity, args.max_chunk, args.max_images, args.precision,
-                               args.min_pixels, args.max_pixels)
+                               args.min_pixels, args.max_pixels, args.weights)
     except (ValueError, FileNotFoundError) as error:
         print(f"infmllm_export: {error}", file=sys.stderr)
         return 2

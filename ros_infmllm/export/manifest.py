@@ -63,6 +63,7 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     tools: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    weights: str = "float"  # the step graph's block projections: float, int8 or int4 (packed_weights.py)
 
     def save(self, folder: Path) -> Path:
         path = folder / MANIFEST

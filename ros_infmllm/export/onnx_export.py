@@ -12,7 +12,9 @@ from ..model import load_model
 from ..model.llava import LlavaModel
 from .graphs import STEP_INPUTS, STEP_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, StepGraph, VisionGraph, frame_size, \
     step_example, vision_example
+from ..model.quantized import WEIGHT_MODES
 from .manifest import DTYPE_NAMES, PRECISIONS, GraphSpec, Manifest, TensorSpec, model_sha256
+from .packed_weights import pack_initializers, unpack_for_tracing
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to a .onnx.data file beside the graph (protobuf's 2 GB cap)
@@ -70,16 +72,25 @@ def _export(module: torch.nn.Module, example: tuple, spec: GraphSpec, path: Path
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, capacity: int = 1024, max_chunk: int = 128,
-                max_images: int = 4, precision: str = "fp32", min_pixels: int = 0, max_pixels: int = 0) -> Manifest:
+                max_images: int = 4, precision: str = "fp32", min_pixels: int = 0, max_pixels: int = 0,
+                weights: str = "float") -> Manifest:
     """Write both graphs and the manifest into ``out``; returns the manifest. ``min_pixels`` /
     ``max_pixels``: a dynamic-resolution tower's pixel budget, as the node's ``vision.*``
-    parameters give it (0: the checkpoint's); its vision graph takes a VGA camera's frames so resized."""
+    parameters give it (0: the checkpoint's); its vision graph takes a VGA camera's frames so resized.
+    ``weights``: the decoder blocks' projections in the step graph, as ``load_model`` takes it
+    (``int8`` / ``int4``: packed, dequantized by the graph; see ``packed_weights``)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+    if weights != "float" and precision == "bf16":
+        raise ValueError("packed weights export with precision fp32 or fp16 (ONNX scales in bfloat16 are not "
+                         "written here)")
     if not 2 <= max_chunk <= capacity:
         raise ValueError(f"max_chunk must be in [2, capacity={capacity}], got {max_chunk}")
     model_dir, out = Path(model_dir), Path(out)
-    model = load_model(model_dir, dtype=PRECISIONS[precision]).eval()
+    model = load_model(model_dir, dtype=PRECISIONS[precision], weights=weights).eval()
+    packed = unpack_for_tracing(model, PRECISIONS[precision])  # traced as float, packed in the file after
     out.mkdir(parents=True, exist_ok=True)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     size = None
@@ -96,7 +107,11 @@ def export_onnx(model_dir: str | Path, out: str | Path, capacity: int = 1024, ma
         _export(VisionGraph(model), example, graphs["vision"], out / graphs["vision"].onnx, external)
         _export(StepGraph(model), step_example(model, capacity, min(3, max_chunk)), graphs["decoder_step"],
                 out / graphs["decoder_step"].onnx, external)
+    if packed:
+        pack_initializers(out / graphs["decoder_step"].onnx, packed, external)
+    modes = {layer.mode for layer in packed.values()}
     manifest = Manifest(model_sha256(model_dir), model.cfg.text.model_type, capacity, max_chunk, max_images,
-                        precision, graphs, tool_versions(), str(model_dir.resolve()))
+                        precision, graphs, tool_versions(), str(model_dir.resolve()),
+                        "+".join(sorted(modes)) if modes else "float")
     manifest.save(out)
     return manifest

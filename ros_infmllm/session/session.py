@@ -159,19 +159,24 @@ class StreamingSession:
 
         ``weights``: the decoder blocks' projections in ``dtype`` (``float``) or packed ``int8`` /
         ``int4`` (``auto``: a GGUF's own Q8_0 / Q4_0 / Q4_1 blocks; see ``ros_infmllm.model.quantized``);
-        packed weights run on the torch backend. ``lm_head_weights``: the LM head likewise (``float``,
-        ``int8``, ``int4``).
+        on exported backends the graphs hold the weights they were exported with (``infmllm_export
+        --weights``), so ``weights`` there is ``float`` / ``auto`` or the export's own mode.
+        ``lm_head_weights``: the LM head likewise (``float``, ``int8``, ``int4``; torch backend only).
         """
         files = locate(path, mmproj)
         if files.gguf is not None and backend != "torch":
             raise ValueError(f"backend {backend!r} runs graphs exported from Hugging Face folders; "
                              f"{files.name} is a GGUF model: use backend 'torch'")
-        if (weights != "float" or lm_head_weights != "float") and backend != "torch":
-            raise ValueError(f"weights {weights!r} / lm_head_weights {lm_head_weights!r}: packed weights run on the "
-                             f"torch backend; the {backend} graphs were exported with float weights")
         policy_obj = make_policy(policy, **(policy_options or {}))
         session_config = SessionConfig(**config)
         manifest = Manifest.load(engine_dir) if backend != "torch" and engine_dir else None  # read once
+        if backend != "torch":
+            exported = manifest.weights if manifest is not None else "float"
+            if weights not in ("float", "auto", exported) or lm_head_weights != "float":
+                raise ValueError(f"weights {weights!r} / lm_head_weights {lm_head_weights!r}: the {backend} graphs "
+                                 f"hold the weights they were exported with ({exported}; LM head float): export "
+                                 f"with infmllm_export --weights, or use the torch backend")
+            weights = "float"  # the host model serves embeddings only; the graphs hold the projections
         if dtype is None:
             dtype = manifest.dtype if manifest is not None else torch.float32
         tokenizer = load_tokenizer(files)  # before the weights: a missing tokenizer fails fast

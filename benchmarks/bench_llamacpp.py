@@ -66,7 +66,8 @@ def build_llama_bench(tree: Path, build: Path, cuda_arch: str | None, jobs: int)
     if binary.is_file():
         return binary
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-             "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=OFF"]
+             "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+             "-DGGML_NATIVE=OFF"]
     if cuda_arch:
         flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
     subprocess.run(["cmake", "-S", str(tree), "-B", str(build), "-G", "Ninja", *flags], check=True)

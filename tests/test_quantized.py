@@ -39,6 +39,26 @@ def test_gguf_blocks_are_re_laid_without_changing_a_value(kind: str, bits: int) 
     assert (codes.min() >= 0 and codes.max() <= 15) if bits == 4 else codes.dtype == torch.int8
 
 
+def test_q4_k_blocks_keep_their_codes_and_round_only_the_group_scales() -> None:
+    """Q4_K super-blocks (random bytes, as llama.cpp's types cannot be quantized by the gguf
+    package): each weight within float16 rounding of the gguf package's dequantization, which a
+    single wrong code (a whole scale) or a wrong sub-block order would exceed by far."""
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(6)
+    blocks = rng.integers(0, 256, size=(5, 2, 144), dtype=np.uint8)  # 5 rows of 512 weights
+    blocks[..., 0:2] = np.array([3e-3], np.float16).view(np.uint8)
+    blocks[..., 2:4] = np.array([1e-3], np.float16).view(np.uint8)
+    layer = QuantizedLinear.from_gguf_blocks(blocks.reshape(5, -1), "Q4_K", (5, 512))
+    expected = quants.dequantize(blocks.reshape(5, -1), GGMLQuantizationType.Q4_K).reshape(5, 512)
+    assert layer.bits == 4 and layer.group == 32 and layer.scales.shape == (5, 16)
+    step = layer.scales.float().repeat_interleave(32, dim=1)
+    bound = 2 ** -11 * (15 * step + layer.offsets.float().abs().repeat_interleave(32, dim=1)) + 1e-7
+    error = (layer.dequantized() - torch.from_numpy(expected)).abs()
+    assert bool((error <= bound).all())
+    assert bool((bound < 0.5 * step)[step > 0].all())  # so a code off by one would fail
+
+
 @pytest.mark.parametrize("mode,group", [("int8", 32), ("int8", 0), ("int4", 32), ("int4", 64)])
 def test_round_to_nearest_is_within_half_a_step(mode: str, group: int) -> None:
     w = torch.from_numpy(_weights((10, 128), seed=1))
@@ -82,19 +102,23 @@ def test_quantized_linear_is_the_float64_product_of_its_weights() -> None:
         assert torch.allclose(layer(x).double(), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("decoder,kind", [("llama", "Q4_0"), ("qwen2", "Q4_1"), ("llama", "Q8_0")])
+@pytest.mark.parametrize("decoder,kind", [("llama", "Q4_0"), ("qwen2", "Q4_1"), ("llama", "Q8_0"), ("llama", "Q4_K")])
 def test_a_gguf_loads_packed_and_computes_the_dequantized_model(decoder: str, kind: str, tmp_path: Path) -> None:
     """weights=auto keeps the file's blocks (LLaMA's permuted q/k rows and Qwen2's biases included)
-    and gives the logits of the model dequantized to float32."""
-    source = build_tiny_causal_lm(tmp_path / "hf", decoder, kv_heads=2, seed=4)
-    file = write_text_gguf(tmp_path / f"{decoder}.gguf", source.config, source.state_dict(), kind)
+    and gives the logits of the model dequantized to float32 (Q4_K: rows 256 wide, its blocks' span)."""
+    wide = dict(hidden_size=256, intermediate_size=512, head_dim=64) if kind == "Q4_K" else {}
+    source = build_tiny_causal_lm(tmp_path / "hf", decoder, kv_heads=2, seed=4, **wide)
+    file = write_text_gguf(tmp_path / f"{decoder}.gguf", source.config, source.state_dict(), kind, seed=3)
     floats, packed = load_model(file), load_model(file, weights="auto")
     assert weight_modes(floats.decoder) == {"float"}
     assert weight_modes(packed.decoder) == {"int8" if kind == "Q8_0" else "int4"}
     if decoder == "qwen2":
         assert packed.decoder.layers[0].self_attn.q_proj.bias is not None
     ids = torch.tensor([[7, 20, 21, 22, 30, 31, 40, 3, 9]])
-    assert (packed.forward_full(ids) - floats.forward_full(ids)).abs().max().item() <= 1e-5
+    reference = floats.forward_full(ids)
+    # Q4_K's group scales and offsets are rounded to float16 (see _from_q4_k): relative tolerance
+    tolerance = 1e-5 if kind != "Q4_K" else 3e-5 * reference.abs().max().item()
+    assert (packed.forward_full(ids) - reference).abs().max().item() <= tolerance
     # asking for the other width re-quantizes from the dequantized floats instead
     other = load_model(file, weights="int8" if kind != "Q8_0" else "int4")
     assert weight_modes(other.decoder) == {"int8" if kind != "Q8_0" else "int4"}

@@ -10,12 +10,13 @@ One layout for every source, so that one kernel reads them all:
 - ``int4``: ``qweight`` uint8 ``[out, in / 2]``, element ``2j`` in the low nibble of byte ``j``
   and ``2j + 1`` in the high one, ``q`` in 0..15 and ``w = q * scale + offset``, or
   ``w = (q - 8) * scale`` where there is no offset; groups of 32 or 64 from float checkpoints
-  (round to nearest between the group's min and max), groups of 32 from GGUF ``Q4_0`` (no offset)
-  and ``Q4_1`` (``offset = m``).
+  (round to nearest between the group's min and max), groups of 32 from GGUF ``Q4_0`` (no offset),
+  ``Q4_1`` (``offset = m``) and ``Q4_K`` (sub-blocks of 32: scale ``d * sc``, offset ``-dmin * m``,
+  rounded to float16).
 
-Scales and offsets are float16 ``[out, in / group]``, as GGUF stores them, so a GGUF block's
-values are reproduced exactly. ``forward`` dequantizes the matrix and multiplies (the reference
-path: the CPU and prefill); one-token decode steps read the packed bytes in the Triton
+Scales and offsets are float16 ``[out, in / group]``, as GGUF stores them, so a Q8_0 / Q4_0 /
+Q4_1 block's values are reproduced exactly (Q4_K's within float16 rounding of its products).
+``forward`` dequantizes the matrix and multiplies (the reference path: the CPU and prefill); one-token decode steps read the packed bytes in the Triton
 matrix-vector kernel (matvec_kernels.py), q/k/v and gate/up fused by ``FusedQuantizedLinear``.
 """
 from __future__ import annotations
@@ -136,11 +137,14 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_gguf_blocks(cls, blocks: np.ndarray, kind: str, shape: tuple[int, int],
                          bias: torch.Tensor | None = None) -> "QuantizedLinear":
-        """The raw bytes of a GGUF ``Q8_0``, ``Q4_0`` or ``Q4_1`` matrix (``shape`` = [out, in],
-        PyTorch's order) re-laid into ours without passing through floats."""
+        """The raw bytes of a GGUF ``Q8_0``, ``Q4_0``, ``Q4_1`` or ``Q4_K`` matrix (``shape`` = [out,
+        in], PyTorch's order) re-laid into ours without passing through floats (``Q4_K``: see
+        ``_from_q4_k``)."""
         out_features, in_features = shape
         if kind not in GGUF_BLOCK_BYTES:
             raise ValueError(f"GGUF type {kind} is not read directly (direct: {', '.join(GGUF_BLOCK_BYTES)})")
+        if kind == "Q4_K":
+            return cls._from_q4_k(np.ascontiguousarray(blocks, dtype=np.uint8), out_features, in_features, bias)
         groups = in_features // 32
         raw = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(out_features, groups, GGUF_BLOCK_BYTES[kind])
         scales = torch.from_numpy(raw[..., 0:2].copy().view(np.float16).reshape(out_features, groups))
@@ -156,9 +160,31 @@ class QuantizedLinear(nn.Module):
         codes = np.concatenate((nibbles & 0x0F, nibbles >> 4), axis=-1).reshape(out_features, in_features)
         return cls(pack_int4(torch.from_numpy(codes)), scales, offsets, 4, in_features, bias)
 
+    @classmethod
+    def _from_q4_k(cls, blocks: np.ndarray, out_features: int, in_features: int,
+                   bias: torch.Tensor | None) -> "QuantizedLinear":
+        """GGUF ``Q4_K``: super-blocks of 256 weights (float16 ``d`` and ``dmin``, eight 6-bit scales
+        and mins, 4-bit codes), each sub-block of 32 one of our groups with scale ``d * sc`` and
+        offset ``-dmin * m``. The codes are kept; the two products are rounded to float16 (GGUF
+        forms them in float32 at every use, so a weight moves by at most 2^-11 of its group's scale
+        times its code plus its offset: the price of one layout and one kernel for every type)."""
+        from gguf.quants import Q4_K
 
-GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # 32 weights per block
-GGUF_DIRECT_MODES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+        supers = in_features // 256
+        raw = blocks.reshape(out_features * supers, 144)
+        d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)
+        dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, m = Q4_K.get_scale_min(raw[:, 4:16].copy())  # gguf's unpacking of the 6-bit fields
+        scales = torch.from_numpy((d * sc.astype(np.float32)).astype(np.float16).reshape(out_features, supers * 8))
+        offsets = torch.from_numpy((-dmin * m.astype(np.float32)).astype(np.float16).reshape(out_features, supers * 8))
+        # 64 weights per 32 bytes: the first 32 in the low nibbles, the next 32 in the high ones
+        qs = raw[:, 16:].reshape(-1, 4, 32)
+        codes = np.stack((qs & 0x0F, qs >> 4), axis=2).reshape(out_features, in_features)
+        return cls(pack_int4(torch.from_numpy(codes)), scales, offsets, 4, in_features, bias)
+
+
+GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144}  # 32 weights per block (Q4_K: 256)
+GGUF_DIRECT_MODES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
 
 
 def _divisor(scales: torch.Tensor) -> torch.Tensor:

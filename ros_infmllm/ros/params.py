@@ -41,10 +41,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("dtype", "auto", "Weights and cache precision; auto: float32, or the export's precision.",
               choices=("auto", "float32", "bfloat16", "float16")),
     ParamSpec("weights", "float", "Decoder projection weights: float (in dtype), int8 or int4 (packed, groups of 32; "
-              "GGUF Q8_0/Q4_0/Q4_1 kept as stored), auto (a GGUF's own Q8_0/Q4_x blocks packed, the rest float). "
-              "Packed weights run on backend torch (GPU decode reads them packed, Triton); exported backends hold the weights "
-              "they were exported with (infmllm_export --weights), so there: float, auto or the export's mode; "
-              "docs/quantized_weights.md.",
+              "GGUF Q8_0/Q4_0/Q4_1/Q4_K kept as stored), auto (a GGUF's own Q8_0/Q4_0/Q4_1/Q4_K blocks packed, "
+              "the rest float). Packed weights run on backend torch (GPU decode reads them packed, Triton); "
+              "exported backends hold the weights they were exported with (infmllm_export --weights), so there: "
+              "float, auto or the export's mode; docs/quantized_weights.md.",
               choices=WEIGHT_MODES),
     ParamSpec("lm_head_weights", "float", "LM head weights: float (in dtype), int8 or int4 (packed, rounded from its "
               "floats; a tied embedding table stays float). A large vocabulary's head is a large share of a packed "

@@ -163,3 +163,47 @@ def test_a_qwen2_5_vl_stream_replays_with_the_eager_logits(tmp_path: Path) -> No
     _stream_side_by_side(eager, graphed, np.random.default_rng(0).integers(0, 256, (10, 30, 44, 3), dtype=np.uint8), 3)
     assert graphed.cache.evictions > 2 and any(key[-1] == "mrope" for key in graphed.runner.graphs)
     assert torch.allclose(eager.cache.k, graphed.cache.k, atol=1e-5)
+
+
+def _fill_gpu_memory() -> list[torch.Tensor]:
+    """Tensors holding every byte the caching allocator can still get, so the next allocation
+    raises a real ``torch.cuda.OutOfMemoryError`` (the caller drops them)."""
+    torch.cuda.empty_cache()
+    ballast, size = [], 1 << 30
+    while size >= 512:
+        try:
+            ballast.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+        except torch.cuda.OutOfMemoryError:
+            size //= 2
+    return ballast
+
+
+def test_a_real_out_of_memory_in_a_frame_leaves_the_cache_as_before(tiny_model_dir: Path) -> None:
+    """Issue 16's fault case on the GPU: a frame runs out of device memory (every byte taken by
+    ballast), the error reaches the caller, the cache is as before the frame, and once memory
+    is back the stream goes on exactly as a session that never saw the failed frame."""
+    from tokenizers import Tokenizer
+
+    model = load_model(tiny_model_dir, device="cuda")
+    tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    failing, clean = _session(model, tokenizer, False, "h2o"), _session(model, tokenizer, False, "h2o")
+    frames = np.random.default_rng(8).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    for frame in frames[:2]:
+        failing.ingest_frame(frame)
+        clean.ingest_frame(frame)
+    cache = failing.cache
+    before = (cache.length, cache.total_seen)
+    kept = [t[..., :cache.length, :].clone() for t in (cache.k, cache.v)]
+    ballast = _fill_gpu_memory()
+    try:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            failing.ingest_frame(frames[2])
+    finally:
+        del ballast
+        torch.cuda.empty_cache()
+    assert (cache.length, cache.total_seen) == before == (int(cache.length_t), int(cache.seen_t))
+    assert all(torch.equal(t[..., :cache.length, :], k) for t, k in zip((cache.k, cache.v), kept))
+    failing.ingest_frame(frames[3])
+    clean.ingest_frame(frames[3])
+    assert torch.equal(cache.k[..., :cache.length, :], clean.cache.k[..., :clean.cache.length, :])
+    assert failing.answer("what is in view ?") == clean.answer("what is in view ?")

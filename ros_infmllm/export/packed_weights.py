@@ -53,8 +53,8 @@ def unpack_for_tracing(model: nn.Module, dtype: torch.dtype) -> dict[str, Quanti
 
 def pack_initializers(path: Path, packed: dict[str, QuantizedLinear], external: bool) -> None:
     """Rewrite the exported graph at ``path``: each float initializer named in ``packed`` becomes
-    the packed layer's codes, scales (and zero point or offsets) and the nodes that dequantize
-    them under the initializer's name; the opset becomes ``PACKED_OPSET``. Checked by
+    the packed layer's codes, scales (and offsets) and the nodes that dequantize them under the
+    initializer's name; the opset becomes ``PACKED_OPSET``. Checked by
     ``onnx.checker`` afterwards."""
     import onnx
 

@@ -78,6 +78,8 @@ class ExportedBackend:
         self.bindings = {name: GraphBinding(name, spec, self.device) for name, spec in self.manifest.graphs.items()}
         self.runners = {name: self.make_runner(name, spec) for name, spec in self.manifest.graphs.items()}
         self._windows: dict[int, torch.Tensor] = {}
+        positions = next(t for t in self.manifest.graphs["decoder_step"].inputs if t.name == "positions")
+        self._mrope = len(positions.shape) == 2  # [3, q]: the graph takes M-RoPE positions
 
     def make_runner(self, name: str, spec: GraphSpec) -> GraphRunner:
         """The object that executes graph ``name``; configuration problems raise ValueError or
@@ -129,7 +131,7 @@ class ExportedBackend:
              positions: torch.Tensor, attn_window: int = 0, all_logits: bool = False) -> StepOutput:
         if all_logits:
             raise ValueError(f"the {self.name} backend returns the last position's logits only")
-        if positions.dim() == 1 and len(self.bindings["decoder_step"].spec.inputs[1].shape) == 2:
+        if positions.dim() == 1 and self._mrope:
             positions = positions.expand(3, -1)  # text on an M-RoPE graph: three equal components
         out = self._run("decoder_step", {"embeds": embeds, "positions": positions, "cache_k": cache_k,
                                          "cache_v": cache_v, "valid": valid, "attn_window": self._window(attn_window)})

@@ -28,6 +28,7 @@ from ..rope import Rotary
 from .config import Qwen2VLConfig, QwenVisionConfig
 from .image_tokens import ImageTokensModel
 from .layers import RMSNorm, activation
+from .vision import VisionMLP
 
 
 def patchify(pixels: torch.Tensor, cfg: QwenVisionConfig) -> torch.Tensor:
@@ -124,19 +125,6 @@ class QwenVisionAttention(nn.Module):
         return self.proj(out[0].transpose(0, 1).reshape(n, width))
 
 
-class QwenVisionMLP(nn.Module):
-    """Qwen2-VL: fc1, activation, fc2."""
-
-    def __init__(self, cfg: QwenVisionConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
-        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
-        self.act = activation(cfg.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class QwenVisionGatedMLP(nn.Module):
     """Qwen2.5-VL: gated (SwiGLU-style) MLP with biases."""
 
@@ -161,7 +149,8 @@ class QwenVisionBlock(nn.Module):
         self.norm1 = _norm(cfg, cfg.width)
         self.norm2 = _norm(cfg, cfg.width)
         self.attn = QwenVisionAttention(cfg)
-        self.mlp = QwenVisionMLP(cfg) if cfg.variant == "qwen2_vl" else QwenVisionGatedMLP(cfg)
+        self.mlp = (VisionMLP(cfg.width, cfg.mlp_width, cfg.hidden_act) if cfg.variant == "qwen2_vl"
+                    else QwenVisionGatedMLP(cfg))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, mask)

@@ -3,6 +3,7 @@ only that a run writes complete, consistent results files."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,23 @@ def test_bench_decode_linear_times_packed_weights_against_their_dequantized_refe
         assert matrix["op"]["error"] < 1e-5 and matrix["op"]["bytes"] < matrix["cublas"]["bytes"] / 2
         assert matrix["op"]["int4_block_n"] == matrix["op"]["rows_per_program"]
     assert "weights int4" in (tmp_path / "bench_decode_linear.md").read_text()
+
+
+def test_matvec_sass_counts_the_main_loop_of_each_weight_type(tmp_path: Path) -> None:
+    """Compiled for sm_90 and disassembled here: a loop is found for bf16, int8 and int4, each step
+    covers the weights its launch shape gives a thread, and packed codes cost instructions."""
+    script = Path(bench_gpu.__file__).with_name("matvec_sass.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kernels = {k["weights"]: k for k in json.loads((tmp_path / "matvec_sass.json").read_text())["kernels"]}
+    assert set(kernels) == {"bf16", "int8", "int4"}
+    for kernel in kernels.values():
+        assert kernel["loop_instructions"] > 10 and kernel["instructions_per_weight"] > 1
+        assert any(op in ("FFMA", "FMUL") for op, _ in kernel["opcodes"])
+    assert kernels["int4"]["weights_per_thread_per_step"] > kernels["bf16"]["weights_per_thread_per_step"]
+    assert "| int4 |" in (tmp_path / "matvec_sass.md").read_text()
 
 
 def test_stream_perplexity_smoke_run_scores_every_token(tmp_path: Path) -> None:

@@ -270,7 +270,7 @@ def main() -> int:
             evaluate_part(*job)
     outcomes = list(kept)
     for m, p in settings:
-        if (m, p) not in done and not args.report_only:
+        if (m, p) not in done:  # this run's parts, or (--report-only) a cut run's, once they cover the cell
             cell = merge_parts(cells, m, p, args.streams)
             if cell is not None:
                 outcomes.append((m, p, cell))

@@ -229,7 +229,8 @@ def test_bench_node_smoke_run_times_every_question(tmp_path: Path) -> None:
 
 def test_eval_demo_keeps_each_cell_and_reports_a_run_cut_short(tmp_path: Path) -> None:
     """eval_demo on the tiny model (one stream, 4x the budget): every cell is saved as it ends; a
-    report compiled from the cells alone names the cells that are missing."""
+    report compiled from the cells alone names the cells that are missing, and merges a cell
+    whose parts are all there."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_demo.py"
     run = [sys.executable, str(script), "--model", "tiny", "--device", "cpu", "--streams", "1", "--budget", "256",
            "--multiples", "4", "--split", "dev", "--policies", "h2o", "inf-mllm-lt[stretch=17]",
@@ -250,6 +251,14 @@ def test_eval_demo_keeps_each_cell_and_reports_a_run_cut_short(tmp_path: Path) -
     again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "t_cells").iterdir()}
     assert again.keys() - kept.keys() == {"4x_h2o.json"} and all(again[n] == t for n, t in kept.items())
     assert json.loads((tmp_path / "t.json").read_text())["cells_not_run"] == []
+    # a cell left as parts by a run cut short (--shard-streams) is merged by --report-only too
+    import eval_demo
+
+    cell = tmp_path / "t_cells" / "4x_h2o.json"
+    ((start, stop),) = eval_demo.shards(4, 1, 0)
+    cell.rename(eval_demo.part_path(tmp_path / "t_cells", 4, "h2o", start, stop))
+    subprocess.run(run + ["--report-only"], check=True, capture_output=True, cwd=script.parent)
+    assert cell.exists() and json.loads((tmp_path / "t.json").read_text())["cells_not_run"] == []
 
 
 def test_jetson_plan_scales_with_bandwidth_and_marks_what_does_not_fit(tmp_path: Path) -> None:

@@ -300,9 +300,10 @@ def write_markdown(report: dict, path: Path) -> None:
 
 def run_row_in_child(name: str, pair: str, args) -> None:
     """One of our rows timed in a fresh interpreter that adds it to the results file (``--resume``).
-    Why: in one process each model's weights outlived it (the H200 run of 2026-12-02 saw the 7B
-    rows' peak memory grow by every earlier row's model: 16.3, 26.0, 33.2, 40.3 GiB), so a row's
-    peak was not its own; a child's memory, compiled code and CUDA graphs end with it."""
+    Why: in one process the H200 run of 2026-12-02 saw the 7B rows' peak memory grow row by row
+    (16.3, 26.0, 33.2, 40.3 GiB), by about each earlier row's model, so a row's peak was not its
+    own (the cause, memory of earlier rows kept alive, was not pinned down); a child's memory,
+    compiled code and CUDA graphs end with it."""
     command = [sys.executable, str(Path(__file__).resolve()), "--skip-llama-cpp", "--in-process", "--resume",
                "--models", name, "--ours", pair, "--depth", str(args.depth), "--tokens", str(args.tokens),
                "--ingest-frames", str(args.ingest_frames), "--policy", args.policy, "--out", str(args.out),

@@ -13,9 +13,10 @@ it is then replaced by the packed bytes and ONNX's block-wise ``DequantizeLinear
   ONNX's zero point is an integer code, which a float offset is not.
 
 The dequantized tensor keeps the float initializer's name, so the graph's ``Gemm`` nodes read it
-unchanged; onnxruntime computes exactly what the torch backend's ``QuantizedLinear`` does (the same
-float32 arithmetic, then the graph's dtype), and TensorRT parses ``DequantizeLinear`` before a
-``Gemm`` as weight-only quantization.
+unchanged. onnxruntime then gives the torch backend's logits on the same packed weights (to float
+rounding: the offset form adds in another order), and TensorRT-RTX builds both forms; the plain
+``DequantizeLinear`` -> ``Gemm`` form is TensorRT's weight-only pattern, while whether it keeps the
+offset form's weights packed has not been measured.
 """
 from __future__ import annotations
 

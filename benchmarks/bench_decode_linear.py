@@ -76,25 +76,10 @@ def layer_inputs(spec: dict, layers: int, device: str, dtype: torch.dtype, seed:
             for _ in range(layers)]
 
 
-def packed_inputs(args: tuple, mode: str) -> tuple:
-    """The op's arguments with the weight packed (round to nearest, groups of 32): codes in place
-    of the weight, then scales, offsets and bits."""
-    packed = QuantizedLinear.from_float(args[1], None, mode)
-    return (args[0], packed.qweight, *args[2:], packed.scales, packed.offsets, packed.bits)
-
-
-def packed_reference(x, codes, bias, norm_weight, residual, eps, gated, cos, sin, rotated_rows, scales, offsets,
-                     bits):
-    """The float64 reference on the dequantized weight."""
-    layer = QuantizedLinear(codes, scales, offsets, bits, codes.shape[1] * (2 if bits == 4 else 1))
-    return reference(x, layer.dequantized(torch.float64), bias, norm_weight, residual, eps, gated, cos, sin,
-                     rotated_rows)
-
-
-def argument_bytes(args: tuple) -> int:
-    """Bytes of the weight operands (weight, or codes + scales + offsets) of one call."""
-    weights = [args[1]] + [t for t in args[10:12] if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in weights)
+def packed_inputs(args: tuple, layer: QuantizedLinear) -> tuple:
+    """The op's arguments with ``layer``'s packed weight: codes in place of the weight, then its
+    scales, offsets and bits."""
+    return (args[0], layer.qweight, *args[2:], layer.scales, layer.offsets, layer.bits)
 
 
 def unfused(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0):
@@ -135,11 +120,13 @@ def bench_matrix(spec: dict, layers: int, args, device: str, dtype: torch.dtype,
            "compiled": {"us": timed_us(compiled, per_layer, device, args.replays),
                         "error": relative(compiled(*fresh), want), "bytes": float_bytes}}
     op_bytes, rows_field = float_bytes, "block_n"
-    if args.weights != "float":
-        per_layer = [packed_inputs(layer, args.weights) for layer in per_layer]
-        fresh = packed_inputs(fresh, args.weights)
-        want = packed_reference(*fresh)
-        op_bytes, rows_field = argument_bytes(fresh), f"{args.weights}_block_n"
+    if args.weights != "float":  # packed by rounding, groups of 32; the reference on the dequantized weight
+        per_layer = [packed_inputs(layer, QuantizedLinear.from_float(layer[1], None, args.weights))
+                     for layer in per_layer]
+        packed = QuantizedLinear.from_float(fresh[1], None, args.weights)
+        want = reference(fresh[0], packed.dequantized(torch.float64), *fresh[2:])
+        fresh = packed_inputs(fresh, packed)
+        op_bytes, rows_field = packed.packed_bytes(), f"{args.weights}_block_n"
         row["bytes"] = op_bytes
     tunings = [shipped, op.MatvecTuning(**{**vars(shipped), "pdl": False})]
     tunings += [op.MatvecTuning(**{**vars(shipped), "block_n": n, "gated_block_n": n, "wide_block_n": n,

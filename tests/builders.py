@@ -131,6 +131,16 @@ def image_tokens_per_frame(spec: TinySpec) -> int:
     return patches - 1 if spec.strategy == "default" else patches
 
 
+def frame_and_question_logits(session: Any, frame: Any, question: str = "what is in view ?") -> torch.Tensor:
+    """``[2, vocab]``: a session's logits after one frame (``frame_inputs``: its ids, visual tokens
+    and any M-RoPE offsets) and then after a question in its template: what the backend parity
+    tests compare between torch and an exported backend."""
+    ids, features, offsets = session.frame_inputs(frame)
+    frame_logits = session.feed(ids, features, position_offsets=offsets)
+    query = torch.tensor(session._template_ids(session.template.query.replace("{query}", question)))
+    return torch.stack([frame_logits, session.feed(query)])
+
+
 def one_token_step_inputs(cfg: Any, capacity: int, filled: int, seed: int, device: torch.device
                           ) -> dict[str, torch.Tensor]:
     """Keyword arguments of ``Decoder.step`` for one token after ``filled`` random cached slots of

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from builders import TinySpec, build_tiny_llava
+from builders import TinySpec, build_tiny_llava, frame_and_question_logits
 from ros_infmllm.backends import TorchBackend, make_backend
 from ros_infmllm.demo import bundled_model_path
 from ros_infmllm.demo.episodes import make_episode
@@ -175,9 +175,7 @@ def test_packed_weights_export_as_codes_the_graph_dequantizes(tiny_model_dir: Pa
     for backend, options in (("torch", {"weights": weights}), ("onnxruntime", {"engine_dir": tmp_path})):
         session = StreamingSession.from_pretrained(tiny_model_dir, policy="h2o", capacity=CAPACITY,
                                                    max_chunk=MAX_CHUNK, backend=backend, **options)
-        frame_logits = session.feed(session.frame_ids(), session.encode_frame(frame))
-        question = torch.tensor(session._template_ids(session.template.query.replace("{query}", "what is red ?")))
-        logits.append(torch.stack([frame_logits, session.feed(question)]))
+        logits.append(frame_and_question_logits(session, frame, "what is red ?"))
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
     other = "int4" if weights == "int8" else "int8"
     with pytest.raises(ValueError, match=f"exported with \\({weights}"):

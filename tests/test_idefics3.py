@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import IMAGE_TOKEN, build_tiny_idefics3
+from builders import IMAGE_TOKEN, build_tiny_idefics3, frame_and_question_logits
 from ros_infmllm.errors import CheckpointError
 from ros_infmllm.model import Idefics3Model, load_model
 from ros_infmllm.session import StreamingSession
@@ -126,9 +126,7 @@ def test_onnx_export_gives_torch_logits_in_onnxruntime(tmp_path: Path) -> None:
     for backend, options in (("torch", {}), ("onnxruntime", {"engine_dir": tmp_path / "onnx"})):
         session = StreamingSession.from_pretrained(tmp_path / "model", policy="inf-mllm", capacity=64, max_chunk=16,
                                                    backend=backend, **options)
-        frame_logits = session.feed(session.frame_ids(), session.encode_frame(frame))
-        question = torch.tensor(session._template_ids(session.template.query.replace("{query}", "what is in view ?")))
-        logits.append(torch.stack([frame_logits, session.feed(question)]))
+        logits.append(frame_and_question_logits(session, frame))
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import IMAGE_TOKEN, build_tiny_qwen2_vl
+from builders import IMAGE_TOKEN, build_tiny_qwen2_vl, frame_and_question_logits
 from ros_infmllm.backends import TorchBackend
 from ros_infmllm.cache import BoundedKVCache, make_policy
 from ros_infmllm.errors import CheckpointError
@@ -305,10 +305,7 @@ def test_onnx_export_gives_torch_logits_in_onnxruntime(tmp_path: Path, variant: 
     for backend, options in (("torch", {}), ("onnxruntime", {"engine_dir": tmp_path / "onnx"})):
         session = StreamingSession.from_pretrained(tmp_path / "model", policy="h2o", capacity=128, max_chunk=16,
                                                    max_pixels=40 * 48, backend=backend, **options)
-        ids, features, offsets = session.frame_inputs(frame)
-        frame_logits = session.feed(ids, features, position_offsets=offsets)
-        question = torch.tensor(session._template_ids(session.template.query.replace("{query}", "what is in view ?")))
-        logits.append(torch.stack([frame_logits, session.feed(question)]))
+        logits.append(frame_and_question_logits(session, frame))
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
 
 

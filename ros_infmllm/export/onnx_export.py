@@ -10,9 +10,9 @@ import torch
 
 from ..model import load_model
 from ..model.llava import LlavaModel
+from ..model.quantized import WEIGHT_MODES
 from .graphs import STEP_INPUTS, STEP_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, StepGraph, VisionGraph, frame_size, \
     step_example, vision_example
-from ..model.quantized import WEIGHT_MODES
 from .manifest import DTYPE_NAMES, PRECISIONS, GraphSpec, Manifest, TensorSpec, model_sha256
 from .packed_weights import pack_initializers, unpack_for_tracing
 

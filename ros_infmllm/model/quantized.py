@@ -16,8 +16,9 @@ One layout for every source, so that one kernel reads them all:
 
 Scales and offsets are float16 ``[out, in / group]``, as GGUF stores them, so a Q8_0 / Q4_0 /
 Q4_1 block's values are reproduced exactly (Q4_K's within float16 rounding of its products).
-``forward`` dequantizes the matrix and multiplies (the reference path: the CPU and prefill); one-token decode steps read the packed bytes in the Triton
-matrix-vector kernel (matvec_kernels.py), q/k/v and gate/up fused by ``FusedQuantizedLinear``.
+``forward`` dequantizes the matrix and multiplies (the reference path: the CPU and prefill);
+one-token decode steps read the packed bytes in the Triton matrix-vector kernel
+(matvec_kernels.py), q/k/v and gate/up fused by ``FusedQuantizedLinear``.
 """
 from __future__ import annotations
 
@@ -143,10 +144,11 @@ class QuantizedLinear(nn.Module):
         out_features, in_features = shape
         if kind not in GGUF_BLOCK_BYTES:
             raise ValueError(f"GGUF type {kind} is not read directly (direct: {', '.join(GGUF_BLOCK_BYTES)})")
+        blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
         if kind == "Q4_K":
-            return cls._from_q4_k(np.ascontiguousarray(blocks, dtype=np.uint8), out_features, in_features, bias)
+            return cls._from_q4_k(blocks, out_features, in_features, bias)
         groups = in_features // 32
-        raw = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(out_features, groups, GGUF_BLOCK_BYTES[kind])
+        raw = blocks.reshape(out_features, groups, GGUF_BLOCK_BYTES[kind])
         scales = torch.from_numpy(raw[..., 0:2].copy().view(np.float16).reshape(out_features, groups))
         if kind == "Q8_0":
             codes = torch.from_numpy(raw[..., 2:].copy().view(np.int8).reshape(out_features, in_features))

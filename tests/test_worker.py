@@ -168,3 +168,34 @@ def test_a_question_keeps_the_frame_it_was_asked_about_when_newer_ones_arrive() 
     worker.stop()
     assert session.events == [("frame", 1.0), ("frame", 2.0), ("query", "what is in view?"), ("frame", 4.0)]
     assert worker.counters.frames_dropped == 1 and worker.counters.frames_ingested == 3
+
+
+def _question_behind_a_streaming_camera(question_frame_age: float, pause: float) -> list[tuple[str, object]]:
+    """Frame 1 is in the cache, frame 2 is being ingested, frame 3 is unread when the question
+    comes ``pause`` seconds after frame 1 went in; returns the session's order of work."""
+    session = RecordingSessionDouble()
+    worker = InferenceWorker(session, lambda q, t: None, frame_rate=1000.0, question_frame_age=question_frame_age)
+    worker.start()
+    worker.submit_frame("cam", _frame(), 1.0)
+    assert worker.wait_idle(5.0)
+    session.gate.clear()
+    worker.submit_frame("cam", _frame(), 2.0)
+    time.sleep(pause)  # blocked inside frame 2
+    worker.submit_frame("cam", _frame(), 3.0)
+    worker.submit_query("what is in view?")
+    session.gate.set()
+    assert worker.wait_idle(5.0)
+    worker.stop()
+    return session.events
+
+
+def test_a_question_does_not_wait_for_a_frame_of_a_camera_already_streaming_into_the_cache() -> None:
+    """Frame 1 came moments ago, within question_frame_age: the question goes before unread frame 3."""
+    events = _question_behind_a_streaming_camera(question_frame_age=10.0, pause=0.1)
+    assert events == [("frame", 1.0), ("frame", 2.0), ("query", "what is in view?"), ("frame", 3.0)]
+
+
+def test_a_question_takes_the_unread_frame_when_the_cache_is_older_than_question_frame_age() -> None:
+    for age, pause in ((0.0, 0.1), (0.05, 0.2)):  # 0: always; else when frame 1 is older than the bound
+        events = _question_behind_a_streaming_camera(question_frame_age=age, pause=pause)
+        assert events == [("frame", 1.0), ("frame", 2.0), ("frame", 3.0), ("query", "what is in view?")], age

@@ -95,6 +95,7 @@ class InfMLLMNode(Node):
         self.worker = InferenceWorker(self.session, self._publish_answer, self._publish_piece,
                                       self.values["max_pending_queries"], self.values["frame_rate"],
                                       log_error=lambda text: self.get_logger().error(text),
+                                      question_frame_age=self.values["question_frame_age"],
                                       warm_up=self.session.warm_up if self.values["warm_up"] else None,
                                       on_ready=self._on_ready)
         for topic in self.values["image_topics"]:
@@ -153,6 +154,8 @@ class InfMLLMNode(Node):
 
         if name == "frame_rate":
             self.worker.frame_rate = value
+        elif name == "question_frame_age":
+            self.worker.question_frame_age = value
         elif name == "max_pending_queries":
             self.worker.max_pending_queries = value
         elif name == "max_new_tokens":

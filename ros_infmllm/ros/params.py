@@ -63,6 +63,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("max_pending_queries", 4, "Questions waiting beyond this are answered 'busy'.", 1, 1024, runtime=True),
     ParamSpec("frame_rate", 1.0, "Most frames ingested per second, all cameras together.", 0.01, 1000.0,
               runtime=True),
+    ParamSpec("question_frame_age", 0.25, "Seconds: a question first ingests a camera's unread frame when that "
+              "camera's last ingested frame is older than this; 0: always (fresher answers, slower first piece).",
+              0.0, 3600.0, runtime=True),
     ParamSpec("temperature", 0.0, "Sampling temperature; 0 is greedy.", 0.0, 10.0, runtime=True),
     ParamSpec("top_p", 1.0, "Nucleus sampling mass.", 0.01, 1.0, runtime=True),
     ParamSpec("seed", 0, "Sampling seed.", 0, 2**31 - 1),

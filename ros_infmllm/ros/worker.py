@@ -2,10 +2,13 @@
 
 Frames go into a one-slot "latest frame" mailbox per camera: a busy worker skips stale frames,
 never queues them. Questions go into a bounded FIFO: a full queue refuses at once, so the
-caller can answer "busy". Questions take priority over frames, but a question takes the unread
-frame of each camera with it when it is queued, and those frames go in just before it is
-answered: an answer covers what the cameras showed when it was asked, however far behind the
-worker is (these frames are not held to ``frame_rate``; at most one per camera per question).
+caller can answer "busy". Questions take priority over frames. An answer covers what each camera
+showed at most ``question_frame_age`` seconds before the question: a camera whose last ingested
+frame arrived longer ago than that (a low ``frame_rate``, a worker far behind) has its unread frame
+taken with the question, and it goes in just before the answer (not held to ``frame_rate``; at most
+one per camera per question). A camera streaming into the cache is not made to wait for: ingesting
+one more frame would add a whole frame's ingest to the time to the first answer piece for a few
+tens of milliseconds of freshness. ``question_frame_age`` = 0 takes every unread frame.
 If given a warm-up, the worker runs it first (state "warming up"); frames and questions that
 arrive meanwhile wait in the mailbox and the queue and are handled once it is "ready". A
 question to a vision model before its first frame is answered "busy: no camera frame ..."
@@ -77,6 +80,7 @@ class InferenceWorker:
     def __init__(self, session: Any, on_answer: Callable[[Query, str], None],
                  on_piece: Callable[[Query, str], None] | None = None, max_pending_queries: int = 4,
                  frame_rate: float = 1.0, log_error: Callable[[str], None] | None = None,
+                 question_frame_age: float = 0.25,
                  warm_up: Callable[[], float] | None = None,
                  on_ready: Callable[[float | None, str], None] | None = None) -> None:
         self.session = session
@@ -88,6 +92,8 @@ class InferenceWorker:
         self.log_error = log_error or (lambda text: None)
         self.max_pending_queries = max_pending_queries
         self.frame_rate = frame_rate
+        self.question_frame_age = question_frame_age
+        self._ingested_received: dict[str, float] = {}  # per camera: when its last ingested frame came
         self.counters = WorkerCounters()
         self._frames: dict[str, tuple[np.ndarray, float | None, float]] = {}  # rgb, stamp, received
         self._queries: collections.deque[Query] = collections.deque()
@@ -136,8 +142,12 @@ class InferenceWorker:
             if len(self._queries) >= self.max_pending_queries:
                 self.counters.queries_refused += 1
                 return None
-            query = Query(next(self._ids), text, frames=self._frames)
-            self._frames = {}  # newer frames wait for the next turn; these go in before the answer
+            now = time.monotonic()
+            stale = {camera: frame for camera, frame in self._frames.items()
+                     if now - self._ingested_received.get(camera, float("-inf")) > self.question_frame_age}
+            for camera in stale:  # these go in before the answer; fresher cameras keep their turn
+                del self._frames[camera]
+            query = Query(next(self._ids), text, frames=stale)
             self._queries.append(query)
             self._wake.notify()
             return query
@@ -231,6 +241,8 @@ class InferenceWorker:
             self.log_error(self.counters.last_error)
             return
         self.counters.frames_ingested += 1
+        with self._wake:
+            self._ingested_received[camera] = frame[2]
         self.counters.last_ingest_ms = (time.monotonic() - started) * 1000
 
     def _answer(self, query: Query) -> None:

@@ -382,6 +382,11 @@ def bench_transformers(hf, contexts: list[int], new_tokens: int, device: str, st
     return rows
 
 
+def shape_tokenizer(model, shape: dict):
+    """The word tokenizer of a shape's vocabulary, with the marker tokens its layout writes around a frame."""
+    return word_tokenizer(model.cfg.text.vocab_size, LAYOUT_MARKERS[shape.get("layout", "llava")])
+
+
 # ---- one model --------------------------------------------------------------------------------------
 def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> dict:
     print(f"{name}:", flush=True)
@@ -389,7 +394,7 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
     model = random_model(folder, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.weights != "float":  # packed decoder projections, rounded from the random floats
         quantize_decoder(model.decoder, args.weights)
-    tokenizer = word_tokenizer(model.cfg.text.vocab_size, LAYOUT_MARKERS[shape.get("layout", "llava")])
+    tokenizer = shape_tokenizer(model, shape)
     weights, cache = decoder_bytes_per_token(model), cache_bytes(model, args.capacity)
     roofline_ms = 1e3 * (weights + cache) / bandwidth
     result = {"model": name, "decoder_weight_bytes": weights, "cache_bytes": cache, "roofline_ms": roofline_ms,

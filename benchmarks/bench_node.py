@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     node, folder = start_node({"model_path": path, "device": args.device, "policy": args.policy,
                                "capacity": args.capacity, "max_chunk": args.max_chunk,
                                "frame_rate": args.frame_rate, "max_new_tokens": args.max_new_tokens,
-                               "diagnostics_period": 0.5, "image_topics": ["/camera/image_raw"]})
+                               "question_frame_age": args.question_frame_age, "diagnostics_period": 0.5, "image_topics": ["/camera/image_raw"]})
     rclpy.init()
     probe = CameraProbe()
     record = probe.record
@@ -138,20 +138,23 @@ def per_question(asked: list[float], answers: list[tuple[float, str]],
     non-empty piece, and the empty piece that ends it. Both times come from ``~/answer_stream``
     alone, whose messages arrive in the order the node sent them; ``~/answer`` is another topic,
     which the probe's executor may serve before pieces already waiting (seen on a loaded CI
-    machine). ``streamed`` is the pieces' text, which must equal the answer."""
-    groups, first, text = [], None, []
+    machine). ``streamed`` is the pieces' text, which must equal the answer; ``pieces`` their count
+    (one per generated token that adds text), so the time per piece after the first is the node's
+    decode pace as a subscriber sees it."""
+    groups, first, last, text = [], None, None, []
     for at, piece in pieces:
         if piece:
-            first = at if first is None else first
+            first, last = (at if first is None else first), at
             text.append(piece)
         else:
-            groups.append((first, at, "".join(text).strip()))
-            first, text = None, []
+            groups.append((first, last, at, "".join(text).strip(), len(text)))
+            first, last, text = None, None, []
     rows = []
     for i, (sent, (arrived, answer)) in enumerate(zip(asked, answers)):
-        start, end, streamed = groups[i] if i < len(groups) else (None, arrived, None)
+        start, last, end, streamed, count = groups[i] if i < len(groups) else (None, None, arrived, None, 0)
         rows.append({"first_piece_ms": None if start is None else (start - sent) * 1000,
-                     "answer_ms": (end - sent) * 1000, "answer": answer, "streamed": streamed})
+                     "answer_ms": (end - sent) * 1000, "answer": answer, "streamed": streamed, "pieces": count,
+                     "ms_per_later_piece": None if count < 2 else (last - start) * 1000 / (count - 1)})
     return rows
 
 
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-chunk", type=int, default=256)
     parser.add_argument("--frame-rate", type=float, default=30.0, help="the node's ingest cap")
     parser.add_argument("--fps", type=float, default=30.0, help="camera frames per second")
+    parser.add_argument("--question-frame-age", type=float, default=0.25,
+                        help="the node's question_frame_age (0: every question first ingests the newest frame)")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds of camera before the first question")
     parser.add_argument("--questions", type=int, default=30)
     parser.add_argument("--question-every", type=float, default=2.0)
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = per_question(result["asked"], result["answers"], result["pieces"])
     first = [r["first_piece_ms"] for r in rows if r["first_piece_ms"] is not None]
     whole = [r["answer_ms"] for r in rows]
+    pace = [r["ms_per_later_piece"] for r in rows if r["ms_per_later_piece"] is not None]
     final = result["final"]
     gpu = [float(s["gpu_memory_reserved_mb"]) for s in result["samples"] if s.get("gpu_memory_reserved_mb")]
     report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -199,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
               "first_piece_ms": {"p50": percentile(first, 50), "p90": percentile(first, 90),
                                  "max": max(first, default=None)},
               "answer_ms": {"p50": percentile(whole, 50), "p90": percentile(whole, 90)},
+              "ms_per_later_piece_p50": percentile(pace, 50),
+              # the node's own view (its last /diagnostics): worker-side step times and CUDA graphs,
+              # so a slow step is told apart from ROS transport
+              "node": {k: final.get(k) for k in ("last_first_token_ms", "last_answer_ms", "warm_up_s",
+                                                 "captured_graphs", "graph_capture_error", "policy")},
               "bench_gpu_first_token": bench_gpu_first_token(args.model, args.policy),
               "frames": {"published": result["frames_published"], **{k: final.get(k) for k in (
                   "frames_received", "frames_ingested", "frames_dropped", "frames_rejected")}},
@@ -225,17 +236,24 @@ def write_markdown(report: dict, path: Path) -> None:
     s = report["settings"]
     ms = lambda v: "n/a" if v is None else f"{float(v):.1f} ms"  # noqa: E731
     frames = report["frames"]
+    node = report.get("node", {})
     lines = [f"# Node end to end through ROS: {s['model']}", "",
              f"Produced by `benchmarks/bench_node.py --model {s['model']} --device {s['device']}`: a {s['fps']:g} fps "
              f"640x480 rgb8 camera over DDS, {report['questions']} questions every {s['question_every']:g} s after "
              f"{s['settle']:g} s of camera; policy {s['policy']}, capacity {s['capacity']}, max_chunk "
-             f"{s['max_chunk']}, answers up to {s['max_new_tokens']} tokens.", "",
+             f"{s['max_chunk']}, answers up to {s['max_new_tokens']} tokens, question_frame_age "
+             f"{s.get('question_frame_age', 0):g} s.", "",
              "| figure | value |", "|---|---|",
              f"| node ready (start-up + warm-up) | {report['ready_s']} s |",
              f"| query -> first answer piece, p50 / p90 / max | {ms(report['first_piece_ms']['p50'])} / "
              f"{ms(report['first_piece_ms']['p90'])} / {ms(report['first_piece_ms']['max'])} |",
              f"| bench_gpu.py's first token for this shape (no ROS) | {first_token_cell(report['bench_gpu_first_token'])} |",
              f"| query -> whole answer, p50 / p90 | {ms(report['answer_ms']['p50'])} / {ms(report['answer_ms']['p90'])} |",
+             f"| time per answer piece after the first, p50 | {ms(report.get('ms_per_later_piece_p50'))} |",
+             f"| node's own last question: start -> first token / whole answer | "
+             f"{ms(node.get('last_first_token_ms'))} / {ms(node.get('last_answer_ms'))} |",
+             f"| CUDA graphs captured / capture error | {node.get('captured_graphs', 'n/a')} / "
+             f"{node.get('graph_capture_error') or 'none'} |",
              f"| frames published / received / ingested / dropped / rejected | {frames['published']} / "
              f"{frames['frames_received']} / {frames['frames_ingested']} / {frames['frames_dropped']} / "
              f"{frames['frames_rejected']} |",

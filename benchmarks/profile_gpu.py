@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_gpu import FAMILY_SHAPES, SHAPES, StreamDriver, camera_frame, random_model, word_tokenizer, \
+from bench_gpu import FAMILY_SHAPES, SHAPES, StreamDriver, camera_frame, random_model, shape_tokenizer, \
     write_checkpoint_config
 from ros_infmllm.cache import DEFAULT_POLICY, make_policy
 from ros_infmllm.session import SessionConfig, StreamingSession, template_for
@@ -68,7 +68,7 @@ def profile_model(name: str, args) -> dict:
     shape = {**SHAPES, **FAMILY_SHAPES}[name]
     folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
     model = random_model(folder, "cuda", torch.bfloat16)
-    tokenizer = word_tokenizer(model.cfg.text.vocab_size)
+    tokenizer = shape_tokenizer(model, shape)
     config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
                            check_evictions=False)
     session = StreamingSession(model, tokenizer, make_policy(args.policy), config, template_for("demo"),

@@ -93,7 +93,7 @@ def soak(args: argparse.Namespace) -> dict:
                                      "cache_capacity", "tokens_streamed", "evictions", "frames_received",
                                      "frames_ingested", "frames_dropped", "queries_answered", "queries_refused",
                                      "queries_failed", "last_ingest_ms", "last_first_token_ms",
-                                     "max_frame_age_ms")}})
+                                     "max_frame_age_ms", "captured_graphs", "graph_capture_error")}})
                 sleep_until_due(frame_tick, question_tick, sample_tick)
             deadline = time.monotonic() + args.answer_timeout  # the last questions' answers
             while len(record.answers) < len(asked) and time.monotonic() < deadline and node.poll() is None:
@@ -173,7 +173,9 @@ def write_markdown(report: dict, rows: list[dict], path: Path) -> None:
              f"| RSS at the end | {last.get('rss_mb', '')} MB |",
              f"| RSS growth (max of last half - max of first quarter) | {fmt(report['rss_growth_mb'])} "
              f"(bound {s['rss_bound_mb']:g} MB) |",
-             f"| GPU memory growth (reserved) | {fmt(report['gpu_growth_mb'])} (bound {s['gpu_bound_mb']:g} MB) |"]
+             f"| GPU memory growth (reserved) | {fmt(report['gpu_growth_mb'])} (bound {s['gpu_bound_mb']:g} MB) |",
+             f"| CUDA graphs captured / capture error (last sample) | {last.get('captured_graphs', 'n/a')} / "
+             f"{last.get('graph_capture_error') or 'none'} |"]
     if report["failures"]:
         lines += ["", "Failures:", *[f"- {f}" for f in report["failures"]]]
     path.write_text("\n".join(lines) + "\n")

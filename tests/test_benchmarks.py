@@ -207,6 +207,7 @@ def test_bench_node_times_answers_from_the_stream_even_when_the_answer_topic_arr
     first, second = bench_node.per_question(asked, answers, pieces)
     assert first["first_piece_ms"] == pytest.approx(15.0) and first["answer_ms"] == pytest.approx(17.0)
     assert first["streamed"] == first["answer"] == "a cup"
+    assert first["pieces"] == 2 and first["ms_per_later_piece"] == pytest.approx(1.0)  # 10.015 -> 10.016
     assert second["first_piece_ms"] is None and second["answer_ms"] == pytest.approx(31.0)
 
 
@@ -223,6 +224,8 @@ def test_bench_node_smoke_run_times_every_question(tmp_path: Path) -> None:
     rows = report["per_question"]
     assert all(0 < r["first_piece_ms"] <= r["answer_ms"] for r in rows)
     assert all(r["streamed"] == r["answer"] for r in rows)  # the pieces of each answer, in order
+    assert report["node"]["captured_graphs"] == "0" and report["node"]["graph_capture_error"] == ""  # CPU: eager
+    assert float(report["node"]["last_first_token_ms"]) > 0
     assert int(report["frames"]["frames_ingested"]) > 0 and float(report["max_frame_age_ms"]) >= 0
     assert "| query -> first answer piece" in (tmp_path / "bench_node_tiny-qwen2.md").read_text()
 

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     from ros_infmllm.ros.entry import spinning
 
     path = model_path(args.model, args.work)
-    node, folder = start_node({"model_path": path, "device": args.device, "policy": args.policy,
+    node, folder = start_node({"model_path": path, "device": args.device, "dtype": args.dtype, "policy": args.policy,
                                "capacity": args.capacity, "max_chunk": args.max_chunk,
                                "frame_rate": args.frame_rate, "max_new_tokens": args.max_new_tokens,
                                "question_frame_age": args.question_frame_age, "diagnostics_period": 0.5, "image_topics": ["/camera/image_raw"]})
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="qwen2-1.5b", help="demo-vlm, tiny, or a bench_gpu shape")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--policy", default=DEFAULT_POLICY)
+    parser.add_argument("--dtype", default="auto", help="the node's dtype (auto: float32 on the CPU, bfloat16 on a GPU)")
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--max-chunk", type=int, default=256)
     parser.add_argument("--frame-rate", type=float, default=30.0, help="the node's ingest cap")
@@ -238,7 +239,8 @@ def write_markdown(report: dict, path: Path) -> None:
     frames = report["frames"]
     node = report.get("node", {})
     lines = [f"# Node end to end through ROS: {s['model']}", "",
-             f"Produced by `benchmarks/bench_node.py --model {s['model']} --device {s['device']}`: a {s['fps']:g} fps "
+             f"Produced by `benchmarks/bench_node.py --model {s['model']} --device {s['device']}` (dtype "
+             f"{s.get('dtype', 'auto')}): a {s['fps']:g} fps "
              f"640x480 rgb8 camera over DDS, {report['questions']} questions every {s['question_every']:g} s after "
              f"{s['settle']:g} s of camera; policy {s['policy']}, capacity {s['capacity']}, max_chunk "
              f"{s['max_chunk']}, answers up to {s['max_new_tokens']} tokens, question_frame_age "

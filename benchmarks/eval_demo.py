@@ -61,6 +61,7 @@ class Evaluator:
 
     def __init__(self, model_dir: Path, device: str) -> None:
         files = locate(model_dir)
+        self.files, self.device = files, device
         self.model = load_model(files, device=device)
         self.tokenizer = load_tokenizer(files)
         self.template = checkpoint_template(files, self.model.cfg.text.model_type)
@@ -72,15 +73,28 @@ class Evaluator:
         probe = StreamingSession(self.model, self.tokenizer, make_policy("full"), SessionConfig(capacity=64),
                                  self.template, self.preprocessor, self.backend)
         self.tokens_per_frame = len(probe.frame_ids())
+        self._packed: dict[str, tuple] = {}
+
+    def model_and_backend(self, weights: str) -> tuple:
+        """The model with its decoder projections as ``weights`` (float: the one loaded first;
+        int8 / int4: loaded packed on first use, then kept) and its eager backend."""
+        if weights == "float":
+            return self.model, self.backend
+        if weights not in self._packed:
+            model = load_model(self.files, device=self.device, weights=weights)
+            self._packed[weights] = model, TorchBackend(model, cuda_graphs=False, compile_decode=False,
+                                                        compile_prefill=False, compile_vision=False)
+        return self._packed[weights]
 
     def run(self, policy: str, capacity: int, episode, budget_tokens: int) -> list[list]:
         """[kind, correct, asked after the stream outgrew the budget, question, reply, reference] for
         every question (the texts say what a wrong reply was)."""
         spec, variant = session_variant(policy)
+        model, backend = self.model_and_backend(variant.pop("weights", "float"))
         config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32, **variant)
         name, options = parse_policy(spec)
-        session = StreamingSession(self.model, self.tokenizer, make_policy(name, **options), config, self.template,
-                                   self.preprocessor, self.backend)
+        session = StreamingSession(model, self.tokenizer, make_policy(name, **options), config, self.template,
+                                   self.preprocessor, backend)
         results = []
         for kind, item in episode.events:
             if kind == "frame":
@@ -94,9 +108,10 @@ class Evaluator:
 
 def session_variant(spec: str) -> tuple[str, dict]:
     """A policy spec's session suffixes: ``+merge`` (evicted visual entries merged, LOOK-M's
-    ``visual_tokens.merge``) and ``+poolN`` (each frame's visual tokens pooled N x N,
-    ``visual_tokens.pool``), e.g. ``h2o+pool2+merge``. Streams keep the frames of the unpooled
-    model, so a pooled run answers the same questions over the same stream in fewer slots."""
+    ``visual_tokens.merge``), ``+poolN`` (each frame's visual tokens pooled N x N,
+    ``visual_tokens.pool``) and ``+int8`` / ``+int4`` (the decoder's projections packed, the node's
+    ``weights``), e.g. ``h2o+pool2+merge``. Streams keep the frames of the unpooled model, so a
+    pooled run answers the same questions over the same stream in fewer slots."""
     parts = spec.split("+")
     config: dict = {}
     for suffix in parts[1:]:
@@ -104,8 +119,10 @@ def session_variant(spec: str) -> tuple[str, dict]:
             config["merge_evicted"] = True
         elif suffix.startswith("pool") and suffix[4:].isdigit():
             config["visual_pool"] = int(suffix[4:])
+        elif suffix in ("int8", "int4"):
+            config["weights"] = suffix
         else:
-            raise ValueError(f"unknown session suffix +{suffix} in {spec!r} (+merge, +poolN)")
+            raise ValueError(f"unknown session suffix +{suffix} in {spec!r} (+merge, +poolN, +int8, +int4)")
     return parts[0], config
 
 
@@ -225,7 +242,8 @@ def main() -> int:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES[:4]),
                         help="policies of the long-stream table (full holds the whole stream); "
                              "name[option=value,...] sets a policy's config fields; suffixes +merge (evicted "
-                             "visual entries merged) and +poolN (frames pooled N x N) set the session's")
+                             "visual entries merged) and +poolN (frames pooled N x N) set the session's; "
+                             "+int8 / +int4 pack the decoder's projections")
     parser.add_argument("--split", choices=sorted(SPLITS), default="held-out",
                         help="held-out streams (reports) or development streams (tuning)")
     parser.add_argument("--report-only", action="store_true",

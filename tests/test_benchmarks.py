@@ -277,12 +277,17 @@ def test_jetson_plan_scales_with_bandwidth_and_marks_what_does_not_fit(tmp_path:
     assert goal[("llama2-7b", "int4", "Orin NX 16GB")]["tokens_per_s"] > goal[("llama2-7b", "float", "Orin NX 16GB")]["tokens_per_s"]
 
 
-def test_eval_demo_session_suffixes_set_merging_and_pooling() -> None:
+def test_eval_demo_session_suffixes_set_merging_pooling_and_packed_weights(tiny_model_dir: Path) -> None:
     import eval_demo
 
     assert eval_demo.session_variant("h2o") == ("h2o", {})
     assert eval_demo.session_variant("look-m[merge=0]+pool2+merge") == ("look-m[merge=0]",
                                                                         {"visual_pool": 2, "merge_evicted": True})
+    assert eval_demo.session_variant("h2o+int4") == ("h2o", {"weights": "int4"})
+    evaluator = eval_demo.Evaluator(tiny_model_dir, "cpu")
+    packed, _ = evaluator.model_and_backend("int8")
+    assert evaluator.model_and_backend("float")[0] is evaluator.model and evaluator.model_and_backend("int8")[0] is packed
+    assert type(packed.decoder.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
     with pytest.raises(ValueError, match=r"\+fast"):
         eval_demo.session_variant("h2o+fast")
 

@@ -82,10 +82,11 @@ def run(args: argparse.Namespace) -> dict:
     from ros_infmllm.ros.entry import spinning
 
     path = model_path(args.model, args.work)
-    node, folder = start_node({"model_path": path, "device": args.device, "dtype": args.dtype, "policy": args.policy,
-                               "capacity": args.capacity, "max_chunk": args.max_chunk,
+    node, folder = start_node({"model_path": path, "device": args.device, "dtype": args.dtype,
+                               "policy": args.policy, "capacity": args.capacity, "max_chunk": args.max_chunk,
                                "frame_rate": args.frame_rate, "max_new_tokens": args.max_new_tokens,
-                               "question_frame_age": args.question_frame_age, "diagnostics_period": 0.5, "image_topics": ["/camera/image_raw"]})
+                               "question_frame_age": args.question_frame_age, "diagnostics_period": 0.5,
+                               "image_topics": ["/camera/image_raw"]})
     rclpy.init()
     probe = CameraProbe()
     record = probe.record
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="qwen2-1.5b", help="demo-vlm, tiny, or a bench_gpu shape")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--policy", default=DEFAULT_POLICY)
-    parser.add_argument("--dtype", default="auto", help="the node's dtype (auto: float32 on the CPU, bfloat16 on a GPU)")
+    parser.add_argument("--dtype", default="auto",
+                        help="the node's dtype (auto: float32 on the CPU, bfloat16 on a GPU)")
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--max-chunk", type=int, default=256)
     parser.add_argument("--frame-rate", type=float, default=30.0, help="the node's ingest cap")

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="", help="model_path for the node ('' = tiny bundled model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--policy", default=DEFAULT_POLICY)
-    parser.add_argument("--dtype", default="auto", help="the node's dtype (auto: float32 on the CPU, bfloat16 on a GPU)")
+    parser.add_argument("--dtype", default="auto",
+                        help="the node's dtype (auto: float32 on the CPU, bfloat16 on a GPU)")
     parser.add_argument("--capacity", type=int, default=1024)
     parser.add_argument("--fps", type=float, default=30.0, help="camera frames per second")
     parser.add_argument("--frame-rate", type=float, default=10.0, help="the node's frame_rate (ingest cap)")
@@ -57,8 +58,8 @@ def soak(args: argparse.Namespace) -> dict:
 
     from ros_infmllm.ros.entry import spinning
 
-    node, folder = start_node({"model_path": args.model, "device": args.device, "dtype": args.dtype, "policy": args.policy,
-                               "capacity": args.capacity, "max_chunk": 128, "frame_rate": args.frame_rate,
+    node, folder = start_node({"model_path": args.model, "device": args.device, "dtype": args.dtype,
+                               "policy": args.policy, "capacity": args.capacity, "max_chunk": 128, "frame_rate": args.frame_rate,
                                "max_new_tokens": 24, "diagnostics_period": 1.0,
                                "image_topics": ["/camera/image_raw"]})
     rclpy.init()
@@ -159,7 +160,8 @@ def write_markdown(report: dict, rows: list[dict], path: Path) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:+.1f} MB"  # noqa: E731
     lines = [f"# Node soak: {'PASSED' if report['passed'] else 'FAILED'}", "",
              f"Produced by `benchmarks/soak_node.py` ({s['minutes']} min, device {s['device']}, model "
-             f"`{s['model'] or 'tiny bundled'}`, dtype {s.get('dtype', 'auto')}, policy {s['policy']}, capacity {s['capacity']}): a {s['fps']:g} fps "
+             f"`{s['model'] or 'tiny bundled'}`, dtype {s.get('dtype', 'auto')}, policy {s['policy']}, capacity "
+             f"{s['capacity']}): a {s['fps']:g} fps "
              f"{s['size'][0]}x{s['size'][1]} rgb8 camera over DDS, a question every {s['question_every']:g} s; "
              f"the node's frame_rate cap {s['frame_rate']:g}/s. Samples every {s['sample_every']:g} s in "
              f"`{path.stem}.csv`" + (f", plot `{path.stem}.png`." if report.get("plot") else

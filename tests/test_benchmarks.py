@@ -286,7 +286,8 @@ def test_eval_demo_session_suffixes_set_merging_pooling_and_packed_weights(tiny_
     assert eval_demo.session_variant("h2o+int4") == ("h2o", {"weights": "int4"})
     evaluator = eval_demo.Evaluator(tiny_model_dir, "cpu")
     packed, _ = evaluator.model_and_backend("int8")
-    assert evaluator.model_and_backend("float")[0] is evaluator.model and evaluator.model_and_backend("int8")[0] is packed
+    assert evaluator.model_and_backend("float")[0] is evaluator.model
+    assert evaluator.model_and_backend("int8")[0] is packed  # loaded once
     assert type(packed.decoder.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
     with pytest.raises(ValueError, match=r"\+fast"):
         eval_demo.session_variant("h2o+fast")

@@ -38,8 +38,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "onnxruntime or tensorrt.", choices=BACKENDS),
     ParamSpec("engine_dir", "", "Folder written by infmllm_export (onnxruntime and tensorrt backends)."),
     ParamSpec("device", "cpu", "Torch device: cpu, cuda or cuda:N."),
-    ParamSpec("dtype", "auto", "Weights and cache precision; auto: float32 on the CPU, bfloat16 on a GPU (float16 where it "
-              "lacks bfloat16), or the export's precision.",
+    ParamSpec("dtype", "auto", "Weights and cache precision; auto: float32 on the CPU, bfloat16 on a GPU (float16 "
+              "where it lacks bfloat16), or the export's precision.",
               choices=("auto", "float32", "bfloat16", "float16")),
     ParamSpec("weights", "float", "Decoder projection weights: float (in dtype), int8 or int4 (packed, groups of 32; "
               "GGUF Q8_0/Q4_0/Q4_1/Q4_K kept as stored), auto (a GGUF's own Q8_0/Q4_0/Q4_1/Q4_K blocks packed, "

@@ -307,3 +307,19 @@ def test_bench_gpu_smoke_run_streams_the_qwen2_5_vl_and_smolvlm_shapes(tmp_path:
             assert policy["frame_size"] == [48, 64] and policy["evictions"] > 0
             assert all(c["cache_length"] <= 128 for c in policy["checkpoints"])
     assert bench_gpu.FAMILY_SHAPES["qwen2.5-vl-3b"]["layout"] == "qwen2_5_vl"  # the real shapes the GPU run uses
+
+
+def test_lora_packing_measures_how_much_of_a_small_update_survives_rounding() -> None:
+    """A base already on an int4 grid plus an update far below the grid's step: int4 rounds most
+    of the update away (back onto the base's grid), int8's finer grid keeps it on average."""
+    import lora_packing
+    import torch
+    from ros_infmllm.model.quantized import QuantizedLinear
+
+    generator = torch.Generator().manual_seed(0)
+    base = QuantizedLinear.from_float(torch.randn(64, 128, generator=generator), None, "int4").dequantized()
+    update = 0.002 * torch.randn(64, 128, generator=generator)
+    kept_int4, error_int4 = lora_packing.update_kept(base + update, base, "int4")
+    kept_int8, _ = lora_packing.update_kept(base + update, base, "int8")
+    assert kept_int4 < 0.3 and 0.9 < kept_int8 < 1.1
+    assert error_int4 > 0.7  # rounded back to the base: the error is about the whole update

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import tempfile
@@ -34,6 +33,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 
 from bench_decode_attention import relative, set_tuning, sweep, timed_us  # noqa: E402
 from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
+from results_files import save_report  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model.config import load_config  # noqa: E402
 from ros_infmllm.model.quantized import QuantizedLinear  # noqa: E402
@@ -210,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             report["models"].append({"model": name, "layers": cfg.num_layers, "matrices": rows})
     finally:
         set_tuning(op.TUNING, saved)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / f"{args.name}.md")
-    print((args.out / f"{args.name}.md").read_text())
+    save_report(args.out, args.name, report, write_markdown)
     return 0
 
 

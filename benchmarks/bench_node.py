@@ -26,6 +26,7 @@ import numpy as np
 
 from ros_infmllm.cache import DEFAULT_POLICY
 from node_harness import CameraProbe, Ticker, camera_frames, rss_mb, sleep_until_due, start_node, stop_node
+from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIRST_FRAME_S = 30.0  # how long the camera may stream before the node has ingested its first frame
@@ -221,11 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                          "max": max((s["rss_mb"] for s in result["samples"]), default=None)},
               "gpu_reserved_mb": {"first": gpu[0] if gpu else None, "max": max(gpu, default=None)},
               "exit_code": result["exit_code"], "per_question": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"bench_node_{args.model}"
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / f"{name}.md")
-    print((args.out / f"{name}.md").read_text())
+    save_report(args.out, f"bench_node_{args.model}", report, write_markdown)
     return 0 if report["answers"] == report["questions"] and report["exit_code"] == 0 else 1
 
 

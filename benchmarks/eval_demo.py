@@ -30,6 +30,7 @@ import torch
 from intervals import wilson
 from streaming_workers import parse_policy
 from plotting import pyplot
+from results_files import save_report
 from ros_infmllm.backends import TorchBackend
 from ros_infmllm.cache import make_policy
 from ros_infmllm.demo import bundled_model_path
@@ -322,11 +323,8 @@ def main() -> int:
               "no_eviction_per_type": per_type,
               "long_streams": long_results, "cells_not_run": [f"{m}x {p}" for m, p in settings if not any(
                   (m, p) == (o[0], o[1]) for o in outcomes)], "wrong_without_eviction": wrong}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / f"{args.name}.md")
+    save_report(args.out, args.name, report, write_markdown)
     write_plot(report, args.out / f"{args.name}.png")
-    print((args.out / f"{args.name}.md").read_text())
     return 0
 
 

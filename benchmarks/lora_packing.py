@@ -16,12 +16,12 @@ suffixes measure what it does to the answers.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from results_files import save_report
 from ros_infmllm.demo.vlm import base_text_weights, demo_vlm_path
 from ros_infmllm.model.quantized import QuantizedLinear
 from ros_infmllm.model.smollm2 import smollm2_path
@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = measure(load_file(str(demo_vlm_path() / "model.safetensors")), base_text_weights(smollm2_path()))
     report = {"summary": summary(rows), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / f"{args.name}.md")
-    print((args.out / f"{args.name}.md").read_text())
+    save_report(args.out, args.name, report, write_markdown)
     return 0
 
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ISSUE_PER_CLOCK = 128  # thread-instructions per clock per SM (4 schedulers x 32 lanes)
@@ -134,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"arch": args.arch, "rows": args.rows, "columns": args.columns, "triton": triton.__version__,
               "kernels": [measure(bits, args.rows, args.columns, args.arch) for bits in WEIGHT_TYPES]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / f"{args.name}.md")
-    print((args.out / f"{args.name}.md").read_text())
+    save_report(args.out, args.name, report, write_markdown)
     return 0
 
 

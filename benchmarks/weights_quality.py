@@ -17,7 +17,6 @@ CPU: ``python benchmarks/weights_quality.py`` (8,192 tokens, about two minutes o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from results_files import save_report
 from stream_perplexity import block_ci_half_width, load_text, paired, token_nll
 from ros_infmllm.model import load_model, locate
 from ros_infmllm.model.checkpoint_text import load_tokenizer
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
     report = {"model": Path(files.name).name, "device": args.device, "tokens": int(windows.numel()), "window": args.window,
               "offset": args.offset, "seconds": round(time.monotonic() - started, 1), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"weights_quality_{args.tag}.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / f"weights_quality_{args.tag}.md")
-    print((args.out / f"weights_quality_{args.tag}.md").read_text())
+    save_report(args.out, f"weights_quality_{args.tag}", report, write_markdown)
     return 0
 
 

@@ -40,6 +40,7 @@ def test_torch_paths_equal_the_exported_path(tiny_model_dir: Path, window: int, 
 def test_decode_and_whole_window_chunks_stay_explicit() -> None:
     assert not fused_attention(1, 32) and not fused_attention(FUSED_MIN_QUERIES - 1, 0)
     assert not fused_attention(64, 64) and fused_attention(64, 32)
+    assert fused_attention(64, 64, mass_kernel=True)  # every query read: the Triton mass op
 
 
 def test_fused_projections_give_the_same_step_and_state_dict(tiny_model_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """The Triton decode attention (model/decode_attention.py) against a float64 reference and against the
 decoder's explicit path. On a GPU the kernels run compiled; on the CPU they run in Triton's
-interpreter (TRITON_INTERPRET, set here before the kernels are first imported), same code."""
+interpreter (TRITON_INTERPRET, set by triton_device before the kernels are first imported), same code."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +10,7 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_device import DEVICE, DTYPES  # before the kernels: sets TRITON_INTERPRET on a CPU
 
 import pytest  # noqa: E402
 
@@ -19,10 +18,6 @@ from ros_infmllm.model import decode_attention as op  # noqa: E402
 from ros_infmllm.model import load_model  # noqa: E402
 from builders import one_token_step_inputs  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# Triton's interpreter computes bfloat16 dot products wrongly (its own limitation, seen with Triton
-# 3.5), so bfloat16 is checked on the GPU only.
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The Triton matrix-vector op (model/decode_linear.py) against a float64 reference, and the decoder's
 one-token block through it against the plain path. On a GPU the kernel runs compiled; on the CPU in
-Triton's interpreter (TRITON_INTERPRET, set before the kernel is first imported), same code."""
+Triton's interpreter (TRITON_INTERPRET, set by triton_device before the kernel is first imported), same code."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,7 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_device import DEVICE, DTYPES  # before the kernels: sets TRITON_INTERPRET on a CPU
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -21,8 +20,6 @@ from ros_infmllm.rope import Rotary  # noqa: E402
 from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder  # noqa: E402
 from builders import one_token_step_inputs  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 
 def _reference(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0):

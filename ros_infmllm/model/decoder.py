@@ -18,6 +18,7 @@ from ..rope import Rotary, rotary_for
 from .config import TextConfig
 from . import decode_linear
 from .decode_attention import decode_attention, kernel_supported
+from .prefill_mass import prefill_mass
 from .layers import FusedLinear, RMSNorm, activation, fuse_linears
 from .quantized import FusedQuantizedLinear, linear_operands
 
@@ -51,6 +52,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.qkv: FusedLinear | FusedQuantizedLinear | None = None
         self.decode_kernel = False  # one-token steps through the Triton op (decode_attention.py)
+        self.mass_kernel = False  # a whole chunk's mass through the Triton op (prefill_mass.py)
 
     def fuse_projections(self) -> None:
         """q, k and v from one matrix (see FusedLinear); done once, on the device it will run on."""
@@ -79,7 +81,7 @@ class Attention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         if self.decode_kernel and one_token_step(q_len, attn_window):
             out, mass = self._kernel(q, k, v, past_k, past_v, mask, attn_window)
-        elif fused_attention(q_len, attn_window):
+        elif fused_attention(q_len, attn_window, self.mass_kernel):
             out, mass = self._fused(q, k, v, past_k, past_v, mask, attn_window, group)
         else:
             out, mass = self._explicit(q, k, v, past_k, past_v, mask, attn_window, group)
@@ -124,7 +126,8 @@ class Attention(nn.Module):
                past_v: torch.Tensor, mask: torch.Tensor, attn_window: int, group: int
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A prefill chunk: fused attention (no q x (C + q) score matrix in memory), and the
-        probabilities of the last ``attn_window`` queries only, which is all a policy reads."""
+        probabilities of the last ``attn_window`` queries only, which is all a policy reads; where
+        it reads every query (``h2o``), their summed probabilities from the Triton mass op."""
         q_len = q.shape[1]
         keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
         grouped_q = q.reshape(self.num_kv_heads, group * q_len, self.head_dim)
@@ -135,7 +138,9 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(grouped_q[None], keys[None], values[None], attn_mask=grouped_mask)[0]
         out = out.reshape(self.num_heads, q_len, self.head_dim)  # fused kernels may return another layout
         mass = None
-        if attn_window > 0:
+        if attn_window >= q_len:  # every query: no score matrix at all (prefill_mass.py)
+            mass = prefill_mass(grouped_q, keys, mask)
+        elif attn_window > 0:
             last = q[:, q_len - attn_window:].reshape(self.num_kv_heads, group * attn_window, self.head_dim)
             scores = (last @ keys.transpose(-1, -2)).float() * self.head_dim ** -0.5
             last_mask = mask[q_len - attn_window:].repeat(group, 1)
@@ -143,12 +148,14 @@ class Attention(nn.Module):
         return out, mass
 
 
-def fused_attention(q_len: int, attn_window: int | torch.Tensor) -> bool:
+def fused_attention(q_len: int, attn_window: int | torch.Tensor, mass_kernel: bool = False) -> bool:
     """Whether a step takes the fused path: chunks of at least ``FUSED_MIN_QUERIES`` whose policy
-    reads fewer queries than the chunk has. Decode (q = 1: the Triton op where it runs) and exported
-    graphs (a tensor window) keep the explicit path, where the probabilities are shared with the
-    mass at no extra read."""
-    return not isinstance(attn_window, torch.Tensor) and q_len >= FUSED_MIN_QUERIES and attn_window < q_len
+    reads fewer queries than the chunk has, or every query where the Triton mass op runs
+    (``mass_kernel``). Decode (q = 1: the Triton op where it runs) and exported graphs (a tensor
+    window) keep the explicit path, where the probabilities are shared with the mass at no extra
+    read."""
+    return (not isinstance(attn_window, torch.Tensor) and q_len >= FUSED_MIN_QUERIES
+            and (attn_window < q_len or mass_kernel))
 
 
 FUSED_MIN_QUERIES = 16
@@ -252,13 +259,15 @@ class Decoder(nn.Module):
     def use_decode_kernel(self, enabled: bool = True) -> bool:
         """Route one-token steps through the Triton decode attention and, where the projections
         are fused (``fuse_projections``), the Triton matrix-vector op, where they can run here
-        (``kernel_supported`` of each); returns whether the attention kernel is on. Prefill and
-        exported graphs are unchanged."""
+        (``kernel_supported`` of each), and prefill chunks whose policy reads every query through
+        the fused attention plus the Triton mass op; returns whether the attention kernel is on.
+        Exported graphs are unchanged."""
         weight = self.embed_tokens.weight
         on = enabled and kernel_supported(weight.device, self.cfg.head_dim, weight.dtype)
         matvec = enabled and decode_linear.kernel_supported(weight.device, weight.dtype)
         for block in self.layers:
             block.self_attn.decode_kernel = on
+            block.self_attn.mass_kernel = on  # same kernels' requirements (Triton, head size, dtype)
             block.decode_matvec = matvec and block.can_use_matvec()
         return on
 

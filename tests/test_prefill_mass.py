@@ -1,0 +1,124 @@
+"""The Triton prefill-mass op (model/prefill_mass.py) against a float64 softmax, and the decoder's
+fused path with it against the explicit path. On a GPU the kernel runs compiled; on the CPU in
+Triton's interpreter (TRITON_INTERPRET, set by triton_device before the kernels are first imported)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import torch
+
+from triton_device import DEVICE, DTYPES  # before the kernels: sets TRITON_INTERPRET on a CPU
+
+import pytest  # noqa: E402
+
+from ros_infmllm.model import prefill_mass as op  # noqa: E402
+
+
+
+@pytest.fixture
+def small_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks small enough that the test sizes span several row blocks, key splits and loop steps."""
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, block_m=16, block_n=16, programs=64,
+                                                          min_split=32))
+
+
+def _inputs(kv_heads: int, group: int, chunk: int, cached: int, dim: int, dtype: torch.dtype, seed: int = 0):
+    """Grouped queries, keys (cache then chunk) and a prefill mask: some cache slots empty, the
+    chunk causal."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(kv_heads, group * chunk, dim, generator=generator)
+    keys = torch.randn(kv_heads, cached + chunk, dim, generator=generator)
+    valid = torch.rand(cached, generator=generator) > 0.3
+    causal = torch.ones(chunk, chunk).tril().bool()
+    mask = torch.cat((valid.expand(chunk, cached), causal), dim=1)
+    return q.to(DEVICE, dtype), keys.to(DEVICE, dtype), mask.to(DEVICE)
+
+
+def _reference(q, keys, mask, group: int) -> torch.Tensor:
+    kv_heads, rows, dim = q.shape
+    scores = q.double() @ keys.double().transpose(-1, -2) * dim ** -0.5
+    rows_mask = mask.repeat(group, 1)  # row r is position r % T
+    return scores.masked_fill(~rows_mask, float("-inf")).softmax(-1).sum(1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads,group,chunk,cached,dim", [(2, 3, 20, 50, 16), (3, 1, 17, 90, 32)])
+def test_prefill_mass_equals_the_summed_softmax(small_launches, dtype, kv_heads, group, chunk, cached, dim) -> None:
+    q, keys, mask = _inputs(kv_heads, group, chunk, cached, dim, dtype)
+    mass = op.prefill_mass(q, keys, mask)
+    expected = _reference(q, keys, mask, group)
+    assert mass.shape == (kv_heads, cached + chunk) and mass.dtype == torch.float32
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(mass.double().cpu(), expected.cpu(), rtol=tolerance, atol=tolerance * group * chunk)
+    assert torch.allclose(mass.sum(-1).cpu(), torch.full((kv_heads,), float(group * chunk)), rtol=1e-3)
+
+
+def test_masked_keys_get_no_mass_and_the_default_launch_shape_agrees(small_launches) -> None:
+    q, keys, mask = _inputs(2, 2, 24, 40, 16, torch.float32, seed=1)
+    small = op.prefill_mass(q, keys, mask)
+    op.TUNING = op.PrefillMassTuning()  # the shipped launch shape (the fixture restores its own after)
+    assert torch.allclose(op.prefill_mass(q, keys, mask), small, atol=1e-5)
+    assert (small[:, :40][:, ~mask[0, :40]] == 0).all()
+
+
+def test_decoder_takes_the_fused_path_with_the_mass_op_for_whole_chunk_windows(head16_model_dir) -> None:
+    """A chunk whose policy reads every query (h2o's window): with the kernels on, the fused
+    attention plus the mass op give the explicit path's logits, keys and mass."""
+    from ros_infmllm.model import load_model
+    from ros_infmllm.model.decoder import fused_attention
+
+    decoder = load_model(head16_model_dir, device=DEVICE).decoder
+    assert decoder.use_decode_kernel(True) and decoder.layers[0].self_attn.mass_kernel
+    capacity, filled, q = 48, 30, 24
+    generator = torch.Generator().manual_seed(3)
+    cache_k, cache_v = (torch.randn(decoder.cfg.num_layers, decoder.cfg.num_kv_heads, capacity, decoder.cfg.head_dim,
+                                    generator=generator).to(DEVICE) for _ in range(2))
+    valid = (torch.arange(capacity) < filled).to(DEVICE)
+    embeds = torch.randn(q, decoder.cfg.hidden_size, generator=generator).to(DEVICE)
+    positions = torch.arange(filled, filled + q, device=DEVICE)
+    window = 10**9  # every query
+    assert fused_attention(q, window, mass_kernel=True) and not fused_attention(q, window)
+    fused = decoder.step(embeds, cache_k, cache_v, valid, positions, window, all_logits=True)
+    explicit = decoder.step(embeds, cache_k, cache_v, valid, positions, torch.tensor(window), all_logits=True)
+    assert (fused.logits - explicit.logits).abs().max() <= 1e-4
+    assert (fused.attn_mass - explicit.attn_mass).abs().max() <= 1e-4
+    group = decoder.cfg.num_heads // decoder.cfg.num_kv_heads
+    assert torch.allclose(fused.attn_mass.sum(-1), torch.full_like(fused.attn_mass[..., 0], q * group))
+    assert fused.attn_mass[..., filled:capacity].abs().max() == 0
+
+
+AHEAD_OF_TIME = """
+import sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from ros_infmllm.model import prefill_mass_kernel
+from ros_infmllm.model.prefill_mass import TUNING
+
+arch = int(sys.argv[1])
+for dim in (64, 128):
+    for step in (1, 2):
+        constants = dict(BLOCK_M=TUNING.block_m, BLOCK_N=TUNING.block_n, DIM=dim, PASS=step, IEEE=False)
+        signature = dict(q_ptr="*bf16", k_ptr="*bf16", mask_ptr="*u8", max_ptr="*fp32", sum_ptr="*fp32",
+                         lse_ptr="*fp32", partial_ptr="*fp32", rows_total="i32", chunk="i32", width="i32",
+                         split_len="i32", scale="fp32", **{name: "constexpr" for name in constants})
+        names = list(signature)
+        source = ASTSource(fn=prefill_mass_kernel.prefill_mass, signature=signature,
+                           constexprs={(names.index(k),): v for k, v in constants.items()})
+        compiled = compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+        assert ".entry prefill_mass" in compiled.asm["ptx"] and compiled.asm["cubin"], (dim, step)
+        print("built", dim, step)
+"""
+
+
+@pytest.mark.parametrize("arch", [90, 87], ids=["hopper", "jetson-orin"])
+def test_kernel_compiles_for_the_target_gpus(arch: int) -> None:
+    """Ahead of time through Triton's compiler and ptxas (no GPU needed; outside the interpreter):
+    both passes at head sizes 64 and 128 build for an H100/H200 and a Jetson Orin."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("built") == 4

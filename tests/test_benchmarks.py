@@ -323,3 +323,15 @@ def test_lora_packing_measures_how_much_of_a_small_update_survives_rounding() ->
     kept_int8, _ = lora_packing.update_kept(base + update, base, "int8")
     assert kept_int4 < 0.3 and 0.9 < kept_int8 < 1.1
     assert error_int4 > 0.7  # rounded back to the base: the error is about the whole update
+
+
+def test_bench_prefill_mass_smoke_run_compares_both_paths(tmp_path: Path) -> None:
+    """The prefill-mass benchmark on a tiny shape in Triton's interpreter (its own process, so the
+    interpreter is on before the kernels load): both paths timed, their outputs and masses agree."""
+    script = Path(bench_gpu.__file__).with_name("bench_prefill_mass.py")
+    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], check=True, capture_output=True,
+                   cwd=script.parent, timeout=600)
+    row = json.loads((tmp_path / "bench_prefill_mass.json").read_text())["rows"][0]
+    assert row["explicit_ms"] > 0 and row["fused_ms"] > 0
+    assert row["max_output_difference"] < 1e-4 and row["max_mass_difference"] < 1e-4
+    assert abs(row["mass_per_head"] - row["expected_mass_per_head"]) < 1e-3

@@ -1,12 +1,13 @@
-"""One layer's attention for a prefill chunk whose policy reads every query (``h2o``): the explicit
+"""Per layer, the attention of a prefill chunk whose policy reads every query (``h2o``): the explicit
 path (the whole float32 softmax materialised, as before the mass op) against the fused path (fused
 attention for the output plus the Triton mass op, ``model/prefill_mass.py``), side by side.
 
 Why: on an H200 ``h2o``'s frame ingest cost 2.6x ``streamingllm``'s, and the SmolVLM2 profile put
 the difference in the explicit path (two slow batched products and four passes over the
-probabilities per layer). Per shape: a chunk of ``--chunk`` queries (a frame's visual tokens plus
-its template) over a full cache of ``--capacity`` slots, both paths timed with CUDA events over
-``--repeats`` calls after a warm-up, and their outputs and masses compared.
+probabilities per layer). Per shape: a frame's chunk of queries over a full cache of
+``--capacity`` slots in every layer (inputs of their own per layer), each path compiled as the
+session's prefill is and timed by ``bench_decode_attention.timed_us`` (one CUDA graph of a call per
+layer, replayed), and their outputs and masses compared.
 
 GPU: ``python benchmarks/bench_prefill_mass.py --out $OUT`` (seconds). CPU: ``--smoke`` (a tiny
 shape in Triton's interpreter: checks the script and the agreement, not speed).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # before the kernels are first imported
@@ -25,6 +25,7 @@ if "--smoke" in sys.argv:  # before the kernels are first imported
 
 import torch  # noqa: E402
 
+from bench_decode_attention import timed_us  # noqa: E402
 from bench_gpu import FAMILY_SHAPES, SHAPES  # noqa: E402
 from results_files import save_report  # noqa: E402
 from ros_infmllm.model.config import parse_text_config  # noqa: E402
@@ -54,44 +55,29 @@ def layer_inputs(attention: Attention, chunk: int, capacity: int, device: str, d
     return q, k, v, past_k, past_v, mask
 
 
-def timed_ms(fn, repeats: int, device: str) -> float:
-    """Mean ms per call after three warm-up calls (CUDA events on a GPU, the wall clock elsewhere)."""
-    for _ in range(3):
-        fn()
-    if device.startswith("cuda"):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats
-    began = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return 1e3 * (time.perf_counter() - began) / repeats
-
-
 @torch.inference_mode()
 def bench_shape(name: str, text: dict, chunk: int, args) -> dict:
     cfg = parse_text_config(text, Path(name))
     attention = Attention(cfg)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    inputs = layer_inputs(attention, chunk, args.capacity, args.device, dtype)
+    per_layer = [layer_inputs(attention, chunk, args.capacity, args.device, dtype, seed=layer)
+                 for layer in range(cfg.num_layers)]
     group = cfg.num_heads // cfg.num_kv_heads
     window = 10**9  # every query, as h2o asks
 
-    def explicit():
-        return attention._explicit(*inputs, torch.tensor(window), group)
+    def explicit(*inputs):  # the path h2o's prefill took before the mass op
+        return attention._explicit(*inputs, window, group)
 
-    def fused():
+    def fused(*inputs):
         return attention._fused(*inputs, window, group)
 
-    (out_e, mass_e), (out_f, mass_f) = explicit(), fused()
+    if args.device == "cuda":  # as the session's prefill runs them
+        explicit, fused = torch.compile(explicit, dynamic=False), torch.compile(fused, dynamic=False)
+    (out_e, mass_e), (out_f, mass_f) = explicit(*per_layer[0]), fused(*per_layer[0])
     row = {"model": name, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
            "chunk": chunk, "capacity": args.capacity, "dtype": str(dtype).removeprefix("torch."),
-           "explicit_ms": timed_ms(explicit, args.repeats, args.device),
-           "fused_ms": timed_ms(fused, args.repeats, args.device),
+           "explicit_ms": timed_us(explicit, per_layer, args.device, args.replays) / 1e3,
+           "fused_ms": timed_us(fused, per_layer, args.device, args.replays) / 1e3,
            "max_output_difference": float((out_e.float() - out_f.float()).abs().max()),
            "max_mass_difference": float((mass_e - mass_f).abs().max()),
            "mass_per_head": float(mass_f.sum(-1).mean()), "expected_mass_per_head": float(group * chunk)}
@@ -106,8 +92,9 @@ def bench_shape(name: str, text: dict, chunk: int, args) -> dict:
 
 def write_markdown(report: dict, path: Path) -> None:
     lines = ["# Prefill attention with every query's mass (h2o): explicit path vs fused + mass op", "",
-             f"From `benchmarks/bench_prefill_mass.py` on {report['device']}: one layer, a chunk of a 640x480 frame's "
-             f"tokens over a full cache of {report['capacity']} slots, mean of {report['repeats']} calls after warm-up. "
+             f"From `benchmarks/bench_prefill_mass.py` on {report['device']}: a chunk of a 640x480 frame's "
+             f"tokens over a full cache of {report['capacity']} slots in every layer, per layer: the median of "
+             f"{report['replays']} replays of a CUDA graph of one call per layer (compiled, as the session's prefill). "
              "Explicit: the float32 softmax materialised (the path `h2o` prefill took before the mass op). Fused: "
              "scaled_dot_product_attention for the output plus `model/prefill_mass.py` for the mass.", "",
              "| shape | heads / KV heads / dim | chunk | explicit ms | fused + mass op ms | speed-up | per frame "
@@ -124,21 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CHUNKS))
     parser.add_argument("--capacity", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU in Triton's interpreter")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="bench_prefill_mass")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.device, args.capacity, args.repeats = "cpu", 96, 2
+        args.device, args.capacity, args.replays = "cpu", 96, 1
         shapes = {name: (text, 24) for name, text in SMOKE.items()}
     else:
         every = {**SHAPES, **FAMILY_SHAPES}
         shapes = {name: (every[name]["text"], CHUNKS[name]) for name in args.models}
     rows = [bench_shape(name, text, chunk, args) for name, (text, chunk) in shapes.items()]
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
-    report = {"device": device, "capacity": args.capacity, "repeats": args.repeats, "rows": rows}
+    report = {"device": device, "capacity": args.capacity, "replays": args.replays, "rows": rows}
     save_report(args.out, args.name, report, write_markdown)
     return 0
 

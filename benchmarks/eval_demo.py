@@ -57,6 +57,12 @@ def resolve_model(name: str) -> Path:
     return bundled_model_path() if name == "tiny" else Path(name)
 
 
+def eager_backend(model) -> TorchBackend:
+    """One backend for every session of a model, eager: capturing and compiling per short-lived
+    session cost more than it saved (13 GPU workers finished 3 cells in 250 s)."""
+    return TorchBackend(model, cuda_graphs=False, compile_decode=False, compile_prefill=False, compile_vision=False)
+
+
 class Evaluator:
     """The model loaded once per process; runs episodes through fresh sessions."""
 
@@ -67,25 +73,19 @@ class Evaluator:
         self.tokenizer = load_tokenizer(files)
         self.template = checkpoint_template(files, self.model.cfg.text.model_type)
         self.preprocessor = preprocessor_for(files, self.model)
-        # one backend for every session, eager: capturing and compiling per short-lived session
-        # cost more than it saved (13 GPU workers finished 3 cells in 250 s)
-        self.backend = TorchBackend(self.model, cuda_graphs=False, compile_decode=False, compile_prefill=False,
-                                    compile_vision=False)
+        self.backend = eager_backend(self.model)
         probe = StreamingSession(self.model, self.tokenizer, make_policy("full"), SessionConfig(capacity=64),
                                  self.template, self.preprocessor, self.backend)
         self.tokens_per_frame = len(probe.frame_ids())
-        self._packed: dict[str, tuple] = {}
+        self._by_weights: dict[str, tuple] = {"float": (self.model, self.backend)}
 
     def model_and_backend(self, weights: str) -> tuple:
         """The model with its decoder projections as ``weights`` (float: the one loaded first;
         int8 / int4: loaded packed on first use, then kept) and its eager backend."""
-        if weights == "float":
-            return self.model, self.backend
-        if weights not in self._packed:
+        if weights not in self._by_weights:
             model = load_model(self.files, device=self.device, weights=weights)
-            self._packed[weights] = model, TorchBackend(model, cuda_graphs=False, compile_decode=False,
-                                                        compile_prefill=False, compile_vision=False)
-        return self._packed[weights]
+            self._by_weights[weights] = model, eager_backend(model)
+        return self._by_weights[weights]
 
     def run(self, policy: str, capacity: int, episode, budget_tokens: int) -> list[list]:
         """[kind, correct, asked after the stream outgrew the budget, question, reply, reference] for

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from results_files import save_report
 from ros_infmllm.demo.vlm import base_text_weights, demo_vlm_path
+from ros_infmllm.model.checkpoint import LLAVA_LAYOUT, checkpoint_name
 from ros_infmllm.model.quantized import QuantizedLinear
 from ros_infmllm.model.smollm2 import smollm2_path
 
@@ -39,10 +40,11 @@ def update_kept(merged: torch.Tensor, base: torch.Tensor, mode: str) -> tuple[fl
 
 
 def measure(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> list[dict]:
-    """One row per decoder projection that carries an update (checkpoint names are transformers')."""
+    """One row per decoder projection that carries an update (``merged`` under the checkpoint's
+    names, as ``assemble`` wrote them)."""
     rows = []
     for name, weight in base.items():
-        theirs = name.replace("decoder.layers.", "language_model.model.layers.")
+        theirs = checkpoint_name(name, LLAVA_LAYOUT)
         if not name.endswith("_proj.weight") or theirs not in merged:
             continue
         update = merged[theirs].float() - weight

@@ -30,7 +30,7 @@ from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ISSUE_PER_CLOCK = 128  # thread-instructions per clock per SM (4 schedulers x 32 lanes)
-WEIGHT_TYPES = {0: ("bf16", "*bf16", 2.0), 8: ("int8", "*i32", 1.0), 4: ("int4", "*i32", 0.5)}  # bytes per weight
+WEIGHT_TYPES = {0: ("bf16", "*bf16", 2.0), 8: ("int8", "*i8", 1.0), 4: ("int4", "*u8", 0.5)}  # bytes per weight
 
 
 def compile_matvec(bits: int, rows: int, columns: int, arch: int):

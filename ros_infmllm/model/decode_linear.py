@@ -71,11 +71,6 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                          f"offsets {'given' if offsets is not None else 'missing'}")
     rows = weight.shape[0] // (2 if gated else 1)
     columns = weight.shape[1] * (2 if bits == 4 else 1)
-    if bits:  # the kernel reads packed codes as 32-bit words
-        if weight.shape[1] % 4:
-            raise ValueError(f"packed weights: the inputs ({columns}) must be a multiple of {32 // bits} for "
-                             f"{bits}-bit codes")
-        weight = weight.contiguous().view(torch.int32)
     out = x.new_empty((1, rows))
     placeholder = out
     tuning = TUNING

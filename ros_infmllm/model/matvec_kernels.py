@@ -18,17 +18,13 @@ small element-wise kernels around the products are folded into them:
   ``ROTATED_ROWS`` on (the v heads) pass through. No rotary kernel between q/k/v and attention.
 - ``BIAS`` and ``RESIDUAL``: added to the sums before the one rounding to the output dtype.
 - ``BITS`` (8 or 4; 0: float weights): packed weights (model/quantized.py), so a token reads a
-  half or a quarter of bf16's bytes. Each row's packed codes are loaded as one contiguous tile of
-  32-bit words (wide loads) and prefetched undecoded. Code k of every word meets the k-th strided
-  slice of x; a code becomes a float without a conversion instruction (``_code_fraction``: shifted
-  into the mantissa of 1.0), so a weight costs a shift, a logic operation and a multiply-add, and
-  each word's products are scaled by its group's scale (``_scaled_words``, plus the group's
-  offset times the sum of x where ``OFFSET``). Several rows per program (``BLOCK_N``) keep as many
-  bytes in flight as a bf16 row does. The first version gathered each int4 byte twice and decoded
-  chunks to float32 before use (9-24% of the roofline on an H200); the second read bytes and
-  converted each code with an integer-to-float instruction, which issues at a fraction of the
-  rate, and reached 1-2.6 TB/s (results/bench_decode_linear_int{8,4}_h200.md,
-  results/matvec_sass.md).
+  half or a quarter of bf16's bytes. Each row's packed bytes are loaded as one contiguous tile
+  (wide loads) and prefetched undecoded; an int4 byte's low and high nibbles meet x's even and
+  odd elements; the codes times x are summed within each group of ``GROUP`` inputs first and
+  then scaled once per group (plus the group's offset times the sum of x where ``OFFSET``), so
+  the per-weight work is one multiply-add. Several rows per program (``BLOCK_N``) keep as many
+  bytes in flight as a bf16 row does. The first version, which gathered each int4 byte twice and
+  decoded chunks to float32 before use, reached 9-24% of the roofline on an H200.
 - ``PDL`` (Hopper and later): programmatic dependent launch. Consecutive products (o_proj, gate/up,
   down, the next layer's q/k/v) overlap: a launch lets the next one start placing programs during
   its last wave, and those request their first weight chunk before waiting (``gdc_wait``) for the
@@ -53,68 +49,47 @@ def _float_chunk(w_ptr, rows, pair, index, live, K: tl.constexpr, PAIRED: tl.con
 
 
 @triton.jit
-def _packed_words(w_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.constexpr, BITS: tl.constexpr,
+def _packed_chunk(w_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.constexpr, BITS: tl.constexpr,
                   BLOCK_K: tl.constexpr):
-    """The packed codes of a chunk of ``BLOCK_K`` inputs as stored, read as 32-bit words (4 int8 or
-    8 int4 codes each, code k in bits ``k * BITS`` up): each row's run is contiguous, so the loads
-    are wide; nothing is decoded here."""
-    PER_WORD: tl.constexpr = 32 // BITS
-    index = start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-    tile = live[:, None] & (index < K // PER_WORD)[None, :]
-    w = tl.load(w_ptr + rows[:, None] * (K // PER_WORD) + index[None, :], mask=tile, other=0,
-                eviction_policy="evict_first")
+    """The packed bytes of a chunk of ``BLOCK_K`` inputs as stored (int8 codes, or int4 codes two
+    to a byte): each row's run is contiguous, so the loads are wide; nothing is decoded here."""
+    WIDTH: tl.constexpr = BLOCK_K if BITS == 8 else BLOCK_K // 2
+    ROW: tl.constexpr = K if BITS == 8 else K // 2
+    index = start // (8 // BITS) + tl.arange(0, WIDTH)
+    tile = live[:, None] & (index < ROW)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * ROW + index[None, :], mask=tile, other=0, eviction_policy="evict_first")
     u = w
     if PAIRED:
-        u = tl.load(w_ptr + pair[:, None] * (K // PER_WORD) + index[None, :], mask=tile, other=0,
-                    eviction_policy="evict_first")
+        u = tl.load(w_ptr + pair[:, None] * ROW + index[None, :], mask=tile, other=0, eviction_policy="evict_first")
     return w, u
 
 
 @triton.jit
-def _code_fraction(words, k: tl.constexpr, BITS: tl.constexpr):
-    """Code k of each word as the float32 ``1 + c / 2^BITS`` (int8: ``1 + (c + 128) / 256``), in two
-    integer operations and no conversion: the code is shifted to the top of a float's mantissa
-    and 1.0's exponent set beside it (int8: its sign bit flipped on the way, which adds 128).
-    Why: integer-to-float conversions issue at a fraction of the rate of logic and float operations
-    (one per weight capped the first packed kernels near 1 TB/s), and this makes a weight cost a
-    shift, a logic operation and its multiply-add."""
-    TOP: tl.constexpr = 23 - BITS  # the mantissa bit the code's lowest bit lands on
-    LOW: tl.constexpr = k * BITS  # the word bit it starts at
-    if LOW <= TOP:
-        moved = words << (TOP - LOW)
-    else:
-        moved = words >> (LOW - TOP)  # arithmetic shift: the bits it fills are masked off
-    MASK: tl.constexpr = ((1 << BITS) - 1) << TOP
-    if BITS == 8:
-        bits = (moved & MASK) ^ (0x3F800000 | (1 << 22))
-    else:
-        bits = (moved & MASK) | 0x3F800000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _scaled_words(fractions_x, x_words, scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr,
-                  BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Each word's partial product, ``[BLOCK_N, words]``, from ``fractions_x`` (the word's
-    ``sum_k f_k x_k``, ``f = 1 + (c + H) / R``) and ``x_words`` (the word's ``sum_k x_k``):
-    ``sum_k c_k x_k = R sum_k f_k x_k - (R + H) sum_k x_k``, times the scale of the word's group
-    (plus its offset times ``sum_k x_k``; int4 without offsets: codes centred on 8). A word lies in
-    one group; its scale is read per word, so all of it stays element-wise in the tile's layout
-    (a per-group reshape here moved data through shared memory every step). In float32 the removed
-    ``sum f x`` costs a few 1e-6 of relative precision, far below bfloat16's rounding."""
-    PER_WORD: tl.constexpr = 32 // BITS
-    RANGE: tl.constexpr = 1 << BITS
-    # what the fractions add beyond the codes: 1 (x R), int8's 128, int4's centre 8 without offsets
-    SHIFT: tl.constexpr = RANGE + 128 * (BITS == 8) + 8 * (BITS == 4) * (1 - OFFSET)
-    group = (start + PER_WORD * tl.arange(0, BLOCK_K // PER_WORD)) // GROUP
-    at_group = rows[:, None] * (K // GROUP) + group[None, :]
-    tile = live[:, None] & (group < K // GROUP)[None, :]
+def _packed_sums(packed, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Per-group partial products of a packed chunk, ``[BLOCK_N, BLOCK_K / GROUP]``: the codes
+    times x summed within each group first, then one scale (and offset) per group:
+    ``sum_j (q_j s + m) x_j = s sum_j q_j x_j + m sum_j x_j`` (int4 without offsets: ``m = -8 s``).
+    int8: ``x_lo`` is the chunk of x; int4: ``x_lo`` / ``x_hi`` are its even / odd elements, which
+    meet a byte's low / high nibble. ``x_groups``: x summed per group."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    at_group = rows[:, None] * (K // GROUP) + (start // GROUP + tl.arange(0, GROUPS))[None, :]
+    tile = live[:, None] & ((start // GROUP + tl.arange(0, GROUPS)) < K // GROUP)[None, :]
     scale = tl.load(scale_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
-    codes_x = RANGE * fractions_x - SHIFT * x_words[None, :]
+    if BITS == 8:
+        products = packed.to(tl.float32) * x_lo[None, :]
+        sums = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS, GROUP)), axis=2)
+    else:
+        codes = packed.to(tl.int32)
+        products = (codes & 0xF).to(tl.float32) * x_lo[None, :] + (codes >> 4).to(tl.float32) * x_hi[None, :]
+        sums = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
     if BITS == 4 and OFFSET:
         offset = tl.load(offset_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
-        return codes_x * scale + offset * x_words[None, :]
-    return codes_x * scale
+        return sums * scale + offset * x_groups[None, :]
+    if BITS == 4:
+        return (sums - 8.0 * x_groups[None, :]) * scale
+    return sums * scale
 
 
 @triton.jit
@@ -156,39 +131,40 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
                 acc_pair += u.to(tl.float32) * x[None, :]
             w, u = next_w, next_u
     else:
-        # Packed: the raw words are prefetched one chunk ahead; decoding, the products and the
-        # scaling happen in registers, element-wise per word, summed across words once at the end.
-        # Code k of word j is input ``j * PER_WORD + k``, so x is read as PER_WORD strided slices,
-        # each meeting one code of every word.
-        PER_WORD: tl.constexpr = 32 // BITS
-        WORDS: tl.constexpr = BLOCK_K // PER_WORD
-        acc = tl.zeros((BLOCK_N, WORDS), tl.float32)
-        acc_pair = tl.zeros((BLOCK_N, WORDS), tl.float32)
-        squares = tl.zeros((WORDS,), tl.float32)
-        lanes = tl.arange(0, WORDS)
-        w, u = _packed_words(w_ptr, rows, pair, 0, live, K, PAIRED, BITS, BLOCK_K)
+        # Packed: the raw bytes are prefetched one chunk ahead; decoding, the products and the
+        # per-group scaling happen in registers (``_packed_sums``). int4 bytes hold elements 2j
+        # (low nibble) and 2j + 1 (high), so x is read as its even and odd elements.
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
+        SPAN: tl.constexpr = BLOCK_K if BITS == 8 else BLOCK_K // 2
+        STRIDE: tl.constexpr = 1 if BITS == 8 else 2
+        acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
+        acc_pair = tl.zeros((BLOCK_N, GROUPS), tl.float32)
+        squares = tl.zeros((SPAN,), tl.float32)
+        lanes = tl.arange(0, SPAN)
+        w, u = _packed_chunk(w_ptr, rows, pair, 0, live, K, PAIRED, BITS, BLOCK_K)
         if PDL:
             tl.extra.cuda.gdc_wait()
         for start in range(0, K, BLOCK_K):
-            next_w, next_u = _packed_words(w_ptr, rows, pair, start + BLOCK_K, live, K, PAIRED, BITS, BLOCK_K)
-            fractions_x = tl.zeros((BLOCK_N, WORDS), tl.float32)
-            fractions_x_pair = tl.zeros((BLOCK_N, WORDS), tl.float32)
-            x_words = tl.zeros((WORDS,), tl.float32)
-            for k in tl.static_range(PER_WORD):
-                at = start + PER_WORD * lanes + k
-                x = tl.load(x_ptr + at, mask=at < K, other=0.0).to(tl.float32)
-                if NORM:
-                    squares += x * x
-                    x = x * tl.load(norm_ptr + at, mask=at < K, other=0.0).to(tl.float32)
-                x_words += x
-                fractions_x += _code_fraction(w, k, BITS) * x[None, :]
-                if PAIRED:
-                    fractions_x_pair += _code_fraction(u, k, BITS) * x[None, :]
-            acc += _scaled_words(fractions_x, x_words, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP,
-                                 OFFSET, BLOCK_K)
+            next_w, next_u = _packed_chunk(w_ptr, rows, pair, start + BLOCK_K, live, K, PAIRED, BITS, BLOCK_K)
+            first = start + STRIDE * lanes  # every element (int8) or the even ones (int4)
+            x_lo = tl.load(x_ptr + first, mask=first < K, other=0.0).to(tl.float32)
+            x_hi = x_lo
+            if BITS == 4:
+                x_hi = tl.load(x_ptr + first + 1, mask=first + 1 < K, other=0.0).to(tl.float32)
+            if NORM:
+                squares += x_lo * x_lo
+                x_lo = x_lo * tl.load(norm_ptr + first, mask=first < K, other=0.0).to(tl.float32)
+                if BITS == 4:
+                    squares += x_hi * x_hi
+                    x_hi = x_hi * tl.load(norm_ptr + first + 1, mask=first + 1 < K, other=0.0).to(tl.float32)
+            x_groups = x_lo  # int8 needs no per-group sums of x
+            if BITS == 4:
+                x_groups = tl.sum(tl.reshape(x_lo + x_hi, (GROUPS, GROUP // 2)), axis=1)
+            acc += _packed_sums(w, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP,
+                                OFFSET, BLOCK_N, BLOCK_K)
             if PAIRED:
-                acc_pair += _scaled_words(fractions_x_pair, x_words, scale_ptr, offset_ptr, pair, start, live, K,
-                                          BITS, GROUP, OFFSET, BLOCK_K)
+                acc_pair += _packed_sums(u, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, pair, start, live, K,
+                                         BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
             w, u = next_w, next_u
     y = tl.sum(acc, axis=1)
     y_pair = tl.sum(acc_pair, axis=1)

@@ -410,16 +410,17 @@ def test_a_failed_warm_up_leaves_no_trace_either(tiny_model_dir: Path, monkeypat
 
 
 class CaptureLedger:
-    """Test double of CudaGraphRunner's bookkeeping on the CPU (no CUDA here): counts calls per key
-    and records a key as captured where the real runner would capture it (a call with capture
-    allowed, past ``warmups`` calls); runs every step eagerly."""
+    """Test double of CudaGraphRunner on the CPU (no CUDA here): the real runner's bookkeeping
+    (``CaptureBook``) decides which calls it would capture, and those keys are recorded as
+    captured; every step runs eagerly."""
 
     def __init__(self, warmups: int = 2) -> None:
-        self.warmups, self.calls, self.graphs = warmups, {}, {}
+        from ros_infmllm.backends.graph_runner import CaptureBook
+
+        self.book, self.graphs = CaptureBook(warmups), {}
 
     def __call__(self, key, fn, inputs, capture: bool = True):
-        self.calls[key] = self.calls.get(key, 0) + 1
-        if key not in self.graphs and capture and self.calls[key] > self.warmups:
+        if key not in self.graphs and self.book.should_capture(key, len(self.graphs), capture):
             self.graphs[key] = True
         return fn(*inputs)
 

@@ -15,8 +15,11 @@ Graphs of one runner share a memory pool: safe because every caller consumes a g
 Capture is thread-local: CUDA calls other threads make meanwhile (a ROS callback, a diagnostics
 timer reading the allocator) do not invalidate it. If a capture fails all the same, the runner
 ends the pool's capture allocation (which a failed ``cudaStreamEndCapture`` leaves open, so that
-every later capture into the pool would fail too), stops capturing, runs that call and every
-later uncaptured key eagerly, and keeps the reason in ``capture_error``: slower, never broken.
+every later capture into the pool would fail too), runs that call eagerly and keeps the reason in
+``capture_error``: slower, never broken. Only that key is given up (after one retry, for a cause
+that passes, such as other work at that moment); the other keys are still captured, so one odd
+chunk size does not leave decode eager. After ``max_failures`` failures in all the runner stops
+capturing (``CaptureBook``).
 """
 from __future__ import annotations
 
@@ -47,25 +50,53 @@ class CapturedFunction:
     outputs: Any
 
 
+class CaptureBook:
+    """Which calls to capture: a key after ``warmups`` eager calls, at most ``max_graphs`` graphs,
+    a key that failed to capture retried ``retries`` times and then run eagerly, and no capture at
+    all after ``max_failures`` failures. Pure bookkeeping, so it is tested without a GPU."""
+
+    def __init__(self, warmups: int = 2, max_graphs: int = 16, retries: int = 1, max_failures: int = 4) -> None:
+        self.warmups, self.max_graphs, self.retries, self.max_failures = warmups, max_graphs, retries, max_failures
+        self.calls: dict[Hashable, int] = {}
+        self.failures: dict[Hashable, int] = {}
+        self.error: str | None = None  # the latest failure's reason
+
+    def should_capture(self, key: Hashable, captured: int, capture: bool = True) -> bool:
+        """Count this call of ``key`` (not yet captured; ``captured`` graphs exist) and say whether
+        to capture it now."""
+        calls = self.calls[key] = self.calls.get(key, 0) + 1
+        return (capture and calls > self.warmups and captured < self.max_graphs
+                and self.failures.get(key, 0) <= self.retries and sum(self.failures.values()) < self.max_failures)
+
+    def failed(self, key: Hashable, exc: Exception) -> None:
+        self.failures[key] = self.failures.get(key, 0) + 1
+        given_up = self.failures[key] > self.retries or sum(self.failures.values()) >= self.max_failures
+        self.error = (f"capture of {key!r} failed ({type(exc).__name__}: {exc}); "
+                      f"{'it runs eagerly' if given_up else 'retried at its next call'}"
+                      f"{', and so does every step not yet captured' if sum(self.failures.values()) >= self.max_failures else ''}")
+
+
 class CudaGraphRunner:
     """Captures a function per key at its ``warmups + 1``-th call and replays it after that."""
 
     def __init__(self, device: torch.device, pool: Any = None, warmups: int = 2, max_graphs: int = 16) -> None:
-        self.device, self.warmups, self.max_graphs = device, warmups, max_graphs
+        self.device = device
+        self.book = CaptureBook(warmups, max_graphs)
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.graphs: dict[Hashable, CapturedFunction] = {}
-        self.calls: dict[Hashable, int] = {}
-        self.capture_error: str | None = None  # why capture stopped, if it did
         self._side = torch.cuda.Stream(device=device)
+
+    @property
+    def capture_error(self) -> str | None:
+        """Why the latest failed capture failed, and what runs eagerly since; None if none did."""
+        return self.book.error
 
     def __call__(self, key: Hashable, fn: StepFunction, inputs: tuple[torch.Tensor, ...],
                  capture: bool = True) -> Any:
         """``fn(*inputs)``; ``capture=False`` always runs it eagerly (sizes that seldom recur)."""
         captured = self.graphs.get(key)
         if captured is None:
-            calls = self.calls[key] = self.calls.get(key, 0) + 1
-            if (not capture or calls <= self.warmups or len(self.graphs) >= self.max_graphs
-                    or self.capture_error is not None):
+            if not self.book.should_capture(key, len(self.graphs), capture):
                 return self._eager(fn, inputs)
             try:
                 captured = self._capture(fn, inputs)
@@ -96,8 +127,8 @@ class CudaGraphRunner:
         return CapturedFunction(graph, static, outputs)
 
     def _abandon_capture(self, key: Hashable, exc: Exception) -> None:
-        """After a failed capture: close the pool's capture allocation and stop capturing."""
-        self.capture_error = f"capture of {key!r} failed ({type(exc).__name__}: {exc}); running eagerly"
+        """After a failed capture: close the pool's capture allocation and book the failure."""
+        self.book.failed(key, exc)
         try:
             index = torch.device(self.device).index
             torch._C._cuda_endAllocateToPool(torch.cuda.current_device() if index is None else index, self.pool)

@@ -205,7 +205,7 @@ class InfMLLMNode(Node):
         if self.worker.warm_up_error:
             level, message = DiagnosticStatus.WARN, self.worker.warm_up_error[:200]
         if self.session.runner.capture_error:
-            level, message = DiagnosticStatus.WARN, "CUDA graph capture failed: running eagerly (slower)"
+            level, message = DiagnosticStatus.WARN, "CUDA graph capture failed: " + self.session.runner.capture_error[:160]
         warm_up_s = self.worker.warm_up_s
         values = {
             "state": self.worker.state, "warm_up_s": "" if warm_up_s is None else f"{warm_up_s:.3f}",

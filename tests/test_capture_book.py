@@ -1,0 +1,37 @@
+"""Which steps the CUDA-graph runner captures, and what a failed capture gives up (CaptureBook:
+pure bookkeeping, so on the CPU; tests/test_cuda_graphs.py checks the runner itself on a GPU)."""
+from __future__ import annotations
+
+from ros_infmllm.backends.graph_runner import CaptureBook
+
+
+def test_a_key_is_captured_after_its_warm_up_calls_and_never_when_told_not_to() -> None:
+    book = CaptureBook(warmups=2, max_graphs=16)
+    assert [book.should_capture("decode", 0) for _ in range(3)] == [False, False, True]
+    assert not any(book.should_capture("rare", 0, capture=False) for _ in range(5))
+
+
+def test_a_failed_key_is_retried_once_then_runs_eagerly_while_other_keys_are_captured() -> None:
+    book = CaptureBook(warmups=0, retries=1, max_failures=4)
+    assert book.should_capture(("frame", 218), 1)
+    book.failed(("frame", 218), RuntimeError("capture invalidated"))
+    assert "retried at its next call" in book.error and "('frame', 218)" in book.error
+    assert book.should_capture(("frame", 218), 1)  # the retry
+    book.failed(("frame", 218), RuntimeError("capture invalidated"))
+    assert "it runs eagerly" in book.error and "every step" not in book.error
+    assert not book.should_capture(("frame", 218), 1)
+    assert book.should_capture(("next", 1), 1)  # decode is still captured
+
+
+def test_after_max_failures_nothing_more_is_captured() -> None:
+    book = CaptureBook(warmups=0, retries=0, max_failures=2)
+    for key in ("a", "b"):
+        assert book.should_capture(key, 0)
+        book.failed(key, RuntimeError("no"))
+    assert "every step not yet captured" in book.error
+    assert not book.should_capture("c", 0)
+
+
+def test_no_more_graphs_than_the_limit() -> None:
+    book = CaptureBook(warmups=0, max_graphs=2)
+    assert book.should_capture("a", 1) and not book.should_capture("b", 2)

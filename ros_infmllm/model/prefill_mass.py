@@ -16,7 +16,9 @@ import torch
 @dataclass
 class PrefillMassTuning:
     """Launch shape: query rows per program (``block_m``), keys per loop step (``block_n``), and
-    about how many programs to launch (the keys are split to reach it). Not yet timed on a GPU."""
+    about how many programs to launch (the keys are split to reach it). Chosen on paper, not swept;
+    at these values the op plus fused attention is no faster than the explicit path per layer on an
+    H200 (benchmarks/results/bench_prefill_mass_h200.md)."""
 
     block_m: int = 64
     block_n: int = 64

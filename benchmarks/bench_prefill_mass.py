@@ -9,13 +9,18 @@ probabilities per layer). Per shape: a frame's chunk of queries over a full cach
 session's prefill is and timed by ``bench_decode_attention.timed_us`` (one CUDA graph of a call per
 layer, replayed), and their outputs and masses compared.
 
-GPU: ``python benchmarks/bench_prefill_mass.py --out $OUT`` (seconds). CPU: ``--smoke`` (a tiny
-shape in Triton's interpreter: checks the script and the agreement, not speed).
+GPU: ``python benchmarks/bench_prefill_mass.py --out $OUT`` (seconds). ``--sweep`` also times the mass
+op alone at the shipped launch shape and at each of a grid of ``PrefillMassTuning`` values
+(``--block-m``, ``--block-n``, ``--programs``), with its largest difference from the explicit path's
+mass. CPU: ``--smoke`` (a tiny shape in Triton's interpreter: checks the script and the agreement,
+not speed).
 Results: ``benchmarks/results/<name>.{json,md}``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -25,10 +30,11 @@ if "--smoke" in sys.argv:  # before the kernels are first imported
 
 import torch  # noqa: E402
 
-from bench_decode_attention import timed_us  # noqa: E402
+from bench_decode_attention import set_tuning, sweep, timed_us  # noqa: E402
 from bench_gpu import FAMILY_SHAPES, SHAPES  # noqa: E402
 from results_files import save_report  # noqa: E402
 from ros_infmllm.model.config import parse_text_config  # noqa: E402
+from ros_infmllm.model import prefill_mass as mass_op  # noqa: E402
 from ros_infmllm.model.decoder import Attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,10 +90,28 @@ def bench_shape(name: str, text: dict, chunk: int, args) -> dict:
     row["speedup"] = row["explicit_ms"] / row["fused_ms"]
     row["layers"] = cfg.num_layers
     row["per_frame_saving_ms"] = (row["explicit_ms"] - row["fused_ms"]) * cfg.num_layers
+    if args.sweep:
+        row["mass_op"] = sweep_mass_op(per_layer, group, mass_e, args)
     print(f"{name}: explicit {row['explicit_ms']:.3f} ms, fused + mass op {row['fused_ms']:.3f} ms per layer "
           f"({row['speedup']:.2f}x; {row['per_frame_saving_ms']:.1f} ms per frame over {cfg.num_layers} layers)",
           flush=True)
     return row
+
+
+def sweep_mass_op(per_layer: list, group: int, reference: torch.Tensor, args) -> dict:
+    """The mass op alone (its share of the fused path), at the shipped ``PrefillMassTuning`` and at
+    each of the grid; the shipped tuning is restored after."""
+    inputs = [(q.reshape(k.shape[0], group * q.shape[1], q.shape[2]), torch.cat((past_k, k), dim=1), mask)
+              for q, k, _, past_k, _, mask in per_layer]
+    shipped = dataclasses.replace(mass_op.TUNING)
+    tunings = [shipped] + [dataclasses.replace(shipped, block_m=m, block_n=n, programs=programs)
+                           for m, n, programs in itertools.product(args.block_m, args.block_n, args.programs)]
+    try:
+        rows = sweep(mass_op.TUNING, tunings, lambda: timed_us(mass_op.prefill_mass, inputs, args.device, args.replays),
+                     lambda: {"max_mass_difference": float((mass_op.prefill_mass(*inputs[0]) - reference).abs().max())})
+    finally:
+        set_tuning(mass_op.TUNING, shipped)
+    return {"shipped": rows[0], "best": min(rows[1:], key=lambda r: r["us"]), "grid": rows[1:]}
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -104,6 +128,16 @@ def write_markdown(report: dict, path: Path) -> None:
                      f"{r['explicit_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['per_frame_saving_ms']:.1f} | {r['max_output_difference']:.1e} | "
                      f"{r['max_mass_difference']:.1e} |")
+    swept = [r for r in report["rows"] if "mass_op" in r]
+    if swept:
+        lines += ["", "The mass op alone per layer, at the shipped launch shape and the best of the grid "
+                  "(rows per program, keys per step, programs):", "",
+                  "| shape | shipped us | best us | best block_m / block_n / programs | best's max mass diff |",
+                  "|---|---|---|---|---|"]
+        for r in swept:
+            shipped, best = r["mass_op"]["shipped"], r["mass_op"]["best"]
+            lines.append(f"| {r['model']} | {shipped['us']:.1f} | {best['us']:.1f} | {best['block_m']} / "
+                         f"{best['block_n']} / {best['programs']} | {best['max_mass_difference']:.1e} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -113,12 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sweep", action="store_true", help="also time the mass op alone over a launch-shape grid")
+    parser.add_argument("--block-m", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--programs", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU in Triton's interpreter")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="bench_prefill_mass")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.capacity, args.replays = "cpu", 96, 1
+        args.block_m, args.block_n, args.programs = [16], [16, 32], [64]
         shapes = {name: (text, 24) for name, text in SMOKE.items()}
     else:
         every = {**SHAPES, **FAMILY_SHAPES}

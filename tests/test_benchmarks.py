@@ -329,9 +329,13 @@ def test_bench_prefill_mass_smoke_run_compares_both_paths(tmp_path: Path) -> Non
     """The prefill-mass benchmark on a tiny shape in Triton's interpreter (its own process, so the
     interpreter is on before the kernels load): both paths timed, their outputs and masses agree."""
     script = Path(bench_gpu.__file__).with_name("bench_prefill_mass.py")
-    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], check=True, capture_output=True,
-                   cwd=script.parent, timeout=600)
+    subprocess.run([sys.executable, str(script), "--smoke", "--sweep", "--out", str(tmp_path)], check=True,
+                   capture_output=True, cwd=script.parent, timeout=600)
     row = json.loads((tmp_path / "bench_prefill_mass.json").read_text())["rows"][0]
     assert row["explicit_ms"] > 0 and row["fused_ms"] > 0
     assert row["max_output_difference"] < 1e-4 and row["max_mass_difference"] < 1e-4
     assert abs(row["mass_per_head"] - row["expected_mass_per_head"]) < 1e-3
+    grid = row["mass_op"]["grid"]  # every launch shape of the sweep gives the explicit path's mass
+    assert [(g["block_m"], g["block_n"]) for g in grid] == [(16, 16), (16, 32)]
+    assert all(g["max_mass_difference"] < 1e-4 and g["us"] > 0 for g in grid)
+    assert "The mass op alone" in (tmp_path / "bench_prefill_mass.md").read_text()

@@ -339,3 +339,16 @@ def test_bench_prefill_mass_smoke_run_compares_both_paths(tmp_path: Path) -> Non
     assert [(g["block_m"], g["block_n"]) for g in grid] == [(16, 16), (16, 32)]
     assert all(g["max_mass_difference"] < 1e-4 and g["us"] > 0 for g in grid)
     assert "The mass op alone" in (tmp_path / "bench_prefill_mass.md").read_text()
+
+
+def test_capture_check_smoke_run_reports_the_node_session(tmp_path: Path) -> None:
+    """The capture check on the tiny model (CPU, eager): it builds the node's session from the
+    parameter defaults, warms it up, streams frames and questions, and says nothing was captured."""
+    import capture_check
+
+    assert capture_check.main(["--smoke", "--out", str(tmp_path), "--name", "check"]) == 0
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["policy"] == "h2o" and report["dtype"] == "float32"
+    assert report["frames"] == 6 and report["questions"] == 2 and report["tokens_streamed"] > 6 * 10
+    assert report["graphs_at_end"] == [] and report["capture_error"] is None
+    assert "graphs captured after warm-up" in (tmp_path / "check.md").read_text()

@@ -110,7 +110,8 @@ class Evaluator:
 def session_variant(spec: str) -> tuple[str, dict]:
     """A policy spec's session suffixes: ``+merge`` (evicted visual entries merged, LOOK-M's
     ``visual_tokens.merge``), ``+poolN`` (each frame's visual tokens pooled N x N,
-    ``visual_tokens.pool``) and ``+int8`` / ``+int4`` (the decoder's projections packed, the node's
+    ``visual_tokens.pool``), ``+pyramid`` (staged visual-token drop at four equal stages keeping
+    half at each, PyramidDrop's default: ``visual_tokens.drop_layers: auto``) and ``+int8`` / ``+int4`` (the decoder's projections packed, the node's
     ``weights``), e.g. ``h2o+pool2+merge``. Streams keep the frames of the unpooled model, so a
     pooled run answers the same questions over the same stream in fewer slots."""
     parts = spec.split("+")
@@ -120,10 +121,12 @@ def session_variant(spec: str) -> tuple[str, dict]:
             config["merge_evicted"] = True
         elif suffix.startswith("pool") and suffix[4:].isdigit():
             config["visual_pool"] = int(suffix[4:])
+        elif suffix == "pyramid":
+            config["drop_layers"] = "auto"
         elif suffix in ("int8", "int4"):
             config["weights"] = suffix
         else:
-            raise ValueError(f"unknown session suffix +{suffix} in {spec!r} (+merge, +poolN, +int8, +int4)")
+            raise ValueError(f"unknown session suffix +{suffix} in {spec!r} (+merge, +poolN, +pyramid, +int8, +int4)")
     return parts[0], config
 
 
@@ -243,7 +246,7 @@ def main() -> int:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES[:4]),
                         help="policies of the long-stream table (full holds the whole stream); "
                              "name[option=value,...] sets a policy's config fields; suffixes +merge (evicted "
-                             "visual entries merged) and +poolN (frames pooled N x N) set the session's; "
+                             "visual entries merged), +poolN (frames pooled N x N) and +pyramid (staged drop) set the session's; "
                              "+int8 / +int4 pack the decoder's projections")
     parser.add_argument("--split", choices=sorted(SPLITS), default="held-out",
                         help="held-out streams (reports) or development streams (tuning)")

@@ -16,8 +16,9 @@ from ros_infmllm.session import SessionConfig, StreamingSession, template_for
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
-def _session(model, tokenizer, graphs: bool, policy: str) -> StreamingSession:
-    config = SessionConfig(capacity=96, max_chunk=16, template="demo", max_new_tokens=6, check_evictions=False)
+def _session(model, tokenizer, graphs: bool, policy: str, **options) -> StreamingSession:
+    config = SessionConfig(capacity=96, max_chunk=16, template="demo", max_new_tokens=6, check_evictions=False,
+                           **options)
     return StreamingSession(model, tokenizer, make_policy(policy), config, template_for("demo"),
                             backend=TorchBackend(model, cuda_graphs=graphs))
 
@@ -54,6 +55,22 @@ def test_graph_replay_gives_the_eager_logits_through_evictions(head16_model_dir:
     eager.reset()
     token = torch.tensor([7])
     assert (eager.feed(token) - graphed.feed(token)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("policy", ["h2o", "streamingllm"])
+def test_a_staged_drop_stream_replays_with_the_eager_logits(head16_model_dir: Path, policy: str) -> None:
+    """Frame chunks with a staged visual-token drop (per-layer masks and drop marks) captured and
+    replayed: the same logits, the same per-layer live counts and drop marks as eager steps."""
+    from tokenizers import Tokenizer
+
+    model = load_model(head16_model_dir, device="cuda")
+    tokenizer = Tokenizer.from_file(str(head16_model_dir / "tokenizer.json"))
+    layers = model.cfg.text.num_layers
+    eager, graphed = (_session(model, tokenizer, graphs, policy, drop_layers=(layers // 2,)) for graphs in (False, True))
+    _stream_side_by_side(eager, graphed, np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), 3)
+    assert graphed.cache.evictions > 3 and any(key[0] == "frame" and "drop" in key for key in graphed.runner.graphs)
+    assert graphed.cache.live_counts() == eager.cache.live_counts() and len(set(eager.cache.live_counts())) > 1
+    assert torch.equal(eager.cache.dropped, graphed.cache.dropped)
 
 
 def test_graphed_vision_encoder_equals_eager(tiny_model_dir: Path) -> None:

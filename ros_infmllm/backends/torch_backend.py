@@ -18,6 +18,7 @@ import torch
 
 from ..model.decoder import StepOutput, run_block
 from ..model.llava import LlavaModel
+from ..model.staged_drop import StagedDrop
 from .graph_runner import CudaGraphRunner, EagerRunner
 
 
@@ -64,10 +65,11 @@ class TorchBackend:
 
     @torch.inference_mode()
     def step(self, embeds: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
-             positions: torch.Tensor, attn_window: int = 0, all_logits: bool = False) -> StepOutput:
+             positions: torch.Tensor, attn_window: int = 0, all_logits: bool = False,
+             drop: StagedDrop | None = None) -> StepOutput:
         block_fn = self._decode_block if embeds.shape[0] == 1 and not all_logits else self._prefill_block
         return self.model.decoder.step(embeds, cache_k, cache_v, valid, positions, attn_window, all_logits,
-                                       block_fn=block_fn)
+                                       block_fn=block_fn, drop=drop)
 
 
 def run_prefill_block(block, *args):

@@ -16,6 +16,13 @@ An eviction may merge instead of drop (``move(keep, merge=True)``, after LOOK-M,
 (cosine, per layer and KV head), keys and values alike, before the kept slots move. Keys are
 averaged as stored (rotated at their own positions), as LOOK-M averages the cache it holds.
 
+A staged visual-token drop (model/staged_drop.py, after PyramidDrop) marks a frame's dropped
+tokens per layer (``dropped``): the slot is written in every layer, so slot j stays position j
+everywhere, but in the layers that dropped it it is masked (``layer_valid``) and not ``live``,
+and every policy evicts it first (``policies.keep_top``). So each layer has its own count of live
+tokens (``live_counts``) within the one preallocated capacity, and after evictions the deep
+layers, whose frames left fewer live tokens, hold more of the stream.
+
 The fill level is kept twice: as host integers (``length``, ``total_seen``) for the session's
 decisions, and as device scalars (``length_t``, ``seen_t``) that every device-side operation
 reads. A step that only reads the device copies (``write``, ``move``) can be captured once in a
@@ -60,6 +67,7 @@ class BoundedKVCache:
         self.pinned = self.register_stat("pinned", torch.bool)
         self.origin = self.register_stat("origin", torch.int64)
         self.visual = self.register_stat("visual", torch.bool)  # a frame's token (its chunk's, template included)
+        self.dropped = self.register_stat("dropped", torch.bool)  # a staged drop took it out of this layer
 
     @property
     def device(self) -> torch.device:
@@ -81,6 +89,18 @@ class BoundedKVCache:
         """``[capacity]`` bool: which slots hold a token."""
         return self.slot_index < self.length_t
 
+    def live(self) -> torch.Tensor:
+        """``[layers, kv_heads, capacity]`` bool: slots holding a token not dropped in that layer."""
+        return self.valid() & ~self.dropped
+
+    def layer_valid(self) -> torch.Tensor:
+        """``[layers, capacity]`` bool: the mask each layer attends with (a drop is per layer, not per head)."""
+        return self.valid() & ~self.dropped[:, 0]
+
+    def live_counts(self) -> list[int]:
+        """Live tokens per layer (a host sync): the fill level each layer really has."""
+        return self.live()[:, 0].sum(-1).tolist()
+
     def positions(self, count: int) -> torch.Tensor:
         """Cache-relative positions (= slots) of the next ``count`` tokens."""
         steps = self.slot_index[:count] if count <= self.capacity else torch.arange(count, device=self.device)
@@ -94,14 +114,18 @@ class BoundedKVCache:
         self.write(new_k, new_v, pinned, visual)
         self.commit(count)
 
-    def write(self, new_k: torch.Tensor, new_v: torch.Tensor, pinned: bool = False, visual: bool = False) -> None:
-        """The device half of ``append`` (graph-capturable; the caller has checked the room)."""
+    def write(self, new_k: torch.Tensor, new_v: torch.Tensor, pinned: bool = False, visual: bool = False,
+              dropped: torch.Tensor | None = None) -> None:
+        """The device half of ``append`` (graph-capturable; the caller has checked the room).
+        ``dropped`` ``[layers, count]`` bool: the new tokens a staged drop took out of each layer."""
         count = new_k.shape[2]
         slots = self.positions(count)
         self.k.index_copy_(2, slots, new_k)
         self.v.index_copy_(2, slots, new_v)
         self.pinned.index_fill_(-1, slots, pinned)
         self.visual.index_fill_(-1, slots, visual)
+        if dropped is not None:
+            self.dropped.index_copy_(-1, slots, dropped.unsqueeze(1).expand(self.dropped.shape[:2] + (count,)))
         origin = (self.seen_t + self.slot_index[:count]).expand(self.origin.shape[:-1] + (count,))
         self.origin.index_copy_(-1, slots, origin)
         self.length_t += count
@@ -166,7 +190,7 @@ class BoundedKVCache:
         if kept == 0:
             return
         group = max(1, MOVE_SCRATCH_BYTES // (capacity * kept * 4 * 2))
-        valid = self.valid()
+        live = self.live()
         for layer in range(layers):
             for first in range(0, heads, group):
                 rows = slice(first, first + group)
@@ -174,8 +198,10 @@ class BoundedKVCache:
                 spread = index.unsqueeze(-1).expand(-1, -1, dim)
                 kept_k, kept_v = torch.gather(keys, 1, spread).float(), torch.gather(values, 1, spread).float()
                 unkept = torch.ones_like(self.visual[layer, rows]).scatter_(-1, index, False)
-                evicted = (unkept & valid & self.visual[layer, rows]).float()  # [group, capacity]
+                evicted = (unkept & live[layer, rows] & self.visual[layer, rows]).float()  # [group, capacity]
                 similarity = F.normalize(keys.float(), dim=-1) @ F.normalize(kept_k, dim=-1).transpose(1, 2)
+                target_live = torch.gather(live[layer, rows], 1, index)  # a kept slot that is dropped padding
+                similarity = similarity.masked_fill(~target_live.unsqueeze(1), float("-inf"))  # takes nothing
                 target = similarity.argmax(-1)  # [group, capacity]: the kept entry each slot is closest to
                 count = torch.zeros_like(kept_k[..., 0]).scatter_add_(1, target, evicted)
                 wide = target.unsqueeze(-1).expand(-1, -1, dim)

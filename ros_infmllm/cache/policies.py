@@ -19,6 +19,7 @@ from ..errors import CacheFullError
 from .kv_cache import BoundedKVCache
 
 ALL_QUERIES = 1 << 30  # attention window meaning "every query of the step"
+DROPPED_RANK = -1e30  # a dropped slot: below every live one, above every empty one
 
 
 def _recent_count(cache: BoundedKVCache, fraction: float) -> int:
@@ -27,14 +28,16 @@ def _recent_count(cache: BoundedKVCache, fraction: float) -> int:
 
 def keep_top(cache: BoundedKVCache, scores: torch.Tensor, must_keep: torch.Tensor, keep: int) -> torch.Tensor:
     """Ascending slot indices ``[layers, kv_heads, keep]``: every ``must_keep`` slot, then the
-    highest ``scores`` among the other valid slots (ties go to the newer slot)."""
+    highest ``scores`` among the other live slots (ties go to the newer slot); slots that a staged
+    drop took out of a layer fill that layer's rest (there they stay masked), before empty ones."""
     valid = cache.valid()
-    forced = must_keep & valid
+    live = cache.live()
+    forced = must_keep & live
     if cache.checks and int(forced.sum(-1).max()) > keep:
         raise CacheFullError(f"{int(forced.sum(-1).max())} slots must be kept (pinned + recent) "
                              f"but only {keep} may stay: raise the capacity or lower the pinned/recent counts")
     ranked = scores.float() + cache.slot_index.float() * 1e-9  # stable tie-break toward recent slots
-    ranked = ranked.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
+    ranked = ranked.masked_fill(forced, float("inf")).masked_fill(~live, DROPPED_RANK).masked_fill(~valid, float("-inf"))
     return ranked.topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
@@ -361,7 +364,7 @@ class InfMLLMLongTermPolicy(InfMLLMPolicy):
         forced = self.forced(cache)
         scores = self.scores(cache)
         if self.stretch:
-            evictable = cache.valid() & ~forced
+            evictable = cache.live() & ~forced
             scores = scores + self.REPRESENTATIVE_BONUS * self.representatives(cache, scores, evictable)
         return keep_top(cache, scores, forced, keep)
 

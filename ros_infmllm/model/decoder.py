@@ -19,6 +19,7 @@ from .config import TextConfig
 from . import decode_linear
 from .decode_attention import decode_attention, kernel_supported
 from .prefill_mass import prefill_mass
+from .staged_drop import StagedDrop, layer_mask, rank_and_keep
 from .layers import FusedLinear, RMSNorm, activation, fuse_linears
 from .quantized import FusedQuantizedLinear, linear_operands
 
@@ -32,12 +33,15 @@ class StepOutput:
     attn_mass: ``[layers, kv_heads, capacity + q]`` or None: softmax attention of the last
         ``attn_window`` queries, summed over those queries and over the query heads of each KV
         group; columns are the cache slots, then the q new tokens.
+    kept: ``[layers, q]`` bool or None: with a staged drop (``StagedDrop``), which new tokens are
+        still in play in each layer (the cache marks the others dropped there).
     """
 
     logits: torch.Tensor
     new_k: torch.Tensor
     new_v: torch.Tensor
     attn_mass: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -279,26 +283,36 @@ class Decoder(nn.Module):
 
     def step(self, embeds: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
              positions: torch.Tensor, attn_window: int | torch.Tensor = 0, all_logits: bool = False,
-             block_fn=run_block) -> StepOutput:
+             block_fn=run_block, drop: StagedDrop | None = None) -> StepOutput:
         """One forward step over q new tokens (see the module docstring).
 
         embeds ``[q, hidden]``; cache_k/v ``[layers, kv_heads, C, head_dim]``; valid ``[C]`` bool
-        (slots holding a token); positions ``[q]`` (cache-relative), or ``[3, q]`` for M-RoPE
+        (slots holding a token), or ``[layers, C]`` where layers hold different slots (a cache with
+        staged drops); positions ``[q]`` (cache-relative), or ``[3, q]`` for M-RoPE
         (temporal, height, width; ``rope.MultimodalRotary``); attn_window: how many of the
         last queries to report attention mass for (0: none; a 0-d tensor: always report, for export);
-        block_fn: how each block runs (a backend may pass a compiled ``run_block``).
+        block_fn: how each block runs (a backend may pass a compiled ``run_block``);
+        drop: this chunk's staged visual-token drop (staged_drop.py), None for none.
         """
         q_len = embeds.shape[0]
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=embeds.device).tril()
-        mask = torch.cat((valid.view(1, -1).expand(q_len, -1), causal), dim=1)
+        per_layer = valid.dim() == 2
+        mask = None if per_layer else layer_mask(valid, causal, None)
         cos, sin = self.rotary.cos_sin(positions, embeds.dtype)
         x = embeds
-        new_k, new_v, masses = [], [], []
+        live = torch.ones(q_len, dtype=torch.bool, device=embeds.device) if drop is not None else None
+        new_k, new_v, masses, kept = [], [], [], []
         for i, block in enumerate(self.layers):
+            if drop is not None and i in drop.boundaries:
+                live = rank_and_keep(block, x, cos, sin, live, drop.droppable, drop.kept[drop.boundaries.index(i)])
+                mask = None
+            if per_layer or mask is None:
+                mask = layer_mask(valid[i] if per_layer else valid, causal, live)
             x, k, v, mass = block_fn(block, x, cos, sin, cache_k[i], cache_v[i], mask, attn_window)
             new_k.append(k)
             new_v.append(v)
             masses.append(mass)
+            kept.append(live)
         if self.layers[0].decode_matvec and not all_logits and not isinstance(attn_window, torch.Tensor):
             # Only the last token's logits: the final norm folded into the LM head's product (cuBLAS
             # read this matrix at 2.3-2.8 TB/s), for prefill chunks too, so a packed head is never
@@ -311,4 +325,5 @@ class Decoder(nn.Module):
         return StepOutput(
             logits=logits.float(), new_k=torch.stack(new_k), new_v=torch.stack(new_v),
             attn_mass=torch.stack(masses) if masses[0] is not None else None,
+            kept=torch.stack(kept) if drop is not None else None,
         )

@@ -101,6 +101,12 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("vision.image_splitting", False, "SmolVLM (Idefics3) only: each frame as tiles plus its global image, "
                                                "as transformers' processor splits images (a 640x480 frame: 13 images' "
                                                "tokens); off: the global image alone."),
+    ParamSpec("visual_tokens.drop_layers", "", "Staged visual-token drop during a frame's prefill (after "
+              "PyramidDrop): comma-separated decoder layers where a stage begins, e.g. '8,16,24'; 'auto': four "
+              "equal stages; empty: off. Deeper layers keep fewer of each frame's tokens and so hold more "
+              "frames (torch backend only; docs/visual_tokens.md)."),
+    ParamSpec("visual_tokens.drop_keep", 0.5, "Share of a frame's visual tokens still in play that each stage "
+                                              "boundary keeps (PyramidDrop's lambda).", 0.05, 0.95),
     ParamSpec("visual_tokens.merge", False, "At each eviction, average evicted visual entries into their most similar "
                                             "kept entry instead of dropping them (LOOK-M's merging, with any policy; "
                                             "no gain on the tiny model, docs/visual_tokens.md)."),
@@ -119,6 +125,8 @@ def validate(name: str, value: Any) -> None:
         raise ValueError(f"parameter {name}={value!r} must be odd")
     if name == "image_topics" and (not value or any(not str(t).strip() for t in value)):
         raise ValueError(f"parameter {name}={value!r} needs at least one non-empty topic")
+    if name == "visual_tokens.drop_layers":
+        drop_layers(value)
     if name == "device" and not (value == "cpu" or str(value).startswith("cuda")):
         raise ValueError(f"parameter {name}={value!r} is not cpu, cuda or cuda:N")
 
@@ -129,3 +137,18 @@ def policy_options(values: dict[str, Any]) -> dict[str, Any]:
                 "streamingllm": ("streamingllm.",), "look-m": ("look_m.",)}.get(values["policy"], ())
     return {name[len(prefix):]: value for prefix in prefixes for name, value in values.items()
             if name.startswith(prefix)}
+
+
+def drop_layers(text: str) -> tuple[int, ...] | str:
+    """``visual_tokens.drop_layers`` as the session takes it: ``()`` (off), ``"auto"`` or layer indices."""
+    text = str(text).strip()
+    if text in ("", "auto"):
+        return text or ()
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"parameter visual_tokens.drop_layers={text!r} is not empty, 'auto' or "
+                         f"comma-separated layer numbers such as '8,16,24'") from None
+    if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1:
+        raise ValueError(f"parameter visual_tokens.drop_layers={text!r} must be ascending layer numbers >= 1")
+    return layers

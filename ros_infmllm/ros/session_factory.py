@@ -30,6 +30,7 @@ def build_session(values: dict[str, Any]):
         max_query_chars=values["max_query_chars"], max_query_tokens=values["max_query_tokens"],
         sampling=SamplingConfig(values["temperature"], values["top_p"], values["seed"]),
         visual_pool=values["visual_tokens.pool"], merge_evicted=values["visual_tokens.merge"],
+        drop_layers=P.drop_layers(values["visual_tokens.drop_layers"]), drop_keep=values["visual_tokens.drop_keep"],
         min_pixels=values["vision.min_pixels"], max_pixels=values["vision.max_pixels"],
         image_splitting=values["vision.image_splitting"])
 

@@ -29,6 +29,7 @@ from .preprocess import REFERENCE_FRAME, ImagePreprocessor, TiledPreprocessor, p
 from .sampling import SamplingConfig, sample_next
 from .templates import PromptTemplate, image_wrap_ids, split_image_ids, template_for, template_ids
 from .visual_tokens import pool_tokens, pooled_count
+from ..model.staged_drop import StagedDrop, check_boundaries, even_boundaries, stage_counts
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class SessionConfig:
     merge_evicted: at each eviction, average the evicted visual slots into their most similar
         kept slot instead of dropping them (LOOK-M; ``BoundedKVCache.merge_evicted``); a policy
         may ask for it too (``look-m`` does).
+    drop_layers / drop_keep: staged visual-token drop during a frame's prefill (after PyramidDrop,
+        model/staged_drop.py): at each of these layers (ascending; empty: off; ``"auto"``:
+        PyramidDrop's four equal stages) a share ``drop_keep`` of the frame's visual tokens still
+        in play goes on, the rest are dropped from that layer down (torch backend only).
     """
 
     capacity: int = 4096
@@ -69,6 +74,8 @@ class SessionConfig:
     max_pixels: int = 0
     image_splitting: bool = False
     merge_evicted: bool = False
+    drop_layers: tuple[int, ...] | str = ()
+    drop_keep: float = 0.5
     check_evictions: bool = True
 
     def __post_init__(self) -> None:
@@ -80,6 +87,10 @@ class SessionConfig:
                 raise ValueError(f"{name} must be >= 0 (0: the checkpoint's), got {getattr(self, name)}")
         if not 0 <= self.slack_fraction < 1:
             raise ValueError(f"slack_fraction must be in [0, 1), got {self.slack_fraction}")
+        if self.drop_layers not in ("auto", ""):
+            object.__setattr__(self, "drop_layers", tuple(int(layer) for layer in self.drop_layers))
+        if self.drop_layers:
+            stage_counts(1, 1, self.drop_keep)  # a bad keep ratio fails here
 
     @property
     def slack(self) -> int:
@@ -136,6 +147,10 @@ class StreamingSession:
         self._frame_ids: dict[tuple, torch.Tensor] = {}  # per visual token count (and tile grid, when split)
         self._frame_offsets: dict[tuple[int, int], torch.Tensor] = {}  # M-RoPE offsets per frame grid
         self._image_wrap = image_wrap_ids(tokenizer, model.cfg)
+        self._drop_plans: dict[bytes, tuple[int, StagedDrop]] = {}  # per chunk layout of visual tokens
+        self.drop_layers: tuple[int, ...] = ()  # the stage boundaries in use (config's, "auto" resolved)
+        if config.drop_layers:
+            self._check_staged_drop()
         self.generator = torch.Generator().manual_seed(config.sampling.seed)
         # greedy decoding: each step's choice stays on the device and feeds the next step (see tokens())
         self._next_token = torch.zeros(1, dtype=torch.long, device=model.device)
@@ -198,6 +213,32 @@ class StreamingSession:
         preprocessor = preprocessor_for(files, model, session_config.min_pixels, session_config.max_pixels,
                                         session_config.image_splitting)
         return cls(model, tokenizer, policy_obj, session_config, template, preprocessor, runner)
+
+    def _check_staged_drop(self) -> None:
+        layers = self.model.cfg.text.num_layers
+        requested = self.config.drop_layers
+        self.drop_layers = check_boundaries(even_boundaries(layers) if requested == "auto" else requested, layers)
+        if not self.model.has_vision:
+            raise ValueError("drop_layers: staged visual-token drop needs a vision model (this one is text-only)")
+        if not isinstance(self.backend, TorchBackend):
+            raise ValueError(f"drop_layers: staged visual-token drop runs on the torch backend only, not "
+                             f"{getattr(self.backend, 'name', type(self.backend).__name__)} (exported graphs have "
+                             f"one mask for every layer)")
+
+    def _drop_plan(self, ids: torch.Tensor) -> tuple[int, StagedDrop] | None:
+        """The staged drop of one frame chunk (its image placeholders may be dropped, never its last
+        token, which ranks them), made once per layout; None where nothing can be dropped."""
+        droppable = ids == self.model.cfg.image_token_index
+        droppable[-1] = False
+        visual = int(droppable.sum())
+        if not self.drop_layers or visual < 2:
+            return None
+        key = droppable.numpy().tobytes()
+        if key not in self._drop_plans:
+            kept = stage_counts(visual, len(self.drop_layers), self.config.drop_keep)
+            plan = StagedDrop(self.drop_layers, kept, droppable.to(self.model.device))
+            self._drop_plans[key] = (len(self._drop_plans), plan)
+        return self._drop_plans[key]
 
     # ---- sizes -------------------------------------------------------------------------------
     def _check_sizes(self, pinned: int) -> None:
@@ -291,25 +332,33 @@ class StreamingSession:
             self._make_room(count, capture)
             key = ("frame" if has_images else "text", count, pinned, all_logits)
             key += ("mrope",) if offsets is not None else ()
-            step = partial(self._step, from_ids=not has_images, pinned=pinned, all_logits=all_logits)
+            plan = self._drop_plan(ids[start:start + count]) if has_images else None
+            key += ("drop", plan[0]) if plan is not None else ()
+            step = partial(self._step, from_ids=not has_images, pinned=pinned, all_logits=all_logits,
+                           drop=plan[1] if plan is not None else None)
             inputs = (chunk,) if offsets is None else (chunk, offsets[:, start:start + count])
             logits.append(self.runner(key, step, inputs, capture))
             self.cache.commit(count)
         return torch.cat(logits) if all_logits else logits[-1][-1].clone()
 
     def _step(self, chunk: torch.Tensor, offsets: torch.Tensor | None = None, *, from_ids: bool, pinned: bool,
-              all_logits: bool) -> torch.Tensor:
+              all_logits: bool, drop: StagedDrop | None = None) -> torch.Tensor:
         """One chunk on the device: embed (text), decoder step, the policy's observation, cache
         write. Reads the fill level from the cache's device copies only, so it can be captured.
-        ``offsets`` ``[3, count]``: M-RoPE positions relative to the chunk's slots."""
+        ``offsets`` ``[3, count]``: M-RoPE positions relative to the chunk's slots; ``drop``: this
+        frame chunk's staged visual-token drop."""
         cache, window = self.cache, self.policy.attention_window
         embeds = self.model.decoder.embed_tokens(chunk.to(self.model.device)) if from_ids else chunk
         count = embeds.shape[0]
         positions = cache.positions(count) if offsets is None else cache.positions(count) + offsets
-        out = self.backend.step(embeds, cache.k, cache.v, cache.valid(), positions, window, all_logits)
+        # with staged drops each layer masks its own dropped slots; otherwise one mask serves all
+        valid = cache.layer_valid() if self.drop_layers else cache.valid()
+        extra = {"drop": drop} if drop is not None else {}
+        out = self.backend.step(embeds, cache.k, cache.v, valid, positions, window, all_logits, **extra)
         if out.attn_mass is not None:
             self.policy.observe(cache, cache.fold_new_tokens(out.attn_mass), min(window, count))
-        cache.write(out.new_k, out.new_v, pinned, visual=not from_ids)  # a frame's chunk: visual
+        dropped = ~out.kept if out.kept is not None else None
+        cache.write(out.new_k, out.new_v, pinned, visual=not from_ids, dropped=dropped)  # a frame's chunk: visual
         return out.logits
 
     def _step_next_token(self) -> torch.Tensor:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bench_gpu_report import summarise, write_markdown, write_plot
+from session_variants import session_variant
 from ros_infmllm.cache import make_policy
 from ros_infmllm.model.checkpoint import model_class
 from ros_infmllm.model.config import load_config
@@ -282,9 +283,12 @@ def camera_frame(model: LlavaModel, shape: dict | None = None) -> tuple[int, int
 
 def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, device: str,
                  shape: dict | None = None) -> dict:
+    name, variant = session_variant(policy)  # e.g. h2o+pyramid, h2o+pool2, h2o+merge
+    if "weights" in variant:
+        raise SystemExit(f"{policy}: packed weights are --weights here, not a policy suffix")
     config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
-                           check_evictions=False)
-    session = StreamingSession(model, tokenizer, make_policy(policy), config, template_for("demo"),
+                           check_evictions=False, **variant)
+    session = StreamingSession(model, tokenizer, make_policy(name), config, template_for("demo"),
                                preprocessor_for_folder(folder, model.cfg.vision))
     driver = StreamDriver(session, device, camera_frame(model, shape))
     driver.stream_to(args.capacity // 2)  # warm-up: kernels, CUDA graphs of the recurring chunk sizes
@@ -433,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
                         help="decoder projections: float (bf16 on a GPU) or packed (groups of 32)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES),
-                        help="cache policies timed; the first is the one the targets are reported for")
+                        help="cache policies timed; the first is the one the targets are reported for; "
+                             "eval_demo.py's session suffixes time a visual-token reduction (h2o+pyramid, "
+                             "h2o+pool2, h2o+merge)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="bench_gpu", help="results file name (without extension)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from intervals import wilson
+from session_variants import session_variant
 from streaming_workers import parse_policy
 from plotting import pyplot
 from results_files import save_report
@@ -105,29 +106,6 @@ class Evaluator:
                 results.append([item.kind, judge(answer, item.answer), session.cache.total_seen > budget_tokens,
                                  item.question, answer, item.answer])
         return results
-
-
-def session_variant(spec: str) -> tuple[str, dict]:
-    """A policy spec's session suffixes: ``+merge`` (evicted visual entries merged, LOOK-M's
-    ``visual_tokens.merge``), ``+poolN`` (each frame's visual tokens pooled N x N,
-    ``visual_tokens.pool``), ``+pyramid`` (staged visual-token drop at four equal stages keeping
-    half at each, PyramidDrop's default: ``visual_tokens.drop_layers: auto``) and ``+int8`` / ``+int4`` (the decoder's projections packed, the node's
-    ``weights``), e.g. ``h2o+pool2+merge``. Streams keep the frames of the unpooled model, so a
-    pooled run answers the same questions over the same stream in fewer slots."""
-    parts = spec.split("+")
-    config: dict = {}
-    for suffix in parts[1:]:
-        if suffix == "merge":
-            config["merge_evicted"] = True
-        elif suffix.startswith("pool") and suffix[4:].isdigit():
-            config["visual_pool"] = int(suffix[4:])
-        elif suffix == "pyramid":
-            config["drop_layers"] = "auto"
-        elif suffix in ("int8", "int4"):
-            config["weights"] = suffix
-        else:
-            raise ValueError(f"unknown session suffix +{suffix} in {spec!r} (+merge, +poolN, +pyramid, +int8, +int4)")
-    return parts[0], config
 
 
 def cell_path(cells: Path, multiple: int, policy: str) -> Path:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from eval_demo import HELD_OUT_SEED, QUESTION_SETS, RESULTS, Evaluator, resolve_model, session_variant
+from eval_demo import HELD_OUT_SEED, QUESTION_SETS, RESULTS, Evaluator, resolve_model
 from results_files import save_report
+from session_variants import session_variant
 from streaming_workers import parse_policy
 from ros_infmllm.cache import make_policy
 from ros_infmllm.demo.episodes import make_episode

@@ -279,18 +279,22 @@ def test_jetson_plan_scales_with_bandwidth_and_marks_what_does_not_fit(tmp_path:
 
 def test_eval_demo_session_suffixes_set_merging_pooling_and_packed_weights(tiny_model_dir: Path) -> None:
     import eval_demo
+    import session_variants
 
-    assert eval_demo.session_variant("h2o") == ("h2o", {})
-    assert eval_demo.session_variant("look-m[merge=0]+pool2+merge") == ("look-m[merge=0]",
+    assert session_variants.session_variant("h2o") == ("h2o", {})
+    assert session_variants.session_variant("look-m[merge=0]+pool2+merge") == ("look-m[merge=0]",
                                                                         {"visual_pool": 2, "merge_evicted": True})
-    assert eval_demo.session_variant("h2o+int4") == ("h2o", {"weights": "int4"})
+    assert session_variants.session_variant("h2o+int4") == ("h2o", {"weights": "int4"})
+    assert session_variants.session_variant("streamingllm+pyramid") == ("streamingllm", {"drop_layers": "auto"})
+    assert session_variants.session_variant("h2o+drop15-22+keep0.25") == ("h2o", {"drop_layers": (15, 22),
+                                                                                 "drop_keep": 0.25})
     evaluator = eval_demo.Evaluator(tiny_model_dir, "cpu")
     packed, _ = evaluator.model_and_backend("int8")
     assert evaluator.model_and_backend("float")[0] is evaluator.model
     assert evaluator.model_and_backend("int8")[0] is packed  # loaded once
     assert type(packed.decoder.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
     with pytest.raises(ValueError, match=r"\+fast"):
-        eval_demo.session_variant("h2o+fast")
+        session_variants.session_variant("h2o+fast")
 
 
 def test_bench_gpu_smoke_run_streams_the_qwen2_5_vl_and_smolvlm_shapes(tmp_path: Path) -> None:
@@ -352,3 +356,29 @@ def test_capture_check_smoke_run_reports_the_node_session(tmp_path: Path) -> Non
     assert report["frames"] == 6 and report["questions"] == 2 and report["tokens_streamed"] > 6 * 10
     assert report["graphs_at_end"] == [] and report["capture_error"] is None
     assert "graphs captured after warm-up" in (tmp_path / "check.md").read_text()
+
+
+def test_frames_held_counts_more_frames_in_the_deep_layers_of_a_staged_drop(tmp_path: Path) -> None:
+    """The tiny model, one stream: streamingllm keeps the same frames in every layer; with the
+    staged drop its deeper layers hold more of them, in the same cache bytes."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "frames_held.py"
+    subprocess.run([sys.executable, str(script), "--model", "tiny", "--capacity", "256", "--frames", "40",
+                    "--variants", "streamingllm", "streamingllm+pyramid", "--out", str(tmp_path), "--name", "held"],
+                   check=True, capture_output=True, cwd=script.parent)
+    plain, dropping = json.loads((tmp_path / "held.json").read_text())["rows"]
+    assert plain["samples"] > 10 and len(set(plain["frames_held_per_layer"])) == 1
+    assert dropping["frames_held"]["first"] == plain["frames_held"]["first"]
+    assert dropping["frames_held"]["last"] > plain["frames_held"]["last"] and dropping["drop_layers"]
+    assert dropping["cache_bytes"] == plain["cache_bytes"]
+    assert "| streamingllm+pyramid |" in (tmp_path / "held.md").read_text()
+
+
+def test_bench_gpu_times_a_visual_token_reduction_as_a_policy_variant(tmp_path: Path) -> None:
+    """``h2o+pyramid`` streams through the same driver as the plain policies (CPU smoke: the
+    figures are checked for presence and bounds, not speed)."""
+    assert bench_gpu.main(["--smoke", "--policies", "h2o+pyramid", "streamingllm", "--skip-transformers",
+                           "--out", str(tmp_path)]) == 0
+    (model,) = json.loads((tmp_path / "bench_gpu.json").read_text())["models"]
+    dropping = model["policies"]["h2o+pyramid"]
+    assert dropping["ingest_p50_ms"] > 0 and dropping["evictions"] > 0
+    assert all(c["cache_length"] <= 128 for c in dropping["checkpoints"])

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from builders import TinySpec, build_tiny_llava
+from builders import TinySpec, build_tiny_llava, build_tiny_qwen2_vl
 from ros_infmllm.backends.graph_runner import EagerRunner
 from ros_infmllm.cache import BoundedKVCache, make_policy
 from ros_infmllm.cache.policies import keep_top
@@ -30,7 +31,7 @@ def test_stage_arithmetic_and_bad_plans() -> None:
     assert stage_counts(64, 3, 0.5) == (32, 16, 8)
     assert stage_counts(15, 2, 0.5) == (8, 4)  # rounded up
     assert stage_counts(3, 4, 0.25) == (1, 1, 1, 1)  # never below one
-    assert even_boundaries(32) == (8, 16, 24) and even_boundaries(30) == (7, 15, 22)
+    assert even_boundaries(32) == (8, 16, 24) and even_boundaries(30) == (7, 15, 22) and even_boundaries(2) == (1,)
     assert check_boundaries((1, 3), 4) == (1, 3)
     for bad in ((0, 2), (2, 2), (3, 1), (4,)):
         with pytest.raises(ValueError, match="strictly ascending in 1..3"):
@@ -188,3 +189,18 @@ def test_staged_drop_is_refused_where_it_cannot_run(four_layer_model_dir: Path) 
     with pytest.raises(ValueError, match="torch backend only, not onnxruntime"):
         StreamingSession(base.model, base.tokenizer, make_policy("h2o"), config, base.template, base.preprocessor,
                          ExportedStandIn())
+
+
+def test_a_qwen2_vl_stream_drops_per_layer_at_mrope_positions(tmp_path: Path) -> None:
+    """M-RoPE frames (a dynamic-resolution tower, positions [3, q]) through a staged drop: the
+    deeper layer holds fewer live tokens, evictions keep it bounded, and questions still run."""
+    build_tiny_qwen2_vl(tmp_path, "qwen2_vl")
+    session = StreamingSession.from_pretrained(tmp_path, policy="h2o", capacity=128, max_chunk=32, max_new_tokens=4,
+                                               system_prompt="hello robot", drop_layers=(1,))
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        session.ingest_frame(rng.integers(0, 256, (30 + 3 * (i % 2), 44, 3), dtype=np.uint8))
+    fill = session.cache.live_counts()
+    assert session.cache.evictions >= 1 and fill[1] < fill[0] <= session.cache.capacity
+    seen = session.cache.total_seen
+    assert isinstance(session.answer("what is in view ?"), str) and session.cache.total_seen > seen

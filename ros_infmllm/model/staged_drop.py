@@ -56,8 +56,11 @@ def check_boundaries(boundaries: tuple[int, ...], num_layers: int) -> tuple[int,
 
 
 def even_boundaries(num_layers: int, stages: int = 4) -> tuple[int, ...]:
-    """PyramidDrop's default split: ``stages`` equal stages (layers 8, 16, 24 of LLaVA-1.5's 32)."""
-    return tuple(num_layers * s // stages for s in range(1, stages))
+    """PyramidDrop's default split: ``stages`` equal stages (layers 8, 16, 24 of LLaVA-1.5's 32);
+    a decoder with fewer layers than stages gets a boundary at each layer but the first."""
+    if num_layers < 2:
+        raise ValueError(f"a staged visual-token drop needs at least two decoder layers, this model has {num_layers}")
+    return tuple(sorted({max(1, num_layers * s // stages) for s in range(1, stages)}))
 
 
 def rank_and_keep(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, live: torch.Tensor,

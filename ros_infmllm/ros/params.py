@@ -104,7 +104,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("visual_tokens.drop_layers", "", "Staged visual-token drop during a frame's prefill (after "
               "PyramidDrop): comma-separated decoder layers where a stage begins, e.g. '8,16,24'; 'auto': four "
               "equal stages; empty: off. Deeper layers keep fewer of each frame's tokens and so hold more "
-              "frames (torch backend only; docs/visual_tokens.md)."),
+              "frames; off by default: on the demo VLM it breaks current-scene answers (torch backend only; "
+              "docs/visual_tokens.md)."),
     ParamSpec("visual_tokens.drop_keep", 0.5, "Share of a frame's visual tokens still in play that each stage "
                                               "boundary keeps (PyramidDrop's lambda).", 0.05, 0.95),
     ParamSpec("visual_tokens.merge", False, "At each eviction, average evicted visual entries into their most similar "

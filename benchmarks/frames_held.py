@@ -83,7 +83,8 @@ def write_markdown(report: dict, path: Path) -> None:
              f"From `benchmarks/frames_held.py` ({report['device']}, model `{report['model']}`, one stream of "
              f"{report['frames']} frames, seed {report['seed']}, a question's text every {QUESTION_EVERY} frames). "
              "Frames held: frames with at least one live visual token in that layer, averaged over the "
-             "samples taken after each frame once eviction has begun (samples column; 0: the stream fit, counted at its end); tokens: live visual "
+             "samples taken after each frame once eviction has begun (samples column; 0: the stream fit, "
+             "counted at its end); tokens: live visual "
              "tokens per held frame. The cache's bytes are the same for every variant.",
              "",
              "| variant | stages at layers | slots per frame (prefill) | frames held: first / middle / last layer "

@@ -29,5 +29,6 @@ def session_variant(spec: str) -> tuple[str, dict]:
         elif suffix in ("int8", "int4"):
             config["weights"] = suffix
         else:
-            raise ValueError(f"unknown session suffix +{suffix} in {spec!r} (+merge, +poolN, +pyramid, +dropA-B, +keepX, +int8, +int4)")
+            raise ValueError(f"unknown session suffix +{suffix} in {spec!r} "
+                             f"(+merge, +poolN, +pyramid, +dropA-B, +keepX, +int8, +int4)")
     return parts[0], config

@@ -137,7 +137,8 @@ def test_per_layer_eviction_equals_a_cache_rebuilt_from_scratch(four_layer_model
     assert (fresh.k[:, :, :n] - cache.k[:, :, :n])[live].abs().max() <= 1e-4
     with torch.inference_mode():
         embed = session.model.embed_tokens(torch.tensor([20]))
-        reference = session.model.decoder.step(embed, fresh.k, fresh.v, fresh.layer_valid(), cache.positions(1)).logits[-1]
+        reference = session.model.decoder.step(embed, fresh.k, fresh.v, fresh.layer_valid(),
+                                               cache.positions(1)).logits[-1]
     assert (session.feed(torch.tensor([20])) - reference).abs().max().item() <= 1e-4
 
 
@@ -175,6 +176,10 @@ def test_staged_drop_is_refused_where_it_cannot_run(four_layer_model_dir: Path) 
         _session(four_layer_model_dir, "h2o", drop_layers=(2, 4))
     with pytest.raises(ValueError, match="keep ratio"):
         _session(four_layer_model_dir, "h2o", drop_layers=(2,), drop_keep=0.0)
+    assert SessionConfig(drop_layers="1, 3").drop_layers == (1, 3)
+    assert SessionConfig(drop_layers=" auto").drop_layers == "auto"
+    with pytest.raises(ValueError, match="drop_layers must be layer numbers"):
+        SessionConfig(drop_layers="8;16")
     base = _session(four_layer_model_dir, "h2o")
 
     class ExportedStandIn:

@@ -37,7 +37,8 @@ def keep_top(cache: BoundedKVCache, scores: torch.Tensor, must_keep: torch.Tenso
         raise CacheFullError(f"{int(forced.sum(-1).max())} slots must be kept (pinned + recent) "
                              f"but only {keep} may stay: raise the capacity or lower the pinned/recent counts")
     ranked = scores.float() + cache.slot_index.float() * 1e-9  # stable tie-break toward recent slots
-    ranked = ranked.masked_fill(forced, float("inf")).masked_fill(~live, DROPPED_RANK).masked_fill(~valid, float("-inf"))
+    ranked = ranked.masked_fill(forced, float("inf")).masked_fill(~live, DROPPED_RANK)
+    ranked = ranked.masked_fill(~valid, float("-inf"))
     return ranked.topk(keep, dim=-1).indices.sort(dim=-1).values
 
 

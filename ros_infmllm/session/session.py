@@ -87,8 +87,16 @@ class SessionConfig:
                 raise ValueError(f"{name} must be >= 0 (0: the checkpoint's), got {getattr(self, name)}")
         if not 0 <= self.slack_fraction < 1:
             raise ValueError(f"slack_fraction must be in [0, 1), got {self.slack_fraction}")
-        if self.drop_layers not in ("auto", ""):
-            object.__setattr__(self, "drop_layers", tuple(int(layer) for layer in self.drop_layers))
+        layers = self.drop_layers
+        if isinstance(layers, str) and layers.strip() not in ("auto", ""):
+            layers = layers.split(",")  # "8,16,24", as the node's parameter writes it
+        if not isinstance(layers, str):
+            try:
+                layers = tuple(int(layer) for layer in layers)
+            except (TypeError, ValueError):
+                raise ValueError(f"drop_layers must be layer numbers, 'auto' or empty, "
+                                 f"got {self.drop_layers!r}") from None
+        object.__setattr__(self, "drop_layers", layers.strip() if isinstance(layers, str) else layers)
         if self.drop_layers:
             stage_counts(1, 1, self.drop_keep)  # a bad keep ratio fails here
 
@@ -228,10 +236,12 @@ class StreamingSession:
     def _drop_plan(self, ids: torch.Tensor) -> tuple[int, StagedDrop] | None:
         """The staged drop of one frame chunk (its image placeholders may be dropped, never its last
         token, which ranks them), made once per layout; None where nothing can be dropped."""
+        if not self.drop_layers:
+            return None
         droppable = ids == self.model.cfg.image_token_index
         droppable[-1] = False
         visual = int(droppable.sum())
-        if not self.drop_layers or visual < 2:
+        if visual < 2:
             return None
         key = droppable.numpy().tobytes()
         if key not in self._drop_plans:

@@ -10,7 +10,8 @@ def session_variant(spec: str) -> tuple[str, dict]:
     ``visual_tokens.pool``), ``+pyramid`` (the staged visual-token drop at four equal stages
     keeping half at each, PyramidDrop's default: ``visual_tokens.drop_layers: auto``; ``+drop15-22``
     at layers 15 and 22, ``+keep0.25`` a quarter kept at each) and
-    ``+int8`` / ``+int4`` (the decoder's projections packed, the node's ``weights``), e.g.
+    ``+int8`` / ``+int4`` / ``+auto`` (the decoder's projections packed, the node's ``weights``;
+    ``auto`` on the demo VLM: SmolLM2's own Q4_1 blocks plus float LoRA factors), e.g.
     ``h2o+pool2+merge``. Streams keep the frames of the unpooled model, so a pooled run answers
     the same questions over the same stream in fewer slots."""
     parts = spec.split("+")
@@ -26,9 +27,9 @@ def session_variant(spec: str) -> tuple[str, dict]:
             config["drop_layers"] = tuple(int(part) for part in suffix[4:].split("-"))
         elif suffix.startswith("keep"):
             config["drop_keep"] = float(suffix[4:])
-        elif suffix in ("int8", "int4"):
+        elif suffix in ("int8", "int4", "auto"):
             config["weights"] = suffix
         else:
             raise ValueError(f"unknown session suffix +{suffix} in {spec!r} "
-                             f"(+merge, +poolN, +pyramid, +dropA-B, +keepX, +int8, +int4)")
+                             f"(+merge, +poolN, +pyramid, +dropA-B, +keepX, +int8, +int4, +auto)")
     return parts[0], config

@@ -181,3 +181,53 @@ def test_a_training_run_cut_in_segments_takes_the_steps_of_an_unbroken_one(tmp_p
     meta = json.loads((tmp_path / "cut" / "training.json").read_text())
     assert meta["steps"] == 3 and [s["steps"] for s in meta["segments"]] == [[0, 2], [2, 3]]
     assert any(k.endswith(".B") and whole[k].abs().max() > 0 for k in whole)  # LoRA's B starts at zero: steps ran
+
+
+def test_packed_weights_keep_the_gguf_blocks_and_the_lora_factors_apart(demo_vlm: Path) -> None:
+    """``weights: auto`` on the demo VLM: every block projection is SmolLM2's own Q4_1 blocks plus
+    its float LoRA pair, whose effective weight is the merged float one (up to the folder's bf16
+    rounding), so the logits stay with the float model's, where rounding the merged weights to
+    int4 again does not; the packed model answers current-scene questions as the float one does."""
+    from ros_infmllm.model import load_model
+    from ros_infmllm.model.packed_lora import PackedLoRALinear
+    from ros_infmllm.model.quantized import weight_modes
+
+    assert json.loads((demo_vlm / "packed_base.json").read_text())["lora_alpha"] > 0
+    merged, packed, rounded = (load_model(demo_vlm, weights=w) for w in ("float", "auto", "int4"))
+    assert weight_modes(packed.decoder) == {"int4+lora"} and weight_modes(rounded.decoder) == {"int4"}
+    layer = packed.decoder.layers[3].mlp.down_proj
+    assert isinstance(layer, PackedLoRALinear) and layer.base.offsets is not None  # Q4_1: scales and offsets
+    target = merged.decoder.layers[3].mlp.down_proj.weight.float()
+    assert (layer.dequantized() - target).abs().max() <= 2 ** -7 * target.abs().max()  # bf16's rounding
+    ids = torch.tensor([1, 2, 3, 400, 500, 600, 700, 800])
+
+    def logits(model) -> torch.Tensor:
+        with torch.inference_mode():
+            k, v = model.decoder.empty_cache(0)
+            return model.decoder.step(model.decoder.embed_tokens(ids), k, v, torch.zeros(0, dtype=torch.bool),
+                                      torch.arange(len(ids)), all_logits=True).logits
+
+    reference = logits(merged)
+    assert (logits(packed) - reference).abs().max() < 1.0 < (logits(rounded) - reference).abs().max()
+    episode = make_episode(30_600_000, 2, question_rate=1.0, memory_share=0.0, questions=CHAT)
+    replies = {}
+    for weights in ("float", "auto"):
+        session = StreamingSession.from_pretrained(demo_vlm, policy="h2o", capacity=512, max_chunk=128,
+                                                   max_new_tokens=32, weights=weights)
+        replies[weights] = []
+        for kind, item in episode.events:
+            if kind == "frame":
+                session.ingest_frame(episode.frames[item])
+            else:
+                replies[weights].append((session.answer(item.question), item.answer))
+    assert len(replies["auto"]) >= 2 and replies["auto"] == replies["float"]
+    assert any(judge(reply, answer) for reply, answer in replies["auto"])
+
+
+
+def test_exporting_the_packed_base_with_lora_factors_is_refused_clearly(demo_vlm: Path, tmp_path: Path) -> None:
+    from ros_infmllm.export.onnx_export import export_onnx
+
+    with pytest.raises(ValueError, match="packed base with float LoRA factors"):
+        export_onnx(demo_vlm, tmp_path / "engines", weights="auto")
+    assert not (tmp_path / "engines").exists()

@@ -2,6 +2,7 @@
 they are, round-to-nearest from floats, and models and sessions running on them (CPU)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,28 @@ def test_lm_head_weights_pack_the_head_at_load_and_are_checked(tmp_path: Path) -
     assert kl < 2e-2
     with pytest.raises(ValueError, match="lm_head_weights must be one of"):
         load_model(tmp_path, lm_head_weights="int2")
+
+
+def test_a_packed_base_with_lora_factors_adds_their_product_and_is_not_fused(tmp_path: Path) -> None:
+    """packed_lora.PackedLoRALinear against a float64 reference of W_base + B @ A; fusing it with
+    its neighbours is declined (it runs on its own), and a packed_base.json naming a missing
+    file fails with the file's name."""
+    from ros_infmllm.errors import CheckpointError
+    from ros_infmllm.model.layers import fuse_linears
+    from ros_infmllm.model.packed_lora import PACKED_BASE_FILE, PackedLoRALinear, attach_packed_base
+
+    torch.manual_seed(0)
+    base = QuantizedLinear.from_float(torch.randn(48, 64), None, "int4")
+    a, b = torch.randn(4, 64) * 0.1, torch.randn(48, 4) * 0.1
+    layer = PackedLoRALinear(base, a, b)
+    x = torch.randn(5, 64)
+    reference = x.double() @ (base.dequantized(torch.float64) + b.double() @ a.double()).T
+    assert (layer(x).double() - reference).abs().max() <= 1e-4 and layer.mode == "int4+lora"
+    assert fuse_linears(torch.nn.Module(), "qkv", (layer, layer, layer)) is None
+    with pytest.raises(CheckpointError, match="do not fit"):
+        PackedLoRALinear(base, a[:, :32], b)
+    (tmp_path / PACKED_BASE_FILE).write_text(json.dumps({"gguf": str(tmp_path / "gone.gguf"),
+                                                          "lora": str(tmp_path / "gone.safetensors"),
+                                                          "lora_alpha": 8.0}))
+    with pytest.raises(CheckpointError, match="gone.gguf is missing"):
+        attach_packed_base(torch.nn.Module(), tmp_path, torch.float32)

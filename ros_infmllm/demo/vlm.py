@@ -25,6 +25,7 @@ import torch
 from ..errors import CheckpointError
 from ..export.file_digest import cache_dir, file_sha256
 from ..model.checkpoint import LLAVA_LAYOUT, canonical_name, checkpoint_name
+from ..model.packed_lora import PACKED_BASE_FILE
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "demo_vlm"
 TRAINED_FILE, RECIPE_FILE = "trained.safetensors", "recipe.json"
@@ -131,8 +132,11 @@ def merge_lora(weights: dict[str, torch.Tensor], trained: dict[str, torch.Tensor
 
 
 # ---- assembly ---------------------------------------------------------------------------------
+ASSEMBLY_FORMAT = "2"  # 2: with packed_base.json
+
+
 def _assembly_key(shipped: Path, gguf_path: Path) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(ASSEMBLY_FORMAT.encode())
     for one in file_sha256([shipped / TRAINED_FILE, shipped / RECIPE_FILE, gguf_path]):
         digest.update(one.encode())
     return digest.hexdigest()[:16]
@@ -168,6 +172,9 @@ def assemble(out: Path, shipped: Path = SHIPPED_DIR, gguf_path: Path | None = No
         "pad_token": "<|im_end|>"}, indent=1))
     shutil.copy(shipped / "preprocessor_config.json", out / "preprocessor_config.json")
     (out / "assembled_from.json").write_text(json.dumps({"gguf": str(gguf_path), "trained": str(shipped)}))
+    # weights: auto loads SmolLM2's own Q4_1 blocks plus the float LoRA factors (model/packed_lora.py)
+    (out / PACKED_BASE_FILE).write_text(json.dumps({"gguf": str(gguf_path), "lora": str(shipped / TRAINED_FILE),
+                                                    "lora_alpha": float(recipe["lora_alpha"])}))
     return out
 
 

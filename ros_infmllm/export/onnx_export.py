@@ -10,7 +10,7 @@ import torch
 
 from ..model import load_model
 from ..model.llava import LlavaModel
-from ..model.quantized import WEIGHT_MODES
+from ..model.quantized import WEIGHT_MODES, weight_modes
 from .graphs import STEP_INPUTS, STEP_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, StepGraph, VisionGraph, frame_size, \
     step_example, vision_example
 from .manifest import DTYPE_NAMES, PRECISIONS, GraphSpec, Manifest, TensorSpec, model_sha256
@@ -90,6 +90,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, capacity: int = 1024, ma
         raise ValueError(f"max_chunk must be in [2, capacity={capacity}], got {max_chunk}")
     model_dir, out = Path(model_dir), Path(out)
     model = load_model(model_dir, dtype=PRECISIONS[precision], weights=weights).eval()
+    if any(mode.endswith("+lora") for mode in weight_modes(model.decoder)):
+        raise ValueError(f"{model_dir}: weights {weights!r} loads a packed base with float LoRA factors, which "
+                         f"the exported graphs do not hold: export with --weights float or int8")
     packed = unpack_for_tracing(model, PRECISIONS[precision])  # traced as float, packed in the file after
     out.mkdir(parents=True, exist_ok=True)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES

@@ -24,6 +24,7 @@ from .idefics3 import Idefics3Model
 from .llava import LlavaModel
 from .qwen2_vl import Qwen2VLModel
 from .quantized import HEAD_MODES, WEIGHT_MODES, quantize_decoder, quantize_head
+from .packed_lora import attach_packed_base, has_packed_base
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,8 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
     ``weights`` (the decoder blocks' projections; see ``quantized``): ``float`` in ``dtype``;
     ``int8`` / ``int4`` quantized (GGUF Q8_0 / Q4_0 / Q4_1 blocks kept as they are, anything else
     rounded to nearest from floats); ``auto``: a GGUF's own Q8_0 / Q4_0 / Q4_1 blocks kept packed,
-    everything else in ``dtype``. ``lm_head_weights``: the LM head in ``dtype`` (``float``) or packed
+    everything else in ``dtype`` (a folder with ``packed_base.json``: its GGUF base's blocks plus
+    float LoRA factors, ``packed_lora.py``). ``lm_head_weights``: the LM head in ``dtype`` (``float``) or packed
     (``int8`` / ``int4``, rounded from its floats; a tied table stays float for the embedding)."""
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
@@ -206,6 +208,8 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
             model = model_class(cfg)(cfg)
         model = model.to_empty(device="cpu").to(dtype)
         load_state(model, files.folder, dtype)
+        if weights == "auto" and has_packed_base(files.folder):  # a packed base plus float LoRA factors
+            attach_packed_base(model, files.folder, dtype)
     if weights in ("int8", "int4"):
         quantize_decoder(model.decoder, weights)  # layers already packed from GGUF blocks stay
     if lm_head_weights != "float":

@@ -80,6 +80,8 @@ def fuse_linears(owner: nn.Module, name: str, linears: tuple[nn.Module, ...]):
     """``FusedLinear`` for float layers, ``FusedQuantizedLinear`` for packed ones (model/quantized.py)."""
     from .quantized import FusedQuantizedLinear, QuantizedLinear
 
+    if not all(isinstance(m, (nn.Linear, QuantizedLinear)) for m in linears):
+        return None  # e.g. a packed base plus LoRA factors (packed_lora.py): each runs on its own
     if all(isinstance(m, QuantizedLinear) for m in linears):
         return FusedQuantizedLinear(owner, name, linears)
     if any(isinstance(m, QuantizedLinear) for m in linears):

@@ -280,6 +280,7 @@ def quantize_head(decoder: nn.Module, mode: WeightMode) -> bool:
 
 
 def weight_modes(decoder: nn.Module) -> set[str]:
-    """The weight kinds of the block projections: ``float`` and/or ``int8`` / ``int4``."""
-    return {layer.mode if isinstance(layer, QuantizedLinear) else "float"
+    """The weight kinds of the block projections: ``float`` and/or ``int8`` / ``int4`` (``int4+lora``:
+    a packed base with float LoRA factors, packed_lora.py)."""
+    return {getattr(layer, "mode", "float")
             for block in decoder.layers for layer in (block.get_submodule(p) for p in QUANTIZED_PROJECTIONS)}

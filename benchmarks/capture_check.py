@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     values = {spec.name: spec.default for spec in P.PARAMS}
     values.update({"model_path": model_path(args.model, args.work), "device": args.device, "dtype": args.dtype,
                    "policy": args.policy, "capacity": args.capacity, "max_chunk": args.max_chunk,
-                   "max_new_tokens": args.max_new_tokens})
+                   "max_new_tokens": args.max_new_tokens, "weights": args.weights})
     session = build_session(values)
     runner = session.runner
     started = time.monotonic()
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="qwen2-1.5b", help="a bench_gpu shape, demo-vlm or tiny")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--weights", default="float", help="the node's weights parameter (auto on the demo VLM: "
+                        "its 4-bit base plus float LoRA factors)")
     parser.add_argument("--policy", default=DEFAULT_POLICY)
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--max-chunk", type=int, default=256)

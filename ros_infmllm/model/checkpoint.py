@@ -191,8 +191,9 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
     ``int8`` / ``int4`` quantized (GGUF Q8_0 / Q4_0 / Q4_1 blocks kept as they are, anything else
     rounded to nearest from floats); ``auto``: a GGUF's own Q8_0 / Q4_0 / Q4_1 blocks kept packed,
     everything else in ``dtype`` (a folder with ``packed_base.json``: its GGUF base's blocks plus
-    float LoRA factors, ``packed_lora.py``). ``lm_head_weights``: the LM head in ``dtype`` (``float``) or packed
-    (``int8`` / ``int4``, rounded from its floats; a tied table stays float for the embedding)."""
+    float LoRA factors, ``packed_lora.py``). ``lm_head_weights``: the LM head in ``dtype``
+    (``float``) or packed (``int8`` / ``int4``, rounded from its floats; a tied table stays float
+    for the embedding)."""
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
     if lm_head_weights not in HEAD_MODES:

@@ -88,15 +88,19 @@ class Evaluator:
             self._by_weights[weights] = model, eager_backend(model)
         return self._by_weights[weights]
 
-    def run(self, policy: str, capacity: int, episode, budget_tokens: int) -> list[list]:
-        """[kind, correct, asked after the stream outgrew the budget, question, reply, reference] for
-        every question (the texts say what a wrong reply was)."""
+    def session(self, policy: str, capacity: int) -> StreamingSession:
+        """A fresh session for a policy spec (``name[options]+suffixes``, session_variants.py)."""
         spec, variant = session_variant(policy)
         model, backend = self.model_and_backend(variant.pop("weights", "float"))
         config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32, **variant)
         name, options = parse_policy(spec)
-        session = StreamingSession(model, self.tokenizer, make_policy(name, **options), config, self.template,
-                                   self.preprocessor, backend)
+        return StreamingSession(model, self.tokenizer, make_policy(name, **options), config, self.template,
+                                self.preprocessor, backend)
+
+    def run(self, policy: str, capacity: int, episode, budget_tokens: int) -> list[list]:
+        """[kind, correct, asked after the stream outgrew the budget, question, reply, reference] for
+        every question (the texts say what a wrong reply was)."""
+        session = self.session(policy, capacity)
         results = []
         for kind, item in episode.events:
             if kind == "frame":
@@ -223,9 +227,9 @@ def main() -> int:
                              "parallel jobs even and lose less to a run cut short")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES[:4]),
                         help="policies of the long-stream table (full holds the whole stream); "
-                             "name[option=value,...] sets a policy's config fields; suffixes +merge (evicted "
-                             "visual entries merged), +poolN (frames pooled N x N) and +pyramid (staged drop) set the session's; "
-                             "+int8 / +int4 pack the decoder's projections")
+                             "name[option=value,...] sets a policy's config fields; suffixes set the session's "
+                             "(session_variants.py): +merge, +poolN, +pyramid, +dropA-B, +keepX, and +int8 / "
+                             "+int4 / +auto for the decoder's projections")
     parser.add_argument("--split", choices=sorted(SPLITS), default="held-out",
                         help="held-out streams (reports) or development streams (tuning)")
     parser.add_argument("--report-only", action="store_true",

@@ -22,11 +22,8 @@ import torch
 
 from eval_demo import HELD_OUT_SEED, QUESTION_SETS, RESULTS, Evaluator, resolve_model
 from results_files import save_report
-from session_variants import session_variant
-from streaming_workers import parse_policy
-from ros_infmllm.cache import make_policy
 from ros_infmllm.demo.episodes import make_episode
-from ros_infmllm.session import SessionConfig, StreamingSession
+from ros_infmllm.session import StreamingSession
 
 QUESTION_EVERY = 5  # frames between the short texts a stream carries (a question, no answer)
 
@@ -47,12 +44,7 @@ def frames_per_layer(session: StreamingSession, starts: list[int]) -> tuple[list
 
 
 def measure(evaluator: Evaluator, spec: str, capacity: int, episode) -> dict:
-    policy, variant = session_variant(spec)
-    name, options = parse_policy(policy)
-    model, backend = evaluator.model_and_backend(variant.pop("weights", "float"))
-    config = SessionConfig(capacity=capacity, max_chunk=128, **variant)
-    session = StreamingSession(model, evaluator.tokenizer, make_policy(name, **options), config,
-                               evaluator.template, evaluator.preprocessor, backend)
+    session = evaluator.session(spec, capacity)
     starts, samples, started = [], [], time.monotonic()
     for i, frame in enumerate(episode.frames):
         starts.append(session.cache.total_seen)

@@ -45,6 +45,20 @@ def stage_counts(visual: int, stages: int, keep: float) -> tuple[int, ...]:
     return tuple(max(1, math.ceil(visual * keep ** s)) for s in range(1, stages + 1))
 
 
+def parse_drop_layers(value) -> tuple[int, ...] | str:
+    """A drop-layers setting as the session keeps it: ``()`` (off), ``"auto"`` or layer numbers,
+    from a sequence of numbers or text (``"8,16,24"``, as the node's parameter writes it)."""
+    layers = value
+    if isinstance(value, str):
+        if value.strip() in ("", "auto"):
+            return value.strip() or ()
+        layers = value.split(",")
+    try:
+        return tuple(int(layer) for layer in layers)
+    except (TypeError, ValueError):
+        raise ValueError(f"drop_layers must be layer numbers, 'auto' or empty, got {value!r}") from None
+
+
 def check_boundaries(boundaries: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
     """Stage boundaries must be strictly ascending layer indices in 1..layers-1 (layer 0 always
     sees every token, as in PyramidDrop)."""

@@ -12,6 +12,7 @@ from typing import Any
 from ..backends import BACKENDS
 from ..cache import DEFAULT_POLICY, POLICIES
 from ..model.quantized import HEAD_MODES, WEIGHT_MODES
+from ..model.staged_drop import parse_drop_layers
 
 
 @dataclass(frozen=True)
@@ -143,14 +144,13 @@ def policy_options(values: dict[str, Any]) -> dict[str, Any]:
 
 def drop_layers(text: str) -> tuple[int, ...] | str:
     """``visual_tokens.drop_layers`` as the session takes it: ``()`` (off), ``"auto"`` or layer indices."""
-    text = str(text).strip()
-    if text in ("", "auto"):
-        return text or ()
     try:
-        layers = tuple(int(part) for part in text.split(","))
+        layers = parse_drop_layers(str(text))
     except ValueError:
         raise ValueError(f"parameter visual_tokens.drop_layers={text!r} is not empty, 'auto' or "
                          f"comma-separated layer numbers such as '8,16,24'") from None
+    if isinstance(layers, str) or not layers:
+        return layers
     if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1:
         raise ValueError(f"parameter visual_tokens.drop_layers={text!r} must be ascending layer numbers >= 1")
     return layers

@@ -29,7 +29,7 @@ from .preprocess import REFERENCE_FRAME, ImagePreprocessor, TiledPreprocessor, p
 from .sampling import SamplingConfig, sample_next
 from .templates import PromptTemplate, image_wrap_ids, split_image_ids, template_for, template_ids
 from .visual_tokens import pool_tokens, pooled_count
-from ..model.staged_drop import StagedDrop, check_boundaries, even_boundaries, stage_counts
+from ..model.staged_drop import StagedDrop, check_boundaries, even_boundaries, parse_drop_layers, stage_counts
 
 
 @dataclass(frozen=True)
@@ -87,16 +87,7 @@ class SessionConfig:
                 raise ValueError(f"{name} must be >= 0 (0: the checkpoint's), got {getattr(self, name)}")
         if not 0 <= self.slack_fraction < 1:
             raise ValueError(f"slack_fraction must be in [0, 1), got {self.slack_fraction}")
-        layers = self.drop_layers
-        if isinstance(layers, str) and layers.strip() not in ("auto", ""):
-            layers = layers.split(",")  # "8,16,24", as the node's parameter writes it
-        if not isinstance(layers, str):
-            try:
-                layers = tuple(int(layer) for layer in layers)
-            except (TypeError, ValueError):
-                raise ValueError(f"drop_layers must be layer numbers, 'auto' or empty, "
-                                 f"got {self.drop_layers!r}") from None
-        object.__setattr__(self, "drop_layers", layers.strip() if isinstance(layers, str) else layers)
+        object.__setattr__(self, "drop_layers", parse_drop_layers(self.drop_layers))
         if self.drop_layers:
             stage_counts(1, 1, self.drop_keep)  # a bad keep ratio fails here
 

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> dict:
             "graphs_after_warm_up": after_warm_up, "graphs_at_end": sorted(map(repr, runner.graphs)),
             "capture_error_after_warm_up": error_after_warm_up, "capture_error": runner.capture_error,
             "failures": {repr(k): v for k, v in (book.failures.items() if book else ())},
+            "first_errors": {repr(k): v for k, v in (book.first_errors.items() if book else ())},
             "calls": dict(calls)}
 
 
@@ -86,6 +87,7 @@ def write_markdown(report: dict, path: Path) -> None:
              f"| failed captures per key | {report['failures'] or 'none'} |",
              f"| capture error after warm-up / at the end | {report['capture_error_after_warm_up'] or 'none'} / "
              f"{report['capture_error'] or 'none'} |",
+             f"| each failed key's first reason | {report.get('first_errors') or 'none'} |",
              f"| calls per step kind and size | {report['calls'] or '- (eager runner)'} |"]
     path.write_text("\n".join(lines) + "\n")
 

@@ -35,3 +35,15 @@ def test_after_max_failures_nothing_more_is_captured() -> None:
 def test_no_more_graphs_than_the_limit() -> None:
     book = CaptureBook(warmups=0, max_graphs=2)
     assert book.should_capture("a", 1) and not book.should_capture("b", 2)
+
+
+def test_a_failed_key_runs_eagerly_for_its_warm_up_calls_before_the_retry_and_keeps_its_first_reason() -> None:
+    """What a capture tripped on (a recompilation, say) then happens in an eager call, not in the retry."""
+    book = CaptureBook(warmups=2, retries=1)
+    assert [book.should_capture("frame", 0) for _ in range(3)] == [False, False, True]
+    book.failed("frame", RuntimeError("Detected recompile"), "pool recording ended here")
+    assert "retried after 2 eager calls" in book.error
+    assert [book.should_capture("frame", 0) for _ in range(3)] == [False, False, True]
+    book.failed("frame", RuntimeError("already recording to mempool_id"))
+    assert book.first_errors == {"frame": "RuntimeError: Detected recompile [pool recording ended here]"}
+    assert book.calls["frame"] == 6 and not book.should_capture("frame", 0)

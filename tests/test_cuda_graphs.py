@@ -67,8 +67,11 @@ def test_a_staged_drop_stream_replays_with_the_eager_logits(head16_model_dir: Pa
     tokenizer = Tokenizer.from_file(str(head16_model_dir / "tokenizer.json"))
     layers = model.cfg.text.num_layers
     eager, graphed = (_session(model, tokenizer, graphs, policy, drop_layers=(layers // 2,)) for graphs in (False, True))
-    _stream_side_by_side(eager, graphed, np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), 3)
+    frames = np.random.default_rng(1).integers(0, 256, (13, 32, 32, 3), dtype=np.uint8)
+    _stream_side_by_side(eager, graphed, frames[:12], 3)
     assert graphed.cache.evictions > 3 and any(key[0] == "frame" and "drop" in key for key in graphed.runner.graphs)
+    for session in (eager, graphed):  # a last frame: its drop marks are not yet evicted, so layers differ
+        session.ingest_frame(frames[12])
     assert graphed.cache.live_counts() == eager.cache.live_counts() and len(set(eager.cache.live_counts())) > 1
     assert torch.equal(eager.cache.dropped, graphed.cache.dropped)
 
@@ -79,7 +82,7 @@ def test_graphed_vision_encoder_equals_eager(tiny_model_dir: Path) -> None:
     for _ in range(4):  # two eager warm-up calls, then capture and replay
         pixels = torch.randn(1, 3, 32, 32, device="cuda")
         assert (backend.encode_images(pixels) - model.encode_images(pixels)).abs().max() <= 1e-5
-    assert ("vision", (1, 3, 32, 32)) in backend.vision_runner.graphs
+    assert ("vision", (1, 3, 32, 32)) in backend.vision_runner.graphs, backend.vision_runner.capture_errors
 
 
 def test_device_fed_greedy_decode_is_captured_and_equals_eager(head16_model_dir: Path) -> None:
@@ -142,12 +145,15 @@ def test_a_failed_capture_falls_back_to_eager_and_leaves_the_pool_usable() -> No
     def host_sync(t: torch.Tensor) -> torch.Tensor:
         return t * float(t.sum().item())  # .item() is illegal inside a capture
 
-    results = [runner("bad", host_sync, (x,)) for _ in range(3)]
+    results = [runner("bad", host_sync, (x,)) for _ in range(4)]  # eager, capture, eager again, retry
     assert all(torch.equal(r, x * 15.0) for r in results)
     assert runner.capture_error and "'bad'" in runner.capture_error and "it runs eagerly" in runner.capture_error
     assert not runner.graphs and runner.book.failures == {"bad": 2}  # captured twice (one retry), then eager
+    assert set(runner.capture_errors) == {"bad"}  # each failed key keeps its first reason
     assert all(torch.equal(runner("other", lambda t: t + 1, (x,)), x + 1) for _ in range(3))
     assert "other" in runner.graphs and "bad" not in runner.graphs  # other keys are still captured
+    assert torch.cuda.current_stream(device) == torch.cuda.default_stream(device)  # the stream put back
+    assert torch.randn(4, device=device).isfinite().all()  # the CUDA generator is out of capture mode
 
     fresh = CudaGraphRunner(device, warmups=1)
     stop = threading.Event()

@@ -13,13 +13,21 @@ Graphs of one runner share a memory pool: safe because every caller consumes a g
 (logits, visual tokens) before the next replay of any graph of that pool.
 
 Capture is thread-local: CUDA calls other threads make meanwhile (a ROS callback, a diagnostics
-timer reading the allocator) do not invalidate it. If a capture fails all the same, the runner
-ends the pool's capture allocation (which a failed ``cudaStreamEndCapture`` leaves open, so that
-every later capture into the pool would fail too), runs that call eagerly and keeps the reason in
-``capture_error``: slower, never broken. Only that key is given up (after one retry, for a cause
-that passes, such as other work at that moment); the other keys are still captured, so one odd
-chunk size does not leave decode eager. After ``max_failures`` failures in all the runner stops
-capturing (``CaptureBook``).
+timer reading the allocator) do not invalidate it. It runs under torch.compile's
+``fail_on_recompile`` stance: a compiled block whose guards fail would otherwise compile inside
+the capture, and Inductor's benchmarking there (random inputs, host syncs) breaks it; now it
+fails at once with the guard that failed, and the key's next calls run eagerly (compiling there)
+before a retry.
+
+A failed capture leaves process state behind that would break every later capture, and even
+eager random numbers: the thread's current stream stays the capture stream, the allocator keeps
+the pool "recording" (so the next capture into it fails with "already recording to mempool_id")
+and the CUDA generator stays in capture mode ("Offset increment outside graph capture"). The
+runner undoes all three (``_abandon_capture``), moves later captures to a fresh pool, runs that
+call eagerly and keeps the reason in ``capture_error`` (and each key's first reason in
+``capture_errors``): slower, never broken. Only that key is given up (after one retry, for a
+cause that passes); the other keys are still captured, so one odd chunk size does not leave
+decode eager. After ``max_failures`` failures in all the runner stops capturing (``CaptureBook``).
 """
 from __future__ import annotations
 
@@ -60,20 +68,30 @@ class CaptureBook:
         self.calls: dict[Hashable, int] = {}
         self.failures: dict[Hashable, int] = {}
         self.error: str | None = None  # the latest failure's reason
+        self.capture_after: dict[Hashable, int] = {}  # a failed key: calls it needs before its retry
+        self.first_errors: dict[Hashable, str] = {}  # each failed key's first reason (later ones can be echoes)
 
     def should_capture(self, key: Hashable, captured: int, capture: bool = True) -> bool:
         """Count this call of ``key`` (not yet captured; ``captured`` graphs exist) and say whether
         to capture it now."""
         calls = self.calls[key] = self.calls.get(key, 0) + 1
-        return (capture and calls > self.warmups and captured < self.max_graphs
+        return (capture and calls > self.capture_after.get(key, self.warmups) and captured < self.max_graphs
                 and self.failures.get(key, 0) <= self.retries and sum(self.failures.values()) < self.max_failures)
 
-    def failed(self, key: Hashable, exc: Exception) -> None:
+    def failed(self, key: Hashable, exc: Exception, cleanup: str = "") -> None:
+        """Book a failed capture of ``key``; its next ``warmups`` calls run eagerly before a retry,
+        so what the capture tripped on (a recompilation, a lazy initialisation) happens outside it."""
         self.failures[key] = self.failures.get(key, 0) + 1
+        self.capture_after[key] = self.calls.get(key, 0) + self.warmups
+        self.first_errors.setdefault(key, f"{type(exc).__name__}: {exc}"[:600] + (f" [{cleanup}]" if cleanup else ""))
         given_up = self.failures[key] > self.retries or sum(self.failures.values()) >= self.max_failures
         self.error = (f"capture of {key!r} failed ({type(exc).__name__}: {exc}); "
-                      f"{'it runs eagerly' if given_up else 'retried at its next call'}"
+                      f"{'it runs eagerly' if given_up else self._retry_when()}"
                       f"{', and so does every step not yet captured' if sum(self.failures.values()) >= self.max_failures else ''}")
+
+
+    def _retry_when(self) -> str:
+        return f"retried after {self.warmups} eager calls" if self.warmups else "retried at its next call"
 
 
 class CudaGraphRunner:
@@ -91,23 +109,35 @@ class CudaGraphRunner:
         """Why the latest failed capture failed, and what runs eagerly since; None if none did."""
         return self.book.error
 
+    @property
+    def capture_errors(self) -> dict[Hashable, str]:
+        """Each key that failed to capture, with its first reason and what the clean-up found."""
+        return self.book.first_errors
+
     def __call__(self, key: Hashable, fn: StepFunction, inputs: tuple[torch.Tensor, ...],
                  capture: bool = True) -> Any:
         """``fn(*inputs)``; ``capture=False`` always runs it eagerly (sizes that seldom recur)."""
         captured = self.graphs.get(key)
         if captured is None:
             if not self.book.should_capture(key, len(self.graphs), capture):
-                return self._eager(fn, inputs)
+                return self._eager(fn, self._as_captured(inputs) if capture else inputs)
+            stream = torch.cuda.current_stream(self.device)
             try:
                 captured = self._capture(fn, inputs)
             except Exception as exc:  # noqa: BLE001 - any failed capture: run eagerly from now on
-                self._abandon_capture(key, exc)
+                self._abandon_capture(key, exc, stream)
                 return self._eager(fn, inputs)
             self.graphs[key] = captured
         for static, value in zip(captured.inputs, inputs):
             static.copy_(value, non_blocking=True)
         captured.graph.replay()
         return captured.outputs
+
+    def _as_captured(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Fresh device copies, as capture makes its static inputs: the warm-up calls then compile
+        for what the capture will pass (storage offset 0, not a chunk's offset into its frame; an
+        inference tensor inside inference mode), so no guard fails, and nothing recompiles, in it."""
+        return tuple(value.to(self.device).clone() for value in inputs)
 
     def _eager(self, fn: StepFunction, inputs: tuple[torch.Tensor, ...]) -> Any:
         """On a side stream, as capture will be: cuBLAS workspaces and the like are per stream."""
@@ -119,19 +149,31 @@ class CudaGraphRunner:
         return result
 
     def _capture(self, fn: StepFunction, inputs: tuple[torch.Tensor, ...]) -> CapturedFunction:
-        static = tuple(value.to(self.device).clone() for value in inputs)
+        static = self._as_captured(inputs)
         torch.cuda.current_stream(self.device).synchronize()  # capture starts from a quiet device
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            outputs = fn(*static)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                outputs = fn(*static)
         return CapturedFunction(graph, static, outputs)
 
-    def _abandon_capture(self, key: Hashable, exc: Exception) -> None:
-        """After a failed capture: close the pool's capture allocation and book the failure."""
-        self.book.failed(key, exc)
+    def _abandon_capture(self, key: Hashable, exc: Exception, stream: torch.cuda.Stream) -> None:
+        """After a failed capture: undo what it left behind (module docstring), book the failure."""
+        index = torch.device(self.device).index
+        index = torch.cuda.current_device() if index is None else index
+        notes = []
+        torch.cuda.set_stream(stream)  # a raising capture_end skips torch.cuda.graph's stream restore
+        try:  # private, and the only way to end a pool's recording that capture_end did not end
+            torch._C._cuda_endAllocateToPool(index, self.pool)
+            notes.append("pool recording ended here")
+        except Exception as end_exc:  # noqa: BLE001 - capture_end got that far, or no such hook
+            notes.append(f"pool: {str(end_exc).splitlines()[0][:80]}")
+        self.pool = torch.cuda.graph_pool_handle()  # later captures never meet a half-closed pool
+        generator = torch.cuda.default_generators[index]
         try:
-            index = torch.device(self.device).index
-            torch._C._cuda_endAllocateToPool(torch.cuda.current_device() if index is None else index, self.pool)
-        except Exception:  # noqa: BLE001 - already closed (capture_end got that far), or no such hook
-            pass
+            torch.empty(1, device=self.device).normal_()
+        except RuntimeError:  # still in capture mode: a fresh copy of its state (seed, offset) is not
+            generator.graphsafe_set_state(generator.clone_state())
+            notes.append("CUDA generator taken out of capture mode")
         torch.cuda.synchronize(self.device)
+        self.book.failed(key, exc, "; ".join(notes))

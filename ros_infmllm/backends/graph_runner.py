@@ -89,7 +89,6 @@ class CaptureBook:
                       f"{'it runs eagerly' if given_up else self._retry_when()}"
                       f"{', and so does every step not yet captured' if sum(self.failures.values()) >= self.max_failures else ''}")
 
-
     def _retry_when(self) -> str:
         return f"retried after {self.warmups} eager calls" if self.warmups else "retried at its next call"
 

@@ -115,6 +115,21 @@ def test_bench_decode_attention_smoke_run_writes_its_table(tmp_path: Path) -> No
     assert "| tiny-qwen2 | 4 / 2 / 16 |" in (tmp_path / "bench_decode_attention.md").read_text()
 
 
+def test_bench_dp4a_matvec_smoke_run_times_all_three_and_reports_the_rounding(tmp_path: Path) -> None:
+    """cuBLAS, the shipped int4 op and the dp4a candidate per matrix, with the candidate's larger
+    error from x's int8 rounding (the shipped op is exact to its int4 weights)."""
+    script = Path(bench_gpu.__file__).with_name("bench_dp4a_matvec.py")
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench_dp4a_matvec.json").read_text())["rows"]
+    assert [r["matrix"] for r in rows] == ["o", "down"]
+    for r in rows:
+        assert r["int4_shipped"]["error"] < 1e-5 < r["int4_dp4a"]["error"] < 1e-2
+        assert all(r[k]["us"] > 0 for k in ("cublas_bf16", "int4_shipped", "int4_dp4a"))
+    assert "| tiny | down | 32x512 |" in (tmp_path / "bench_dp4a_matvec.md").read_text()
+
+
 def test_bench_decode_linear_smoke_run_writes_its_table(tmp_path: Path) -> None:
     """Every matrix of a layer and the LM head, each version checked."""
     model = _smoke_run("bench_decode_linear", tmp_path)
@@ -136,18 +151,23 @@ def test_bench_decode_linear_times_packed_weights_against_their_dequantized_refe
 
 def test_matvec_sass_counts_the_main_loop_of_each_weight_type(tmp_path: Path) -> None:
     """Compiled for sm_90 and disassembled here: a loop is found for bf16, int8 and int4, each step
-    covers the weights its launch shape gives a thread, and packed codes cost instructions."""
+    covers the weights its launch shape gives a thread, and packed codes cost instructions; the
+    int4 x int8 dp4a candidate's loop uses byte dot products and fewer instructions per code."""
     script = Path(bench_gpu.__file__).with_name("matvec_sass.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     kernels = {k["weights"]: k for k in json.loads((tmp_path / "matvec_sass.json").read_text())["kernels"]}
+    candidate = kernels.pop("int4 x int8 dp4a (candidate)")
     assert set(kernels) == {"bf16", "int8", "int4"}
     for kernel in kernels.values():
         assert kernel["loop_instructions"] > 10 and kernel["instructions_per_weight"] > 1
         assert any(op in ("FFMA", "FMUL") for op, _ in kernel["opcodes"])
     assert kernels["int4"]["weights_per_thread_per_step"] > kernels["bf16"]["weights_per_thread_per_step"]
+    # the dp4a candidate: byte dot products (IDP) in its loop, and fewer instructions per code
+    assert any(op == "IDP" for op, _ in candidate["opcodes"])
+    assert candidate["instructions_per_weight"] < kernels["int4"]["instructions_per_weight"]
     assert "| int4 |" in (tmp_path / "matvec_sass.md").read_text()
 
 

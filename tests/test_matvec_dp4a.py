@@ -1,0 +1,98 @@
+"""The int4 x int8 ``dp4a`` matvec candidate (model/matvec_dp4a.py): the same integer sums as a
+float64 reference from the same activation codes, close to the float product, and compiled for the
+target GPUs with one ``dp4a`` per four codes. On a GPU it runs compiled with the real instruction;
+on the CPU in Triton's interpreter, where ``dp4a`` is summed byte by byte."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from triton_device import DEVICE  # before the kernels: sets TRITON_INTERPRET on a CPU
+
+import pytest  # noqa: E402
+
+from ros_infmllm.model import matvec_dp4a  # noqa: E402
+from ros_infmllm.model.quantized import QuantizedLinear  # noqa: E402
+
+
+def _packed(rows: int, columns: int, offsets: bool, seed: int = 0) -> QuantizedLinear:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=generator) * 0.05
+    layer = QuantizedLinear.from_float(weight, None, "int4", group=32)
+    if not offsets:  # GGUF Q4_0 style: codes centred on 8, no offsets
+        layer = QuantizedLinear(layer.qweight, layer.scales, None, 4, columns, None)
+    return layer.to(DEVICE)
+
+
+@pytest.mark.parametrize("offsets", [True, False], ids=["q4_1-offsets", "q4_0-centred"])
+@pytest.mark.parametrize("rows, columns, residual", [(64, 256, False), (37, 1024, True), (16, 2048, False)])
+def test_dp4a_matvec_gives_the_integer_sums_of_its_activation_codes(offsets, rows, columns, residual) -> None:
+    layer = _packed(rows, columns, offsets)
+    x = torch.randn(1, columns, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    res = torch.randn(1, rows).to(DEVICE) if residual else None
+    got = matvec_dp4a.int4_dp4a_matvec(x, layer.qweight, layer.scales, layer.offsets, res, block_k=256)
+    want = matvec_dp4a.reference(x.cpu(), layer.qweight.cpu(), layer.scales.cpu(),
+                                 None if layer.offsets is None else layer.offsets.cpu(),
+                                 None if res is None else res.cpu())
+    assert got.shape == (1, rows) and got.dtype == x.dtype
+    assert torch.allclose(got.double().cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_int8_activations_stay_close_to_the_float_product() -> None:
+    """x rounded to int8 per group of 32: about 0.4% of the output's scale (llama.cpp's Q8_1 does the same)."""
+    layer = _packed(128, 2048, True, seed=2)
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got = matvec_dp4a.int4_dp4a_matvec(x, layer.qweight, layer.scales, layer.offsets).double().cpu()
+    exact = x.double().cpu() @ layer.dequantized(torch.float64).cpu().T
+    error = (got - exact).abs().max() / exact.abs().max()
+    assert 0 < error < 0.01, error  # not zero: the activations really are rounded
+
+
+def test_activation_codes_are_split_into_even_and_odd_elements_with_their_group_scales() -> None:
+    x = torch.arange(64, dtype=torch.float32).to(DEVICE) - 20.0
+    even, odd, dx, sums = matvec_dp4a.quantized_activations(x, 32)
+    even, odd = even.view(torch.int8).cpu(), odd.view(torch.int8).cpu()
+    assert torch.allclose(dx.cpu(), torch.tensor([20.0 / 127, 43.0 / 127]))
+    assert even[0] == -127 and odd[-1] == 127  # -20 is group 0's largest magnitude, 43 group 1's
+    decoded = torch.stack((even, odd), dim=1).reshape(-1).float() * dx.cpu().repeat_interleave(32)
+    assert (decoded - x.cpu()).abs().max() <= dx.max().item() / 2 + 1e-6
+    assert torch.allclose(sums.cpu(), decoded.reshape(2, 32).sum(dim=1), atol=1e-4)
+
+
+def test_inputs_that_do_not_split_into_groups_are_refused() -> None:
+    with pytest.raises(ValueError, match="groups of 32"):
+        matvec_dp4a.quantized_activations(torch.zeros(100, device=DEVICE), 32)
+
+
+AHEAD_OF_TIME = """
+import sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from ros_infmllm.model import matvec_dp4a
+
+arch = int(sys.argv[1])
+signature = {"even_ptr": "*i32", "odd_ptr": "*i32", "dx_ptr": "*fp32", "sum_ptr": "*fp32", "w_ptr": "*i32",
+             "scale_ptr": "*fp16", "offset_ptr": "*fp16", "residual_ptr": "*bf16", "out_ptr": "*bf16"}
+constants = dict(N=4096, K=11008 // 32 * 32, GROUP=32, OFFSET=True, RESIDUAL=True, BLOCK_N=8, BLOCK_K=1024,
+                 EMULATE=False)
+signature.update({name: "constexpr" for name in constants})
+names = list(signature)
+source = ASTSource(fn=matvec_dp4a.matvec_int4_dp4a, signature=signature,
+                   constexprs={(names.index(k),): v for k, v in constants.items()})
+compiled = compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+print("dp4a", compiled.asm["ptx"].count("dp4a.u32.s32"), "cubin", bool(compiled.asm["cubin"]))
+"""
+
+
+@pytest.mark.parametrize("arch", [90, 87], ids=["hopper", "jetson-orin"])
+def test_dp4a_matvec_compiles_with_the_byte_dot_product(arch: int) -> None:
+    """Ahead of time (no GPU): the kernel builds for an H100 and a Jetson Orin, its PTX holds dp4a."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    words, cubin = done.stdout.split()[1], done.stdout.split()[3]
+    assert int(words) > 0 and cubin == "True", done.stdout

@@ -47,3 +47,22 @@ def test_a_failed_key_runs_eagerly_for_its_warm_up_calls_before_the_retry_and_ke
     book.failed("frame", RuntimeError("already recording to mempool_id"))
     assert book.first_errors == {"frame": "RuntimeError: Detected recompile [pool recording ended here]"}
     assert book.calls["frame"] == 6 and not book.should_capture("frame", 0)
+
+
+def test_captures_run_under_fail_on_recompile_where_torch_has_it(monkeypatch) -> None:
+    """A recompilation inside a capture fails at once with its guard (torch >= 2.6); a torch without
+    stances (some JetPack wheels) still captures."""
+    import contextlib
+
+    import torch
+
+    from ros_infmllm.backends import graph_runner
+
+    stances = []
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance: stances.append(stance) or contextlib.nullcontext(),
+                        raising=False)
+    with graph_runner._no_recompiles():
+        pass
+    assert stances == ["fail_on_recompile"]
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    assert isinstance(graph_runner._no_recompiles(), contextlib.nullcontext)

@@ -31,6 +31,7 @@ decode eager. After ``max_failures`` failures in all the runner stops capturing 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
@@ -93,6 +94,14 @@ class CaptureBook:
         return f"retried after {self.warmups} eager calls" if self.warmups else "retried at its next call"
 
 
+def _no_recompiles() -> contextlib.AbstractContextManager:
+    """torch.compile's ``fail_on_recompile`` stance (torch >= 2.6); older builds, such as some
+    JetPack wheels, capture without it (a recompilation then breaks the capture, and the runner
+    recovers as from any failed capture)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("fail_on_recompile") if set_stance is not None else contextlib.nullcontext()
+
+
 class CudaGraphRunner:
     """Captures a function per key at its ``warmups + 1``-th call and replays it after that."""
 
@@ -151,7 +160,7 @@ class CudaGraphRunner:
         static = self._as_captured(inputs)
         torch.cuda.current_stream(self.device).synchronize()  # capture starts from a quiet device
         graph = torch.cuda.CUDAGraph()
-        with torch.compiler.set_stance("fail_on_recompile"):
+        with _no_recompiles():
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 outputs = fn(*static)
         return CapturedFunction(graph, static, outputs)
@@ -172,7 +181,10 @@ class CudaGraphRunner:
         try:
             torch.empty(1, device=self.device).normal_()
         except RuntimeError:  # still in capture mode: a fresh copy of its state (seed, offset) is not
-            generator.graphsafe_set_state(generator.clone_state())
-            notes.append("CUDA generator taken out of capture mode")
+            if hasattr(generator, "clone_state"):  # torch >= 2.4
+                generator.graphsafe_set_state(generator.clone_state())
+                notes.append("CUDA generator taken out of capture mode")
+            else:
+                notes.append("CUDA generator left in capture mode (this torch cannot reset it)")
         torch.cuda.synchronize(self.device)
         self.book.failed(key, exc, "; ".join(notes))

@@ -35,7 +35,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # float / int8 / int4 / auto: load_model(weights=...) (on a GGUF, int4 and auto keep its Q4 blocks);
 # int4-rtn-gN: the float model rounded to int4 with groups of N at load (what a float checkpoint gets);
 # W+head-H: weights W and the LM head packed as H (load_model(lm_head_weights=H))
-SETTINGS = ("float", "int8", "int4", "auto", "int4-rtn-g32", "int4-rtn-g64", "int4+head-int8", "int4+head-int4")
+# int4-x8: int4 with each packed product's input rounded to int8 per group (the dp4a candidate)
+SETTINGS = ("float", "int8", "int4", "auto", "int4-rtn-g32", "int4-rtn-g64", "int4+head-int8", "int4+head-int4",
+            "int4-x8")
 
 
 def load(files, setting: str, device: str) -> tuple[torch.nn.Module, float]:
@@ -44,12 +46,30 @@ def load(files, setting: str, device: str) -> tuple[torch.nn.Module, float]:
         model = load_model(files, device="cpu")
         quantize_decoder(model.decoder, "int4", int(setting.rsplit("g", 1)[1]))
         model = model.to(device)
+    elif setting == "int4-x8":  # the dp4a candidate's arithmetic: each packed product's input rounded to int8
+        model = load_model(files, device=device, weights="int4")
+        round_packed_inputs(model)
     elif "+head-" in setting:
         weights, head = setting.split("+head-")
         model = load_model(files, device=device, weights=weights, lm_head_weights=head)
     else:
         model = load_model(files, device=device, weights=setting)
     return model, time.monotonic() - started
+
+
+def round_packed_inputs(model: torch.nn.Module) -> int:
+    """Every packed projection's input rounded to int8 per weight group first, as
+    ``model/matvec_dp4a.py`` computes a decode token (here every token of the window: an upper
+    bound on what decode-only rounding costs). Returns how many projections got the hook."""
+    from ros_infmllm.model.matvec_dp4a import rounded_activations
+
+    def hook(module: QuantizedLinear, args: tuple) -> tuple:
+        return (rounded_activations(args[0], module.group).to(args[0].dtype), *args[1:])
+
+    layers = [m for m in model.decoder.layers.modules() if isinstance(m, QuantizedLinear) and m.bits == 4]
+    for layer in layers:
+        layer.register_forward_pre_hook(hook)
+    return len(layers)
 
 
 def projection_bytes(model: torch.nn.Module) -> int:

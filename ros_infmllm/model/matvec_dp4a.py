@@ -136,16 +136,23 @@ def int4_dp4a_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return out
 
 
+def rounded_activations(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """x ``[..., K]`` as the kernel sees it: rounded to int8 per group of ``group`` inputs (scale
+    ``max |x| / 127``) and back, in float64. For the reference, and to measure what the rounding
+    costs a whole model (benchmarks/weights_quality.py, setting ``int4-x8``)."""
+    xg = x.reshape(-1, group).float()
+    dx = xg.abs().amax(dim=1) / 127.0
+    inverse = torch.where(dx > 0, 1.0 / torch.where(dx > 0, dx, torch.ones_like(dx)), torch.zeros_like(dx))
+    codes = torch.floor(xg * inverse[:, None] + 0.5).clamp(-127, 127)
+    return (codes.double() * dx.double()[:, None]).reshape(x.shape)
+
+
 def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
               residual: torch.Tensor | None = None) -> torch.Tensor:
     """The same product in float64 from the same int8 activation codes (for tests)."""
     rows, columns = qweight.shape[0], qweight.shape[1] * 2
     group = columns // scales.shape[1]
-    xg = x.reshape(-1, group).float()
-    dx = xg.abs().amax(dim=1) / 127.0
-    inverse = torch.where(dx > 0, 1.0 / dx, torch.zeros_like(dx))
-    codes = torch.floor(xg * inverse[:, None] + 0.5).clamp(-127, 127)
-    x_hat = (codes.double() * dx.double()[:, None]).reshape(-1)
+    x_hat = rounded_activations(x, group).reshape(-1)
     q = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).reshape(rows, columns).double()
     s = scales.double().repeat_interleave(group, dim=1)
     m = -8.0 * s if offsets is None else offsets.double().repeat_interleave(group, dim=1)

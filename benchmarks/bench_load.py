@@ -10,12 +10,13 @@ cache carries over; the median is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Each loader as a child program: prints the seconds from just before the load call to a model
@@ -38,6 +39,17 @@ def time_load(loader: str, model: Path) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [f"# GGUF load time: {report['model']} ({report['file_bytes'] / 1e6:.0f} MB)", "",
+             f"From `benchmarks/bench_load.py`, {report['repeats']} loads each, alternating, each in a fresh process "
+             f"(imports excluded), on {report['machine']}.", "",
+             "| loader | median s | all runs (s) |", "|---|---|---|"]
+    for name, values in report["seconds"].items():
+        lines.append(f"| {name} | {report['median_seconds'][name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
+    lines += ["", f"ros_infmllm loads {report['speedup']:.1f}x faster."]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     from ros_infmllm.model.smollm2 import smollm2_path
 
@@ -56,17 +68,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
               "seconds": seconds, "median_seconds": medians,
               "speedup": medians["transformers"] / medians["ros_infmllm"]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_load.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# GGUF load time: {model.name} ({model.stat().st_size / 1e6:.0f} MB)", "",
-             f"From `benchmarks/bench_load.py`, {args.repeats} loads each, alternating, each in a fresh process "
-             f"(imports excluded), on {report['machine']}.", "",
-             "| loader | median s | all runs (s) |", "|---|---|---|"]
-    for name, values in seconds.items():
-        lines.append(f"| {name} | {medians[name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
-    lines += ["", f"ros_infmllm loads {report['speedup']:.1f}x faster."]
-    (args.out / "bench_load.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_report(args.out, "bench_load", report, write_markdown)
     return 0
 
 

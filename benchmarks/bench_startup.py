@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_files import save_report
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # Qwen2-7B: 7.62e9 parameters in bf16, in four shards as the published checkpoint has them.
 SEVEN_B_BYTES, SEVEN_B_SHARDS = 15_231_233_024, 4
@@ -54,6 +56,19 @@ def checkpoint_check_seconds(folder: Path) -> tuple[float, float]:
     return timings[0], timings[1]
 
 
+def write_markdown(report: dict, path: Path) -> None:
+    node = report["node_start_seconds"]
+    lines = ["# Start-up cost", "", f"From `benchmarks/bench_startup.py` on this {report['cpu_cores']}-core CPU.", "",
+             "| what | seconds |", "|---|---|",
+             f"| `infmllm_node`, bundled demo model, CPU: launch to ready (median of {report['runs']}: "
+             f"{', '.join(f'{s:.2f}' for s in node)}) | {report['node_start_median']:.2f} |",
+             f"| exported backend's checkpoint check, 7B-shaped ({report['seven_b_bytes'] / 1e9:.1f} GB), first start | "
+             f"{report['checkpoint_check_first_seconds']:.2f} |",
+             f"| the same check, later starts (digests cached by size and modification time) | "
+             f"{report['checkpoint_check_cached_seconds']:.4f} |"]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
@@ -72,16 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"node_start_seconds": node, "node_start_median": node[len(node) // 2], "runs": args.runs,
               "seven_b_bytes": SEVEN_B_BYTES, "checkpoint_check_first_seconds": first,
               "checkpoint_check_cached_seconds": cached, "cpu_cores": os.cpu_count()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_startup.json").write_text(json.dumps(report, indent=1))
-    lines = ["# Start-up cost", "", f"From `benchmarks/bench_startup.py` on this {os.cpu_count()}-core CPU.", "",
-             "| what | seconds |", "|---|---|",
-             f"| `infmllm_node`, bundled demo model, CPU: launch to ready (median of {args.runs}: "
-             f"{', '.join(f'{s:.2f}' for s in node)}) | {report['node_start_median']:.2f} |",
-             f"| exported backend's checkpoint check, 7B-shaped ({SEVEN_B_BYTES / 1e9:.1f} GB), first start | {first:.2f} |",
-             f"| the same check, later starts (digests cached by size and modification time) | {cached:.4f} |"]
-    (args.out / "bench_startup.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_report(args.out, "bench_startup", report, write_markdown)
     return 0
 
 

@@ -9,7 +9,6 @@ frame) in both processes. Writes ``<out>/<name>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 from intervals import wilson
+from results_files import save_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -79,6 +79,20 @@ def measure(profile: Path | None, seconds: float, fps: float, size: tuple[int, i
             "received": received, "share": received / sent, "share_ci95": wilson(min(received, sent), sent)}
 
 
+def write_markdown(report: dict, path: Path) -> None:
+    width, height = report["size"]
+    lines = ["# Camera frames over DDS", "",
+             f"Produced by `benchmarks/dds_frames.py`: {width}x{height} rgb8 `sensor_msgs/Image` at "
+             f"{report['fps']:g} fps for {report['seconds']:g} s, publisher and subscriber in two processes on one "
+             "host, sensor-data QoS (best effort); RMW " + report["rmw"] + ".", "",
+             "| Fast DDS profile (both processes) | published | received | share (95% CI) |", "|---|---|---|---|"]
+    for r in report["rows"]:
+        low, high = r["share_ci95"]
+        lines.append(f"| {r['profile']} | {r['published']} | {r['received']} | {100 * r['share']:.1f}% "
+                     f"({100 * low:.1f}-{100 * high:.1f}%) |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--role", choices=("run", "publish", "count"), default="run")
@@ -98,19 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(profile, args.seconds, args.fps, tuple(args.size), args.domain) for profile in (None, PROFILE)]
     report = {"seconds": args.seconds, "fps": args.fps, "size": list(args.size), "rmw": os.environ.get(
         "RMW_IMPLEMENTATION", "rmw_fastrtps_cpp (default)"), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    lines = ["# Camera frames over DDS", "",
-             f"Produced by `benchmarks/dds_frames.py`: {args.size[0]}x{args.size[1]} rgb8 `sensor_msgs/Image` at "
-             f"{args.fps:g} fps for {args.seconds:g} s, publisher and subscriber in two processes on one host, "
-             "sensor-data QoS (best effort); RMW " + report["rmw"] + ".", "",
-             "| Fast DDS profile (both processes) | published | received | share (95% CI) |", "|---|---|---|---|"]
-    for r in rows:
-        low, high = r["share_ci95"]
-        lines.append(f"| {r['profile']} | {r['published']} | {r['received']} | {100 * r['share']:.1f}% "
-                     f"({100 * low:.1f}-{100 * high:.1f}%) |")
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print((args.out / f"{args.name}.md").read_text())
+    save_report(args.out, args.name, report, write_markdown)
     return 0
 
 

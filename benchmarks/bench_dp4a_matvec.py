@@ -16,6 +16,8 @@ launch. Writes ``results/<name>.{json,md}``. ``--smoke``: tiny shapes in Triton'
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -60,10 +62,16 @@ def bench(model: str, matrix: str, rows: int, columns: int, args, device: str, d
            "packed_bytes": packed_bytes, "bf16_bytes": rows * columns * 2}
     for name, fn, calls, size in (
             ("cublas_bf16", lambda x, w, res: torch.addmm(res, x, w.T), dense, row["bf16_bytes"]),
-            ("int4_shipped", op.decode_linear, shipped, packed_bytes),
-            ("int4_dp4a", matvec_dp4a.int4_dp4a_matvec, candidate, packed_bytes)):
+            ("int4_shipped", op.decode_linear, shipped, packed_bytes)):
         us = timed_us(fn, calls, device, args.replays)
         row[name] = {"us": us, "gb_per_s": size / us / 1e3, "error": relative(fn(*calls[0]).cpu(), exact)}
+    row["dp4a_shapes"] = []
+    for block_n, block_k in itertools.product(args.block_n, args.block_k):  # the candidate's launch shapes
+        fn = functools.partial(matvec_dp4a.int4_dp4a_matvec, block_n=block_n, block_k=block_k)
+        us = timed_us(fn, candidate, device, args.replays)
+        row["dp4a_shapes"].append({"block_n": block_n, "block_k": block_k, "us": us, "gb_per_s": packed_bytes / us / 1e3,
+                                   "error": relative(fn(*candidate[0]).cpu(), exact)})
+    row["int4_dp4a"] = min(row["dp4a_shapes"], key=lambda v: v["us"])
     # what the cuBLAS row computes is the unrounded weight: its error is the rounding of the weights
     row["cublas_bf16"]["error"] = relative(F.linear(x, weight).add(residual).cpu(), exact)
     return row
@@ -75,13 +83,14 @@ def write_markdown(report: dict, path: Path) -> None:
              "weights, median of replays; GB/s of the bytes read (packed: codes, scales and offsets). Error: relative "
              "to a float64 product of the dequantized int4 weights and unrounded x (for cuBLAS: of its bf16 weights, "
              "so it shows the weights' rounding).", "",
+             "The dp4a column is its best launch shape (rows per program / inputs per step; every shape in the json).", "",
              "| model | matrix | rows x cols | cuBLAS bf16 us (GB/s) | int4 shipped us (GB/s) | int4 dp4a us (GB/s) | "
-             "dp4a / shipped | error shipped / dp4a |", "|---|---|---|---|---|---|---|---|"]
+             "dp4a shape | dp4a / shipped | error shipped / dp4a |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         c, s, d = r["cublas_bf16"], r["int4_shipped"], r["int4_dp4a"]
         lines.append(f"| {r['model']} | {r['matrix']} | {r['rows']}x{r['columns']} | {c['us']:.1f} ({c['gb_per_s']:.0f}) "
                      f"| {s['us']:.1f} ({s['gb_per_s']:.0f}) | {d['us']:.1f} ({d['gb_per_s']:.0f}) | "
-                     f"{d['us'] / s['us']:.2f}x | {s['error']:.1e} / {d['error']:.1e} |")
+                     f"{d['block_n']} / {d['block_k']} | {d['us'] / s['us']:.2f}x | {s['error']:.1e} / {d['error']:.1e} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -89,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--min-weight-mb", type=int, default=240, help="packed weights per timed graph, above L2")
     parser.add_argument("--replays", type=int, default=15)
+    parser.add_argument("--block-n", type=int, nargs="+", default=[4, 8, 16], help="the candidate's rows per program")
+    parser.add_argument("--block-k", type=int, nargs="+", default=[512, 1024], help="its inputs per loop step")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="bench_dp4a_matvec")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's CPU interpreter")
@@ -96,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     matrices, dtype = (SMOKE_MATRICES, torch.float32) if args.smoke else (MATRICES, torch.bfloat16)
     if args.smoke:
-        args.min_weight_mb, args.replays = 0, 1
+        args.min_weight_mb, args.replays, args.block_n, args.block_k = 0, 1, [8], [256]
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "rows": []}
     for spec in matrices:

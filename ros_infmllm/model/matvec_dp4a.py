@@ -63,6 +63,14 @@ def quantize_activations(x_ptr, even_ptr, odd_ptr, dx_ptr, sum_ptr, K: tl.conste
 
 
 @triton.jit
+def _words(w_ptr, rows, live, start, K: tl.constexpr, WORDS: tl.constexpr):
+    """The packed words of a chunk starting at input ``start`` for each row (nothing past K)."""
+    word = start // 8 + tl.arange(0, WORDS)
+    return tl.load(w_ptr + rows[:, None] * (K // 8) + word[None, :], mask=live[:, None] & (word < K // 8)[None, :],
+                   other=0, eviction_policy="evict_first")
+
+
+@triton.jit
 def matvec_int4_dp4a(even_ptr, odd_ptr, dx_ptr, sum_ptr, w_ptr, scale_ptr, offset_ptr, residual_ptr, out_ptr,
                      N: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr,
                      RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
@@ -73,11 +81,11 @@ def matvec_int4_dp4a(even_ptr, odd_ptr, dx_ptr, sum_ptr, w_ptr, scale_ptr, offse
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rows < N
     acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
-    for start in range(0, K, BLOCK_K):
+    w = _words(w_ptr, rows, live, 0, K, WORDS)
+    for start in range(0, K, BLOCK_K):  # each chunk's words requested one step ahead, as the shipped kernel does
         word = start // 8 + tl.arange(0, WORDS)
         inside = word < K // 8
-        w = tl.load(w_ptr + rows[:, None] * (K // 8) + word[None, :], mask=live[:, None] & inside[None, :],
-                    other=0, eviction_policy="evict_first")
+        next_w = _words(w_ptr, rows, live, start + BLOCK_K, K, WORDS)
         x_even = tl.load(even_ptr + word, mask=inside, other=0)
         x_odd = tl.load(odd_ptr + word, mask=inside, other=0)
         dots = _dp4a(w & 0x0F0F0F0F, x_even[None, :], tl.zeros((BLOCK_N, WORDS), tl.int32), EMULATE)
@@ -95,6 +103,7 @@ def matvec_int4_dp4a(even_ptr, odd_ptr, dx_ptr, sum_ptr, w_ptr, scale_ptr, offse
             acc += per_group * dx[None, :] * scale + offset * x_sum[None, :]
         else:
             acc += (per_group * dx[None, :] - 8.0 * x_sum[None, :]) * scale
+        w = next_w
     y = tl.sum(acc, axis=1)
     if RESIDUAL:
         y += tl.load(residual_ptr + rows, mask=live, other=0.0).to(tl.float32)

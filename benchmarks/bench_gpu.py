@@ -436,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth-mb", type=int, default=2048)
     parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
                         help="decoder projections: float (bf16 on a GPU) or packed (groups of 32)")
+    parser.add_argument("--int4-activations", choices=("float", "int8"), default=None,
+                        help="int4 products against float x or x's int8 codes (dp4a, model/matvec_dp4a.py); "
+                             "default: the shipped MatvecTuning's")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES),
                         help="cache policies timed; the first is the one the targets are reported for; "
                              "eval_demo.py's session suffixes time a visual-token reduction (h2o+pyramid, "
@@ -456,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.models if name not in shapes]
     if unknown:
         parser.error(f"unknown model shapes {unknown}: choose from {', '.join(shapes)}")
+    from ros_infmllm.model import decode_linear
+
+    shipped_activations = decode_linear.TUNING.int4_activations  # put back at the end (tests call main in-process)
+    if args.int4_activations:
+        decode_linear.TUNING.int4_activations = args.int4_activations
     started = time.perf_counter()
     bandwidth = copy_bandwidth(device, args.bandwidth_mb)
     import transformers
@@ -464,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": "bfloat16" if device == "cuda" else "float32",
               "bandwidth_bytes_per_s": bandwidth, "capacity": args.capacity, "max_chunk": args.max_chunk,
-              "ours": args.policies[0], "weights": args.weights, "models": []}
+              "ours": args.policies[0], "weights": args.weights,
+              "int4_activations": decode_linear.TUNING.int4_activations, "models": []}
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s on {report['device']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
@@ -475,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(report, args.out / f"{args.name}.md")
     write_plot(report, args.out / f"{args.name}.png")
     print((args.out / f"{args.name}.md").read_text())
+    decode_linear.TUNING.int4_activations = shipped_activations
     return 0
 
 

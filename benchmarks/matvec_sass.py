@@ -44,11 +44,11 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
 
     block_n = {0: TUNING.block_n, 8: TUNING.int8_block_n, 4: TUNING.int4_block_n}[bits]
     pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr",
-                                           "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr")}
+                                           "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr", "stats_ptr")}
     typed = dict(pointers, w_ptr=WEIGHT_TYPES[bits][1], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}))
     constants = dict(N=rows, K=columns, NORM=False, GATED=False, HALF=0, ROTATED_ROWS=0, BIAS=False, RESIDUAL=True,
                      BLOCK_N=block_n, BLOCK_K=chunk_size(columns, TUNING.block_k), PDL=arch >= 90, BITS=bits,
-                     GROUP=32 if bits else 1, OFFSET=bits == 4)
+                     GROUP=32 if bits else 1, OFFSET=bits == 4, X8=False)
     signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=matvec_kernels.matvec, signature=signature,
@@ -66,10 +66,9 @@ def compile_dp4a(rows: int, columns: int, arch: int, block_n: int = 8, block_k: 
 
     from ros_infmllm.model import matvec_dp4a
 
-    typed = {"even_ptr": "*i32", "odd_ptr": "*i32", "dx_ptr": "*fp32", "sum_ptr": "*fp32", "w_ptr": "*i32",
-             "scale_ptr": "*fp16", "offset_ptr": "*fp16", "residual_ptr": "*bf16", "out_ptr": "*bf16"}
-    constants = dict(N=rows, K=columns, GROUP=32, OFFSET=True, RESIDUAL=True, BLOCK_N=block_n, BLOCK_K=block_k,
-                     EMULATE=False)
+    typed = {"codes_ptr": "*i32", "stats_ptr": "*fp32", "w_ptr": "*i32", "scale_ptr": "*fp16", "offset_ptr": "*fp16",
+             "residual_ptr": "*bf16", "out_ptr": "*bf16"}
+    constants = dict(N=rows, K=columns, GROUP=32, OFFSET=True, RESIDUAL=True, BLOCK_N=block_n, BLOCK_K=block_k)
     signature = dict(typed, **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=matvec_dp4a.matvec_int4_dp4a, signature=signature,

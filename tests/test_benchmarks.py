@@ -37,10 +37,15 @@ def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
 
 
 def test_bench_gpu_smoke_run_with_int4_weights_counts_packed_bytes(tmp_path: Path) -> None:
-    """--weights int4: the decoder's projections packed, the roofline from their packed bytes."""
-    assert bench_gpu.main(["--smoke", "--weights", "int4", "--policies", "h2o", "--skip-transformers",
-                           "--out", str(tmp_path), "--name", "packed"]) == 0
+    """--weights int4: the decoder's projections packed, the roofline from their packed bytes; with
+    --int4-activations int8 the run says so and leaves the shipped setting as it was."""
+    from ros_infmllm.model import decode_linear
+
+    shipped = decode_linear.TUNING.int4_activations
+    assert bench_gpu.main(["--smoke", "--weights", "int4", "--int4-activations", "int8", "--policies", "h2o",
+                           "--skip-transformers", "--out", str(tmp_path), "--name", "packed"]) == 0
     packed = json.loads((tmp_path / "packed.json").read_text())
+    assert packed["int4_activations"] == "int8" and decode_linear.TUNING.int4_activations == shipped
     assert bench_gpu.main(["--smoke", "--policies", "h2o", "--skip-transformers", "--out", str(tmp_path),
                            "--name", "float"]) == 0
     floats = json.loads((tmp_path / "float.json").read_text())

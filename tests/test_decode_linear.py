@@ -207,18 +207,21 @@ from ros_infmllm.model.decode_linear import TUNING, chunk_size
 
 arch = int(sys.argv[1])
 pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr",
-                                       "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr")}
-WEIGHTS = {0: "*bf16", 8: "*i8", 4: "*u8"}  # float, int8 and int4 weights (fp16 scales and offsets)
+                                       "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr", "stats_ptr")}
+# float, int8 and int4 weights (fp16 scales and offsets); -4: int4 against x's int8 codes (X8, dp4a)
+WEIGHTS = {0: "*bf16", 8: "*i8", 4: "*u8", -4: "*i32"}
 # Qwen2-1.5B: q/k/v (norm, rotary, bias), o (residual), gate/up (norm, SwiGLU), down (residual)
-for (rows, columns, norm, gated, half, bias, residual), bits in [
-        (shape, bits) for bits in WEIGHTS for shape in [(2048, 1536, 1, 0, 64, 1, 0), (1536, 1536, 0, 0, 0, 0, 1),
+for (rows, columns, norm, gated, half, bias, residual), kind in [
+        (shape, kind) for kind in WEIGHTS for shape in [(2048, 1536, 1, 0, 64, 1, 0), (1536, 1536, 0, 0, 0, 0, 1),
                                                         (8960, 1536, 1, 1, 0, 0, 0), (1536, 8960, 0, 0, 0, 0, 1)]]:
+    bits = abs(kind)
     constants = dict(N=rows, K=columns, NORM=bool(norm), GATED=bool(gated), HALF=half, ROTATED_ROWS=1792 if half else 0,
                      BIAS=bool(bias), RESIDUAL=bool(residual),
                      BLOCK_N=TUNING.gated_block_n if gated or half else TUNING.block_n,
                      BLOCK_K=chunk_size(columns, TUNING.block_k), PDL=arch >= 90, BITS=bits, GROUP=32 if bits else 1,
-                     OFFSET=bits == 4)
-    typed = dict(pointers, w_ptr=WEIGHTS[bits], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}))
+                     OFFSET=bits == 4, X8=kind < 0)
+    typed = dict(pointers, w_ptr=WEIGHTS[kind], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}),
+                 **({"x_ptr": "*i32", "stats_ptr": "*fp32"} if kind < 0 else {}))
     signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=matvec_kernels.matvec, signature=signature,
@@ -229,6 +232,7 @@ for (rows, columns, norm, gated, half, bias, residual), bits in [
     assert ".entry matvec" in ptx and compiled.asm["cubin"], (rows, columns)
     assert "evict_first" in ptx  # the weights stream past the caches
     assert ("griddepcontrol.wait" in ptx) is (arch >= 90)  # dependent launch where the GPU has it
+    assert ("dp4a" in ptx) is (kind < 0)
     print("built", rows, columns)
 """
 
@@ -236,10 +240,10 @@ for (rows, columns, norm, gated, half, bias, residual), bits in [
 @pytest.mark.parametrize("arch", [90, 87], ids=["hopper", "jetson-orin"])
 def test_matvec_compiles_for_the_target_gpus(arch: int) -> None:
     """Ahead of time through Triton's compiler and ptxas (no GPU needed), outside the interpreter:
-    the Qwen2-1.5B products, with float, int8 and int4 weights, build for an H100 (with dependent
-    launch) and a Jetson Orin (without)."""
+    the Qwen2-1.5B products, with float, int8 and int4 weights (and int4 against int8 activations,
+    through dp4a), build for an H100 (with dependent launch) and a Jetson Orin (without)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("built") == 12
+    assert done.stdout.count("built") == 16

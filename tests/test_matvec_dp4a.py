@@ -1,6 +1,7 @@
-"""The int4 x int8 ``dp4a`` matvec candidate (model/matvec_dp4a.py): the same integer sums as a
-float64 reference from the same activation codes, close to the float product, and compiled for the
-target GPUs with one ``dp4a`` per four codes. On a GPU it runs compiled with the real instruction;
+"""The int4 x int8 ``dp4a`` matvec candidate (model/matvec_dp4a.py), alone and inside the decode
+op's fused kernel (``MatvecTuning.int4_activations = "int8"``): the same integer sums as a float64
+reference from the same activation codes, close to the float product, and compiled for the target
+GPUs with one ``dp4a`` per four codes. On a GPU it runs compiled with the real instruction;
 on the CPU in Triton's interpreter, where ``dp4a`` is summed byte by byte."""
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import os
 import subprocess
 import sys
 
+import dataclasses
+
 import torch
 
 from triton_device import DEVICE  # before the kernels: sets TRITON_INTERPRET on a CPU
 
 import pytest  # noqa: E402
+from test_decode_linear import _reference  # noqa: E402
 
+from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model import matvec_dp4a  # noqa: E402
 from ros_infmllm.model.quantized import QuantizedLinear  # noqa: E402
+from ros_infmllm.rope import Rotary  # noqa: E402
 
 
 def _packed(rows: int, columns: int, offsets: bool, seed: int = 0) -> QuantizedLinear:
@@ -41,6 +47,54 @@ def test_dp4a_matvec_gives_the_integer_sums_of_its_activation_codes(offsets, row
     assert torch.allclose(got.double().cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+def _rounded_reference(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0):
+    """The op's product in float64 from x's int8 codes: rounding per group commutes with the RMS
+    (one scale for all of x), so the codes of ``x * w`` give those of ``norm(x) * w`` times 1/rms."""
+    h = x.double()
+    if norm_weight is not None:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    return _reference(matvec_dp4a.rounded_activations(h, 32), weight, bias, None, residual, eps, gated, cos, sin,
+                      rotated_rows)
+
+
+@pytest.mark.parametrize("offsets", [True, False], ids=["q4_1-offsets", "q4_0-centred"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "swiglu"])
+@pytest.mark.parametrize("norm,bias,residual", [(False, False, False), (True, True, True)], ids=["bare", "all"])
+@pytest.mark.parametrize("rows,columns", [(40, 96), (9, 1088)], ids=["one-chunk", "two-chunks-ragged"])
+def test_the_decode_op_with_int8_activations_folds_in_what_the_float_path_does(monkeypatch, offsets, gated, norm,
+                                                                                bias, residual, rows, columns) -> None:
+    """``MatvecTuning.int4_activations = "int8"``: the shipped op's fusions (norm, bias, SwiGLU,
+    residual) around the dp4a products, against a float64 reference from the same codes."""
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="int8"))
+    generator = torch.Generator().manual_seed(rows + columns + 3 * gated + offsets)
+    layer = _packed(2 * rows if gated else rows, columns, offsets, seed=rows)
+    x = torch.randn(1, columns, generator=generator).to(DEVICE)
+    rest = (torch.randn(layer.out_features, generator=generator).to(DEVICE) if bias else None,
+            (torch.rand(columns, generator=generator) + 0.5).to(DEVICE) if norm else None,
+            torch.randn(1, rows, generator=generator).to(DEVICE) if residual else None, 1e-6, gated)
+    out = op.decode_linear(x, layer.qweight, *rest, scales=layer.scales, offsets=layer.offsets, bits=4)
+    want = _rounded_reference(x.cpu(), layer.dequantized(torch.float64).cpu(), *(
+        None if t is None else t.cpu() if isinstance(t, torch.Tensor) else t for t in rest))
+    assert out.shape == (1, rows)
+    assert float((out.double().cpu() - want).norm() / want.norm()) < 1e-5  # x's rounding alone is ~5e-3
+
+
+def test_the_decode_op_with_int8_activations_rotates_q_and_k(monkeypatch) -> None:
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="int8"))
+    generator = torch.Generator().manual_seed(11)
+    heads, kv_heads, dim, columns = 3, 1, 32, 1088
+    rows, rotated_rows = (heads + 2 * kv_heads) * dim, (heads + kv_heads) * dim
+    cos, sin = Rotary(dim, 10000.0).cos_sin(torch.tensor([77]), torch.float32)
+    layer = _packed(rows, columns, True, seed=4)
+    x, bias, norm = (torch.randn(*shape, generator=generator) for shape in ((1, columns), (rows,), (columns,)))
+    rest = (bias, norm, None, 1e-6, False, cos, sin, rotated_rows)
+    out = op.decode_linear(x.to(DEVICE), layer.qweight, *(t.to(DEVICE) if isinstance(t, torch.Tensor) else t
+                                                          for t in rest), scales=layer.scales, offsets=layer.offsets,
+                           bits=4)
+    want = _rounded_reference(x, layer.dequantized(torch.float64).cpu(), *rest)
+    assert float((out.double().cpu() - want).norm() / want.norm()) < 1e-5  # x's rounding alone is ~5e-3
+
+
 def test_int8_activations_stay_close_to_the_float_product() -> None:
     """x rounded to int8 per group of 32: about 0.4% of the output's scale (llama.cpp's Q8_1 does the same)."""
     layer = _packed(128, 2048, True, seed=2)
@@ -53,13 +107,23 @@ def test_int8_activations_stay_close_to_the_float_product() -> None:
 
 def test_activation_codes_are_split_into_even_and_odd_elements_with_their_group_scales() -> None:
     x = torch.arange(64, dtype=torch.float32).to(DEVICE) - 20.0
-    even, odd, dx, sums = matvec_dp4a.quantized_activations(x, 32)
-    even, odd = even.view(torch.int8).cpu(), odd.view(torch.int8).cpu()
-    assert torch.allclose(dx.cpu(), torch.tensor([20.0 / 127, 43.0 / 127]))
+    codes, stats = matvec_dp4a.quantized_activations(x, 32)
+    codes, stats = codes.view(torch.int8).cpu(), stats.cpu()
+    even, odd, dx, sums = codes[:32], codes[32:], stats[:2], stats[2:4]
+    assert torch.allclose(dx, torch.tensor([20.0 / 127, 43.0 / 127]))
     assert even[0] == -127 and odd[-1] == 127  # -20 is group 0's largest magnitude, 43 group 1's
-    decoded = torch.stack((even, odd), dim=1).reshape(-1).float() * dx.cpu().repeat_interleave(32)
+    decoded = torch.stack((even, odd), dim=1).reshape(-1).float() * dx.repeat_interleave(32)
     assert (decoded - x.cpu()).abs().max() <= dx.max().item() / 2 + 1e-6
-    assert torch.allclose(sums.cpu(), decoded.reshape(2, 32).sum(dim=1), atol=1e-4)
+    assert torch.allclose(sums, decoded.reshape(2, 32).sum(dim=1), atol=1e-4)
+    assert torch.isclose(stats[4], (x.cpu() ** 2).sum())  # the RMSNorm's sum of squares, of raw x
+
+
+def test_a_folded_norm_weight_scales_the_codes_not_the_sum_of_squares() -> None:
+    x, weight = torch.randn(64).to(DEVICE), torch.rand(64).to(DEVICE) + 0.5
+    _, plain = matvec_dp4a.quantized_activations(x * weight, 32)
+    _, folded = matvec_dp4a.quantized_activations(x, 32, weight)
+    assert torch.allclose(plain[:4], folded[:4], rtol=1e-5)  # scales and sums of x * weight
+    assert torch.isclose(folded[4], (x ** 2).sum()) and not torch.isclose(plain[4], folded[4])
 
 
 def test_inputs_that_do_not_split_into_groups_are_refused() -> None:
@@ -74,10 +138,9 @@ from triton.compiler import ASTSource, compile
 from ros_infmllm.model import matvec_dp4a
 
 arch = int(sys.argv[1])
-signature = {"even_ptr": "*i32", "odd_ptr": "*i32", "dx_ptr": "*fp32", "sum_ptr": "*fp32", "w_ptr": "*i32",
-             "scale_ptr": "*fp16", "offset_ptr": "*fp16", "residual_ptr": "*bf16", "out_ptr": "*bf16"}
-constants = dict(N=4096, K=11008 // 32 * 32, GROUP=32, OFFSET=True, RESIDUAL=True, BLOCK_N=8, BLOCK_K=1024,
-                 EMULATE=False)
+signature = {"codes_ptr": "*i32", "stats_ptr": "*fp32", "w_ptr": "*i32", "scale_ptr": "*fp16", "offset_ptr": "*fp16",
+             "residual_ptr": "*bf16", "out_ptr": "*bf16"}
+constants = dict(N=4096, K=11008, GROUP=32, OFFSET=True, RESIDUAL=True, BLOCK_N=8, BLOCK_K=1024)
 signature.update({name: "constexpr" for name in constants})
 names = list(signature)
 source = ASTSource(fn=matvec_dp4a.matvec_int4_dp4a, signature=signature,

@@ -37,6 +37,10 @@ class MatvecTuning:
     # int8 4 rows (89.5 us per layer against 99.6 at 2), int4 8 (96.9 against 126.6 at 4)
     int8_block_n: int = 4
     int4_block_n: int = 8
+    # int4 products against x rounded to int8 per group ("int8": dp4a, model/matvec_dp4a.py) or float
+    # x ("float"). int8 counts 2.25 instructions per code against 7.14 on paper and costs SmolLM2
+    # +0.005 nats/token (docs/quantized_weights.md); not yet timed on a GPU, so off.
+    int4_activations: str = "float"
 
 
 TUNING = MatvecTuning()
@@ -82,7 +86,14 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                    tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)
     group = columns // scales.shape[1] if scales is not None else 1
     programs = -(-(rows // 2 if half else rows) // block_n)
-    launch = dependent_launch(x, tuning.pdl)
+    x8 = bits == 4 and tuning.int4_activations == "int8"
+    stats = placeholder
+    if x8:  # x (times the norm's weight) rounded to int8 codes per group, in a launch of its own
+        from .matvec_dp4a import quantized_activations
+
+        x, stats = quantized_activations(x, group, norm_weight)
+        weight = weight.contiguous().view(torch.int32)
+    launch = dependent_launch(out, tuning.pdl)
     matvec_kernels.matvec[(programs,)](
         x.contiguous(), weight.contiguous(), out,
         placeholder if norm_weight is None else norm_weight.contiguous(),
@@ -90,11 +101,11 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         placeholder if residual is None else residual.contiguous(),
         placeholder if cos is None else cos.contiguous(), placeholder if sin is None else sin.contiguous(),
         placeholder if scales is None else scales.contiguous(), placeholder if offsets is None else offsets.contiguous(),
-        eps, N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, HALF=half, ROTATED_ROWS=rotated_rows,
+        stats, eps, N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, HALF=half, ROTATED_ROWS=rotated_rows,
         BIAS=bias is not None,
         RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=max(chunk_size(columns, tuning.block_k), group),
         PDL=bool(launch), BITS=bits, GROUP=group,
-        OFFSET=offsets is not None, num_warps=tuning.num_warps, **launch)
+        OFFSET=offsets is not None, X8=x8, num_warps=tuning.num_warps, **launch)
     return out
 
 

@@ -25,6 +25,10 @@ small element-wise kernels around the products are folded into them:
   the per-weight work is one multiply-add. Several rows per program (``BLOCK_N``) keep as many
   bytes in flight as a bf16 row does. The first version, which gathered each int4 byte twice and
   decoded chunks to float32 before use, reached 9-24% of the roofline on an H200.
+- ``X8`` (int4 only; ``MatvecTuning.int4_activations`` "int8"): x arrives as int8 codes per group
+  (``matvec_dp4a.quantize_activations``, a launch of its own, the norm's weight folded in) and
+  each 32-bit word of eight codes meets them through two ``dp4a``: 2.25 instructions per code
+  against the float path's 7.14 (benchmarks/results/matvec_sass_dp4a.md), for x's rounding.
 - ``PDL`` (Hopper and later): programmatic dependent launch. Consecutive products (o_proj, gate/up,
   down, the next layer's q/k/v) overlap: a launch lets the next one start placing programs during
   its last wave, and those request their first weight chunk before waiting (``gdc_wait``) for the
@@ -34,6 +38,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from . import matvec_dp4a
 
 
 @triton.jit
@@ -65,6 +71,19 @@ def _packed_chunk(w_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.co
 
 
 @triton.jit
+def _packed_words(w_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.constexpr, WORDS: tl.constexpr):
+    """``_packed_chunk`` for ``X8``: int4 bytes read as int32 words, eight codes each."""
+    index = start // 8 + tl.arange(0, WORDS)
+    tile = live[:, None] & (index < K // 8)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * (K // 8) + index[None, :], mask=tile, other=0, eviction_policy="evict_first")
+    u = w
+    if PAIRED:
+        u = tl.load(w_ptr + pair[:, None] * (K // 8) + index[None, :], mask=tile, other=0,
+                    eviction_policy="evict_first")
+    return w, u
+
+
+@triton.jit
 def _packed_sums(packed, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr,
                  BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
@@ -74,9 +93,6 @@ def _packed_sums(packed, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, star
     int8: ``x_lo`` is the chunk of x; int4: ``x_lo`` / ``x_hi`` are its even / odd elements, which
     meet a byte's low / high nibble. ``x_groups``: x summed per group."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP
-    at_group = rows[:, None] * (K // GROUP) + (start // GROUP + tl.arange(0, GROUPS))[None, :]
-    tile = live[:, None] & ((start // GROUP + tl.arange(0, GROUPS)) < K // GROUP)[None, :]
-    scale = tl.load(scale_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
     if BITS == 8:
         products = packed.to(tl.float32) * x_lo[None, :]
         sums = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS, GROUP)), axis=2)
@@ -84,6 +100,18 @@ def _packed_sums(packed, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, star
         codes = packed.to(tl.int32)
         products = (codes & 0xF).to(tl.float32) * x_lo[None, :] + (codes >> 4).to(tl.float32) * x_hi[None, :]
         sums = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
+    return _scaled_groups(sums, x_groups, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP, OFFSET, BLOCK_K)
+
+
+@triton.jit
+def _scaled_groups(sums, x_groups, scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr, BITS: tl.constexpr,
+                   GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-group sums of codes times x, ``[BLOCK_N, BLOCK_K / GROUP]``, scaled by their groups'
+    scales (and offsets times ``x_groups``, x's sums per group)."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    at_group = rows[:, None] * (K // GROUP) + (start // GROUP + tl.arange(0, GROUPS))[None, :]
+    tile = live[:, None] & ((start // GROUP + tl.arange(0, GROUPS)) < K // GROUP)[None, :]
+    scale = tl.load(scale_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
     if BITS == 4 and OFFSET:
         offset = tl.load(offset_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
         return sums * scale + offset * x_groups[None, :]
@@ -93,10 +121,20 @@ def _packed_sums(packed, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, star
 
 
 @triton.jit
-def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin_ptr, scale_ptr, offset_ptr, eps,
-           N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr,
-           ROTATED_ROWS: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_K: tl.constexpr, PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr):
+def _x8_sums(words, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr,
+             GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_packed_sums`` for int4 codes against x's int8 codes (``X8``): integer sums per group by
+    ``dp4a`` (matvec_dp4a.py), times x's group scales ``dx``; ``x_sum``: dequantized x per group."""
+    sums = matvec_dp4a.group_dots(words, x_even, x_odd, BLOCK_N, BLOCK_K, GROUP).to(tl.float32) * dx[None, :]
+    return _scaled_groups(sums, x_sum, scale_ptr, offset_ptr, rows, start, live, K, 4, GROUP, OFFSET, BLOCK_K)
+
+
+@triton.jit
+def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin_ptr, scale_ptr, offset_ptr,
+           stats_ptr, eps, N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+           HALF: tl.constexpr, ROTATED_ROWS: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+           OFFSET: tl.constexpr, X8: tl.constexpr):
     if PDL:  # the next launch may start placing its programs as ours run their last wave
         tl.extra.cuda.gdc_launch_dependents()
     index_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -129,6 +167,32 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             acc += w.to(tl.float32) * x[None, :]
             if PAIRED:
                 acc_pair += u.to(tl.float32) * x[None, :]
+            w, u = next_w, next_u
+    elif X8:
+        # int4 codes against x's int8 codes (matvec_dp4a.py): x_ptr holds x's even codes then its
+        # odd ones as words, stats_ptr their group scales, sums and the sum of x^2 (a folded norm's
+        # weight is already in the codes; its RMS is applied at the end as below).
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
+        WORDS: tl.constexpr = BLOCK_K // 8
+        acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
+        acc_pair = tl.zeros((BLOCK_N, GROUPS), tl.float32)
+        w, u = _packed_words(w_ptr, rows, pair, 0, live, K, PAIRED, WORDS)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        squares = tl.load(stats_ptr + 2 * (K // GROUP) + tl.arange(0, 1))
+        for start in range(0, K, BLOCK_K):
+            next_w, next_u = _packed_words(w_ptr, rows, pair, start + BLOCK_K, live, K, PAIRED, WORDS)
+            word = start // 8 + tl.arange(0, WORDS)
+            x_even = tl.load(x_ptr + word, mask=word < K // 8, other=0)
+            x_odd = tl.load(x_ptr + K // 8 + word, mask=word < K // 8, other=0)
+            group = start // GROUP + tl.arange(0, GROUPS)
+            dx = tl.load(stats_ptr + group, mask=group < K // GROUP, other=0.0)
+            x_sum = tl.load(stats_ptr + K // GROUP + group, mask=group < K // GROUP, other=0.0)
+            acc += _x8_sums(w, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, rows, start, live, K, GROUP, OFFSET,
+                            BLOCK_N, BLOCK_K)
+            if PAIRED:
+                acc_pair += _x8_sums(u, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, pair, start, live, K, GROUP,
+                                     OFFSET, BLOCK_N, BLOCK_K)
             w, u = next_w, next_u
     else:
         # Packed: the raw bytes are prefetched one chunk ahead; decoding, the products and the

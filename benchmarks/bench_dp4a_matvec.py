@@ -3,7 +3,7 @@
 (o and down: the same work in all three), batch 1.
 
 Why: the shipped int4 kernel spends 7.1 instructions per code and moves its bytes at 1.2-1.4 TB/s
-on an H200; the candidate's loop counts 2.25 (results/matvec_sass_dp4a.md), which on paper lifts
+on an H200; the candidate's loop counts 2.20 (results/matvec_sass_dp4a.md), which on paper lifts
 the instruction limit above the memory's. This says whether it does on the GPU, and what
 quantizing x to int8 per group costs in accuracy (relative error against a float64 product with
 the dequantized weights and unrounded x) before the candidate goes into the decoder.

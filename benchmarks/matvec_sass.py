@@ -31,7 +31,8 @@ from results_files import save_report
 RESULTS = Path(__file__).resolve().parent / "results"
 ISSUE_PER_CLOCK = 128  # thread-instructions per clock per SM (4 schedulers x 32 lanes)
 WEIGHT_TYPES = {0: ("bf16", "*bf16", 2.0), 8: ("int8", "*i8", 1.0), 4: ("int4", "*u8", 0.5),  # bytes per weight
-                -4: ("int4 x int8 dp4a (candidate)", "*i32", 0.5)}
+                -4: ("int4 x int8 dp4a, fused op (int4_activations int8)", "*i32", 0.5),
+                -5: ("int4 x int8 dp4a, standalone kernel", "*i32", 0.5)}
 
 
 def compile_matvec(bits: int, rows: int, columns: int, arch: int):
@@ -42,13 +43,14 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
     from ros_infmllm.model import matvec_kernels
     from ros_infmllm.model.decode_linear import TUNING, chunk_size
 
-    block_n = {0: TUNING.block_n, 8: TUNING.int8_block_n, 4: TUNING.int4_block_n}[bits]
+    block_n = {0: TUNING.block_n, 8: TUNING.int8_block_n, 4: TUNING.int4_block_n, -4: TUNING.int4_block_n}[bits]
     pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr",
                                            "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr", "stats_ptr")}
-    typed = dict(pointers, w_ptr=WEIGHT_TYPES[bits][1], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}))
+    typed = dict(pointers, w_ptr=WEIGHT_TYPES[bits][1], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}),
+                 **({"x_ptr": "*i32", "stats_ptr": "*fp32"} if bits < 0 else {}))
     constants = dict(N=rows, K=columns, NORM=False, GATED=False, HALF=0, ROTATED_ROWS=0, BIAS=False, RESIDUAL=True,
-                     BLOCK_N=block_n, BLOCK_K=chunk_size(columns, TUNING.block_k), PDL=arch >= 90, BITS=bits,
-                     GROUP=32 if bits else 1, OFFSET=bits == 4, X8=False)
+                     BLOCK_N=block_n, BLOCK_K=chunk_size(columns, TUNING.block_k), PDL=arch >= 90, BITS=abs(bits),
+                     GROUP=32 if bits else 1, OFFSET=abs(bits) == 4, X8=bits < 0)
     signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=matvec_kernels.matvec, signature=signature,
@@ -114,8 +116,9 @@ def main_loop(lines: list[str]) -> list[str]:
 
 
 def measure(bits: int, rows: int, columns: int, arch: int) -> dict:
-    """``bits`` 0, 8, 4: the shipped kernel; -4: the int4 x int8 ``dp4a`` candidate."""
-    kernel, constants, warps = (compile_dp4a(rows, columns, arch) if bits == -4 else
+    """``bits`` 0, 8, 4: the shipped kernel; -4: its int4 path against int8 activations (``X8``);
+    -5: the standalone ``dp4a`` kernel that bench_dp4a_matvec.py times."""
+    kernel, constants, warps = (compile_dp4a(rows, columns, arch) if bits == -5 else
                                 compile_matvec(bits, rows, columns, arch))
     loop = main_loop(disassemble(kernel.asm["cubin"]))
     weights = constants["BLOCK_N"] * constants["BLOCK_K"] / (32 * warps)  # per thread per loop step

@@ -38,7 +38,7 @@ class MatvecTuning:
     int8_block_n: int = 4
     int4_block_n: int = 8
     # int4 products against x rounded to int8 per group ("int8": dp4a, model/matvec_dp4a.py) or float
-    # x ("float"). int8 counts 2.25 instructions per code against 7.14 on paper and costs SmolLM2
+    # x ("float"). int8 counts 2.20 instructions per code against 7.09 on paper and costs SmolLM2
     # +0.005 nats/token (docs/quantized_weights.md); not yet timed on a GPU, so off.
     int4_activations: str = "float"
 

@@ -27,8 +27,8 @@ small element-wise kernels around the products are folded into them:
   decoded chunks to float32 before use, reached 9-24% of the roofline on an H200.
 - ``X8`` (int4 only; ``MatvecTuning.int4_activations`` "int8"): x arrives as int8 codes per group
   (``matvec_dp4a.quantize_activations``, a launch of its own, the norm's weight folded in) and
-  each 32-bit word of eight codes meets them through two ``dp4a``: 2.25 instructions per code
-  against the float path's 7.14 (benchmarks/results/matvec_sass_dp4a.md), for x's rounding.
+  each 32-bit word of eight codes meets them through two ``dp4a``: 2.20 instructions per code
+  against the float path's 7.09 (benchmarks/results/matvec_sass_dp4a.md), for x's rounding.
 - ``PDL`` (Hopper and later): programmatic dependent launch. Consecutive products (o_proj, gate/up,
   down, the next layer's q/k/v) overlap: a launch lets the next one start placing programs during
   its last wave, and those request their first weight chunk before waiting (``gdc_wait``) for the

@@ -1,5 +1,6 @@
 """int4 weights times int8 activations by the 4-way byte dot product (PTX ``dp4a``): a candidate
-for the packed decode matvec, not yet used by the decoder.
+for the packed decode matvec, off by default (``MatvecTuning.int4_activations``) until a GPU has
+timed it.
 
 Why: the shipped packed kernel (matvec_kernels.py) is bound by instructions, not memory. Its loop
 spends 7.1 instructions per int4 code (unpacking, int-to-float conversion, float sums), and an

@@ -31,8 +31,7 @@ from results_files import save_report
 RESULTS = Path(__file__).resolve().parent / "results"
 ISSUE_PER_CLOCK = 128  # thread-instructions per clock per SM (4 schedulers x 32 lanes)
 WEIGHT_TYPES = {0: ("bf16", "*bf16", 2.0), 8: ("int8", "*i8", 1.0), 4: ("int4", "*u8", 0.5),  # bytes per weight
-                -4: ("int4 x int8 dp4a, fused op (int4_activations int8)", "*i32", 0.5),
-                -5: ("int4 x int8 dp4a, standalone kernel", "*i32", 0.5)}
+                -4: ("int4 x int8 dp4a (int4_activations int8)", "*i32", 0.5)}
 
 
 def compile_matvec(bits: int, rows: int, columns: int, arch: int):
@@ -59,25 +58,6 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
     kernel = compile(source, target=GPUTarget("cuda", arch, 32),
                      options={"num_warps": TUNING.num_warps, "launch_pdl": arch >= 90})
     return kernel, constants, TUNING.num_warps
-
-
-def compile_dp4a(rows: int, columns: int, arch: int, block_n: int = 8, block_k: int = 1024, warps: int = 4):
-    """The int4 x int8 ``dp4a`` candidate (model/matvec_dp4a.py) at the int4 kernel's rows per program."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
-    from ros_infmllm.model import matvec_dp4a
-
-    typed = {"codes_ptr": "*i32", "stats_ptr": "*fp32", "w_ptr": "*i32", "scale_ptr": "*fp16", "offset_ptr": "*fp16",
-             "residual_ptr": "*bf16", "out_ptr": "*bf16"}
-    constants = dict(N=rows, K=columns, GROUP=32, OFFSET=True, RESIDUAL=True, BLOCK_N=block_n, BLOCK_K=block_k)
-    signature = dict(typed, **{name: "constexpr" for name in constants})
-    names = list(signature)
-    source = ASTSource(fn=matvec_dp4a.matvec_int4_dp4a, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(names.index(k),): [["tt.divisibility", 16]] for k in typed})
-    kernel = compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    return kernel, constants, warps
 
 
 def disassemble(cubin: bytes) -> list[str]:
@@ -116,10 +96,8 @@ def main_loop(lines: list[str]) -> list[str]:
 
 
 def measure(bits: int, rows: int, columns: int, arch: int) -> dict:
-    """``bits`` 0, 8, 4: the shipped kernel; -4: its int4 path against int8 activations (``X8``);
-    -5: the standalone ``dp4a`` kernel that bench_dp4a_matvec.py times."""
-    kernel, constants, warps = (compile_dp4a(rows, columns, arch) if bits == -5 else
-                                compile_matvec(bits, rows, columns, arch))
+    """``bits`` 0, 8, 4: the shipped kernel's paths; -4: its int4 path against int8 activations (``X8``)."""
+    kernel, constants, warps = compile_matvec(bits, rows, columns, arch)
     loop = main_loop(disassemble(kernel.asm["cubin"]))
     weights = constants["BLOCK_N"] * constants["BLOCK_K"] / (32 * warps)  # per thread per loop step
     per_weight = len(loop) / weights

@@ -1,13 +1,9 @@
-"""The int4 x int8 ``dp4a`` matvec candidate (model/matvec_dp4a.py), alone and inside the decode
-op's fused kernel (``MatvecTuning.int4_activations = "int8"``): the same integer sums as a float64
-reference from the same activation codes, close to the float product, and compiled for the target
-GPUs with one ``dp4a`` per four codes. On a GPU it runs compiled with the real instruction;
-on the CPU in Triton's interpreter, where ``dp4a`` is summed byte by byte."""
+"""The int4 x int8 ``dp4a`` path of the decode op (model/matvec_dp4a.py, ``X8`` in matvec_kernels.py,
+on with ``MatvecTuning.int4_activations = "int8"``): the same integer sums as a float64 reference
+from the same activation codes, with the op's fusions, and close to the float product (its
+ahead-of-time build is in test_decode_linear.py). On a GPU it runs compiled with the real
+instruction; on the CPU in Triton's interpreter, where ``dp4a`` is summed byte by byte."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import dataclasses
 
@@ -33,16 +29,23 @@ def _packed(rows: int, columns: int, offsets: bool, seed: int = 0) -> QuantizedL
     return layer.to(DEVICE)
 
 
+def _int8_activations(monkeypatch, **fields) -> None:
+    """The decode op's int4 products against x's int8 codes (``MatvecTuning.int4_activations``)."""
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="int8", **fields))
+
+
 @pytest.mark.parametrize("offsets", [True, False], ids=["q4_1-offsets", "q4_0-centred"])
 @pytest.mark.parametrize("rows, columns, residual", [(64, 256, False), (37, 1024, True), (16, 2048, False)])
-def test_dp4a_matvec_gives_the_integer_sums_of_its_activation_codes(offsets, rows, columns, residual) -> None:
+def test_dp4a_products_give_the_integer_sums_of_the_activation_codes(monkeypatch, offsets, rows, columns,
+                                                                     residual) -> None:
+    _int8_activations(monkeypatch, block_k=256)  # several chunks per row
     layer = _packed(rows, columns, offsets)
     x = torch.randn(1, columns, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     res = torch.randn(1, rows).to(DEVICE) if residual else None
-    got = matvec_dp4a.int4_dp4a_matvec(x, layer.qweight, layer.scales, layer.offsets, res, block_k=256)
-    want = matvec_dp4a.reference(x.cpu(), layer.qweight.cpu(), layer.scales.cpu(),
-                                 None if layer.offsets is None else layer.offsets.cpu(),
-                                 None if res is None else res.cpu())
+    got = op.decode_linear(x, layer.qweight, None, None, res, 1e-6, False, scales=layer.scales, offsets=layer.offsets,
+                           bits=4)
+    want = _rounded_reference(x.cpu(), layer.dequantized(torch.float64).cpu(), None, None,
+                              None if res is None else res.cpu(), 1e-6, False)
     assert got.shape == (1, rows) and got.dtype == x.dtype
     assert torch.allclose(got.double().cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
@@ -65,7 +68,7 @@ def test_the_decode_op_with_int8_activations_folds_in_what_the_float_path_does(m
                                                                                 bias, residual, rows, columns) -> None:
     """``MatvecTuning.int4_activations = "int8"``: the shipped op's fusions (norm, bias, SwiGLU,
     residual) around the dp4a products, against a float64 reference from the same codes."""
-    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="int8"))
+    _int8_activations(monkeypatch)
     generator = torch.Generator().manual_seed(rows + columns + 3 * gated + offsets)
     layer = _packed(2 * rows if gated else rows, columns, offsets, seed=rows)
     x = torch.randn(1, columns, generator=generator).to(DEVICE)
@@ -80,7 +83,7 @@ def test_the_decode_op_with_int8_activations_folds_in_what_the_float_path_does(m
 
 
 def test_the_decode_op_with_int8_activations_rotates_q_and_k(monkeypatch) -> None:
-    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="int8"))
+    _int8_activations(monkeypatch)
     generator = torch.Generator().manual_seed(11)
     heads, kv_heads, dim, columns = 3, 1, 32, 1088
     rows, rotated_rows = (heads + 2 * kv_heads) * dim, (heads + kv_heads) * dim
@@ -95,11 +98,13 @@ def test_the_decode_op_with_int8_activations_rotates_q_and_k(monkeypatch) -> Non
     assert float((out.double().cpu() - want).norm() / want.norm()) < 1e-5  # x's rounding alone is ~5e-3
 
 
-def test_int8_activations_stay_close_to_the_float_product() -> None:
+def test_int8_activations_stay_close_to_the_float_product(monkeypatch) -> None:
     """x rounded to int8 per group of 32: about 0.4% of the output's scale (llama.cpp's Q8_1 does the same)."""
+    _int8_activations(monkeypatch)
     layer = _packed(128, 2048, True, seed=2)
     x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    got = matvec_dp4a.int4_dp4a_matvec(x, layer.qweight, layer.scales, layer.offsets).double().cpu()
+    got = op.decode_linear(x, layer.qweight, None, None, None, 1e-6, False, scales=layer.scales,
+                           offsets=layer.offsets, bits=4).double().cpu()
     exact = x.double().cpu() @ layer.dequantized(torch.float64).cpu().T
     error = (got - exact).abs().max() / exact.abs().max()
     assert 0 < error < 0.01, error  # not zero: the activations really are rounded
@@ -129,33 +134,3 @@ def test_a_folded_norm_weight_scales_the_codes_not_the_sum_of_squares() -> None:
 def test_inputs_that_do_not_split_into_groups_are_refused() -> None:
     with pytest.raises(ValueError, match="groups of 32"):
         matvec_dp4a.quantized_activations(torch.zeros(100, device=DEVICE), 32)
-
-
-AHEAD_OF_TIME = """
-import sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
-from ros_infmllm.model import matvec_dp4a
-
-arch = int(sys.argv[1])
-signature = {"codes_ptr": "*i32", "stats_ptr": "*fp32", "w_ptr": "*i32", "scale_ptr": "*fp16", "offset_ptr": "*fp16",
-             "residual_ptr": "*bf16", "out_ptr": "*bf16"}
-constants = dict(N=4096, K=11008, GROUP=32, OFFSET=True, RESIDUAL=True, BLOCK_N=8, BLOCK_K=1024)
-signature.update({name: "constexpr" for name in constants})
-names = list(signature)
-source = ASTSource(fn=matvec_dp4a.matvec_int4_dp4a, signature=signature,
-                   constexprs={(names.index(k),): v for k, v in constants.items()})
-compiled = compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-print("dp4a", compiled.asm["ptx"].count("dp4a.u32.s32"), "cubin", bool(compiled.asm["cubin"]))
-"""
-
-
-@pytest.mark.parametrize("arch", [90, 87], ids=["hopper", "jetson-orin"])
-def test_dp4a_matvec_compiles_with_the_byte_dot_product(arch: int) -> None:
-    """Ahead of time (no GPU): the kernel builds for an H100 and a Jetson Orin, its PTX holds dp4a."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    words, cubin = done.stdout.split()[1], done.stdout.split()[3]
-    assert int(words) > 0 and cubin == "True", done.stdout

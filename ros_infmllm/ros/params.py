@@ -6,13 +6,14 @@ of truth the tests compare ``config/infmllm.yaml`` against.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 from ..backends import BACKENDS
 from ..cache import DEFAULT_POLICY, POLICIES
 from ..model.quantized import HEAD_MODES, WEIGHT_MODES
-from ..model.staged_drop import parse_drop_layers
+from ..model.staged_drop import check_boundaries, parse_drop_layers
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,9 @@ def drop_layers(text: str) -> tuple[int, ...] | str:
     """``visual_tokens.drop_layers`` as the session takes it: ``()`` (off), ``"auto"`` or layer indices."""
     try:
         layers = parse_drop_layers(str(text))
+        if isinstance(layers, tuple) and layers:
+            check_boundaries(layers, sys.maxsize)  # the model's depth is checked when the session is built
     except ValueError:
-        raise ValueError(f"parameter visual_tokens.drop_layers={text!r} is not empty, 'auto' or "
-                         f"comma-separated layer numbers such as '8,16,24'") from None
-    if isinstance(layers, str) or not layers:
-        return layers
-    if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1:
-        raise ValueError(f"parameter visual_tokens.drop_layers={text!r} must be ascending layer numbers >= 1")
+        raise ValueError(f"parameter visual_tokens.drop_layers={text!r} must be empty, 'auto' or strictly "
+                         f"ascending comma-separated layer numbers >= 1 such as '8,16,24'") from None
     return layers

@@ -35,7 +35,8 @@ def _stream_side_by_side(eager: StreamingSession, graphed: StreamingSession, fra
             token = a.argmax().view(1).cpu()
 
 
-@pytest.mark.parametrize("policy", ["inf-mllm", "h2o", "streamingllm", "inf-mllm-paper", "inf-mllm-lt", "look-m"])
+@pytest.mark.parametrize("policy", ["inf-mllm", "h2o", "streamingllm", "inf-mllm-paper", "inf-mllm-lt", "look-m",
+                                    "h2o-kinds"])
 def test_graph_replay_gives_the_eager_logits_through_evictions(head16_model_dir: Path, policy: str) -> None:
     """Compiled blocks, the Triton decode attention and captured steps against plain eager calls."""
     from tokenizers import Tokenizer

@@ -58,9 +58,11 @@ def test_each_policy_gets_its_parameters_and_builds_from_them() -> None:
     from ros_infmllm.ros.params import policy_options
 
     defaults = {spec.name: spec.default for spec in PARAMS}
-    for policy in ("full", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt"):
+    for policy in ("full", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m", "h2o-kinds"):
         options = policy_options({**defaults, "policy": policy})
         assert make_policy(policy, **options).name == policy
     both = policy_options({**defaults, "policy": "inf-mllm-lt", "inf_mllm.retrieval_window": 8,
                            "inf_mllm_lt.stretch": 16})
     assert both["retrieval_window"] == 8 and both["stretch"] == 16 and "sinks" not in both
+    kinds = policy_options({**defaults, "policy": "h2o-kinds", "h2o.recent_fraction": 0.25, "streamingllm.sinks": 8})
+    assert kinds == {"recent_fraction": 0.25, "sinks": 8}

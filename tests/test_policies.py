@@ -97,7 +97,54 @@ def test_selection_differs_per_head() -> None:
     assert [int(chosen[l, h, 0]) for l in range(2) for h in range(2)] == [7, 21, 33, 2]
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m"])
+def _mixed_cache(kinds: str) -> BoundedKVCache:
+    """One slot per character: ``t`` a text token, ``v`` a frame's token, in stream order."""
+    cache = BoundedKVCache(LAYERS, HEADS, len(kinds), DIM, Rotary(DIM, 10000.0))
+    for kind in kinds:
+        cache.append(torch.randn(LAYERS, HEADS, 1, DIM), torch.randn(LAYERS, HEADS, 1, DIM), visual=kind == "v")
+    return cache
+
+
+def test_h2o_kinds_on_text_alone_keeps_what_streamingllm_keeps() -> None:
+    cache = _mixed_cache("t" * 64)
+    policy = make_policy("h2o-kinds")
+    policy.bind(cache)
+    policy.observe(cache, _attention(64, {10: 50.0, 20: 50.0}), queries=1)  # heavy hitters H2O would keep
+    for keep in (36, 40, 50):
+        assert _kept(policy, cache, keep) == _kept(StreamingLLMPolicy(), cache, keep)
+    h2o = make_policy("h2o")
+    h2o.bind(cache)
+    assert {10, 20} <= _kept(h2o, cache, 40)
+
+
+def test_h2o_kinds_on_frames_alone_keeps_sinks_window_and_heavy_hitters() -> None:
+    cache = _mixed_cache("v" * 64)
+    policy = make_policy("h2o-kinds")
+    policy.bind(cache)
+    policy.observe(cache, _attention(64, {10: 50.0, 20: 40.0, 30: 30.0}), queries=1)
+    assert _kept(policy, cache, 4 + 32 + 2) == set(range(4)) | set(range(32, 64)) | {10, 20}
+
+
+def test_h2o_kinds_splits_the_room_as_the_recent_window_splits_text_and_frames() -> None:
+    """The window (slots 24..47) holds 6 text tokens of 24: a quarter of the room beyond sinks and
+    window (2 of 8) goes to the newest older text, whatever its attention, the rest to the frames'
+    heavy hitters."""
+    cache = _mixed_cache("v" * 4 + "t" * 8 + "v" * 12 + "t" * 6 + "v" * 18)
+    policy = make_policy("h2o-kinds")
+    policy.bind(cache)
+    peaks = {5: 90.0, 6: 90.0, 13: 9.0, 15: 8.0, 17: 7.0, 19: 6.0, 21: 5.0, 23: 4.0}
+    policy.observe(cache, _attention(48, peaks), queries=1)
+    kept = _kept(policy, cache, 4 + 24 + 8)
+    assert kept - set(range(4)) - set(range(24, 48)) == {10, 11} | {13, 15, 17, 19, 21, 23}
+    # A share one kind cannot fill goes to the other: no older text, so frames take the whole room.
+    frames_only_older = _mixed_cache("v" * 24 + "t" * 8 + "v" * 16)
+    policy.bind(frames_only_older)
+    policy.observe(frames_only_older, _attention(48, {5: 9.0}), queries=1)
+    assert len(_kept(policy, frames_only_older, 36) - set(range(4)) - set(range(24, 48))) == 8
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m",
+                                  "h2o-kinds"])
 def test_pinned_slots_survive_every_policy(name: str) -> None:
     cache = _full_cache(64, pinned=6)
     policy = make_policy(name)

@@ -12,7 +12,7 @@ from ros_infmllm.cache import BoundedKVCache, make_policy
 from ros_infmllm.errors import CacheFullError
 from ros_infmllm.session import SamplingConfig, StreamingSession
 
-POLICIES = ["full", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m"]
+POLICIES = ["full", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m", "h2o-kinds"]
 
 
 class RecordingBackend(TorchBackend):
@@ -114,7 +114,7 @@ def _one_layer_raw_kv(session: StreamingSession, stream: torch.Tensor) -> tuple[
 
 
 @pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt",
-                                    "look-m:merge=false"])
+                                    "look-m:merge=false", "h2o-kinds"])
 def test_after_evictions_next_logits_equal_forward_over_kept_tokens(one_layer_model_dir: Path, policy: str) -> None:
     session = _session(one_layer_model_dir, policy, recording=True)
     for frame in _frames(12):
@@ -174,7 +174,7 @@ def test_streamingllm_after_eviction_equals_plain_forward_over_kept_tokens(one_l
 
 
 @pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt",
-                                    "look-m:merge=false"])
+                                    "look-m:merge=false", "h2o-kinds"])
 def test_multi_layer_compaction_equals_fresh_rotation(tiny_model_dir: Path, policy: str) -> None:
     """Every layer: the compacted cache equals one rebuilt from the recorded, unrotated K/V of the
     kept tokens rotated at their new slots, so the next step's logits agree."""
@@ -191,7 +191,8 @@ def test_multi_layer_compaction_equals_fresh_rotation(tiny_model_dir: Path, poli
     assert (session.feed(torch.tensor([20])) - reference).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m"])
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m",
+                                    "h2o-kinds"])
 def test_cache_stays_bounded_over_a_stream_20x_its_capacity(tiny_model_dir: Path, policy: str) -> None:
     session = _session(tiny_model_dir, policy, capacity=64, max_chunk=8)
     pinned = session.cache.length
@@ -336,7 +337,7 @@ def test_tokens_feed_nothing_past_where_the_caller_stops(tiny_model_dir: Path) -
     assert probe.cache.total_seen - before == len(ids) + 8
 
 
-@pytest.mark.parametrize("policy", ["inf-mllm", "h2o", "inf-mllm-paper", "inf-mllm-lt"])
+@pytest.mark.parametrize("policy", ["inf-mllm", "h2o", "inf-mllm-paper", "inf-mllm-lt", "h2o-kinds"])
 def test_a_step_failing_mid_frame_leaves_the_cache_as_before_the_frame(tiny_model_dir: Path, policy: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A frame takes two chunks here; the second one's step fails (as an out-of-memory error

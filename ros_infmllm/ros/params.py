@@ -90,8 +90,9 @@ PARAMS: tuple[ParamSpec, ...] = (
                                          "representative (-1: one frame; 0: off).", -1, 1 << 20),
     ParamSpec("inf_mllm_lt.representative_fraction", 0.25, "Inf-MLLM-LT: most of the capacity representatives take.",
               0.0, 0.9),
-    ParamSpec("h2o.recent_fraction", 0.5, "H2O: share of the capacity kept as recent tokens.", 0.0, 0.9),
-    ParamSpec("streamingllm.sinks", 4, "StreamingLLM: attention-sink tokens kept from the stream start.", 0, 1024),
+    ParamSpec("h2o.recent_fraction", 0.5, "H2O and h2o-kinds: share of the capacity kept as recent tokens.", 0.0, 0.9),
+    ParamSpec("streamingllm.sinks", 4, "StreamingLLM and h2o-kinds: attention-sink tokens kept from the stream start.",
+              0, 1024),
     ParamSpec("look_m.recent_fraction", 0.5, "LOOK-M: share of the capacity kept as recent tokens.", 0.0, 0.9),
     ParamSpec("look_m.merge", True, "LOOK-M: merge evicted visual entries into their most similar kept entry "
                                     "(false: text-prior eviction alone)."),
@@ -138,7 +139,8 @@ def validate(name: str, value: Any) -> None:
 def policy_options(values: dict[str, Any]) -> dict[str, Any]:
     """The options of the chosen policy, from the parameters under its prefixes."""
     prefixes = {"inf-mllm": ("inf_mllm.",), "inf-mllm-lt": ("inf_mllm.", "inf_mllm_lt."), "h2o": ("h2o.",),
-                "streamingllm": ("streamingllm.",), "look-m": ("look_m.",)}.get(values["policy"], ())
+                "streamingllm": ("streamingllm.",), "look-m": ("look_m.",),
+                "h2o-kinds": ("h2o.", "streamingllm.")}.get(values["policy"], ())
     return {name[len(prefix):]: value for prefix in prefixes for name, value in values.items()
             if name.startswith(prefix)}
 

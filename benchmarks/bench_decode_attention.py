@@ -14,8 +14,6 @@ through Triton's CPU interpreter (checks the script; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import itertools
 import json
 import os
@@ -31,6 +29,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
 
 from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
+from launch_tuning import kept_tuning, sweep  # noqa: E402
 from ros_infmllm.model import decode_attention as op  # noqa: E402
 from ros_infmllm.model.config import load_config  # noqa: E402
 from ros_infmllm.model.decoder import Attention  # noqa: E402
@@ -66,34 +65,6 @@ def reference(attention: Attention, q, k, v, past_k, past_v, mask):
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b).norm() / b.norm())
-
-
-def set_tuning(target, values) -> None:
-    """Copy every field of the tuning dataclass ``values`` onto the op's module-level ``target``
-    (the ops read their launch shape from there)."""
-    for field, value in vars(values).items():
-        setattr(target, field, value)
-
-
-@contextlib.contextmanager
-def kept_tuning(target):
-    """Yields a copy of the op's module-level tuning ``target`` (its shipped launch shape) and puts
-    it back on ``target`` when the block ends, however it ends: sweeps change ``target`` meanwhile."""
-    shipped = dataclasses.replace(target)
-    try:
-        yield shipped
-    finally:
-        set_tuning(target, shipped)
-
-
-def sweep(target, tunings: list, timed, errors) -> list[dict]:
-    """Each launch shape of ``tunings`` copied onto the op's ``target`` in turn: its fields, the
-    dict ``errors()`` returns and the µs ``timed()`` returns. The caller restores the tuning (``kept_tuning``)."""
-    rows = []
-    for tuning in tunings:
-        set_tuning(target, tuning)
-        rows.append({**vars(tuning), **errors(), "us": timed()})
-    return rows
 
 
 def timed_us(fn, per_layer: list, device: str, replays: int) -> float:

@@ -19,6 +19,7 @@ through Triton's CPU interpreter (checks the script; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is first imported
 
-from bench_decode_attention import kept_tuning, relative, sweep, timed_us  # noqa: E402
+from bench_decode_attention import relative, timed_us  # noqa: E402
+from launch_tuning import kept_tuning, sweep  # noqa: E402
 from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from results_files import save_report  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
@@ -119,36 +121,44 @@ def bench_matrix(spec: dict, layers: int, args, device: str, dtype: torch.dtype,
            "cublas": {"us": timed_us(cublas_only, per_layer, device, args.replays), "bytes": float_bytes},
            "compiled": {"us": timed_us(compiled, per_layer, device, args.replays),
                         "error": relative(compiled(*fresh), want), "bytes": float_bytes}}
-    op_bytes, rows_field = float_bytes, "block_n"
+    op_bytes, rows_field, chunk_field, warps_field = float_bytes, "block_n", "block_k", "num_warps"
     if args.weights != "float":  # packed by rounding, groups of 32; the reference on the dequantized weight
         per_layer = [packed_inputs(layer, QuantizedLinear.from_float(layer[1], None, args.weights))
                      for layer in per_layer]
         packed = QuantizedLinear.from_float(fresh[1], None, args.weights)
         want = reference(fresh[0], packed.dequantized(torch.float64), *fresh[2:])
         fresh = packed_inputs(fresh, packed)
-        op_bytes, rows_field = packed.packed_bytes(), f"{args.weights}_block_n"
+        dp4a = args.weights == "int4" and shipped.int4_activations == "int8"  # x rounded to int8 codes per group
+        op_bytes, rows_field = packed.packed_bytes(), "x8_block_n" if dp4a else f"{args.weights}_block_n"
+        chunk_field, warps_field = f"{args.weights}_block_k", "packed_num_warps"
         row["bytes"] = op_bytes
     tunings = [shipped, op.MatvecTuning(**{**vars(shipped), "pdl": False})]
     tunings += [op.MatvecTuning(**{**vars(shipped), "block_n": n, "gated_block_n": n, "wide_block_n": n,
-                                   rows_field: n, "block_k": k, "num_warps": w})
-                for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)]
+                                   rows_field: n, chunk_field: k, warps_field: w, "packed_ahead": a})
+                for n, k, w, a in itertools.product(args.block_n, args.block_k, args.warps,
+                                                    args.ahead if args.weights != "float" else [shipped.packed_ahead])]
     row["variants"] = sweep(op.TUNING, tunings, lambda: timed_us(op.decode_linear, per_layer, device, args.replays),
                             lambda: {"error": relative(op.decode_linear(*fresh), want), "bytes": op_bytes})
     row["op"], row["op_without_pdl"] = row["variants"].pop(0), row["variants"].pop(0)
     for entry in [row["cublas"], row["compiled"], row["op"], row["op_without_pdl"]] + row["variants"]:
         entry["gb_per_s"] = entry["bytes"] / entry["us"] / 1e3
         entry["rows_per_program"] = entry.get(rows_field, entry.get("block_n"))
+        entry["chunk"], entry["warps"] = entry.get(chunk_field), entry.get(warps_field)
+        entry["ahead"] = entry.get("packed_ahead", 1) if args.weights != "float" else None
     row["best"] = min(row["variants"], key=lambda v: v["us"])
     return row
 
 
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# Decode linear layers: the Triton matrix-vector op against cuBLAS ({report['device']}, "
-             f"{report['dtype']}, weights {report.get('weights', 'float')}, batch 1)", "",
+             f"{report['dtype']}, weights {report.get('weights', 'float')}"
+             + (", x rounded to int8 codes per group (dp4a)" if report.get("weights") == "int4"
+                and report.get("int4_activations") == "int8" else "") + ", batch 1)", "",
              "cuBLAS: the product alone; compiled: norm + product + bias/SwiGLU/residual as torch ops under "
              "torch.compile; op: the Triton op with those folded in, at the shipped launch shape "
              "(`MatvecTuning`), and the same without programmatic dependent launch (no PDL); best: the fastest "
-             "of the sweep (rows per program, chunk, warps). Each is one launch per layer, back to back.", "",
+             "of the sweep (rows per program, chunk, warps; for packed weights also the chunks requested ahead). Each is "
+             "one launch per layer, back to back.", "",
              "| model | matrix | MB | folds in | cuBLAS us (GB/s) | compiled us | op us (GB/s) | no PDL us | "
              "best us: rows, chunk, warps | op vs compiled | op error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     totals = []
@@ -159,7 +169,8 @@ def write_markdown(report: dict, path: Path) -> None:
             lines.append(f"| {model['model']} | {r['name']} | {r['bytes'] / 1e6:.1f} | {folds} | "
                          f"{c['us']:.1f} ({c['gb_per_s']:.0f}) | {m['us']:.1f} | {o['us']:.1f} ({o['gb_per_s']:.0f}) | "
                          f"{r['op_without_pdl']['us']:.1f} | "
-                         f"{b['us']:.1f}: {b['rows_per_program']}, {b['block_k']}, {b['num_warps']} | "
+                         f"{b['us']:.1f}: {b['rows_per_program']}, {b['chunk']}, {b['warps']}"
+                         + (f", {b['ahead']} ahead" if b.get("ahead") else "") + " | "
                          f"{m['us'] / o['us']:.2f}x | {o['error']:.1e} |")
         per_layer = [r for r in model["matrices"] if not r.get("per_token")]
         compiled = sum(r["compiled"]["us"] for r in per_layer)
@@ -178,9 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-n", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--block-k", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--ahead", type=int, nargs="+", default=[1], choices=(1, 2),
+                        help="packed weights: chunks requested ahead (MatvecTuning.packed_ahead)")
     parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
                         help="the op's weights: the model's dtype, or packed (groups of 32; rows per program swept "
-                             "through MatvecTuning.int8_block_n / int4_block_n)")
+                             "through MatvecTuning.int8_block_n / int4_block_n, chunk and warps through "
+                             "int8_block_k / int4_block_k and packed_num_warps)")
+    parser.add_argument("--int4-activations", choices=("float", "int8"), default=None,
+                        help="int4 products against float x or x's int8 codes (dp4a); default: the shipped tuning's")
     parser.add_argument("--min-weight-mb", type=int, default=240, help="weights per timed graph, above L2's size")
     parser.add_argument("--replays", type=int, default=15)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -192,10 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         shapes, args.models, dtype = SMOKE_SHAPES, list(SMOKE_SHAPES), torch.float32
         args.block_n, args.block_k, args.warps, args.replays, args.min_weight_mb = [2], [64], [4], 1, 0
+        args.ahead = [2] if args.weights != "float" else args.ahead
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "weights": args.weights,
               "models": []}
     with kept_tuning(op.TUNING) as shipped:
+        if args.int4_activations:  # the path timed: its "shipped" row and every variant take it
+            shipped = dataclasses.replace(shipped, int4_activations=args.int4_activations)
+        report["int4_activations"] = shipped.int4_activations
         for name in args.models:
             cfg = load_config(write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shapes[name])).text
             rows = []

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bench_gpu_report import summarise, write_markdown, write_plot
+from launch_tuning import kept_tuning, overridden, set_tuning
 from session_variants import session_variant
 from ros_infmllm.cache import make_policy
 from ros_infmllm.model.checkpoint import model_class
@@ -439,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int4-activations", choices=("float", "int8"), default=None,
                         help="int4 products against float x or x's int8 codes (dp4a, model/matvec_dp4a.py); "
                              "default: the shipped MatvecTuning's")
+    parser.add_argument("--matvec", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="the decode matrix-vector op's launch shape for this run, fields of "
+                             "decode_linear.MatvecTuning (e.g. int4_block_n=4 int4_block_k=2048); put back at the end")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES),
                         help="cache policies timed; the first is the one the targets are reported for; "
                              "eval_demo.py's session suffixes time a visual-token reduction (h2o+pyramid, "
@@ -461,9 +465,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model shapes {unknown}: choose from {', '.join(shapes)}")
     from ros_infmllm.model import decode_linear
 
-    shipped_activations = decode_linear.TUNING.int4_activations  # put back at the end (tests call main in-process)
-    if args.int4_activations:
-        decode_linear.TUNING.int4_activations = args.int4_activations
+    try:
+        tuning = overridden(decode_linear.TUNING, args.matvec + (
+            [f"int4_activations={args.int4_activations}"] if args.int4_activations else []))
+    except ValueError as exc:
+        parser.error(f"--matvec {exc}")
+    with kept_tuning(decode_linear.TUNING):  # put back however the run ends (tests call main in-process)
+        set_tuning(decode_linear.TUNING, tuning)
+        return run(args, shapes, device)
+
+
+def run(args, shapes: dict, device: str) -> int:
+    """Every model of ``args.models`` timed at the launch shape now set; results written after each."""
+    from ros_infmllm.model import decode_linear
+
     started = time.perf_counter()
     bandwidth = copy_bandwidth(device, args.bandwidth_mb)
     import transformers
@@ -473,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
               "dtype": "bfloat16" if device == "cuda" else "float32",
               "bandwidth_bytes_per_s": bandwidth, "capacity": args.capacity, "max_chunk": args.max_chunk,
               "ours": args.policies[0], "weights": args.weights,
-              "int4_activations": decode_linear.TUNING.int4_activations, "models": []}
+              "int4_activations": decode_linear.TUNING.int4_activations,
+              "matvec_tuning": vars(decode_linear.TUNING).copy(), "matvec_overrides": args.matvec, "models": []}
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s on {report['device']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
@@ -484,7 +500,6 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(report, args.out / f"{args.name}.md")
     write_plot(report, args.out / f"{args.name}.png")
     print((args.out / f"{args.name}.md").read_text())
-    decode_linear.TUNING.int4_activations = shipped_activations
     return 0
 
 

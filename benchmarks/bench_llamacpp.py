@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 import bench_gpu
+from launch_tuning import kept_tuning, overridden, set_tuning
 from ros_infmllm.cache import DEFAULT_POLICY
+from ros_infmllm.model import decode_linear
 from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -269,7 +271,9 @@ def write_markdown(report: dict, path: Path) -> None:
              f"torch {report['torch']}; llama.cpp {report.get('llama_cpp_commit', '?')} "
              f"(`llama-bench -p 0 -n {report['tokens']} -d {report['depth']} -r {report['repetitions']}`); "
              f"ours: policy {report['policy']}, cache {report['depth']} tokens, p50 of {report['tokens']} decode "
-             f"steps after {report['depth']} streamed tokens; {report['seconds']} s.", "",
+             f"steps after {report['depth']} streamed tokens"
+             + (f", matrix-vector launch shape {' '.join(report['matvec_overrides'])}" if report.get("matvec_overrides")
+                else "") + f"; {report['seconds']} s.", "",
              "| model | ours: weights / LM head | ms/token p50 | tokens/s | roofline ms | of roofline | peak GiB "
              "| llama.cpp type | tokens/s | GPU memory GiB | ours / llama.cpp |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -307,7 +311,7 @@ def run_row_in_child(name: str, pair: str, args) -> None:
     command = [sys.executable, str(Path(__file__).resolve()), "--skip-llama-cpp", "--in-process", "--resume",
                "--models", name, "--ours", pair, "--depth", str(args.depth), "--tokens", str(args.tokens),
                "--ingest-frames", str(args.ingest_frames), "--policy", args.policy, "--out", str(args.out),
-               "--name", args.name] + (["--smoke"] if args.smoke else [])
+               "--name", args.name] + (["--smoke"] if args.smoke else []) + (["--matvec", *args.matvec] if args.matvec else [])
     subprocess.run(command, check=True)
 
 
@@ -337,8 +341,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the rows of an earlier run's <out>/<name>.json and time only the missing ones")
     parser.add_argument("--in-process", action="store_true",
                         help="time our rows in this process (default: each row in a fresh interpreter)")
+    parser.add_argument("--matvec", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="our decode matrix-vector op's launch shape (fields of decode_linear.MatvecTuning)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
+    try:
+        tuning = overridden(decode_linear.TUNING, args.matvec)
+    except ValueError as exc:
+        parser.error(f"--matvec {exc}")
+    with kept_tuning(decode_linear.TUNING):  # put back however the run ends (tests call main in-process)
+        set_tuning(decode_linear.TUNING, tuning)
+        return run(args)
+
+
+def run(args) -> int:
+    """llama.cpp's rows, then ours, each saved to the results file as it is timed."""
     shapes = bench_gpu.SHAPES
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
@@ -350,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor()})",
               "torch": torch.__version__, "bandwidth_bytes_per_s": bandwidth, "depth": args.depth,
               "tokens": args.tokens, "repetitions": args.repetitions, "policy": args.policy,
-              "llama_cpp": [], "ours": []}
+              "matvec_overrides": args.matvec, "llama_cpp": [], "ours": []}
     args.out.mkdir(parents=True, exist_ok=True)
     earlier = args.out / f"{args.name}.json"
     if args.resume and earlier.is_file():

@@ -30,7 +30,8 @@ if "--smoke" in sys.argv:  # before the kernels are first imported
 
 import torch  # noqa: E402
 
-from bench_decode_attention import kept_tuning, sweep, timed_us  # noqa: E402
+from bench_decode_attention import timed_us  # noqa: E402
+from launch_tuning import kept_tuning, sweep  # noqa: E402
 from bench_gpu import FAMILY_SHAPES, SHAPES  # noqa: E402
 from results_files import save_report  # noqa: E402
 from ros_infmllm.model.config import parse_text_config  # noqa: E402

@@ -45,15 +45,16 @@ HEAD_FOR = {"float": "float", "int8": "int8", "int4": "int8"}
 TOWER_BYTES = 0.81 * (1 << 30)  # SigLIP so400m/384 + projector in bf16, as the H200 run held them
 
 
-def shape_bytes(shape: dict, weights: str, capacity: int) -> dict[str, float]:
+def shape_bytes(shape: dict, weights: str, capacity: int, head: str | None = None) -> dict[str, float]:
+    """Bytes of a shape's parts; the LM head packed as ``HEAD_FOR`` says unless ``head`` names its type."""
     h, i, layers = shape["hidden"], shape["inter"], shape["layers"]
     kv = h // shape["heads"] * shape["kv"]
     projections = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
-    head_bytes = shape["vocab"] * h * BYTES_PER_WEIGHT[HEAD_FOR[weights]]
+    head_bytes = shape["vocab"] * h * BYTES_PER_WEIGHT[head or HEAD_FOR[weights]]
     embed_bytes = shape["vocab"] * h * 2.0
     cache = 2 * layers * kv * capacity * 2.0
     blocks = projections * BYTES_PER_WEIGHT[weights]
-    held_head = 0.0 if shape["tied"] and weights == "float" else head_bytes
+    held_head = 0.0 if shape["tied"] and (head or HEAD_FOR[weights]) == "float" else head_bytes
     return {"per_token": blocks + head_bytes + cache, "decoder_blocks": blocks, "embeddings": embed_bytes,
             "lm_head": held_head, "cache": cache, "parameters": projections + shape["vocab"] * h * (1 if shape["tied"] else 2)}
 
@@ -74,11 +75,32 @@ def measured_efficiency(report: dict, capacity: int) -> dict[tuple[str, str], di
     return out
 
 
-def plan(report: dict, capacity: int, reserve_gib: float, as_float: bool = False) -> list[dict]:
+def decode_efficiency(run: dict) -> dict[tuple[str, str], dict]:
+    """The same figures from a ``bench_gpu.py`` results file (its policy of record, the last
+    checkpoint of the stream): why: a later kernel is timed there before a whole llama.cpp
+    comparison is run again. bench_gpu keeps the LM head in float."""
+    out = {}
+    for model in run["models"]:
+        if model["model"] not in SHAPES:
+            continue
+        last = model["policies"][run["ours"]]["checkpoints"][-1]
+        sizes = shape_bytes(SHAPES[model["model"]], run["weights"], run["capacity"], head="float")
+        held = sizes["decoder_blocks"] + sizes["embeddings"] + sizes["lm_head"] + TOWER_BYTES + sizes["cache"]
+        out[(model["model"], run["weights"])] = {"fraction": model["roofline_ms"] / last["decode_p50_ms"],
+                                                 "workspace": max(0.0, last["peak_memory_bytes"] - held)}
+    return out
+
+
+def plan(report: dict, capacity: int, reserve_gib: float, as_float: bool = False,
+         decode_runs: tuple[dict, ...] = ()) -> list[dict]:
     """One row per (shape, weight type, board); ``as_float``: the bf16 kernel's roofline fraction
-    for every weight type (each type's own workspace)."""
+    for every weight type (each type's own workspace); ``decode_runs``: bench_gpu results whose
+    (shape, weight type) figures replace the llama.cpp comparison's."""
     copy_share = report["bandwidth_bytes_per_s"] / DATASHEET_BYTES_PER_S.get(report["device"], 4.8e12)
     efficiency = measured_efficiency(report, capacity)
+    replaced = {key: run["__name"] for run in decode_runs for key in decode_efficiency(run)}
+    for run in decode_runs:
+        efficiency.update(decode_efficiency(run))
     rows = []
     for name, shape in SHAPES.items():
         for weights in ("float", "int8", "int4"):
@@ -95,7 +117,9 @@ def plan(report: dict, capacity: int, reserve_gib: float, as_float: bool = False
                 rows.append({"model": name, "weights": weights, "board": board, "tokens_per_s": 1e3 / ms,
                              "ms_per_token": ms, "memory_gib": memory / (1 << 30),
                              "fits": memory / (1 << 30) <= memory_gib - reserve_gib,
-                             "efficiency_from": f"{shape['measured']} {'float' if as_float else weights}",
+                             "efficiency_from": f"{shape['measured']} {'float' if as_float else weights}"
+                             + (f", {replaced[(shape['measured'], weights)]}"
+                                if not as_float and (shape["measured"], weights) in replaced else ""),
                              "roofline_fraction": measured["fraction"]})
     return rows
 
@@ -114,10 +138,14 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def write_markdown(report: dict, measured: list[dict], goal: list[dict], source: Path, capacity: int,
-                   reserve: float, path: Path) -> None:
+                   reserve: float, path: Path, decode_sources: tuple[Path, ...] = ()) -> None:
+    later = "".join(f", [{d.name}]({d.name})" for d in decode_sources)
     lines = ["# Jetson plan (on paper, from the H200's measured efficiency)", "",
              f"From `benchmarks/jetson_plan.py` over [{source.name}]({source.name}) ({report['device']}, copy "
-             f"{report['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s); decode tokens/s at a {capacity}-token cache, "
+             f"{report['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s)"
+             + (f", its figures replaced where a later bench_gpu run timed the same shape and weight type{later} "
+                "(named in the last column)" if decode_sources else "")
+             + f"; decode tokens/s at a {capacity}-token cache, "
              f"batch 1; memory = weights + so400m tower + cache + the H200 run's workspace; 'no' where it "
              f"exceeds the board's memory less {reserve:g} GiB for JetPack and the robot. Not measured on a Jetson.", "",
              "Tokens/s with each weight type's measured fraction of the roofline:", ""]
@@ -130,17 +158,22 @@ def write_markdown(report: dict, measured: list[dict], goal: list[dict], source:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_h200_kernel1.json")
+    parser.add_argument("--decode", type=Path, nargs="*", default=[],
+                        help="bench_gpu.py results files whose (shape, weight type) decode figures replace --measured's")
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--reserve-gib", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     report = json.loads(args.measured.read_text())
-    measured = plan(report, args.capacity, args.reserve_gib)
-    goal = plan(report, args.capacity, args.reserve_gib, as_float=True)
+    runs = tuple({**json.loads(path.read_text()), "__name": path.stem} for path in args.decode)
+    measured = plan(report, args.capacity, args.reserve_gib, decode_runs=runs)
+    goal = plan(report, args.capacity, args.reserve_gib, as_float=True, decode_runs=runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "jetson_plan.json").write_text(json.dumps({"source": args.measured.name, "measured": measured,
-                                                           "bf16_efficiency": goal}, indent=1))
-    write_markdown(report, measured, goal, args.measured, args.capacity, args.reserve_gib, args.out / "jetson_plan.md")
+    (args.out / "jetson_plan.json").write_text(json.dumps({"source": args.measured.name,
+                                                           "decode_sources": [p.name for p in args.decode],
+                                                           "measured": measured, "bf16_efficiency": goal}, indent=1))
+    write_markdown(report, measured, goal, args.measured, args.capacity, args.reserve_gib, args.out / "jetson_plan.md",
+                   tuple(args.decode))
     print((args.out / "jetson_plan.md").read_text())
     return 0
 

@@ -42,22 +42,24 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
     from ros_infmllm.model import matvec_kernels
     from ros_infmllm.model.decode_linear import TUNING, chunk_size
 
-    block_n = {0: TUNING.block_n, 8: TUNING.int8_block_n, 4: TUNING.int4_block_n, -4: TUNING.int4_block_n}[bits]
+    block_n = {0: TUNING.block_n, 8: TUNING.int8_block_n, 4: TUNING.int4_block_n, -4: TUNING.x8_block_n}[bits]
+    warps = TUNING.warps(bits)
     pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr",
                                            "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr", "stats_ptr")}
     typed = dict(pointers, w_ptr=WEIGHT_TYPES[bits][1], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}),
                  **({"x_ptr": "*i32", "stats_ptr": "*fp32"} if bits < 0 else {}))
     constants = dict(N=rows, K=columns, NORM=False, GATED=False, HALF=0, ROTATED_ROWS=0, BIAS=False, RESIDUAL=True,
-                     BLOCK_N=block_n, BLOCK_K=chunk_size(columns, TUNING.block_k), PDL=arch >= 90, BITS=abs(bits),
-                     GROUP=32 if bits else 1, OFFSET=abs(bits) == 4, X8=bits < 0)
+                     BLOCK_N=block_n, BLOCK_K=chunk_size(columns, TUNING.chunk(abs(bits))),
+                     PDL=arch >= 90, BITS=abs(bits),
+                     GROUP=32 if bits else 1, OFFSET=abs(bits) == 4, X8=bits < 0, AHEAD=TUNING.packed_ahead if bits else 1)
     signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=matvec_kernels.matvec, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()},
                        attrs={(names.index(k),): [["tt.divisibility", 16]] for k in typed})
     kernel = compile(source, target=GPUTarget("cuda", arch, 32),
-                     options={"num_warps": TUNING.num_warps, "launch_pdl": arch >= 90})
-    return kernel, constants, TUNING.num_warps
+                     options={"num_warps": warps, "launch_pdl": arch >= 90})
+    return kernel, constants, warps
 
 
 def disassemble(cubin: bytes) -> list[str]:

@@ -2,6 +2,7 @@
 only that a run writes complete, consistent results files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -55,6 +56,35 @@ def test_bench_gpu_smoke_run_with_int4_weights_counts_packed_bytes(tmp_path: Pat
     assert 0 < p["decoder_weight_bytes"] < f["decoder_weight_bytes"]
     assert p["policies"]["h2o"]["checkpoints"][-1]["streamed_tokens"] >= 1200
     assert "decoder projections int4" in (tmp_path / "packed.md").read_text()
+
+
+def test_bench_gpu_matvec_overrides_set_the_launch_shape_for_the_run_and_put_it_back(tmp_path: Path) -> None:
+    """--matvec FIELD=VALUE: the op runs at that shape (the report keeps it), the shipped tuning is
+    back afterwards, and a field the tuning lacks is refused with the fields named."""
+    from ros_infmllm.model import decode_linear
+
+    shipped = dataclasses.replace(decode_linear.TUNING)
+    assert bench_gpu.main(["--smoke", "--weights", "int4", "--policies", "h2o", "--skip-transformers",
+                           "--matvec", "int4_block_n=2", "int4_block_k=64", "pdl=false",
+                           "--out", str(tmp_path), "--name", "tuned"]) == 0
+    tuned = json.loads((tmp_path / "tuned.json").read_text())
+    assert tuned["matvec_tuning"]["int4_block_n"] == 2 and tuned["matvec_tuning"]["int4_block_k"] == 64
+    assert tuned["matvec_tuning"]["pdl"] is False and decode_linear.TUNING == shipped
+    assert "int4_block_n=2 int4_block_k=64" in (tmp_path / "tuned.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--smoke", "--matvec", "int4_rows=2", "--out", str(tmp_path)])
+    assert decode_linear.TUNING == shipped
+
+
+def test_launch_tuning_overrides_parse_each_field_as_its_type() -> None:
+    from launch_tuning import overridden
+    from ros_infmllm.model.decode_linear import MatvecTuning
+
+    tuning = overridden(MatvecTuning(), ["x8_block_n=16", "pdl=0", "int4_activations=int8"])
+    assert (tuning.x8_block_n, tuning.pdl, tuning.int4_activations) == (16, False, "int8")
+    for bad in ("x8_block_n=four", "pdl=maybe", "block_n", "nothing=1"):
+        with pytest.raises(ValueError, match="x8_block_n|pdl|block_n"):
+            overridden(MatvecTuning(), [bad])
 
 
 def test_decoder_weight_bytes_count_a_tied_table_once(tmp_path: Path) -> None:
@@ -131,8 +161,9 @@ def test_bench_dp4a_matvec_smoke_run_times_all_three_and_reports_the_rounding(tm
     rows = json.loads((tmp_path / "bench_dp4a_matvec.json").read_text())["rows"]
     assert [r["matrix"] for r in rows] == ["o", "down"]
     for r in rows:
-        assert r["int4_shipped"]["error"] < 1e-5 < r["int4_dp4a"]["error"] < 1e-2
-        assert all(r[k]["us"] > 0 for k in ("cublas_bf16", "int4_shipped", "int4_dp4a"))
+        assert r["int4_float_x"]["error"] < 1e-5 < r["int4_dp4a"]["error"] < 1e-2
+        assert all(r[k]["us"] > 0 for k in ("cublas_bf16", "int4_float_x", "int4_dp4a"))
+        assert r["int4_dp4a"]["packed_ahead"] == 2  # the smoke sweep requests two chunks ahead
     assert "| tiny | down | 32x512 |" in (tmp_path / "bench_dp4a_matvec.md").read_text()
 
 
@@ -145,13 +176,19 @@ def test_bench_decode_linear_smoke_run_writes_its_table(tmp_path: Path) -> None:
     assert "| tiny-qwen2 | gate/up |" in (tmp_path / "bench_decode_linear.md").read_text()
 
 
-def test_bench_decode_linear_times_packed_weights_against_their_dequantized_reference(tmp_path: Path) -> None:
+@pytest.mark.parametrize("activations, rows_field, bound", [("float", "int4_block_n", 1e-5), ("int8", "x8_block_n", 1e-2)])
+def test_bench_decode_linear_times_packed_weights_against_their_dequantized_reference(tmp_path: Path, activations,
+                                                                                     rows_field, bound) -> None:
     """--weights int4: the op reads codes, scales and offsets (a quarter of bf16's bytes and the
-    scales') and agrees with the float64 product of the dequantized weights."""
-    model = _smoke_run("bench_decode_linear", tmp_path, "--weights", "int4")
+    scales') and agrees with the float64 product of the dequantized weights: exactly against
+    float x, within x's int8 rounding on the dp4a path (whose rows per program are x8_block_n)."""
+    model = _smoke_run("bench_decode_linear", tmp_path, "--weights", "int4", "--int4-activations", activations)
     for matrix in model["matrices"]:
-        assert matrix["op"]["error"] < 1e-5 and matrix["op"]["bytes"] < matrix["cublas"]["bytes"] / 2
-        assert matrix["op"]["int4_block_n"] == matrix["op"]["rows_per_program"]
+        assert matrix["op"]["error"] < bound and matrix["op"]["bytes"] < matrix["cublas"]["bytes"] / 2
+        assert matrix["op"]["int4_activations"] == activations
+        assert matrix["op"][rows_field] == matrix["op"]["rows_per_program"]
+        assert matrix["op"]["int4_block_k"] == matrix["op"]["chunk"]
+        assert all(v["ahead"] == 2 and v["error"] < bound for v in matrix["variants"])  # two chunks in flight
     assert "weights int4" in (tmp_path / "bench_decode_linear.md").read_text()
 
 
@@ -304,6 +341,28 @@ def test_jetson_plan_scales_with_bandwidth_and_marks_what_does_not_fit(tmp_path:
     assert not rows[("llama2-7b", "float", "Orin Nano 8GB")]["fits"] and rows[("llama2-7b", "int4", "AGX Orin 64GB")]["fits"]
     goal = {(r["model"], r["weights"], r["board"]): r for r in report["bf16_efficiency"]}
     assert goal[("llama2-7b", "int4", "Orin NX 16GB")]["tokens_per_s"] > goal[("llama2-7b", "float", "Orin NX 16GB")]["tokens_per_s"]
+
+
+def test_jetson_plan_takes_a_later_bench_gpu_run_for_its_shape_and_weight_type(tmp_path: Path) -> None:
+    """--decode: a bench_gpu run's fraction of the roofline (roofline / p50 at the stream's end)
+    replaces the llama.cpp comparison's for that shape and weight type only, and says so."""
+    import jetson_plan
+
+    run = {"weights": "int4", "capacity": 4096, "ours": "h2o-kinds",
+           "models": [{"model": "llama2-7b", "roofline_ms": 1.5, "policies": {"h2o-kinds": {"checkpoints": [
+               {"decode_p50_ms": 9.0, "peak_memory_bytes": 1 << 30}, {"decode_p50_ms": 3.0, "peak_memory_bytes": 8 << 30}]}}}]}
+    (tmp_path / "later_int4.json").write_text(json.dumps(run))
+    assert jetson_plan.main(["--out", str(tmp_path / "base")]) == 0
+    assert jetson_plan.main(["--out", str(tmp_path), "--decode", str(tmp_path / "later_int4.json")]) == 0
+    base = {(r["model"], r["weights"], r["board"]): r for r in
+            json.loads((tmp_path / "base" / "jetson_plan.json").read_text())["measured"]}
+    rows = {(r["model"], r["weights"], r["board"]): r for r in
+            json.loads((tmp_path / "jetson_plan.json").read_text())["measured"]}
+    replaced = rows[("llama2-7b", "int4", "AGX Orin 64GB")]
+    assert replaced["roofline_fraction"] == 0.5 and "later_int4" in replaced["efficiency_from"]
+    assert rows[("llama2-7b", "int8", "AGX Orin 64GB")] == base[("llama2-7b", "int8", "AGX Orin 64GB")]
+    assert rows[("qwen2-1.5b", "int4", "AGX Orin 64GB")] == base[("qwen2-1.5b", "int4", "AGX Orin 64GB")]
+    assert "later_int4.json" in (tmp_path / "jetson_plan.md").read_text()
 
 
 def test_eval_demo_session_suffixes_set_merging_pooling_and_packed_weights(tiny_model_dir: Path) -> None:

@@ -3,6 +3,7 @@ one-token block through it against the plain path. On a GPU the kernel runs comp
 Triton's interpreter (TRITON_INTERPRET, set by triton_device before the kernel is first imported), same code."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -20,6 +21,13 @@ from ros_infmllm.rope import Rotary  # noqa: E402
 from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder  # noqa: E402
 from builders import one_token_step_inputs  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _float_activations(monkeypatch):
+    """These tests hold the int4 products against unrounded x (``int4_activations`` "float"), exact
+    to the weights' codes; the dp4a path, the shipped default, rounds x and is tested in
+    test_matvec_dp4a.py against a reference from the same rounded codes."""
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="float"))
 
 
 def _reference(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0):
@@ -129,6 +137,31 @@ def test_packed_rotary_qkv_matches_a_float64_reference(packing) -> None:
     assert float((out.double() - want).norm() / want.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("packing", ["int8", "int4", "int4-centred"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "swiglu"])
+def test_two_packed_chunks_requested_ahead_give_the_same_product(monkeypatch, packing, gated) -> None:
+    """``packed_ahead`` 2 (two chunks in flight) over five chunks, the last ragged: the same
+    product of the dequantized matrix as one chunk ahead."""
+    generator = torch.Generator().manual_seed(3 + gated)
+    rows, columns = 24, 1088
+    layer = _packed(torch.randn(2 * rows if gated else rows, columns, generator=generator) * columns ** -0.5,
+                    packing).to(DEVICE)
+    x, norm, res = (torch.randn(*shape, generator=generator).to(DEVICE) for shape in ((1, columns), (columns,), (1, rows)))
+    rest = (None, norm, res, 1e-6, gated)
+    want = _reference(x, layer.dequantized(torch.float64), *rest)
+    outs = []
+    for ahead in (1, 2):
+        monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, packed_ahead=ahead, int8_block_k=256,
+                                                                    int4_block_k=256))
+        outs.append(op.decode_linear(x, layer.qweight, *rest, scales=layer.scales, offsets=layer.offsets,
+                                     bits=layer.bits))
+        assert float((outs[-1].double() - want).norm() / want.norm()) < 1e-6
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, packed_ahead=3))
+    with pytest.raises(ValueError, match="packed_ahead"):
+        op.decode_linear(x, layer.qweight, *rest, scales=layer.scales, offsets=layer.offsets, bits=layer.bits)
+
+
 def test_packed_arguments_are_checked() -> None:
     x, codes = torch.zeros(1, 64, device=DEVICE), torch.zeros(4, 32, dtype=torch.uint8, device=DEVICE)
     with pytest.raises(ValueError, match="packed weights"):
@@ -218,8 +251,9 @@ for (rows, columns, norm, gated, half, bias, residual), kind in [
     constants = dict(N=rows, K=columns, NORM=bool(norm), GATED=bool(gated), HALF=half, ROTATED_ROWS=1792 if half else 0,
                      BIAS=bool(bias), RESIDUAL=bool(residual),
                      BLOCK_N=TUNING.gated_block_n if gated or half else TUNING.block_n,
-                     BLOCK_K=chunk_size(columns, TUNING.block_k), PDL=arch >= 90, BITS=bits, GROUP=32 if bits else 1,
-                     OFFSET=bits == 4, X8=kind < 0)
+                     BLOCK_K=chunk_size(columns, TUNING.chunk(bits)), PDL=arch >= 90,
+                     BITS=bits, GROUP=32 if bits else 1, OFFSET=bits == 4, X8=kind < 0,
+                     AHEAD=TUNING.packed_ahead if bits else 1)
     typed = dict(pointers, w_ptr=WEIGHTS[kind], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}),
                  **({"x_ptr": "*i32", "stats_ptr": "*fp32"} if kind < 0 else {}))
     signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
@@ -227,7 +261,7 @@ for (rows, columns, norm, gated, half, bias, residual), kind in [
     source = ASTSource(fn=matvec_kernels.matvec, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
     compiled = compile(source, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": TUNING.num_warps, "launch_pdl": arch >= 90})
+                       options={"num_warps": TUNING.warps(bits), "launch_pdl": arch >= 90})
     ptx = compiled.asm["ptx"]
     assert ".entry matvec" in ptx and compiled.asm["cubin"], (rows, columns)
     assert "evict_first" in ptx  # the weights stream past the caches

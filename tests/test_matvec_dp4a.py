@@ -34,11 +34,12 @@ def _int8_activations(monkeypatch, **fields) -> None:
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="int8", **fields))
 
 
+@pytest.mark.parametrize("ahead", [1, 2], ids=["one-ahead", "two-ahead"])
 @pytest.mark.parametrize("offsets", [True, False], ids=["q4_1-offsets", "q4_0-centred"])
 @pytest.mark.parametrize("rows, columns, residual", [(64, 256, False), (37, 1024, True), (16, 2048, False)])
-def test_dp4a_products_give_the_integer_sums_of_the_activation_codes(monkeypatch, offsets, rows, columns,
+def test_dp4a_products_give_the_integer_sums_of_the_activation_codes(monkeypatch, ahead, offsets, rows, columns,
                                                                      residual) -> None:
-    _int8_activations(monkeypatch, block_k=256)  # several chunks per row
+    _int8_activations(monkeypatch, int4_block_k=256, packed_ahead=ahead)  # several chunks per row
     layer = _packed(rows, columns, offsets)
     x = torch.randn(1, columns, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     res = torch.randn(1, rows).to(DEVICE) if residual else None

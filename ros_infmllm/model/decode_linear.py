@@ -37,11 +37,31 @@ class MatvecTuning:
     # int8 4 rows (89.5 us per layer against 99.6 at 2), int4 8 (96.9 against 126.6 at 4)
     int8_block_n: int = 4
     int4_block_n: int = 8
+    # packed weights' input elements per loop step and warps per program, apart from the float
+    # weights' (a packed row's chunk is a half or a quarter of the bytes of a float row's). int4: the
+    # 7B matrices' sweep on an H200 (results/bench_decode_linear_int4_sweep_h200.md) gave 81.1 us per
+    # layer at 4096 against 95.8 at 1024, and the dp4a path's best is 4096 too
+    # (bench_dp4a_matvec_sweep_h200.md); int8 was not swept wider, so it keeps 1024
+    int8_block_k: int = 1024
+    int4_block_k: int = 4096
+    packed_num_warps: int = 4
+    # chunks of packed bytes requested ahead of the one being multiplied (1 or 2; matvec_kernels AHEAD)
+    packed_ahead: int = 1
     # int4 products against x rounded to int8 per group ("int8": dp4a, model/matvec_dp4a.py) or float
-    # x ("float"). int8 counts 2.20 instructions per code against 7.09 on paper and costs SmolLM2
-    # +0.005 nats/token (docs/quantized_weights.md); 0.60-0.93x the float path's time per matrix on
-    # an H200 (at int4_block_n 4), but the whole model is not yet timed with it, so off.
-    int4_activations: str = "float"
+    # x ("float", exact to the codes). int8 counts 2.20 instructions per code against 7.09 and costs
+    # SmolLM2 +0.005 nats/token (docs/quantized_weights.md); on an H200 the 7B int4 model decodes in
+    # 2.714 ms with it against 3.826 with float x at the same chunk (results/bench_gpu_int4_x8_h200.md,
+    # _float_h200.md), at x8_block_n 4 rows per program (bench_dp4a_matvec_sweep_h200.md), so shipped
+    int4_activations: str = "int8"
+    x8_block_n: int = 4
+
+    def chunk(self, bits: int) -> int:
+        """Input elements per loop step for weights of ``bits`` (0: float)."""
+        return {8: self.int8_block_k, 4: self.int4_block_k}.get(bits, self.block_k)
+
+    def warps(self, bits: int) -> int:
+        """Warps per program for weights of ``bits`` (0: float)."""
+        return self.packed_num_warps if bits else self.num_warps
 
 
 TUNING = MatvecTuning()
@@ -74,20 +94,23 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"packed weights: bits 8 or 4 with scales (offsets for int4 only); got bits={bits}, "
                          f"scales {'given' if scales is not None else 'missing'}, "
                          f"offsets {'given' if offsets is not None else 'missing'}")
+    tuning = TUNING
+    if bits and tuning.packed_ahead not in (1, 2):
+        raise ValueError(f"MatvecTuning.packed_ahead is {tuning.packed_ahead}: the kernel requests 1 or 2 chunks ahead")
     rows = weight.shape[0] // (2 if gated else 1)
     columns = weight.shape[1] * (2 if bits == 4 else 1)
     out = x.new_empty((1, rows))
     placeholder = out
-    tuning = TUNING
     half = 0 if cos is None else cos.shape[-1] // 2
+    x8 = bits == 4 and tuning.int4_activations == "int8"
     if bits:
-        block_n = max(1, (tuning.int8_block_n if bits == 8 else tuning.int4_block_n) // (2 if gated or half else 1))
+        rows_per_program = tuning.int8_block_n if bits == 8 else tuning.x8_block_n if x8 else tuning.int4_block_n
+        block_n = max(1, rows_per_program // (2 if gated or half else 1))
     else:
         block_n = (tuning.gated_block_n if gated or half else
                    tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)
     group = columns // scales.shape[1] if scales is not None else 1
     programs = -(-(rows // 2 if half else rows) // block_n)
-    x8 = bits == 4 and tuning.int4_activations == "int8"
     stats = placeholder
     if x8:  # x (times the norm's weight) rounded to int8 codes per group, in a launch of its own
         from .matvec_dp4a import quantized_activations
@@ -104,9 +127,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         placeholder if scales is None else scales.contiguous(), placeholder if offsets is None else offsets.contiguous(),
         stats, eps, N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, HALF=half, ROTATED_ROWS=rotated_rows,
         BIAS=bias is not None,
-        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=max(chunk_size(columns, tuning.block_k), group),
+        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=max(chunk_size(columns, tuning.chunk(bits)), group),
         PDL=bool(launch), BITS=bits, GROUP=group,
-        OFFSET=offsets is not None, X8=x8, num_warps=tuning.num_warps, **launch)
+        OFFSET=offsets is not None, X8=x8, AHEAD=tuning.packed_ahead if bits else 1,
+        num_warps=tuning.warps(bits), **launch)
     return out
 
 

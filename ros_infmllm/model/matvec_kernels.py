@@ -29,6 +29,12 @@ small element-wise kernels around the products are folded into them:
   (``matvec_dp4a.quantize_activations``, a launch of its own, the norm's weight folded in) and
   each 32-bit word of eight codes meets them through two ``dp4a``: 2.20 instructions per code
   against the float path's 7.09 (benchmarks/results/matvec_sass_dp4a.md), for x's rounding.
+  The shipped int4 path since 2026-12-03: with 4,096 inputs per step the 7B int4 model decodes
+  1.4x faster than with float x (docs/quantized_weights.md).
+- ``AHEAD`` (packed only; 1 or 2): how many chunks of packed bytes are requested ahead of the one
+  being multiplied. A packed chunk is a half or a quarter of a float chunk's bytes, so one chunk
+  ahead may leave too few bytes in flight per SM to cover the memory's latency; two cost a few
+  registers (``MatvecTuning.packed_ahead``).
 - ``PDL`` (Hopper and later): programmatic dependent launch. Consecutive products (o_proj, gate/up,
   down, the next layer's q/k/v) overlap: a launch lets the next one start placing programs during
   its last wave, and those request their first weight chunk before waiting (``gdc_wait``) for the
@@ -134,7 +140,7 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
            stats_ptr, eps, N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
            HALF: tl.constexpr, ROTATED_ROWS: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-           OFFSET: tl.constexpr, X8: tl.constexpr):
+           OFFSET: tl.constexpr, X8: tl.constexpr, AHEAD: tl.constexpr = 1):
     if PDL:  # the next launch may start placing its programs as ours run their last wave
         tl.extra.cuda.gdc_launch_dependents()
     index_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,11 +183,14 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
         acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
         acc_pair = tl.zeros((BLOCK_N, GROUPS), tl.float32)
         w, u = _packed_words(w_ptr, rows, pair, 0, live, K, PAIRED, WORDS)
+        w1, u1 = w, u
+        if AHEAD == 2:
+            w1, u1 = _packed_words(w_ptr, rows, pair, BLOCK_K, live, K, PAIRED, WORDS)
         if PDL:
             tl.extra.cuda.gdc_wait()
         squares = tl.load(stats_ptr + 2 * (K // GROUP) + tl.arange(0, 1))
         for start in range(0, K, BLOCK_K):
-            next_w, next_u = _packed_words(w_ptr, rows, pair, start + BLOCK_K, live, K, PAIRED, WORDS)
+            next_w, next_u = _packed_words(w_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, WORDS)
             word = start // 8 + tl.arange(0, WORDS)
             x_even = tl.load(x_ptr + word, mask=word < K // 8, other=0)
             x_odd = tl.load(x_ptr + K // 8 + word, mask=word < K // 8, other=0)
@@ -193,7 +202,10 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             if PAIRED:
                 acc_pair += _x8_sums(u, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, pair, start, live, K, GROUP,
                                      OFFSET, BLOCK_N, BLOCK_K)
-            w, u = next_w, next_u
+            if AHEAD == 2:
+                w, u, w1, u1 = w1, u1, next_w, next_u
+            else:
+                w, u = next_w, next_u
     else:
         # Packed: the raw bytes are prefetched one chunk ahead; decoding, the products and the
         # per-group scaling happen in registers (``_packed_sums``). int4 bytes hold elements 2j
@@ -206,10 +218,13 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
         squares = tl.zeros((SPAN,), tl.float32)
         lanes = tl.arange(0, SPAN)
         w, u = _packed_chunk(w_ptr, rows, pair, 0, live, K, PAIRED, BITS, BLOCK_K)
+        w1, u1 = w, u
+        if AHEAD == 2:
+            w1, u1 = _packed_chunk(w_ptr, rows, pair, BLOCK_K, live, K, PAIRED, BITS, BLOCK_K)
         if PDL:
             tl.extra.cuda.gdc_wait()
         for start in range(0, K, BLOCK_K):
-            next_w, next_u = _packed_chunk(w_ptr, rows, pair, start + BLOCK_K, live, K, PAIRED, BITS, BLOCK_K)
+            next_w, next_u = _packed_chunk(w_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, BITS, BLOCK_K)
             first = start + STRIDE * lanes  # every element (int8) or the even ones (int4)
             x_lo = tl.load(x_ptr + first, mask=first < K, other=0.0).to(tl.float32)
             x_hi = x_lo
@@ -229,7 +244,10 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             if PAIRED:
                 acc_pair += _packed_sums(u, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, pair, start, live, K,
                                          BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
-            w, u = next_w, next_u
+            if AHEAD == 2:  # two chunks in flight while one is multiplied
+                w, u, w1, u1 = w1, u1, next_w, next_u
+            else:
+                w, u = next_w, next_u
     y = tl.sum(acc, axis=1)
     y_pair = tl.sum(acc_pair, axis=1)
     if NORM:

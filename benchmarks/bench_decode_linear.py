@@ -157,8 +157,8 @@ def write_markdown(report: dict, path: Path) -> None:
              "cuBLAS: the product alone; compiled: norm + product + bias/SwiGLU/residual as torch ops under "
              "torch.compile; op: the Triton op with those folded in, at the shipped launch shape "
              "(`MatvecTuning`), and the same without programmatic dependent launch (no PDL); best: the fastest "
-             "of the sweep (rows per program, chunk, warps; for packed weights also the chunks requested ahead). Each is "
-             "one launch per layer, back to back.", "",
+             "of the sweep (rows per program, chunk, warps; for packed weights also the chunks requested "
+             "ahead). Each is one launch per layer, back to back.", "",
              "| model | matrix | MB | folds in | cuBLAS us (GB/s) | compiled us | op us (GB/s) | no PDL us | "
              "best us: rows, chunk, warps | op vs compiled | op error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     totals = []

@@ -66,7 +66,8 @@ def bench(model: str, matrix: str, rows: int, columns: int, args, device: str, d
     us = timed_us(cublas, dense, device, args.replays)
     row["cublas_bf16"] = {"us": us, "gb_per_s": row["bf16_bytes"] / us / 1e3}
     # the decode op itself: its int4 path with float x, then its dp4a path (int4_activations int8) per launch shape
-    tunings = [dataclasses.replace(shipped, int4_activations="float")] + [dataclasses.replace(shipped, int4_activations="int8", x8_block_n=n, int4_block_k=k,
+    float_x = dataclasses.replace(shipped, int4_activations="float")
+    tunings = [float_x] + [dataclasses.replace(shipped, int4_activations="int8", x8_block_n=n, int4_block_k=k,
                                                packed_num_warps=w, packed_ahead=a)
                            for n, k, w, a in itertools.product(args.block_n, args.block_k, args.warps, args.ahead)]
     variants = sweep(op.TUNING, tunings, lambda: timed_us(op.decode_linear, packed, device, args.replays),

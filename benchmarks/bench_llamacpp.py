@@ -311,7 +311,8 @@ def run_row_in_child(name: str, pair: str, args) -> None:
     command = [sys.executable, str(Path(__file__).resolve()), "--skip-llama-cpp", "--in-process", "--resume",
                "--models", name, "--ours", pair, "--depth", str(args.depth), "--tokens", str(args.tokens),
                "--ingest-frames", str(args.ingest_frames), "--policy", args.policy, "--out", str(args.out),
-               "--name", args.name] + (["--smoke"] if args.smoke else []) + (["--matvec", *args.matvec] if args.matvec else [])
+               "--name", args.name] + (["--smoke"] if args.smoke else [])
+    command += ["--matvec", *args.matvec] if args.matvec else []
     subprocess.run(command, check=True)
 
 

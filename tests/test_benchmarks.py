@@ -176,7 +176,8 @@ def test_bench_decode_linear_smoke_run_writes_its_table(tmp_path: Path) -> None:
     assert "| tiny-qwen2 | gate/up |" in (tmp_path / "bench_decode_linear.md").read_text()
 
 
-@pytest.mark.parametrize("activations, rows_field, bound", [("float", "int4_block_n", 1e-5), ("int8", "x8_block_n", 1e-2)])
+@pytest.mark.parametrize("activations, rows_field, bound",
+                         [("float", "int4_block_n", 1e-5), ("int8", "x8_block_n", 1e-2)])
 def test_bench_decode_linear_times_packed_weights_against_their_dequantized_reference(tmp_path: Path, activations,
                                                                                      rows_field, bound) -> None:
     """--weights int4: the op reads codes, scales and offsets (a quarter of bf16's bytes and the
@@ -348,9 +349,11 @@ def test_jetson_plan_takes_a_later_bench_gpu_run_for_its_shape_and_weight_type(t
     replaces the llama.cpp comparison's for that shape and weight type only, and says so."""
     import jetson_plan
 
+    checkpoints = [{"decode_p50_ms": 9.0, "peak_memory_bytes": 1 << 30},
+                   {"decode_p50_ms": 3.0, "peak_memory_bytes": 8 << 30}]  # the stream's end is the last
     run = {"weights": "int4", "capacity": 4096, "ours": "h2o-kinds",
-           "models": [{"model": "llama2-7b", "roofline_ms": 1.5, "policies": {"h2o-kinds": {"checkpoints": [
-               {"decode_p50_ms": 9.0, "peak_memory_bytes": 1 << 30}, {"decode_p50_ms": 3.0, "peak_memory_bytes": 8 << 30}]}}}]}
+           "models": [{"model": "llama2-7b", "roofline_ms": 1.5,
+                       "policies": {"h2o-kinds": {"checkpoints": checkpoints}}}]}
     (tmp_path / "later_int4.json").write_text(json.dumps(run))
     assert jetson_plan.main(["--out", str(tmp_path / "base")]) == 0
     assert jetson_plan.main(["--out", str(tmp_path), "--decode", str(tmp_path / "later_int4.json")]) == 0

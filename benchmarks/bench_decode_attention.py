@@ -28,7 +28,7 @@ import torch
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
 
-from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
+from bench_gpu import FAMILY_SHAPES, SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from launch_tuning import kept_tuning, sweep  # noqa: E402
 from ros_infmllm.model import decode_attention as op  # noqa: E402
 from ros_infmllm.model.config import load_config  # noqa: E402
@@ -120,9 +120,10 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     result["explicit"] = {"us": timed_us(compiled, per_layer, device, args.replays),
                           "out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)}
     tunings = [op.DecodeKernelTuning(**vars(shipped))]
-    tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s)
-                for b, p, m, w, s in itertools.product(args.blocks, args.programs, args.min_splits, args.warps,
-                                                       args.stages)]
+    tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s,
+                                      mass_block=mb)
+                for b, p, m, w, s, mb in itertools.product(args.blocks, args.programs, args.min_splits, args.warps,
+                                                           args.stages, args.mass_blocks or [shipped.mass_block])]
 
     def errors() -> dict:
         out, mass = kernel(*fresh)
@@ -142,7 +143,7 @@ def write_markdown(report: dict, path: Path) -> None:
              f"{report['dtype']}, capacity {report['capacity']}, mass computed)", "",
              "Shipped: the launch shape `DecodeKernelTuning` holds; best: the fastest of the sweep.", "",
              "| model | heads / KV heads / dim | K+V MB per call | explicit us (GB/s) | shipped us (GB/s), block | "
-             "best us: block, programs, min split, warps, stages | shipped speed-up | error out / mass |",
+             "best us: block, programs, min split, warps, stages, mass block | shipped speed-up | error out / mass |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         e, s, b = r["explicit"], r["shipped"], r["best"]
@@ -151,7 +152,7 @@ def write_markdown(report: dict, path: Path) -> None:
                      f"{s['us']:.1f} ({s['gb_per_s']:.0f}), {s['block_used']} | {b['us']:.1f}: {launch(b)} | {e['us'] / s['us']:.2f}x | "
                      f"{s['out_error']:.1e} / {s['mass_error']:.1e} |")
     lines += ["", "Every launch shape of the sweep:", "",
-              "| model | block, programs, min split, warps, stages | us | GB/s |", "|---|---|---|---|"]
+              "| model | block, programs, min split, warps, stages, mass block | us | GB/s |", "|---|---|---|---|"]
     for r in report["models"]:
         for v in sorted(r["variants"], key=lambda v: v["us"]):
             lines.append(f"| {r['model']} | {launch(v)} | {v['us']:.1f} | {v['gb_per_s']:.0f} |")
@@ -159,28 +160,36 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def launch(variant: dict) -> str:
-    return ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages"))
+    return ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages",
+                                                "mass_block"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--models", nargs="+", default=list(SHAPES),
+                        help=f"default: {', '.join(SHAPES)} (also: {', '.join(FAMILY_SHAPES)})")
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--programs", type=int, nargs="+", default=[66, 132, 264, 528])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[3])
     parser.add_argument("--min-splits", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--mass-blocks", type=int, nargs="+", default=None,
+                        help="slots per mass program of the combine kernel (default: the shipped one); the probability "
+                             "pass of h2o-style policies, issue 17's SmolVLM2 cost")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's CPU interpreter")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    shapes, dtype = SHAPES, torch.bfloat16
+    shapes, dtype = {**SHAPES, **FAMILY_SHAPES}, torch.bfloat16
     if args.smoke:
         shapes, args.models, dtype = SMOKE_SHAPES, list(SMOKE_SHAPES), torch.float32
         args.capacity, args.blocks, args.programs, args.warps, args.replays = 80, [16], [4, 8], [4], 1
-        args.min_splits = [16]
+        args.min_splits, args.mass_blocks = [16], [32, 64]
+    unknown = [name for name in args.models if name not in shapes]
+    if unknown:
+        parser.error(f"unknown model shapes {unknown}: choose from {', '.join(shapes)}")
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "capacity": args.capacity,
               "models": []}

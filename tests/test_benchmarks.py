@@ -477,3 +477,16 @@ def test_bench_gpu_times_a_visual_token_reduction_as_a_policy_variant(tmp_path: 
     dropping = model["policies"]["h2o+pyramid"]
     assert dropping["ingest_p50_ms"] > 0 and dropping["evictions"] > 0
     assert all(c["cache_length"] <= 128 for c in dropping["checkpoints"])
+
+
+def test_packed_prefill_memory_compares_both_products_in_fresh_processes(tmp_path: Path) -> None:
+    """Before and now give the same product and each has a measured peak (the figures mean
+    nothing on a tiny matrix)."""
+    script = Path(bench_gpu.__file__).with_name("packed_prefill_memory.py")
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--name", "ppm"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "ppm.json").read_text())["rows"]
+    assert row["relative_difference"] < 1e-6 and row["now"]["packed_bytes"] == row["before"]["packed_bytes"] > 0
+    assert row["before"]["peak_growth_bytes"] >= 0 and row["now"]["peak_growth_bytes"] >= 0
+    assert "| tiny (96 x 64) |" in (tmp_path / "ppm.md").read_text()

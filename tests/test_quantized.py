@@ -169,7 +169,7 @@ def test_a_packed_lm_head_is_a_copy_and_its_product_is_chunked(tmp_path: Path, m
     assert torch.allclose(got, model.forward_full(ids), atol=1e-5)
     x = torch.randn(3, head.in_features)
     whole = head(x)
-    monkeypatch.setattr("ros_infmllm.model.quantized.FORWARD_ROWS", 7)  # uneven chunks of the output rows
+    monkeypatch.setattr("ros_infmllm.model.quantized.FORWARD_ELEMENTS", 7 * head.in_features)  # uneven row chunks
     assert torch.allclose(head(x), whole, atol=1e-6)
     assert torch.equal(head.dequantized(rows=slice(7, 20)), head.dequantized()[7:20])
 

@@ -33,7 +33,10 @@ WeightMode = Literal["int8", "int4"]
 WEIGHT_MODES = ("auto", "float", "int8", "int4")
 HEAD_MODES = ("float", "int8", "int4")  # the LM head: in the model's dtype, or packed
 DEFAULT_GROUPS = {"int8": 32, "int4": 32}  # as GGUF Q8_0 / Q4_x; 0 would be one group per output channel
-FORWARD_ROWS = 16384  # output rows dequantized at once by ``QuantizedLinear.forward``
+# weights dequantized at once by ``QuantizedLinear.forward`` (whole output rows; 64 MiB in float32):
+# a prefill chunk's float copy of a projection is transient, but it sets the peak memory of a packed
+# model (a 7B gate projection whole took about 0.6 GB of float32 temporaries)
+FORWARD_ELEMENTS = 1 << 24
 QUANTIZED_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -78,26 +81,28 @@ class QuantizedLinear(nn.Module):
         return torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).reshape(qweight.shape[0], self.in_features)
 
     def dequantized(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
-        """``W[rows]`` ``[out, in]`` in ``dtype`` (computed in float32, the order GGUF's dequantizers use)."""
+        """``W[rows]`` ``[out, in]`` in ``dtype`` (computed in float32, the order GGUF's dequantizers
+        use, in place on one float32 copy of the codes: no second or third temporary of that size)."""
         scales = self.scales[rows]
         offsets = None if self.offsets is None else self.offsets[rows]
         count, groups = scales.shape
-        codes = self.codes(rows).to(torch.float32)
+        w = self.codes(rows).to(torch.float32)  # a new tensor (a dtype change), so it may change in place
         if self.bits == 4 and offsets is None:
-            codes = codes - 8
-        w = codes.reshape(count, groups, self.group) * scales.to(torch.float32)[..., None]
+            w.sub_(8)
+        w = w.view(count, groups, self.group).mul_(scales.to(torch.float32)[..., None])
         if offsets is not None:
-            w = w + offsets.to(torch.float32)[..., None]
-        return w.reshape(count, self.in_features).to(dtype)
+            w.add_(offsets.to(torch.float32)[..., None])
+        return w.view(count, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference product; a large matrix (an LM head) is dequantized ``FORWARD_ROWS`` output
-        rows at a time, so a prefill's float copy of it stays small."""
+        """The reference product, dequantized ``FORWARD_ELEMENTS`` weights (whole output rows) at a
+        time, so a prefill's float copy of a large matrix stays small."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.out_features <= FORWARD_ROWS:
+        step = max(1, FORWARD_ELEMENTS // self.in_features)
+        if self.out_features <= step:
             return F.linear(x, self.dequantized(x.dtype), bias)
-        parts = [F.linear(x, self.dequantized(x.dtype, slice(start, start + FORWARD_ROWS)))
-                 for start in range(0, self.out_features, FORWARD_ROWS)]
+        parts = [F.linear(x, self.dequantized(x.dtype, slice(start, start + step)))
+                 for start in range(0, self.out_features, step)]
         out = torch.cat(parts, dim=-1)
         return out if bias is None else out + bias
 

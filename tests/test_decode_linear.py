@@ -160,6 +160,10 @@ def test_two_packed_chunks_requested_ahead_give_the_same_product(monkeypatch, pa
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, packed_ahead=3))
     with pytest.raises(ValueError, match="packed_ahead"):
         op.decode_linear(x, layer.qweight, *rest, scales=layer.scales, offsets=layer.offsets, bits=layer.bits)
+    if layer.bits == 4:  # a misspelt activation path is refused, not taken as float
+        monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, packed_ahead=1, int4_activations="int4"))
+        with pytest.raises(ValueError, match="int4_activations"):
+            op.decode_linear(x, layer.qweight, *rest, scales=layer.scales, offsets=layer.offsets, bits=layer.bits)
 
 
 def test_packed_arguments_are_checked() -> None:

@@ -97,6 +97,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     tuning = TUNING
     if bits and tuning.packed_ahead not in (1, 2):
         raise ValueError(f"MatvecTuning.packed_ahead is {tuning.packed_ahead}: the kernel requests 1 or 2 chunks ahead")
+    if bits == 4 and tuning.int4_activations not in ("float", "int8"):
+        raise ValueError(f"MatvecTuning.int4_activations is {tuning.int4_activations!r}: 'float' or 'int8'")
     rows = weight.shape[0] // (2 if gated else 1)
     columns = weight.shape[1] * (2 if bits == 4 else 1)
     out = x.new_empty((1, rows))

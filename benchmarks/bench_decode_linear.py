@@ -128,8 +128,7 @@ def bench_matrix(spec: dict, layers: int, args, device: str, dtype: torch.dtype,
         packed = QuantizedLinear.from_float(fresh[1], None, args.weights)
         want = reference(fresh[0], packed.dequantized(torch.float64), *fresh[2:])
         fresh = packed_inputs(fresh, packed)
-        dp4a = args.weights == "int4" and shipped.int4_activations == "int8"  # x rounded to int8 codes per group
-        op_bytes, rows_field = packed.packed_bytes(), "x8_block_n" if dp4a else f"{args.weights}_block_n"
+        op_bytes, rows_field = packed.packed_bytes(), shipped.rows_field(packed.bits, shipped.x8(packed.bits))
         chunk_field, warps_field = f"{args.weights}_block_k", "packed_num_warps"
         row["bytes"] = op_bytes
     tunings = [shipped, op.MatvecTuning(**{**vars(shipped), "pdl": False})]

@@ -92,15 +92,16 @@ def decode_efficiency(run: dict) -> dict[tuple[str, str], dict]:
 
 
 def plan(report: dict, capacity: int, reserve_gib: float, as_float: bool = False,
-         decode_runs: tuple[dict, ...] = ()) -> list[dict]:
+         later: dict[str, dict] | None = None) -> list[dict]:
     """One row per (shape, weight type, board); ``as_float``: the bf16 kernel's roofline fraction
-    for every weight type (each type's own workspace); ``decode_runs``: bench_gpu results whose
-    (shape, weight type) figures replace the llama.cpp comparison's."""
+    for every weight type (each type's own workspace); ``later``: per bench_gpu results file, its
+    ``decode_efficiency``, which replaces the llama.cpp comparison's for its (shape, weight type)."""
     copy_share = report["bandwidth_bytes_per_s"] / DATASHEET_BYTES_PER_S.get(report["device"], 4.8e12)
     efficiency = measured_efficiency(report, capacity)
-    replaced = {key: run["__name"] for run in decode_runs for key in decode_efficiency(run)}
-    for run in decode_runs:
-        efficiency.update(decode_efficiency(run))
+    replaced = {}
+    for source, figures in (later or {}).items():
+        efficiency.update(figures)
+        replaced.update(dict.fromkeys(figures, source))
     rows = []
     for name, shape in SHAPES.items():
         for weights in ("float", "int8", "int4"):
@@ -165,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     report = json.loads(args.measured.read_text())
-    runs = tuple({**json.loads(path.read_text()), "__name": path.stem} for path in args.decode)
-    measured = plan(report, args.capacity, args.reserve_gib, decode_runs=runs)
-    goal = plan(report, args.capacity, args.reserve_gib, as_float=True, decode_runs=runs)
+    later = {path.stem: decode_efficiency(json.loads(path.read_text())) for path in args.decode}
+    measured = plan(report, args.capacity, args.reserve_gib, later=later)
+    goal = plan(report, args.capacity, args.reserve_gib, as_float=True, later=later)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "jetson_plan.json").write_text(json.dumps({"source": args.measured.name,
                                                            "decode_sources": [p.name for p in args.decode],

@@ -42,7 +42,7 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
     from ros_infmllm.model import matvec_kernels
     from ros_infmllm.model.decode_linear import TUNING, chunk_size
 
-    block_n = {0: TUNING.block_n, 8: TUNING.int8_block_n, 4: TUNING.int4_block_n, -4: TUNING.x8_block_n}[bits]
+    block_n = getattr(TUNING, TUNING.rows_field(abs(bits), bits < 0)) if bits else TUNING.block_n
     warps = TUNING.warps(bits)
     pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr",
                                            "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr", "stats_ptr")}

@@ -55,6 +55,16 @@ class MatvecTuning:
     int4_activations: str = "int8"
     x8_block_n: int = 4
 
+    def x8(self, bits: int) -> bool:
+        """Whether products with weights of ``bits`` take x's int8 codes (the dp4a path)."""
+        return bits == 4 and self.int4_activations == "int8"
+
+    @staticmethod
+    def rows_field(bits: int, x8: bool) -> str:
+        """The field holding output rows per program for packed weights of ``bits`` (``x8``: the
+        dp4a path, whose rows are a field of their own)."""
+        return "int8_block_n" if bits == 8 else "x8_block_n" if x8 else "int4_block_n"
+
     def chunk(self, bits: int) -> int:
         """Input elements per loop step for weights of ``bits`` (0: float)."""
         return {8: self.int8_block_k, 4: self.int4_block_k}.get(bits, self.block_k)
@@ -104,10 +114,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = x.new_empty((1, rows))
     placeholder = out
     half = 0 if cos is None else cos.shape[-1] // 2
-    x8 = bits == 4 and tuning.int4_activations == "int8"
+    x8 = tuning.x8(bits)
     if bits:
-        rows_per_program = tuning.int8_block_n if bits == 8 else tuning.x8_block_n if x8 else tuning.int4_block_n
-        block_n = max(1, rows_per_program // (2 if gated or half else 1))
+        block_n = max(1, getattr(tuning, tuning.rows_field(bits, x8)) // (2 if gated or half else 1))
     else:
         block_n = (tuning.gated_block_n if gated or half else
                    tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)

@@ -19,7 +19,6 @@ through Triton's CPU interpreter (checks the script; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import os
 import sys
@@ -33,7 +32,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is first imported
 
 from bench_decode_attention import relative, timed_us  # noqa: E402
-from launch_tuning import kept_tuning, sweep  # noqa: E402
+from launch_tuning import kept_tuning, overridden, sweep  # noqa: E402
 from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from results_files import save_report  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
@@ -151,8 +150,8 @@ def bench_matrix(spec: dict, layers: int, args, device: str, dtype: torch.dtype,
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# Decode linear layers: the Triton matrix-vector op against cuBLAS ({report['device']}, "
              f"{report['dtype']}, weights {report.get('weights', 'float')}"
-             + (", x rounded to int8 codes per group (dp4a)" if report.get("weights") == "int4"
-                and report.get("int4_activations") == "int8" else "") + ", batch 1)", "",
+             + (", x rounded to int8 codes per group (dp4a)" if report.get("weights") in ("int4", "int8")
+                and report.get(f"{report['weights']}_activations") == "int8" else "") + ", batch 1)", "",
              "cuBLAS: the product alone; compiled: norm + product + bias/SwiGLU/residual as torch ops under "
              "torch.compile; op: the Triton op with those folded in, at the shipped launch shape "
              "(`MatvecTuning`), and the same without programmatic dependent launch (no PDL); best: the fastest "
@@ -196,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                              "int8_block_k / int4_block_k and packed_num_warps)")
     parser.add_argument("--int4-activations", choices=("float", "int8"), default=None,
                         help="int4 products against float x or x's int8 codes (dp4a); default: the shipped tuning's")
+    parser.add_argument("--matvec", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="the shipped launch shape changed first (fields of decode_linear.MatvecTuning, e.g. "
+                             "int8_activations=int8): its rows and every variant take it")
     parser.add_argument("--min-weight-mb", type=int, default=240, help="weights per timed graph, above L2's size")
     parser.add_argument("--replays", type=int, default=15)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -212,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "weights": args.weights,
               "models": []}
     with kept_tuning(op.TUNING) as shipped:
-        if args.int4_activations:  # the path timed: its "shipped" row and every variant take it
-            shipped = dataclasses.replace(shipped, int4_activations=args.int4_activations)
-        report["int4_activations"] = shipped.int4_activations
+        try:  # the path timed: its "shipped" row and every variant take it
+            shipped = overridden(shipped, args.matvec + (
+                [f"int4_activations={args.int4_activations}"] if args.int4_activations else []))
+        except ValueError as exc:
+            parser.error(f"--matvec {exc}")
+        report["int4_activations"], report["int8_activations"] = shipped.int4_activations, shipped.int8_activations
+        report["matvec_overrides"] = args.matvec
         for name in args.models:
             cfg = load_config(write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shapes[name])).text
             rows = []

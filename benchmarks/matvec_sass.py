@@ -31,7 +31,8 @@ from results_files import save_report
 RESULTS = Path(__file__).resolve().parent / "results"
 ISSUE_PER_CLOCK = 128  # thread-instructions per clock per SM (4 schedulers x 32 lanes)
 WEIGHT_TYPES = {0: ("bf16", "*bf16", 2.0), 8: ("int8", "*i8", 1.0), 4: ("int4", "*u8", 0.5),  # bytes per weight
-                -4: ("int4 x int8 dp4a (int4_activations int8)", "*i32", 0.5)}
+                -4: ("int4 x int8 dp4a (int4_activations int8)", "*i32", 0.5),
+                -8: ("int8 x int8 dp4a (int8_activations int8)", "*i32", 1.0)}
 
 
 def compile_matvec(bits: int, rows: int, columns: int, arch: int):
@@ -98,7 +99,8 @@ def main_loop(lines: list[str]) -> list[str]:
 
 
 def measure(bits: int, rows: int, columns: int, arch: int) -> dict:
-    """``bits`` 0, 8, 4: the shipped kernel's paths; -4: its int4 path against int8 activations (``X8``)."""
+    """``bits`` 0, 8, 4: the kernel's float-x paths; -4 / -8: its int4 / int8 paths against int8
+    activations (``X8``)."""
     kernel, constants, warps = compile_matvec(bits, rows, columns, arch)
     loop = main_loop(disassemble(kernel.asm["cubin"]))
     weights = constants["BLOCK_N"] * constants["BLOCK_K"] / (32 * warps)  # per thread per loop step

@@ -180,42 +180,52 @@ def test_bench_decode_linear_smoke_run_writes_its_table(tmp_path: Path) -> None:
     assert "| tiny-qwen2 | gate/up |" in (tmp_path / "bench_decode_linear.md").read_text()
 
 
-@pytest.mark.parametrize("activations, rows_field, bound",
-                         [("float", "int4_block_n", 1e-5), ("int8", "x8_block_n", 1e-2)])
-def test_bench_decode_linear_times_packed_weights_against_their_dequantized_reference(tmp_path: Path, activations,
-                                                                                     rows_field, bound) -> None:
-    """--weights int4: the op reads codes, scales and offsets (a quarter of bf16's bytes and the
-    scales') and agrees with the float64 product of the dequantized weights: exactly against
-    float x, within x's int8 rounding on the dp4a path (whose rows per program are x8_block_n)."""
-    model = _smoke_run("bench_decode_linear", tmp_path, "--weights", "int4", "--int4-activations", activations)
+@pytest.mark.parametrize("weights, flags, activations, rows_field, bound",
+                         [("int4", ["--int4-activations", "float"], "float", "int4_block_n", 1e-5),
+                          ("int4", ["--int4-activations", "int8"], "int8", "x8_block_n", 1e-2),
+                          ("int8", ["--matvec", "int8_activations=int8"], "int8", "int8_block_n", 1e-2)],
+                         ids=["int4-float-x", "int4-dp4a", "int8-dp4a"])
+def test_bench_decode_linear_times_packed_weights_against_their_dequantized_reference(
+        tmp_path: Path, weights, flags, activations, rows_field, bound) -> None:
+    """--weights int4 / int8: the op reads codes and scales (int4 with offsets: a quarter of bf16's
+    bytes and the scales'; int8 a half) and agrees with the float64 product of the dequantized
+    weights: exactly against float x, within x's int8 rounding on the dp4a paths (int4's rows per
+    program are x8_block_n there); --matvec sets the path of the shipped row and the variants."""
+    model = _smoke_run("bench_decode_linear", tmp_path, "--weights", weights, *flags)
+    share = 0.5 if weights == "int4" else 0.6
     for matrix in model["matrices"]:
-        assert matrix["op"]["error"] < bound and matrix["op"]["bytes"] < matrix["cublas"]["bytes"] / 2
-        assert matrix["op"]["int4_activations"] == activations
+        assert matrix["op"]["error"] < bound and matrix["op"]["bytes"] < matrix["cublas"]["bytes"] * share
+        assert matrix["op"][f"{weights}_activations"] == activations
         assert matrix["op"][rows_field] == matrix["op"]["rows_per_program"]
-        assert matrix["op"]["int4_block_k"] == matrix["op"]["chunk"]
+        assert matrix["op"][f"{weights}_block_k"] == matrix["op"]["chunk"]
         assert all(v["ahead"] == 2 and v["error"] < bound for v in matrix["variants"])  # two chunks in flight
-    assert "weights int4" in (tmp_path / "bench_decode_linear.md").read_text()
+        assert all(v[f"{weights}_activations"] == activations for v in matrix["variants"])
+    text = (tmp_path / "bench_decode_linear.md").read_text()
+    assert f"weights {weights}" in text and (("dp4a" in text) == (activations == "int8"))
 
 
 def test_matvec_sass_counts_the_main_loop_of_each_weight_type(tmp_path: Path) -> None:
     """Compiled for sm_90 and disassembled here: a loop is found for bf16, int8 and int4, each step
     covers the weights its launch shape gives a thread, and packed codes cost instructions; the
-    int4 x int8 dp4a candidate's loop uses byte dot products and fewer instructions per code."""
+    dp4a paths' loops (int4 and int8 weights against x's int8 codes) use byte dot products and
+    fewer instructions per code than the same weights against float x."""
     script = Path(bench_gpu.__file__).with_name("matvec_sass.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     kernels = {k["weights"]: k for k in json.loads((tmp_path / "matvec_sass.json").read_text())["kernels"]}
-    dp4a = kernels.pop("int4 x int8 dp4a (int4_activations int8)")
+    dp4a = {4: kernels.pop("int4 x int8 dp4a (int4_activations int8)"),
+            8: kernels.pop("int8 x int8 dp4a (int8_activations int8)")}
     assert set(kernels) == {"bf16", "int8", "int4"}
     for kernel in kernels.values():
         assert kernel["loop_instructions"] > 10 and kernel["instructions_per_weight"] > 1
         assert any(op in ("FFMA", "FMUL") for op, _ in kernel["opcodes"])
     assert kernels["int4"]["weights_per_thread_per_step"] > kernels["bf16"]["weights_per_thread_per_step"]
-    # the dp4a path: byte dot products (IDP) in its loop, and fewer instructions per code
-    assert any(op == "IDP" for op, _ in dp4a["opcodes"])
-    assert dp4a["instructions_per_weight"] < kernels["int4"]["instructions_per_weight"]
+    # the dp4a paths: byte dot products (IDP) in their loops, and fewer instructions per code
+    for bits, kernel in dp4a.items():
+        assert any(op == "IDP" for op, _ in kernel["opcodes"])
+        assert kernel["instructions_per_weight"] < kernels[f"int{bits}"]["instructions_per_weight"]
     assert "| int4 |" in (tmp_path / "matvec_sass.md").read_text()
 
 

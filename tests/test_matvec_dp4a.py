@@ -1,7 +1,7 @@
-"""The int4 x int8 ``dp4a`` path of the decode op (model/matvec_dp4a.py, ``X8`` in matvec_kernels.py,
-on with ``MatvecTuning.int4_activations = "int8"``): the same integer sums as a float64 reference
-from the same activation codes, with the op's fusions, and close to the float product (its
-ahead-of-time build is in test_decode_linear.py). On a GPU it runs compiled with the real
+"""The int4 x int8 and int8 x int8 ``dp4a`` paths of the decode op (model/matvec_dp4a.py, ``X8`` in
+matvec_kernels.py, on with ``MatvecTuning.int4_activations`` / ``int8_activations`` "int8"): the
+same integer sums as a float64 reference from the same activation codes, with the op's fusions, and
+close to the float product (its ahead-of-time build is in test_decode_linear.py). On a GPU it runs compiled with the real
 instruction; on the CPU in Triton's interpreter, where ``dp4a`` is summed byte by byte."""
 from __future__ import annotations
 
@@ -20,31 +20,38 @@ from ros_infmllm.model.quantized import QuantizedLinear  # noqa: E402
 from ros_infmllm.rope import Rotary  # noqa: E402
 
 
-def _packed(rows: int, columns: int, offsets: bool, seed: int = 0) -> QuantizedLinear:
+# the weights of each case: int4 with offsets (Q4_1 style), int4 centred on 8 (Q4_0), int8 (Q8_0)
+WEIGHTS = {"q4_1-offsets": (4, True), "q4_0-centred": (4, False), "q8_0": (8, False)}
+
+
+def _packed(rows: int, columns: int, offsets: bool, seed: int = 0, bits: int = 4) -> QuantizedLinear:
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, columns, generator=generator) * 0.05
-    layer = QuantizedLinear.from_float(weight, None, "int4", group=32)
-    if not offsets:  # GGUF Q4_0 style: codes centred on 8, no offsets
+    layer = QuantizedLinear.from_float(weight, None, "int4" if bits == 4 else "int8", group=32)
+    if bits == 4 and not offsets:  # GGUF Q4_0 style: codes centred on 8, no offsets
         layer = QuantizedLinear(layer.qweight, layer.scales, None, 4, columns, None)
     return layer.to(DEVICE)
 
 
 def _int8_activations(monkeypatch, **fields) -> None:
-    """The decode op's int4 products against x's int8 codes (``MatvecTuning.int4_activations``)."""
-    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="int8", **fields))
+    """The decode op's packed products against x's int8 codes (``MatvecTuning.int4_activations``
+    and ``int8_activations``)."""
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="int8",
+                                                          int8_activations="int8", **fields))
 
 
 @pytest.mark.parametrize("ahead", [1, 2], ids=["one-ahead", "two-ahead"])
-@pytest.mark.parametrize("offsets", [True, False], ids=["q4_1-offsets", "q4_0-centred"])
+@pytest.mark.parametrize("weights", list(WEIGHTS))
 @pytest.mark.parametrize("rows, columns, residual", [(64, 256, False), (37, 1024, True), (16, 2048, False)])
-def test_dp4a_products_give_the_integer_sums_of_the_activation_codes(monkeypatch, ahead, offsets, rows, columns,
+def test_dp4a_products_give_the_integer_sums_of_the_activation_codes(monkeypatch, ahead, weights, rows, columns,
                                                                      residual) -> None:
-    _int8_activations(monkeypatch, int4_block_k=256, packed_ahead=ahead)  # several chunks per row
-    layer = _packed(rows, columns, offsets)
+    _int8_activations(monkeypatch, int4_block_k=256, int8_block_k=256, packed_ahead=ahead)  # several chunks per row
+    bits, offsets = WEIGHTS[weights]
+    layer = _packed(rows, columns, offsets, bits=bits)
     x = torch.randn(1, columns, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     res = torch.randn(1, rows).to(DEVICE) if residual else None
     got = op.decode_linear(x, layer.qweight, None, None, res, 1e-6, False, scales=layer.scales, offsets=layer.offsets,
-                           bits=4)
+                           bits=bits)
     want = _rounded_reference(x.cpu(), layer.dequantized(torch.float64).cpu(), None, None,
                               None if res is None else res.cpu(), 1e-6, False)
     assert got.shape == (1, rows) and got.dtype == x.dtype
@@ -61,51 +68,54 @@ def _rounded_reference(x, weight, bias, norm_weight, residual, eps, gated, cos=N
                       rotated_rows)
 
 
-@pytest.mark.parametrize("offsets", [True, False], ids=["q4_1-offsets", "q4_0-centred"])
+@pytest.mark.parametrize("weights", list(WEIGHTS))
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("norm,bias,residual", [(False, False, False), (True, True, True)], ids=["bare", "all"])
 @pytest.mark.parametrize("rows,columns", [(40, 96), (9, 1088)], ids=["one-chunk", "two-chunks-ragged"])
-def test_the_decode_op_with_int8_activations_folds_in_what_the_float_path_does(monkeypatch, offsets, gated, norm,
+def test_the_decode_op_with_int8_activations_folds_in_what_the_float_path_does(monkeypatch, weights, gated, norm,
                                                                                 bias, residual, rows, columns) -> None:
-    """``MatvecTuning.int4_activations = "int8"``: the shipped op's fusions (norm, bias, SwiGLU,
+    """``int4_activations`` / ``int8_activations`` "int8": the op's fusions (norm, bias, SwiGLU,
     residual) around the dp4a products, against a float64 reference from the same codes."""
     _int8_activations(monkeypatch)
+    bits, offsets = WEIGHTS[weights]
     generator = torch.Generator().manual_seed(rows + columns + 3 * gated + offsets)
-    layer = _packed(2 * rows if gated else rows, columns, offsets, seed=rows)
+    layer = _packed(2 * rows if gated else rows, columns, offsets, seed=rows, bits=bits)
     x = torch.randn(1, columns, generator=generator).to(DEVICE)
     rest = (torch.randn(layer.out_features, generator=generator).to(DEVICE) if bias else None,
             (torch.rand(columns, generator=generator) + 0.5).to(DEVICE) if norm else None,
             torch.randn(1, rows, generator=generator).to(DEVICE) if residual else None, 1e-6, gated)
-    out = op.decode_linear(x, layer.qweight, *rest, scales=layer.scales, offsets=layer.offsets, bits=4)
+    out = op.decode_linear(x, layer.qweight, *rest, scales=layer.scales, offsets=layer.offsets, bits=bits)
     want = _rounded_reference(x.cpu(), layer.dequantized(torch.float64).cpu(), *(
         None if t is None else t.cpu() if isinstance(t, torch.Tensor) else t for t in rest))
     assert out.shape == (1, rows)
     assert float((out.double().cpu() - want).norm() / want.norm()) < 1e-5  # x's rounding alone is ~5e-3
 
 
-def test_the_decode_op_with_int8_activations_rotates_q_and_k(monkeypatch) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_decode_op_with_int8_activations_rotates_q_and_k(monkeypatch, bits) -> None:
     _int8_activations(monkeypatch)
     generator = torch.Generator().manual_seed(11)
     heads, kv_heads, dim, columns = 3, 1, 32, 1088
     rows, rotated_rows = (heads + 2 * kv_heads) * dim, (heads + kv_heads) * dim
     cos, sin = Rotary(dim, 10000.0).cos_sin(torch.tensor([77]), torch.float32)
-    layer = _packed(rows, columns, True, seed=4)
+    layer = _packed(rows, columns, True, seed=4, bits=bits)
     x, bias, norm = (torch.randn(*shape, generator=generator) for shape in ((1, columns), (rows,), (columns,)))
     rest = (bias, norm, None, 1e-6, False, cos, sin, rotated_rows)
     out = op.decode_linear(x.to(DEVICE), layer.qweight, *(t.to(DEVICE) if isinstance(t, torch.Tensor) else t
                                                           for t in rest), scales=layer.scales, offsets=layer.offsets,
-                           bits=4)
+                           bits=bits)
     want = _rounded_reference(x, layer.dequantized(torch.float64).cpu(), *rest)
     assert float((out.double().cpu() - want).norm() / want.norm()) < 1e-5  # x's rounding alone is ~5e-3
 
 
-def test_int8_activations_stay_close_to_the_float_product(monkeypatch) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_activations_stay_close_to_the_float_product(monkeypatch, bits) -> None:
     """x rounded to int8 per group of 32: about 0.4% of the output's scale (llama.cpp's Q8_1 does the same)."""
     _int8_activations(monkeypatch)
-    layer = _packed(128, 2048, True, seed=2)
+    layer = _packed(128, 2048, True, seed=2, bits=bits)
     x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     got = op.decode_linear(x, layer.qweight, None, None, None, 1e-6, False, scales=layer.scales,
-                           offsets=layer.offsets, bits=4).double().cpu()
+                           offsets=layer.offsets, bits=bits).double().cpu()
     exact = x.double().cpu() @ layer.dequantized(torch.float64).cpu().T
     error = (got - exact).abs().max() / exact.abs().max()
     assert 0 < error < 0.01, error  # not zero: the activations really are rounded
@@ -122,6 +132,38 @@ def test_activation_codes_are_split_into_even_and_odd_elements_with_their_group_
     assert (decoded - x.cpu()).abs().max() <= dx.max().item() / 2 + 1e-6
     assert torch.allclose(sums, decoded.reshape(2, 32).sum(dim=1), atol=1e-4)
     assert torch.isclose(stats[4], (x.cpu() ** 2).sum())  # the RMSNorm's sum of squares, of raw x
+
+
+def test_activation_codes_for_int8_weights_stay_in_order() -> None:
+    x = torch.randn(96, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    split, split_stats = matvec_dp4a.quantized_activations(x, 32)
+    codes, stats = matvec_dp4a.quantized_activations(x, 32, split=False)
+    codes, split = codes.view(torch.int8).cpu(), split.view(torch.int8).cpu()
+    assert torch.equal(stats, split_stats)
+    assert torch.equal(codes[0::2], split[:48]) and torch.equal(codes[1::2], split[48:])
+    decoded = codes.float() * stats[:3].repeat_interleave(32).cpu()
+    assert (decoded - x.cpu()).abs().max() <= stats[:3].max().item() / 2 + 1e-6
+
+
+def test_int8_weights_in_groups_wider_than_x8_max_group_keep_float_x(monkeypatch) -> None:
+    """Per-channel int8 (one group per row): x rounded with one scale for the whole row would be
+    too coarse, so the op takes the float path and its product is exact to the codes."""
+    _int8_activations(monkeypatch)
+    weight = torch.randn(24, 256, generator=torch.Generator().manual_seed(6)) * 0.05
+    layer = QuantizedLinear.from_float(weight, None, "int8", group=0).to(DEVICE)
+    assert layer.group == 256 > op.X8_MAX_GROUP and not op.TUNING.x8(8, layer.group) and op.TUNING.x8(8, 32)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    got = op.decode_linear(x, layer.qweight, None, None, None, 1e-6, False, scales=layer.scales, bits=8)
+    exact = x.double().cpu() @ layer.dequantized(torch.float64).cpu().T
+    assert float((got.double().cpu() - exact).norm() / exact.norm()) < 1e-5
+
+
+def test_a_misspelt_int8_activations_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int8_activations="int4"))
+    layer = _packed(8, 64, False, bits=8)
+    with pytest.raises(ValueError, match="int8_activations"):
+        op.decode_linear(torch.randn(1, 64).to(DEVICE), layer.qweight, None, None, None, 1e-6, False,
+                         scales=layer.scales, bits=8)
 
 
 def test_a_folded_norm_weight_scales_the_codes_not_the_sum_of_squares() -> None:

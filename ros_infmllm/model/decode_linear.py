@@ -14,6 +14,8 @@ import torch
 
 from .decode_attention import KERNEL_DTYPES, dependent_launch, triton_runs_on
 
+X8_MAX_GROUP = 64  # widest weight group whose products may take x's int8 codes (x is rounded per group)
+
 
 @dataclass
 class MatvecTuning:
@@ -54,16 +56,30 @@ class MatvecTuning:
     # _float_h200.md), at x8_block_n 4 rows per program (bench_dp4a_matvec_sweep_h200.md), so shipped
     int4_activations: str = "int8"
     x8_block_n: int = 4
+    # int8 products against x's int8 codes ("int8": one signed dp4a per word of four codes, as
+    # llama.cpp's Q8_0 x Q8_1) or float x ("float", exact to the codes); its rows per program stay
+    # int8_block_n. Only for groups of at most X8_MAX_GROUP inputs (x is rounded per weight group)
+    int8_activations: str = "float"
 
-    def x8(self, bits: int) -> bool:
-        """Whether products with weights of ``bits`` take x's int8 codes (the dp4a path)."""
-        return bits == 4 and self.int4_activations == "int8"
+    def x8(self, bits: int, group: int = 32) -> bool:
+        """Whether products with weights of ``bits`` in groups of ``group`` inputs take x's int8
+        codes (the dp4a path); a wider group (int8 per output channel) would round x too coarsely."""
+        chosen = {4: self.int4_activations, 8: self.int8_activations}.get(bits)
+        return chosen == "int8" and group <= X8_MAX_GROUP
 
     @staticmethod
     def rows_field(bits: int, x8: bool) -> str:
         """The field holding output rows per program for packed weights of ``bits`` (``x8``: the
         dp4a path, whose rows are a field of their own)."""
         return "int8_block_n" if bits == 8 else "x8_block_n" if x8 else "int4_block_n"
+
+    def check(self, bits: int) -> None:
+        """Refuse a setting the packed kernels cannot take (a misspelt value would pick a path silently)."""
+        if bits and self.packed_ahead not in (1, 2):
+            raise ValueError(f"MatvecTuning.packed_ahead is {self.packed_ahead}: the kernel requests 1 or 2 chunks ahead")
+        for name in {4: ("int4_activations",), 8: ("int8_activations",)}.get(bits, ()):
+            if getattr(self, name) not in ("float", "int8"):
+                raise ValueError(f"MatvecTuning.{name} is {getattr(self, name)!r}: 'float' or 'int8'")
 
     def chunk(self, bits: int) -> int:
         """Input elements per loop step for weights of ``bits`` (0: float)."""
@@ -105,28 +121,25 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                          f"scales {'given' if scales is not None else 'missing'}, "
                          f"offsets {'given' if offsets is not None else 'missing'}")
     tuning = TUNING
-    if bits and tuning.packed_ahead not in (1, 2):
-        raise ValueError(f"MatvecTuning.packed_ahead is {tuning.packed_ahead}: the kernel requests 1 or 2 chunks ahead")
-    if bits == 4 and tuning.int4_activations not in ("float", "int8"):
-        raise ValueError(f"MatvecTuning.int4_activations is {tuning.int4_activations!r}: 'float' or 'int8'")
+    tuning.check(bits)
     rows = weight.shape[0] // (2 if gated else 1)
     columns = weight.shape[1] * (2 if bits == 4 else 1)
     out = x.new_empty((1, rows))
     placeholder = out
     half = 0 if cos is None else cos.shape[-1] // 2
-    x8 = tuning.x8(bits)
+    group = columns // scales.shape[1] if scales is not None else 1
+    x8 = tuning.x8(bits, group)
     if bits:
         block_n = max(1, getattr(tuning, tuning.rows_field(bits, x8)) // (2 if gated or half else 1))
     else:
         block_n = (tuning.gated_block_n if gated or half else
                    tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)
-    group = columns // scales.shape[1] if scales is not None else 1
     programs = -(-(rows // 2 if half else rows) // block_n)
     stats = placeholder
     if x8:  # x (times the norm's weight) rounded to int8 codes per group, in a launch of its own
         from .matvec_dp4a import quantized_activations
 
-        x, stats = quantized_activations(x, group, norm_weight)
+        x, stats = quantized_activations(x, group, norm_weight, split=bits == 4)
         weight = weight.contiguous().view(torch.int32)
     launch = dependent_launch(out, tuning.pdl)
     matvec_kernels.matvec[(programs,)](

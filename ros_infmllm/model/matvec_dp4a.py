@@ -1,7 +1,9 @@
-"""int4 weights times int8 activations by the 4-way byte dot product (PTX ``dp4a``): the pieces
-of the packed decode matvec's int4 path (``X8`` in matvec_kernels.py; ``MatvecTuning.int4_activations``
+"""int4 and int8 weights times int8 activations by the 4-way byte dot product (PTX ``dp4a``): the
+pieces of the packed decode matvec's ``X8`` path (matvec_kernels.py). int4: ``MatvecTuning.int4_activations``
 "int8", shipped since 2026-12-03: on an H200 the 7B int4 model decodes in 2.714 ms with it against
-3.826 with float x, benchmarks/results/bench_gpu_int4_x8_h200.md).
+3.826 with float x, benchmarks/results/bench_gpu_int4_x8_h200.md. int8: ``int8_activations``, each
+32-bit word of four signed codes meets four of x's codes in one ``dp4a`` with nothing to unpack
+(llama.cpp's Q8_0 x Q8_1 product).
 
 Why: the packed kernel with float x (matvec_kernels.py) is bound by instructions, not memory. Its loop
 spends 7.1 instructions per int4 code (unpacking, int-to-float conversion, float sums), and an
@@ -12,7 +14,7 @@ sum in one instruction, so a 32-bit word of eight codes costs two masks, a shift
 price is x quantized to int8 per group (as llama.cpp's Q8_1 does); its error is bounded and
 tested.
 
-Layout: the weights are ``QuantizedLinear``'s int4 bytes (byte j holds element 2j in its low
+Layout (int4): the weights are ``QuantizedLinear``'s int4 bytes (byte j holds element 2j in its low
 nibble and 2j + 1 in its high one), read as 32-bit words. A word holds elements 8i..8i+7:
 ``w & 0x0F0F0F0F`` gives the even ones as four bytes, ``(w >> 4) & 0x0F0F0F0F`` the odd ones.
 ``quantize_activations`` stores x's int8 codes as its even elements, then its odd ones (one
@@ -22,6 +24,9 @@ i of a row; beside them, per group, the scale and the sum of dequantized x, then
 matvec divides by the RMS at the end, as the float path does). Per group of the weights' ``group``
 inputs (32): ``sum_j (q_j s + m) x_j = s dx sum_j q_j c_j + m X`` with x_j ~ dx c_j and
 ``X = dx sum_j c_j`` (``m = -8 s`` without offsets).
+
+Layout (int8): the weights' int8 codes read as words of four elements in order, and x's codes in
+order too (``SPLIT`` off), the same stats beside them; ``m = 0``.
 
 On the CPU (Triton's interpreter, which has no inline PTX) ``dp4a`` is computed byte by byte,
 the same integer sum.
@@ -35,6 +40,7 @@ import triton
 import triton.language as tl
 
 DP4A = tl.constexpr("dp4a.u32.s32 $0, $1, $2, $3;")  # unsigned codes (0..15) times signed activation bytes
+DP4A_SIGNED = tl.constexpr("dp4a.s32.s32 $0, $1, $2, $3;")  # signed int8 codes times signed activation bytes
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))  # read at import, as Triton does
 
 
@@ -51,12 +57,30 @@ def dp4a(a, b, acc):
 
 
 @triton.jit
+def _signed_byte(word, shift: tl.constexpr):
+    """Byte ``shift / 8`` of ``word`` as a signed value."""
+    byte = (word >> shift) & 0xFF
+    return tl.where(byte >= 128, byte - 256, byte)
+
+
+@triton.jit
+def dp4a_signed(a, b, acc):
+    """``acc + sum_k a.byte[k] * b.byte[k]``, both words' bytes signed."""
+    if INTERPRETED:
+        total = acc
+        for shift in tl.static_range(0, 32, 8):
+            total += _signed_byte(a, shift) * _signed_byte(b, shift)
+        return total
+    return tl.inline_asm_elementwise(DP4A_SIGNED, "=r,r,r,r", [a, b, acc], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def quantize_activations(x_ptr, norm_ptr, codes_ptr, stats_ptr, K: tl.constexpr, GROUP: tl.constexpr,
-                         BLOCK_G: tl.constexpr, NORM: tl.constexpr):
-    """x ``[K]`` (times ``norm_ptr``'s weight where ``NORM``) -> its int8 codes, even elements then
-    odd ones (``codes_ptr``, K bytes), and ``stats_ptr``: per group the scale (``max |x| / 127``),
-    then per group the sum of dequantized x, then the sum of the raw x^2. One program: K is a
-    decoder's width (at most some 10^4)."""
+                         BLOCK_G: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr):
+    """x ``[K]`` (times ``norm_ptr``'s weight where ``NORM``) -> its int8 codes (``codes_ptr``, K
+    bytes: even elements then odd ones where ``SPLIT``, for int4 weights; in order otherwise), and
+    ``stats_ptr``: per group the scale (``max |x| / 127``), then per group the sum of dequantized
+    x, then the sum of the raw x^2. One program: K is a decoder's width (at most some 10^4)."""
     groups = tl.arange(0, BLOCK_G)
     live = groups < K // GROUP
     index = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -69,10 +93,13 @@ def quantize_activations(x_ptr, norm_ptr, codes_ptr, stats_ptr, K: tl.constexpr,
     codes = tl.minimum(tl.maximum(tl.floor(x * inverse[:, None] + 0.5), -127.0), 127.0)
     tl.store(stats_ptr + groups, scale, mask=live)
     tl.store(stats_ptr + K // GROUP + groups, scale * tl.sum(codes, axis=1), mask=live)
-    even, odd = tl.split(tl.reshape(codes.to(tl.int8), (BLOCK_G, GROUP // 2, 2)))
-    pairs = groups[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]
-    tl.store(codes_ptr + pairs, even, mask=live[:, None])
-    tl.store(codes_ptr + K // 2 + pairs, odd, mask=live[:, None])
+    if SPLIT:
+        even, odd = tl.split(tl.reshape(codes.to(tl.int8), (BLOCK_G, GROUP // 2, 2)))
+        pairs = groups[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]
+        tl.store(codes_ptr + pairs, even, mask=live[:, None])
+        tl.store(codes_ptr + K // 2 + pairs, odd, mask=live[:, None])
+    else:
+        tl.store(codes_ptr + index, codes.to(tl.int8), mask=live[:, None])
 
 
 @triton.jit
@@ -84,11 +111,19 @@ def group_dots(words, x_even, x_odd, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexp
     return tl.sum(tl.reshape(dots, (BLOCK_N, BLOCK_K // GROUP, GROUP // 8)), axis=2)
 
 
-def quantized_activations(x: torch.Tensor, group: int = 32,
-                          norm_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@triton.jit
+def group_dots_int8(words, x_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """``group_dots`` for int8 weights: a chunk's words of four signed codes ``[BLOCK_N, BLOCK_K / 4]``
+    against x's code words in order ``[BLOCK_K / 4]``, one ``dp4a`` per word."""
+    dots = dp4a_signed(words, x_words[None, :], tl.zeros((BLOCK_N, BLOCK_K // 4), tl.int32))
+    return tl.sum(tl.reshape(dots, (BLOCK_N, BLOCK_K // GROUP, GROUP // 4)), axis=2)
+
+
+def quantized_activations(x: torch.Tensor, group: int = 32, norm_weight: torch.Tensor | None = None,
+                          split: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``[K]`` (times ``norm_weight``) -> its codes as int32 words ``[K / 4]`` (even elements,
-    then odd) and the float32 stats ``[2 K / group + 1]`` (scales, sums, sum of x^2): the layout
-    ``quantize_activations`` describes."""
+    then odd, where ``split``: for int4 weights; in order for int8) and the float32 stats
+    ``[2 K / group + 1]`` (scales, sums, sum of x^2): the layout ``quantize_activations`` describes."""
     columns = x.numel()
     if columns % group or group % 8:
         raise ValueError(f"{columns} inputs in groups of {group}: both must be multiples of 8 and divide")
@@ -96,7 +131,7 @@ def quantized_activations(x: torch.Tensor, group: int = 32,
     stats = torch.empty(2 * (columns // group) + 1, dtype=torch.float32, device=x.device)
     quantize_activations[(1,)](x.contiguous().view(-1), x if norm_weight is None else norm_weight.contiguous(), codes,
                                stats, K=columns, GROUP=group, BLOCK_G=triton.next_power_of_2(columns // group),
-                               NORM=norm_weight is not None, num_warps=8)
+                               NORM=norm_weight is not None, SPLIT=split, num_warps=8)
     return codes.view(torch.int32), stats
 
 

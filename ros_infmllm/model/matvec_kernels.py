@@ -25,12 +25,13 @@ small element-wise kernels around the products are folded into them:
   the per-weight work is one multiply-add. Several rows per program (``BLOCK_N``) keep as many
   bytes in flight as a bf16 row does. The first version, which gathered each int4 byte twice and
   decoded chunks to float32 before use, reached 9-24% of the roofline on an H200.
-- ``X8`` (int4 only; ``MatvecTuning.int4_activations`` "int8"): x arrives as int8 codes per group
-  (``matvec_dp4a.quantize_activations``, a launch of its own, the norm's weight folded in) and
-  each 32-bit word of eight codes meets them through two ``dp4a``: 2.20 instructions per code
-  against the float path's 7.09 (benchmarks/results/matvec_sass_dp4a.md), for x's rounding.
-  The shipped int4 path since 2026-12-03: with 4,096 inputs per step the 7B int4 model decodes
-  1.4x faster than with float x (docs/quantized_weights.md).
+- ``X8`` (``MatvecTuning.int4_activations`` / ``int8_activations`` "int8"): x arrives as int8
+  codes per group (``matvec_dp4a.quantize_activations``, a launch of its own, the norm's weight
+  folded in). int4: each 32-bit word of eight codes meets them through two ``dp4a``: 2.20
+  instructions per code against the float path's 7.09 (benchmarks/results/matvec_sass_dp4a.md),
+  for x's rounding; the shipped int4 path since 2026-12-03: with 4,096 inputs per step the 7B
+  int4 model decodes 1.4x faster than with float x (docs/quantized_weights.md). int8: each word
+  of four signed codes meets four of x's codes in one ``dp4a``, nothing unpacked.
 - ``AHEAD`` (packed only; 1 or 2): how many chunks of packed bytes are requested ahead of the one
   being multiplied. A packed chunk is a half or a quarter of a float chunk's bytes, so one chunk
   ahead may leave too few bytes in flight per SM to cover the memory's latency; two cost a few
@@ -77,14 +78,18 @@ def _packed_chunk(w_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.co
 
 
 @triton.jit
-def _packed_words(w_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.constexpr, WORDS: tl.constexpr):
-    """``_packed_chunk`` for ``X8``: int4 bytes read as int32 words, eight codes each."""
-    index = start // 8 + tl.arange(0, WORDS)
-    tile = live[:, None] & (index < K // 8)[None, :]
-    w = tl.load(w_ptr + rows[:, None] * (K // 8) + index[None, :], mask=tile, other=0, eviction_policy="evict_first")
+def _packed_words(w_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.constexpr, WORDS: tl.constexpr,
+                  BITS: tl.constexpr):
+    """``_packed_chunk`` for ``X8``: the packed bytes read as int32 words, eight int4 codes or four
+    int8 codes each."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    index = start // PER_WORD + tl.arange(0, WORDS)
+    tile = live[:, None] & (index < K // PER_WORD)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * (K // PER_WORD) + index[None, :], mask=tile, other=0,
+                eviction_policy="evict_first")
     u = w
     if PAIRED:
-        u = tl.load(w_ptr + pair[:, None] * (K // 8) + index[None, :], mask=tile, other=0,
+        u = tl.load(w_ptr + pair[:, None] * (K // PER_WORD) + index[None, :], mask=tile, other=0,
                     eviction_policy="evict_first")
     return w, u
 
@@ -128,11 +133,17 @@ def _scaled_groups(sums, x_groups, scale_ptr, offset_ptr, rows, start, live, K: 
 
 @triton.jit
 def _x8_sums(words, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr,
-             GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``_packed_sums`` for int4 codes against x's int8 codes (``X8``): integer sums per group by
-    ``dp4a`` (matvec_dp4a.py), times x's group scales ``dx``; ``x_sum``: dequantized x per group."""
-    sums = matvec_dp4a.group_dots(words, x_even, x_odd, BLOCK_N, BLOCK_K, GROUP).to(tl.float32) * dx[None, :]
-    return _scaled_groups(sums, x_sum, scale_ptr, offset_ptr, rows, start, live, K, 4, GROUP, OFFSET, BLOCK_K)
+             BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """``_packed_sums`` for packed codes against x's int8 codes (``X8``): integer sums per group by
+    ``dp4a`` (matvec_dp4a.py), times x's group scales ``dx``; ``x_sum``: dequantized x per group.
+    int4: ``x_even`` / ``x_odd`` are x's even and odd code words; int8: ``x_even`` its words in order."""
+    if BITS == 8:
+        dots = matvec_dp4a.group_dots_int8(words, x_even, BLOCK_N, BLOCK_K, GROUP)
+    else:
+        dots = matvec_dp4a.group_dots(words, x_even, x_odd, BLOCK_N, BLOCK_K, GROUP)
+    sums = dots.to(tl.float32) * dx[None, :]
+    return _scaled_groups(sums, x_sum, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP, OFFSET, BLOCK_K)
 
 
 @triton.jit
@@ -175,33 +186,39 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
                 acc_pair += u.to(tl.float32) * x[None, :]
             w, u = next_w, next_u
     elif X8:
-        # int4 codes against x's int8 codes (matvec_dp4a.py): x_ptr holds x's even codes then its
-        # odd ones as words, stats_ptr their group scales, sums and the sum of x^2 (a folded norm's
-        # weight is already in the codes; its RMS is applied at the end as below).
+        # packed codes against x's int8 codes (matvec_dp4a.py): x_ptr holds x's codes as words (for
+        # int4 its even codes, then its odd ones), stats_ptr their group scales, sums and the sum of
+        # x^2 (a folded norm's weight is already in the codes; its RMS is applied at the end as below).
         GROUPS: tl.constexpr = BLOCK_K // GROUP
-        WORDS: tl.constexpr = BLOCK_K // 8
+        WORDS: tl.constexpr = BLOCK_K // (32 // BITS)  # weight words per row and chunk
+        X_STEP: tl.constexpr = 8 if BITS == 4 else 4  # inputs per x word: int4 reads x's even and odd halves
+        X_WORDS: tl.constexpr = BLOCK_K // X_STEP
         acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
         acc_pair = tl.zeros((BLOCK_N, GROUPS), tl.float32)
-        w, u = _packed_words(w_ptr, rows, pair, 0, live, K, PAIRED, WORDS)
+        w, u = _packed_words(w_ptr, rows, pair, 0, live, K, PAIRED, WORDS, BITS)
         w1, u1 = w, u
         if AHEAD == 2:
-            w1, u1 = _packed_words(w_ptr, rows, pair, BLOCK_K, live, K, PAIRED, WORDS)
+            w1, u1 = _packed_words(w_ptr, rows, pair, BLOCK_K, live, K, PAIRED, WORDS, BITS)
         if PDL:
             tl.extra.cuda.gdc_wait()
         squares = tl.load(stats_ptr + 2 * (K // GROUP) + tl.arange(0, 1))
         for start in range(0, K, BLOCK_K):
-            next_w, next_u = _packed_words(w_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, WORDS)
-            word = start // 8 + tl.arange(0, WORDS)
-            x_even = tl.load(x_ptr + word, mask=word < K // 8, other=0)
-            x_odd = tl.load(x_ptr + K // 8 + word, mask=word < K // 8, other=0)
+            next_w, next_u = _packed_words(w_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, WORDS, BITS)
+            word = start // X_STEP + tl.arange(0, X_WORDS)
+            x_even = tl.load(x_ptr + word, mask=word < K // X_STEP, other=0)
+            x_odd = x_even
+            if BITS == 4:
+                x_odd = tl.load(x_ptr + K // 8 + word, mask=word < K // 8, other=0)
             group = start // GROUP + tl.arange(0, GROUPS)
             dx = tl.load(stats_ptr + group, mask=group < K // GROUP, other=0.0)
-            x_sum = tl.load(stats_ptr + K // GROUP + group, mask=group < K // GROUP, other=0.0)
-            acc += _x8_sums(w, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, rows, start, live, K, GROUP, OFFSET,
-                            BLOCK_N, BLOCK_K)
+            x_sum = dx  # int8 codes are symmetric: no offsets, no sums of x
+            if BITS == 4:
+                x_sum = tl.load(stats_ptr + K // GROUP + group, mask=group < K // GROUP, other=0.0)
+            acc += _x8_sums(w, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP,
+                            OFFSET, BLOCK_N, BLOCK_K)
             if PAIRED:
-                acc_pair += _x8_sums(u, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, pair, start, live, K, GROUP,
-                                     OFFSET, BLOCK_N, BLOCK_K)
+                acc_pair += _x8_sums(u, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, pair, start, live, K, BITS,
+                                     GROUP, OFFSET, BLOCK_N, BLOCK_K)
             if AHEAD == 2:
                 w, u, w1, u1 = w1, u1, next_w, next_u
             else:

@@ -120,10 +120,11 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     result["explicit"] = {"us": timed_us(compiled, per_layer, device, args.replays),
                           "out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)}
     tunings = [op.DecodeKernelTuning(**vars(shipped))]
+    shipped_mass = shipped.mass_block_for(group)
     tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s,
-                                      mass_block=mb)
+                                      mass_block=mb, grouped_mass_block=mb)
                 for b, p, m, w, s, mb in itertools.product(args.blocks, args.programs, args.min_splits, args.warps,
-                                                           args.stages, args.mass_blocks or [shipped.mass_block])]
+                                                           args.stages, args.mass_blocks or [shipped_mass])]
 
     def errors() -> dict:
         out, mass = kernel(*fresh)
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=int, nargs="+", default=[3])
     parser.add_argument("--min-splits", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--mass-blocks", type=int, nargs="+", default=None,
-                        help="slots per mass program of the combine kernel (default: the shipped one); the probability "
+                        help="slots per mass program of the combine kernel, both kinds of K/V head (default: the shipped "
+                             "one for the model's, mass_block or grouped_mass_block); the probability "
                              "pass of h2o-style policies, issue 17's SmolVLM2 cost")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -158,7 +158,7 @@ def write_markdown(report: dict, measured: list[dict], goal: list[dict], source:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_h200_kernel1.json")
+    parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_h200.json")
     parser.add_argument("--decode", type=Path, nargs="*", default=[],
                         help="bench_gpu.py results files whose (shape, weight type) decode figures replace --measured's")
     parser.add_argument("--capacity", type=int, default=4096)

@@ -24,7 +24,8 @@ from builders import one_token_step_inputs  # noqa: E402
 def small_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Launch shapes small enough that the test sizes span several splits, merge steps and mass blocks."""
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(
-        op.TUNING, block=16, grouped_block=16, programs=8, min_split=16, mass_block=32, merge_elements=32))
+        op.TUNING, block=16, grouped_block=16, programs=8, min_split=16, mass_block=32, grouped_mass_block=32,
+        merge_elements=32))
 
 
 def _reference(q, k_new, v_new, cache_k, cache_v, valid):
@@ -104,7 +105,7 @@ for group, dim in [(6, 128), (1, 128), (7, 64)]:
                                 "launch_pdl": arch >= 90})
     assert ".entry partial_attention" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
     constants = dict(GROUP=group, ROWS=1 << (group - 1).bit_length(), DIM=dim, NUM_SPLITS=33, SPLITS_PAD=64,
-                     SPLIT_CHUNK=min(64, TUNING.merge_elements // dim), MASS_BLOCK=TUNING.mass_block,
+                     SPLIT_CHUNK=min(64, TUNING.merge_elements // dim), MASS_BLOCK=TUNING.mass_block_for(group),
                      PDL=arch >= 90)
     signature = {name: "*bf16" for name in ("q_ptr", "k_new_ptr", "v_new_ptr")}
     signature.update({name: "*fp32" for name in ("scores_ptr", "max_ptr", "sum_ptr", "acc_ptr")})

@@ -24,10 +24,12 @@ from builders import one_token_step_inputs  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _float_activations(monkeypatch):
-    """These tests hold the int4 products against unrounded x (``int4_activations`` "float"), exact
-    to the weights' codes; the dp4a path, the shipped default, rounds x and is tested in
-    test_matvec_dp4a.py against a reference from the same rounded codes."""
-    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="float"))
+    """These tests hold the packed products against unrounded x (``int4_activations`` and
+    ``int8_activations`` "float"), exact to the weights' codes; the dp4a paths, the shipped
+    default, round x and are tested in test_matvec_dp4a.py against a reference from the same
+    rounded codes."""
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="float",
+                                                          int8_activations="float"))
 
 
 def _reference(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0):

@@ -21,7 +21,9 @@ class DecodeKernelTuning:
     tile has a row per query head, so a longer step pays for its loads on more rows); programs:
     about how many (KV head, split) programs to launch; min_split: fewest slots per split (the
     splits per head follow from both); num_warps, num_stages: per program of the partial kernel;
-    mass_block: slots per mass program of the combine kernel; merge_elements: most split values
+    mass_block / grouped_mass_block: slots per mass program of the combine kernel where a KV head
+    serves one query head / several (a grouped program sums a row per query head, so it takes
+    more slots per program); merge_elements: most split values
     one merge step loads at once; pdl: programmatic dependent launch on GPUs that have it
     (compute capability 9+, see matvec_kernels.py): the partial pass requests its first keys
     before q is written.
@@ -33,13 +35,21 @@ class DecodeKernelTuning:
     min_split: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    mass_block: int = 512
+    # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
+    # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
+    # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
+    mass_block: int = 256
+    grouped_mass_block: int = 1024
     merge_elements: int = 8192
     pdl: bool = True
 
     def block_for(self, group: int) -> int:
         """Slots per loop step for KV heads that serve ``group`` query heads each."""
         return self.grouped_block if group > 1 else self.block
+
+    def mass_block_for(self, group: int) -> int:
+        """Slots per mass program for KV heads that serve ``group`` query heads each."""
+        return self.grouped_mass_block if group > 1 else self.mass_block
 
 
 TUNING = DecodeKernelTuning()
@@ -116,12 +126,13 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         DIM=dim, BLOCK=block, NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32,
         PDL=bool(launch), num_warps=tuning.num_warps, num_stages=tuning.num_stages, **launch)
     splits_pad = _next_power_of_2(splits)
-    blocks = _cdiv(capacity, tuning.mass_block) if with_mass else 0
+    mass_block = tuning.mass_block_for(group)
+    blocks = _cdiv(capacity, mass_block) if with_mass else 0
     decode_kernels.combine_attention[(kv_heads, group + blocks)](
         q, k_new, v_new, scores, split_max, split_sum, split_acc, out, mass if with_mass else scores,
         capacity, scale, GROUP=group, ROWS=_next_power_of_2(group), DIM=dim, NUM_SPLITS=splits,
         SPLITS_PAD=splits_pad, SPLIT_CHUNK=min(splits_pad, max(1, tuning.merge_elements // dim)),
-        MASS_BLOCK=tuning.mass_block, PDL=bool(launch), num_warps=4, **launch)
+        MASS_BLOCK=mass_block, PDL=bool(launch), num_warps=4, **launch)
     return out, mass
 
 

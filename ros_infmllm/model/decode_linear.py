@@ -43,8 +43,9 @@ class MatvecTuning:
     # weights' (a packed row's chunk is a half or a quarter of the bytes of a float row's). int4: the
     # 7B matrices' sweep on an H200 (results/bench_decode_linear_int4_sweep_h200.md) gave 81.1 us per
     # layer at 4096 against 95.8 at 1024, and the dp4a path's best is 4096 too
-    # (bench_dp4a_matvec_sweep_h200.md); int8 was not swept wider, so it keeps 1024
-    int8_block_k: int = 1024
+    # (bench_dp4a_matvec_sweep_h200.md). int8's dp4a path: 4096 as well (68.7 us per 7B layer against
+    # 75.0 at 1024, bench_decode_linear_int8_dp4a_sweep_h200.md)
+    int8_block_k: int = 4096
     int4_block_k: int = 4096
     packed_num_warps: int = 4
     # chunks of packed bytes requested ahead of the one being multiplied (1 or 2; matvec_kernels AHEAD)
@@ -58,8 +59,12 @@ class MatvecTuning:
     x8_block_n: int = 4
     # int8 products against x's int8 codes ("int8": one signed dp4a per word of four codes, as
     # llama.cpp's Q8_0 x Q8_1) or float x ("float", exact to the codes); its rows per program stay
-    # int8_block_n. Only for groups of at most X8_MAX_GROUP inputs (x is rounded per weight group)
-    int8_activations: str = "float"
+    # int8_block_n. Only for groups of at most X8_MAX_GROUP inputs (x is rounded per weight group).
+    # On an H200 the 7B int8 layer takes 68.7 us against float x's best 87.0
+    # (bench_decode_linear_int8_{dp4a_,}sweep_h200.md) and the 7B int8 model decodes in 3.311 ms,
+    # 1.27x llama.cpp's Q8_0 in the same session (bench_llamacpp_h200.md); SmolLM2 +0.0067
+    # nats/token against float (weights_quality_cpu_dp4a_int8.md), inside the int8 bound of +0.01
+    int8_activations: str = "int8"
 
     def x8(self, bits: int, group: int = 32) -> bool:
         """Whether products with weights of ``bits`` in groups of ``group`` inputs take x's int8

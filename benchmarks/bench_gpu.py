@@ -489,6 +489,7 @@ def run(args, shapes: dict, device: str) -> int:
               "bandwidth_bytes_per_s": bandwidth, "capacity": args.capacity, "max_chunk": args.max_chunk,
               "ours": args.policies[0], "weights": args.weights,
               "int4_activations": decode_linear.TUNING.int4_activations,
+              "int8_activations": decode_linear.TUNING.int8_activations,
               "matvec_tuning": vars(decode_linear.TUNING).copy(), "matvec_overrides": args.matvec, "models": []}
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s on {report['device']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

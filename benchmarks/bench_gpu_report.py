@@ -42,8 +42,8 @@ def write_markdown(report: dict, path: Path) -> None:
              f"({report['torch']}, transformers {report['transformers']}), {report['seconds']} s. "
              f"{report['dtype']}, decoder projections {report.get('weights', 'float')}, batch 1, cache capacity "
              f"{report['capacity']}, prefill chunks of {report['max_chunk']}"
-             + (f", int4 products against x's {report['int4_activations']} codes" if report.get('int4_activations') == "int8"
-                else "")
+             + (f", {report['weights']} products against x's int8 codes"
+                if report.get(f"{report.get('weights')}_activations") == "int8" else "")
              + (f", matrix-vector launch shape {' '.join(report['matvec_overrides'])}" if report.get("matvec_overrides")
                 else "") + ". "
              f"Copy bandwidth (read + written): **{report['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s**.", "",

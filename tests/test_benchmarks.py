@@ -56,6 +56,8 @@ def test_bench_gpu_smoke_run_with_int4_weights_counts_packed_bytes(tmp_path: Pat
     assert 0 < p["decoder_weight_bytes"] < f["decoder_weight_bytes"]
     assert p["policies"]["h2o"]["checkpoints"][-1]["streamed_tokens"] >= 1200
     assert "decoder projections int4" in (tmp_path / "packed.md").read_text()
+    assert "int4 products against x's int8 codes" in (tmp_path / "packed.md").read_text()
+    assert "products against" not in (tmp_path / "float.md").read_text()  # float weights: no rounded x
 
 
 def test_bench_gpu_matvec_overrides_set_the_launch_shape_for_the_run_and_put_it_back(tmp_path: Path) -> None:

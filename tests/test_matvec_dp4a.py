@@ -1,8 +1,9 @@
 """The int4 x int8 and int8 x int8 ``dp4a`` paths of the decode op (model/matvec_dp4a.py, ``X8`` in
 matvec_kernels.py, on with ``MatvecTuning.int4_activations`` / ``int8_activations`` "int8"): the
 same integer sums as a float64 reference from the same activation codes, with the op's fusions, and
-close to the float product (its ahead-of-time build is in test_decode_linear.py). On a GPU it runs compiled with the real
-instruction; on the CPU in Triton's interpreter, where ``dp4a`` is summed byte by byte."""
+close to the float product (its ahead-of-time build is in test_decode_linear.py). On a GPU it runs
+compiled with the real instruction; on the CPU in Triton's interpreter, where ``dp4a`` is summed
+byte by byte."""
 from __future__ import annotations
 
 import dataclasses
@@ -152,6 +153,7 @@ def test_int8_weights_in_groups_wider_than_x8_max_group_keep_float_x(monkeypatch
     weight = torch.randn(24, 256, generator=torch.Generator().manual_seed(6)) * 0.05
     layer = QuantizedLinear.from_float(weight, None, "int8", group=0).to(DEVICE)
     assert layer.group == 256 > op.X8_MAX_GROUP and not op.TUNING.x8(8, layer.group) and op.TUNING.x8(8, 32)
+    assert not op.TUNING.x8(8, 12)  # x's code words need groups of a multiple of 8 inputs
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     got = op.decode_linear(x, layer.qweight, None, None, None, 1e-6, False, scales=layer.scales, bits=8)
     exact = x.double().cpu() @ layer.dequantized(torch.float64).cpu().T

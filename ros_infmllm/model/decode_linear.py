@@ -68,9 +68,10 @@ class MatvecTuning:
 
     def x8(self, bits: int, group: int = 32) -> bool:
         """Whether products with weights of ``bits`` in groups of ``group`` inputs take x's int8
-        codes (the dp4a path); a wider group (int8 per output channel) would round x too coarsely."""
+        codes (the dp4a path); a wider group (int8 per output channel) would round x too coarsely,
+        and x's codes are laid out in words of eight per group half (a multiple of 8 inputs)."""
         chosen = {4: self.int4_activations, 8: self.int8_activations}.get(bits)
-        return chosen == "int8" and group <= X8_MAX_GROUP
+        return chosen == "int8" and group <= X8_MAX_GROUP and group % 8 == 0
 
     @staticmethod
     def rows_field(bits: int, x8: bool) -> str:
@@ -81,7 +82,8 @@ class MatvecTuning:
     def check(self, bits: int) -> None:
         """Refuse a setting the packed kernels cannot take (a misspelt value would pick a path silently)."""
         if bits and self.packed_ahead not in (1, 2):
-            raise ValueError(f"MatvecTuning.packed_ahead is {self.packed_ahead}: the kernel requests 1 or 2 chunks ahead")
+            raise ValueError(f"MatvecTuning.packed_ahead is {self.packed_ahead}: "
+                             "the kernel requests 1 or 2 chunks ahead")
         for name in {4: ("int4_activations",), 8: ("int8_activations",)}.get(bits, ()):
             if getattr(self, name) not in ("float", "int8"):
                 raise ValueError(f"MatvecTuning.{name} is {getattr(self, name)!r}: 'float' or 'int8'")

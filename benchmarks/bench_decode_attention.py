@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-splits", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--mass-blocks", type=int, nargs="+", default=None,
                         help="slots per mass program of the combine kernel, both kinds of K/V head "
-                             "(default: the shipped one for the model's, mass_block or grouped_mass_block); the probability "
+                             "(default: the shipped one for the model's, mass_block or grouped_mass_block); "
+                             "the probability "
                              "pass of h2o-style policies, issue 17's SmolVLM2 cost")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)

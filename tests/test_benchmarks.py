@@ -502,3 +502,31 @@ def test_packed_prefill_memory_compares_both_products_in_fresh_processes(tmp_pat
     assert row["relative_difference"] < 1e-6 and row["now"]["packed_bytes"] == row["before"]["packed_bytes"] > 0
     assert row["before"]["peak_growth_bytes"] >= 0 and row["now"]["peak_growth_bytes"] >= 0
     assert "| tiny (96 x 64) |" in (tmp_path / "ppm.md").read_text()
+
+
+def test_memory_peak_finds_what_is_live_at_the_most_bytes_after_the_reset() -> None:
+    """benchmarks/memory_peak.py on a synthetic allocator trace: the peak is counted from the reset
+    on (an earlier, larger load-time peak is not it), frees end a block's life, and each block is
+    owned by its innermost frame inside the repository."""
+    import memory_peak
+
+    repo = str(memory_peak.REPOSITORY)
+    here = [{"filename": f"{repo}/ros_infmllm/model/decoder.py", "line": 7, "name": "step"},
+            {"filename": "/usr/lib/python3/torch/nn/functional.py", "line": 1, "name": "linear"}]
+    weights = [{"filename": f"{repo}/ros_infmllm/model/quantized.py", "line": 3, "name": "pack"}]
+    trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": weights},
+             {"action": "alloc", "addr": 2, "size": 900, "frames": weights},  # load-time temporary
+             {"action": "free_completed", "addr": 2, "size": 900},
+             {"action": "alloc", "addr": 3, "size": 50, "frames": here[1:]},  # reset happens before this
+             {"action": "alloc", "addr": 4, "size": 30, "frames": here},
+             {"action": "free_completed", "addr": 4, "size": 30},
+             {"action": "alloc", "addr": 5, "size": 40, "frames": here},
+             {"action": "alloc", "addr": 6, "size": 20, "frames": here}]
+    peak, blocks = memory_peak.peak_allocations(trace, start=3)
+    assert peak == 210 and set(blocks) == {1, 3, 5, 6}
+    owners = {row["owner"]: row for row in memory_peak.by_owner(blocks)}
+    assert owners["ros_infmllm/model/decoder.py:7 step"]["bytes"] == 60
+    assert owners["ros_infmllm/model/decoder.py:7 step"]["blocks"] == 2
+    assert owners["ros_infmllm/model/quantized.py:3 pack"]["bytes"] == 100
+    assert owners["functional.py:1 linear"]["bytes"] == 50  # no frame in the repository: the innermost
+    assert memory_peak.peak_allocations(trace)[0] == 1000  # from the start, the load's peak

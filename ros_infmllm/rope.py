@@ -39,9 +39,20 @@ class Rotary:
         return x * cos + rotated_half * sin
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x[..., n, head_dim]`` by ``positions[..., n]`` (may be negative: a shift back)."""
-        cos, sin = self.cos_sin(positions, torch.float32)
-        return self.apply(x.float(), cos, sin).to(x.dtype)
+        """Rotate ``x[..., n, head_dim]`` by plain RoPE at ``positions[..., n]`` (may be negative: a
+        shift back). The same values as ``apply`` with float32 tables, computed on half-width tables
+        and halves of x: an eviction re-rotates most of the cache, and the full-width float32
+        temporaries were the largest memory of a 7B model's streaming peak (0.38 GiB a layer,
+        benchmarks/results/memory_peak_int4_h200.md)."""
+        half = x.shape[-1] // 2
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(positions.device)
+        cos, sin = angles.cos(), angles.sin()
+        wide = x.float()
+        first, second = wide[..., :half], wide[..., half:]
+        out = torch.empty_like(x)
+        out[..., :half] = first * cos - second * sin  # x * cos + rotate_half(x) * sin, first half
+        out[..., half:] = second * cos + first * sin
+        return out
 
 
 class MultimodalRotary(Rotary):

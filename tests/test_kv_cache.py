@@ -29,17 +29,33 @@ def _per_head_subsets(count: int, keep: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(rows).view(LAYERS, HEADS, keep)
 
 
-@pytest.mark.parametrize("scratch", [256 << 20, 1])  # all layers at once, or one layer at a time
-def test_compaction_rerotation_equals_rotation_at_new_slots(scratch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+# all layers at once, one layer at a time, two heads of a layer, one head (7 slots kept of DIM)
+@pytest.mark.parametrize("scratch, pieces", [(256 << 20, 1), (HEADS * 7 * DIM * 18, LAYERS),
+                                             (2 * 7 * DIM * 18, 2 * LAYERS), (1, HEADS * LAYERS)])
+def test_compaction_rerotation_equals_rotation_at_new_slots(scratch: int, pieces: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("ros_infmllm.cache.kv_cache.MOVE_SCRATCH_BYTES", scratch)
     cache, raw_k, values = _filled(12)
     keep = _per_head_subsets(12, 7)
+    assert len(cache._move_pieces(7)) == pieces
     cache.compact(keep)
     gather = keep.unsqueeze(-1).expand(-1, -1, -1, DIM)
     expected_k = cache.rotary.rotate(torch.gather(raw_k, 2, gather), torch.arange(7))
     assert cache.length == 7
     assert torch.allclose(cache.k[:, :, :7], expected_k, atol=1e-5)
     assert torch.equal(cache.v[:, :, :7], torch.gather(values, 2, gather))
+
+
+def test_rotate_gives_apply_with_full_tables_exactly() -> None:
+    """``Rotary.rotate`` (half-width tables, for an eviction's memory) against ``apply`` with
+    ``cos_sin``'s full float32 tables: the same bits, in bf16 and float32, for shifts either way."""
+    rotary = Rotary(DIM, 10000.0)
+    generator = torch.Generator().manual_seed(4)
+    shifts = torch.randint(-500, 500, (LAYERS, HEADS, 9), generator=generator)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(LAYERS, HEADS, 9, DIM, generator=generator).to(dtype)
+        cos, sin = rotary.cos_sin(shifts, torch.float32)
+        assert torch.equal(rotary.rotate(x, shifts), Rotary.apply(x.float(), cos, sin).to(dtype))
 
 
 def test_repeated_compactions_compose() -> None:

@@ -38,7 +38,10 @@ from ..errors import CacheFullError
 from ..rope import Rotary
 
 
-MOVE_SCRATCH_BYTES = 256 << 20  # scratch memory an eviction may take for its re-rotation or merging
+# scratch memory an eviction may take for its re-rotation or merging: 64 MiB, since at 256 a 7B
+# model's eviction was the largest transient of its streaming peak (memory_peak_int4_h200.md)
+MOVE_SCRATCH_BYTES = 64 << 20
+ROTATE_BYTES = 18  # scratch per re-rotated element: gathered, float32 copy, half tables, products, result
 
 
 class BoundedKVCache:
@@ -160,25 +163,34 @@ class BoundedKVCache:
         self.shrink(kept)
 
     def move(self, keep: torch.Tensor, merge: bool = False) -> None:
-        """The device half of ``compact`` (graph-capturable). Layers go in groups whose float32
-        re-rotation scratch stays under ``MOVE_SCRATCH_BYTES``: one group for a small model (few
-        kernels), several for a large one (bounded memory)."""
+        """The device half of ``compact`` (graph-capturable). The re-rotation goes in pieces whose
+        scratch stays under ``MOVE_SCRATCH_BYTES``: groups of whole layers for a small model (few
+        kernels), groups of heads within a layer for a large one (bounded memory)."""
         kept = keep.shape[2]
         if merge:
             self.merge_evicted(keep)
         shift = self.slot_index[:kept].view(1, kept) - keep  # [layers, heads, kept]: new slot - old slot
-        layers, heads, _, dim = self.k.shape
-        group = max(1, MOVE_SCRATCH_BYTES // (heads * kept * dim * 4 * 4))  # ~4 float32 temporaries
-        for first in range(0, layers, group):
-            rows = slice(first, first + group)
-            gather = keep[rows].unsqueeze(-1).expand(-1, -1, -1, dim)
-            self.k[rows, :, :kept] = self.rotary.rotate(torch.gather(self.k[rows], 2, gather), shift[rows])
-            self.v[rows, :, :kept] = torch.gather(self.v[rows], 2, gather)
+        for rows, cols in self._move_pieces(kept):
+            gather = keep[rows, cols].unsqueeze(-1).expand(-1, -1, -1, self.k.shape[-1])
+            self.k[rows, cols, :kept] = self.rotary.rotate(torch.gather(self.k[rows, cols], 2, gather),
+                                                           shift[rows, cols])
+            self.v[rows, cols, :kept] = torch.gather(self.v[rows, cols], 2, gather)
         for name, stat in self.stats.items():
             index = keep.expand(stat.shape[:-3] + keep.shape)
             stat[..., :kept] = torch.gather(stat, -1, index)
             stat[..., kept:] = 0
         self.length_t.fill_(kept)
+
+    def _move_pieces(self, kept: int) -> list[tuple[slice, slice]]:
+        """(layers, heads) slices that re-rotate ``kept`` slots each within ``MOVE_SCRATCH_BYTES``."""
+        layers, heads, _, dim = self.k.shape
+        per_head = kept * dim * ROTATE_BYTES
+        if heads * per_head <= MOVE_SCRATCH_BYTES or heads == 1:
+            group = max(1, MOVE_SCRATCH_BYTES // (heads * per_head))
+            return [(slice(first, first + group), slice(None)) for first in range(0, layers, group)]
+        group = max(1, MOVE_SCRATCH_BYTES // per_head)
+        return [(slice(layer, layer + 1), slice(first, first + group))
+                for layer in range(layers) for first in range(0, heads, group)]
 
     def merge_evicted(self, keep: torch.Tensor) -> None:
         """Average every valid, unkept visual slot into the kept slot (of ``keep``) with the most

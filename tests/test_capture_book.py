@@ -37,6 +37,17 @@ def test_no_more_graphs_than_the_limit() -> None:
     assert book.should_capture("a", 1) and not book.should_capture("b", 2)
 
 
+def test_may_capture_is_true_while_warming_up_and_false_once_a_key_is_given_up() -> None:
+    """The runner copies a call's inputs as a capture would only while the key may still be
+    captured (its warm-up calls); a key given up, or past the graph limit, runs on its inputs."""
+    book = CaptureBook(warmups=2, retries=0, max_graphs=3)
+    assert not book.should_capture("frame", 0) and book.may_capture("frame", 0)  # a warm-up call
+    assert not book.may_capture("frame", 3)  # no room for another graph
+    book.failed("frame", RuntimeError("no"))
+    assert not book.may_capture("frame", 0) and book.may_capture("next", 0)
+    assert not any(book.should_capture("frame", 0) for _ in range(4))
+
+
 def test_a_failed_key_runs_eagerly_for_its_warm_up_calls_before_the_retry_and_keeps_its_first_reason() -> None:
     """What a capture tripped on (a recompilation, say) then happens in an eager call, not in the retry."""
     book = CaptureBook(warmups=2, retries=1)

@@ -76,8 +76,13 @@ class CaptureBook:
         """Count this call of ``key`` (not yet captured; ``captured`` graphs exist) and say whether
         to capture it now."""
         calls = self.calls[key] = self.calls.get(key, 0) + 1
-        return (capture and calls > self.capture_after.get(key, self.warmups) and captured < self.max_graphs
-                and self.failures.get(key, 0) <= self.retries and sum(self.failures.values()) < self.max_failures)
+        return capture and calls > self.capture_after.get(key, self.warmups) and self.may_capture(key, captured)
+
+    def may_capture(self, key: Hashable, captured: int) -> bool:
+        """Whether ``key`` can still be captured, now or after more calls (``captured`` graphs exist).
+        Graphs are never dropped and failures never forgotten, so once False it stays False."""
+        return (captured < self.max_graphs and self.failures.get(key, 0) <= self.retries
+                and sum(self.failures.values()) < self.max_failures)
 
     def failed(self, key: Hashable, exc: Exception, cleanup: str = "") -> None:
         """Book a failed capture of ``key``; its next ``warmups`` calls run eagerly before a retry,
@@ -128,7 +133,10 @@ class CudaGraphRunner:
         captured = self.graphs.get(key)
         if captured is None:
             if not self.book.should_capture(key, len(self.graphs), capture):
-                return self._eager(fn, self._as_captured(inputs) if capture else inputs)
+                # warm-up calls of a key still to be captured take copies like the capture's (see
+                # _as_captured); a key given up takes its inputs as they are
+                warming = capture and self.book.may_capture(key, len(self.graphs))
+                return self._eager(fn, self._as_captured(inputs) if warming else inputs)
             stream = torch.cuda.current_stream(self.device)
             try:
                 captured = self._capture(fn, inputs)

@@ -32,7 +32,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is first imported
 
 from bench_decode_attention import relative, timed_us  # noqa: E402
-from launch_tuning import kept_tuning, overridden, sweep  # noqa: E402
+from launch_tuning import sweep, tuning_for_run  # noqa: E402
 from bench_gpu import SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from results_files import save_report  # noqa: E402
 from ros_infmllm.model import decode_linear as op  # noqa: E402
@@ -213,12 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "weights": args.weights,
               "models": []}
-    with kept_tuning(op.TUNING) as shipped:
-        try:  # the path timed: its "shipped" row and every variant take it
-            shipped = overridden(shipped, args.matvec + (
-                [f"int4_activations={args.int4_activations}"] if args.int4_activations else []))
-        except ValueError as exc:
-            parser.error(f"--matvec {exc}")
+    # the path timed: its "shipped" row and every variant take the overrides
+    with tuning_for_run(parser, op.TUNING, args.matvec + (
+            [f"int4_activations={args.int4_activations}"] if args.int4_activations else [])) as shipped:
         report["int4_activations"], report["int8_activations"] = shipped.int4_activations, shipped.int8_activations
         report["matvec_overrides"] = args.matvec
         for name in args.models:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from bench_gpu_report import summarise, write_markdown, write_plot
-from launch_tuning import kept_tuning, overridden, set_tuning
+from launch_tuning import tuning_for_run
 from session_variants import session_variant
 from ros_infmllm.cache import make_policy
 from ros_infmllm.model.checkpoint import model_class
@@ -465,13 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model shapes {unknown}: choose from {', '.join(shapes)}")
     from ros_infmllm.model import decode_linear
 
-    try:
-        tuning = overridden(decode_linear.TUNING, args.matvec + (
-            [f"int4_activations={args.int4_activations}"] if args.int4_activations else []))
-    except ValueError as exc:
-        parser.error(f"--matvec {exc}")
-    with kept_tuning(decode_linear.TUNING):  # put back however the run ends (tests call main in-process)
-        set_tuning(decode_linear.TUNING, tuning)
+    with tuning_for_run(parser, decode_linear.TUNING, args.matvec + (
+            [f"int4_activations={args.int4_activations}"] if args.int4_activations else [])):
         return run(args, shapes, device)
 
 

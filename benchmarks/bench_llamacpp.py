@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import bench_gpu
-from launch_tuning import kept_tuning, overridden, set_tuning
+from launch_tuning import tuning_for_run
 from ros_infmllm.cache import DEFAULT_POLICY
 from ros_infmllm.model import decode_linear
 from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
@@ -346,12 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="our decode matrix-vector op's launch shape (fields of decode_linear.MatvecTuning)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
-    try:
-        tuning = overridden(decode_linear.TUNING, args.matvec)
-    except ValueError as exc:
-        parser.error(f"--matvec {exc}")
-    with kept_tuning(decode_linear.TUNING):  # put back however the run ends (tests call main in-process)
-        set_tuning(decode_linear.TUNING, tuning)
+    with tuning_for_run(parser, decode_linear.TUNING, args.matvec):
         return run(args)
 
 

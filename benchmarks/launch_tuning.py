@@ -1,4 +1,5 @@
-"""Setting an op's launch shape for a timing run and putting the shipped one back.
+"""Setting an op's launch shape for a timing run and putting the shipped one back
+(``tuning_for_run``: a script's ``--matvec FIELD=VALUE`` overrides for the whole run).
 
 Why a module of its own: the timing scripts (bench_decode_attention, bench_decode_linear,
 bench_dp4a_matvec, bench_prefill_mass) and bench_gpu all change an op's module-level tuning
@@ -60,3 +61,17 @@ def overridden(tuning, assignments: list[str]):
             except ValueError as exc:
                 raise ValueError(f"{assignment!r}: {name} takes a {type(current).__name__}") from exc
     return dataclasses.replace(tuning, **changes)
+
+
+@contextlib.contextmanager
+def tuning_for_run(parser, target, assignments: list[str]):
+    """The op's module-level tuning ``target`` with the ``--matvec``-style ``FIELD=VALUE``
+    ``assignments`` set for the block (a bad one is ``parser``'s error) and a copy of it yielded;
+    the tuning from before put back however the block ends (tests call the scripts in-process)."""
+    try:
+        tuning = overridden(target, assignments)
+    except ValueError as exc:
+        parser.error(f"--matvec {exc}")
+    with kept_tuning(target):
+        set_tuning(target, tuning)
+        yield dataclasses.replace(tuning)

@@ -7,12 +7,16 @@ the difference in the explicit path (two slow batched products and four passes o
 probabilities per layer). Per shape: a frame's chunk of queries over a full cache of
 ``--capacity`` slots in every layer (inputs of their own per layer), each path compiled as the
 session's prefill is and timed by ``bench_decode_attention.timed_us`` (one CUDA graph of a call per
-layer, replayed), and their outputs and masses compared.
+layer, replayed), and their outputs and masses compared. Beside them: the fused path with each
+source of the queries' log-sum-exp (``--lse-from``: the attention kernel's, cuDNN's, or the mass
+op's own first kernel; ``model/prefill_attention.py``) and the attention alone (what a chunk pays
+without the mass).
 
 GPU: ``python benchmarks/bench_prefill_mass.py --out $OUT`` (seconds). ``--sweep`` also times the mass
-op alone at the shipped launch shape and at each of a grid of ``PrefillMassTuning`` values
-(``--block-m``, ``--block-n``, ``--programs``), with its largest difference from the explicit path's
-mass. CPU: ``--smoke`` (a tiny shape in Triton's interpreter: checks the script and the agreement,
+op alone (given each query's log-sum-exp, as the decoder calls it) at the shipped launch shape and at
+each of a grid of ``PrefillMassTuning`` values (``--block-m``, ``--block-n``, ``--programs``, ``--num-warps``: the mass kernel's rows and keys per tile,
+programs and warps), with
+its largest difference from the explicit path's mass. CPU: ``--smoke`` (a tiny shape in Triton's interpreter: checks the script and the agreement,
 not speed).
 Results: ``benchmarks/results/<name>.{json,md}``.
 """
@@ -35,7 +39,7 @@ from launch_tuning import kept_tuning, sweep  # noqa: E402
 from bench_gpu import FAMILY_SHAPES, SHAPES  # noqa: E402
 from results_files import save_report  # noqa: E402
 from ros_infmllm.model.config import parse_text_config  # noqa: E402
-from ros_infmllm.model import prefill_mass as mass_op  # noqa: E402
+from ros_infmllm.model import prefill_attention, prefill_mass as mass_op  # noqa: E402
 from ros_infmllm.model.decoder import Attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,6 +70,8 @@ def layer_inputs(attention: Attention, chunk: int, capacity: int, device: str, d
 def bench_shape(name: str, text: dict, chunk: int, args) -> dict:
     cfg = parse_text_config(text, Path(name))
     attention = Attention(cfg)
+    prefill_attention.probe_cudnn(args.device, torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
+                                  cfg.head_dim)  # as the decoder does when its kernels go on
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     per_layer = [layer_inputs(attention, chunk, args.capacity, args.device, dtype, seed=layer)
                  for layer in range(cfg.num_layers)]
@@ -75,22 +81,30 @@ def bench_shape(name: str, text: dict, chunk: int, args) -> dict:
     def explicit(*inputs):  # the path h2o's prefill took before the mass op
         return attention._explicit(*inputs, window, group)
 
-    def fused(*inputs):
+    def fused(*inputs):  # with the shipped log-sum-exp source
         return attention._fused(*inputs, window, group)
+
+    def attention_only(q, k, v, past_k, past_v, mask):  # the fused output alone: what streamingllm's chunk pays
+        keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
+        return prefill_attention.attention(q.reshape(k.shape[0], -1, q.shape[-1]), keys, values, mask, group)
 
     if args.device == "cuda":  # as the session's prefill runs them
         explicit, fused = torch.compile(explicit, dynamic=False), torch.compile(fused, dynamic=False)
+        attention_only = torch.compile(attention_only, dynamic=False)
     (out_e, mass_e), (out_f, mass_f) = explicit(*per_layer[0]), fused(*per_layer[0])
     row = {"model": name, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
            "chunk": chunk, "capacity": args.capacity, "dtype": str(dtype).removeprefix("torch."),
+           "lse_from": mass_op.TUNING.lse_from,
            "explicit_ms": timed_us(explicit, per_layer, args.device, args.replays) / 1e3,
            "fused_ms": timed_us(fused, per_layer, args.device, args.replays) / 1e3,
+           "attention_only_ms": timed_us(attention_only, per_layer, args.device, args.replays) / 1e3,
            "max_output_difference": float((out_e.float() - out_f.float()).abs().max()),
            "max_mass_difference": float((mass_e - mass_f).abs().max()),
            "mass_per_head": float(mass_f.sum(-1).mean()), "expected_mass_per_head": float(group * chunk)}
     row["speedup"] = row["explicit_ms"] / row["fused_ms"]
     row["layers"] = cfg.num_layers
     row["per_frame_saving_ms"] = (row["explicit_ms"] - row["fused_ms"]) * cfg.num_layers
+    row["lse_sources"] = time_lse_sources(attention, per_layer, window, group, mass_e, args)
     if args.sweep:
         row["mass_op"] = sweep_mass_op(per_layer, group, mass_e, args)
     print(f"{name}: explicit {row['explicit_ms']:.3f} ms, fused + mass op {row['fused_ms']:.3f} ms per layer "
@@ -99,14 +113,47 @@ def bench_shape(name: str, text: dict, chunk: int, args) -> dict:
     return row
 
 
-def sweep_mass_op(per_layer: list, group: int, reference: torch.Tensor, args) -> dict:
-    """The mass op alone (its share of the fused path), at the shipped ``PrefillMassTuning`` and at
-    each of the grid; the shipped tuning is restored after."""
-    inputs = [(q.reshape(k.shape[0], group * q.shape[1], q.shape[2]), torch.cat((past_k, k), dim=1), mask)
-              for q, k, _, past_k, _, mask in per_layer]
+def time_lse_sources(attention: Attention, per_layer: list, window: int, group: int, reference: torch.Tensor,
+                     args) -> list[dict]:
+    """The fused path per layer with each source of the queries' log-sum-exp in turn
+    (``PrefillMassTuning.lse_from``; the shipped one is restored after): ms, or the error of a
+    backend this GPU or build does not run."""
+    rows = []
     with kept_tuning(mass_op.TUNING) as shipped:
-        tunings = [shipped] + [dataclasses.replace(shipped, block_m=m, block_n=n, programs=programs)
-                               for m, n, programs in itertools.product(args.block_m, args.block_n, args.programs)]
+        for source in args.lse_from:
+            mass_op.TUNING.lse_from = source
+
+            def fused(*inputs):
+                return attention._fused(*inputs, window, group)
+
+            if args.device == "cuda":
+                torch._dynamo.reset()
+                fused = torch.compile(fused, dynamic=False)
+            try:
+                mass = fused(*per_layer[0])[1]
+                rows.append({"lse_from": source, "fused_ms": timed_us(fused, per_layer, args.device, args.replays) / 1e3,
+                             "max_mass_difference": float((mass - reference).abs().max())})
+            except Exception as error:  # noqa: BLE001 - a backend this build lacks is a result, not a stop
+                rows.append({"lse_from": source, "error": f"{type(error).__name__}: {error}"[:300]})
+            print(f"  lse from {source}: {rows[-1]}", flush=True)
+        mass_op.TUNING.lse_from = shipped.lse_from
+    return rows
+
+
+def sweep_mass_op(per_layer: list, group: int, reference: torch.Tensor, args) -> dict:
+    """The mass op alone (its share of the fused path), given each query's log-sum-exp from the
+    attention kernel, at the shipped ``PrefillMassTuning`` and at each of the grid; the shipped
+    tuning is restored after."""
+    inputs = []
+    for q, k, v, past_k, past_v, mask in per_layer:
+        grouped = q.reshape(k.shape[0], group * q.shape[1], q.shape[2])
+        keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
+        inputs.append((grouped, keys, mask, prefill_attention.attention_with_lse(grouped, keys, values, mask, group)[1]))
+    with kept_tuning(mass_op.TUNING) as shipped:
+        tunings = [shipped] + [dataclasses.replace(shipped, block_m=m, mass_block_n=n, mass_programs=programs,
+                                                   num_warps=warps)
+                               for m, n, programs, warps in itertools.product(args.block_m, args.block_n, args.programs,
+                                                                              args.num_warps)]
         rows = sweep(mass_op.TUNING, tunings, lambda: timed_us(mass_op.prefill_mass, inputs, args.device, args.replays),
                      lambda: {"max_mass_difference": float((mass_op.prefill_mass(*inputs[0]) - reference).abs().max())})
     return {"shipped": rows[0], "best": min(rows[1:], key=lambda r: r["us"]), "grid": rows[1:]}
@@ -119,23 +166,33 @@ def write_markdown(report: dict, path: Path) -> None:
              f"{report['replays']} replays of a CUDA graph of one call per layer (compiled, as the session's prefill). "
              "Explicit: the float32 softmax materialised (the path `h2o` prefill took before the mass op). Fused: "
              "scaled_dot_product_attention for the output plus `model/prefill_mass.py` for the mass.", "",
-             "| shape | heads / KV heads / dim | chunk | explicit ms | fused + mass op ms | speed-up | per frame "
-             "(all layers) ms saved | max output diff | max mass diff |", "|---|---|---|---|---|---|---|---|---|"]
+             "The fused path takes each query's log-sum-exp from the source `lse_from` names "
+             "(`model/prefill_attention.py`); the attention alone is what a chunk pays without the mass.", "",
+             "| shape | heads / KV heads / dim | chunk | explicit ms | fused + mass op ms (lse from) | speed-up | "
+             "per frame (all layers) ms saved | attention alone ms | max output diff | max mass diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['model']} | {r['heads']} / {r['kv_heads']} / {r['head_dim']} | {r['chunk']} | "
-                     f"{r['explicit_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup']:.2f}x | "
-                     f"{r['per_frame_saving_ms']:.1f} | {r['max_output_difference']:.1e} | "
-                     f"{r['max_mass_difference']:.1e} |")
+                     f"{r['explicit_ms']:.3f} | {r['fused_ms']:.3f} ({r['lse_from']}) | {r['speedup']:.2f}x | "
+                     f"{r['per_frame_saving_ms']:.1f} | {r['attention_only_ms']:.3f} | "
+                     f"{r['max_output_difference']:.1e} | {r['max_mass_difference']:.1e} |")
+    lines += ["", "The fused path per layer with each source of the log-sum-exp:", "",
+              "| shape | lse from | fused + mass op ms | max mass diff |", "|---|---|---|---|"]
+    for r in report["rows"]:
+        for source in r["lse_sources"]:
+            timed = (f"{source['fused_ms']:.3f} | {source['max_mass_difference']:.1e}" if "fused_ms" in source
+                     else f"error: {source['error'][:80]} | -")
+            lines.append(f"| {r['model']} | {source['lse_from']} | {timed} |")
     swept = [r for r in report["rows"] if "mass_op" in r]
     if swept:
         lines += ["", "The mass op alone per layer, at the shipped launch shape and the best of the grid "
-                  "(rows per program, keys per step, programs):", "",
-                  "| shape | shipped us | best us | best block_m / block_n / programs | best's max mass diff |",
+                  "(rows per tile, keys per tile, programs, warps):", "",
+                  "| shape | shipped us | best us | best block_m / block_n / programs / warps | best's max mass diff |",
                   "|---|---|---|---|---|"]
         for r in swept:
             shipped, best = r["mass_op"]["shipped"], r["mass_op"]["best"]
             lines.append(f"| {r['model']} | {shipped['us']:.1f} | {best['us']:.1f} | {best['block_m']} / "
-                         f"{best['block_n']} / {best['programs']} | {best['max_mass_difference']:.1e} |")
+                         f"{best['mass_block_n']} / {best['mass_programs']} / {best['num_warps']} | {best['max_mass_difference']:.1e} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -146,16 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sweep", action="store_true", help="also time the mass op alone over a launch-shape grid")
+    parser.add_argument("--lse-from", nargs="+", default=list(prefill_attention.LSE_SOURCES),
+                        help="sources of each query's log-sum-exp timed in the fused path (PrefillMassTuning.lse_from)")
     parser.add_argument("--block-m", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--programs", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU in Triton's interpreter")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="bench_prefill_mass")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.capacity, args.replays = "cpu", 96, 1
-        args.block_m, args.block_n, args.programs = [16], [16, 32], [64]
+        args.block_m, args.block_n, args.programs, args.num_warps = [16], [16, 32], [64], [4]
+        args.lse_from = [source for source in args.lse_from if source != "cudnn"]  # a CUDA backend
         shapes = {name: (text, 24) for name, text in SMOKE.items()}
     else:
         every = {**SHAPES, **FAMILY_SHAPES}

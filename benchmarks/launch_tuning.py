@@ -64,14 +64,15 @@ def overridden(tuning, assignments: list[str]):
 
 
 @contextlib.contextmanager
-def tuning_for_run(parser, target, assignments: list[str]):
+def tuning_for_run(parser, target, assignments: list[str], flag: str = "--matvec"):
     """The op's module-level tuning ``target`` with the ``--matvec``-style ``FIELD=VALUE``
-    ``assignments`` set for the block (a bad one is ``parser``'s error) and a copy of it yielded;
-    the tuning from before put back however the block ends (tests call the scripts in-process)."""
+    ``assignments`` set for the block (a bad one is ``parser``'s error, naming ``flag``) and a copy
+    of it yielded; the tuning from before put back however the block ends (tests call the scripts
+    in-process)."""
     try:
         tuning = overridden(target, assignments)
     except ValueError as exc:
-        parser.error(f"--matvec {exc}")
+        parser.error(f"{flag} {exc}")
     with kept_tuning(target):
         set_tuning(target, tuning)
         yield dataclasses.replace(tuning)

@@ -40,6 +40,8 @@ from ros_infmllm.model.checkpoint import model_class
 from ros_infmllm.model.config import load_config
 from ros_infmllm.model.llava import LlavaModel
 from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
+from ros_infmllm.model.quantized_embedding import QuantizedEmbedding, quantize_embeddings
+from ros_infmllm.model.quantized_vision import quantize_vision
 from ros_infmllm.session import SessionConfig, StreamingSession, template_for
 from ros_infmllm.session.preprocess import preprocessor_for_folder
 
@@ -172,9 +174,11 @@ def decoder_bytes_per_token(model: LlavaModel) -> int:
     unique = {id(p): p for p in model.decoder.parameters()}
     total = sum(p.numel() * p.element_size() for p in unique.values())
     total += sum(m.packed_bytes() for m in model.decoder.modules() if isinstance(m, QuantizedLinear))
-    if not model.cfg.text.tie_word_embeddings:
-        embed = model.decoder.embed_tokens.weight
-        total -= embed.numel() * embed.element_size()
+    embed = model.decoder.embed_tokens
+    if isinstance(embed, QuantizedEmbedding):  # packed: read per token only where it is the head's table
+        total -= 0 if embed.table is model.decoder.lm_head else embed.table.packed_bytes()
+    elif not model.cfg.text.tie_word_embeddings:
+        total -= embed.weight.numel() * embed.weight.element_size()
     return total
 
 
@@ -285,8 +289,8 @@ def camera_frame(model: LlavaModel, shape: dict | None = None) -> tuple[int, int
 def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, device: str,
                  shape: dict | None = None) -> dict:
     name, variant = session_variant(policy)  # e.g. h2o+pyramid, h2o+pool2, h2o+merge
-    if "weights" in variant:
-        raise SystemExit(f"{policy}: packed weights are --weights here, not a policy suffix")
+    if "weights" in variant or "vision_weights" in variant:
+        raise SystemExit(f"{policy}: packed weights are --weights / --vision-weights here, not a policy suffix")
     config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
                            check_evictions=False, **variant)
     session = StreamingSession(model, tokenizer, make_policy(name), config, template_for("demo"),
@@ -398,7 +402,11 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
     folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
     model = random_model(folder, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.weights != "float":  # packed decoder projections, rounded from the random floats
-        quantize_decoder(model.decoder, args.weights)
+        quantize_decoder(model.decoder, args.weights, head=None if args.lm_head == "float" else args.lm_head)
+    if args.embeddings != "float":  # after the head: a tied table may share its codes
+        quantize_embeddings(model.decoder, args.embeddings)
+    if args.vision_weights != "float":
+        quantize_vision(model, args.vision_weights)
     tokenizer = shape_tokenizer(model, shape)
     weights, cache = decoder_bytes_per_token(model), cache_bytes(model, args.capacity)
     roofline_ms = 1e3 * (weights + cache) / bandwidth
@@ -437,12 +445,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth-mb", type=int, default=2048)
     parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
                         help="decoder projections: float (bf16 on a GPU) or packed (groups of 32)")
+    parser.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
+                        help="the LM head with packed weights (--weights int8/int4): float or packed")
+    parser.add_argument("--embeddings", choices=("float", "int8", "int4"), default="float",
+                        help="the token table: float or packed (a tied table needs --lm-head packed)")
+    parser.add_argument("--vision-weights", choices=("float", "int8", "int4"), default="float",
+                        help="the tower's and projector's linear layers: float or packed")
     parser.add_argument("--int4-activations", choices=("float", "int8"), default=None,
                         help="int4 products against float x or x's int8 codes (dp4a, model/matvec_dp4a.py); "
                              "default: the shipped MatvecTuning's")
     parser.add_argument("--matvec", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="the decode matrix-vector op's launch shape for this run, fields of "
                              "decode_linear.MatvecTuning (e.g. int4_block_n=4 int4_block_k=2048); put back at the end")
+    parser.add_argument("--prefill-mass", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="the prefill mass op's launch shape and log-sum-exp source for this run, fields of "
+                             "prefill_mass.PrefillMassTuning (e.g. block_m=128 lse_from=kernel); put back at the end")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES),
                         help="cache policies timed; the first is the one the targets are reported for; "
                              "eval_demo.py's session suffixes time a visual-token reduction (h2o+pyramid, "
@@ -463,16 +480,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.models if name not in shapes]
     if unknown:
         parser.error(f"unknown model shapes {unknown}: choose from {', '.join(shapes)}")
-    from ros_infmllm.model import decode_linear
+    from ros_infmllm.model import decode_linear, prefill_mass
 
     with tuning_for_run(parser, decode_linear.TUNING, args.matvec + (
-            [f"int4_activations={args.int4_activations}"] if args.int4_activations else [])):
+            [f"int4_activations={args.int4_activations}"] if args.int4_activations else [])), \
+            tuning_for_run(parser, prefill_mass.TUNING, args.prefill_mass, "--prefill-mass"):
         return run(args, shapes, device)
 
 
 def run(args, shapes: dict, device: str) -> int:
     """Every model of ``args.models`` timed at the launch shape now set; results written after each."""
-    from ros_infmllm.model import decode_linear
+    from ros_infmllm.model import decode_linear, prefill_mass
 
     started = time.perf_counter()
     bandwidth = copy_bandwidth(device, args.bandwidth_mb)
@@ -482,10 +500,13 @@ def run(args, shapes: dict, device: str) -> int:
               "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": "bfloat16" if device == "cuda" else "float32",
               "bandwidth_bytes_per_s": bandwidth, "capacity": args.capacity, "max_chunk": args.max_chunk,
-              "ours": args.policies[0], "weights": args.weights,
+              "ours": args.policies[0], "weights": args.weights, "lm_head": args.lm_head,
+              "embeddings": args.embeddings, "vision_weights": args.vision_weights,
               "int4_activations": decode_linear.TUNING.int4_activations,
               "int8_activations": decode_linear.TUNING.int8_activations,
-              "matvec_tuning": vars(decode_linear.TUNING).copy(), "matvec_overrides": args.matvec, "models": []}
+              "matvec_tuning": vars(decode_linear.TUNING).copy(), "matvec_overrides": args.matvec,
+              "prefill_mass_tuning": vars(prefill_mass.TUNING).copy(), "prefill_mass_overrides": args.prefill_mass,
+              "models": []}
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s on {report['device']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:

@@ -40,12 +40,16 @@ def write_markdown(report: dict, path: Path) -> None:
     lines = ["# GPU benchmark", "",
              f"Produced by `benchmarks/bench_gpu.py` in one run on {report['device']} "
              f"({report['torch']}, transformers {report['transformers']}), {report['seconds']} s. "
-             f"{report['dtype']}, decoder projections {report.get('weights', 'float')}, batch 1, cache capacity "
+             f"{report['dtype']}, decoder projections {report.get('weights', 'float')}, LM head "
+             f"{report.get('lm_head', 'float')}, embeddings {report.get('embeddings', 'float')}, vision "
+             f"{report.get('vision_weights', 'float')}, batch 1, cache capacity "
              f"{report['capacity']}, prefill chunks of {report['max_chunk']}"
              + (f", {report['weights']} products against x's int8 codes"
                 if report.get(f"{report.get('weights')}_activations") == "int8" else "")
              + (f", matrix-vector launch shape {' '.join(report['matvec_overrides'])}" if report.get("matvec_overrides")
-                else "") + ". "
+                else "")
+             + (f", prefill mass op {' '.join(report['prefill_mass_overrides'])}"
+                if report.get("prefill_mass_overrides") else "") + ". "
              f"Copy bandwidth (read + written): **{report['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s**.", "",
              "## Decode latency along the stream", "",
              "| model | roofline ms | policy | streamed tokens | p50 ms | p99 ms | roofline / p50 | first token ms | peak GiB |",

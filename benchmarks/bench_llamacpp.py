@@ -12,7 +12,8 @@ One run, for the decoder shapes of ``bench_gpu.py`` (random weights, batch 1, 40
 - **ours**: the same shape streamed into a ``StreamingSession`` to 4096 tokens (frames through
   the SigLIP so400m/384 tower, the node's default policy, a 4096-token cache), then 128 decode
   steps (p50 ms/token) in bf16, int8 and int4 (groups of 32; int4 with offsets, as Q4_1), the LM
-  head bf16 or packed (``--heads``); peak memory allocated by PyTorch while streaming, and the
+  head bf16 or packed, and the embedding table and the tower too where a setting names them
+  (``--ours weights/head[/embeddings[/vision]]``); peak memory allocated by PyTorch while streaming, and the
   memory of each part (packed projections, embeddings, LM head, vision tower and projector, cache).
 
 Roofline: (weight bytes one token reads + cache bytes) / the copy bandwidth measured in the run.
@@ -41,11 +42,32 @@ from launch_tuning import tuning_for_run
 from ros_infmllm.cache import DEFAULT_POLICY
 from ros_infmllm.model import decode_linear
 from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
+from ros_infmllm.model.quantized_embedding import quantize_embeddings
+from ros_infmllm.model.quantized_vision import quantize_vision
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1")
 # (our weights, our LM head) rows; the LM head packed as the file types pack llama.cpp's
 OURS = (("float", "float"), ("int8", "int8"), ("int4", "int8"), ("int4", "int4"))
+
+
+def parse_setting(text: str) -> tuple[str, str, str, str]:
+    """``weights/head[/embeddings[/vision]]`` (e.g. ``int4/int8/int8/int8``) -> the four modes
+    (embeddings and the tower float when left out)."""
+    parts = text.split("/")
+    modes = ("float", "int8", "int4")
+    if len(parts) not in (2, 3, 4) or any(p not in modes for p in parts):
+        raise ValueError(f"{text!r}: expected weights/head[/embeddings[/vision]], each one of {', '.join(modes)}")
+    return tuple(parts + ["float"] * (4 - len(parts)))
+
+
+def setting_of(row: dict) -> str:
+    """A row's ``--ours`` setting, trailing float parts left out (rows from before packed
+    embeddings and towers have neither: float)."""
+    parts = [row["weights"], row["lm_head"], row.get("embeddings", "float"), row.get("vision_weights", "float")]
+    while len(parts) > 2 and parts[-1] == "float":
+        parts.pop()
+    return "/".join(parts)
 COUNTERPART = {"float": ("F16",), "int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1")}
 
 
@@ -209,18 +231,24 @@ def part_bytes(model) -> dict[str, int]:
             "norms_and_rest": sum(rest.values())}
 
 
-def bench_ours(name: str, shape: dict, weights: str, head: str, args, device: str, bandwidth: float) -> dict:
+def bench_ours(name: str, shape: dict, setting: str, args, device: str, bandwidth: float) -> dict:
+    weights, head, embeddings, vision = parse_setting(setting)
     folder = bench_gpu.write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = bench_gpu.random_model(folder, device, dtype)
     if weights != "float":
         quantize_decoder(model.decoder, weights, head=None if head == "float" else head)
+    if embeddings != "float":
+        quantize_embeddings(model.decoder, embeddings)
+    if vision != "float":
+        quantize_vision(model, vision)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     tokenizer = bench_gpu.word_tokenizer(model.cfg.text.vocab_size)
     weight_bytes = bench_gpu.decoder_bytes_per_token(model)
-    if isinstance(model.decoder.lm_head, QuantizedLinear) and model.cfg.text.tie_word_embeddings:
-        embed = model.decoder.embed_tokens.weight  # a tied table is read once per token only as the head
+    if (isinstance(model.decoder.lm_head, QuantizedLinear) and model.cfg.text.tie_word_embeddings
+            and isinstance(model.decoder.embed_tokens, torch.nn.Embedding)):
+        embed = model.decoder.embed_tokens.weight  # a tied float table is read per token only as the head
         weight_bytes -= embed.numel() * embed.element_size()
     cache = bench_gpu.cache_bytes(model, args.depth)
     run_args = SimpleNamespace(capacity=args.depth, max_chunk=min(1024, args.depth // 4), stream_tokens=[args.depth],
@@ -229,7 +257,8 @@ def bench_ours(name: str, shape: dict, weights: str, head: str, args, device: st
     last = timed["checkpoints"][-1]
     parts = part_bytes(model)
     parts["cache"] = cache
-    row = {"model": name, "weights": weights, "lm_head": head, "decode_p50_ms": last["decode_p50_ms"],
+    row = {"model": name, "weights": weights, "lm_head": head, "embeddings": embeddings, "vision_weights": vision,
+           "decode_p50_ms": last["decode_p50_ms"],
            "decode_p99_ms": last["decode_p99_ms"], "tokens_per_s": 1e3 / last["decode_p50_ms"],
            "streamed_tokens": last["streamed_tokens"], "weight_bytes_per_token": weight_bytes,
            "cache_bytes": cache, "roofline_ms": 1e3 * (weight_bytes + cache) / bandwidth,
@@ -247,12 +276,14 @@ def summarise(report: dict) -> dict:
     """Issue 19's targets, each with its measured figure."""
     out = {}
     for model in {r["model"] for r in report["ours"]}:
-        ours = {(r["weights"], r["lm_head"]): r for r in report["ours"] if r["model"] == model}
+        ours = {setting_of(r): r for r in report["ours"] if r["model"] == model}
         theirs = {r["type"]: r for r in report["llama_cpp"] if r["model"] == model and "tokens_per_s" in r}
         row = {}
-        base = ours.get(("float", "float"))
-        for (weights, head), r in ours.items():
-            key = f"{weights}_head_{head}"
+        base = ours.get("float/float")
+        for setting, r in ours.items():
+            weights, head, embeddings, vision = parse_setting(setting)
+            key = (f"{weights}_head_{head}" + (f"_embeddings_{embeddings}" if embeddings != "float" else "")
+                   + (f"_vision_{vision}" if vision != "float" else ""))
             if base and weights != "float":
                 row[f"speedup_over_bf16_{key}"] = r["tokens_per_s"] / base["tokens_per_s"]
                 if base["peak_memory_bytes"]:  # none on the CPU
@@ -274,7 +305,7 @@ def write_markdown(report: dict, path: Path) -> None:
              f"steps after {report['depth']} streamed tokens"
              + (f", matrix-vector launch shape {' '.join(report['matvec_overrides'])}" if report.get("matvec_overrides")
                 else "") + f"; {report['seconds']} s.", "",
-             "| model | ours: weights / LM head | ms/token p50 | tokens/s | roofline ms | of roofline | peak GiB "
+             "| model | ours: weights / LM head [/ embeddings [/ vision]] | ms/token p50 | tokens/s | roofline ms | of roofline | peak GiB "
              "| llama.cpp type | tokens/s | GPU memory GiB | ours / llama.cpp |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     theirs = {(r["model"], r["type"]): r for r in report["llama_cpp"]}
@@ -285,7 +316,7 @@ def write_markdown(report: dict, path: Path) -> None:
             used = other.get("gpu_memory_used_bytes")
             ratio = f"{r['tokens_per_s'] / tps:.2f}x" if tps else "-"
             measured = f"{tps:.1f}" if tps else other.get("error", "not run")[:60].replace("|", "/").replace("\n", " ")
-            lines.append(f"| {r['model']} | {r['weights']} / {r['lm_head']} | {r['decode_p50_ms']:.3f} | "
+            lines.append(f"| {r['model']} | {setting_of(r).replace('/', ' / ')} | {r['decode_p50_ms']:.3f} | "
                          f"{r['tokens_per_s']:.1f} | {r['roofline_ms']:.3f} | {100 * r['roofline_fraction']:.0f}% | "
                          f"{r['peak_memory_bytes'] / gib:.2f} | {kind} | "
                          f"{measured} | {used / gib if used else float('nan'):.2f} | {ratio} |")
@@ -293,7 +324,7 @@ def write_markdown(report: dict, path: Path) -> None:
               "cache / peak while streaming", ""]
     for r in report["ours"]:
         p = r["parts_bytes"]
-        lines.append(f"- {r['model']} {r['weights']} / head {r['lm_head']}: {p['decoder_blocks'] / gib:.2f} / "
+        lines.append(f"- {r['model']} {setting_of(r)}: {p['decoder_blocks'] / gib:.2f} / "
                      f"{p['embeddings'] / gib:.2f} / {p['lm_head'] / gib:.2f} / {p['vision_and_projector'] / gib:.2f} / "
                      f"{p['cache'] / gib:.2f} / {r['peak_memory_bytes'] / gib:.2f}")
     lines += ["", "Targets (issue 19):", ""]
@@ -302,14 +333,14 @@ def write_markdown(report: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_row_in_child(name: str, pair: str, args) -> None:
+def run_row_in_child(name: str, setting: str, args) -> None:
     """One of our rows timed in a fresh interpreter that adds it to the results file (``--resume``).
     Why: in one process the H200 run of 2026-12-02 saw the 7B rows' peak memory grow row by row
     (16.3, 26.0, 33.2, 40.3 GiB), by about each earlier row's model, so a row's peak was not its
     own (the cause, memory of earlier rows kept alive, was not pinned down); a child's memory,
     compiled code and CUDA graphs end with it."""
     command = [sys.executable, str(Path(__file__).resolve()), "--skip-llama-cpp", "--in-process", "--resume",
-               "--models", name, "--ours", pair, "--depth", str(args.depth), "--tokens", str(args.tokens),
+               "--models", name, "--ours", setting, "--depth", str(args.depth), "--tokens", str(args.tokens),
                "--ingest-frames", str(args.ingest_frames), "--policy", args.policy, "--out", str(args.out),
                "--name", args.name] + (["--smoke"] if args.smoke else [])
     command += ["--matvec", *args.matvec] if args.matvec else []
@@ -326,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["qwen2-1.5b", "llama2-7b"])
     parser.add_argument("--types", nargs="+", default=list(GGUF_TYPES), choices=GGUF_TYPES)
     parser.add_argument("--ours", nargs="+", default=[f"{w}/{h}" for w, h in OURS],
-                        help="weights/LM-head pairs of ours to time (e.g. int4/int8)")
+                        help="settings of ours to time: weights/LM-head[/embeddings[/vision]] (e.g. int4/int8, "
+                             "int4/int8/int8/int8)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build llama-bench and write the GGUFs, time nothing (e.g. while the GPU does other work)")
     parser.add_argument("--skip-ours", action="store_true")
@@ -346,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="our decode matrix-vector op's launch shape (fields of decode_linear.MatvecTuning)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
+    for setting in args.ours:
+        try:
+            parse_setting(setting)
+        except ValueError as error:
+            parser.error(f"--ours {error}")
     with tuning_for_run(parser, decode_linear.TUNING, args.matvec):
         return run(args)
 
@@ -372,7 +409,7 @@ def run(args) -> int:
         report["ours"] = kept["ours"]
         report["llama_cpp_commit"] = kept.get("llama_cpp_commit")
     done_theirs = {(r["model"], r["type"]) for r in report["llama_cpp"]}
-    done_ours = {(r["model"], f"{r['weights']}/{r['lm_head']}") for r in report["ours"]}
+    done_ours = {(r["model"], setting_of(r)) for r in report["ours"]}
 
     def save() -> None:
         report["seconds"] = round(time.perf_counter() - started, 1)
@@ -401,19 +438,18 @@ def run(args) -> int:
         return 0
     if not args.skip_ours:
         for name in args.models:
-            for pair in args.ours:
-                if (name, pair) in done_ours:
+            for setting in args.ours:
+                if (name, setting) in done_ours:
                     continue
-                weights, head = pair.split("/")
                 if not args.in_process:
                     save()  # the child resumes from this file and adds its row
-                    run_row_in_child(name, pair, args)
+                    run_row_in_child(name, setting, args)
                     report["ours"] = json.loads((args.out / f"{args.name}.json").read_text())["ours"]
                     row = report["ours"][-1]
                 else:
-                    row = bench_ours(name, shapes[name], weights, head, args, device, bandwidth)
+                    row = bench_ours(name, shapes[name], setting, args, device, bandwidth)
                     report["ours"].append(row)
-                print(f"ours {name} {weights}/{head}: {row['decode_p50_ms']:.3f} ms "
+                print(f"ours {name} {setting}: {row['decode_p50_ms']:.3f} ms "
                       f"({100 * row['roofline_fraction']:.0f}% of roofline), peak "
                       f"{row['peak_memory_bytes'] / (1 << 30):.2f} GiB", flush=True)
                 save()

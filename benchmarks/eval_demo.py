@@ -78,20 +78,22 @@ class Evaluator:
         probe = StreamingSession(self.model, self.tokenizer, make_policy("full"), SessionConfig(capacity=64),
                                  self.template, self.preprocessor, self.backend)
         self.tokens_per_frame = len(probe.frame_ids())
-        self._by_weights: dict[str, tuple] = {"float": (self.model, self.backend)}
+        self._by_weights: dict[tuple[str, str], tuple] = {("float", "float"): (self.model, self.backend)}
 
-    def model_and_backend(self, weights: str) -> tuple:
-        """The model with its decoder projections as ``weights`` (float: the one loaded first;
-        int8 / int4: loaded packed on first use, then kept) and its eager backend."""
-        if weights not in self._by_weights:
-            model = load_model(self.files, device=self.device, weights=weights)
-            self._by_weights[weights] = model, eager_backend(model)
-        return self._by_weights[weights]
+    def model_and_backend(self, weights: str, vision_weights: str = "float") -> tuple:
+        """The model with its decoder projections as ``weights`` and its tower and projector as
+        ``vision_weights`` (float / float: the one loaded first; otherwise loaded packed on first
+        use, then kept) and its eager backend."""
+        key = (weights, vision_weights)
+        if key not in self._by_weights:
+            model = load_model(self.files, device=self.device, weights=weights, vision_weights=vision_weights)
+            self._by_weights[key] = model, eager_backend(model)
+        return self._by_weights[key]
 
     def session(self, policy: str, capacity: int) -> StreamingSession:
         """A fresh session for a policy spec (``name[options]+suffixes``, session_variants.py)."""
         spec, variant = session_variant(policy)
-        model, backend = self.model_and_backend(variant.pop("weights", "float"))
+        model, backend = self.model_and_backend(variant.pop("weights", "float"), variant.pop("vision_weights", "float"))
         config = SessionConfig(capacity=capacity, max_chunk=128, max_new_tokens=32, **variant)
         name, options = parse_policy(spec)
         return StreamingSession(model, self.tokenizer, make_policy(name, **options), config, self.template,
@@ -229,7 +231,7 @@ def main() -> int:
                         help="policies of the long-stream table (full holds the whole stream); "
                              "name[option=value,...] sets a policy's config fields; suffixes set the session's "
                              "(session_variants.py): +merge, +poolN, +pyramid, +dropA-B, +keepX, and +int8 / "
-                             "+int4 / +auto for the decoder's projections")
+                             "+int4 / +auto for the decoder's projections, +vision8 / +vision4 for the tower's")
     parser.add_argument("--split", choices=sorted(SPLITS), default="held-out",
                         help="held-out streams (reports) or development streams (tuning)")
     parser.add_argument("--report-only", action="store_true",

@@ -34,10 +34,12 @@ from ros_infmllm.model.smollm2 import smollm2_path
 RESULTS = Path(__file__).resolve().parent / "results"
 # float / int8 / int4 / auto: load_model(weights=...) (on a GGUF, int4 and auto keep its Q4 blocks);
 # int4-rtn-gN: the float model rounded to int4 with groups of N at load (what a float checkpoint gets);
-# W+head-H: weights W and the LM head packed as H (load_model(lm_head_weights=H))
+# W+head-H: weights W and the LM head packed as H (load_model(lm_head_weights=H));
+# W+head-H+emb-E: and the token table packed as E (load_model(embedding_weights=E); tied to a head packed alike,
+# it reads the head's codes)
 # int4-x8 / int8-x8: int4 / int8 with each packed product's input rounded to int8 per group (the dp4a paths)
 SETTINGS = ("float", "int8", "int4", "auto", "int4-rtn-g32", "int4-rtn-g64", "int4+head-int8", "int4+head-int4",
-            "int4-x8", "int8-x8")
+            "int4-x8", "int8-x8", "int4+head-int8+emb-int8", "int4+head-int4+emb-int4")
 
 
 def load(files, setting: str, device: str) -> tuple[torch.nn.Module, float]:
@@ -51,8 +53,10 @@ def load(files, setting: str, device: str) -> tuple[torch.nn.Module, float]:
         model = load_model(files, device=device, weights=weights)
         round_packed_inputs(model, 4 if weights == "int4" else 8)
     elif "+head-" in setting:
-        weights, head = setting.split("+head-")
-        model = load_model(files, device=device, weights=weights, lm_head_weights=head)
+        weights, rest = setting.split("+head-")
+        head, _, embeddings = rest.partition("+emb-")
+        model = load_model(files, device=device, weights=weights, lm_head_weights=head,
+                           embedding_weights=embeddings or "float")
     else:
         model = load_model(files, device=device, weights=setting)
     return model, time.monotonic() - started

@@ -146,6 +146,30 @@ def test_bench_llamacpp_smoke_run_times_ours_in_every_weight_mode(tmp_path: Path
     assert "speedup_over_bf16_int4_head_int4" in report["summary"]["tiny-qwen2"]
 
 
+def test_bench_llamacpp_packs_the_embedding_table_where_a_setting_names_it(tmp_path: Path) -> None:
+    """``--ours weights/head/embeddings[/vision]``: the third mode packs the token table (tied to
+    the head packed alike: one table, counted once as the embeddings), the fourth the tower; the
+    rows say so; a setting of five parts is refused by name."""
+    import bench_llamacpp
+
+    settings = ["int4/int8", "int4/int8/int8", "int4/int8/int8/int8"]
+    assert bench_llamacpp.main(["--smoke", "--skip-llama-cpp", "--ours", *settings, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_llamacpp.json").read_text())
+    rows = {bench_llamacpp.setting_of(r): r for r in report["ours"]}
+    assert set(rows) == set(settings) and rows["int4/int8/int8"]["embeddings"] == "int8"
+    plain, packed = rows["int4/int8"]["parts_bytes"], rows["int4/int8/int8"]["parts_bytes"]
+    assert packed["embeddings"] < plain["embeddings"] and packed["lm_head"] == 0  # the head's table is the embedding's
+    assert packed["embeddings"] == plain["lm_head"]
+    assert "| tiny-qwen2 | int4 / int8 / int8 |" in (tmp_path / "bench_llamacpp.md").read_text()
+    tower = rows["int4/int8/int8/int8"]
+    assert tower["vision_weights"] == "int8"
+    assert tower["parts_bytes"]["vision_and_projector"] < packed["vision_and_projector"]
+    assert "| tiny-qwen2 | int4 / int8 / int8 / int8 |" in (tmp_path / "bench_llamacpp.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_llamacpp.main(["--smoke", "--skip-llama-cpp", "--ours", "int4/int8/int8/int8/int8", "--out",
+                             str(tmp_path)])
+
+
 def test_bench_decode_attention_smoke_run_writes_its_table(tmp_path: Path) -> None:
     """Every launch shape, the mass programs' block size included (two sizes over an 80-slot cache:
     several blocks each), gives the reference's output and mass."""
@@ -447,7 +471,7 @@ def test_bench_prefill_mass_smoke_run_compares_both_paths(tmp_path: Path) -> Non
     assert row["max_output_difference"] < 1e-4 and row["max_mass_difference"] < 1e-4
     assert abs(row["mass_per_head"] - row["expected_mass_per_head"]) < 1e-3
     grid = row["mass_op"]["grid"]  # every launch shape of the sweep gives the explicit path's mass
-    assert [(g["block_m"], g["block_n"]) for g in grid] == [(16, 16), (16, 32)]
+    assert [(g["block_m"], g["mass_block_n"]) for g in grid] == [(16, 16), (16, 32)]
     assert all(g["max_mass_difference"] < 1e-4 and g["us"] > 0 for g in grid)
     assert "The mass op alone" in (tmp_path / "bench_prefill_mass.md").read_text()
 

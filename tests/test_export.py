@@ -180,7 +180,7 @@ def test_packed_weights_export_as_codes_the_graph_dequantizes(tiny_model_dir: Pa
     other = "int4" if weights == "int8" else "int8"
     with pytest.raises(ValueError, match=f"exported with \\({weights}"):
         StreamingSession.from_pretrained(tiny_model_dir, backend="onnxruntime", engine_dir=tmp_path, weights=other)
-    with pytest.raises(ValueError, match="LM head float"):
+    with pytest.raises(ValueError, match="LM head, embeddings and vision float"):
         StreamingSession.from_pretrained(tiny_model_dir, backend="onnxruntime", engine_dir=tmp_path,
                                          lm_head_weights="int8")
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is in the test extras")

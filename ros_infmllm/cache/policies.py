@@ -39,7 +39,9 @@ def keep_top(cache: BoundedKVCache, scores: torch.Tensor, must_keep: torch.Tenso
     ranked = scores.float() + cache.slot_index.float() * 1e-9  # stable tie-break toward recent slots
     ranked = ranked.masked_fill(forced, float("inf")).masked_fill(~live, DROPPED_RANK)
     ranked = ranked.masked_fill(~valid, float("-inf"))
-    return ranked.topk(keep, dim=-1).indices.sort(dim=-1).values
+    chosen = ranked.topk(keep, dim=-1).indices
+    del ranked  # before the sort's two outputs: an eviction's selection sets a 7B model's memory peak
+    return chosen.sort(dim=-1).values
 
 
 class EvictionPolicy(ABC):
@@ -181,6 +183,15 @@ class H2OKindsPolicy(H2OPolicy):
         self.config = config
 
     def select(self, cache: BoundedKVCache, keep: int) -> torch.Tensor:
+        # the shares' ranks and orders (four [layers, kv_heads, capacity] int64 / float tensors) are
+        # freed before keep_top runs: on a 7B model they were 0.17 GiB of the streaming peak
+        # (benchmarks/results/memory_peak_int4_after_h200.md)
+        must_keep, rank = self._shares(cache, keep)
+        return keep_top(cache, rank, must_keep, keep)
+
+    def _shares(self, cache: BoundedKVCache, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``select`` keeps for sure (pinned, sinks, recent, each kind's share) and the rank
+        the rest compete by."""
         live = cache.live()
         recent = cache.slot_index >= cache.length_t - _recent_count(cache, self.config.recent_fraction)
         forced = (cache.pinned | (cache.origin < self.config.sinks) | recent) & live
@@ -194,12 +205,13 @@ class H2OKindsPolicy(H2OPolicy):
         text_rank = text.flip(-1).cumsum(-1).flip(-1) - 1  # 0 = the newest text candidate
         by_mass = (self.accumulated + cache.slot_index * 1e-9).masked_fill(~seen, float("-inf"))
         order = by_mass.argsort(dim=-1, descending=True)
+        del by_mass
         seen_rank = torch.empty_like(order).scatter_(-1, order, cache.slot_index.expand_as(order))
+        del order
         in_share = (text & (text_rank < text_share.unsqueeze(-1))) | \
                    (seen & (seen_rank < (room - text_share).unsqueeze(-1)))
         # Past its share a kind competes only for what the other kind could not fill, in its own order.
-        leftover_rank = torch.where(text, text_rank, seen_rank).float()
-        return keep_top(cache, -leftover_rank, forced | in_share, keep)
+        return forced | in_share, -torch.where(text, text_rank, seen_rank).float()
 
     def minimum_kept(self, cache: BoundedKVCache) -> int:
         return _recent_count(cache, self.config.recent_fraction) + self.config.sinks

@@ -23,11 +23,11 @@ class CausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
+        return self.decoder.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
+        return self.decoder.norm.weight.dtype
 
     @property
     def has_vision(self) -> bool:

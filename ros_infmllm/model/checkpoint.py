@@ -24,6 +24,8 @@ from .idefics3 import Idefics3Model
 from .llava import LlavaModel
 from .qwen2_vl import Qwen2VLModel
 from .quantized import HEAD_MODES, WEIGHT_MODES, quantize_decoder, quantize_head
+from .quantized_embedding import EMBEDDING_MODES, quantize_embeddings
+from .quantized_vision import VISION_MODES, quantize_vision
 from .packed_lora import attach_packed_base, has_packed_base
 
 
@@ -183,7 +185,8 @@ def locate(path: str | Path, mmproj: str | Path | None = None) -> CheckpointFile
 
 def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, mmproj: str | Path | None = None,
-               weights: str = "float", lm_head_weights: str = "float") -> CausalLM:
+               weights: str = "float", lm_head_weights: str = "float", embedding_weights: str = "float",
+               vision_weights: str = "float") -> CausalLM:
     """Build the model from a checkpoint (see ``locate``) and load its weights, ready for inference:
     ``LlavaModel`` or ``Idefics3Model`` when it has a vision tower, ``CausalLM`` when it is text-only.
 
@@ -193,11 +196,18 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
     everything else in ``dtype`` (a folder with ``packed_base.json``: its GGUF base's blocks plus
     float LoRA factors, ``packed_lora.py``). ``lm_head_weights``: the LM head in ``dtype``
     (``float``) or packed (``int8`` / ``int4``, rounded from its floats; a tied table stays float
-    for the embedding)."""
+    for the embedding). ``embedding_weights``: the token table in ``dtype`` or packed likewise
+    (``quantized_embedding.py``; a tied table reads the head's codes, and needs the head packed).
+    ``vision_weights``: the tower's and projector's linear layers in ``dtype`` or packed
+    (``quantized_vision.py``)."""
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
     if lm_head_weights not in HEAD_MODES:
         raise ValueError(f"lm_head_weights must be one of {', '.join(HEAD_MODES)}, not {lm_head_weights!r}")
+    if embedding_weights not in EMBEDDING_MODES:
+        raise ValueError(f"embedding_weights must be one of {', '.join(EMBEDDING_MODES)}, not {embedding_weights!r}")
+    if vision_weights not in VISION_MODES:
+        raise ValueError(f"vision_weights must be one of {', '.join(VISION_MODES)}, not {vision_weights!r}")
     files = path if isinstance(path, CheckpointFiles) else locate(path, mmproj)
     if files.gguf is not None:
         from .gguf_loader import load_gguf_model
@@ -215,6 +225,10 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
         quantize_decoder(model.decoder, weights)  # layers already packed from GGUF blocks stay
     if lm_head_weights != "float":
         quantize_head(model.decoder, lm_head_weights)
+    if embedding_weights != "float":  # after the head: a tied table may share its codes
+        quantize_embeddings(model.decoder, embedding_weights)
+    if vision_weights != "float":
+        quantize_vision(model, vision_weights)
     model = model.to(device).eval()
     model.decoder.rotary.to(device)
     model.requires_grad_(False)

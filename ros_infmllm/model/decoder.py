@@ -18,7 +18,8 @@ from ..rope import Rotary, rotary_for
 from .config import TextConfig
 from . import decode_linear
 from .decode_attention import decode_attention, kernel_supported
-from .prefill_mass import prefill_mass
+from . import prefill_mass as prefill_mass_op
+from .prefill_attention import attention, attention_with_lse, probe_cudnn
 from .staged_drop import StagedDrop, layer_mask, rank_and_keep
 from .layers import FusedLinear, RMSNorm, activation, fuse_linears
 from .quantized import FusedQuantizedLinear, linear_operands
@@ -131,20 +132,19 @@ class Attention(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A prefill chunk: fused attention (no q x (C + q) score matrix in memory), and the
         probabilities of the last ``attn_window`` queries only, which is all a policy reads; where
-        it reads every query (``h2o``), their summed probabilities from the Triton mass op."""
+        it reads every query (``h2o``), their summed probabilities from the Triton mass op, with
+        each query's log-sum-exp from the attention kernel (prefill_attention.py)."""
         q_len = q.shape[1]
         keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
         grouped_q = q.reshape(self.num_kv_heads, group * q_len, self.head_dim)
-        width = mask.shape[1]  # rows follow grouped_q (group, query); the row stride padded to 16,
-        grouped_mask = F.pad(mask, (0, -width % 16)).repeat(group, 1)[:, :width]  # which fused kernels need
-        # 4-D (batch, heads, length, dim): the layout the fused kernels take (3-D falls back to the
-        # math path, which materialises the scores in float32)
-        out = F.scaled_dot_product_attention(grouped_q[None], keys[None], values[None], attn_mask=grouped_mask)[0]
-        out = out.reshape(self.num_heads, q_len, self.head_dim)  # fused kernels may return another layout
         mass = None
         if attn_window >= q_len:  # every query: no score matrix at all (prefill_mass.py)
-            mass = prefill_mass(grouped_q, keys, mask)
-        elif attn_window > 0:
+            out, lse = attention_with_lse(grouped_q, keys, values, mask, group, prefill_mass_op.TUNING.lse_from)
+            mass = prefill_mass_op.prefill_mass(grouped_q, keys, mask, lse)
+        else:
+            out = attention(grouped_q, keys, values, mask, group)
+        out = out.reshape(self.num_heads, q_len, self.head_dim)  # fused kernels may return another layout
+        if 0 < attn_window < q_len:
             last = q[:, q_len - attn_window:].reshape(self.num_kv_heads, group * attn_window, self.head_dim)
             scores = (last @ keys.transpose(-1, -2)).float() * self.head_dim ** -0.5
             last_mask = mask[q_len - attn_window:].repeat(group, 1)
@@ -266,9 +266,11 @@ class Decoder(nn.Module):
         (``kernel_supported`` of each), and prefill chunks whose policy reads every query through
         the fused attention plus the Triton mass op; returns whether the attention kernel is on.
         Exported graphs are unchanged."""
-        weight = self.embed_tokens.weight
+        weight = self.norm.weight  # the model's device and dtype (the table may be packed)
         on = enabled and kernel_supported(weight.device, self.cfg.head_dim, weight.dtype)
         matvec = enabled and decode_linear.kernel_supported(weight.device, weight.dtype)
+        if on:  # before any compiled prefill reads it: whether cuDNN gives the mass op its log-sum-exp
+            probe_cudnn(weight.device, weight.dtype, self.cfg.head_dim)
         for block in self.layers:
             block.self_attn.decode_kernel = on
             block.self_attn.mass_kernel = on  # same kernels' requirements (Triton, head size, dtype)
@@ -277,7 +279,7 @@ class Decoder(nn.Module):
 
     def empty_cache(self, capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V buffers ``[layers, kv_heads, capacity, head_dim]`` on the model's device and dtype."""
-        weight = self.embed_tokens.weight
+        weight = self.norm.weight  # the model's device and dtype (the table may be packed)
         shape = (self.cfg.num_layers, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
         return weight.new_zeros(shape), weight.new_zeros(shape)
 

@@ -73,14 +73,15 @@ class QuantizedLinear(nn.Module):
         """Per-group offsets, float16, or None (int8; int4 centred on code 8)."""
         return None if self.offset_bits is None else self.offset_bits.view(torch.float16)
 
-    def codes(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The integer codes ``[out, in]`` (of ``rows``): int8 values, or int4 ones in 0..15."""
+    def codes(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """The integer codes ``[out, in]`` (of ``rows``: a slice or row indices): int8 values, or
+        int4 ones in 0..15."""
         qweight = self.qweight[rows]
         if self.bits == 8:
             return qweight
         return torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).reshape(qweight.shape[0], self.in_features)
 
-    def dequantized(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """``W[rows]`` ``[out, in]`` in ``dtype`` (computed in float32, the order GGUF's dequantizers
         use, in place on one float32 copy of the codes: no second or third temporary of that size)."""
         scales = self.scales[rows]

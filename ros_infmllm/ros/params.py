@@ -13,6 +13,8 @@ from typing import Any
 from ..backends import BACKENDS
 from ..cache import DEFAULT_POLICY, POLICIES
 from ..model.quantized import HEAD_MODES, WEIGHT_MODES
+from ..model.quantized_embedding import EMBEDDING_MODES
+from ..model.quantized_vision import VISION_MODES
 from ..model.staged_drop import check_boundaries, parse_drop_layers
 
 
@@ -51,8 +53,16 @@ PARAMS: tuple[ParamSpec, ...] = (
               "float, auto or the export's mode; docs/quantized_weights.md.",
               choices=WEIGHT_MODES),
     ParamSpec("lm_head_weights", "float", "LM head weights: float (in dtype), int8 or int4 (packed, rounded from its "
-              "floats; a tied embedding table stays float). A large vocabulary's head is a large share of a packed "
+              "floats; a tied embedding table stays float unless embedding_weights packs it too). A large vocabulary's head is a large share of a packed "
               "model's bytes per token. Needs backend torch.", choices=HEAD_MODES),
+    ParamSpec("embedding_weights", "float", "Token embedding table: float (in dtype), int8 or int4 (packed, rounded "
+              "from its floats; lookups dequantize the rows they gather). Memory, not speed: a 7B model's table is "
+              "0.24 GiB in bf16. A tied table reads the packed LM head's codes, so it needs lm_head_weights packed. "
+              "Needs backend torch.", choices=EMBEDDING_MODES),
+    ParamSpec("vision_weights", "float", "Vision tower and projector linear layers: float (in dtype), int8 or int4 "
+              "(packed, rounded from their floats; each frame's encode dequantizes them layer by layer). Memory: "
+              "the SigLIP so400m tower with a 7B LLaVA projector is 0.81 GiB in bf16. Needs backend torch.",
+              choices=VISION_MODES),
     ParamSpec("policy", DEFAULT_POLICY, "KV cache eviction policy (h2o-kinds: H2O for frames, StreamingLLM for text; "
               "best measured on video memory and on text, docs/inf_mllm.md).",
               choices=tuple(POLICIES)),

@@ -23,7 +23,8 @@ def build_session(values: dict[str, Any]):
     return StreamingSession.from_pretrained(
         model_path, policy=values["policy"], policy_options=P.policy_options(values), device=values["device"],
         dtype=dtype, backend=values["backend"], engine_dir=values["engine_dir"] or None, weights=values["weights"],
-        lm_head_weights=values["lm_head_weights"],
+        lm_head_weights=values["lm_head_weights"], embedding_weights=values["embedding_weights"],
+        vision_weights=values["vision_weights"],
         mmproj=values["mmproj_path"] or None, capacity=values["capacity"], max_chunk=values["max_chunk"],
         slack_fraction=values["slack_fraction"], template=values["template"],
         system_prompt=values["system_prompt"] or None, max_new_tokens=values["max_new_tokens"],

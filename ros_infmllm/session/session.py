@@ -171,7 +171,8 @@ class StreamingSession:
     def from_pretrained(cls, path: str | Path, policy: str = DEFAULT_POLICY, policy_options: dict | None = None,
                         device: str = "cpu", dtype: torch.dtype | None = None, backend: str = "torch",
                         engine_dir: str | Path | None = None, mmproj: str | Path | None = None,
-                        weights: str = "float", lm_head_weights: str = "float", **config: Any) -> "StreamingSession":
+                        weights: str = "float", lm_head_weights: str = "float", embedding_weights: str = "float",
+                        vision_weights: str = "float", **config: Any) -> "StreamingSession":
         """Load a checkpoint and start a session: a Hugging Face folder (config.json, safetensors,
         tokenizer.json), a text GGUF file, or a text GGUF with its ``mmproj`` GGUF (see
         ``ros_infmllm.model.locate``). Text-only models take text and questions, not frames.
@@ -186,6 +187,9 @@ class StreamingSession:
         on exported backends the graphs hold the weights they were exported with (``infmllm_export
         --weights``), so ``weights`` there is ``float`` / ``auto`` or the export's own mode.
         ``lm_head_weights``: the LM head likewise (``float``, ``int8``, ``int4``; torch backend only).
+        ``embedding_weights``: the token table likewise (torch backend only; a tied table needs the
+        head packed, whose codes it then reads). ``vision_weights``: the tower's and projector's linear
+        layers likewise (``float``, ``int8``, ``int4``; torch backend only).
         """
         files = locate(path, mmproj)
         if files.gguf is not None and backend != "torch":
@@ -196,15 +200,19 @@ class StreamingSession:
         manifest = Manifest.load(engine_dir) if backend != "torch" and engine_dir else None  # read once
         if backend != "torch":
             exported = manifest.weights if manifest is not None else "float"
-            if weights not in ("float", "auto", exported) or lm_head_weights != "float":
-                raise ValueError(f"weights {weights!r} / lm_head_weights {lm_head_weights!r}: the {backend} graphs "
-                                 f"hold the weights they were exported with ({exported}; LM head float): export "
-                                 f"with infmllm_export --weights, or use the torch backend")
+            packed_parts = {"lm_head_weights": lm_head_weights, "embedding_weights": embedding_weights,
+                            "vision_weights": vision_weights}
+            if weights not in ("float", "auto", exported) or set(packed_parts.values()) != {"float"}:
+                named = " / ".join(f"{k} {v!r}" for k, v in {"weights": weights, **packed_parts}.items())
+                raise ValueError(f"{named}: the {backend} graphs hold the weights they were exported with "
+                                 f"({exported}; LM head, embeddings and vision float): export with infmllm_export "
+                                 f"--weights, or use the torch backend")
             weights = "float"  # the host model serves embeddings only; the graphs hold the projections
         if dtype is None:
             dtype = manifest.dtype if manifest is not None else default_dtype(device)
         tokenizer = load_tokenizer(files)  # before the weights: a missing tokenizer fails fast
-        model = load_model(files, device=device, dtype=dtype, weights=weights, lm_head_weights=lm_head_weights)
+        model = load_model(files, device=device, dtype=dtype, weights=weights, lm_head_weights=lm_head_weights,
+                           embedding_weights=embedding_weights, vision_weights=vision_weights)
         runner = make_backend(backend, model, files.folder, engine_dir, manifest)
         if backend != "torch":
             runner.check_session(session_config.capacity, session_config.max_chunk, dtype)

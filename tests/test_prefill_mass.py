@@ -85,7 +85,7 @@ def test_attention_with_lse_gives_the_outputs_and_each_rows_normaliser() -> None
     kv_heads, group, chunk, cached, dim = 2, 3, 12, 21, 16
     q, keys, mask = _inputs(kv_heads, group, chunk, cached, dim, torch.float32, seed=4)
     values = torch.randn_like(keys)
-    out, lse = attention_with_lse(q, keys, values, mask, group)
+    out, lse = attention_with_lse(q, keys, values, mask, group, "attention")  # the CPU's or CUDA's efficient kernel
     scores = (q.double() @ keys.double().transpose(-1, -2) * dim ** -0.5).masked_fill(
         ~mask.repeat(group, 1), float("-inf"))
     assert out.shape == q.shape and lse.shape == (kv_heads, group * chunk) and lse.dtype == torch.float32
@@ -114,6 +114,8 @@ def test_cudnn_is_taken_only_where_its_probe_found_it_runs() -> None:
     assert not pa.probe_cudnn("cpu", torch.float32, 16)
     if DEVICE == "cuda":
         assert pa.probe_cudnn("cuda", torch.bfloat16, 128)  # the H100/H200 this project measures on
+        assert not pa.probe_cudnn("cuda", torch.float32, 128)  # cuDNN would run it in half precision, silently
+        assert not pa.probe_cudnn("cuda", torch.bfloat16, 20)
 
 
 def test_masked_keys_get_no_mass_and_the_default_launch_shape_agrees(small_launches) -> None:

@@ -39,7 +39,7 @@ from ros_infmllm.cache import make_policy
 from ros_infmllm.model.checkpoint import model_class
 from ros_infmllm.model.config import load_config
 from ros_infmllm.model.llava import LlavaModel
-from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
+from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder, quantize_head
 from ros_infmllm.model.quantized_embedding import QuantizedEmbedding, quantize_embeddings
 from ros_infmllm.model.quantized_vision import quantize_vision
 from ros_infmllm.session import SessionConfig, StreamingSession, template_for
@@ -402,7 +402,9 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
     folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
     model = random_model(folder, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.weights != "float":  # packed decoder projections, rounded from the random floats
-        quantize_decoder(model.decoder, args.weights, head=None if args.lm_head == "float" else args.lm_head)
+        quantize_decoder(model.decoder, args.weights)
+    if args.lm_head != "float":
+        quantize_head(model.decoder, args.lm_head)
     if args.embeddings != "float":  # after the head: a tied table may share its codes
         quantize_embeddings(model.decoder, args.embeddings)
     if args.vision_weights != "float":
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
                         help="decoder projections: float (bf16 on a GPU) or packed (groups of 32)")
     parser.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
-                        help="the LM head with packed weights (--weights int8/int4): float or packed")
+                        help="the LM head: float or packed")
     parser.add_argument("--embeddings", choices=("float", "int8", "int4"), default="float",
                         help="the token table: float or packed (a tied table needs --lm-head packed)")
     parser.add_argument("--vision-weights", choices=("float", "int8", "int4"), default="float",

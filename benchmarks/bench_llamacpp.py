@@ -41,7 +41,7 @@ import bench_gpu
 from launch_tuning import tuning_for_run
 from ros_infmllm.cache import DEFAULT_POLICY
 from ros_infmllm.model import decode_linear
-from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
+from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder, quantize_head
 from ros_infmllm.model.quantized_embedding import quantize_embeddings
 from ros_infmllm.model.quantized_vision import quantize_vision
 
@@ -237,7 +237,9 @@ def bench_ours(name: str, shape: dict, setting: str, args, device: str, bandwidt
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = bench_gpu.random_model(folder, device, dtype)
     if weights != "float":
-        quantize_decoder(model.decoder, weights, head=None if head == "float" else head)
+        quantize_decoder(model.decoder, weights)
+    if head != "float":
+        quantize_head(model.decoder, head)
     if embeddings != "float":
         quantize_embeddings(model.decoder, embeddings)
     if vision != "float":

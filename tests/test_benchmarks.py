@@ -424,8 +424,25 @@ def test_eval_demo_session_suffixes_set_merging_pooling_and_packed_weights(tiny_
     assert evaluator.model_and_backend("float")[0] is evaluator.model
     assert evaluator.model_and_backend("int8")[0] is packed  # loaded once
     assert type(packed.decoder.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+    assert session_variants.session_variant("h2o+vision8") == ("h2o", {"vision_weights": "int8"})
+    tower, _ = evaluator.model_and_backend("float", "int8")
+    assert tower is not evaluator.model and type(tower.decoder.layers[0].mlp.down_proj).__name__ == "Linear"
+    assert any(type(m).__name__ == "QuantizedLinear" for m in tower.vision_tower.modules())
     with pytest.raises(ValueError, match=r"\+fast"):
         session_variants.session_variant("h2o+fast")
+
+
+def test_bench_gpu_packs_the_head_table_and_tower_it_is_asked_to(tmp_path: Path) -> None:
+    """``--lm-head`` (with float blocks too), ``--embeddings`` and ``--vision-weights``: the
+    report names them and the head's bytes a token reads shrink (the tied table is the head's)."""
+    common = ["--smoke", "--models", "tiny-qwen2", "--policies", "h2o", "--skip-transformers", "--out", str(tmp_path)]
+    assert bench_gpu.main(common + ["--name", "plain"]) == 0
+    assert bench_gpu.main(common + ["--name", "packed", "--lm-head", "int8", "--embeddings", "int8",
+                                    "--vision-weights", "int8"]) == 0
+    plain, packed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "packed"))
+    assert (packed["lm_head"], packed["embeddings"], packed["vision_weights"]) == ("int8", "int8", "int8")
+    assert packed["models"][0]["decoder_weight_bytes"] < plain["models"][0]["decoder_weight_bytes"]
+    assert "LM head int8, embeddings int8, vision int8" in (tmp_path / "packed.md").read_text()
 
 
 def test_bench_gpu_smoke_run_streams_the_qwen2_5_vl_and_smolvlm_shapes(tmp_path: Path) -> None:

@@ -59,11 +59,16 @@ def _cudnn_agrees(device: torch.device, dtype: torch.dtype, head_dim: int) -> bo
             and bool((lse.reshape(1, 2, -1)[..., :32].float() - expected_lse).abs().max() < 2e-2))
 
 
+def padded_rows(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """``[T, W]`` -> ``[group * T, W']``: rows following the grouped queries (query head within the
+    group, then position), ``W`` padded with False to ``W'``, a multiple of 16: slicing the first
+    ``W`` columns keeps a row stride the fused kernels take."""
+    return F.pad(mask, (0, -mask.shape[1] % 16)).repeat(group, 1)
+
+
 def grouped_bool_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
-    """``[T, W]`` -> ``[group * T, W]`` (rows follow the grouped queries: query head within the
-    group, then position), on storage whose row stride is padded to 16, which fused kernels need."""
-    width = mask.shape[1]
-    return F.pad(mask, (0, -width % 16)).repeat(group, 1)[:, :width]
+    """``[T, W]`` -> ``[group * T, W]`` on padded storage (``padded_rows``)."""
+    return padded_rows(mask, group)[:, :mask.shape[1]]
 
 
 def attention(grouped_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -89,7 +94,7 @@ def attention_with_lse(grouped_q: torch.Tensor, keys: torch.Tensor, values: torc
         return attention(grouped_q, keys, values, mask, group), None
     kv_heads, rows, _ = grouped_q.shape
     width = keys.shape[1]
-    allowed = F.pad(mask, (0, -width % 16)).repeat(group, 1)  # the bias's row stride padded to 16, as kernels need
+    allowed = padded_rows(mask, group)  # the bias is sliced from padded storage, as for the bool mask
     bias = torch.zeros(allowed.shape, dtype=grouped_q.dtype, device=grouped_q.device).masked_fill_(
         ~allowed, float("-inf"))[:, :width][None, None].expand(1, kv_heads, rows, width)
     q, k, v = grouped_q[None], keys[None], values[None]

@@ -17,8 +17,8 @@ EMBEDDING_MODES = ("float", "int8", "int4")  # the token table: in the model's d
 
 
 class QuantizedEmbedding(nn.Module):
-    """``nn.Embedding`` over a packed table. ``dtype`` is the float type lookups return: held as
-    an empty buffer so a model-wide ``.to(dtype)`` moves it with the other float tensors."""
+    """``nn.Embedding`` over a packed table. Lookups return the dtype of ``out_dtype``, an empty
+    float buffer, so a model-wide ``.to(dtype)`` changes it with the other float tensors."""
 
     def __init__(self, table: QuantizedLinear, dtype: torch.dtype) -> None:
         super().__init__()

@@ -15,6 +15,11 @@
   workspace the H200 run needed beyond them (peak - parts, same weight type), against the board's
   memory less what JetPack and the robot's other processes keep (``--reserve-gib``).
 
+A fourth setting, ``int4-compact``: int4 blocks with the LM head, the token table and the tower
+packed int8 (``embedding_weights`` / ``vision_weights``; a tied table is the head's), its tower
+bytes and workspace from a run that measured that setting (``--compact``: a ``bench_llamacpp.py``
+file with an ``int4/int8/int8/int8`` row), its decode fraction int4's (the same kernels).
+
 Two tables: with each weight type's own measured fraction, and with the bf16 kernel's fraction
 for every type (what a packed kernel as efficient as the bf16 one would give: the goal, while the
 packed kernel's measured fraction is far below it).
@@ -43,6 +48,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied LM head
 BYTES_PER_WEIGHT = {"float": 2.0, "int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32}
 HEAD_FOR = {"float": "float", "int8": "int8", "int4": "int8"}
 TOWER_BYTES = 0.81 * (1 << 30)  # SigLIP so400m/384 + projector in bf16, as the H200 run held them
+COMPACT = ("int4", "int8", "int8", "int8")  # blocks / LM head / token table / tower of ``int4-compact``
 
 
 def shape_bytes(shape: dict, weights: str, capacity: int, head: str | None = None) -> dict[str, float]:
@@ -91,11 +97,35 @@ def decode_efficiency(run: dict) -> dict[tuple[str, str], dict]:
     return out
 
 
+def compact_figures(report: dict) -> dict[str, dict]:
+    """Per measured shape, the ``int4-compact`` row's tower bytes and workspace (peak less the
+    parts the shape's formula and that tower hold)."""
+    out = {}
+    for row in report["ours"]:
+        setting = (row["weights"], row["lm_head"], row.get("embeddings", "float"), row.get("vision_weights", "float"))
+        if setting != COMPACT or row["model"] not in SHAPES:
+            continue
+        tower = row["parts_bytes"]["vision_and_projector"]
+        held = sum(compact_bytes(SHAPES[row["model"]], report["depth"], tower)[part]
+                   for part in ("decoder_blocks", "embeddings", "lm_head", "tower", "cache"))
+        out[row["model"]] = {"tower": tower, "workspace": max(0.0, row["peak_memory_bytes"] - held)}
+    return out
+
+
+def compact_bytes(shape: dict, capacity: int, tower: float) -> dict[str, float]:
+    """``shape_bytes`` of int4 blocks and an int8 head, with the table int8 (none of its own when
+    tied: it reads the head's codes) and the tower as measured."""
+    sizes = shape_bytes(shape, "int4", capacity, head="int8")
+    table = 0.0 if shape["tied"] else shape["vocab"] * shape["hidden"] * BYTES_PER_WEIGHT["int8"]
+    return {**sizes, "embeddings": table, "tower": tower}
+
+
 def plan(report: dict, capacity: int, reserve_gib: float, as_float: bool = False,
-         later: dict[str, dict] | None = None) -> list[dict]:
+         later: dict[str, dict] | None = None, compact: dict[str, dict] | None = None) -> list[dict]:
     """One row per (shape, weight type, board); ``as_float``: the bf16 kernel's roofline fraction
     for every weight type (each type's own workspace); ``later``: per bench_gpu results file, its
-    ``decode_efficiency``, which replaces the llama.cpp comparison's for its (shape, weight type)."""
+    ``decode_efficiency``, which replaces the llama.cpp comparison's for its (shape, weight type);
+    ``compact``: ``compact_figures`` of a run that measured ``int4-compact`` (its rows added)."""
     copy_share = report["bandwidth_bytes_per_s"] / DATASHEET_BYTES_PER_S.get(report["device"], 4.8e12)
     efficiency = measured_efficiency(report, capacity)
     replaced = {}
@@ -104,23 +134,28 @@ def plan(report: dict, capacity: int, reserve_gib: float, as_float: bool = False
         replaced.update(dict.fromkeys(figures, source))
     rows = []
     for name, shape in SHAPES.items():
-        for weights in ("float", "int8", "int4"):
-            measured = efficiency.get((shape["measured"], weights))
-            if measured is None:
+        for weights in ("float", "int8", "int4", "int4-compact"):
+            packed = (compact or {}).get(shape["measured"]) if weights == "int4-compact" else None
+            timed = "int4" if packed else weights  # whose decode fraction the row takes
+            measured = efficiency.get((shape["measured"], timed))
+            if measured is None or (weights == "int4-compact" and packed is None):
                 continue
+            if packed:
+                measured = {**measured, "workspace": packed["workspace"]}
             if as_float and (shape["measured"], "float") in efficiency:
                 measured = {**measured, "fraction": efficiency[(shape["measured"], "float")]["fraction"]}
-            sizes = shape_bytes(shape, weights, capacity)
-            memory = (sizes["decoder_blocks"] + sizes["embeddings"] + sizes["lm_head"] + TOWER_BYTES + sizes["cache"]
+            sizes = (compact_bytes(shape, capacity, packed["tower"]) if packed
+                     else {**shape_bytes(shape, weights, capacity), "tower": TOWER_BYTES})
+            memory = (sizes["decoder_blocks"] + sizes["embeddings"] + sizes["lm_head"] + sizes["tower"] + sizes["cache"]
                       + measured["workspace"])
             for board, (memory_gib, bandwidth) in BOARDS.items():
                 ms = 1e3 * sizes["per_token"] / (bandwidth * copy_share * measured["fraction"])
                 rows.append({"model": name, "weights": weights, "board": board, "tokens_per_s": 1e3 / ms,
                              "ms_per_token": ms, "memory_gib": memory / (1 << 30),
                              "fits": memory / (1 << 30) <= memory_gib - reserve_gib,
-                             "efficiency_from": f"{shape['measured']} {'float' if as_float else weights}"
-                             + (f", {replaced[(shape['measured'], weights)]}"
-                                if not as_float and (shape["measured"], weights) in replaced else ""),
+                             "efficiency_from": f"{shape['measured']} {'float' if as_float else timed}"
+                             + (f", {replaced[(shape['measured'], timed)]}"
+                                if not as_float and (shape["measured"], timed) in replaced else ""),
                              "roofline_fraction": measured["fraction"]})
     return rows
 
@@ -139,7 +174,8 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def write_markdown(report: dict, measured: list[dict], goal: list[dict], source: Path, capacity: int,
-                   reserve: float, path: Path, decode_sources: tuple[Path, ...] = ()) -> None:
+                   reserve: float, path: Path, decode_sources: tuple[Path, ...] = (),
+                   compact_source: Path | None = None) -> None:
     later = "".join(f", [{d.name}]({d.name})" for d in decode_sources)
     lines = ["# Jetson plan (on paper, from the H200's measured efficiency)", "",
              f"From `benchmarks/jetson_plan.py` over [{source.name}]({source.name}) ({report['device']}, copy "
@@ -148,7 +184,10 @@ def write_markdown(report: dict, measured: list[dict], goal: list[dict], source:
                 "(named in the last column)" if decode_sources else "")
              + f"; decode tokens/s at a {capacity}-token cache, "
              f"batch 1; memory = weights + so400m tower + cache + the H200 run's workspace; 'no' where it "
-             f"exceeds the board's memory less {reserve:g} GiB for JetPack and the robot. Not measured on a Jetson.", "",
+             f"exceeds the board's memory less {reserve:g} GiB for JetPack and the robot. Not measured on a Jetson."
+             + (f" `int4-compact`: int4 blocks with the LM head, token table and tower packed int8, its tower and "
+                f"workspace from [{compact_source.name}]({compact_source.name}), its decode fraction int4's."
+                if compact_source else ""), "",
              "Tokens/s with each weight type's measured fraction of the roofline:", ""]
     lines += table(measured)
     lines += ["", "Tokens/s if the packed kernels reached the bf16 kernel's fraction (the goal, not measured):", ""]
@@ -161,20 +200,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_h200.json")
     parser.add_argument("--decode", type=Path, nargs="*", default=[],
                         help="bench_gpu.py results files whose (shape, weight type) decode figures replace --measured's")
+    parser.add_argument("--compact", type=Path, default=RESULTS / "bench_llamacpp_memory2_h200.json",
+                        help="a bench_llamacpp.py file with int4/int8/int8/int8 rows: the int4-compact setting's "
+                             "tower and workspace (none: no such rows)")
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--reserve-gib", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     report = json.loads(args.measured.read_text())
     later = {path.stem: decode_efficiency(json.loads(path.read_text())) for path in args.decode}
-    measured = plan(report, args.capacity, args.reserve_gib, later=later)
-    goal = plan(report, args.capacity, args.reserve_gib, as_float=True, later=later)
+    compact = compact_figures(json.loads(args.compact.read_text())) if args.compact.is_file() else {}
+    measured = plan(report, args.capacity, args.reserve_gib, later=later, compact=compact)
+    goal = plan(report, args.capacity, args.reserve_gib, as_float=True, later=later, compact=compact)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "jetson_plan.json").write_text(json.dumps({"source": args.measured.name,
+                                                           "compact_source": args.compact.name if compact else None,
                                                            "decode_sources": [p.name for p in args.decode],
                                                            "measured": measured, "bf16_efficiency": goal}, indent=1))
     write_markdown(report, measured, goal, args.measured, args.capacity, args.reserve_gib, args.out / "jetson_plan.md",
-                   tuple(args.decode))
+                   tuple(args.decode), args.compact if compact else None)
     print((args.out / "jetson_plan.md").read_text())
     return 0
 

@@ -13,11 +13,11 @@ op's own first kernel; ``model/prefill_attention.py``) and the attention alone (
 without the mass).
 
 GPU: ``python benchmarks/bench_prefill_mass.py --out $OUT`` (seconds). ``--sweep`` also times the mass
-op alone (given each query's log-sum-exp, as the decoder calls it) at the shipped launch shape and at
-each of a grid of ``PrefillMassTuning`` values (``--block-m``, ``--block-n``, ``--programs``, ``--num-warps``: the mass kernel's rows and keys per tile,
-programs and warps), with
-its largest difference from the explicit path's mass. CPU: ``--smoke`` (a tiny shape in Triton's interpreter: checks the script and the agreement,
-not speed).
+op alone (given each query's log-sum-exp, as the decoder calls it) at the shipped launch shape and
+at each of a grid of ``PrefillMassTuning`` values (``--block-m``, ``--block-n``, ``--programs``,
+``--num-warps``: the mass kernel's rows and keys per tile, programs and warps), with its largest
+difference from the explicit path's mass. CPU: ``--smoke`` (a tiny shape in Triton's interpreter:
+checks the script and the agreement, not speed).
 Results: ``benchmarks/results/<name>.{json,md}``.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ def time_lse_sources(attention: Attention, per_layer: list, window: int, group: 
     (``PrefillMassTuning.lse_from``; the shipped one is restored after): ms, or the error of a
     backend this GPU or build does not run."""
     rows = []
-    with kept_tuning(mass_op.TUNING) as shipped:
+    with kept_tuning(mass_op.TUNING):
         for source in args.lse_from:
             mass_op.TUNING.lse_from = source
 
@@ -136,7 +136,6 @@ def time_lse_sources(attention: Attention, per_layer: list, window: int, group: 
             except Exception as error:  # noqa: BLE001 - a backend this build lacks is a result, not a stop
                 rows.append({"lse_from": source, "error": f"{type(error).__name__}: {error}"[:300]})
             print(f"  lse from {source}: {rows[-1]}", flush=True)
-        mass_op.TUNING.lse_from = shipped.lse_from
     return rows
 
 

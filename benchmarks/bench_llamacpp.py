@@ -307,7 +307,8 @@ def write_markdown(report: dict, path: Path) -> None:
              f"steps after {report['depth']} streamed tokens"
              + (f", matrix-vector launch shape {' '.join(report['matvec_overrides'])}" if report.get("matvec_overrides")
                 else "") + f"; {report['seconds']} s.", "",
-             "| model | ours: weights / LM head [/ embeddings [/ vision]] | ms/token p50 | tokens/s | roofline ms | of roofline | peak GiB "
+             "| model | ours: weights / LM head [/ embeddings [/ vision]] | ms/token p50 | tokens/s | roofline ms "
+             "| of roofline | peak GiB "
              "| llama.cpp type | tokens/s | GPU memory GiB | ours / llama.cpp |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     theirs = {(r["model"], r["type"]): r for r in report["llama_cpp"]}

@@ -131,7 +131,8 @@ def time_lse_sources(attention: Attention, per_layer: list, window: int, group: 
                 fused = torch.compile(fused, dynamic=False)
             try:
                 mass = fused(*per_layer[0])[1]
-                rows.append({"lse_from": source, "fused_ms": timed_us(fused, per_layer, args.device, args.replays) / 1e3,
+                ms = timed_us(fused, per_layer, args.device, args.replays) / 1e3
+                rows.append({"lse_from": source, "fused_ms": ms,
                              "max_mass_difference": float((mass - reference).abs().max())})
             except Exception as error:  # noqa: BLE001 - a backend this build lacks is a result, not a stop
                 rows.append({"lse_from": source, "error": f"{type(error).__name__}: {error}"[:300]})
@@ -147,7 +148,8 @@ def sweep_mass_op(per_layer: list, group: int, reference: torch.Tensor, args) ->
     for q, k, v, past_k, past_v, mask in per_layer:
         grouped = q.reshape(k.shape[0], group * q.shape[1], q.shape[2])
         keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
-        inputs.append((grouped, keys, mask, prefill_attention.attention_with_lse(grouped, keys, values, mask, group)[1]))
+        lse = prefill_attention.attention_with_lse(grouped, keys, values, mask, group)[1]
+        inputs.append((grouped, keys, mask, lse))
     with kept_tuning(mass_op.TUNING) as shipped:
         tunings = [shipped] + [dataclasses.replace(shipped, block_m=m, mass_block_n=n, mass_programs=programs,
                                                    num_warps=warps)
@@ -191,7 +193,8 @@ def write_markdown(report: dict, path: Path) -> None:
         for r in swept:
             shipped, best = r["mass_op"]["shipped"], r["mass_op"]["best"]
             lines.append(f"| {r['model']} | {shipped['us']:.1f} | {best['us']:.1f} | {best['block_m']} / "
-                         f"{best['mass_block_n']} / {best['mass_programs']} / {best['num_warps']} | {best['max_mass_difference']:.1e} |")
+                         f"{best['mass_block_n']} / {best['mass_programs']} / {best['num_warps']} | "
+                         f"{best['max_mass_difference']:.1e} |")
     path.write_text("\n".join(lines) + "\n")
 
 

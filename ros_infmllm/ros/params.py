@@ -53,7 +53,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "float, auto or the export's mode; docs/quantized_weights.md.",
               choices=WEIGHT_MODES),
     ParamSpec("lm_head_weights", "float", "LM head weights: float (in dtype), int8 or int4 (packed, rounded from its "
-              "floats; a tied embedding table stays float unless embedding_weights packs it too). A large vocabulary's head is a large share of a packed "
+              "floats; a tied embedding table stays float unless embedding_weights packs it too). A large "
+              "vocabulary's head is a large share of a packed "
               "model's bytes per token. Needs backend torch.", choices=HEAD_MODES),
     ParamSpec("embedding_weights", "float", "Token embedding table: float (in dtype), int8 or int4 (packed, rounded "
               "from its floats; lookups dequantize the rows they gather). Memory, not speed: a 7B model's table is "

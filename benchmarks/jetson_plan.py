@@ -65,6 +65,11 @@ def shape_bytes(shape: dict, weights: str, capacity: int, head: str | None = Non
             "lm_head": held_head, "cache": cache, "parameters": projections + shape["vocab"] * h * (1 if shape["tied"] else 2)}
 
 
+def held_bytes(sizes: dict[str, float], tower: float) -> float:
+    """What a model holds besides its workspace: weights (blocks, table, head), tower and cache."""
+    return sizes["decoder_blocks"] + sizes["embeddings"] + sizes["lm_head"] + tower + sizes["cache"]
+
+
 def measured_efficiency(report: dict, capacity: int) -> dict[tuple[str, str], dict]:
     """Fraction of the roofline and workspace bytes per (shape, weight type) from the H200 run
     (the row whose LM head is packed as HEAD_FOR says); the workspace is the peak less the
@@ -75,7 +80,7 @@ def measured_efficiency(report: dict, capacity: int) -> dict[tuple[str, str], di
         if row["lm_head"] != HEAD_FOR[row["weights"]] or row["model"] not in SHAPES:
             continue
         sizes = shape_bytes(SHAPES[row["model"]], row["weights"], report["depth"])
-        held = sizes["decoder_blocks"] + sizes["embeddings"] + sizes["lm_head"] + TOWER_BYTES + sizes["cache"]
+        held = held_bytes(sizes, TOWER_BYTES)
         out[(row["model"], row["weights"])] = {"fraction": row["roofline_fraction"],
                                                "workspace": max(0.0, row["peak_memory_bytes"] - held)}
     return out
@@ -91,7 +96,7 @@ def decode_efficiency(run: dict) -> dict[tuple[str, str], dict]:
             continue
         last = model["policies"][run["ours"]]["checkpoints"][-1]
         sizes = shape_bytes(SHAPES[model["model"]], run["weights"], run["capacity"], head="float")
-        held = sizes["decoder_blocks"] + sizes["embeddings"] + sizes["lm_head"] + TOWER_BYTES + sizes["cache"]
+        held = held_bytes(sizes, TOWER_BYTES)
         out[(model["model"], run["weights"])] = {"fraction": model["roofline_ms"] / last["decode_p50_ms"],
                                                  "workspace": max(0.0, last["peak_memory_bytes"] - held)}
     return out
@@ -106,18 +111,17 @@ def compact_figures(report: dict) -> dict[str, dict]:
         if setting != COMPACT or row["model"] not in SHAPES:
             continue
         tower = row["parts_bytes"]["vision_and_projector"]
-        held = sum(compact_bytes(SHAPES[row["model"]], report["depth"], tower)[part]
-                   for part in ("decoder_blocks", "embeddings", "lm_head", "tower", "cache"))
+        held = held_bytes(compact_bytes(SHAPES[row["model"]], report["depth"]), tower)
         out[row["model"]] = {"tower": tower, "workspace": max(0.0, row["peak_memory_bytes"] - held)}
     return out
 
 
-def compact_bytes(shape: dict, capacity: int, tower: float) -> dict[str, float]:
+def compact_bytes(shape: dict, capacity: int) -> dict[str, float]:
     """``shape_bytes`` of int4 blocks and an int8 head, with the table int8 (none of its own when
-    tied: it reads the head's codes) and the tower as measured."""
+    tied: it reads the head's codes)."""
     sizes = shape_bytes(shape, "int4", capacity, head="int8")
     table = 0.0 if shape["tied"] else shape["vocab"] * shape["hidden"] * BYTES_PER_WEIGHT["int8"]
-    return {**sizes, "embeddings": table, "tower": tower}
+    return {**sizes, "embeddings": table}
 
 
 def plan(report: dict, capacity: int, reserve_gib: float, as_float: bool = False,
@@ -144,10 +148,8 @@ def plan(report: dict, capacity: int, reserve_gib: float, as_float: bool = False
                 measured = {**measured, "workspace": packed["workspace"]}
             if as_float and (shape["measured"], "float") in efficiency:
                 measured = {**measured, "fraction": efficiency[(shape["measured"], "float")]["fraction"]}
-            sizes = (compact_bytes(shape, capacity, packed["tower"]) if packed
-                     else {**shape_bytes(shape, weights, capacity), "tower": TOWER_BYTES})
-            memory = (sizes["decoder_blocks"] + sizes["embeddings"] + sizes["lm_head"] + sizes["tower"] + sizes["cache"]
-                      + measured["workspace"])
+            sizes = compact_bytes(shape, capacity) if packed else shape_bytes(shape, weights, capacity)
+            memory = held_bytes(sizes, packed["tower"] if packed else TOWER_BYTES) + measured["workspace"]
             for board, (memory_gib, bandwidth) in BOARDS.items():
                 ms = 1e3 * sizes["per_token"] / (bandwidth * copy_share * measured["fraction"])
                 rows.append({"model": name, "weights": weights, "board": board, "tokens_per_s": 1e3 / ms,

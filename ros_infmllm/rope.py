@@ -25,9 +25,13 @@ class Rotary:
         self.inv_freq = self.inv_freq.to(device)
         return self
 
+    def half_angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """Plain RoPE angles ``positions.shape + (head_dim / 2,)`` in float32, one per pair."""
+        return positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(positions.device)
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape ``positions.shape + (head_dim,)``; angles computed in float32."""
-        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(positions.device)
+        freqs = self.half_angles(positions)
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -45,7 +49,7 @@ class Rotary:
         temporaries were the largest memory of a 7B model's streaming peak (0.38 GiB a layer,
         benchmarks/results/memory_peak_int4_h200.md)."""
         half = x.shape[-1] // 2
-        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(positions.device)
+        angles = self.half_angles(positions)
         cos, sin = angles.cos(), angles.sin()
         wide = x.float()
         first, second = wide[..., :half], wide[..., half:]

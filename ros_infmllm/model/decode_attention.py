@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .launch_splits import cdiv, whole_tile_splits
+
 
 @dataclass
 class DecodeKernelTuning:
@@ -86,10 +88,6 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @torch.library.custom_op("ros_infmllm::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor,
                      cache_v: torch.Tensor, valid: torch.Tensor, with_mass: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,9 +105,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     group = heads // kv_heads
     tuning = TUNING
     block = tuning.block_for(group)
-    splits = max(1, min(tuning.programs // kv_heads, _cdiv(capacity, max(block, tuning.min_split))))
-    split_len = _cdiv(_cdiv(capacity, splits), block) * block  # whole blocks per split
-    splits = _cdiv(capacity, split_len)
+    splits, split_len = whole_tile_splits(capacity, block, tuning.programs // kv_heads, max(block, tuning.min_split))
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
     launch = dependent_launch(q, tuning.pdl)
@@ -127,7 +123,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         PDL=bool(launch), num_warps=tuning.num_warps, num_stages=tuning.num_stages, **launch)
     splits_pad = _next_power_of_2(splits)
     mass_block = tuning.mass_block_for(group)
-    blocks = _cdiv(capacity, mass_block) if with_mass else 0
+    blocks = cdiv(capacity, mass_block) if with_mass else 0
     decode_kernels.combine_attention[(kv_heads, group + blocks)](
         q, k_new, v_new, scores, split_max, split_sum, split_acc, out, mass if with_mass else scores,
         capacity, scale, GROUP=group, ROWS=_next_power_of_2(group), DIM=dim, NUM_SPLITS=splits,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .launch_splits import cdiv, whole_tile_splits
+
 
 @dataclass
 class PrefillMassTuning:
@@ -38,10 +40,6 @@ class PrefillMassTuning:
 
 
 TUNING = PrefillMassTuning()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("ros_infmllm::prefill_mass", mutates_args=())
@@ -69,10 +67,9 @@ def prefill_mass(grouped_q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
                                                          IEEE=ieee))
     # +inf where a row sees no key (or the attention reported none): its terms exp(s - inf) are 0
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf"))).float().contiguous()
-    key_blocks = _cdiv(width, tuning.mass_block_n)
-    splits = max(1, min(tuning.mass_programs // (kv_heads * key_blocks), _cdiv(rows_total, tuning.block_m)))
-    rows_per_split = _cdiv(_cdiv(rows_total, splits), tuning.block_m) * tuning.block_m
-    splits = _cdiv(rows_total, rows_per_split)
+    key_blocks = cdiv(width, tuning.mass_block_n)
+    most = tuning.mass_programs // (kv_heads * key_blocks)
+    splits, rows_per_split = whole_tile_splits(rows_total, tuning.block_m, most, tuning.block_m)
     partial = torch.empty((kv_heads, splits, width), dtype=torch.float32, device=q.device)
     prefill_mass_kernel.mass_by_key[(kv_heads, key_blocks, splits)](
         q, keys, mask, lse, partial, rows_total, chunk, width, rows_per_split, scale, BLOCK_M=tuning.block_m,
@@ -88,10 +85,9 @@ def _row_lse(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, chunk: int
 
     kv_heads, rows_total, _ = q.shape
     width, tuning = keys.shape[1], TUNING
-    blocks = _cdiv(rows_total, tuning.block_m)
-    splits = max(1, min(tuning.programs // (kv_heads * blocks), _cdiv(width, tuning.min_split)))
-    split_len = _cdiv(_cdiv(width, splits), tuning.block_n) * tuning.block_n
-    splits = _cdiv(width, split_len)
+    blocks = cdiv(rows_total, tuning.block_m)
+    most = tuning.programs // (kv_heads * blocks)
+    splits, split_len = whole_tile_splits(width, tuning.block_n, most, tuning.min_split)
     split_max = torch.empty((kv_heads, rows_total, splits), dtype=torch.float32, device=q.device)
     split_sum = torch.empty_like(split_max)
     prefill_mass_kernel.row_stats[(kv_heads, blocks, splits)](q, keys, mask, split_max, split_sum, rows_total, chunk,

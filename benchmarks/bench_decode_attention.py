@@ -35,7 +35,7 @@ from ros_infmllm.model.config import load_config  # noqa: E402
 from ros_infmllm.model.decoder import Attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WINDOW = 32  # inf-mllm's retrieval window: the mass is computed
+WINDOW = 32  # inf-mllm's retrieval window: the mass is computed (0 with --no-mass: streamingllm's call)
 
 
 def inputs(attention: Attention, capacity: int, layers: int, device: str, dtype: torch.dtype, seed: int):
@@ -65,6 +65,11 @@ def reference(attention: Attention, q, k, v, past_k, past_v, mask):
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b).norm() / b.norm())
+
+
+def mass_error(mass: torch.Tensor | None, want: torch.Tensor) -> float:
+    """Relative error of the mass; nan where none was asked for (``--no-mass``)."""
+    return float("nan") if mass is None else relative(mass, want)
 
 
 def timed_us(fn, per_layer: list, device: str, replays: int) -> float:
@@ -98,6 +103,7 @@ def timed_us(fn, per_layer: list, device: str, replays: int) -> float:
 
 def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
                 shipped: op.DecodeKernelTuning) -> dict:
+    window = 0 if args.no_mass else WINDOW
     cfg = load_config(write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)).text
     attention = Attention(cfg).to(device)
     group = cfg.num_heads // cfg.num_kv_heads
@@ -105,10 +111,10 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     bytes_read = 2 * cfg.num_kv_heads * args.capacity * cfg.head_dim * dtype.itemsize
 
     def explicit(q, k, v, past_k, past_v, mask):
-        return attention._explicit(q, k, v, past_k, past_v, mask, WINDOW, group)
+        return attention._explicit(q, k, v, past_k, past_v, mask, window, group)
 
     def kernel(q, k, v, past_k, past_v, mask):
-        return attention._kernel(q, k, v, past_k, past_v, mask, WINDOW)
+        return attention._kernel(q, k, v, past_k, past_v, mask, window)
 
     compiled = (torch.compile(explicit, dynamic=False, options={"split_reductions": False})
                 if device == "cuda" else explicit)
@@ -118,17 +124,18 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
               "layers": cfg.num_layers, "bytes_per_call": bytes_read}
     out, mass = compiled(*fresh)
     result["explicit"] = {"us": timed_us(compiled, per_layer, device, args.replays),
-                          "out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)}
+                          "out_error": relative(out, want_out), "mass_error": mass_error(mass, want_mass)}
     tunings = [op.DecodeKernelTuning(**vars(shipped))]
     shipped_mass = shipped.mass_block_for(group)
     tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s,
-                                      mass_block=mb, grouped_mass_block=mb)
-                for b, p, m, w, s, mb in itertools.product(args.blocks, args.programs, args.min_splits, args.warps,
-                                                           args.stages, args.mass_blocks or [shipped_mass])]
+                                      mass_block=mb, grouped_mass_block=mb, pdl=pdl)
+                for b, p, m, w, s, mb, pdl in itertools.product(
+                    args.blocks, args.programs, args.min_splits, args.warps, args.stages,
+                    [shipped_mass] if args.no_mass else args.mass_blocks or [shipped_mass], args.pdl)]
 
     def errors() -> dict:
         out, mass = kernel(*fresh)
-        return {"out_error": relative(out, want_out), "mass_error": relative(mass, want_mass)}
+        return {"out_error": relative(out, want_out), "mass_error": mass_error(mass, want_mass)}
 
     result["variants"] = sweep(op.TUNING, tunings, lambda: timed_us(kernel, per_layer, device, args.replays), errors)
     result["shipped"] = result["variants"].pop(0)
@@ -141,10 +148,11 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
 
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# Decode attention: Triton kernels against the explicit path ({report['device']}, "
-             f"{report['dtype']}, capacity {report['capacity']}, mass computed)", "",
+             f"{report['dtype']}, capacity {report['capacity']}, "
+             f"{'no mass (streamingllm' + chr(39) + 's call)' if report.get('no_mass') else 'mass computed'})", "",
              "Shipped: the launch shape `DecodeKernelTuning` holds; best: the fastest of the sweep.", "",
              "| model | heads / KV heads / dim | K+V MB per call | explicit us (GB/s) | shipped us (GB/s), block | "
-             "best us: block, programs, min split, warps, stages, mass block | shipped speed-up | error out / mass |",
+             "best us: block, programs, min split, warps, stages, mass block, pdl | shipped speed-up | error out / mass |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         e, s, b = r["explicit"], r["shipped"], r["best"]
@@ -153,7 +161,7 @@ def write_markdown(report: dict, path: Path) -> None:
                      f"{s['us']:.1f} ({s['gb_per_s']:.0f}), {s['block_used']} | {b['us']:.1f}: {launch(b)} | {e['us'] / s['us']:.2f}x | "
                      f"{s['out_error']:.1e} / {s['mass_error']:.1e} |")
     lines += ["", "Every launch shape of the sweep:", "",
-              "| model | block, programs, min split, warps, stages, mass block | us | GB/s |", "|---|---|---|---|"]
+              "| model | block, programs, min split, warps, stages, mass block, pdl | us | GB/s |", "|---|---|---|---|"]
     for r in report["models"]:
         for v in sorted(r["variants"], key=lambda v: v["us"]):
             lines.append(f"| {r['model']} | {launch(v)} | {v['us']:.1f} | {v['gb_per_s']:.0f} |")
@@ -162,7 +170,7 @@ def write_markdown(report: dict, path: Path) -> None:
 
 def launch(variant: dict) -> str:
     return ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages",
-                                                "mass_block"))
+                                                "mass_block", "pdl"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: the shipped one for the model's, mass_block or grouped_mass_block); "
                              "the probability "
                              "pass of h2o-style policies, issue 17's SmolVLM2 cost")
+    parser.add_argument("--pdl", type=lambda text: text.lower() in ("on", "true", "1"), nargs="+", default=[True],
+                        metavar="on|off", help="programmatic dependent launch of both kernels (GPUs that have it)")
+    parser.add_argument("--no-mass", action="store_true",
+                        help="time the call without the mass (streamingllm's): the partial pass stores no scores "
+                             "and the combine kernel merges the outputs only")
+    parser.add_argument("--name", default="bench_decode_attention", help="results file name (without extension)")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's CPU interpreter")
@@ -195,14 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model shapes {unknown}: choose from {', '.join(shapes)}")
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "capacity": args.capacity,
-              "models": []}
+              "no_mass": args.no_mass, "models": []}
     with kept_tuning(op.TUNING) as shipped:
         for name in args.models:
             report["models"].append(bench_shape(name, shapes[name], args, device, dtype, shipped))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_decode_attention.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / "bench_decode_attention.md")
-    print((args.out / "bench_decode_attention.md").read_text().split("\n\nEvery")[0])
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, args.out / f"{args.name}.md")
+    print((args.out / f"{args.name}.md").read_text().split("\n\nEvery")[0])
     return 0
 
 

@@ -462,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-mass", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="the prefill mass op's launch shape and log-sum-exp source for this run, fields of "
                              "prefill_mass.PrefillMassTuning (e.g. block_m=128 lse_from=kernel); put back at the end")
+    parser.add_argument("--decode-attention", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="the decode attention op's launch shape for this run, fields of "
+                             "decode_attention.DecodeKernelTuning (e.g. programs=1056 min_split=64); put back at the end")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES),
                         help="cache policies timed; the first is the one the targets are reported for; "
                              "eval_demo.py's session suffixes time a visual-token reduction (h2o+pyramid, "
@@ -482,17 +485,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.models if name not in shapes]
     if unknown:
         parser.error(f"unknown model shapes {unknown}: choose from {', '.join(shapes)}")
-    from ros_infmllm.model import decode_linear, prefill_mass
+    from ros_infmllm.model import decode_attention, decode_linear, prefill_mass
 
     with tuning_for_run(parser, decode_linear.TUNING, args.matvec + (
             [f"int4_activations={args.int4_activations}"] if args.int4_activations else [])), \
-            tuning_for_run(parser, prefill_mass.TUNING, args.prefill_mass, "--prefill-mass"):
+            tuning_for_run(parser, prefill_mass.TUNING, args.prefill_mass, "--prefill-mass"), \
+            tuning_for_run(parser, decode_attention.TUNING, args.decode_attention, "--decode-attention"):
         return run(args, shapes, device)
 
 
 def run(args, shapes: dict, device: str) -> int:
     """Every model of ``args.models`` timed at the launch shape now set; results written after each."""
-    from ros_infmllm.model import decode_linear, prefill_mass
+    from ros_infmllm.model import decode_attention, decode_linear, prefill_mass
 
     started = time.perf_counter()
     bandwidth = copy_bandwidth(device, args.bandwidth_mb)
@@ -508,6 +512,8 @@ def run(args, shapes: dict, device: str) -> int:
               "int8_activations": decode_linear.TUNING.int8_activations,
               "matvec_tuning": vars(decode_linear.TUNING).copy(), "matvec_overrides": args.matvec,
               "prefill_mass_tuning": vars(prefill_mass.TUNING).copy(), "prefill_mass_overrides": args.prefill_mass,
+              "decode_attention_tuning": vars(decode_attention.TUNING).copy(),
+              "decode_attention_overrides": args.decode_attention,
               "models": []}
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s on {report['device']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,9 @@ def write_markdown(report: dict, path: Path) -> None:
              + (f", matrix-vector launch shape {' '.join(report['matvec_overrides'])}" if report.get("matvec_overrides")
                 else "")
              + (f", prefill mass op {' '.join(report['prefill_mass_overrides'])}"
-                if report.get("prefill_mass_overrides") else "") + ". "
+                if report.get("prefill_mass_overrides") else "")
+             + (f", decode attention {' '.join(report['decode_attention_overrides'])}"
+                if report.get("decode_attention_overrides") else "") + ". "
              f"Copy bandwidth (read + written): **{report['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s**.", "",
              "## Decode latency along the stream", "",
              "| model | roofline ms | policy | streamed tokens | p50 ms | p99 ms | roofline / p50 | first token ms | peak GiB |",

@@ -78,6 +78,23 @@ def test_bench_gpu_matvec_overrides_set_the_launch_shape_for_the_run_and_put_it_
     assert decode_linear.TUNING == shipped
 
 
+def test_bench_gpu_decode_attention_overrides_are_kept_in_the_report_and_put_back(tmp_path: Path) -> None:
+    """--decode-attention FIELD=VALUE sets the decode attention's launch shape for the run (the report
+    names it) and the shipped one is back afterwards; an unknown field is refused."""
+    from ros_infmllm.model import decode_attention
+
+    shipped = dataclasses.replace(decode_attention.TUNING)
+    assert bench_gpu.main(["--smoke", "--policies", "h2o", "--skip-transformers", "--decode-attention",
+                           "programs=1056", "min_split=32", "pdl=false", "--out", str(tmp_path), "--name", "da"]) == 0
+    report = json.loads((tmp_path / "da.json").read_text())
+    assert report["decode_attention_tuning"]["programs"] == 1056 and report["decode_attention_tuning"]["pdl"] is False
+    assert "decode attention programs=1056 min_split=32 pdl=false" in (tmp_path / "da.md").read_text()
+    assert decode_attention.TUNING == shipped
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--smoke", "--decode-attention", "splits=8", "--out", str(tmp_path)])
+    assert decode_attention.TUNING == shipped
+
+
 def test_launch_tuning_overrides_parse_each_field_as_its_type() -> None:
     from launch_tuning import overridden
     from ros_infmllm.model.decode_linear import MatvecTuning

@@ -114,7 +114,8 @@ for group, dim in [(6, 128), (1, 128), (7, 64)]:
     names = list(signature)
     source = ASTSource(fn=decode_kernels.combine_attention, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
-    compiled = compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "launch_pdl": arch >= 90})
+    compiled = compile(source, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": TUNING.combine_warps_for(group), "launch_pdl": arch >= 90})
     assert ("griddepcontrol.wait" in compiled.asm["ptx"]) is (arch >= 90)
     assert ".entry combine_attention" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
     print("built", group, dim)

@@ -25,16 +25,22 @@ class DecodeKernelTuning:
     splits per head follow from both); num_warps, num_stages: per program of the partial kernel;
     mass_block / grouped_mass_block: slots per mass program of the combine kernel where a KV head
     serves one query head / several (a grouped program sums a row per query head, so it takes
-    more slots per program); merge_elements: most split values
-    one merge step loads at once; pdl: programmatic dependent launch on GPUs that have it
-    (compute capability 9+, see matvec_kernels.py): the partial pass requests its first keys
-    before q is written.
-    Chosen on an H100 (benchmarks/bench_decode_attention.py, results/bench_decode_attention.md)."""
+    more slots per program); combine_warps / grouped_combine_warps: warps per program of the
+    combine kernel, alike; merge_elements: most split values one merge step loads at once; pdl:
+    programmatic dependent launch on GPUs that have it (compute capability 9+, see
+    matvec_kernels.py): the partial pass requests its first keys before q is written.
+    Chosen on an H100 (benchmarks/bench_decode_attention.py, results/bench_decode_attention.md);
+    where each KV head serves one query head, on an H200 since (below)."""
 
-    block: int = 64
+    # one query head per KV head (SmolVLM2, LLaMA-2-7B; bench_decode_attention_split_*_h200.md):
+    # more, shorter splits than the first 264 programs (8 splits of 512 slots per head), so that
+    # each program's chain of dependent loads is short: LLaMA-2-7B's call 27.4 -> 23.0 us with the
+    # mass, SmolVLM2's 26.6 -> 19.6 at this shape (19.1 at 64 slots and 528 programs, its best).
+    # The grouped shapes keep 32 splits per head (grouped_block rounds them up to 128 slots).
+    block: int = 128
     grouped_block: int = 128
-    programs: int = 264
-    min_split: int = 128
+    programs: int = 1056
+    min_split: int = 32
     num_warps: int = 4
     num_stages: int = 3
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
@@ -42,6 +48,13 @@ class DecodeKernelTuning:
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
     mass_block: int = 256
     grouped_mass_block: int = 1024
+    # one warp where a combine program serves one query head: its merge and mass rows are one
+    # row long, and with four warps the reductions across warps cost more than the work. On an
+    # H200 (benchmarks/probe_decode_combine.py, results/probe_decode_combine_h200.txt) SmolVLM2's
+    # pair of kernels took 19.3 us with the mass at four warps, 14.2 at one (14.0 without the
+    # mass); LLaMA-2-7B's, at 256 slots per mass program, 23.2 -> 20.8
+    combine_warps: int = 1
+    grouped_combine_warps: int = 4
     merge_elements: int = 8192
     pdl: bool = True
 
@@ -52,6 +65,10 @@ class DecodeKernelTuning:
     def mass_block_for(self, group: int) -> int:
         """Slots per mass program for KV heads that serve ``group`` query heads each."""
         return self.grouped_mass_block if group > 1 else self.mass_block
+
+    def combine_warps_for(self, group: int) -> int:
+        """Warps per program of the combine kernel for KV heads that serve ``group`` query heads each."""
+        return self.grouped_combine_warps if group > 1 else self.combine_warps
 
 
 TUNING = DecodeKernelTuning()
@@ -128,7 +145,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         q, k_new, v_new, scores, split_max, split_sum, split_acc, out, mass if with_mass else scores,
         capacity, scale, GROUP=group, ROWS=_next_power_of_2(group), DIM=dim, NUM_SPLITS=splits,
         SPLITS_PAD=splits_pad, SPLIT_CHUNK=min(splits_pad, max(1, tuning.merge_elements // dim)),
-        MASS_BLOCK=mass_block, PDL=bool(launch), num_warps=4, **launch)
+        MASS_BLOCK=mass_block, PDL=bool(launch), num_warps=tuning.combine_warps_for(group), **launch)
     return out, mass
 
 

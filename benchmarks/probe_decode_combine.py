@@ -7,14 +7,13 @@ Why: the sweep of bench_decode_attention.py times whole launch shapes; this spli
 found that the combine kernel with the mass cost 5 us per layer at four warps and nothing
 measurable at one (``DecodeKernelTuning.combine_warps``). The kernels are launched directly at the
 given shape (not through the op), each variant as a CUDA graph of one call per layer, median of
-replays. Writes ``results/probe_decode_combine.txt`` (or ``--out``); ``--smoke`` runs tiny shapes in
+replays (bench_decode_attention's timing). Writes ``results/probe_decode_combine.txt`` (or ``--out``); ``--smoke`` runs tiny shapes in
 Triton's CPU interpreter (checks the script, its numbers mean nothing).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ if "--smoke" in sys.argv:
 
 import torch  # noqa: E402
 
+from bench_decode_attention import timed_us  # noqa: E402
 from ros_infmllm.model import decode_kernels  # noqa: E402
 from ros_infmllm.model.launch_splits import cdiv, whole_tile_splits  # noqa: E402
 
@@ -47,33 +47,6 @@ def layer_inputs(dim: int, layers: int, capacity: int, device: str) -> list[dict
     return [dict(q=draw(HEADS, dim), k_new=draw(HEADS, dim), v_new=draw(HEADS, dim), k=draw(HEADS, capacity, dim),
                  v=draw(HEADS, capacity, dim), valid=torch.ones(capacity, dtype=torch.uint8, device=device))
             for _ in range(layers)]
-
-
-def timed_us(fn, per_layer: list, replays: int) -> float:
-    """µs per layer: a CUDA graph of one call per layer, replayed (one eager call on the CPU)."""
-    if not torch.cuda.is_available():
-        fn(per_layer[0])
-        return float("nan")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            for args in per_layer:
-                fn(args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for args in per_layer:
-            fn(args)
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / len(per_layer))
-    return statistics.median(times)
 
 
 def launcher(dim: int, block: int, programs: int, capacity: int, parts: str, with_mass: bool, mass_block: int,
@@ -118,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{torch.cuda.get_device_name() if device == 'cuda' else 'the CPU (interpreter)'}, "
              f"{HEADS} KV heads of one query head, capacity {capacity}, us per layer"]
     for dim, layers, block, programs in shapes:
-        per_layer = layer_inputs(dim, 1 if args.smoke else layers, capacity, device)
+        per_layer = [(inputs,) for inputs in layer_inputs(dim, 1 if args.smoke else layers, capacity, device)]
         for parts, with_mass, mass_block, warps, pdl in VARIANTS:
             run = launcher(dim, block, programs, capacity, parts, with_mass, mass_block, warps, pdl, device)
-            us = timed_us(run, per_layer, args.replays)
+            us = timed_us(run, per_layer, device, args.replays)
             lines.append(f"dim {dim} parts {parts:2s} mass {int(with_mass)} mass_block {mass_block:4d} "
                          f"combine_warps {warps} pdl {int(pdl)}: {us:6.1f} us")
             print(lines[-1], flush=True)

@@ -130,6 +130,22 @@ def _smoke_run(name: str, out: Path, *options: str) -> dict:
     return model
 
 
+def test_probe_decode_combine_smoke_run_writes_a_line_per_variant(tmp_path: Path) -> None:
+    """The combine probe in Triton's interpreter (its own process): every variant of both head
+    sizes launches the kernels at its shape and is written."""
+    script = Path(bench_gpu.__file__).with_name("probe_decode_combine.py")
+    out = tmp_path / "probe.txt"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    import probe_decode_combine
+
+    assert len(lines) == 1 + 2 * len(probe_decode_combine.VARIANTS)
+    assert all(line.endswith(" us") for line in lines[1:])
+    assert sum("dim 64 parts pc mass 1" in line for line in lines) == 9
+
+
 def test_bench_llamacpp_random_gguf_has_the_shape_llama_cpp_reads(tmp_path: Path) -> None:
     """The random GGUFs llama-bench times: every block tensor of the shape in the file's type (norms
     and biases f32), no tokenizer, a tied LM head left out. (llama.cpp itself is built on the GPU

@@ -152,7 +152,8 @@ def write_markdown(report: dict, path: Path) -> None:
              f"{'no mass (streamingllm' + chr(39) + 's call)' if report.get('no_mass') else 'mass computed'})", "",
              "Shipped: the launch shape `DecodeKernelTuning` holds; best: the fastest of the sweep.", "",
              "| model | heads / KV heads / dim | K+V MB per call | explicit us (GB/s) | shipped us (GB/s), block | "
-             "best us: block, programs, min split, warps, stages, mass block, pdl | shipped speed-up | error out / mass |",
+             "best us: block, programs, min split, warps, stages, mass block, pdl | shipped speed-up | "
+             "error out / mass |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         e, s, b = r["explicit"], r["shipped"], r["best"]
@@ -173,6 +174,13 @@ def launch(variant: dict) -> str:
                                                 "mass_block", "pdl"))
 
 
+def on_off(text: str) -> bool:
+    """``on`` / ``off`` (also true/false, 1/0) as a bool; anything else is argparse's error."""
+    if text.lower() not in ("on", "off", "true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected on or off")
+    return text.lower() in ("on", "true", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(SHAPES),
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: the shipped one for the model's, mass_block or grouped_mass_block); "
                              "the probability "
                              "pass of h2o-style policies, issue 17's SmolVLM2 cost")
-    parser.add_argument("--pdl", type=lambda text: text.lower() in ("on", "true", "1"), nargs="+", default=[True],
+    parser.add_argument("--pdl", type=on_off, nargs="+", default=[True],
                         metavar="on|off", help="programmatic dependent launch of both kernels (GPUs that have it)")
     parser.add_argument("--no-mass", action="store_true",
                         help="time the call without the mass (streamingllm's): the partial pass stores no scores "

@@ -7,8 +7,9 @@ Why: the sweep of bench_decode_attention.py times whole launch shapes; this spli
 found that the combine kernel with the mass cost 5 us per layer at four warps and nothing
 measurable at one (``DecodeKernelTuning.combine_warps``). The kernels are launched directly at the
 given shape (not through the op), each variant as a CUDA graph of one call per layer, median of
-replays (bench_decode_attention's timing). Writes ``results/probe_decode_combine.txt`` (or ``--out``); ``--smoke`` runs tiny shapes in
-Triton's CPU interpreter (checks the script, its numbers mean nothing).
+replays (bench_decode_attention's timing). Writes ``results/probe_decode_combine.txt`` (or
+``--out``); ``--smoke`` runs tiny shapes in Triton's CPU interpreter (checks the script, its
+numbers mean nothing).
 """
 from __future__ import annotations
 

@@ -85,10 +85,11 @@ def test_bench_gpu_decode_attention_overrides_are_kept_in_the_report_and_put_bac
 
     shipped = dataclasses.replace(decode_attention.TUNING)
     assert bench_gpu.main(["--smoke", "--policies", "h2o", "--skip-transformers", "--decode-attention",
-                           "programs=1056", "min_split=32", "pdl=false", "--out", str(tmp_path), "--name", "da"]) == 0
+                           "programs=528", "min_split=64", "pdl=false", "--out", str(tmp_path), "--name", "da"]) == 0
     report = json.loads((tmp_path / "da.json").read_text())
-    assert report["decode_attention_tuning"]["programs"] == 1056 and report["decode_attention_tuning"]["pdl"] is False
-    assert "decode attention programs=1056 min_split=32 pdl=false" in (tmp_path / "da.md").read_text()
+    assert (shipped.programs, shipped.min_split, shipped.pdl) != (528, 64, False)
+    assert report["decode_attention_tuning"]["programs"] == 528 and report["decode_attention_tuning"]["pdl"] is False
+    assert "decode attention programs=528 min_split=64 pdl=false" in (tmp_path / "da.md").read_text()
     assert decode_attention.TUNING == shipped
     with pytest.raises(SystemExit):
         bench_gpu.main(["--smoke", "--decode-attention", "splits=8", "--out", str(tmp_path)])

@@ -35,7 +35,8 @@ class DecodeKernelTuning:
     # one query head per KV head (SmolVLM2, LLaMA-2-7B; bench_decode_attention_split_*_h200.md):
     # more, shorter splits than the first 264 programs (8 splits of 512 slots per head), so that
     # each program's chain of dependent loads is short: LLaMA-2-7B's call 27.4 -> 23.0 us with the
-    # mass, SmolVLM2's 26.6 -> 19.6 at this shape (19.1 at 64 slots and 528 programs, its best).
+    # mass, SmolVLM2's 26.6 -> 19.6 at this shape (19.1 at 64 slots and 528 programs, its best);
+    # with the one-warp combine below, 21.0 and 14.5 (bench_decode_attention_combine1_h200.md).
     # The grouped shapes keep 32 splits per head (grouped_block rounds them up to 128 slots).
     block: int = 128
     grouped_block: int = 128

@@ -36,12 +36,11 @@ from bench_gpu_report import summarise, write_markdown, write_plot
 from launch_tuning import tuning_for_run
 from session_variants import session_variant
 from ros_infmllm.cache import make_policy
-from ros_infmllm.model.checkpoint import model_class
+from ros_infmllm.model.checkpoint import model_class, pack_parts
 from ros_infmllm.model.config import load_config
 from ros_infmllm.model.llava import LlavaModel
-from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder, quantize_head
-from ros_infmllm.model.quantized_embedding import QuantizedEmbedding, quantize_embeddings
-from ros_infmllm.model.quantized_vision import quantize_vision
+from ros_infmllm.model.quantized import HEAD_MODES, QuantizedLinear, quantize_decoder
+from ros_infmllm.model.quantized_embedding import QuantizedEmbedding
 from ros_infmllm.session import SessionConfig, StreamingSession, template_for
 from ros_infmllm.session.preprocess import preprocessor_for_folder
 
@@ -170,15 +169,15 @@ def word_tokenizer(vocab_size: int, words: list[str] | tuple[str, ...] = ()):
 
 def decoder_bytes_per_token(model: LlavaModel) -> int:
     """Weight bytes one decode step reads: every decoder matrix (packed ones as packed), and the
-    embedding table only as the (tied) LM head; a gathered embedding row is negligible."""
+    embedding table only where it is the LM head; a gathered embedding row is negligible."""
     unique = {id(p): p for p in model.decoder.parameters()}
     total = sum(p.numel() * p.element_size() for p in unique.values())
     total += sum(m.packed_bytes() for m in model.decoder.modules() if isinstance(m, QuantizedLinear))
-    embed = model.decoder.embed_tokens
+    embed, head = model.decoder.embed_tokens, model.decoder.lm_head
     if isinstance(embed, QuantizedEmbedding):  # packed: read per token only where it is the head's table
-        total -= 0 if embed.table is model.decoder.lm_head else embed.table.packed_bytes()
-    elif not model.cfg.text.tie_word_embeddings:
-        total -= embed.weight.numel() * embed.weight.element_size()
+        total -= 0 if embed.table is head else embed.table.packed_bytes()
+    elif not model.cfg.text.tie_word_embeddings or isinstance(head, QuantizedLinear):  # a float table the head
+        total -= embed.weight.numel() * embed.weight.element_size()  # does not read (untied, or packed apart)
     return total
 
 
@@ -403,12 +402,7 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
     model = random_model(folder, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.weights != "float":  # packed decoder projections, rounded from the random floats
         quantize_decoder(model.decoder, args.weights)
-    if args.lm_head != "float":
-        quantize_head(model.decoder, args.lm_head)
-    if args.embeddings != "float":  # after the head: a tied table may share its codes
-        quantize_embeddings(model.decoder, args.embeddings)
-    if args.vision_weights != "float":
-        quantize_vision(model, args.vision_weights)
+    pack_parts(model, args.lm_head, args.embeddings, args.vision_weights)
     tokenizer = shape_tokenizer(model, shape)
     weights, cache = decoder_bytes_per_token(model), cache_bytes(model, args.capacity)
     roofline_ms = 1e3 * (weights + cache) / bandwidth
@@ -447,11 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth-mb", type=int, default=2048)
     parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
                         help="decoder projections: float (bf16 on a GPU) or packed (groups of 32)")
-    parser.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
+    parser.add_argument("--lm-head", choices=HEAD_MODES, default="float",
                         help="the LM head: float or packed")
-    parser.add_argument("--embeddings", choices=("float", "int8", "int4"), default="float",
+    parser.add_argument("--embeddings", choices=HEAD_MODES, default="float",
                         help="the token table: float or packed (a tied table needs --lm-head packed)")
-    parser.add_argument("--vision-weights", choices=("float", "int8", "int4"), default="float",
+    parser.add_argument("--vision-weights", choices=HEAD_MODES, default="float",
                         help="the tower's and projector's linear layers: float or packed")
     parser.add_argument("--int4-activations", choices=("float", "int8"), default=None,
                         help="int4 products against float x or x's int8 codes (dp4a, model/matvec_dp4a.py); "

@@ -41,9 +41,8 @@ import bench_gpu
 from launch_tuning import tuning_for_run
 from ros_infmllm.cache import DEFAULT_POLICY
 from ros_infmllm.model import decode_linear
-from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder, quantize_head
-from ros_infmllm.model.quantized_embedding import quantize_embeddings
-from ros_infmllm.model.quantized_vision import quantize_vision
+from ros_infmllm.model.checkpoint import pack_parts
+from ros_infmllm.model.quantized import HEAD_MODES, quantize_decoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1")
@@ -55,9 +54,8 @@ def parse_setting(text: str) -> tuple[str, str, str, str]:
     """``weights/head[/embeddings[/vision]]`` (e.g. ``int4/int8/int8/int8``) -> the four modes
     (embeddings and the tower float when left out)."""
     parts = text.split("/")
-    modes = ("float", "int8", "int4")
-    if len(parts) not in (2, 3, 4) or any(p not in modes for p in parts):
-        raise ValueError(f"{text!r}: expected weights/head[/embeddings[/vision]], each one of {', '.join(modes)}")
+    if len(parts) not in (2, 3, 4) or any(p not in HEAD_MODES for p in parts):
+        raise ValueError(f"{text!r}: expected weights/head[/embeddings[/vision]], each one of {', '.join(HEAD_MODES)}")
     return tuple(parts + ["float"] * (4 - len(parts)))
 
 
@@ -238,20 +236,11 @@ def bench_ours(name: str, shape: dict, setting: str, args, device: str, bandwidt
     model = bench_gpu.random_model(folder, device, dtype)
     if weights != "float":
         quantize_decoder(model.decoder, weights)
-    if head != "float":
-        quantize_head(model.decoder, head)
-    if embeddings != "float":
-        quantize_embeddings(model.decoder, embeddings)
-    if vision != "float":
-        quantize_vision(model, vision)
+    pack_parts(model, head, embeddings, vision)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     tokenizer = bench_gpu.word_tokenizer(model.cfg.text.vocab_size)
     weight_bytes = bench_gpu.decoder_bytes_per_token(model)
-    if (isinstance(model.decoder.lm_head, QuantizedLinear) and model.cfg.text.tie_word_embeddings
-            and isinstance(model.decoder.embed_tokens, torch.nn.Embedding)):
-        embed = model.decoder.embed_tokens.weight  # a tied float table is read per token only as the head
-        weight_bytes -= embed.numel() * embed.element_size()
     cache = bench_gpu.cache_bytes(model, args.depth)
     run_args = SimpleNamespace(capacity=args.depth, max_chunk=min(1024, args.depth // 4), stream_tokens=[args.depth],
                                decode_tokens=args.tokens, ingest_frames=args.ingest_frames)

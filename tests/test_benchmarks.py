@@ -118,6 +118,12 @@ def test_decoder_weight_bytes_count_a_tied_table_once(tmp_path: Path) -> None:
     expected = 4 * (text["num_hidden_layers"] * per_layer + text["vocab_size"] * text["hidden_size"]
                     + text["hidden_size"])
     assert bench_gpu.decoder_bytes_per_token(model) == expected
+    # the head packed apart from its tied float table: the table is then read only by row
+    from ros_infmllm.model.checkpoint import pack_parts
+
+    pack_parts(model, lm_head="int8")
+    table = 4 * text["vocab_size"] * text["hidden_size"]
+    assert bench_gpu.decoder_bytes_per_token(model) == expected - table + model.decoder.lm_head.packed_bytes()
 
 
 def _smoke_run(name: str, out: Path, *options: str) -> dict:

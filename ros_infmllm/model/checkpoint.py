@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import safe_open
 
 from ..errors import CheckpointError
@@ -183,6 +184,18 @@ def locate(path: str | Path, mmproj: str | Path | None = None) -> CheckpointFile
     return CheckpointFiles(folder=path, gguf=texts[0], mmproj=extra or (projections[0] if projections else None))
 
 
+def pack_parts(model: nn.Module, lm_head: str = "float", embeddings: str = "float", vision: str = "float") -> None:
+    """Pack the LM head, the token table and the tower's and projector's linear layers, each whose
+    mode is not ``float`` (rounded from their floats). The table goes after the head: a table tied
+    to a head packed alike reads the head's codes (``quantize_embeddings``)."""
+    if lm_head != "float":
+        quantize_head(model.decoder, lm_head)
+    if embeddings != "float":
+        quantize_embeddings(model.decoder, embeddings)
+    if vision != "float":
+        quantize_vision(model, vision)
+
+
 def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, mmproj: str | Path | None = None,
                weights: str = "float", lm_head_weights: str = "float", embedding_weights: str = "float",
@@ -200,14 +213,11 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
     (``quantized_embedding.py``; a tied table reads the head's codes, and needs the head packed).
     ``vision_weights``: the tower's and projector's linear layers in ``dtype`` or packed
     (``quantized_vision.py``)."""
-    if weights not in WEIGHT_MODES:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
-    if lm_head_weights not in HEAD_MODES:
-        raise ValueError(f"lm_head_weights must be one of {', '.join(HEAD_MODES)}, not {lm_head_weights!r}")
-    if embedding_weights not in EMBEDDING_MODES:
-        raise ValueError(f"embedding_weights must be one of {', '.join(EMBEDDING_MODES)}, not {embedding_weights!r}")
-    if vision_weights not in VISION_MODES:
-        raise ValueError(f"vision_weights must be one of {', '.join(VISION_MODES)}, not {vision_weights!r}")
+    for name, value, modes in (("weights", weights, WEIGHT_MODES), ("lm_head_weights", lm_head_weights, HEAD_MODES),
+                               ("embedding_weights", embedding_weights, EMBEDDING_MODES),
+                               ("vision_weights", vision_weights, VISION_MODES)):
+        if value not in modes:
+            raise ValueError(f"{name} must be one of {', '.join(modes)}, not {value!r}")
     files = path if isinstance(path, CheckpointFiles) else locate(path, mmproj)
     if files.gguf is not None:
         from .gguf_loader import load_gguf_model
@@ -223,12 +233,7 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
             attach_packed_base(model, files.folder, dtype)
     if weights in ("int8", "int4"):
         quantize_decoder(model.decoder, weights)  # layers already packed from GGUF blocks stay
-    if lm_head_weights != "float":
-        quantize_head(model.decoder, lm_head_weights)
-    if embedding_weights != "float":  # after the head: a tied table may share its codes
-        quantize_embeddings(model.decoder, embedding_weights)
-    if vision_weights != "float":
-        quantize_vision(model, vision_weights)
+    pack_parts(model, lm_head_weights, embedding_weights, vision_weights)
     model = model.to(device).eval()
     model.decoder.rotary.to(device)
     model.requires_grad_(False)

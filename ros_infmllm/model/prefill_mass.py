@@ -62,11 +62,11 @@ def prefill_mass(grouped_q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
     q, keys, mask = grouped_q.contiguous(), keys.contiguous(), mask.contiguous().view(torch.uint8)
     ieee = q.dtype == torch.float32
     scale = dim ** -0.5
-    if lse is None:
+    if lse is None:  # +inf for a row that sees no key
         lse = _row_lse(q, keys, mask, chunk, scale, dict(BLOCK_M=tuning.block_m, BLOCK_N=tuning.block_n, DIM=dim,
                                                          IEEE=ieee))
-    # +inf where a row sees no key (or the attention reported none): its terms exp(s - inf) are 0
-    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf"))).float().contiguous()
+    else:  # +inf where a row sees no key (the attention may report -inf or nan): its terms exp(s - inf) are 0
+        lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf"))).float().contiguous()
     key_blocks = cdiv(width, tuning.mass_block_n)
     most = tuning.mass_programs // (kv_heads * key_blocks)
     splits, rows_per_split = whole_tile_splits(rows_total, tuning.block_m, most, tuning.block_m)

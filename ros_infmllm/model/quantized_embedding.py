@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantized import QuantizedLinear, WeightMode
+from .quantized import HEAD_MODES, QuantizedLinear, WeightMode
 
-EMBEDDING_MODES = ("float", "int8", "int4")  # the token table: in the model's dtype, or packed
+EMBEDDING_MODES = HEAD_MODES  # the token table, as the head: in the model's dtype, or packed
 
 
 class QuantizedEmbedding(nn.Module):

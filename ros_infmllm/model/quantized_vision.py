@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .quantized import DEFAULT_GROUPS, QuantizedLinear, WeightMode
+from .quantized import DEFAULT_GROUPS, HEAD_MODES, QuantizedLinear, WeightMode
 
-VISION_MODES = ("float", "int8", "int4")
+VISION_MODES = HEAD_MODES  # the tower's and projector's layers, as the head: in the model's dtype, or packed
 
 
 def quantize_vision(model: nn.Module, mode: WeightMode) -> int:

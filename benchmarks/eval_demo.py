@@ -30,6 +30,7 @@ import torch
 from intervals import wilson
 from session_variants import session_variant
 from streaming_workers import parse_policy
+import weight_settings
 from plotting import pyplot
 from results_files import save_report
 from ros_infmllm.backends import TorchBackend
@@ -86,7 +87,7 @@ class Evaluator:
         use, then kept) and its eager backend."""
         key = (weights, vision_weights)
         if key not in self._by_weights:
-            model = load_model(self.files, device=self.device, weights=weights, vision_weights=vision_weights)
+            model, _ = weight_settings.load(self.files, weights, self.device, vision_weights=vision_weights)
             self._by_weights[key] = model, eager_backend(model)
         return self._by_weights[key]
 

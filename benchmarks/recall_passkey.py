@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import streaming_workers
+from weight_settings import SESSION_SETTINGS
 from intervals import wilson
 from ros_infmllm.model import locate
 from ros_infmllm.model.smollm2 import smollm2_path
@@ -59,17 +60,18 @@ def run_cell(policy: str, capacity: int, chunk: int, length: int, episodes: int)
     """Episodes of one (policy, stream length) cell, in a worker process."""
     session = streaming_workers.session(policy, capacity, chunk)
     tokenizer = streaming_workers.WORKER["tokenizer"]
-    correct, tick = 0, time.monotonic()
+    hits, tick = [], time.monotonic()
     answers = []
     for i in range(episodes):
         stream, question, key = episode(TEST_SEED + i, length, tokenizer)
         session.reset()
         session.feed(torch.tensor(stream))
         generated = tokenizer.decode(list(session.tokens(torch.tensor(question), 8)))
-        correct += key in generated
+        hits.append(key in generated)
         answers.append(generated)
-        assert policy == "full" or session.cache.length <= capacity
-    return {"policy": policy, "length": length, "episodes": episodes, "correct": correct,
+        assert policy.partition("+")[0] == "full" or session.cache.length <= capacity
+    correct = sum(hits)
+    return {"policy": policy, "length": length, "episodes": episodes, "correct": correct, "hits": hits,
             "accuracy": correct / episodes, "ci95": wilson(correct, episodes), "seconds": round(time.monotonic() - tick, 1),
             "sample_answers": answers[:3]}
 
@@ -84,7 +86,8 @@ def write_report(report: dict, out: Path, tag: str, quiet: bool = False) -> None
              f"From `benchmarks/recall_passkey.py` ({report['device']}, cache budget {report['capacity']} tokens, "
              f"chunk {report['chunk']}, {report['seconds']:.0f} s). Correct / episodes and the 95% Wilson interval per "
              "stream length (in tokens, and as a multiple of the budget); `full` keeps everything (only where the "
-             "stream fits the model's context).", "",
+             "stream fits the model's context); `+int8-x8` / `+int4-x8`: the decoder's projections packed, every "
+             "packed product's input rounded to int8 as the GPU's decode rounds it (weight_settings.py).", "",
              "| policy | " + " | ".join(f"{n} ({n / report['capacity']:.0f}x)" for n in lengths) + " |",
              "|---|" + "---|" * len(lengths)]
     for policy in policies:
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="stream lengths as multiples of the budget")
     parser.add_argument("--episodes", type=int, default=20, help="episodes per (policy, length)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+    parser.add_argument("--weights", nargs="+", default=["float"], choices=("float",) + SESSION_SETTINGS,
+                        help="the decoder's projections: every policy (and full) runs once per setting "
+                             "(weight_settings.py; int4-x8 / int8-x8: inputs rounded as the GPU's decode does)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -117,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     chunk = args.capacity // 4
     lengths = [int(args.capacity * m) for m in args.lengths]
     context = streaming_workers.model_context(model_path)
-    jobs = [(policy, args.capacity, chunk, n, args.episodes) for n in lengths for policy in args.policies]
-    jobs += [("full", n + 64, chunk, n, args.episodes) for n in lengths if n + 64 <= context]
+    weighted = lambda spec, weights: spec if weights == "float" else f"{spec}+{weights}"  # noqa: E731
+    specs = [weighted(p, w) for w in args.weights for p in args.policies]
+    fulls = [weighted("full", w) for w in args.weights]
+    jobs = [(policy, args.capacity, chunk, n, args.episodes) for n in lengths for policy in specs]
+    jobs += [(full, n + 64, chunk, n, args.episodes) for n in lengths if n + 64 <= context for full in fulls]
     jobs.sort(key=lambda job: -job[3])  # the longest first, so parallel workers finish together
-    order = args.policies + ["full"]
+    order = specs + fulls
 
     def summary(cells: list[dict]) -> dict:
         cells = sorted(cells, key=lambda c: (order.index(c["policy"]), c["length"]))

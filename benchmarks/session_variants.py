@@ -3,6 +3,8 @@
 with the staged visual-token drop on."""
 from __future__ import annotations
 
+from weight_settings import SESSION_SETTINGS
+
 
 def session_variant(spec: str) -> tuple[str, dict]:
     """A policy spec's session suffixes: ``+merge`` (evicted visual entries merged, LOOK-M's
@@ -11,7 +13,9 @@ def session_variant(spec: str) -> tuple[str, dict]:
     keeping half at each, PyramidDrop's default: ``visual_tokens.drop_layers: auto``; ``+drop15-22``
     at layers 15 and 22, ``+keep0.25`` a quarter kept at each) and
     ``+int8`` / ``+int4`` / ``+auto`` (the decoder's projections packed, the node's ``weights``;
-    ``auto`` on the demo VLM: SmolLM2's own Q4_1 blocks plus float LoRA factors), ``+vision8`` /
+    ``auto`` on the demo VLM: SmolLM2's own Q4_1 blocks plus float LoRA factors; ``+int8-x8`` /
+    ``+int4-x8`` with each packed product's input rounded to int8 as the GPU's decode rounds it,
+    weight_settings.py), ``+vision8`` /
     ``+vision4`` (the tower and projector packed int8 / int4, the node's ``vision_weights``), e.g.
     ``h2o+pool2+merge``. Streams keep the frames of the unpooled model, so a pooled run answers
     the same questions over the same stream in fewer slots."""
@@ -28,11 +32,11 @@ def session_variant(spec: str) -> tuple[str, dict]:
             config["drop_layers"] = tuple(int(part) for part in suffix[4:].split("-"))
         elif suffix.startswith("keep"):
             config["drop_keep"] = float(suffix[4:])
-        elif suffix in ("int8", "int4", "auto"):
+        elif suffix in SESSION_SETTINGS:
             config["weights"] = suffix
         elif suffix in ("vision8", "vision4"):
             config["vision_weights"] = f"int{suffix[6:]}"
         else:
             raise ValueError(f"unknown session suffix +{suffix} in {spec!r} "
-                             f"(+merge, +poolN, +pyramid, +dropA-B, +keepX, +int8, +int4, +auto, +vision8, +vision4)")
+                             f"(+merge, +poolN, +pyramid, +dropA-B, +keepX, +{', +'.join(SESSION_SETTINGS)}, +vision8, +vision4)")
     return parts[0], config

@@ -13,7 +13,10 @@ log-likelihood is taken from the logits that predict it. Configurations:
 - ``sliding-window``: the quality reference, recomputing each chunk from scratch over the
   ``capacity - chunk`` tokens before it (positions from 0), so every token sees exactly the most
   recent context a cache of that capacity can hold, with no approximation;
-- ``full``, where the whole stream fits in the model's context.
+- ``full``, where the whole stream fits in the model's context;
+- with ``--weights``, each policy (and ``full``) again with the decoder's projections packed
+  (``h2o-kinds+int4-x8``: weight_settings.py), each compared with its float-weight run, token by
+  token (the sliding-window reference stays float).
 
 Reported: perplexity per segment of the stream (plotted), overall perplexity with a 95%
 confidence interval over blocks of ``--block`` tokens, and each configuration's mean NLL
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 
 import streaming_workers
+from weight_settings import SESSION_SETTINGS
 from plotting import pyplot
 from ros_infmllm.model import locate
 from ros_infmllm.model.checkpoint_text import load_tokenizer
@@ -81,7 +85,7 @@ def stream_policy(ids: torch.Tensor, policy: str, capacity: int, chunk: int) -> 
         if len(piece) > 1:
             out[start:start + len(piece) - 1] = token_nll(logits[:-1], piece[1:])
         previous = logits[-1]
-        if policy != "full":
+        if policy.partition("+")[0] != "full":
             assert session.cache.length <= capacity
     return out
 
@@ -133,6 +137,7 @@ def paired(nll: np.ndarray, reference: np.ndarray, block: int) -> dict:
 
 def write_report(report: dict, out: Path, tag: str) -> None:
     stem = f"stream_perplexity{'_' + tag if tag else ''}"
+    packed = any(row.get("weights", "float") != "float" for row in report["runs"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     lines = [f"# Streaming perplexity: {report['model']} on {report['text']}", "",
@@ -140,15 +145,23 @@ def write_report(report: dict, out: Path, tag: str) -> None:
              f"has {report['text_tokens']} and starts again after them; "
              f"{report['seconds']:.0f} s). Perplexity with a 95% CI over blocks of {report['block']} tokens; "
              "Δ NLL: mean difference from the sliding-window reference at the same capacity, nats/token, paired "
-             "by block (95% CI); below 0 is better than the reference.", "",
-             "| capacity | chunk | configuration | perplexity | 95% CI | Δ NLL vs sliding window | 95% CI |",
-             "|---|---|---|---|---|---|---|"]
+             "by block (95% CI); below 0 is better than the reference."
+             + (" Δ NLL vs float weights: the same configuration's run with float projections, paired by "
+                "block; a `+int8-x8` / `+int4-x8` row rounds every packed product's input to int8, prefill "
+                "included, as the GPU's decode does (an upper bound)." if packed else ""), "",
+             "| capacity | chunk | configuration | perplexity | 95% CI | Δ NLL vs sliding window | 95% CI |"
+             + (" Δ NLL vs float weights | 95% CI |" if packed else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if packed else "")]
+
+    def delta_cells(delta: dict | None) -> str:
+        return (f"{delta['delta_nll']:+.4f} | {delta['delta_nll_ci95'][0]:+.4f} to {delta['delta_nll_ci95'][1]:+.4f} |"
+                if delta else "- | - |")
+
     for row in report["runs"]:
-        delta = row.get("vs_sliding_window")
         lines.append(f"| {row['capacity']} | {row['chunk']} | {row['configuration']} | {row['perplexity']:.3f} | "
                      f"{row['perplexity_ci95'][0]:.3f}-{row['perplexity_ci95'][1]:.3f} | "
-                     + (f"{delta['delta_nll']:+.4f} | {delta['delta_nll_ci95'][0]:+.4f} to {delta['delta_nll_ci95'][1]:+.4f} |"
-                        if delta else "- | - |"))
+                     + delta_cells(row.get("vs_sliding_window"))
+                     + (" " + delta_cells(row.get("vs_float_weights")) if packed else ""))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plt = pyplot()
@@ -191,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=64, help="largest prefill chunk (at most capacity / 4)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES),
                         help="policy names, or name[option=value,...] for a policy with config fields set")
+    parser.add_argument("--weights", nargs="+", default=["float"], choices=("float",) + SESSION_SETTINGS,
+                        help="the decoder's projections: every policy (and full) runs once per setting "
+                             "(weight_settings.py; int4-x8 / int8-x8: inputs rounded as the GPU's decode does)")
     parser.add_argument("--no-reference", action="store_true", help="skip the sliding-window reference")
     parser.add_argument("--block", type=int, default=512, help="tokens per block for confidence intervals")
     parser.add_argument("--segments", type=int, default=20)
@@ -207,11 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     # far beyond any bounded cache here, so no configuration can use it.
     repeats = -(-(args.offset + args.tokens) // len(text_ids))
     ids = torch.tensor((text_ids * repeats)[args.offset:args.offset + args.tokens])
+    weighted = lambda spec, weights: spec if weights == "float" else f"{spec}+{weights}"  # noqa: E731
+    specs = [weighted(p, w) for w in args.weights for p in args.policies]
     configurations = [(p, c, min(args.chunk, c // 4)) for c in args.capacities
-                      for p in ([] if args.no_reference else ["sliding-window"]) + args.policies]
+                      for p in ([] if args.no_reference else ["sliding-window"]) + specs]
     max_context = streaming_workers.model_context(model_path)
-    if args.tokens <= max_context:
-        configurations.append(("full", None, args.chunk))
+    fulls = [weighted("full", w) for w in args.weights] if args.tokens <= max_context else []
+    configurations += [(full, None, args.chunk) for full in fulls]
     # the longest first, so parallel workers finish together
     configurations.sort(key=lambda c: -(args.tokens / c[2]))
     results = streaming_workers.run_all(
@@ -220,16 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         report=lambda job, result: print(f"{job[0]} capacity={job[1]} chunk={job[2]}: {result[1]:.0f} s", flush=True))
     nll_by = {(name, capacity): nll for (name, capacity, _), (nll, _) in zip(configurations, results)}
     order = sorted(range(len(configurations)), key=lambda i: (configurations[i][1] or 1 << 40,
-                   (["sliding-window"] + args.policies + ["full"]).index(configurations[i][0])))
+                   (["sliding-window"] + specs + fulls).index(configurations[i][0])))
     runs = []
     for i in order:
         name, capacity, chunk = configurations[i]
         nll, seconds = results[i]
-        row = {"configuration": name, "capacity": capacity, "chunk": chunk, "seconds": round(seconds, 1),
-               **summarise(nll, args.block, args.segments)}
+        weights = streaming_workers.weight_suffix(name)
+        row = {"configuration": name, "capacity": capacity, "chunk": chunk, "weights": weights,
+               "seconds": round(seconds, 1), **summarise(nll, args.block, args.segments)}
         reference = nll_by.get(("sliding-window", capacity))
         if reference is not None and name != "sliding-window":
             row["vs_sliding_window"] = paired(nll, reference, args.block)
+        float_run = nll_by.get((name.removesuffix(f"+{weights}"), capacity))
+        if weights != "float" and float_run is not None:
+            row["vs_float_weights"] = paired(nll, float_run, args.block)
         runs.append(row)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report = {"model": Path(files.name).name, "text": f"the World English Bible ({TEXT_PACKAGE})",

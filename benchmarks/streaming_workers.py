@@ -9,9 +9,11 @@ from typing import Any, Callable
 
 import torch
 
+import weight_settings
+from session_variants import session_variant
 from ros_infmllm.backends import TorchBackend
 from ros_infmllm.cache import make_policy
-from ros_infmllm.model import load_model, locate
+from ros_infmllm.model import locate
 from ros_infmllm.model.checkpoint_text import load_tokenizer
 from ros_infmllm.session import SessionConfig, StreamingSession, template_for
 
@@ -21,14 +23,25 @@ WORKER: dict[str, Any] = {}
 def start_worker(model_path: str, device: str, compile_prefill: bool = False) -> None:
     """Load the model (bf16 on CUDA, fp32 on the CPU) and its tokenizer into this process."""
     files = locate(model_path)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_model(files, device=device, dtype=dtype)
-    WORKER.update(model=model, tokenizer=load_tokenizer(files),
-                  # no CUDA graphs: a worker makes a session per configuration, and graphs of
-                  # earlier sessions freed from the shared pool tripped an allocator assertion
-                  # (torch 2.11, CUDACachingAllocator use_count) in a 12-worker recall run
-                  backend=TorchBackend(model, cuda_graphs=False, compile_prefill=compile_prefill,
-                                       compile_decode=False, compile_vision=False))
+    WORKER.update(files=files, device=device, compile_prefill=compile_prefill, tokenizer=load_tokenizer(files),
+                  by_weights={})
+    WORKER["model"], WORKER["backend"] = model_and_backend("float")
+
+
+def model_and_backend(weights: str) -> tuple:
+    """This process's model with its projections as ``weights`` (a weight_settings.py name;
+    ``float``: the one loaded at start) and its backend, loaded on first use and then kept."""
+    if weights not in WORKER["by_weights"]:
+        device = WORKER["device"]
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model, _ = weight_settings.load(WORKER["files"], weights, device, dtype)
+        # no CUDA graphs: a worker makes a session per configuration, and graphs of
+        # earlier sessions freed from the shared pool tripped an allocator assertion
+        # (torch 2.11, CUDACachingAllocator use_count) in a 12-worker recall run
+        backend = TorchBackend(model, cuda_graphs=False, compile_prefill=WORKER["compile_prefill"],
+                               compile_decode=False, compile_vision=False)
+        WORKER["by_weights"][weights] = model, backend
+    return WORKER["by_weights"][weights]
 
 
 def parse_policy(spec: str) -> tuple[str, dict[str, float]]:
@@ -43,13 +56,22 @@ def parse_policy(spec: str) -> tuple[str, dict[str, float]]:
 
 def session(policy: str, capacity: int, chunk: int) -> StreamingSession:
     """A session with no system prompt, freeing one chunk per eviction (evictions validated on
-    the CPU, trusted and captured on CUDA). ``policy`` as ``parse_policy`` reads it."""
-    model = WORKER["model"]
+    the CPU, trusted and captured on CUDA). ``policy`` as ``parse_policy`` reads it, optionally
+    with a packed-weight suffix (``h2o-kinds+int4-x8``, session_variants.py)."""
+    spec, variant = session_variant(policy)
+    model, backend = model_and_backend(variant.pop("weights", "float"))
+    if variant:
+        raise ValueError(f"{policy}: a text stream takes only a weight suffix, not {sorted(variant)}")
     config = SessionConfig(capacity=capacity, max_chunk=chunk, slack_fraction=chunk / capacity, system_prompt="",
                            check_evictions=model.device.type != "cuda", max_new_tokens=16)
-    name, options = parse_policy(policy)
+    name, options = parse_policy(spec)
     return StreamingSession(model, WORKER["tokenizer"], make_policy(name, **options), config, template_for("qwen2"),
-                            backend=WORKER["backend"])
+                            backend=backend)
+
+
+def weight_suffix(spec: str) -> str:
+    """The packed-weight setting a policy spec names (``float`` when none)."""
+    return session_variant(spec)[1].get("weights", "float")
 
 
 def model_context(model_path: str) -> int:

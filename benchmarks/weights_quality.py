@@ -26,55 +26,13 @@ import torch
 
 from results_files import save_report
 from stream_perplexity import block_ci_half_width, load_text, paired, token_nll
-from ros_infmllm.model import load_model, locate
+from weight_settings import SETTINGS, load
+from ros_infmllm.model import locate
 from ros_infmllm.model.checkpoint_text import load_tokenizer
-from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
+from ros_infmllm.model.quantized import QuantizedLinear
 from ros_infmllm.model.smollm2 import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# float / int8 / int4 / auto: load_model(weights=...) (on a GGUF, int4 and auto keep its Q4 blocks);
-# int4-rtn-gN: the float model rounded to int4 with groups of N at load (what a float checkpoint gets);
-# W+head-H: weights W and the LM head packed as H (load_model(lm_head_weights=H));
-# W+head-H+emb-E: and the token table packed as E (load_model(embedding_weights=E); tied to a head packed alike,
-# it reads the head's codes)
-# int4-x8 / int8-x8: int4 / int8 with each packed product's input rounded to int8 per group (the dp4a paths)
-SETTINGS = ("float", "int8", "int4", "auto", "int4-rtn-g32", "int4-rtn-g64", "int4+head-int8", "int4+head-int4",
-            "int4-x8", "int8-x8", "int4+head-int8+emb-int8", "int4+head-int4+emb-int4")
-
-
-def load(files, setting: str, device: str) -> tuple[torch.nn.Module, float]:
-    started = time.monotonic()
-    if setting.startswith("int4-rtn-g"):
-        model = load_model(files, device="cpu")
-        quantize_decoder(model.decoder, "int4", int(setting.rsplit("g", 1)[1]))
-        model = model.to(device)
-    elif setting.endswith("-x8"):  # the dp4a paths' arithmetic: each packed product's input rounded to int8
-        weights = setting.removesuffix("-x8")
-        model = load_model(files, device=device, weights=weights)
-        round_packed_inputs(model, 4 if weights == "int4" else 8)
-    elif "+head-" in setting:
-        weights, rest = setting.split("+head-")
-        head, _, embeddings = rest.partition("+emb-")
-        model = load_model(files, device=device, weights=weights, lm_head_weights=head,
-                           embedding_weights=embeddings or "float")
-    else:
-        model = load_model(files, device=device, weights=setting)
-    return model, time.monotonic() - started
-
-
-def round_packed_inputs(model: torch.nn.Module, bits: int = 4) -> int:
-    """Every packed projection of ``bits``-bit weights gets its input rounded to int8 per weight
-    group first, as ``model/matvec_dp4a.py`` computes a decode token (here every token of the
-    window: an upper bound on what decode-only rounding costs). Returns how many projections got the hook."""
-    from ros_infmllm.model.matvec_dp4a import rounded_activations
-
-    def hook(module: QuantizedLinear, args: tuple) -> tuple:
-        return (rounded_activations(args[0], module.group).to(args[0].dtype), *args[1:])
-
-    layers = [m for m in model.decoder.layers.modules() if isinstance(m, QuantizedLinear) and m.bits == bits]
-    for layer in layers:
-        layer.register_forward_pre_hook(hook)
-    return len(layers)
 
 
 def projection_bytes(model: torch.nn.Module) -> int:

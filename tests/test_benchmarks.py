@@ -153,6 +153,22 @@ def test_probe_decode_combine_smoke_run_writes_a_line_per_variant(tmp_path: Path
     assert sum("dim 64 parts pc mass 1" in line for line in lines) == 9
 
 
+def test_bench_packed_prefill_smoke_run_times_every_variant(tmp_path: Path) -> None:
+    """The prefill-product benchmark in Triton's interpreter (its own process): int4 and int8 rows
+    with every variant but tinygemm (CUDA only), each product within float rounding of float64."""
+    script = Path(bench_gpu.__file__).with_name("bench_packed_prefill.py")
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--tokens", "8", "--layers", "2", "--replays", "1",
+                           "--out", str(tmp_path), "--name", "prefill"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "prefill.json").read_text())
+    assert [(r["bits"], r["tokens"]) for r in report["rows"]] == [(4, 8), (8, 8)]
+    for row in report["rows"]:
+        assert set(row["variants"]) == {"float", "torch", "triton", "shipped", "whole"}  # tinygemm: CUDA only
+        assert all(v["relative_error"] < 1e-5 and v["us"] > 0 for v in row["variants"].values())
+    assert "| int4 | tiny (96x256) | 8 |" in (tmp_path / "prefill.md").read_text()
+
+
 def test_bench_llamacpp_random_gguf_has_the_shape_llama_cpp_reads(tmp_path: Path) -> None:
     """The random GGUFs llama-bench times: every block tensor of the shape in the file's type (norms
     and biases f32), no tokenizer, a tied LM head left out. (llama.cpp itself is built on the GPU
@@ -314,15 +330,38 @@ def test_stream_perplexity_smoke_run_scores_every_token(tmp_path: Path) -> None:
     assert "vs_sliding_window" in runs["h2o"] and "vs_sliding_window" not in runs["full"]
 
 
+def test_stream_perplexity_with_packed_weights_pairs_each_run_with_its_float_one(tmp_path: Path) -> None:
+    """--weights: each policy (and full) again per weight setting, compared token by token with
+    its float run. SmolLM2 ships as Q4_1, so int4 (its own blocks) predicts as float does; with the
+    GPU decode's int8 rounding of every packed input (int4-x8) it does not."""
+    import stream_perplexity
+
+    assert stream_perplexity.main(["--tokens", "300", "--capacities", "64", "--chunk", "16", "--block", "64",
+                                   "--segments", "3", "--policies", "streamingllm", "--weights", "float", "int4",
+                                   "int4-x8", "--no-reference", "--out", str(tmp_path), "--tag", "weights"]) == 0
+    report = json.loads((tmp_path / "stream_perplexity_weights.json").read_text())
+    runs = {row["configuration"]: row for row in report["runs"]}
+    assert set(runs) == {"streamingllm", "streamingllm+int4", "streamingllm+int4-x8", "full", "full+int4",
+                         "full+int4-x8"}
+    assert runs["streamingllm+int4-x8"]["weights"] == "int4-x8" and "vs_float_weights" not in runs["full"]
+    for name in ("streamingllm", "full"):
+        assert runs[f"{name}+int4"]["vs_float_weights"]["delta_nll"] == pytest.approx(0, abs=1e-5)
+        rounded = runs[f"{name}+int4-x8"]["vs_float_weights"]
+        assert rounded["delta_nll"] != 0 and rounded["delta_nll_ci95"][0] <= rounded["delta_nll"] <= rounded["delta_nll_ci95"][1]
+    assert "Δ NLL vs float weights" in (tmp_path / "stream_perplexity_weights.md").read_text()
+
+
 def test_recall_passkey_smoke_run_counts_every_cell(tmp_path: Path) -> None:
     """SmolLM2, one stream per cell at a 64-token budget: full recalls the key, counts add up."""
     import recall_passkey
 
     assert recall_passkey.main(["--capacity", "64", "--lengths", "4", "--episodes", "1", "--policies",
-                                "streamingllm", "--out", str(tmp_path), "--tag", "smoke"]) == 0
+                                "streamingllm", "--weights", "float", "int8-x8", "--out", str(tmp_path),
+                                "--tag", "smoke"]) == 0
     report = json.loads((tmp_path / "recall_passkey_smoke.json").read_text())
     assert report["complete"] and [(c["policy"], c["length"]) for c in report["cells"]] == [
-        ("streamingllm", 256), ("full", 256)]
+        ("streamingllm", 256), ("streamingllm+int8-x8", 256), ("full", 256), ("full+int8-x8", 256)]
+    assert all(len(c["hits"]) == 1 and c["correct"] == sum(c["hits"]) for c in report["cells"])
     cells = {c["policy"]: c for c in report["cells"]}
     assert cells["full"]["correct"] == 1  # the model does the task when nothing is evicted
     assert all(0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1 for c in report["cells"])
@@ -422,12 +461,16 @@ def test_jetson_plan_scales_with_bandwidth_and_marks_what_does_not_fit(tmp_path:
     assert not rows[("llama2-7b", "float", "Orin Nano 8GB")]["fits"] and rows[("llama2-7b", "int4", "AGX Orin 64GB")]["fits"]
     goal = {(r["model"], r["weights"], r["board"]): r for r in report["bf16_efficiency"]}
     assert goal[("llama2-7b", "int4", "Orin NX 16GB")]["tokens_per_s"] > goal[("llama2-7b", "float", "Orin NX 16GB")]["tokens_per_s"]
-    # int4-compact (head, table and tower int8, from the memory run): int4's speed in less memory,
-    # 7B only (measured there)
+    # int4-compact (head, table and tower int8, rows of the same run): int4's speed in less memory
     compact, int4 = rows[("llama2-7b", "int4-compact", "Orin NX 16GB")], rows[("llama2-7b", "int4", "Orin NX 16GB")]
     assert compact["roofline_fraction"] == int4["roofline_fraction"]
     assert compact["memory_gib"] < int4["memory_gib"] - 0.3
-    assert ("qwen2-1.5b", "int4-compact", "Orin NX 16GB") not in rows and report["compact_source"]
+    assert ("qwen2-0.5b", "int4-compact", "Orin NX 16GB") in rows and report["compact_source"]
+    # a measured shape's int4 memory is its own int4 row's peak (int8 head; not the compact row's)
+    measured = json.loads((Path(jetson_plan.__file__).parent / "results" / report["source"]).read_text())
+    (peak,) = [r["peak_memory_bytes"] for r in measured["ours"] if (r["model"], r["weights"], r["lm_head"]) ==
+               ("llama2-7b", "int4", "int8") and r.get("vision_weights", "float") == "float"]
+    assert int4["memory_gib"] == pytest.approx(peak / (1 << 30), abs=1e-6)
     assert jetson_plan.main(["--out", str(tmp_path / "none"), "--compact", str(tmp_path / "missing.json")]) == 0
     assert "int4-compact" not in (tmp_path / "none" / "jetson_plan.md").read_text()
 
@@ -472,6 +515,11 @@ def test_eval_demo_session_suffixes_set_merging_pooling_and_packed_weights(tiny_
     assert evaluator.model_and_backend("float")[0] is evaluator.model
     assert evaluator.model_and_backend("int8")[0] is packed  # loaded once
     assert type(packed.decoder.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+    # +int8-x8: the same packing, each packed product's input rounded as the GPU's decode rounds it
+    assert session_variants.session_variant("h2o+int8-x8") == ("h2o", {"weights": "int8-x8"})
+    rounded, _ = evaluator.model_and_backend("int8-x8")
+    assert rounded is not packed and rounded.decoder.layers[0].mlp.down_proj._forward_pre_hooks
+    assert not packed.decoder.layers[0].mlp.down_proj._forward_pre_hooks
     assert session_variants.session_variant("h2o+vision8") == ("h2o", {"vision_weights": "int8"})
     tower, _ = evaluator.model_and_backend("float", "int8")
     assert tower is not evaluator.model and type(tower.decoder.layers[0].mlp.down_proj).__name__ == "Linear"

@@ -22,6 +22,7 @@ one-token decode steps read the packed bytes in the Triton matrix-vector kernel
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 import numpy as np
@@ -37,6 +38,10 @@ DEFAULT_GROUPS = {"int8": 32, "int4": 32}  # as GGUF Q8_0 / Q4_x; 0 would be one
 # a prefill chunk's float copy of a projection is transient, but it sets the peak memory of a packed
 # model (a 7B gate projection whole took about 0.6 GB of float32 temporaries)
 FORWARD_ELEMENTS = 1 << 24
+# on a GPU the pieces are written in the model's dtype by one kernel, with no float32 temporary, so
+# twice the weights fit the same 64 MiB (bf16); a wide-input matrix cut into pieces of few rows
+# leaves cuBLAS too few tiles (LLaMA-2-7B's down projection: benchmarks/results/bench_packed_prefill_h200.md)
+GPU_FORWARD_ELEMENTS = 1 << 25
 QUANTIZED_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -96,14 +101,26 @@ class QuantizedLinear(nn.Module):
         return w.view(count, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference product, dequantized ``FORWARD_ELEMENTS`` weights (whole output rows) at a
-        time, so a prefill's float copy of a large matrix stays small."""
+        """The prefill product: a float copy of a piece of whole rows at a time, then the dtype's
+        matrix product, so a large matrix's copy stays small. On a GPU one Triton pass makes each
+        piece (``dequant_kernels.py``: 4-6x faster than the torch operations of ``dequantized``,
+        benchmarks/results/bench_packed_prefill_h200.md), ``GPU_FORWARD_ELEMENTS`` weights at a
+        time; elsewhere ``dequantized`` does, ``FORWARD_ELEMENTS`` at a time."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        step = max(1, FORWARD_ELEMENTS // self.in_features)
+        if x.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            from .dequant_kernels import dequantize_rows
+
+            offsets = self.offsets
+            step = max(1, GPU_FORWARD_ELEMENTS // self.in_features)
+            piece = lambda rows: dequantize_rows(  # noqa: E731
+                self.qweight[rows], self.scales[rows], None if offsets is None else offsets[rows], self.bits,
+                self.in_features, x.dtype)
+        else:
+            step = max(1, FORWARD_ELEMENTS // self.in_features)
+            piece = lambda rows: self.dequantized(x.dtype, rows)  # noqa: E731
         if self.out_features <= step:
-            return F.linear(x, self.dequantized(x.dtype), bias)
-        parts = [F.linear(x, self.dequantized(x.dtype, slice(start, start + step)))
-                 for start in range(0, self.out_features, step)]
+            return F.linear(x, piece(slice(None)), bias)
+        parts = [F.linear(x, piece(slice(start, start + step))) for start in range(0, self.out_features, step)]
         out = torch.cat(parts, dim=-1)
         return out if bias is None else out + bias
 

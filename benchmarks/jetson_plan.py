@@ -79,6 +79,8 @@ def measured_efficiency(report: dict, capacity: int) -> dict[tuple[str, str], di
     for row in report["ours"]:
         if row["lm_head"] != HEAD_FOR[row["weights"]] or row["model"] not in SHAPES:
             continue
+        if (row.get("embeddings", "float"), row.get("vision_weights", "float")) != ("float", "float"):
+            continue  # an int4-compact row (compact_figures): its table and tower are not this row's
         sizes = shape_bytes(SHAPES[row["model"]], row["weights"], report["depth"])
         held = held_bytes(sizes, TOWER_BYTES)
         out[(row["model"], row["weights"])] = {"fraction": row["roofline_fraction"],
@@ -199,10 +201,10 @@ def write_markdown(report: dict, measured: list[dict], goal: list[dict], source:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_h200.json")
+    parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_attention_h200.json")
     parser.add_argument("--decode", type=Path, nargs="*", default=[],
                         help="bench_gpu.py results files whose (shape, weight type) decode figures replace --measured's")
-    parser.add_argument("--compact", type=Path, default=RESULTS / "bench_llamacpp_memory2_h200.json",
+    parser.add_argument("--compact", type=Path, default=RESULTS / "bench_llamacpp_attention_h200.json",
                         help="a bench_llamacpp.py file with int4/int8/int8/int8 rows: the int4-compact setting's "
                              "tower and workspace (none: no such rows)")
     parser.add_argument("--capacity", type=int, default=4096)

@@ -39,6 +39,7 @@ from ros_infmllm.cache import make_policy
 from ros_infmllm.model.checkpoint import model_class, pack_parts
 from ros_infmllm.model.config import load_config
 from ros_infmllm.model.llava import LlavaModel
+from ros_infmllm.model.materialize import materialize
 from ros_infmllm.model.quantized import HEAD_MODES, QuantizedLinear, quantize_decoder
 from ros_infmllm.model.quantized_embedding import QuantizedEmbedding
 from ros_infmllm.session import SessionConfig, StreamingSession, template_for
@@ -138,7 +139,7 @@ def random_model(folder: Path, device: str, dtype: torch.dtype, seed: int = 0) -
     cfg = load_config(folder)
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    model = materialize(model, dtype, device)  # in dtype at once, no float32 copy first
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -169,6 +169,19 @@ def test_bench_packed_prefill_smoke_run_times_every_variant(tmp_path: Path) -> N
     assert "| int4 | tiny (96x256) | 8 |" in (tmp_path / "prefill.md").read_text()
 
 
+def test_load_memory_reports_the_peak_of_a_load_beside_what_the_model_holds(tmp_path: Path) -> None:
+    """SmolLM2 loaded in a fresh process per cell: the peak grows by at least what the model holds,
+    packed (auto) holds less than float."""
+    import load_memory
+
+    assert load_memory.main(["--weights", "float", "auto", "--dtypes", "bfloat16", "--out", str(tmp_path),
+                             "--name", "load"]) == 0
+    rows = {r["weights"]: r for r in json.loads((tmp_path / "load.json").read_text())["rows"]}
+    assert rows["auto"]["model_bytes"] < rows["float"]["model_bytes"]
+    assert all(r["peak_growth_bytes"] >= r["model_bytes"] > 0 for r in rows.values())
+    assert "| auto | bfloat16 |" in (tmp_path / "load.md").read_text()
+
+
 def test_bench_llamacpp_random_gguf_has_the_shape_llama_cpp_reads(tmp_path: Path) -> None:
     """The random GGUFs llama-bench times: every block tensor of the shape in the file's type (norms
     and biases f32), no tokenizer, a tied LM head left out. (llama.cpp itself is built on the GPU

@@ -193,3 +193,19 @@ def test_model_paths_are_checked(tmp_path: Path) -> None:
     (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")
     with pytest.raises(CheckpointError, match=r"bad\.gguf: not a readable GGUF file"):
         load_model(tmp_path / "bad.gguf")
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "F16"])
+def test_copy_into_dequantizes_whole_rows_a_piece_at_a_time_as_tensor_does(kind: str, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    from ros_infmllm.model import gguf_file
+
+    source = build_tiny_causal_lm(tmp_path / "hf", "llama", seed=6)
+    file = gguf_file.open_gguf(write_text_gguf(tmp_path / f"{kind}.gguf", source.config, source.state_dict(), kind))
+    name = "token_embd.weight"
+    rows, columns = file.tensor_shape(name)
+    monkeypatch.setattr(gguf_file, "PIECE_ELEMENTS", 3 * columns)  # pieces of 3 rows, the last one short
+    assert rows % 3
+    target = torch.full((rows, columns), float("nan"), dtype=torch.bfloat16)
+    file.copy_into(name, target)
+    assert torch.equal(target, file.tensor(name).to(torch.bfloat16))

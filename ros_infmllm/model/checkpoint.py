@@ -23,6 +23,7 @@ from .causal_lm import CausalLM
 from .config import Idefics3Config, LlavaConfig, Qwen2VLConfig, load_config
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
+from .materialize import materialize
 from .qwen2_vl import Qwen2VLModel
 from .quantized import HEAD_MODES, WEIGHT_MODES, quantize_decoder, quantize_head
 from .quantized_embedding import EMBEDDING_MODES, quantize_embeddings
@@ -227,7 +228,7 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
         cfg = load_config(files.folder)
         with torch.device("meta"):
             model = model_class(cfg)(cfg)
-        model = model.to_empty(device="cpu").to(dtype)
+        model = materialize(model, dtype)  # storage in dtype at once, not float32 first
         load_state(model, files.folder, dtype)
         if weights == "auto" and has_packed_base(files.folder):  # a packed base plus float LoRA factors
             attach_packed_base(model, files.folder, dtype)

@@ -94,6 +94,24 @@ class GGUFFile:
         values = np.asarray(values, dtype=np.float32).reshape(shape)
         return torch.from_numpy(values if values.flags.writeable else values.copy()).to(dtype)
 
+    def copy_into(self, name: str, target: torch.Tensor) -> None:
+        """``target.copy_(self.tensor(name))`` for a matrix of ``target``'s shape, dequantized
+        ``PIECE_ELEMENTS`` values (whole rows) at a time: a large table (Qwen2's 151,936 x 1,536)
+        never exists whole in float32 beside its copy in the model's dtype."""
+        from gguf import quants
+
+        info = self._tensor(name)
+        shape = self.tensor_shape(name)
+        data = info.data
+        if info.tensor_type.name not in SUPPORTED_TYPES or data.ndim != 2 or data.shape[0] != shape[0] \
+                or tuple(target.shape) != tuple(shape):
+            target.copy_(self.tensor(name))  # the whole path, with its errors
+            return
+        rows = max(1, PIECE_ELEMENTS // shape[1])
+        for start in range(0, shape[0], rows):
+            values = np.asarray(quants.dequantize(data[start:start + rows], info.tensor_type), dtype=np.float32)
+            target[start:start + rows].copy_(torch.from_numpy(values.reshape(-1, shape[1])))
+
     def tensor_type(self, name: str) -> str:
         """The tensor's GGUF type name (F16, Q4_0, ...)."""
         return self._tensor(name).tensor_type.name
@@ -112,6 +130,9 @@ class GGUFFile:
         if info is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
         return info
+
+
+PIECE_ELEMENTS = 1 << 22  # values dequantized at once by copy_into (16 MiB of float32)
 
 
 def open_gguf(path: str | Path) -> GGUFFile:

@@ -17,6 +17,7 @@ from .gguf_file import SUPPORTED_TYPES, GGUFFile, open_gguf
 from .gguf_mmproj import llava_config, vision_tensor_names
 from .gguf_text import needs_unpermute, text_config, text_tensor_names, unpermute_qk
 from .llava import LlavaModel
+from .materialize import materialize
 from .quantized import GGUF_DIRECT_MODES, QUANTIZED_PROJECTIONS, QuantizedLinear
 
 IMAGE_TOKEN_TEXT = "<image>"
@@ -82,35 +83,47 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
                                   f"(supported: {', '.join(SUPPORTED_TYPES)})")
     with torch.device("meta"):
         model = builder(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
+    if cfg.text.tie_word_embeddings:  # one table, allocated once
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    # Projections kept in their blocks replace the float layers before any storage is given, so
+    # loading a packed model never holds its float copy (materialize.py).
+    packed: set[str] = set()
+    for ours, theirs in sources[0][1].items():
+        module = ours.removesuffix(".weight")
+        kind = text.tensor_type(theirs)
+        if ours.endswith(".weight") and module.endswith(QUANTIZED_PROJECTIONS) and keeps_packed(kind, weights):
+            parent, name = module.rsplit(".", 1)
+            shape = tuple(model.get_submodule(module).weight.shape)
+            model.get_submodule(parent).register_module(
+                name, packed_projection(text, theirs, kind, shape, needs_unpermute(text_cfg, ours)))
+            packed.add(module)
+    materialize(model, dtype)
     params = dict(model.state_dict())
-    packed: list[str] = []
     with torch.no_grad():
         for file, names in sources:
             for ours, theirs in names.items():
                 heads = needs_unpermute(text_cfg, ours) if file is text else 0
-                module, kind = ours.removesuffix(".weight"), file.tensor_type(theirs)
-                if file is text and module.endswith(QUANTIZED_PROJECTIONS) and keeps_packed(kind, weights):
-                    parent, name = module.rsplit(".", 1)
-                    shape = tuple(params[ours].shape)
-                    model.get_submodule(parent).register_module(
-                        name, packed_projection(file, theirs, kind, shape, heads))
-                    packed.append(module)
+                module = ours.removesuffix(".weight")
+                if file is text and module in packed:
+                    continue
+                target = params.get(ours)
+                if (not heads and target is not None and target.dim() == 2
+                        and tuple(target.shape) == tuple(file.tensor_shape(theirs))):  # a matrix, rows at a time
+                    file.copy_into(theirs, target)
                     continue
                 tensor = file.tensor(theirs)
                 if heads:
                     tensor = unpermute_qk(tensor, heads)
-                target = params[ours]
+                owner = ours.removesuffix(".bias")
+                if file is text and owner in packed:  # a packed projection's bias (Qwen2's q/k/v)
+                    model.get_submodule(owner).bias = torch.nn.Parameter(tensor.to(dtype), requires_grad=False)
+                    continue
+                if target is None:
+                    raise CheckpointError(f"{file.path}: tensor {theirs!r} has no place in the model")
                 if tensor.shape != target.shape:
                     if tensor.numel() != target.numel() or target.dim() != 1:
                         raise CheckpointError(f"{file.path}: tensor {theirs!r} has shape {tuple(tensor.shape)}, "
                                               f"the metadata implies {tuple(target.shape)}")
                     tensor = tensor.reshape(target.shape)  # a [1, n] class embedding, say
                 target.copy_(tensor.to(dtype))
-    for module in packed:  # a packed projection's bias was read into the float layer it replaced
-        bias = params.get(module + ".bias")
-        if bias is not None:
-            model.get_submodule(module).bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
-    if cfg.text.tie_word_embeddings:
-        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
     return model

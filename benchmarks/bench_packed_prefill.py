@@ -39,23 +39,6 @@ SMOKE_MATRICES = {"tiny": (96, 256)}
 INNER_K_TILES = 8
 
 
-def pieces_forward(layer: QuantizedLinear, x: torch.Tensor, elements: int, triton: bool) -> torch.Tensor:
-    """The product through float copies of ``elements`` weights (whole rows) at a time, made by
-    the one-pass kernel (``triton``) or by ``dequantized``'s torch operations."""
-    from ros_infmllm.model.dequant_kernels import dequantize_rows
-
-    def piece(rows: slice) -> torch.Tensor:
-        if not triton:
-            return layer.dequantized(x.dtype, rows)
-        offsets = None if layer.offsets is None else layer.offsets[rows]
-        return dequantize_rows(layer.qweight[rows], layer.scales[rows], offsets, layer.bits, layer.in_features,
-                               x.dtype)
-
-    step = max(1, elements // layer.in_features)
-    parts = [F.linear(x, piece(slice(s, s + step))) for s in range(0, layer.out_features, step)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-
 def tinygemm_operands(layer: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch._weight_int4pack_mm``'s weight and ``[groups, out, 2]`` bf16 scales and zeros from
     an int4 layer. Its dequantization is ``(q - 8) * scale + zero``: ours is ``q * scale + offset``
@@ -81,10 +64,10 @@ def bench_matrix(name: str, rows: int, columns: int, bits: int, tokens: int, arg
     reference = (x.double() @ layers[0].dequantized(torch.float64).T)
     whole = rows * columns
     variants = {"float": (lambda i: F.linear(x, floats[i])),
-                "torch": (lambda i: pieces_forward(layers[i], x, FORWARD_ELEMENTS, triton=False)),
-                "triton": (lambda i: pieces_forward(layers[i], x, FORWARD_ELEMENTS, triton=True)),
+                "torch": (lambda i: layers[i].product_in_pieces(x, FORWARD_ELEMENTS, kernel=False)),
+                "triton": (lambda i: layers[i].product_in_pieces(x, FORWARD_ELEMENTS, kernel=True)),
                 "shipped": (lambda i: layers[i](x)),
-                "whole": (lambda i: pieces_forward(layers[i], x, whole, triton=True))}
+                "whole": (lambda i: layers[i].product_in_pieces(x, whole, kernel=True))}
     extra = {}
     if bits == 4 and device == "cuda":
         operands = [tinygemm_operands(layer) for layer in layers]

@@ -123,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     chunk = args.capacity // 4
     lengths = [int(args.capacity * m) for m in args.lengths]
     context = streaming_workers.model_context(model_path)
-    weighted = lambda spec, weights: spec if weights == "float" else f"{spec}+{weights}"  # noqa: E731
-    specs = [weighted(p, w) for w in args.weights for p in args.policies]
-    fulls = [weighted("full", w) for w in args.weights]
+    specs = [streaming_workers.with_weights(p, w) for w in args.weights for p in args.policies]
+    fulls = [streaming_workers.with_weights("full", w) for w in args.weights]
     jobs = [(policy, args.capacity, chunk, n, args.episodes) for n in lengths for policy in specs]
     jobs += [(full, n + 64, chunk, n, args.episodes) for n in lengths if n + 64 <= context for full in fulls]
     jobs.sort(key=lambda job: -job[3])  # the longest first, so parallel workers finish together

@@ -223,12 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     # far beyond any bounded cache here, so no configuration can use it.
     repeats = -(-(args.offset + args.tokens) // len(text_ids))
     ids = torch.tensor((text_ids * repeats)[args.offset:args.offset + args.tokens])
-    weighted = lambda spec, weights: spec if weights == "float" else f"{spec}+{weights}"  # noqa: E731
-    specs = [weighted(p, w) for w in args.weights for p in args.policies]
+    specs = [streaming_workers.with_weights(p, w) for w in args.weights for p in args.policies]
     configurations = [(p, c, min(args.chunk, c // 4)) for c in args.capacities
                       for p in ([] if args.no_reference else ["sliding-window"]) + specs]
     max_context = streaming_workers.model_context(model_path)
-    fulls = [weighted("full", w) for w in args.weights] if args.tokens <= max_context else []
+    fulls = [streaming_workers.with_weights("full", w) for w in args.weights] if args.tokens <= max_context else []
     configurations += [(full, None, args.chunk) for full in fulls]
     # the longest first, so parallel workers finish together
     configurations.sort(key=lambda c: -(args.tokens / c[2]))

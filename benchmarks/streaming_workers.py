@@ -74,6 +74,12 @@ def weight_suffix(spec: str) -> str:
     return session_variant(spec)[1].get("weights", "float")
 
 
+def with_weights(spec: str, weights: str) -> str:
+    """``spec`` with the packed-weight suffix ``weights`` names (none for ``float``): the inverse of
+    ``weight_suffix``."""
+    return spec if weights == "float" else f"{spec}+{weights}"
+
+
 def model_context(model_path: str) -> int:
     """The model's trained context length (a full cache is only measured within it)."""
     from ros_infmllm.model.config import load_config

@@ -101,6 +101,25 @@ class QuantizedLinear(nn.Module):
             w.add_(offsets.to(torch.float32)[..., None])
         return w.view(count, self.in_features).to(dtype)
 
+    def dequantized_by_kernel(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """``dequantized``'s values made on a GPU by one Triton pass (``dequant_kernels.py``)."""
+        from .dequant_kernels import dequantize_rows
+
+        offsets = None if self.offsets is None else self.offsets[rows]
+        return dequantize_rows(self.qweight[rows], self.scales[rows], offsets, self.bits, self.in_features, dtype)
+
+    def product_in_pieces(self, x: torch.Tensor, elements: int, kernel: bool) -> torch.Tensor:
+        """``x @ W.T + b`` through float copies of ``elements`` weights (whole rows) at a time, made
+        by ``dequantized_by_kernel`` (``kernel``) or ``dequantized``."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        copy = self.dequantized_by_kernel if kernel else self.dequantized
+        step = max(1, elements // self.in_features)
+        if self.out_features <= step:
+            return F.linear(x, copy(x.dtype), bias)
+        parts = [F.linear(x, copy(x.dtype, slice(start, start + step))) for start in range(0, self.out_features, step)]
+        out = torch.cat(parts, dim=-1)
+        return out if bias is None else out + bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The prefill product: a float copy of a piece of whole rows at a time, then the dtype's
         matrix product, so a large matrix's copy stays small. On a GPU one Triton pass makes each
@@ -108,23 +127,9 @@ class QuantizedLinear(nn.Module):
         operations of ``dequantized``, benchmarks/results/bench_packed_prefill_shipped_h200.md),
         ``GPU_FORWARD_ELEMENTS`` weights at a time; elsewhere ``dequantized`` does,
         ``FORWARD_ELEMENTS`` at a time."""
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-            from .dequant_kernels import dequantize_rows
-
-            offsets = self.offsets
-            step = max(1, GPU_FORWARD_ELEMENTS // self.in_features)
-            piece = lambda rows: dequantize_rows(  # noqa: E731
-                self.qweight[rows], self.scales[rows], None if offsets is None else offsets[rows], self.bits,
-                self.in_features, x.dtype)
-        else:
-            step = max(1, FORWARD_ELEMENTS // self.in_features)
-            piece = lambda rows: self.dequantized(x.dtype, rows)  # noqa: E731
-        if self.out_features <= step:
-            return F.linear(x, piece(slice(None)), bias)
-        parts = [F.linear(x, piece(slice(start, start + step))) for start in range(0, self.out_features, step)]
-        out = torch.cat(parts, dim=-1)
-        return out if bias is None else out + bias
+            return self.product_in_pieces(x, GPU_FORWARD_ELEMENTS, kernel=True)
+        return self.product_in_pieces(x, FORWARD_ELEMENTS, kernel=False)
 
     def packed_bytes(self) -> int:
         """Bytes the weight occupies (codes, scales, offsets; bias excluded)."""

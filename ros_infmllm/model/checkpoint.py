@@ -23,6 +23,7 @@ from .causal_lm import CausalLM
 from .config import Idefics3Config, LlavaConfig, Qwen2VLConfig, load_config
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
+from .compressed_checkpoint import dequantized, packed_projections, read_packed
 from .materialize import materialize
 from .qwen2_vl import Qwen2VLModel
 from .quantized import HEAD_MODES, WEIGHT_MODES, quantize_decoder, quantize_head
@@ -77,6 +78,11 @@ def layout_of(model: CausalLM) -> KeyLayout:
     return next((layout for cls, _, layout in _LAYOUTS if isinstance(model, cls)), CAUSAL_LM_LAYOUT)
 
 
+def config_layout(cfg) -> KeyLayout:
+    """The key layout of checkpoints with this config."""
+    return next((layout for _, config, layout in _LAYOUTS if isinstance(cfg, config)), CAUSAL_LM_LAYOUT)
+
+
 def model_class(cfg) -> type[CausalLM]:
     """The module a config builds: one class per checkpoint layout."""
     return next((cls for cls, config, _ in _LAYOUTS if isinstance(cfg, config)), CausalLM)
@@ -98,7 +104,7 @@ def checkpoint_name(name: str, layout: KeyLayout = LLAVA_LAYOUT) -> str:
     return name
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -109,13 +115,16 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype) -> None:
-    """Copy every tensor the model needs from the folder's safetensors files."""
+def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype, filled: frozenset[str] = frozenset()) -> None:
+    """Copy every tensor the model needs from the folder's safetensors files; ``filled``: modules
+    already given their weights (packed projections, compressed_checkpoint.py), whose tensors are
+    not looked for."""
     layout = layout_of(model)
-    expected = dict(model.state_dict())
+    expected = {name: tensor for name, tensor in model.state_dict().items()
+                if name.rpartition(".")[0] not in filled or name.endswith(".bias")}
     found: dict[str, Path] = {}
     with torch.no_grad():
-        for file in _weight_files(model_dir):
+        for file in weight_files(model_dir):
             if not file.is_file():
                 raise CheckpointError(f"{file}: listed in the index but missing")
             try:
@@ -185,6 +194,42 @@ def locate(path: str | Path, mmproj: str | Path | None = None) -> CheckpointFile
     return CheckpointFiles(folder=path, gguf=texts[0], mmproj=extra or (projections[0] if projections else None))
 
 
+def _packed_in(model: CausalLM, folder: Path) -> dict:
+    layout = layout_of(model)
+    return packed_projections(folder, weight_files(folder), lambda key: canonical_name(key, layout))
+
+
+def place_packed(model: CausalLM, folder: Path, weights: str) -> dict[str, bool]:
+    """A compressed-tensors folder's packed projections (GPTQ / AWQ output, compressed_checkpoint.py),
+    as for GGUF blocks: under ``auto`` each becomes a ``QuantizedLinear`` from its stored codes,
+    under ``int8`` / ``int4`` those of that width do; the others are dequantized into the float
+    layer (``fill_dequantized``, after ``materialize``). Called on the meta-device model, so a
+    packed layer's float copy never exists. Returns our module name -> kept packed."""
+    placed: dict[str, bool] = {}
+    for name, entry in _packed_in(model, folder).items():
+        float_layer = model.get_submodule(name)
+        keep = weights in ("auto", entry.mode)
+        if keep:
+            bias = None if float_layer.bias is None else torch.empty_like(float_layer.bias, device="meta")
+            parent, child = name.rsplit(".", 1)
+            model.get_submodule(parent).register_module(
+                child, read_packed(entry, tuple(float_layer.weight.shape), bias))
+        placed[name] = keep
+    return placed
+
+
+def fill_dequantized(model: CausalLM, folder: Path, placed: dict[str, bool], dtype: torch.dtype) -> None:
+    """The float weights of the packed projections ``place_packed`` did not keep packed."""
+    if all(placed.values()):
+        return
+    entries = _packed_in(model, folder)
+    with torch.no_grad():
+        for name, kept in placed.items():
+            if not kept:
+                target = model.get_submodule(name).weight
+                target.copy_(dequantized(entries[name], tuple(target.shape), dtype))
+
+
 def pack_parts(model: nn.Module, lm_head: str = "float", embeddings: str = "float", vision: str = "float") -> None:
     """Pack the LM head, the token table and the tower's and projector's linear layers, each whose
     mode is not ``float`` (rounded from their floats). The table goes after the head: a table tied
@@ -213,7 +258,9 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
     for the embedding). ``embedding_weights``: the token table in ``dtype`` or packed likewise
     (``quantized_embedding.py``; a tied table reads the head's codes, and needs the head packed).
     ``vision_weights``: the tower's and projector's linear layers in ``dtype`` or packed
-    (``quantized_vision.py``)."""
+    (``quantized_vision.py``). A folder whose projections are stored packed by compressed-tensors
+    (GPTQ / AWQ through llm-compressor, ``tools/calibrate.py``) is read as GGUF blocks are: kept
+    as stored under ``auto`` or their width, dequantized under ``float``."""
     for name, value, modes in (("weights", weights, WEIGHT_MODES), ("lm_head_weights", lm_head_weights, HEAD_MODES),
                                ("embedding_weights", embedding_weights, EMBEDDING_MODES),
                                ("vision_weights", vision_weights, VISION_MODES)):
@@ -228,8 +275,10 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
         cfg = load_config(files.folder)
         with torch.device("meta"):
             model = model_class(cfg)(cfg)
+        filled = place_packed(model, files.folder, weights)
         model = materialize(model, dtype)  # storage in dtype at once, not float32 first
-        load_state(model, files.folder, dtype)
+        fill_dequantized(model, files.folder, filled, dtype)
+        load_state(model, files.folder, dtype, frozenset(filled))
         if weights == "auto" and has_packed_base(files.folder):  # a packed base plus float LoRA factors
             attach_packed_base(model, files.folder, dtype)
     if weights in ("int8", "int4"):

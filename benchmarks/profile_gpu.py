@@ -8,7 +8,8 @@ For each model shape of bench_gpu.py, on a session streamed past its capacity (g
   with a sync around it, and the kernels of a few frames.
 
 Prints a short table; ``--out`` receives one ``profile_<model>.txt`` per model with the kernel
-tables. ``python benchmarks/profile_gpu.py --models qwen2-1.5b --out /tmp/profile``.
+tables (``profile_<model>_<weights>.txt`` with ``--weights int8|int4``).
+``python benchmarks/profile_gpu.py --models qwen2-1.5b --out /tmp/profile``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 from bench_gpu import FAMILY_SHAPES, SHAPES, StreamDriver, camera_frame, random_model, shape_tokenizer, \
     write_checkpoint_config
 from ros_infmllm.cache import DEFAULT_POLICY, make_policy
+from ros_infmllm.model.checkpoint import pack_parts
+from ros_infmllm.model.quantized import HEAD_MODES, quantize_decoder
 from ros_infmllm.session import SessionConfig, StreamingSession, template_for
 from ros_infmllm.session.preprocess import preprocessor_for_folder
 
@@ -68,6 +71,9 @@ def profile_model(name: str, args) -> dict:
     shape = {**SHAPES, **FAMILY_SHAPES}[name]
     folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
     model = random_model(folder, "cuda", torch.bfloat16)
+    if args.weights != "float":  # packed projections rounded from the random floats, as bench_gpu.py
+        quantize_decoder(model.decoder, args.weights)
+    pack_parts(model, args.lm_head)
     tokenizer = shape_tokenizer(model, shape)
     config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
                            check_evictions=False)
@@ -96,7 +102,8 @@ def profile_model(name: str, args) -> dict:
     row["graphs"] = sorted(str(k) for k in session.runner.graphs)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"profile_{name}.txt").write_text(
+        suffix = "" if args.weights == "float" else f"_{args.weights}"
+        (args.out / f"profile_{name}{suffix}.txt").write_text(
             f"{row}\n\n# 10 decode tokens\n{decode_kernels}\n\n# 3 frames\n{frame_kernels}\n")
     del session, model
     torch.cuda.empty_cache()
@@ -109,6 +116,8 @@ def main() -> int:
     parser.add_argument("--policy", default=DEFAULT_POLICY)
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--max-chunk", type=int, default=1024)
+    parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float", help="decoder projections")
+    parser.add_argument("--lm-head", choices=HEAD_MODES, default="float")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = [profile_model(name, args) for name in args.models]

@@ -65,6 +65,11 @@ class MatvecTuning:
     # 1.27x llama.cpp's Q8_0 in the same session (bench_llamacpp_h200.md); SmolLM2 +0.0067
     # nats/token against float (weights_quality_cpu_dp4a_int8.md), inside the int8 bound of +0.01
     int8_activations: str = "int8"
+    # the launch that rounds x for the dp4a path joins the products' chain of dependent launches
+    # (with pdl): the product after it is placed and fetches its first weights while it runs. Off,
+    # it ran as a plain launch between two dependent ones, so each packed product paid its latency
+    # and ramp in full (about 12% of a 7B int4 step's kernel time in profile_llama2-7b_int4_h200.txt)
+    activation_pdl: bool = True
 
     def x8(self, bits: int, group: int = 32) -> bool:
         """Whether products with weights of ``bits`` in groups of ``group`` inputs take x's int8
@@ -146,7 +151,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if x8:  # x (times the norm's weight) rounded to int8 codes per group, in a launch of its own
         from .matvec_dp4a import quantized_activations
 
-        x, stats = quantized_activations(x, group, norm_weight, split=bits == 4)
+        x, stats = quantized_activations(x, group, norm_weight, split=bits == 4,
+                                          pdl=tuning.pdl and tuning.activation_pdl)
         weight = weight.contiguous().view(torch.int32)
     launch = dependent_launch(out, tuning.pdl)
     matvec_kernels.matvec[(programs,)](

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode_attention import dependent_launch
+
 DP4A = tl.constexpr("dp4a.u32.s32 $0, $1, $2, $3;")  # unsigned codes (0..15) times signed activation bytes
 DP4A_SIGNED = tl.constexpr("dp4a.s32.s32 $0, $1, $2, $3;")  # signed int8 codes times signed activation bytes
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))  # read at import, as Triton does
@@ -76,11 +78,18 @@ def dp4a_signed(a, b, acc):
 
 @triton.jit
 def quantize_activations(x_ptr, norm_ptr, codes_ptr, stats_ptr, K: tl.constexpr, GROUP: tl.constexpr,
-                         BLOCK_G: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr):
+                         BLOCK_G: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     """x ``[K]`` (times ``norm_ptr``'s weight where ``NORM``) -> its int8 codes (``codes_ptr``, K
     bytes: even elements then odd ones where ``SPLIT``, for int4 weights; in order otherwise), and
     ``stats_ptr``: per group the scale (``max |x| / 127``), then per group the sum of dequantized
-    x, then the sum of the raw x^2. One program: K is a decoder's width (at most some 10^4)."""
+    x, then the sum of the raw x^2. One program: K is a decoder's width (at most some 10^4).
+    ``PDL``: a link in the products' chain of dependent launches (matvec_kernels.py): the product
+    that reads these codes may be placed and fetch its first weights while this runs, and this
+    waits for the launch that wrote x; without it every packed product paid this launch's latency
+    and its own ramp in full."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     groups = tl.arange(0, BLOCK_G)
     live = groups < K // GROUP
     index = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -120,18 +129,20 @@ def group_dots_int8(words, x_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 
 
 def quantized_activations(x: torch.Tensor, group: int = 32, norm_weight: torch.Tensor | None = None,
-                          split: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                          split: bool = True, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``[K]`` (times ``norm_weight``) -> its codes as int32 words ``[K / 4]`` (even elements,
     then odd, where ``split``: for int4 weights; in order for int8) and the float32 stats
-    ``[2 K / group + 1]`` (scales, sums, sum of x^2): the layout ``quantize_activations`` describes."""
+    ``[2 K / group + 1]`` (scales, sums, sum of x^2): the layout ``quantize_activations`` describes.
+    ``pdl``: launched as a dependent launch where the GPU has them (``dependent_launch``)."""
     columns = x.numel()
     if columns % group or group % 8:
         raise ValueError(f"{columns} inputs in groups of {group}: both must be multiples of 8 and divide")
     codes = torch.empty(columns, dtype=torch.int8, device=x.device)
     stats = torch.empty(2 * (columns // group) + 1, dtype=torch.float32, device=x.device)
+    launch = dependent_launch(codes, pdl)
     quantize_activations[(1,)](x.contiguous().view(-1), x if norm_weight is None else norm_weight.contiguous(), codes,
                                stats, K=columns, GROUP=group, BLOCK_G=triton.next_power_of_2(columns // group),
-                               NORM=norm_weight is not None, SPLIT=split, num_warps=8)
+                               NORM=norm_weight is not None, SPLIT=split, PDL=bool(launch), num_warps=8, **launch)
     return codes.view(torch.int32), stats
 
 

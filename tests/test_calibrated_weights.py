@@ -115,7 +115,7 @@ def test_awq_folder_loads_with_offsets(awq) -> None:
     assert torch.allclose(ours, reference, atol=2e-3, rtol=2e-3), (ours - reference).abs().max()
 
 
-def test_int8_gptq_and_widths_a_mode_does_not_keep(tmp_path) -> None:
+def test_int8_gptq_loads_packed_and_int4_rounds_it_again(tmp_path) -> None:
     _, folder = calibrated(tmp_path, "llama-int8", "llama", "gptq", bits=8)
     layers = projections(folder, "auto")
     assert all(isinstance(m, QuantizedLinear) and m.bits == 8 for m in layers)

@@ -231,3 +231,42 @@ def test_exporting_the_packed_base_with_lora_factors_is_refused_clearly(demo_vlm
     with pytest.raises(ValueError, match="packed base with float LoRA factors"):
         export_onnx(demo_vlm, tmp_path / "engines", weights="auto")
     assert not (tmp_path / "engines").exists()
+
+
+def test_demo_vlm_calibrated_by_gptq_loads_packed_and_stays_nearer_float_than_rounding(demo_vlm: Path,
+                                                                                      tmp_path: Path) -> None:
+    """``python -m ros_infmllm.demo.calibrate_vlm`` end to end on a few training-world episodes (the
+    shipped figure used 64: docs/quantized_weights.md): the folder loads with every block projection
+    packed int4 as calibrated and the tower float, its logits stay nearer the float model's than
+    round-to-nearest int4's, and a session on it answers a held-out stream."""
+    from ros_infmllm.demo import calibrate_vlm
+    from ros_infmllm.model import load_model
+    from ros_infmllm.model.quantized import weight_modes
+
+    out = tmp_path / "gptq"
+    assert calibrate_vlm.main(["--out", str(out), "--samples", "4", "--frames", "3"]) == 0
+    record = json.loads((out / "calibrated_from.json").read_text())
+    assert record["method"] == "gptq" and record["samples"] == 4 and not (out / "packed_base.json").exists()
+    merged, calibrated, rounded = load_model(demo_vlm), load_model(out, weights="auto"), load_model(demo_vlm, weights="int4")
+    assert weight_modes(calibrated.decoder) == {"int4"}
+    assert isinstance(calibrated.projector.linear_1, torch.nn.Linear)  # only the decoder's blocks are packed
+    ids = torch.tensor([1, 2, 3, 400, 500, 600, 700, 800])
+
+    def logits(model) -> torch.Tensor:
+        with torch.inference_mode():
+            k, v = model.decoder.empty_cache(0)
+            return model.decoder.step(model.decoder.embed_tokens(ids), k, v, torch.zeros(0, dtype=torch.bool),
+                                      torch.arange(len(ids)), all_logits=True).logits
+
+    reference = logits(merged)
+    assert (logits(calibrated) - reference).abs().mean() < (logits(rounded) - reference).abs().mean()
+    session = StreamingSession.from_pretrained(out, policy="h2o", capacity=512, max_chunk=128, max_new_tokens=32,
+                                               weights="auto")
+    episode = make_episode(30_700_000, 2, question_rate=1.0, memory_share=0.0, questions=CHAT)
+    replies = []
+    for kind, item in episode.events:
+        if kind == "frame":
+            session.ingest_frame(episode.frames[item])
+        else:
+            replies.append(judge(session.answer(item.question), item.answer))
+    assert len(replies) >= 2 and any(replies)

@@ -20,10 +20,10 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from .causal_lm import CausalLM
+from .compressed_checkpoint import dequantized, packed_projections, read_packed
 from .config import Idefics3Config, LlavaConfig, Qwen2VLConfig, load_config
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
-from .compressed_checkpoint import dequantized, packed_projections, read_packed
 from .materialize import materialize
 from .qwen2_vl import Qwen2VLModel
 from .quantized import HEAD_MODES, WEIGHT_MODES, quantize_decoder, quantize_head

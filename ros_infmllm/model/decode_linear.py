@@ -68,7 +68,8 @@ class MatvecTuning:
     # the launch that rounds x for the dp4a path joins the products' chain of dependent launches
     # (with pdl): the product after it is placed and fetches its first weights while it runs. Off,
     # it ran as a plain launch between two dependent ones, so each packed product paid its latency
-    # and ramp in full (about 12% of a 7B int4 step's kernel time in profile_llama2-7b_int4_h200.txt)
+    # and ramp in full (0.31 ms of a 2.53 ms 7B int4 step, profile_llama2-7b_int4_h200.txt); joined,
+    # the 7B int4 step went 2.537 -> 2.267 ms (bench_gpu_7b_policies_{off,on}_h200.md)
     activation_pdl: bool = True
 
     def x8(self, bits: int, group: int = 32) -> bool:

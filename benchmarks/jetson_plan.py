@@ -201,10 +201,10 @@ def write_markdown(report: dict, measured: list[dict], goal: list[dict], source:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_attention_h200.json")
+    parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_ours_pdl_h200.json")
     parser.add_argument("--decode", type=Path, nargs="*", default=[],
                         help="bench_gpu.py results files whose (shape, weight type) decode figures replace --measured's")
-    parser.add_argument("--compact", type=Path, default=RESULTS / "bench_llamacpp_attention_h200.json",
+    parser.add_argument("--compact", type=Path, default=RESULTS / "bench_llamacpp_ours_pdl_h200.json",
                         help="a bench_llamacpp.py file with int4/int8/int8/int8 rows: the int4-compact setting's "
                              "tower and workspace (none: no such rows)")
     parser.add_argument("--capacity", type=int, default=4096)

@@ -183,6 +183,14 @@ def test_a_training_run_cut_in_segments_takes_the_steps_of_an_unbroken_one(tmp_p
     assert any(k.endswith(".B") and whole[k].abs().max() > 0 for k in whole)  # LoRA's B starts at zero: steps ran
 
 
+def step_logits(model, ids: torch.Tensor = torch.tensor([1, 2, 3, 400, 500, 600, 700, 800])) -> torch.Tensor:
+    """The decoder's logits for every one of ``ids`` from one step on an empty cache."""
+    with torch.inference_mode():
+        k, v = model.decoder.empty_cache(0)
+        return model.decoder.step(model.decoder.embed_tokens(ids), k, v, torch.zeros(0, dtype=torch.bool),
+                                  torch.arange(len(ids)), all_logits=True).logits
+
+
 def test_packed_weights_keep_the_gguf_blocks_and_the_lora_factors_apart(demo_vlm: Path) -> None:
     """``weights: auto`` on the demo VLM: every block projection is SmolLM2's own Q4_1 blocks plus
     its float LoRA pair, whose effective weight is the merged float one (up to the folder's bf16
@@ -199,16 +207,8 @@ def test_packed_weights_keep_the_gguf_blocks_and_the_lora_factors_apart(demo_vlm
     assert isinstance(layer, PackedLoRALinear) and layer.base.offsets is not None  # Q4_1: scales and offsets
     target = merged.decoder.layers[3].mlp.down_proj.weight.float()
     assert (layer.dequantized() - target).abs().max() <= 2 ** -7 * target.abs().max()  # bf16's rounding
-    ids = torch.tensor([1, 2, 3, 400, 500, 600, 700, 800])
-
-    def logits(model) -> torch.Tensor:
-        with torch.inference_mode():
-            k, v = model.decoder.empty_cache(0)
-            return model.decoder.step(model.decoder.embed_tokens(ids), k, v, torch.zeros(0, dtype=torch.bool),
-                                      torch.arange(len(ids)), all_logits=True).logits
-
-    reference = logits(merged)
-    assert (logits(packed) - reference).abs().max() < 1.0 < (logits(rounded) - reference).abs().max()
+    reference = step_logits(merged)
+    assert (step_logits(packed) - reference).abs().max() < 1.0 < (step_logits(rounded) - reference).abs().max()
     episode = make_episode(30_600_000, 2, question_rate=1.0, memory_share=0.0, questions=CHAT)
     replies = {}
     for weights in ("float", "auto"):
@@ -250,16 +250,8 @@ def test_demo_vlm_calibrated_by_gptq_loads_packed_and_stays_nearer_float_than_ro
     merged, calibrated, rounded = load_model(demo_vlm), load_model(out, weights="auto"), load_model(demo_vlm, weights="int4")
     assert weight_modes(calibrated.decoder) == {"int4"}
     assert isinstance(calibrated.projector.linear_1, torch.nn.Linear)  # only the decoder's blocks are packed
-    ids = torch.tensor([1, 2, 3, 400, 500, 600, 700, 800])
-
-    def logits(model) -> torch.Tensor:
-        with torch.inference_mode():
-            k, v = model.decoder.empty_cache(0)
-            return model.decoder.step(model.decoder.embed_tokens(ids), k, v, torch.zeros(0, dtype=torch.bool),
-                                      torch.arange(len(ids)), all_logits=True).logits
-
-    reference = logits(merged)
-    assert (logits(calibrated) - reference).abs().mean() < (logits(rounded) - reference).abs().mean()
+    reference = step_logits(merged)
+    assert (step_logits(calibrated) - reference).abs().mean() < (step_logits(rounded) - reference).abs().mean()
     session = StreamingSession.from_pretrained(out, policy="h2o", capacity=512, max_chunk=128, max_new_tokens=32,
                                                weights="auto")
     episode = make_episode(30_700_000, 2, question_rate=1.0, memory_share=0.0, questions=CHAT)

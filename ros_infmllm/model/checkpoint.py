@@ -20,13 +20,13 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from .causal_lm import CausalLM
-from .compressed_checkpoint import dequantized, packed_projections, read_packed
+from .compressed_checkpoint import PackedProjection, dequantized, packed_projections, read_packed
 from .config import Idefics3Config, LlavaConfig, Qwen2VLConfig, load_config
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
 from .materialize import materialize
 from .qwen2_vl import Qwen2VLModel
-from .quantized import HEAD_MODES, WEIGHT_MODES, quantize_decoder, quantize_head
+from .quantized import HEAD_MODES, WEIGHT_MODES, QuantizedLinear, quantize_decoder, quantize_head
 from .quantized_embedding import EMBEDDING_MODES, quantize_embeddings
 from .quantized_vision import VISION_MODES, quantize_vision
 from .packed_lora import attach_packed_base, has_packed_base
@@ -194,40 +194,32 @@ def locate(path: str | Path, mmproj: str | Path | None = None) -> CheckpointFile
     return CheckpointFiles(folder=path, gguf=texts[0], mmproj=extra or (projections[0] if projections else None))
 
 
-def _packed_in(model: CausalLM, folder: Path) -> dict:
-    layout = layout_of(model)
-    return packed_projections(folder, weight_files(folder), lambda key: canonical_name(key, layout))
-
-
-def place_packed(model: CausalLM, folder: Path, weights: str) -> dict[str, bool]:
+def place_packed(model: CausalLM, folder: Path, weights: str) -> dict[str, PackedProjection]:
     """A compressed-tensors folder's packed projections (GPTQ / AWQ output, compressed_checkpoint.py),
     as for GGUF blocks: under ``auto`` each becomes a ``QuantizedLinear`` from its stored codes,
-    under ``int8`` / ``int4`` those of that width do; the others are dequantized into the float
-    layer (``fill_dequantized``, after ``materialize``). Called on the meta-device model, so a
-    packed layer's float copy never exists. Returns our module name -> kept packed."""
-    placed: dict[str, bool] = {}
-    for name, entry in _packed_in(model, folder).items():
-        float_layer = model.get_submodule(name)
-        keep = weights in ("auto", entry.mode)
-        if keep:
+    under ``int8`` / ``int4`` those of that width do; the others stay float layers, dequantized
+    into after ``materialize`` (``fill_dequantized``). Called on the meta-device model, so a
+    packed layer's float copy never exists. Returns our module name -> its packed tensors, for
+    every projection the folder packs."""
+    layout = layout_of(model)
+    entries = packed_projections(folder, weight_files(folder), lambda key: canonical_name(key, layout))
+    for name, entry in entries.items():
+        if weights in ("auto", entry.mode):
+            float_layer = model.get_submodule(name)
             bias = None if float_layer.bias is None else torch.empty_like(float_layer.bias, device="meta")
             parent, child = name.rsplit(".", 1)
             model.get_submodule(parent).register_module(
                 child, read_packed(entry, tuple(float_layer.weight.shape), bias))
-        placed[name] = keep
-    return placed
+    return entries
 
 
-def fill_dequantized(model: CausalLM, folder: Path, placed: dict[str, bool], dtype: torch.dtype) -> None:
-    """The float weights of the packed projections ``place_packed`` did not keep packed."""
-    if all(placed.values()):
-        return
-    entries = _packed_in(model, folder)
+def fill_dequantized(model: CausalLM, entries: dict[str, PackedProjection], dtype: torch.dtype) -> None:
+    """The float weights of the packed projections ``place_packed`` left as float layers."""
     with torch.no_grad():
-        for name, kept in placed.items():
-            if not kept:
-                target = model.get_submodule(name).weight
-                target.copy_(dequantized(entries[name], tuple(target.shape), dtype))
+        for name, entry in entries.items():
+            layer = model.get_submodule(name)
+            if not isinstance(layer, QuantizedLinear):
+                layer.weight.copy_(dequantized(entry, tuple(layer.weight.shape), dtype))
 
 
 def pack_parts(model: nn.Module, lm_head: str = "float", embeddings: str = "float", vision: str = "float") -> None:
@@ -275,10 +267,10 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
         cfg = load_config(files.folder)
         with torch.device("meta"):
             model = model_class(cfg)(cfg)
-        filled = place_packed(model, files.folder, weights)
+        packed = place_packed(model, files.folder, weights)
         model = materialize(model, dtype)  # storage in dtype at once, not float32 first
-        fill_dequantized(model, files.folder, filled, dtype)
-        load_state(model, files.folder, dtype, frozenset(filled))
+        fill_dequantized(model, packed, dtype)
+        load_state(model, files.folder, dtype, frozenset(packed))
         if weights == "auto" and has_packed_base(files.folder):  # a packed base plus float LoRA factors
             attach_packed_base(model, files.folder, dtype)
     if weights in ("int8", "int4"):

@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from .quantized import QUANTIZED_PROJECTIONS, QuantizedLinear
+from .quantized import QuantizedLinear, is_block_projection
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
@@ -125,7 +125,7 @@ def packed_projections(folder: Path, files: list[Path], canonical) -> dict[str, 
                     continue
                 base = key.removesuffix(".weight_packed")
                 ours = canonical(base + ".weight")
-                if ours is None or not ours.removesuffix(".weight").endswith(QUANTIZED_PROJECTIONS):
+                if ours is None or not is_block_projection(ours.removesuffix(".weight")):
                     raise CheckpointError(f"{file}: packed tensor {key!r} is not a decoder block projection "
                                           "(only those may be packed; quantize with the others ignored)")
                 group = _group_for(base, groups, path)
@@ -154,6 +154,24 @@ def _tensors(entry: PackedProjection) -> dict[str, torch.Tensor]:
                 if f"{entry.key}.{suffix}" in present}
 
 
+def _scales_and_zeros(entry: PackedProjection, tensors: dict[str, torch.Tensor],
+                      in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales as float32 ``[out, groups]`` (one column per output channel) and, for an
+    asymmetric scheme, the zero points unpacked alike (float32), else None."""
+    scales = tensors["weight_scale"].to(torch.float32)
+    if scales.dim() == 1:
+        scales = scales[:, None]
+    if in_features % scales.shape[1]:
+        raise CheckpointError(f"{entry.file}: {entry.key}.weight_scale has {scales.shape[1]} groups for "
+                              f"{in_features} inputs")
+    if entry.scheme.symmetric:
+        return scales, None
+    if "weight_zero_point" not in tensors:
+        raise CheckpointError(f"{entry.file}: {entry.key} is asymmetric but has no weight_zero_point")
+    zero = library_unpack()(tensors["weight_zero_point"], entry.scheme.bits, torch.Size(scales.shape), packed_dim=0)
+    return scales, zero.to(torch.float32)
+
+
 def read_packed(entry: PackedProjection, shape: tuple[int, int], bias: torch.Tensor | None = None) -> QuantizedLinear:
     """One projection as ``QuantizedLinear``, its codes taken as stored (see the module docstring)."""
     tensors = _tensors(entry)
@@ -171,21 +189,11 @@ def read_packed(entry: PackedProjection, shape: tuple[int, int], bias: torch.Ten
     if sys.byteorder != "little":
         raise CheckpointError("reading packed int32 words as bytes needs a little-endian machine")
     raw = packed.contiguous().view(torch.uint8)  # [out, in * bits / 8]
-    scales = tensors["weight_scale"].to(torch.float32)
-    if scales.dim() == 1:
-        scales = scales[:, None]
-    if in_features % scales.shape[1]:
-        raise CheckpointError(f"{entry.file}: {entry.key}.weight_scale has {scales.shape[1]} groups for "
-                              f"{in_features} inputs")
+    scales, zero = _scales_and_zeros(entry, tensors, in_features)
     if bits == 8:
         codes = (raw ^ 0x80).view(torch.int8)
         return QuantizedLinear(codes.clone(), scales.to(torch.float16), None, 8, in_features, bias)
-    offsets = None
-    if not entry.scheme.symmetric:
-        if "weight_zero_point" not in tensors:
-            raise CheckpointError(f"{entry.file}: {entry.key} is asymmetric but has no weight_zero_point")
-        zero = library_unpack()(tensors["weight_zero_point"], 4, torch.Size(scales.shape), packed_dim=0)
-        offsets = (-(8 + zero.to(torch.float32)) * scales).to(torch.float16)
+    offsets = None if zero is None else (-(8 + zero) * scales).to(torch.float16)
     return QuantizedLinear(raw.clone(), scales.to(torch.float16), offsets, 4, in_features, bias)
 
 
@@ -194,10 +202,8 @@ def dequantized(entry: PackedProjection, shape: tuple[int, int], dtype: torch.dt
     scales applied in float32, as compressed-tensors' own ``dequantize`` does."""
     tensors = _tensors(entry)
     codes = library_unpack()(tensors["weight_packed"], entry.scheme.bits, torch.Size(shape)).to(torch.float32)
-    scales = tensors["weight_scale"].to(torch.float32)
-    scales = scales if scales.dim() == 2 else scales[:, None]
+    scales, zero = _scales_and_zeros(entry, tensors, shape[1])
     group = shape[1] // scales.shape[1]
-    if not entry.scheme.symmetric:
-        zero = library_unpack()(tensors["weight_zero_point"], entry.scheme.bits, torch.Size(scales.shape), packed_dim=0)
-        codes = codes - zero.to(torch.float32).repeat_interleave(group, dim=1)
+    if zero is not None:
+        codes = codes - zero.repeat_interleave(group, dim=1)
     return (codes * scales.repeat_interleave(group, dim=1)).to(dtype)

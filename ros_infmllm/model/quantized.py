@@ -47,6 +47,12 @@ QUANTIZED_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_pr
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+def is_block_projection(module: str) -> bool:
+    """Whether ``module`` (our name) is one of a decoder block's packable projections, not a vision
+    tower's layer of the same local name (``vision_tower.encoder.layers.0.self_attn.q_proj``)."""
+    return module.startswith("decoder.layers.") and module.endswith(QUANTIZED_PROJECTIONS)
+
+
 class QuantizedLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` held packed (see the module docstring)."""
 

@@ -47,15 +47,14 @@ def block_projections(model: torch.nn.Module, source: Path) -> tuple[list[str], 
     by our checkpoint layout's names: only the first are quantized."""
     from ..model.checkpoint import config_layout, canonical_name
     from ..model.config import load_config
-    from ..model.quantized import QUANTIZED_PROJECTIONS
+    from ..model.quantized import is_block_projection
 
     layout = config_layout(load_config(source))
     targets, others = [], []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             ours = canonical_name(name + ".weight", layout)
-            is_block = ours is not None and ours.startswith("decoder.layers.") and \
-                ours.removesuffix(".weight").endswith(QUANTIZED_PROJECTIONS)
+            is_block = ours is not None and is_block_projection(ours.removesuffix(".weight"))
             (targets if is_block else others).append(name)
     if not targets:
         raise CheckpointError(f"{source}: no decoder block projections found to quantize")

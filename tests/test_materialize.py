@@ -59,3 +59,74 @@ def test_a_packed_gguf_load_gives_storage_only_to_what_stays_float(tmp_path, mon
                       for m in projections)
     assert projections and allocated[1] == allocated[0] - float_bytes
     assert allocated[0] == sum(t.numel() * 4 for t in {id(t): t for t in floats.parameters()}.values())
+
+
+def counting_materialize(allocated: list[int]):
+    """``materialize`` that first records the bytes it is about to allocate."""
+    def counting(model: nn.Module, dtype: torch.dtype, device: str = "cpu") -> nn.Module:
+        tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if t.is_meta}
+        allocated.append(sum(t.numel() * dtype.itemsize for t in tensors.values()))
+        return materialize(model, dtype, device)
+    return counting
+
+
+def same_codes(ours: nn.Module, reference: nn.Module) -> bool:
+    """Whether two packed layers hold the same codes, scales and offsets (and bias)."""
+    parts = ("qweight", "scale_bits", "offset_bits", "bias")
+    return all((getattr(ours, p) is None and getattr(reference, p) is None)
+               or torch.equal(getattr(ours, p), getattr(reference, p))
+               for p in parts)
+
+
+def test_rounding_a_float_folder_at_load_never_allocates_its_projections(tmp_path, monkeypatch) -> None:
+    """weights=int8/int4 on a safetensors folder: each block projection is rounded as it is read,
+    so materialize never gives it float storage (a 7B bf16 checkpoint would need 13.5 GB for that),
+    and the codes are those of rounding the loaded float model (quantize_decoder), bf16 included."""
+    from builders import build_tiny_causal_lm
+    from ros_infmllm.model import checkpoint, load_model
+    from ros_infmllm.model.quantized import QUANTIZED_PROJECTIONS, QuantizedLinear, quantize_decoder
+
+    build_tiny_causal_lm(tmp_path, "qwen2", kv_heads=2, seed=4)
+    allocated: list[int] = []
+    monkeypatch.setattr(checkpoint, "materialize", counting_materialize(allocated))
+    for dtype in (torch.float32, torch.bfloat16):
+        for mode in ("int8", "int4"):
+            allocated.clear()
+            reference = load_model(tmp_path, dtype=dtype)
+            quantize_decoder(reference.decoder, mode)
+            packed = load_model(tmp_path, dtype=dtype, weights=mode)
+            projections = [m for m in packed.modules() if isinstance(m, QuantizedLinear)]
+            assert len(projections) == len(packed.decoder.layers) * len(QUANTIZED_PROJECTIONS)
+            # the biases (Qwen2's q/k/v) are still given storage by materialize and loaded after
+            float_bytes = sum(dtype.itemsize * m.in_features * m.out_features for m in projections)
+            assert allocated[1] == allocated[0] - float_bytes, (dtype, mode)
+            for name, layer in packed.named_modules():
+                if isinstance(layer, QuantizedLinear):
+                    assert same_codes(layer, reference.get_submodule(name)), name
+            assert packed.decoder.layers[0].self_attn.q_proj.bias is not None
+            ids = torch.tensor([[5, 6, 7, 8, 9]])
+            assert torch.equal(packed.forward_full(ids), reference.forward_full(ids))
+
+
+def test_rounding_a_float_gguf_at_load_never_allocates_its_projections(tmp_path, monkeypatch) -> None:
+    """The same for a GGUF whose projections are of a type not kept packed (F16 under int4, Q4_0
+    under int8): rounded as read, LLaMA's permuted q/k rows un-permuted first."""
+    from builders import build_tiny_causal_lm
+    from gguf_builders import write_text_gguf
+    from ros_infmllm.model import gguf_loader, load_model
+    from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
+
+    source = build_tiny_causal_lm(tmp_path / "hf", "llama", kv_heads=2, seed=4)
+    for kind, mode in (("F16", "int4"), ("Q4_0", "int8")):
+        file = write_text_gguf(tmp_path / f"{kind}.gguf", source.config, source.state_dict(), kind, seed=3)
+        allocated: list[int] = []
+        monkeypatch.setattr(gguf_loader, "materialize", counting_materialize(allocated))
+        reference = load_model(file)
+        quantize_decoder(reference.decoder, mode)
+        packed = load_model(file, weights=mode)
+        projections = [m for m in packed.modules() if isinstance(m, QuantizedLinear)]
+        float_bytes = sum(4 * m.in_features * m.out_features for m in projections)
+        assert projections and allocated[1] == allocated[0] - float_bytes, kind
+        for name, layer in packed.named_modules():
+            if isinstance(layer, QuantizedLinear):
+                assert same_codes(layer, reference.get_submodule(name)), (kind, name)

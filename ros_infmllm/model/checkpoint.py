@@ -26,7 +26,8 @@ from .idefics3 import Idefics3Model
 from .llava import LlavaModel
 from .materialize import materialize
 from .qwen2_vl import Qwen2VLModel
-from .quantized import HEAD_MODES, WEIGHT_MODES, QuantizedLinear, quantize_decoder, quantize_head
+from .quantized import (HEAD_MODES, WEIGHT_MODES, QuantizedLinear, is_block_projection, quantize_decoder,
+                        quantize_head)
 from .quantized_embedding import EMBEDDING_MODES, quantize_embeddings
 from .quantized_vision import VISION_MODES, quantize_vision
 from .packed_lora import attach_packed_base, has_packed_base
@@ -213,6 +214,43 @@ def place_packed(model: CausalLM, folder: Path, weights: str) -> dict[str, Packe
     return entries
 
 
+def place_rounded(model: CausalLM, folder: Path, weights: str, dtype: torch.dtype,
+                  skip: frozenset[str] = frozenset()) -> set[str]:
+    """Under ``int8`` / ``int4``, each block projection stored in floats becomes a ``QuantizedLinear``
+    as it is read (rounded to nearest from its values in ``dtype``, as ``quantize_decoder`` rounds a
+    loaded layer), one tensor at a time on the meta-device model: the float model is never built,
+    so a 7B bf16 checkpoint packs to int4 within the packed model's memory plus one projection's
+    float32 copy, not its 13.5 GB of floats (a Jetson has no such room). ``skip``: projections
+    ``place_packed`` found. Returns the modules placed; their biases load with ``load_state``."""
+    if weights not in ("int8", "int4"):
+        return set()
+    layout = layout_of(model)
+    placed: set[str] = set()
+    with torch.no_grad():
+        for file in weight_files(folder):
+            if not file.is_file():
+                continue  # load_state names the missing file
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    name = canonical_name(key, layout)
+                    module = None if name is None else name.removesuffix(".weight")
+                    if module is None or module == name or module in skip or not is_block_projection(module):
+                        continue
+                    layer = model.get_submodule(module)
+                    if not isinstance(layer, nn.Linear):
+                        continue
+                    tensor = handle.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(layer.weight.shape):
+                        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                              f"the config implies {tuple(layer.weight.shape)}")
+                    bias = None if layer.bias is None else torch.empty_like(layer.bias, device="meta")
+                    parent, child = module.rsplit(".", 1)
+                    model.get_submodule(parent).register_module(
+                        child, QuantizedLinear.from_float(tensor.to(dtype), bias, weights))
+                    placed.add(module)
+    return placed
+
+
 def fill_dequantized(model: CausalLM, entries: dict[str, PackedProjection], dtype: torch.dtype) -> None:
     """The float weights of the packed projections ``place_packed`` left as float layers."""
     with torch.no_grad():
@@ -268,9 +306,10 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
         with torch.device("meta"):
             model = model_class(cfg)(cfg)
         packed = place_packed(model, files.folder, weights)
+        rounded = place_rounded(model, files.folder, weights, dtype, frozenset(packed))
         model = materialize(model, dtype)  # storage in dtype at once, not float32 first
         fill_dequantized(model, packed, dtype)
-        load_state(model, files.folder, dtype, frozenset(packed))
+        load_state(model, files.folder, dtype, frozenset(packed) | rounded)
         if weights == "auto" and has_packed_base(files.folder):  # a packed base plus float LoRA factors
             attach_packed_base(model, files.folder, dtype)
     if weights in ("int8", "int4"):

@@ -58,11 +58,22 @@ def packed_projection(file: GGUFFile, theirs: str, kind: str, shape: tuple[int, 
     return layer
 
 
+def rounded_projection(file: GGUFFile, theirs: str, heads: int, dtype: torch.dtype, mode: str) -> QuantizedLinear:
+    """A block projection of another type (F16, Q5_K, ...) under ``int8`` / ``int4``: dequantized
+    alone and rounded to nearest from its values in ``dtype``, as ``quantize_decoder`` rounds a
+    loaded float layer."""
+    tensor = file.tensor(theirs)
+    if heads:
+        tensor = unpermute_qk(tensor, heads)
+    return QuantizedLinear.from_float(tensor.to(dtype), None, mode)
+
+
 def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None,
                     dtype: torch.dtype = torch.float32, weights: str = "float") -> CausalLM:
     """Build and fill the model on the CPU (the caller moves it). ``weights`` (see
     ``quantized.WEIGHT_MODES``): ``float`` dequantizes every tensor to ``dtype``; ``auto``, ``int8``
-    and ``int4`` keep the block projections stored as Q8_0 / Q4_0 / Q4_1 packed (``QuantizedLinear``)."""
+    and ``int4`` keep the block projections stored as Q8_0 / Q4_0 / Q4_1 / Q4_K packed
+    (``QuantizedLinear``); under ``int8`` / ``int4`` the others are rounded as they are read."""
     text = open_gguf(text_path)
     text_cfg = text_config(text)
     sources: list[tuple[GGUFFile, dict[str, str]]] = [(text, text_tensor_names(text_cfg))]
@@ -85,18 +96,24 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
         model = builder(cfg)
     if cfg.text.tie_word_embeddings:  # one table, allocated once
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    # Projections kept in their blocks replace the float layers before any storage is given, so
-    # loading a packed model never holds its float copy (materialize.py).
+    # Projections kept in their blocks, or rounded from one tensor's floats, replace the float layers
+    # before any storage is given, so loading a packed model never holds its float copy (materialize.py).
     packed: set[str] = set()
     for ours, theirs in sources[0][1].items():
         module = ours.removesuffix(".weight")
         kind = text.tensor_type(theirs)
-        if ours.endswith(".weight") and module.endswith(QUANTIZED_PROJECTIONS) and keeps_packed(kind, weights):
-            parent, name = module.rsplit(".", 1)
-            shape = tuple(model.get_submodule(module).weight.shape)
-            model.get_submodule(parent).register_module(
-                name, packed_projection(text, theirs, kind, shape, needs_unpermute(text_cfg, ours)))
-            packed.add(module)
+        if not (ours.endswith(".weight") and module.endswith(QUANTIZED_PROJECTIONS)):
+            continue
+        heads = needs_unpermute(text_cfg, ours)
+        if keeps_packed(kind, weights):
+            layer = packed_projection(text, theirs, kind, tuple(model.get_submodule(module).weight.shape), heads)
+        elif weights in ("int8", "int4"):  # other types rounded as they are read: no float model either
+            layer = rounded_projection(text, theirs, heads, dtype, weights)
+        else:
+            continue
+        parent, name = module.rsplit(".", 1)
+        model.get_submodule(parent).register_module(name, layer)
+        packed.add(module)
     materialize(model, dtype)
     params = dict(model.state_dict())
     with torch.no_grad():

@@ -72,6 +72,19 @@ def test_round_to_nearest_is_within_half_a_step(mode: str, group: int) -> None:
     assert error.max() > 0  # it did quantize
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_rounding_a_few_rows_at_a_time_gives_the_same_layer(mode: str, monkeypatch) -> None:
+    """from_float rounds pieces of whole rows (its float32 temporaries bounded): uneven pieces give
+    the codes, scales and offsets of rounding the matrix at once."""
+    w = torch.from_numpy(_weights((10, 128), seed=2))
+    whole = QuantizedLinear.from_float(w, None, mode)
+    monkeypatch.setattr("ros_infmllm.model.quantized.ROUNDING_ELEMENTS", 3 * 128)  # pieces of 3, 3, 3, 1 rows
+    pieces = QuantizedLinear.from_float(w, None, mode)
+    for part in ("qweight", "scale_bits", "offset_bits"):
+        a, b = getattr(whole, part), getattr(pieces, part)
+        assert (a is None and b is None) or torch.equal(a, b), part
+
+
 def test_packing_keeps_each_code_and_rejects_bad_shapes() -> None:
     codes = torch.arange(32, dtype=torch.uint8).remainder(16).reshape(2, 16)
     packed = pack_int4(codes)

@@ -43,6 +43,8 @@ FORWARD_ELEMENTS = 1 << 24
 # leaves cuBLAS too few tiles (LLaMA-2-7B's down projection at 729 tokens: 324 us in pieces of 2^24, 159 in
 # pieces of 2^25; benchmarks/results/bench_packed_prefill_shipped_h200.md)
 GPU_FORWARD_ELEMENTS = 1 << 25
+# weights rounded at once by ``QuantizedLinear.from_float`` (whole rows; 16 MiB in float32)
+ROUNDING_ELEMENTS = 1 << 22
 QUANTIZED_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -158,17 +160,13 @@ class QuantizedLinear(nn.Module):
         group = group or in_features
         if in_features % group or (mode == "int4" and group % 2):
             raise ValueError(f"group {group} does not divide {in_features} input features into even groups")
-        w = weight.detach().to(torch.float32).reshape(out_features, in_features // group, group)
-        if mode == "int8":
-            scales = (w.abs().amax(-1) / 127).to(torch.float16)
-            codes = torch.round(w / _divisor(scales)).clamp(-127, 127).to(torch.int8)
-            return cls(codes.reshape(out_features, in_features), scales, None, 8, in_features, bias)
-        low, high = w.amin(-1), w.amax(-1)
-        scales = ((high - low) / 15).to(torch.float16)
-        offsets = low.to(torch.float16)
-        codes = torch.round((w - offsets.to(torch.float32)[..., None]) / _divisor(scales)).clamp(0, 15)
-        return cls(pack_int4(codes.reshape(out_features, in_features).to(torch.uint8)), scales, offsets, 4,
-                   in_features, bias)
+        # whole rows at a time: the float32 temporaries of a 7B gate projection rounded at once took
+        # about 0.9 GB beside the packed model being loaded (benchmarks/results/load_memory_7b_safetensors_cpu.md)
+        step = max(1, ROUNDING_ELEMENTS // in_features)
+        pieces = [_rounded_rows(weight[start:start + step].detach(), mode, group)
+                  for start in range(0, out_features, step)]
+        codes, scales, offsets = (None if pieces[0][i] is None else torch.cat([p[i] for p in pieces]) for i in range(3))
+        return cls(codes, scales, offsets, 8 if mode == "int8" else 4, in_features, bias)
 
     # ---- from GGUF blocks ------------------------------------------------------------------------
     @classmethod
@@ -223,6 +221,22 @@ class QuantizedLinear(nn.Module):
 
 GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144}  # 32 weights per block (Q4_K: 256)
 GGUF_DIRECT_MODES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
+
+
+def _rounded_rows(rows: torch.Tensor, mode: str, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest codes (int8, or int4 packed two to a byte), float16 scales and offsets
+    (int4) of the float matrix ``rows [count, in]``."""
+    count, in_features = rows.shape
+    w = rows.to(torch.float32).reshape(count, in_features // group, group)
+    if mode == "int8":
+        scales = (w.abs().amax(-1) / 127).to(torch.float16)
+        codes = torch.round(w / _divisor(scales)).clamp(-127, 127).to(torch.int8)
+        return codes.reshape(count, in_features), scales, None
+    low, high = w.amin(-1), w.amax(-1)
+    scales = ((high - low) / 15).to(torch.float16)
+    offsets = low.to(torch.float16)
+    codes = torch.round((w - offsets.to(torch.float32)[..., None]) / _divisor(scales)).clamp(0, 15)
+    return pack_int4(codes.reshape(count, in_features).to(torch.uint8)), scales, offsets
 
 
 def _divisor(scales: torch.Tensor) -> torch.Tensor:

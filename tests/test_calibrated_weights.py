@@ -155,3 +155,22 @@ def test_cli_reports_bad_input(gptq, tmp_path, capsys) -> None:
     text.write_text(calibration_text(2))
     assert calibrate.main(["--model", str(source), "--out", str(folder), "--text", str(text)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_awq_pairs_are_anchored_at_the_decoders_blocks() -> None:
+    """In a VLM the tower's layers share the decoder's local names (its v_proj feeds out_proj, not
+    an o_proj): AWQ's pairs match the decoder's blocks only, and projections under two stems are
+    refused rather than guessed."""
+    import re
+
+    mappings = calibrate.awq_mappings(["model.language_model.layers.0.self_attn.q_proj",
+                                       "model.language_model.layers.11.mlp.down_proj"])
+    matches = lambda pattern, name: re.match(pattern.removeprefix("re:"), name) is not None  # noqa: E731
+    smooths = [m.smooth_layer for m in mappings]
+    assert any(matches(p, "model.language_model.layers.11.self_attn.v_proj") for p in smooths)
+    assert not any(matches(p, "model.vision_tower.vision_model.encoder.layers.0.self_attn.v_proj") for p in smooths)
+    assert not any(matches(p, "model.language_model.layers.1.self_attn.v_proj_extra") for p in smooths)
+    balances = [b for m in mappings for b in m.balance_layers]
+    assert sum(matches(p, "model.language_model.layers.3.mlp.down_proj") for p in balances) == 1
+    with pytest.raises(CheckpointError, match="under one"):
+        calibrate.awq_mappings(["model.layers.0.self_attn.q_proj", "other.layers.0.self_attn.q_proj"])

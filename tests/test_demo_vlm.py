@@ -233,22 +233,26 @@ def test_exporting_the_packed_base_with_lora_factors_is_refused_clearly(demo_vlm
     assert not (tmp_path / "engines").exists()
 
 
-def test_demo_vlm_calibrated_by_gptq_loads_packed_and_stays_nearer_float_than_rounding(demo_vlm: Path,
-                                                                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_demo_vlm_calibrated_loads_packed_and_stays_nearer_float_than_rounding(demo_vlm: Path, tmp_path: Path,
+                                                                               method: str) -> None:
     """``python -m ros_infmllm.demo.calibrate_vlm`` end to end on a few training-world episodes (the
-    shipped figure used 64: docs/quantized_weights.md): the folder loads with every block projection
-    packed int4 as calibrated and the tower float, its logits stay nearer the float model's than
-    round-to-nearest int4's, and a session on it answers a held-out stream."""
+    shipped figures used 64: docs/quantized_weights.md): the folder loads with every block projection
+    packed int4 as calibrated (AWQ's with offsets from its zero points) and the tower float, its
+    logits stay nearer the float model's than round-to-nearest int4's, and a session on it answers
+    a held-out stream. AWQ's pairs are scoped to the decoder (the tower's v_proj feeds no o_proj)."""
     from ros_infmllm.demo import calibrate_vlm
     from ros_infmllm.model import load_model
     from ros_infmllm.model.quantized import weight_modes
 
-    out = tmp_path / "gptq"
-    assert calibrate_vlm.main(["--out", str(out), "--samples", "4", "--frames", "3"]) == 0
+    out = tmp_path / method
+    assert calibrate_vlm.main(["--out", str(out), "--method", method, "--samples", "4", "--frames", "3"]) == 0
     record = json.loads((out / "calibrated_from.json").read_text())
-    assert record["method"] == "gptq" and record["samples"] == 4 and not (out / "packed_base.json").exists()
+    assert record["method"] == method and record["samples"] == 4 and not (out / "packed_base.json").exists()
     merged, calibrated, rounded = load_model(demo_vlm), load_model(out, weights="auto"), load_model(demo_vlm, weights="int4")
     assert weight_modes(calibrated.decoder) == {"int4"}
+    packed = [m for m in calibrated.decoder.modules() if hasattr(m, "offsets")]
+    assert packed and {m.offsets is not None for m in packed} == {method == "awq"}
     assert isinstance(calibrated.projector.linear_1, torch.nn.Linear)  # only the decoder's blocks are packed
     reference = step_logits(merged)
     assert (step_logits(calibrated) - reference).abs().mean() < (step_logits(rounded) - reference).abs().mean()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tools.calibrate import calibrate, collate_one
+from ..tools.calibrate import METHODS, calibrate, collate_one
 from .episodes import CHAT, make_episode
 from .train_vlm import VALIDATION_SEED, Layout
 
@@ -47,10 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m ros_infmllm.demo.calibrate_vlm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the calibrated folder to write (must not exist)")
-    # AWQ stops in llm-compressor 0.14 on this LLaVA layout ("AWQ needs to match a single smoothlayer
-    # for each mapping": its norm-to-projection mappings resolve across all 30 decoder layers at once)
-    parser.add_argument("--method", choices=("gptq",), default="gptq",
-                        help="GPTQ (AWQ: text-only models, infmllm_calibrate)")
+    parser.add_argument("--method", choices=METHODS, default="gptq",
+                        help="GPTQ (symmetric groups) or AWQ (channel scaling, groups with zero points)")
     parser.add_argument("--group", type=int, default=32)
     parser.add_argument("--samples", type=int, default=64, help="training-world episodes")
     parser.add_argument("--frames", type=int, default=8, help="frames per episode")

@@ -61,9 +61,37 @@ def block_projections(model: torch.nn.Module, source: Path) -> tuple[list[str], 
     return targets, others
 
 
-def recipe(method: str, bits: int, group: int, ignore: Sequence[str]) -> list:
+# AWQ's smoothing pairs in a LLaMA / Qwen2 block: (the layer whose output is scaled down, the
+# projections it feeds, whose input channels are scaled up to match), llm-compressor's defaults
+AWQ_PAIRS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+             ("self_attn.v_proj", ("self_attn.o_proj",)),
+             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+             ("mlp.up_proj", ("mlp.down_proj",)))
+
+
+def awq_mappings(targets: Sequence[str]) -> list:
+    """AWQ's smoothing pairs scoped to the decoder's blocks (``targets``: their projections'
+    transformers names). llm-compressor's defaults match by name ends anywhere in the model, so
+    in a VLM the vision tower's ``v_proj`` (whose output goes to ``out_proj``, not an ``o_proj``)
+    opens a pair that never closes and swallows the decoder's ("AWQ needs to match a single
+    smoothlayer for each mapping"); anchored at the decoder's own ``layers.N.`` they cannot."""
+    import re
+
+    from llmcompressor.modifiers.transform.awq import AWQMapping
+
+    prefixes = {name.rsplit(".layers.", 1)[0] for name in targets if ".layers." in name}
+    if len(prefixes) != 1:
+        raise CheckpointError(f"the decoder's projections sit under {sorted(prefixes) or 'no layers.N'}; "
+                              "AWQ needs them under one")
+    stem = rf"re:^{re.escape(prefixes.pop())}\.layers\.\d+\."
+    return [AWQMapping(stem + re.escape(smooth) + "$", [stem + re.escape(b) + "$" for b in balance])
+            for smooth, balance in AWQ_PAIRS]
+
+
+def recipe(method: str, bits: int, group: int, ignore: Sequence[str], targets: Sequence[str] = ()) -> list:
     """llm-compressor modifiers: GPTQ with symmetric groups (codes centred on 8, as GGUF's Q4_0),
-    or AWQ's channel scaling then round-to-nearest with asymmetric groups (its usual scheme)."""
+    or AWQ's channel scaling (pairs scoped to ``targets``' blocks, ``awq_mappings``) then
+    round-to-nearest with asymmetric groups (its usual scheme)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     if method not in METHODS:
@@ -82,7 +110,8 @@ def recipe(method: str, bits: int, group: int, ignore: Sequence[str]) -> list:
 
     # AWQ scales the channels (by the architecture's mappings of norms to the layers they feed), then
     # the groups are rounded to nearest
-    return [AWQModifier(duo_scaling="both"), QuantizationModifier(config_groups=groups, ignore=list(ignore))]
+    return [AWQModifier(duo_scaling="both", mappings=awq_mappings(targets)),
+            QuantizationModifier(config_groups=groups, ignore=list(ignore))]
 
 
 @contextlib.contextmanager
@@ -123,7 +152,7 @@ def calibrate(source: Path, out: Path, samples: list[dict], collate: Collate, me
     targets, others = block_projections(model, source)
     processor = processor or PreTrainedTokenizerFast(tokenizer_file=str(source / "tokenizer.json"))
     with host_memory_unpinned():
-        oneshot(model=model, dataset=Dataset.from_list(samples), recipe=recipe(method, bits, group, others),
+        oneshot(model=model, dataset=Dataset.from_list(samples), recipe=recipe(method, bits, group, others, targets),
                 processor=processor, data_collator=collate, num_calibration_samples=len(samples),
                 pipeline="sequential")
     # what is not quantized goes back to the source's dtype (a bf16 checkpoint stays half the size);

@@ -79,9 +79,11 @@ def _text_weights(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def write_text_gguf(path: Path, text_cfg: Any, state: dict[str, torch.Tensor], kind: str = "F32",
-                    seed: int = 0, chat_template: str | None = CHATML, tokens: list[str] | None = None) -> Path:
+                    seed: int = 0, chat_template: str | None = CHATML, tokens: list[str] | None = None,
+                    kinds: dict[str, str] | None = None) -> Path:
     """A text GGUF of a LLaMA or Qwen2 decoder: ``text_cfg`` its transformers config, ``state`` the
-    (causal LM or LLaVA) state dict."""
+    (causal LM or LLaVA) state dict; ``kinds``: another type for the tensors whose name contains a
+    key (``{"v_proj": "Q6_K"}``: the mix of llama.cpp's Q4_K_M)."""
     from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFWriter
 
     arch = {"llama": "llama", "qwen2": "qwen2"}[text_cfg.model_type]
@@ -127,7 +129,8 @@ def write_text_gguf(path: Path, text_cfg: Any, state: dict[str, torch.Tensor], k
             value = _permute(value, heads)
         elif arch == "llama" and ".k_proj." in key:
             value = _permute(value, kv_heads)
-        data, qtype = _encode(value, kind, rng)
+        chosen = next((other for part, other in (kinds or {}).items() if part in key), kind)
+        data, qtype = _encode(value, chosen, rng)
         writer.add_tensor(names[key], data, raw_dtype=qtype)
     return finish(writer, path)
 

@@ -191,14 +191,26 @@ def test_the_norm_is_folded_in_not_skipped() -> None:
     assert torch.allclose(scaled, normed, rtol=1e-5)
 
 
+def as_q4_k_m(decoder) -> None:
+    """v and down as int8 in groups of 16 beside int4 q/k/o/gate/up: the packing a Q4_K_M GGUF's
+    Q6_K tensors get (read directly, QuantizedLinear._from_q6_k), so q/k/v fuse in two runs."""
+    for block in decoder.layers:
+        for parent, name in ((block.self_attn, "v_proj"), (block.mlp, "down_proj")):
+            layer = getattr(parent, name)
+            setattr(parent, name, QuantizedLinear.from_float(layer.dequantized(), layer.bias, "int8", group=16))
+
+
 @pytest.mark.parametrize("weights,head", [("float", None), ("int8", None), ("int4", None), ("int4", "int8"),
-                                          ("int8", "int4")])
+                                          ("int8", "int4"), ("q4_k_m", None)])
 def test_decoder_step_through_the_matvec_op_equals_the_plain_path(head16_model_dir, weights, head) -> None:
     """The one-token block through the op against the plain path; packed projections (int8, int4)
     fused as q/k/v and gate/up, and a packed LM head, read by the op against QuantizedLinear's
-    dequantize-and-multiply."""
-    model = load_model(head16_model_dir, device=DEVICE, weights=weights)
+    dequantize-and-multiply; a Q4_K_M mix (``as_q4_k_m``): q and k one matrix, v another, only
+    q and k rotated."""
+    model = load_model(head16_model_dir, device=DEVICE, weights="int4" if weights == "q4_k_m" else weights)
     decoder = model.decoder
+    if weights == "q4_k_m":
+        as_q4_k_m(decoder)
     if head is not None:
         assert quantize_decoder(decoder, head, head=head) == 1  # the projections are packed already
     inputs = one_token_step_inputs(model.cfg.text, capacity=40, filled=29, seed=2, device=DEVICE)
@@ -225,8 +237,11 @@ def test_decoder_step_through_the_matvec_op_equals_the_plain_path(head16_model_d
     decoder.use_decode_kernel(False)
     assert prefill[0].shape == prefill[1].shape == (1, model.cfg.text.vocab_size)
     assert torch.allclose(prefill[1], prefill[0], atol=1e-4)
-    if weights != "float":  # each layer's buffers are views into the fused ones
-        attn = decoder.layers[0].self_attn
+    attn = decoder.layers[0].self_attn
+    if weights == "q4_k_m":
+        assert [part.sizes for part in attn.qkv.parts] == [attn.qkv.sizes[:2], attn.qkv.sizes[2:]]
+        assert attn.v_proj.qweight.data_ptr() == attn.qkv1_qweight.data_ptr()
+    elif weights != "float":  # each layer's buffers are views into the fused ones
         assert attn.q_proj.qweight.data_ptr() == attn.qkv_qweight.data_ptr()
 
 

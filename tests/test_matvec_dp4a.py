@@ -21,14 +21,16 @@ from ros_infmllm.model.quantized import QuantizedLinear  # noqa: E402
 from ros_infmllm.rope import Rotary  # noqa: E402
 
 
-# the weights of each case: int4 with offsets (Q4_1 style), int4 centred on 8 (Q4_0), int8 (Q8_0)
-WEIGHTS = {"q4_1-offsets": (4, True), "q4_0-centred": (4, False), "q8_0": (8, False)}
+# the weights of each case (bits, offsets, group): int4 with offsets (Q4_1 style), int4 centred on 8
+# (Q4_0), int8 (Q8_0), int8 in groups of 16 (Q6_K read directly: x rounded per 16 inputs too)
+WEIGHTS = {"q4_1-offsets": (4, True, 32), "q4_0-centred": (4, False, 32), "q8_0": (8, False, 32),
+           "q6_k-int8-g16": (8, False, 16)}
 
 
-def _packed(rows: int, columns: int, offsets: bool, seed: int = 0, bits: int = 4) -> QuantizedLinear:
+def _packed(rows: int, columns: int, offsets: bool, seed: int = 0, bits: int = 4, group: int = 32) -> QuantizedLinear:
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, columns, generator=generator) * 0.05
-    layer = QuantizedLinear.from_float(weight, None, "int4" if bits == 4 else "int8", group=32)
+    layer = QuantizedLinear.from_float(weight, None, "int4" if bits == 4 else "int8", group=group)
     if bits == 4 and not offsets:  # GGUF Q4_0 style: codes centred on 8, no offsets
         layer = QuantizedLinear(layer.qweight, layer.scales, None, 4, columns, None)
     return layer.to(DEVICE)
@@ -47,25 +49,26 @@ def _int8_activations(monkeypatch, **fields) -> None:
 def test_dp4a_products_give_the_integer_sums_of_the_activation_codes(monkeypatch, ahead, weights, rows, columns,
                                                                      residual) -> None:
     _int8_activations(monkeypatch, int4_block_k=256, int8_block_k=256, packed_ahead=ahead)  # several chunks per row
-    bits, offsets = WEIGHTS[weights]
-    layer = _packed(rows, columns, offsets, bits=bits)
+    bits, offsets, group = WEIGHTS[weights]
+    layer = _packed(rows, columns, offsets, bits=bits, group=group)
     x = torch.randn(1, columns, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     res = torch.randn(1, rows).to(DEVICE) if residual else None
     got = op.decode_linear(x, layer.qweight, None, None, res, 1e-6, False, scales=layer.scales, offsets=layer.offsets,
                            bits=bits)
     want = _rounded_reference(x.cpu(), layer.dequantized(torch.float64).cpu(), None, None,
-                              None if res is None else res.cpu(), 1e-6, False)
+                              None if res is None else res.cpu(), 1e-6, False, group=group)
     assert got.shape == (1, rows) and got.dtype == x.dtype
     assert torch.allclose(got.double().cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
-def _rounded_reference(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0):
+def _rounded_reference(x, weight, bias, norm_weight, residual, eps, gated, cos=None, sin=None, rotated_rows=0,
+                       group=32):
     """The op's product in float64 from x's int8 codes: rounding per group commutes with the RMS
     (one scale for all of x), so the codes of ``x * w`` give those of ``norm(x) * w`` times 1/rms."""
     h = x.double()
     if norm_weight is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
-    return _reference(matvec_dp4a.rounded_activations(h, 32), weight, bias, None, residual, eps, gated, cos, sin,
+    return _reference(matvec_dp4a.rounded_activations(h, group), weight, bias, None, residual, eps, gated, cos, sin,
                       rotated_rows)
 
 
@@ -78,16 +81,16 @@ def test_the_decode_op_with_int8_activations_folds_in_what_the_float_path_does(m
     """``int4_activations`` / ``int8_activations`` "int8": the op's fusions (norm, bias, SwiGLU,
     residual) around the dp4a products, against a float64 reference from the same codes."""
     _int8_activations(monkeypatch)
-    bits, offsets = WEIGHTS[weights]
+    bits, offsets, group = WEIGHTS[weights]
     generator = torch.Generator().manual_seed(rows + columns + 3 * gated + offsets)
-    layer = _packed(2 * rows if gated else rows, columns, offsets, seed=rows, bits=bits)
+    layer = _packed(2 * rows if gated else rows, columns, offsets, seed=rows, bits=bits, group=group)
     x = torch.randn(1, columns, generator=generator).to(DEVICE)
     rest = (torch.randn(layer.out_features, generator=generator).to(DEVICE) if bias else None,
             (torch.rand(columns, generator=generator) + 0.5).to(DEVICE) if norm else None,
             torch.randn(1, rows, generator=generator).to(DEVICE) if residual else None, 1e-6, gated)
     out = op.decode_linear(x, layer.qweight, *rest, scales=layer.scales, offsets=layer.offsets, bits=bits)
     want = _rounded_reference(x.cpu(), layer.dequantized(torch.float64).cpu(), *(
-        None if t is None else t.cpu() if isinstance(t, torch.Tensor) else t for t in rest))
+        None if t is None else t.cpu() if isinstance(t, torch.Tensor) else t for t in rest), group=group)
     assert out.shape == (1, rows)
     assert float((out.double().cpu() - want).norm() / want.norm()) < 1e-5  # x's rounding alone is ~5e-3
 

@@ -60,6 +60,63 @@ def test_q4_k_blocks_keep_their_codes_and_round_only_the_group_scales() -> None:
     assert bool((bound < 0.5 * step)[step > 0].all())  # so a code off by one would fail
 
 
+def test_q6_k_blocks_become_int8_codes_in_groups_of_16() -> None:
+    """Q6_K super-blocks (random bytes, negative sub-block scales included) as int8 codes -32..31
+    and one float16 scale per 16 weights: each weight within float16 rounding of the gguf
+    package's dequantization, which a code off by one would exceed."""
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(7)
+    blocks = rng.integers(0, 256, size=(5, 2, 210), dtype=np.uint8)  # 5 rows of 512 weights
+    blocks[..., 208:210] = np.array([2e-4], np.float16).view(np.uint8)
+    layer = QuantizedLinear.from_gguf_blocks(blocks.reshape(5, -1), "Q6_K", (5, 512))
+    expected = torch.from_numpy(quants.dequantize(blocks.reshape(5, -1), GGMLQuantizationType.Q6_K).reshape(5, 512))
+    assert layer.bits == 8 and layer.group == 16 and layer.offsets is None and layer.scales.shape == (5, 32)
+    codes = layer.codes()
+    assert codes.min() >= -32 and codes.max() <= 31 and codes.min() < -16 and codes.max() > 16
+    assert bool((layer.scales < 0).any())  # int8 scales are signed in Q6_K
+    step = layer.scales.float().abs().repeat_interleave(16, dim=1)
+    error = (layer.dequantized() - expected).abs()
+    assert bool((error <= 2 ** -11 * 32 * step + 1e-9).all())
+    assert bool((2 ** -11 * 32 * step < 0.5 * step)[step > 0].all())
+    assert layer.packed_bytes() == 5 * 512 + 2 * 5 * 32  # a byte per weight and a scale per 16
+
+
+def test_a_q4_k_m_gguf_loads_every_projection_packed_and_fuses_in_runs(tmp_path: Path) -> None:
+    """A Q4_K_M-like file (v and down in Q6_K, the rest Q4_K): under auto every projection stays
+    packed (int8 in groups of 16 beside int4 in groups of 32) and the model gives the dequantized
+    file's logits; q/k/v fuse as two matrices (q and k; v), gate/up as one, and the fused model
+    computes as the unfused one."""
+    from ros_infmllm.model.layers import FusedRuns
+
+    source = build_tiny_causal_lm(tmp_path / "hf", "llama", kv_heads=2, seed=4, hidden_size=256,
+                                  intermediate_size=512, head_dim=64)
+    file = write_text_gguf(tmp_path / "q4_k_m.gguf", source.config, source.state_dict(), "Q4_K", seed=3,
+                           kinds={"v_proj": "Q6_K", "down_proj": "Q6_K"})
+    floats, packed = load_model(file), load_model(file, weights="auto")
+    assert weight_modes(packed.decoder) == {"int4", "int8"}
+    attn, mlp = packed.decoder.layers[0].self_attn, packed.decoder.layers[0].mlp
+    assert (attn.v_proj.mode, attn.v_proj.group, mlp.down_proj.mode, attn.q_proj.mode) == ("int8", 16, "int8", "int4")
+    for name, layer in packed.decoder.named_modules():  # each weight within float16 rounding of its scale's product
+        if isinstance(layer, QuantizedLinear):
+            step = layer.scales.float().abs().repeat_interleave(layer.group, dim=1)
+            reach = step * (32 if layer.bits == 8 else 15) + (0 if layer.offsets is None else
+                                                             layer.offsets.float().abs().repeat_interleave(layer.group, dim=1))
+            error = (layer.dequantized() - floats.decoder.get_submodule(name).weight).abs()
+            assert bool((error <= 2 ** -11 * reach + 1e-7).all()), name
+            with torch.no_grad():  # the float model given the packed weights' values, for the logits below
+                floats.decoder.get_submodule(name).weight.copy_(layer.dequantized())
+    ids = torch.tensor([[7, 20, 21, 22, 30, 31, 40, 3, 9]])
+    reference = floats.forward_full(ids)
+    unfused = packed.forward_full(ids)
+    assert (unfused - reference).abs().max().item() <= 1e-5 * reference.abs().max().item()
+    packed.decoder.fuse_projections()
+    assert isinstance(attn.qkv, FusedRuns) and attn.qkv.sizes == [256, 128, 128]
+    assert [part.linears for part in attn.qkv.parts] == [(attn.q_proj, attn.k_proj), (attn.v_proj,)]
+    assert not isinstance(mlp.gate_up, FusedRuns)
+    assert torch.allclose(packed.forward_full(ids), unfused, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode,group", [("int8", 32), ("int8", 0), ("int4", 32), ("int4", 64)])
 def test_round_to_nearest_is_within_half_a_step(mode: str, group: int) -> None:
     w = torch.from_numpy(_weights((10, 128), seed=1))

@@ -21,7 +21,7 @@ from .decode_attention import decode_attention, kernel_supported
 from . import prefill_mass as prefill_mass_op
 from .prefill_attention import attention, attention_with_lse, probe_cudnn
 from .staged_drop import StagedDrop, layer_mask, rank_and_keep
-from .layers import FusedLinear, RMSNorm, activation, fuse_linears
+from .layers import FusedLinear, FusedRuns, RMSNorm, activation, fuse_linears
 from .quantized import FusedQuantizedLinear, linear_operands
 
 
@@ -55,7 +55,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
-        self.qkv: FusedLinear | FusedQuantizedLinear | None = None
+        self.qkv: FusedLinear | FusedQuantizedLinear | FusedRuns | None = None
         self.decode_kernel = False  # one-token steps through the Triton op (decode_attention.py)
         self.mass_kernel = False  # a whole chunk's mass through the Triton op (prefill_mass.py)
 
@@ -180,7 +180,7 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = activation(cfg.hidden_act)
-        self.gate_up: FusedLinear | FusedQuantizedLinear | None = None
+        self.gate_up: FusedLinear | FusedQuantizedLinear | FusedRuns | None = None
 
     def fuse_projections(self) -> None:
         """gate and up from one matrix (see FusedLinear)."""
@@ -212,8 +212,11 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), k, v, mass
 
     def can_use_matvec(self) -> bool:
-        """The one-token path needs the fused q/k/v and gate/up matrices and a SwiGLU MLP."""
-        return self.self_attn.qkv is not None and self.mlp.gate_up is not None and self.silu
+        """The one-token path needs the fused q/k/v matrices (or runs of them, ``FusedRuns``), one
+        gate/up matrix (SwiGLU pairs a gate row with its up row in one launch) and a SwiGLU MLP."""
+        gate_up = self.mlp.gate_up
+        return (self.self_attn.qkv is not None and gate_up is not None and not isinstance(gate_up, FusedRuns)
+                and self.silu)
 
     def _decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                       past_v: torch.Tensor, mask: torch.Tensor, attn_window: int
@@ -223,9 +226,14 @@ class TransformerBlock(nn.Module):
         residual adds into o_proj and down_proj (each of those was a kernel launch of its own, at
         ~2 us apiece)."""
         attn, mlp, linear = self.self_attn, self.mlp, decode_linear.decode_linear
-        qkv_weight, qkv_bias, qkv_packing = attn.qkv.matvec_operands(attn)
-        qkv = linear(x, qkv_weight, qkv_bias, self.input_layernorm.weight, None, self.input_layernorm.eps, False,
-                     cos, sin, (attn.num_heads + attn.num_kv_heads) * attn.head_dim, **qkv_packing)
+        parts, rotated = [], (attn.num_heads + attn.num_kv_heads) * attn.head_dim  # q and k turn, v does not
+        for part in getattr(attn.qkv, "parts", (attn.qkv,)):  # one matrix, or runs of one packing (FusedRuns)
+            weight, bias, packing = part.matvec_operands(attn)
+            turned = max(0, min(sum(part.sizes), rotated))
+            parts.append(linear(x, weight, bias, self.input_layernorm.weight, None, self.input_layernorm.eps, False,
+                                cos if turned else None, sin if turned else None, turned, **packing))
+            rotated -= sum(part.sizes)
+        qkv = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask, attn_window,
                                       rotated=True)
         o_weight, o_bias, o_packing = linear_operands(attn.o_proj)

@@ -76,14 +76,46 @@ class FusedLinear:
         return (*self.tensors(owner), {})
 
 
-def fuse_linears(owner: nn.Module, name: str, linears: tuple[nn.Module, ...]):
-    """``FusedLinear`` for float layers, ``FusedQuantizedLinear`` for packed ones (model/quantized.py)."""
+class FusedRuns:
+    """Layers that read the same input but do not all fuse: each run of consecutive ones that do
+    is one matrix (``FusedLinear`` / ``FusedQuantizedLinear``). A Q4_K_M GGUF, the type most
+    GGUFs are published in, keeps v (and down) in Q6_K blocks and q and k in Q4_K ones: q and k
+    are then one int4 matrix and v an int8 one, two weight passes per token instead of three."""
+
+    def __init__(self, owner: nn.Module, name: str, runs: list[tuple[nn.Module, ...]]) -> None:
+        self.parts = [_fused_run(owner, f"{name}{index}", run) for index, run in enumerate(runs)]
+        self.sizes = [size for part in self.parts for size in part.sizes]
+
+    def __call__(self, owner: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(y for part in self.parts for y in part(owner, x))
+
+
+def fusion_key(layer: nn.Module) -> tuple:
+    """What layers must share to be one matrix: float or their packing (width, group, offsets),
+    and whether they have a bias."""
+    from .quantized import QuantizedLinear
+
+    packing = (layer.bits, layer.group, layer.offsets is None) if isinstance(layer, QuantizedLinear) else ("float",)
+    return packing + (layer.bias is None,)
+
+
+def _fused_run(owner: nn.Module, name: str, linears: tuple[nn.Module, ...]):
     from .quantized import FusedQuantizedLinear, QuantizedLinear
+
+    return (FusedQuantizedLinear if isinstance(linears[0], QuantizedLinear) else FusedLinear)(owner, name, linears)
+
+
+def fuse_linears(owner: nn.Module, name: str, linears: tuple[nn.Module, ...]):
+    """``FusedLinear`` for float layers, ``FusedQuantizedLinear`` for packed ones alike
+    (model/quantized.py), ``FusedRuns`` where they differ (float beside packed, or two packings)."""
+    from .quantized import QuantizedLinear
 
     if not all(isinstance(m, (nn.Linear, QuantizedLinear)) for m in linears):
         return None  # e.g. a packed base plus LoRA factors (packed_lora.py): each runs on its own
-    if all(isinstance(m, QuantizedLinear) for m in linears):
-        return FusedQuantizedLinear(owner, name, linears)
-    if any(isinstance(m, QuantizedLinear) for m in linears):
-        raise ValueError(f"{name}: cannot fuse packed and float layers")
-    return FusedLinear(owner, name, linears)
+    runs: list[tuple[nn.Module, ...]] = []
+    for layer in linears:
+        if runs and fusion_key(runs[-1][0]) == fusion_key(layer):
+            runs[-1] += (layer,)
+        else:
+            runs.append((layer,))
+    return _fused_run(owner, name, runs[0]) if len(runs) == 1 else FusedRuns(owner, name, runs)

@@ -6,7 +6,8 @@ shared by everything it runs; 8-bit weights halve both against bf16, 4-bit ones 
 One layout for every source, so that one kernel reads them all:
 
 - ``int8``: ``qweight`` int8 ``[out, in]``, ``w = q * scale`` (symmetric); groups of 32 (or one
-  group spanning the row) from float checkpoints, groups of 32 from GGUF ``Q8_0``.
+  group spanning the row) from float checkpoints, groups of 32 from GGUF ``Q8_0``, groups of 16
+  from ``Q6_K`` (codes -32..31, scale ``d * sc`` rounded to float16).
 - ``int4``: ``qweight`` uint8 ``[out, in / 2]``, element ``2j`` in the low nibble of byte ``j``
   and ``2j + 1`` in the high one, ``q`` in 0..15 and ``w = q * scale + offset``, or
   ``w = (q - 8) * scale`` where there is no offset; groups of 32 or 64 from float checkpoints
@@ -15,7 +16,7 @@ One layout for every source, so that one kernel reads them all:
   rounded to float16).
 
 Scales and offsets are float16 ``[out, in / group]``, as GGUF stores them, so a Q8_0 / Q4_0 /
-Q4_1 block's values are reproduced exactly (Q4_K's within float16 rounding of its products).
+Q4_1 block's values are reproduced exactly (Q4_K's and Q6_K's within float16 rounding of their products).
 ``forward`` dequantizes the matrix and multiplies (the reference path: the CPU and prefill);
 one-token decode steps read the packed bytes in the Triton matrix-vector kernel
 (matvec_kernels.py), q/k/v and gate/up fused by ``FusedQuantizedLinear``.
@@ -181,6 +182,8 @@ class QuantizedLinear(nn.Module):
         blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
         if kind == "Q4_K":
             return cls._from_q4_k(blocks, out_features, in_features, bias)
+        if kind == "Q6_K":
+            return cls._from_q6_k(blocks, out_features, in_features, bias)
         groups = in_features // 32
         raw = blocks.reshape(out_features, groups, GGUF_BLOCK_BYTES[kind])
         scales = torch.from_numpy(raw[..., 0:2].copy().view(np.float16).reshape(out_features, groups))
@@ -219,8 +222,34 @@ class QuantizedLinear(nn.Module):
         return cls(pack_int4(torch.from_numpy(codes)), scales, offsets, 4, in_features, bias)
 
 
-GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144}  # 32 weights per block (Q4_K: 256)
-GGUF_DIRECT_MODES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
+    @classmethod
+    def _from_q6_k(cls, blocks: np.ndarray, out_features: int, in_features: int,
+                   bias: torch.Tensor | None) -> "QuantizedLinear":
+        """GGUF ``Q6_K``: super-blocks of 256 weights (6-bit codes, sixteen int8 sub-block scales,
+        a float16 ``d``) as int8 codes ``q - 32`` (-32..31) in groups of 16, each group's scale
+        ``d * sc`` rounded to float16 (as ``_from_q4_k``'s). The codes come from gguf's own
+        dequantizer run on the blocks with every scale set to 1, so the bit layout is its, not a
+        second reading of it. Why: Q4_K_M files, the type most GGUFs are published in, keep v and
+        down in Q6_K; read this way they stay packed (int8) instead of becoming floats."""
+        from gguf.quants import Q6_K
+
+        supers = in_features // 256
+        raw = blocks.reshape(out_features * supers, 210)
+        d = raw[:, 208:210].copy().view(np.float16).astype(np.float32)
+        sc = raw[:, 192:208].view(np.int8).astype(np.float32)
+        scales = torch.from_numpy((d * sc).astype(np.float16).reshape(out_features, supers * 16))
+        unit = raw.copy()
+        unit[:, 192:208] = 1  # every sub-block scale 1 ...
+        unit[:, 208:210] = np.array([1.0], np.float16).view(np.uint8)  # ... and d = 1: the values are the codes
+        codes = np.empty((out_features * supers, 256), np.int8)
+        step = max(1, ROUNDING_ELEMENTS // 256)
+        for start in range(0, unit.shape[0], step):  # float32 temporaries a piece at a time
+            codes[start:start + step] = Q6_K.dequantize_blocks(unit[start:start + step]).astype(np.int8)
+        return cls(torch.from_numpy(codes.reshape(out_features, in_features)), scales, None, 8, in_features, bias)
+
+
+GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}  # 32 weights a block (K: 256)
+GGUF_DIRECT_MODES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q6_K": "int8"}
 
 
 def _rounded_rows(rows: torch.Tensor, mode: str, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -396,13 +396,27 @@ def shape_tokenizer(model, shape: dict):
     return word_tokenizer(model.cfg.text.vocab_size, LAYOUT_MARKERS[shape.get("layout", "llava")])
 
 
+def q4_k_m_mix(decoder) -> None:
+    """The layers a llama.cpp Q4_K_M file keeps in Q6_K, packed as we read Q6_K (int8, groups of
+    16): v and down in the first and last eighth of the blocks and every third block between
+    (llama.cpp's ``use_more_bits``); ``quantize_decoder`` then packs the rest in int4, as Q4_K is."""
+    count = len(decoder.layers)
+    for index, block in enumerate(decoder.layers):
+        if index < count // 8 or index >= 7 * count // 8 or (index - count // 8) % 3 == 2:
+            for parent, name in ((block.self_attn, "v_proj"), (block.mlp, "down_proj")):
+                layer = getattr(parent, name)
+                setattr(parent, name, QuantizedLinear.from_float(layer.weight, layer.bias, "int8", group=16))
+
+
 # ---- one model --------------------------------------------------------------------------------------
 def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> dict:
     print(f"{name}:", flush=True)
     folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
     model = random_model(folder, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if args.weights == "q4_k_m":
+        q4_k_m_mix(model.decoder)
     if args.weights != "float":  # packed decoder projections, rounded from the random floats
-        quantize_decoder(model.decoder, args.weights)
+        quantize_decoder(model.decoder, "int4" if args.weights == "q4_k_m" else args.weights)
     pack_parts(model, args.lm_head, args.embeddings, args.vision_weights)
     tokenizer = shape_tokenizer(model, shape)
     weights, cache = decoder_bytes_per_token(model), cache_bytes(model, args.capacity)
@@ -440,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-new-tokens", type=int, default=33)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--bandwidth-mb", type=int, default=2048)
-    parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
-                        help="decoder projections: float (bf16 on a GPU) or packed (groups of 32)")
+    parser.add_argument("--weights", choices=("float", "int8", "int4", "q4_k_m"), default="float",
+                        help="decoder projections: float (bf16 on a GPU) or packed (groups of 32); q4_k_m: int4 "
+                             "with llama.cpp's Q4_K_M choice of v and down layers in int8 groups of 16 (Q6_K as read)")
     parser.add_argument("--lm-head", choices=HEAD_MODES, default="float",
                         help="the LM head: float or packed")
     parser.add_argument("--embeddings", choices=HEAD_MODES, default="float",

@@ -17,6 +17,24 @@ import bench_gpu  # noqa: E402
 from ros_infmllm.cache import DEFAULT_POLICY  # noqa: E402
 
 
+def test_bench_gpu_q4_k_m_mix_packs_llama_cpps_choice_of_v_and_down_layers(tmp_path: Path) -> None:
+    """``--weights q4_k_m``: v and down in int8 groups of 16 in llama.cpp's use_more_bits blocks
+    (of 8: the first, the last, and every third between: 0, 3, 6, 7), every other projection int4."""
+    from builders import build_tiny_causal_lm
+    from ros_infmllm.model import load_model
+    from ros_infmllm.model.quantized import QUANTIZED_PROJECTIONS, quantize_decoder
+
+    build_tiny_causal_lm(tmp_path, "llama", num_hidden_layers=8)
+    decoder = load_model(tmp_path).decoder
+    bench_gpu.q4_k_m_mix(decoder)
+    quantize_decoder(decoder, "int4")
+    for index, block in enumerate(decoder.layers):
+        modes = {path: (block.get_submodule(path).mode, block.get_submodule(path).group) for path in QUANTIZED_PROJECTIONS}
+        wide = index in (0, 3, 6, 7)
+        assert modes.pop("self_attn.v_proj") == modes.pop("mlp.down_proj") == (("int8", 16) if wide else ("int4", 32))
+        assert set(modes.values()) == {("int4", 32)}, index
+
+
 def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert bench_gpu.main(["--smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench_gpu.json").read_text())

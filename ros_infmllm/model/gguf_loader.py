@@ -72,8 +72,9 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
                     dtype: torch.dtype = torch.float32, weights: str = "float") -> CausalLM:
     """Build and fill the model on the CPU (the caller moves it). ``weights`` (see
     ``quantized.WEIGHT_MODES``): ``float`` dequantizes every tensor to ``dtype``; ``auto``, ``int8``
-    and ``int4`` keep the block projections stored as Q8_0 / Q4_0 / Q4_1 / Q4_K packed
-    (``QuantizedLinear``); under ``int8`` / ``int4`` the others are rounded as they are read."""
+    and ``int4`` keep the block projections stored as Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K packed
+    (``QuantizedLinear``; ``keeps_packed``); under ``int8`` / ``int4`` the others are rounded as
+    they are read."""
     text = open_gguf(text_path)
     text_cfg = text_config(text)
     sources: list[tuple[GGUFFile, dict[str, str]]] = [(text, text_tensor_names(text_cfg))]

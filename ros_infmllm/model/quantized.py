@@ -161,8 +161,8 @@ class QuantizedLinear(nn.Module):
         group = group or in_features
         if in_features % group or (mode == "int4" and group % 2):
             raise ValueError(f"group {group} does not divide {in_features} input features into even groups")
-        # whole rows at a time: the float32 temporaries of a 7B gate projection rounded at once took
-        # about 0.9 GB beside the packed model being loaded (benchmarks/results/load_memory_7b_safetensors_cpu.md)
+        # whole rows at a time: rounding a matrix at once takes several float32 copies of it (a 7B
+        # gate projection: 180 MB each) beside the packed model being loaded
         step = max(1, ROUNDING_ELEMENTS // in_features)
         pieces = [_rounded_rows(weight[start:start + step].detach(), mode, group)
                   for start in range(0, out_features, step)]
@@ -173,9 +173,9 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_gguf_blocks(cls, blocks: np.ndarray, kind: str, shape: tuple[int, int],
                          bias: torch.Tensor | None = None) -> "QuantizedLinear":
-        """The raw bytes of a GGUF ``Q8_0``, ``Q4_0``, ``Q4_1`` or ``Q4_K`` matrix (``shape`` = [out,
-        in], PyTorch's order) re-laid into ours without passing through floats (``Q4_K``: see
-        ``_from_q4_k``)."""
+        """The raw bytes of a GGUF ``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q4_K`` or ``Q6_K`` matrix (``shape``
+        = [out, in], PyTorch's order) re-laid into ours without passing through floats (``Q4_K``,
+        ``Q6_K``: see ``_from_q4_k``, ``_from_q6_k``)."""
         out_features, in_features = shape
         if kind not in GGUF_BLOCK_BYTES:
             raise ValueError(f"GGUF type {kind} is not read directly (direct: {', '.join(GGUF_BLOCK_BYTES)})")

@@ -78,8 +78,8 @@ class FusedLinear:
 
 class FusedRuns:
     """Layers that read the same input but do not all fuse: each run of consecutive ones that do
-    is one matrix (``FusedLinear`` / ``FusedQuantizedLinear``). A Q4_K_M GGUF, the type most
-    GGUFs are published in, keeps v (and down) in Q6_K blocks and q and k in Q4_K ones: q and k
+    is one matrix (``FusedLinear`` / ``FusedQuantizedLinear``). A llama.cpp Q4_K_M GGUF keeps
+    v (and down) in Q6_K blocks and q and k in Q4_K ones: q and k
     are then one int4 matrix and v an int8 one, two weight passes per token instead of three."""
 
     def __init__(self, owner: nn.Module, name: str, runs: list[tuple[nn.Module, ...]]) -> None:

@@ -229,8 +229,8 @@ class QuantizedLinear(nn.Module):
         a float16 ``d``) as int8 codes ``q - 32`` (-32..31) in groups of 16, each group's scale
         ``d * sc`` rounded to float16 (as ``_from_q4_k``'s). The codes come from gguf's own
         dequantizer run on the blocks with every scale set to 1, so the bit layout is its, not a
-        second reading of it. Why: Q4_K_M files, the type most GGUFs are published in, keep v and
-        down in Q6_K; read this way they stay packed (int8) instead of becoming floats."""
+        second reading of it. Why: llama.cpp's Q4_K_M files keep v and down in Q6_K
+        (in some blocks or all); read this way they stay packed (int8) instead of becoming floats."""
         from gguf.quants import Q6_K
 
         supers = in_features // 256

@@ -66,7 +66,8 @@ loading.set()
 storages = {}
 for tensor in list(model.parameters()) + list(model.buffers()):
     storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-result = {"peak_growth_bytes": (peak - before) * 1024, "model_bytes": sum(storages.values()), "seconds": round(seconds, 1)}
+result = {"peak_growth_bytes": (peak - before) * 1024, "model_bytes": sum(storages.values()),
+          "seconds": round(seconds, 1)}
 if reset:
     sampler.join()
     result["anon_peak_growth_bytes"] = max(0, anon["peak"] - anon["before"]) * 1024

@@ -29,7 +29,8 @@ def test_bench_gpu_q4_k_m_mix_packs_llama_cpps_choice_of_v_and_down_layers(tmp_p
     bench_gpu.q4_k_m_mix(decoder)
     quantize_decoder(decoder, "int4")
     for index, block in enumerate(decoder.layers):
-        modes = {path: (block.get_submodule(path).mode, block.get_submodule(path).group) for path in QUANTIZED_PROJECTIONS}
+        modes = {path: (block.get_submodule(path).mode, block.get_submodule(path).group)
+                 for path in QUANTIZED_PROJECTIONS}
         wide = index in (0, 3, 6, 7)
         assert modes.pop("self_attn.v_proj") == modes.pop("mlp.down_proj") == (("int8", 16) if wide else ("int4", 32))
         assert set(modes.values()) == {("int4", 32)}, index

@@ -100,8 +100,8 @@ def test_a_q4_k_m_gguf_loads_every_projection_packed_and_fuses_in_runs(tmp_path:
     for name, layer in packed.decoder.named_modules():  # each weight within float16 rounding of its scale's product
         if isinstance(layer, QuantizedLinear):
             step = layer.scales.float().abs().repeat_interleave(layer.group, dim=1)
-            reach = step * (32 if layer.bits == 8 else 15) + (0 if layer.offsets is None else
-                                                             layer.offsets.float().abs().repeat_interleave(layer.group, dim=1))
+            offsets = 0 if layer.offsets is None else layer.offsets.float().abs().repeat_interleave(layer.group, dim=1)
+            reach = step * (32 if layer.bits == 8 else 15) + offsets
             error = (layer.dequantized() - floats.decoder.get_submodule(name).weight).abs()
             assert bool((error <= 2 ** -11 * reach + 1e-7).all()), name
             with torch.no_grad():  # the float model given the packed weights' values, for the logits below

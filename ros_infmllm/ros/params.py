@@ -48,7 +48,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("weights", "float", "Decoder projection weights: float (in dtype), int8 or int4 (packed, groups of 32; "
               "GGUF Q8_0/Q4_0/Q4_1/Q4_K/Q6_K and calibrated codes of that width kept as stored, Q6_K as int8 in "
               "groups of 16; the rest rounded as read), auto (a GGUF's own Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks "
-              "packed, a GPTQ/AWQ folder's codes as calibrated (infmllm_calibrate), the rest float; the demo VLM: SmolLM2's Q4_1 blocks plus float LoRA factors). Packed weights run "
+              "packed, a GPTQ/AWQ folder's codes as calibrated (infmllm_calibrate), the rest float; the demo "
+              "VLM: SmolLM2's Q4_1 blocks plus float LoRA factors). Packed weights run "
               "on backend torch (GPU decode reads them packed, Triton); "
               "exported backends hold the weights they were exported with (infmllm_export --weights), so there: "
               "float, auto or the export's mode; docs/quantized_weights.md.",

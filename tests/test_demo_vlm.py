@@ -237,7 +237,7 @@ def test_exporting_the_packed_base_with_lora_factors_is_refused_clearly(demo_vlm
 def test_demo_vlm_calibrated_loads_packed_and_stays_nearer_float_than_rounding(demo_vlm: Path, tmp_path: Path,
                                                                                method: str) -> None:
     """``python -m ros_infmllm.demo.calibrate_vlm`` end to end on a few training-world episodes (the
-    shipped figures used 64: docs/quantized_weights.md): the folder loads with every block projection
+    shipped figures used 64 episodes for GPTQ and 32 for AWQ: docs/quantized_weights.md): the folder loads with every block projection
     packed int4 as calibrated (AWQ's with offsets from its zero points) and the tower float, its
     logits stay nearer the float model's than round-to-nearest int4's, and a session on it answers
     a held-out stream. AWQ's pairs are scoped to the decoder (the tower's v_proj feeds no o_proj)."""

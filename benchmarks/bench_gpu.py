@@ -408,16 +408,23 @@ def q4_k_m_mix(decoder) -> None:
                 setattr(parent, name, QuantizedLinear.from_float(layer.weight, layer.bias, "int8", group=16))
 
 
+def pack_random_model(model, weights: str, lm_head: str = "float", embeddings: str = "float",
+                      vision: str = "float") -> None:
+    """The random model's packed parts, rounded from its floats: the decoder projections under
+    ``weights`` (``float``, ``int8``, ``int4`` or ``q4_k_m``), then the head, table and tower."""
+    if weights == "q4_k_m":
+        q4_k_m_mix(model.decoder)
+    if weights != "float":
+        quantize_decoder(model.decoder, "int4" if weights == "q4_k_m" else weights)
+    pack_parts(model, lm_head, embeddings, vision)
+
+
 # ---- one model --------------------------------------------------------------------------------------
 def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> dict:
     print(f"{name}:", flush=True)
     folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
     model = random_model(folder, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    if args.weights == "q4_k_m":
-        q4_k_m_mix(model.decoder)
-    if args.weights != "float":  # packed decoder projections, rounded from the random floats
-        quantize_decoder(model.decoder, "int4" if args.weights == "q4_k_m" else args.weights)
-    pack_parts(model, args.lm_head, args.embeddings, args.vision_weights)
+    pack_random_model(model, args.weights, args.lm_head, args.embeddings, args.vision_weights)
     tokenizer = shape_tokenizer(model, shape)
     weights, cache = decoder_bytes_per_token(model), cache_bytes(model, args.capacity)
     roofline_ms = 1e3 * (weights + cache) / bandwidth

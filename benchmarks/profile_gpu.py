@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_gpu import FAMILY_SHAPES, SHAPES, StreamDriver, camera_frame, random_model, shape_tokenizer, \
-    write_checkpoint_config
+from bench_gpu import FAMILY_SHAPES, SHAPES, StreamDriver, camera_frame, pack_random_model, random_model, \
+    shape_tokenizer, write_checkpoint_config
 from ros_infmllm.cache import DEFAULT_POLICY, make_policy
-from ros_infmllm.model.checkpoint import pack_parts
-from ros_infmllm.model.quantized import HEAD_MODES, quantize_decoder
+from ros_infmllm.model.quantized import HEAD_MODES
 from ros_infmllm.session import SessionConfig, StreamingSession, template_for
 from ros_infmllm.session.preprocess import preprocessor_for_folder
 
@@ -71,9 +70,7 @@ def profile_model(name: str, args) -> dict:
     shape = {**SHAPES, **FAMILY_SHAPES}[name]
     folder = write_checkpoint_config(Path(tempfile.mkdtemp()) / name, shape)
     model = random_model(folder, "cuda", torch.bfloat16)
-    if args.weights != "float":  # packed projections rounded from the random floats, as bench_gpu.py
-        quantize_decoder(model.decoder, args.weights)
-    pack_parts(model, args.lm_head)
+    pack_random_model(model, args.weights, args.lm_head)
     tokenizer = shape_tokenizer(model, shape)
     config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
                            check_evictions=False)

@@ -22,12 +22,12 @@ def test_bench_gpu_q4_k_m_mix_packs_llama_cpps_choice_of_v_and_down_layers(tmp_p
     (of 8: the first, the last, and every third between: 0, 3, 6, 7), every other projection int4."""
     from builders import build_tiny_causal_lm
     from ros_infmllm.model import load_model
-    from ros_infmllm.model.quantized import QUANTIZED_PROJECTIONS, quantize_decoder
+    from ros_infmllm.model.quantized import QUANTIZED_PROJECTIONS
 
     build_tiny_causal_lm(tmp_path, "llama", num_hidden_layers=8)
-    decoder = load_model(tmp_path).decoder
-    bench_gpu.q4_k_m_mix(decoder)
-    quantize_decoder(decoder, "int4")
+    model = load_model(tmp_path)
+    bench_gpu.pack_random_model(model, "q4_k_m")
+    decoder = model.decoder
     for index, block in enumerate(decoder.layers):
         modes = {path: (block.get_submodule(path).mode, block.get_submodule(path).group)
                  for path in QUANTIZED_PROJECTIONS}

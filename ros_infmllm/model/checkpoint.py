@@ -26,8 +26,7 @@ from .idefics3 import Idefics3Model
 from .llava import LlavaModel
 from .materialize import materialize
 from .qwen2_vl import Qwen2VLModel
-from .quantized import (HEAD_MODES, WEIGHT_MODES, QuantizedLinear, is_block_projection, quantize_decoder,
-                        quantize_head)
+from .quantized import HEAD_MODES, WEIGHT_MODES, QuantizedLinear, is_block_projection, quantize_head
 from .quantized_embedding import EMBEDDING_MODES, quantize_embeddings
 from .quantized_vision import VISION_MODES, quantize_vision
 from .packed_lora import attach_packed_base, has_packed_base
@@ -116,6 +115,14 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def checked_tensor(handle, file: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Tensor ``key`` of an open safetensors file, refused unless it has the ``shape`` the config implies."""
+    tensor = handle.get_tensor(key)
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies {shape}")
+    return tensor
+
+
 def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype, filled: frozenset[str] = frozenset()) -> None:
     """Copy every tensor the model needs from the folder's safetensors files; ``filled``: modules
     already given their weights (packed projections, compressed_checkpoint.py), whose tensors are
@@ -137,12 +144,8 @@ def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype, filled: fro
                     name = canonical_name(key, layout)
                     if name is None or (layout.unused and name.startswith(layout.unused)) or name not in expected:
                         continue
-                    tensor = handle.get_tensor(key)
                     target = expected[name]
-                    if tuple(tensor.shape) != tuple(target.shape):
-                        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                              f"the config implies {tuple(target.shape)}")
-                    target.copy_(tensor.to(dtype))
+                    target.copy_(checked_tensor(handle, file, key, tuple(target.shape)).to(dtype))
                     found[name] = file
     lm_head, embed = "decoder.lm_head.weight", "decoder.embed_tokens.weight"
     if lm_head not in found and embed in found and model.cfg.text.tie_word_embeddings:
@@ -195,38 +198,55 @@ def locate(path: str | Path, mmproj: str | Path | None = None) -> CheckpointFile
     return CheckpointFiles(folder=path, gguf=texts[0], mmproj=extra or (projections[0] if projections else None))
 
 
+def replace_projection(model: CausalLM, name: str, make) -> None:
+    """Put ``make(bias)`` in place of the meta-device float layer ``name``; ``bias``: a meta tensor
+    shaped as the layer's bias (given storage by ``materialize`` and filled by ``load_state``), or None."""
+    layer = model.get_submodule(name)
+    bias = None if layer.bias is None else torch.empty_like(layer.bias, device="meta")
+    parent, child = name.rsplit(".", 1)
+    model.get_submodule(parent).register_module(child, make(bias))
+
+
 def place_packed(model: CausalLM, folder: Path, weights: str) -> dict[str, PackedProjection]:
     """A compressed-tensors folder's packed projections (GPTQ / AWQ output, compressed_checkpoint.py),
     as for GGUF blocks: under ``auto`` each becomes a ``QuantizedLinear`` from its stored codes,
-    under ``int8`` / ``int4`` those of that width do; the others stay float layers, dequantized
-    into after ``materialize`` (``fill_dequantized``). Called on the meta-device model, so a
-    packed layer's float copy never exists. Returns our module name -> its packed tensors, for
-    every projection the folder packs."""
+    under ``int8`` / ``int4`` those of that width do (the others are rounded from their floats by
+    ``place_rounded``); under ``float`` they stay float layers, dequantized into after
+    ``materialize`` (``fill_dequantized``). Called on the meta-device model, so a packed layer's
+    float copy never exists. Returns our module name -> its packed tensors, for every projection
+    the folder packs."""
     layout = layout_of(model)
     entries = packed_projections(folder, weight_files(folder), lambda key: canonical_name(key, layout))
     for name, entry in entries.items():
         if weights in ("auto", entry.mode):
-            float_layer = model.get_submodule(name)
-            bias = None if float_layer.bias is None else torch.empty_like(float_layer.bias, device="meta")
-            parent, child = name.rsplit(".", 1)
-            model.get_submodule(parent).register_module(
-                child, read_packed(entry, tuple(float_layer.weight.shape), bias))
+            shape = tuple(model.get_submodule(name).weight.shape)
+            replace_projection(model, name, lambda bias: read_packed(entry, shape, bias))
     return entries
 
 
 def place_rounded(model: CausalLM, folder: Path, weights: str, dtype: torch.dtype,
-                  skip: frozenset[str] = frozenset()) -> set[str]:
-    """Under ``int8`` / ``int4``, each block projection stored in floats becomes a ``QuantizedLinear``
-    as it is read (rounded to nearest from its values in ``dtype``, as ``quantize_decoder`` rounds a
-    loaded layer), one tensor at a time on the meta-device model: the float model is never built,
-    so a 7B bf16 checkpoint packs to int4 within the packed model's memory plus one projection's
-    float32 copy, not its 13.5 GB of floats (a Jetson has no such room). ``skip``: projections
-    ``place_packed`` found. Returns the modules placed; their biases load with ``load_state``."""
+                  entries: dict[str, PackedProjection]) -> set[str]:
+    """Under ``int8`` / ``int4``, each block projection not packed already becomes a
+    ``QuantizedLinear`` as it is read (rounded to nearest from its values in ``dtype``), one tensor
+    at a time on the meta-device model: the float model is never built, so a 7B bf16 checkpoint
+    packs to int4 within the packed model's memory plus one projection's float32 copies, not its
+    13.5 GB of floats (a Jetson has no such room). ``entries``: the folder's compressed-tensors
+    projections (``place_packed``); those of another width are rounded from their dequantized
+    codes. Returns the modules placed; their biases load with ``load_state``."""
     if weights not in ("int8", "int4"):
         return set()
-    layout = layout_of(model)
     placed: set[str] = set()
+
+    def place(module: str, values: torch.Tensor) -> None:
+        replace_projection(model, module, lambda bias: QuantizedLinear.from_float(values.to(dtype), bias, weights))
+        placed.add(module)
+
+    layout = layout_of(model)
     with torch.no_grad():
+        for name, entry in entries.items():
+            layer = model.get_submodule(name)
+            if isinstance(layer, nn.Linear):  # codes of the other width
+                place(name, dequantized(entry, tuple(layer.weight.shape), dtype))
         for file in weight_files(folder):
             if not file.is_file():
                 continue  # load_state names the missing file
@@ -234,25 +254,16 @@ def place_rounded(model: CausalLM, folder: Path, weights: str, dtype: torch.dtyp
                 for key in handle.keys():
                     name = canonical_name(key, layout)
                     module = None if name is None else name.removesuffix(".weight")
-                    if module is None or module == name or module in skip or not is_block_projection(module):
+                    if module is None or module == name or module in entries or not is_block_projection(module):
                         continue
                     layer = model.get_submodule(module)
-                    if not isinstance(layer, nn.Linear):
-                        continue
-                    tensor = handle.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(layer.weight.shape):
-                        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                              f"the config implies {tuple(layer.weight.shape)}")
-                    bias = None if layer.bias is None else torch.empty_like(layer.bias, device="meta")
-                    parent, child = module.rsplit(".", 1)
-                    model.get_submodule(parent).register_module(
-                        child, QuantizedLinear.from_float(tensor.to(dtype), bias, weights))
-                    placed.add(module)
+                    if isinstance(layer, nn.Linear):
+                        place(module, checked_tensor(handle, file, key, tuple(layer.weight.shape)))
     return placed
 
 
 def fill_dequantized(model: CausalLM, entries: dict[str, PackedProjection], dtype: torch.dtype) -> None:
-    """The float weights of the packed projections ``place_packed`` left as float layers."""
+    """The float weights (``weights: float``) of the packed projections ``place_packed`` left as float layers."""
     with torch.no_grad():
         for name, entry in entries.items():
             layer = model.get_submodule(name)
@@ -306,14 +317,12 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
         with torch.device("meta"):
             model = model_class(cfg)(cfg)
         packed = place_packed(model, files.folder, weights)
-        rounded = place_rounded(model, files.folder, weights, dtype, frozenset(packed))
+        rounded = place_rounded(model, files.folder, weights, dtype, packed)
         model = materialize(model, dtype)  # storage in dtype at once, not float32 first
         fill_dequantized(model, packed, dtype)
         load_state(model, files.folder, dtype, frozenset(packed) | rounded)
         if weights == "auto" and has_packed_base(files.folder):  # a packed base plus float LoRA factors
             attach_packed_base(model, files.folder, dtype)
-    if weights in ("int8", "int4"):
-        quantize_decoder(model.decoder, weights)  # layers already packed from GGUF blocks stay
     pack_parts(model, lm_head_weights, embedding_weights, vision_weights)
     model = model.to(device).eval()
     model.decoder.rotary.to(device)

@@ -229,10 +229,11 @@ class TransformerBlock(nn.Module):
         parts, rotated = [], (attn.num_heads + attn.num_kv_heads) * attn.head_dim  # q and k turn, v does not
         for part in getattr(attn.qkv, "parts", (attn.qkv,)):  # one matrix, or runs of one packing (FusedRuns)
             weight, bias, packing = part.matvec_operands(attn)
-            turned = max(0, min(sum(part.sizes), rotated))
+            width = sum(part.sizes)
+            turned = max(0, min(width, rotated))
             parts.append(linear(x, weight, bias, self.input_layernorm.weight, None, self.input_layernorm.eps, False,
                                 cos if turned else None, sin if turned else None, turned, **packing))
-            rotated -= sum(part.sizes)
+            rotated -= width
         qkv = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask, attn_window,
                                       rotated=True)

@@ -284,19 +284,20 @@ class FusedQuantizedLinear:
     """``FusedLinear`` for packed layers: their codes, scales, offsets and biases concatenated by
     output row (one weight pass per decode token for q/k/v, one for gate/up); each layer's buffers
     become views into the fused ones, so nothing is held twice. Layers fuse when they share the
-    width, the group and the presence of offsets."""
+    width, the group and the presence of offsets and biases (``layers.fusion_key``; ``fuse_linears``
+    puts others in runs)."""
 
     PARTS = ("qweight", "scale_bits", "offset_bits")
 
     def __init__(self, owner: nn.Module, name: str, linears: tuple[QuantizedLinear, ...]) -> None:
-        first = linears[0]
-        if any((m.bits, m.group, m.offset_bits is None, m.bias is None) !=
-               (first.bits, first.group, first.offset_bits is None, first.bias is None) for m in linears):
+        from .layers import fusion_key
+
+        if len({fusion_key(m) for m in linears}) > 1:
             raise ValueError(f"{name}: packed layers of different widths, groups or offsets do not fuse")
         self.name, self.linears = name, linears
         self.sizes = [m.out_features for m in linears]
         for part in self.PARTS + ("bias",):
-            if getattr(first, part) is None:
+            if getattr(linears[0], part) is None:
                 owner.register_buffer(f"{name}_{part}", None, persistent=False)
                 continue
             fused = torch.cat([getattr(m, part).detach() for m in linears])

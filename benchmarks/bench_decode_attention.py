@@ -6,7 +6,9 @@ For each shape: the error of both against a float64 reference, then each launch 
 layer over the layers' own caches (so the caches do not sit in L2 as one repeated buffer would),
 replayed back to back between device events; median of several replays. Bytes are the K and V
 slots read once per call; GB/s = those bytes / time. The fastest launch shape per model is what
-``DecodeKernelTuning`` should hold.
+``DecodeKernelTuning`` should hold. ``--kv-cache int8``: the caches as int8 codes with a float32
+scale per row (cache/kv_codes.py), read packed by the kernels; the explicit path dequantizes each
+layer first, as the torch path does; the reference is the dequantized rows'.
 
 Writes ``results/bench_decode_attention.{json,md}``; prints the table. ``--smoke`` runs tiny shapes
 through Triton's CPU interpreter (checks the script; its numbers mean nothing).
@@ -30,6 +32,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 
 from bench_gpu import FAMILY_SHAPES, SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from launch_tuning import kept_tuning, sweep  # noqa: E402
+from ros_infmllm.cache.kv_codes import KV_CACHE_DTYPES, dequantize_rows, quantize_rows  # noqa: E402
 from ros_infmllm.model import decode_attention as op  # noqa: E402
 from ros_infmllm.model.config import load_config  # noqa: E402
 from ros_infmllm.model.decoder import Attention  # noqa: E402
@@ -51,6 +54,17 @@ def inputs(attention: Attention, capacity: int, layers: int, device: str, dtype:
     mask[0, capacity - 100:capacity] = False
     return [(draw(heads, 1, dim), draw(kv_heads, 1, dim), draw(kv_heads, 1, dim), draw(kv_heads, capacity, dim),
              draw(kv_heads, capacity, dim), mask) for _ in range(layers)]
+
+
+def packed(q, k, v, past_k, past_v, mask) -> tuple:
+    """One layer's inputs with its cache as int8 codes, the row scales last: what the kernel reads."""
+    (k_codes, k_scale), (v_codes, v_scale) = quantize_rows(past_k), quantize_rows(past_v)
+    return q, k, v, k_codes, v_codes, mask, k_scale, v_scale
+
+
+def unpacked(q, k, v, k_codes, v_codes, mask, k_scale, v_scale) -> tuple:
+    """``packed``'s inputs with the cache dequantized (float32 rows): what the reference reads."""
+    return q, k, v, dequantize_rows(k_codes, k_scale, torch.float32), dequantize_rows(v_codes, v_scale, torch.float32), mask
 
 
 def reference(attention: Attention, q, k, v, past_k, past_v, mask):
@@ -108,18 +122,26 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     attention = Attention(cfg).to(device)
     group = cfg.num_heads // cfg.num_kv_heads
     per_layer = inputs(attention, args.capacity, cfg.num_layers, device, dtype, seed=1)
-    bytes_read = 2 * cfg.num_kv_heads * args.capacity * cfg.head_dim * dtype.itemsize
+    int8 = args.kv_cache == "int8"
+    row_bytes = cfg.head_dim + 4 if int8 else cfg.head_dim * dtype.itemsize  # codes and a float32 scale
+    bytes_read = 2 * cfg.num_kv_heads * args.capacity * row_bytes
+    if int8:
+        per_layer = [packed(*layer) for layer in per_layer]
 
-    def explicit(q, k, v, past_k, past_v, mask):
+    def explicit(q, k, v, past_k, past_v, mask, *scales):
+        if scales:  # the torch path's int8 cache: this layer dequantized first
+            past_k, past_v = dequantize_rows(past_k, scales[0], q.dtype), dequantize_rows(past_v, scales[1], q.dtype)
         return attention._explicit(q, k, v, past_k, past_v, mask, window, group)
 
-    def kernel(q, k, v, past_k, past_v, mask):
-        return attention._kernel(q, k, v, past_k, past_v, mask, window)
+    def kernel(q, k, v, past_k, past_v, mask, *scales):
+        return attention._kernel(q, k, v, past_k, past_v, mask, window, scales or None)
 
     compiled = (torch.compile(explicit, dynamic=False, options={"split_reductions": False})
                 if device == "cuda" else explicit)
     fresh = inputs(attention, args.capacity, 1, device, dtype, seed=2)[0]  # other values than the timed ones
-    want_out, want_mass = reference(attention, *fresh)
+    if int8:
+        fresh = packed(*fresh)
+    want_out, want_mass = reference(attention, *(unpacked(*fresh) if int8 else fresh))
     result = {"model": name, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
               "layers": cfg.num_layers, "bytes_per_call": bytes_read}
     out, mass = compiled(*fresh)
@@ -148,7 +170,8 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
 
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# Decode attention: Triton kernels against the explicit path ({report['device']}, "
-             f"{report['dtype']}, capacity {report['capacity']}, "
+             f"{report['dtype']}, {'int8 cache, ' if report.get('kv_cache') == 'int8' else ''}"
+             f"capacity {report['capacity']}, "
              f"{'no mass (streamingllm' + chr(39) + 's call)' if report.get('no_mass') else 'mass computed'})", "",
              "Shipped: the launch shape `DecodeKernelTuning` holds; best: the fastest of the sweep.", "",
              "| model | heads / KV heads / dim | K+V MB per call | explicit us (GB/s) | shipped us (GB/s), block | "
@@ -201,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mass", action="store_true",
                         help="time the call without the mass (streamingllm's): the partial pass stores no scores "
                              "and the combine kernel merges the outputs only")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="model",
+                        help="the caches' storage: the model's dtype, or int8 codes with row scales")
     parser.add_argument("--name", default="bench_decode_attention", help="results file name (without extension)")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -217,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model shapes {unknown}: choose from {', '.join(shapes)}")
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "capacity": args.capacity,
-              "no_mass": args.no_mass, "models": []}
+              "no_mass": args.no_mass, "kv_cache": args.kv_cache, "models": []}
     with kept_tuning(op.TUNING) as shipped:
         for name in args.models:
             report["models"].append(bench_shape(name, shapes[name], args, device, dtype, shipped))

@@ -36,6 +36,7 @@ from bench_gpu_report import summarise, write_markdown, write_plot
 from launch_tuning import tuning_for_run
 from session_variants import session_variant
 from ros_infmllm.cache import make_policy
+from ros_infmllm.cache.kv_codes import KV_CACHE_DTYPES
 from ros_infmllm.model.checkpoint import model_class, pack_parts
 from ros_infmllm.model.config import load_config
 from ros_infmllm.model.llava import LlavaModel
@@ -182,9 +183,12 @@ def decoder_bytes_per_token(model: LlavaModel) -> int:
     return total
 
 
-def cache_bytes(model: LlavaModel, capacity: int) -> int:
+def cache_bytes(model: LlavaModel, capacity: int, kv_cache: str = "model") -> int:
+    """K/V bytes a decode step reads at full capacity: rows in the model's dtype, or int8 codes
+    with a float32 scale per row (cache/kv_codes.py)."""
     text = model.cfg.text
-    return 2 * text.num_layers * text.num_kv_heads * capacity * text.head_dim * model.dtype.itemsize
+    row = text.head_dim + 4 if kv_cache == "int8" else text.head_dim * model.dtype.itemsize
+    return 2 * text.num_layers * text.num_kv_heads * capacity * row
 
 
 # ---- timing helpers -----------------------------------------------------------------------------
@@ -289,10 +293,11 @@ def camera_frame(model: LlavaModel, shape: dict | None = None) -> tuple[int, int
 def bench_policy(model: LlavaModel, tokenizer, folder: Path, policy: str, args, device: str,
                  shape: dict | None = None) -> dict:
     name, variant = session_variant(policy)  # e.g. h2o+pyramid, h2o+pool2, h2o+merge
-    if "weights" in variant or "vision_weights" in variant:
-        raise SystemExit(f"{policy}: packed weights are --weights / --vision-weights here, not a policy suffix")
+    if "weights" in variant or "vision_weights" in variant or "kv_cache_dtype" in variant:
+        raise SystemExit(f"{policy}: packed weights and cache are --weights / --vision-weights / --kv-cache here, "
+                         f"not a policy suffix")
     config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
-                           check_evictions=False, **variant)
+                           check_evictions=False, kv_cache_dtype=args.kv_cache, **variant)
     session = StreamingSession(model, tokenizer, make_policy(name), config, template_for("demo"),
                                preprocessor_for_folder(folder, model.cfg.vision))
     driver = StreamDriver(session, device, camera_frame(model, shape))
@@ -426,7 +431,7 @@ def bench_model(name: str, shape: dict, args, device: str, bandwidth: float) -> 
     model = random_model(folder, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     pack_random_model(model, args.weights, args.lm_head, args.embeddings, args.vision_weights)
     tokenizer = shape_tokenizer(model, shape)
-    weights, cache = decoder_bytes_per_token(model), cache_bytes(model, args.capacity)
+    weights, cache = decoder_bytes_per_token(model), cache_bytes(model, args.capacity, args.kv_cache)
     roofline_ms = 1e3 * (weights + cache) / bandwidth
     result = {"model": name, "decoder_weight_bytes": weights, "cache_bytes": cache, "roofline_ms": roofline_ms,
               "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
@@ -464,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("float", "int8", "int4", "q4_k_m"), default="float",
                         help="decoder projections: float (bf16 on a GPU) or packed (groups of 32); q4_k_m: int4 "
                              "with llama.cpp's Q4_K_M choice of v and down layers in int8 groups of 16 (Q6_K as read)")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="model",
+                        help="the cache's storage for every policy (int8: codes and row scales, read packed by the "
+                             "decode kernel; the roofline counts its bytes)")
     parser.add_argument("--lm-head", choices=HEAD_MODES, default="float",
                         help="the LM head: float or packed")
     parser.add_argument("--embeddings", choices=HEAD_MODES, default="float",
@@ -524,7 +532,7 @@ def run(args, shapes: dict, device: str) -> int:
               "dtype": "bfloat16" if device == "cuda" else "float32",
               "bandwidth_bytes_per_s": bandwidth, "capacity": args.capacity, "max_chunk": args.max_chunk,
               "ours": args.policies[0], "weights": args.weights, "lm_head": args.lm_head,
-              "embeddings": args.embeddings, "vision_weights": args.vision_weights,
+              "embeddings": args.embeddings, "vision_weights": args.vision_weights, "kv_cache": args.kv_cache,
               "int4_activations": decode_linear.TUNING.int4_activations,
               "int8_activations": decode_linear.TUNING.int8_activations,
               "matvec_tuning": vars(decode_linear.TUNING).copy(), "matvec_overrides": args.matvec,

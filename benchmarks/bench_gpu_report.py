@@ -42,7 +42,8 @@ def write_markdown(report: dict, path: Path) -> None:
              f"({report['torch']}, transformers {report['transformers']}), {report['seconds']} s. "
              f"{report['dtype']}, decoder projections {report.get('weights', 'float')}, LM head "
              f"{report.get('lm_head', 'float')}, embeddings {report.get('embeddings', 'float')}, vision "
-             f"{report.get('vision_weights', 'float')}, batch 1, cache capacity "
+             f"{report.get('vision_weights', 'float')}, K/V cache "
+             f"{'int8' if report.get('kv_cache') == 'int8' else 'in ' + report['dtype']}, batch 1, cache capacity "
              f"{report['capacity']}, prefill chunks of {report['max_chunk']}"
              + (f", {report['weights']} products against x's int8 codes"
                 if report.get(f"{report.get('weights')}_activations") == "int8" else "")

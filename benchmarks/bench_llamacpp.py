@@ -16,6 +16,10 @@ One run, for the decoder shapes of ``bench_gpu.py`` (random weights, batch 1, 40
   (``--ours weights/head[/embeddings[/vision]]``); peak memory allocated by PyTorch while streaming, and the
   memory of each part (packed projections, embeddings, LM head, vision tower and projector, cache).
 
+``--kv-cache int8``: both sides keep an 8-bit cache: ours int8 codes with a scale per token and
+KV head (cache/kv_codes.py), llama.cpp's Q8_0 blocks for K and V (``-ctk q8_0 -ctv q8_0 -fa on``:
+its quantized V cache needs flash attention).
+
 Roofline: (weight bytes one token reads + cache bytes) / the copy bandwidth measured in the run.
 Writes ``<out>/<name>.{json,md}``; prints the table. ``--smoke`` runs a tiny shape on the CPU
 (llama.cpp built without CUDA) to keep the script working; its numbers mean nothing.
@@ -40,6 +44,7 @@ import torch
 import bench_gpu
 from launch_tuning import tuning_for_run
 from ros_infmllm.cache import DEFAULT_POLICY
+from ros_infmllm.cache.kv_codes import KV_CACHE_DTYPES
 from ros_infmllm.model import decode_linear
 from ros_infmllm.model.checkpoint import pack_parts
 from ros_infmllm.model.quantized import HEAD_MODES, quantize_decoder
@@ -196,9 +201,12 @@ class GpuMemorySampler:
         return None if self.idle < 0 else self.peak - self.idle
 
 
-def run_llama_bench(binary: Path, model: Path, depth: int, tokens: int, repetitions: int) -> dict:
+def run_llama_bench(binary: Path, model: Path, depth: int, tokens: int, repetitions: int,
+                    kv_cache: str = "model") -> dict:
     command = [str(binary), "-m", str(model), "-p", "0", "-n", str(tokens), "-d", str(depth),
                "-r", str(repetitions), "-o", "json"]
+    if kv_cache == "int8":  # Q8_0 K and V; a quantized V cache needs flash attention
+        command += ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"]
     with GpuMemorySampler() as memory:
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -208,6 +216,7 @@ def run_llama_bench(binary: Path, model: Path, depth: int, tokens: int, repetiti
             "ms_per_token": 1e3 / row["avg_ts"], "model_size_bytes": row.get("model_size"),
             "flash_attn": row.get("flash_attn"), "n_gpu_layers": row.get("n_gpu_layers"),
             "build_commit": row.get("build_commit"), "gpu_memory_used_bytes": memory.used_bytes,
+            "type_k": row.get("type_k"), "type_v": row.get("type_v"),
             "command": " ".join(command)}
 
 
@@ -241,14 +250,15 @@ def bench_ours(name: str, shape: dict, setting: str, args, device: str, bandwidt
         torch.cuda.empty_cache()
     tokenizer = bench_gpu.word_tokenizer(model.cfg.text.vocab_size)
     weight_bytes = bench_gpu.decoder_bytes_per_token(model)
-    cache = bench_gpu.cache_bytes(model, args.depth)
+    cache = bench_gpu.cache_bytes(model, args.depth, args.kv_cache)
     run_args = SimpleNamespace(capacity=args.depth, max_chunk=min(1024, args.depth // 4), stream_tokens=[args.depth],
-                               decode_tokens=args.tokens, ingest_frames=args.ingest_frames)
+                               decode_tokens=args.tokens, ingest_frames=args.ingest_frames, kv_cache=args.kv_cache)
     timed = bench_gpu.bench_policy(model, tokenizer, folder, args.policy, run_args, device)
     last = timed["checkpoints"][-1]
     parts = part_bytes(model)
     parts["cache"] = cache
     row = {"model": name, "weights": weights, "lm_head": head, "embeddings": embeddings, "vision_weights": vision,
+           "kv_cache": args.kv_cache,
            "decode_p50_ms": last["decode_p50_ms"],
            "decode_p99_ms": last["decode_p99_ms"], "tokens_per_s": 1e3 / last["decode_p50_ms"],
            "streamed_tokens": last["streamed_tokens"], "weight_bytes_per_token": weight_bytes,
@@ -291,8 +301,10 @@ def write_markdown(report: dict, path: Path) -> None:
     lines = ["# Packed weights against llama.cpp", "",
              f"Device {report['device']}; copy bandwidth {report['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s; "
              f"torch {report['torch']}; llama.cpp {report.get('llama_cpp_commit', '?')} "
-             f"(`llama-bench -p 0 -n {report['tokens']} -d {report['depth']} -r {report['repetitions']}`); "
-             f"ours: policy {report['policy']}, cache {report['depth']} tokens, p50 of {report['tokens']} decode "
+             f"(`llama-bench -p 0 -n {report['tokens']} -d {report['depth']} -r {report['repetitions']}`"
+             + (" with `-ctk q8_0 -ctv q8_0 -fa on`" if report.get("kv_cache") == "int8" else "") + "; "
+             f"ours: policy {report['policy']}, cache {report['depth']} tokens"
+             + (" in int8" if report.get("kv_cache") == "int8" else "") + f", p50 of {report['tokens']} decode "
              f"steps after {report['depth']} streamed tokens"
              + (f", matrix-vector launch shape {' '.join(report['matvec_overrides'])}" if report.get("matvec_overrides")
                 else "") + f"; {report['seconds']} s.", "",
@@ -334,7 +346,7 @@ def run_row_in_child(name: str, setting: str, args) -> None:
     command = [sys.executable, str(Path(__file__).resolve()), "--skip-llama-cpp", "--in-process", "--resume",
                "--models", name, "--ours", setting, "--depth", str(args.depth), "--tokens", str(args.tokens),
                "--ingest-frames", str(args.ingest_frames), "--policy", args.policy, "--out", str(args.out),
-               "--name", args.name] + (["--smoke"] if args.smoke else [])
+               "--name", args.name, "--kv-cache", args.kv_cache] + (["--smoke"] if args.smoke else [])
     command += ["--matvec", *args.matvec] if args.matvec else []
     subprocess.run(command, check=True)
 
@@ -360,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--ingest-frames", type=int, default=5)
     parser.add_argument("--policy", default=DEFAULT_POLICY)
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="model",
+                        help="int8: our cache in int8 and llama.cpp's in Q8_0 (-ctk q8_0 -ctv q8_0 -fa on)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="bench_llamacpp")
     parser.add_argument("--resume", action="store_true",
@@ -392,7 +406,7 @@ def run(args) -> int:
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor()})",
               "torch": torch.__version__, "bandwidth_bytes_per_s": bandwidth, "depth": args.depth,
               "tokens": args.tokens, "repetitions": args.repetitions, "policy": args.policy,
-              "matvec_overrides": args.matvec, "llama_cpp": [], "ours": []}
+              "matvec_overrides": args.matvec, "kv_cache": args.kv_cache, "llama_cpp": [], "ours": []}
     args.out.mkdir(parents=True, exist_ok=True)
     earlier = args.out / f"{args.name}.json"
     if args.resume and earlier.is_file():
@@ -421,7 +435,7 @@ def run(args) -> int:
                 if args.prepare_only or (name, kind) in done_theirs:
                     continue
                 row = {"model": name, "type": kind, **run_llama_bench(binary, gguf_path, args.depth, args.tokens,
-                                                                     args.repetitions)}
+                                                                     args.repetitions, args.kv_cache)}
                 report["llama_cpp"].append(row)
                 report["llama_cpp_commit"] = row.get("build_commit", report.get("llama_cpp_commit"))
                 print(f"llama.cpp {name} {kind}: {row.get('tokens_per_s', row.get('error'))}", flush=True)

@@ -65,7 +65,7 @@ def measure(evaluator: Evaluator, spec: str, capacity: int, episode) -> dict:
         "visual_tokens_per_frame": {where: round(mean([s[1][layer] / max(1, s[0][layer]) for s in samples]), 1)
                                     for where, layer in picked.items()},
         "frames_held_per_layer": [round(mean([s[0][layer] for s in samples]), 2) for layer in range(layers)],
-        "cache_bytes": 2 * session.cache.k.numel() * session.cache.k.element_size(),
+        "cache_bytes": session.cache.nbytes,
     }
 
 

@@ -15,8 +15,9 @@ log-likelihood is taken from the logits that predict it. Configurations:
   recent context a cache of that capacity can hold, with no approximation;
 - ``full``, where the whole stream fits in the model's context;
 - with ``--weights``, each policy (and ``full``) again with the decoder's projections packed
-  (``h2o-kinds+int4-x8``: weight_settings.py), each compared with its float-weight run, token by
-  token (the sliding-window reference stays float).
+  (``h2o-kinds+int4-x8``: weight_settings.py), and with ``--kv-cache int8`` with the cache in int8
+  (``h2o-kinds+kv8``, cache/kv_codes.py), each compared with its run in float weights and the
+  model's cache dtype, token by token (the sliding-window reference stays float).
 
 Reported: perplexity per segment of the stream (plotted), overall perplexity with a 95%
 confidence interval over blocks of ``--block`` tokens, and each configuration's mean NLL
@@ -42,6 +43,7 @@ import torch
 
 import streaming_workers
 from weight_settings import SESSION_SETTINGS
+from ros_infmllm.cache.kv_codes import KV_CACHE_DTYPES
 from plotting import pyplot
 from ros_infmllm.model import locate
 from ros_infmllm.model.checkpoint_text import load_tokenizer
@@ -137,7 +139,8 @@ def paired(nll: np.ndarray, reference: np.ndarray, block: int) -> dict:
 
 def write_report(report: dict, out: Path, tag: str) -> None:
     stem = f"stream_perplexity{'_' + tag if tag else ''}"
-    packed = any(row.get("weights", "float") != "float" for row in report["runs"])
+    packed = any(row.get("weights", "float") != "float" or row.get("kv_cache", "model") != "model"
+                 for row in report["runs"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     lines = [f"# Streaming perplexity: {report['model']} on {report['text']}", "",
@@ -146,11 +149,14 @@ def write_report(report: dict, out: Path, tag: str) -> None:
              f"{report['seconds']:.0f} s). Perplexity with a 95% CI over blocks of {report['block']} tokens; "
              "Δ NLL: mean difference from the sliding-window reference at the same capacity, nats/token, paired "
              "by block (95% CI); below 0 is better than the reference."
-             + (" Δ NLL vs float weights: the same configuration's run with float projections, paired by "
-                "block; a `+int8-x8` / `+int4-x8` row rounds every packed product's input to int8, prefill "
-                "included, as the GPU's decode does (an upper bound)." if packed else ""), "",
+             + (" Δ NLL vs float weights: the same configuration's run with float projections and the model's "
+                "cache dtype, paired by block; a `+int8-x8` / `+int4-x8` row rounds every packed product's input "
+                "to int8, prefill included, as the GPU's decode does (an upper bound); a `+kv8` row keeps the "
+                "cache in int8 (a scale per token and KV head; moved keys re-rotated and rounded again at each "
+                "eviction); a `+kv8once` row is the study's control, each key rounded once from an exact float "
+                "copy (kv_controls.py)." if packed else ""), "",
              "| capacity | chunk | configuration | perplexity | 95% CI | Δ NLL vs sliding window | 95% CI |"
-             + (" Δ NLL vs float weights | 95% CI |" if packed else ""),
+             + (" Δ NLL vs float weights and cache | 95% CI |" if packed else ""),
              "|---|---|---|---|---|---|---|" + ("---|---|" if packed else "")]
 
     def delta_cells(delta: dict | None) -> str:
@@ -207,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", nargs="+", default=["float"], choices=("float",) + SESSION_SETTINGS,
                         help="the decoder's projections: every policy (and full) runs once per setting "
                              "(weight_settings.py; int4-x8 / int8-x8: inputs rounded as the GPU's decode does)")
+    parser.add_argument("--kv-cache", nargs="+", default=["model"], choices=KV_CACHE_DTYPES + ("int8-once",),
+                        help="the cache's storage: every policy (and full) runs once per setting, after --weights "
+                             "(int8-once: the study's control, keys rounded once: kv_controls.py)")
     parser.add_argument("--no-reference", action="store_true", help="skip the sliding-window reference")
+    parser.add_argument("--no-full", action="store_true", help="skip the full-cache runs")
     parser.add_argument("--block", type=int, default=512, help="tokens per block for confidence intervals")
     parser.add_argument("--segments", type=int, default=20)
     parser.add_argument("--workers", type=int, default=1, help="configurations run in this many processes")
@@ -223,11 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     # far beyond any bounded cache here, so no configuration can use it.
     repeats = -(-(args.offset + args.tokens) // len(text_ids))
     ids = torch.tensor((text_ids * repeats)[args.offset:args.offset + args.tokens])
-    specs = [streaming_workers.with_weights(p, w) for w in args.weights for p in args.policies]
+    specs = [streaming_workers.with_kv_cache(streaming_workers.with_weights(p, w), kv)
+             for w in args.weights for kv in args.kv_cache for p in args.policies]
     configurations = [(p, c, min(args.chunk, c // 4)) for c in args.capacities
                       for p in ([] if args.no_reference else ["sliding-window"]) + specs]
     max_context = streaming_workers.model_context(model_path)
-    fulls = [streaming_workers.with_weights("full", w) for w in args.weights] if args.tokens <= max_context else []
+    fulls = ([streaming_workers.with_kv_cache(streaming_workers.with_weights("full", w), kv)
+              for w in args.weights for kv in args.kv_cache] if args.tokens <= max_context and not args.no_full else [])
     configurations += [(full, None, args.chunk) for full in fulls]
     # the longest first, so parallel workers finish together
     configurations.sort(key=lambda c: -(args.tokens / c[2]))
@@ -243,13 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         name, capacity, chunk = configurations[i]
         nll, seconds = results[i]
         weights = streaming_workers.weight_suffix(name)
-        row = {"configuration": name, "capacity": capacity, "chunk": chunk, "weights": weights,
+        kv_cache = streaming_workers.kv_cache_suffix(name)
+        row = {"configuration": name, "capacity": capacity, "chunk": chunk, "weights": weights, "kv_cache": kv_cache,
                "seconds": round(seconds, 1), **summarise(nll, args.block, args.segments)}
         reference = nll_by.get(("sliding-window", capacity))
         if reference is not None and name != "sliding-window":
             row["vs_sliding_window"] = paired(nll, reference, args.block)
-        float_run = nll_by.get((name.removesuffix(f"+{weights}"), capacity))
-        if weights != "float" and float_run is not None:
+        float_run = nll_by.get((streaming_workers.unpacked(name), capacity))
+        if streaming_workers.unpacked(name) != name and float_run is not None:
             row["vs_float_weights"] = paired(nll, float_run, args.block)
         runs.append(row)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"

@@ -79,6 +79,25 @@ def test_bench_gpu_smoke_run_with_int4_weights_counts_packed_bytes(tmp_path: Pat
     assert "products against" not in (tmp_path / "float.md").read_text()  # float weights: no rounded x
 
 
+def test_bench_gpu_smoke_run_with_an_int8_cache_counts_its_bytes(tmp_path: Path) -> None:
+    """--kv-cache int8: every policy's session keeps an int8 cache and the roofline counts its codes
+    and row scales (head size + 4 bytes per row); the cache is refused as a policy suffix."""
+    assert bench_gpu.main(["--smoke", "--kv-cache", "int8", "--policies", "h2o", "--skip-transformers",
+                           "--out", str(tmp_path), "--name", "kv8"]) == 0
+    report = json.loads((tmp_path / "kv8.json").read_text())
+    (model,) = report["models"]
+    from ros_infmllm.model.config import load_config
+
+    shape = bench_gpu.SMOKE_SHAPES[model["model"]]
+    text = load_config(bench_gpu.write_checkpoint_config(tmp_path / "shape", shape)).text
+    rows = 2 * text.num_layers * text.num_kv_heads * report["capacity"]
+    assert report["kv_cache"] == "int8" and model["cache_bytes"] == rows * (text.head_dim + 4)
+    assert model["policies"]["h2o"]["checkpoints"][-1]["streamed_tokens"] >= 1200
+    assert "K/V cache int8" in (tmp_path / "kv8.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--smoke", "--policies", "h2o+kv8", "--skip-transformers", "--out", str(tmp_path)])
+
+
 def test_bench_gpu_matvec_overrides_set_the_launch_shape_for_the_run_and_put_it_back(tmp_path: Path) -> None:
     """--matvec FIELD=VALUE: the op runs at that shape (the report keeps it), the shipped tuning is
     back afterwards, and a field the tuning lacks is refused with the fields named."""
@@ -234,6 +253,34 @@ def test_bench_llamacpp_smoke_run_times_ours_in_every_weight_mode(tmp_path: Path
     assert "speedup_over_bf16_int4_head_int4" in report["summary"]["tiny-qwen2"]
 
 
+def test_bench_llamacpp_with_an_int8_cache_sets_both_sides(tmp_path: Path) -> None:
+    """--kv-cache int8: our rows stream into an int8 cache (its bytes counted as codes and row
+    scales) and llama-bench is asked for Q8_0 K and V with flash attention. llama-bench itself is
+    a stand-in here (a mock script that records its arguments): building it takes minutes."""
+    import bench_llamacpp
+
+    assert bench_llamacpp.main(["--smoke", "--skip-llama-cpp", "--ours", "int4/int8", "--kv-cache", "int8",
+                                "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_llamacpp.json").read_text())
+    (row,) = report["ours"]
+    assert report["kv_cache"] == row["kv_cache"] == "int8"
+    from ros_infmllm.model.config import load_config
+
+    shape = bench_gpu.SMOKE_SHAPES[row["model"]]
+    text = load_config(bench_gpu.write_checkpoint_config(tmp_path / "shape", shape)).text
+    assert row["cache_bytes"] == 2 * text.num_layers * text.num_kv_heads * report["depth"] * (text.head_dim + 4)
+    assert "cache 128 tokens in int8" in (tmp_path / "bench_llamacpp.md").read_text()
+    stand_in = tmp_path / "llama-bench"
+    stand_in.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(tmp_path / 'argv')!r}, 'w').write(' '.join(sys.argv))\n"
+                        "print(json.dumps([{'avg_ts': 100.0, 'stddev_ts': 1.0, 'type_k': 'q8_0', 'type_v': 'q8_0'}]))\n")
+    stand_in.chmod(0o755)
+    got = bench_llamacpp.run_llama_bench(stand_in, tmp_path / "m.gguf", 4096, 128, 3, "int8")
+    assert got["tokens_per_s"] == 100.0 and got["type_k"] == "q8_0"
+    assert "-ctk q8_0 -ctv q8_0 -fa on" in (tmp_path / "argv").read_text()
+    bench_llamacpp.run_llama_bench(stand_in, tmp_path / "m.gguf", 4096, 128, 3)
+    assert "-ctk" not in (tmp_path / "argv").read_text()
+
+
 def test_bench_llamacpp_packs_the_embedding_table_where_a_setting_names_it(tmp_path: Path) -> None:
     """``--ours weights/head/embeddings[/vision]``: the third mode packs the token table (tied to
     the head packed alike: one table, counted once as the embeddings), the fourth the tower; the
@@ -267,6 +314,16 @@ def test_bench_decode_attention_smoke_run_writes_its_table(tmp_path: Path) -> No
     assert max(max(v["out_error"], v["mass_error"]) for v in model["variants"]) < 1e-5
     assert model["explicit"]["mass_error"] < 1e-5
     assert "| tiny-qwen2 | 4 / 2 / 16 |" in (tmp_path / "bench_decode_attention.md").read_text()
+
+
+def test_bench_decode_attention_smoke_run_reads_an_int8_cache(tmp_path: Path) -> None:
+    """--kv-cache int8: the kernels read codes and row scales, the explicit path dequantizes; both
+    give the reference over the dequantized rows; bytes count the codes and scales."""
+    model = _smoke_run("bench_decode_attention", tmp_path, "--kv-cache", "int8")
+    assert max(max(v["out_error"], v["mass_error"]) for v in model["variants"]) < 1e-5
+    assert model["explicit"]["out_error"] < 1e-5 and model["explicit"]["mass_error"] < 1e-5
+    assert model["bytes_per_call"] == 2 * model["kv_heads"] * 80 * (model["head_dim"] + 4)
+    assert "int8 cache, capacity 80" in (tmp_path / "bench_decode_attention.md").read_text()
 
 
 def test_bench_dp4a_matvec_smoke_run_times_all_three_and_reports_the_rounding(tmp_path: Path) -> None:
@@ -381,6 +438,30 @@ def test_stream_perplexity_with_packed_weights_pairs_each_run_with_its_float_one
         rounded = runs[f"{name}+int4-x8"]["vs_float_weights"]
         assert rounded["delta_nll"] != 0 and rounded["delta_nll_ci95"][0] <= rounded["delta_nll"] <= rounded["delta_nll_ci95"][1]
     assert "Δ NLL vs float weights" in (tmp_path / "stream_perplexity_weights.md").read_text()
+
+
+def test_stream_perplexity_with_an_int8_cache_pairs_each_run_with_its_float_one(tmp_path: Path) -> None:
+    """--kv-cache int8: each policy (and full) again with the cache in int8 (``+kv8``), paired with
+    the run in the model's dtype; with weights too, paired with the run in float weights and cache."""
+    import stream_perplexity
+
+    assert stream_perplexity.main(["--tokens", "300", "--capacities", "64", "--chunk", "16", "--block", "64",
+                                   "--segments", "3", "--policies", "h2o-kinds", "--weights", "float", "int8",
+                                   "--kv-cache", "model", "int8", "--no-reference", "--out", str(tmp_path),
+                                   "--tag", "kv"]) == 0
+    report = json.loads((tmp_path / "stream_perplexity_kv.json").read_text())
+    runs = {row["configuration"]: row for row in report["runs"]}
+    assert set(runs) == {f"{p}{w}{k}" for p in ("h2o-kinds", "full") for w in ("", "+int8") for k in ("", "+kv8")}
+    assert runs["h2o-kinds+kv8"]["kv_cache"] == "int8" and runs["h2o-kinds+int8"]["kv_cache"] == "model"
+    assert "vs_float_weights" not in runs["h2o-kinds"]
+    for name in ("h2o-kinds", "full"):
+        for packed in ("+kv8", "+int8+kv8"):
+            delta = runs[name + packed]["vs_float_weights"]
+            assert delta["delta_nll"] != 0 and delta["delta_nll_ci95"][0] <= delta["delta_nll"] <= delta["delta_nll_ci95"][1]
+    # int8 weights and an int8 cache: paired with the float run, not the int8-weight one
+    both = runs["h2o-kinds+int8+kv8"]["vs_float_weights"]["delta_nll"]
+    assert both != runs["h2o-kinds+kv8"]["vs_float_weights"]["delta_nll"]
+    assert "a `+kv8` row keeps the cache in int8" in (tmp_path / "stream_perplexity_kv.md").read_text()
 
 
 def test_recall_passkey_smoke_run_counts_every_cell(tmp_path: Path) -> None:

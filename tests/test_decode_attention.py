@@ -67,6 +67,37 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
     assert torch.allclose(out_only, out, rtol=1e-5, atol=1e-6) and no_mass.numel() == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16)])
+def test_kernel_reads_an_int8_cache(small_launches, dtype, heads, kv_heads, capacity, dim) -> None:
+    """Codes and row scales (cache/kv_codes.py) against the float64 reference of the dequantized
+    rows: the scales applied to scores and probabilities give the same attention as the rows."""
+    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows
+
+    generator = torch.Generator().manual_seed(heads * capacity + dim + 1)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
+
+    q, k_new, v_new = draw(heads, dim), draw(kv_heads, dim), draw(kv_heads, dim)
+    # rows of different sizes, so that each slot's scale matters
+    size = torch.rand(kv_heads, capacity, 1, generator=generator).to(DEVICE) * 4 + 0.1
+    (k_codes, k_scale), (v_codes, v_scale) = (quantize_rows(draw(kv_heads, capacity, dim) * size) for _ in range(2))
+    valid = (torch.rand(capacity, generator=generator) < 0.7).to(DEVICE)
+    valid[:40] = False
+    out, mass = op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, v_scale)
+    want_out, want_mass = _reference(q, k_new, v_new, dequantize_rows(k_codes, k_scale, torch.float64),
+                                     dequantize_rows(v_codes, v_scale, torch.float64), valid)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype
+    assert _relative(out, want_out) < tolerance
+    assert _relative(mass, want_mass) < tolerance
+    unscaled = op.decode_attention(q, k_new, v_new, k_codes.to(dtype), v_codes.to(dtype), valid, True)[0]
+    assert _relative(unscaled, want_out) > 0.05  # the scales are what makes it right
+    with pytest.raises(ValueError, match="both row scales"):
+        op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, None)
+
+
 def test_decoder_step_with_the_kernel_equals_the_explicit_path(head16_model_dir, small_launches) -> None:
     model = load_model(head16_model_dir, device=DEVICE)
     decoder = model.decoder
@@ -82,6 +113,31 @@ def test_decoder_step_with_the_kernel_equals_the_explicit_path(head16_model_dir,
     assert torch.allclose(kernel.attn_mass, explicit.attn_mass, atol=1e-5)
 
 
+def test_decoder_step_over_an_int8_cache_with_the_kernel_equals_the_explicit_path(head16_model_dir,
+                                                                                  small_launches) -> None:
+    """The same step over an int8 cache (codes and scales, ``kv_scales``): the kernel reads the codes,
+    the explicit path dequantizes the layer; both equal the explicit path over the dequantized rows."""
+    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows
+
+    model = load_model(head16_model_dir, device=DEVICE)
+    decoder = model.decoder
+    inputs = one_token_step_inputs(model.cfg.text, capacity=50, filled=37, seed=2, device=DEVICE)
+    (k_codes, k_scale), (v_codes, v_scale) = quantize_rows(inputs["cache_k"]), quantize_rows(inputs["cache_v"])
+    packed = dict(inputs, cache_k=k_codes, cache_v=v_codes, kv_scales=(k_scale, v_scale))
+    rows = dict(inputs, cache_k=dequantize_rows(k_codes, k_scale, torch.float32),
+                cache_v=dequantize_rows(v_codes, v_scale, torch.float32))
+    decoder.use_decode_kernel(False)
+    want = decoder.step(**rows, attn_window=4)
+    explicit = decoder.step(**packed, attn_window=4)
+    assert decoder.use_decode_kernel(True)
+    kernel = decoder.step(**packed, attn_window=4)
+    decoder.use_decode_kernel(False)
+    assert torch.equal(explicit.logits, want.logits)
+    assert torch.allclose(kernel.logits, want.logits, atol=1e-4)
+    assert torch.allclose(kernel.attn_mass, want.attn_mass, atol=1e-5)
+    assert not torch.allclose(want.logits, decoder.step(**inputs, attn_window=4).logits, atol=1e-6)  # rounding shows
+
+
 AHEAD_OF_TIME = """
 import sys
 from triton.backends.compiler import GPUTarget
@@ -90,12 +146,13 @@ from ros_infmllm.model import decode_kernels
 from ros_infmllm.model.decode_attention import TUNING
 
 arch = int(sys.argv[1])
-pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr")}
-pointers.update(valid_ptr="*u8", scores_ptr="*fp32", max_ptr="*fp32", sum_ptr="*fp32", acc_ptr="*fp32")
-for group, dim in [(6, 128), (1, 128), (7, 64)]:
+for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6, 128, True), (1, 128, True)]:
+    cache = "*i8" if scaled else "*bf16"  # an int8 cache's codes, with float32 row scales
+    pointers = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, valid_ptr="*u8", scores_ptr="*fp32",
+                    max_ptr="*fp32", sum_ptr="*fp32", acc_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32")
     constants = dict(SPLIT_LEN=512, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
                      DIM=dim, BLOCK=TUNING.block_for(group), NUM_SPLITS=8, WITH_SCORES=True, IEEE=False,
-                     PDL=arch >= 90)
+                     SCALED=scaled, PDL=arch >= 90)
     signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=decode_kernels.partial_attention, signature=signature,
@@ -104,6 +161,9 @@ for group, dim in [(6, 128), (1, 128), (7, 64)]:
                        options={"num_warps": TUNING.num_warps, "num_stages": TUNING.num_stages,
                                 "launch_pdl": arch >= 90})
     assert ".entry partial_attention" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
+    if scaled:  # the combine pass reads float32 partials only: the same kernel serves both caches
+        print("built", group, dim, "int8")
+        continue
     constants = dict(GROUP=group, ROWS=1 << (group - 1).bit_length(), DIM=dim, NUM_SPLITS=33, SPLITS_PAD=64,
                      SPLIT_CHUNK=min(64, TUNING.merge_elements // dim), MASS_BLOCK=TUNING.mass_block_for(group),
                      PDL=arch >= 90)
@@ -126,12 +186,12 @@ for group, dim in [(6, 128), (1, 128), (7, 64)]:
 def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     """Ahead of time, through Triton's compiler and ptxas (no GPU needed; a process of its own,
     outside the interpreter): both kernels at the benchmark's head shapes build for an H100 and a
-    Jetson Orin."""
+    Jetson Orin, the partial pass also for an int8 cache."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("built") == 3
+    assert done.stdout.count("built") == 5 and done.stdout.count("int8") == 2
 
 
 def test_kernel_is_refused_where_it_cannot_run() -> None:

@@ -160,9 +160,37 @@ def test_runtime_parameters_are_validated(running) -> None:
     assert node.session.config.max_new_tokens == 2
 
 
+def test_a_node_with_an_int8_cache_answers(ros_context, tiny_model_dir: Path) -> None:
+    """``kv_cache_dtype: int8`` reaches the session: the cache holds int8 codes, frames go in and a
+    question over DDS is answered."""
+    overrides = [Parameter("model_path", value=str(tiny_model_dir)), Parameter("capacity", value=96),
+                 Parameter("max_chunk", value=32), Parameter("template", value="demo"),
+                 Parameter("frame_rate", value=100.0), Parameter("max_new_tokens", value=4),
+                 Parameter("kv_cache_dtype", value="int8"), Parameter("warm_up", value=False)]
+    node = InfMLLMNode(parameter_overrides=overrides)
+    probe = Probe()
+    try:
+        assert node.session.cache.k.dtype == torch.int8 and node.session.cache.quantized
+        with spinning(node, probe.node, executor=MultiThreadedExecutor()):
+            _wait(lambda: probe.images.get_subscription_count() > 0 and probe.queries.get_subscription_count() > 0)
+            for i in range(40):  # past the 96-slot capacity: evictions move int8 rows
+                probe.images.publish(Image(**rgb_to_image_fields(_rgb(i), "rgb8")))
+                _wait(lambda: node.worker.counters.frames_ingested >= i + 1)
+                if node.session.cache.evictions > 1:
+                    break
+            assert node.session.cache.evictions > 1
+            probe.ask("what is in view ?")
+            answer = probe.wait_answers(1)[0]
+            assert answer and not answer.startswith(("error", "busy"))
+    finally:
+        node.destroy_node()
+        probe.node.destroy_node()
+
+
 @pytest.mark.parametrize("args, message", [
     (["-p", "policy:=lru"], "parameter policy='lru' is not one of"),
     (["-p", "inf_mllm.pool:=4"], "must be odd"),
+    (["-p", "kv_cache_dtype:=fp8"], "parameter kv_cache_dtype='fp8' is not one of model, int8"),
     (["-p", "model_path:=/nonexistent/model"], "model folder not found"),
     (["-p", "backend:=onnxruntime"], "backend onnxruntime needs engine_dir"),
     (["-p", "backend:=onnxruntime", "-p", "engine_dir:=/nonexistent/engines"], "no manifest"),

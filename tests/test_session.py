@@ -1,6 +1,7 @@
 """StreamingSession: exactness against a full forward, eviction correctness, bounds, bad input."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,61 @@ def test_multi_layer_compaction_equals_fresh_rotation(tiny_model_dir: Path, poli
         reference = session.model.decoder.step(embed, fresh.k, fresh.v, fresh.valid(),
                                                session.cache.positions(1)).logits[-1]
     assert (session.feed(torch.tensor([20])) - reference).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o-kinds", "look-m"])
+def test_an_int8_cache_holds_the_kept_tokens_to_its_rounding(tiny_model_dir: Path, policy: str) -> None:
+    """``kv_cache_dtype="int8"``: after evictions the codes hold, per (layer, head), the kept stream
+    tokens' values rounded once (exactly the codes of rounding them afresh) and their keys to
+    within the rounding each move adds (re-rotated from the dequantized rows, rounded again); the
+    next step's logits stay near a float cache's over the same tokens. look-m merges from the
+    dequantized rows."""
+    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows
+
+    session = _session(tiny_model_dir, policy, recording=policy != "look-m", kv_cache_dtype="int8")
+    cache = session.cache
+    assert cache.quantized and cache.k.dtype == torch.int8 and cache.scales[0].dtype == torch.float32
+    assert cache.nbytes == 2 * cache.k.numel() * (1 + 4 / cache.k.shape[-1])  # a float32 scale per row
+    for frame in _frames(12):
+        session.ingest_frame(frame)
+    assert cache.evictions >= 2
+    n = cache.length
+    k_rows = dequantize_rows(cache.k, cache.k_scale, torch.float32)[:, :, :n]
+    v_rows = dequantize_rows(cache.v, cache.v_scale, torch.float32)[:, :, :n]
+    if policy == "look-m":  # merged rows are averages: finite, and answers still come
+        assert torch.isfinite(k_rows).all() and torch.isfinite(v_rows).all()
+        assert session.answer("what is in view ?", max_new_tokens=3)
+        return
+    fresh = _fresh_cache_from_raw(session, torch.cat(session.backend.raw_k, 2), torch.cat(session.backend.raw_v, 2))
+    want_k, want_v = fresh.k[:, :, :n], fresh.v[:, :, :n]
+    assert torch.equal(v_rows, dequantize_rows(*quantize_rows(want_v), torch.float32))
+    key_error = float((k_rows - want_k).norm() / want_k.norm())
+    assert 0 < key_error < 0.02
+    with torch.inference_mode():
+        embed = session.model.embed_tokens(torch.tensor([20]))
+        reference = session.model.decoder.step(embed, fresh.k, fresh.v, fresh.valid(),
+                                               session.cache.positions(1)).logits[-1]
+    got = session.feed(torch.tensor([20]))
+    assert 0 < (got - reference).abs().max().item() <= 0.05 * reference.abs().max().item()
+
+
+def test_an_int8_cache_is_refused_off_the_torch_backend(tiny_model_dir: Path) -> None:
+    base = _session(tiny_model_dir, "h2o")
+
+    class ExportedStandIn:
+        """A stand-in (mock) for an exported backend: the check reads only its type and name."""
+
+        name = "tensorrt"
+
+        def graph_runner(self):
+            return base.backend.graph_runner()
+
+    config = dataclasses.replace(base.config, kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="int8 runs on the torch backend only, not tensorrt"):
+        StreamingSession(base.model, base.tokenizer, make_policy("h2o"), config, base.template, base.preprocessor,
+                         ExportedStandIn())
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int4': choose from model, int8"):
+        dataclasses.replace(base.config, kv_cache_dtype="int4")
 
 
 @pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm", "inf-mllm-paper", "inf-mllm-lt", "look-m",

@@ -66,10 +66,11 @@ class TorchBackend:
     @torch.inference_mode()
     def step(self, embeds: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
              positions: torch.Tensor, attn_window: int = 0, all_logits: bool = False,
-             drop: StagedDrop | None = None) -> StepOutput:
+             drop: StagedDrop | None = None, kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> StepOutput:
         block_fn = self._decode_block if embeds.shape[0] == 1 and not all_logits else self._prefill_block
         return self.model.decoder.step(embeds, cache_k, cache_v, valid, positions, attn_window, all_logits,
-                                       block_fn=block_fn, drop=drop)
+                                       block_fn=block_fn, drop=drop, kv_scales=kv_scales)
 
 
 def run_prefill_block(block, *args):

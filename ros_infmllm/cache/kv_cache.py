@@ -11,6 +11,12 @@ Per-slot statistics (pinned flags, stream origin, whether a slot holds a frame's
 policy's attention accumulators) are registered here and moved by the same gather, so no policy
 has to track slot movements.
 
+With ``kv_dtype="int8"`` the buffers hold int8 codes and each (layer, head, slot) row has a
+float32 scale (``k_scale``, ``v_scale``; kv_codes.py). A moved key is then re-rotated from its
+dequantized value and rounded again: a key kept across many evictions is rounded once per move
+(measured in benchmarks/results/stream_perplexity_kv8_cpu.md), while a row that does not move is
+rounded to the same codes.
+
 An eviction may merge instead of drop (``move(keep, merge=True)``, after LOOK-M, arXiv
 2406.18139): each evicted visual slot is averaged into the kept slot whose key is most similar
 (cosine, per layer and KV head), keys and values alike, before the kept slots move. Keys are
@@ -36,24 +42,34 @@ import torch.nn.functional as F
 
 from ..errors import CacheFullError
 from ..rope import Rotary
+from .kv_codes import check_kv_cache_dtype, dequantize_rows, quantize_rows
 
 
 # scratch memory an eviction may take for its re-rotation or merging: 64 MiB, since at 256 a 7B
 # model's eviction was the largest transient of its streaming peak (memory_peak_int4_h200.md)
 MOVE_SCRATCH_BYTES = 64 << 20
 ROTATE_BYTES = 18  # scratch per re-rotated element: gathered, float32 copy, half tables, products, result
+ROTATE_BYTES_INT8 = 26  # and for int8 rows: the dequantized copy, the rounding's float32 quotient and codes
 
 
 class BoundedKVCache:
     """Fixed-capacity K/V storage for one stream."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, capacity: int, head_dim: int, rotary: Rotary,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 kv_dtype: str = "model") -> None:
         if capacity <= 0:
             raise ValueError(f"cache capacity must be positive, got {capacity}")
+        check_kv_cache_dtype(kv_dtype)
         shape = (num_layers, num_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.dtype = dtype  # the model's: what keys and values are computed in (and read back as)
+        self.quantized = kv_dtype == "int8"
+        storage = torch.int8 if self.quantized else dtype
+        self.k = torch.zeros(shape, dtype=storage, device=device)
+        self.v = torch.zeros(shape, dtype=storage, device=device)
+        # int8 rows' scales [layers, kv_heads, capacity] float32; None when the buffers hold the values
+        self.k_scale = torch.zeros(shape[:3], device=device) if self.quantized else None
+        self.v_scale = torch.zeros(shape[:3], device=device) if self.quantized else None
         self.capacity = capacity
         self.rotary = rotary
         self.length = 0          # valid slots, the same in every (layer, head)
@@ -75,6 +91,17 @@ class BoundedKVCache:
     @property
     def device(self) -> torch.device:
         return self.k.device
+
+    @property
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(k_scale, v_scale)`` of an int8 cache (what a decoder step needs beside the codes), else None."""
+        return (self.k_scale, self.v_scale) if self.quantized else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K/V storage, scales included (per-slot statistics not counted)."""
+        tensors = (self.k, self.v) + (self.scales or ())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def free(self) -> int:
@@ -123,8 +150,14 @@ class BoundedKVCache:
         ``dropped`` ``[layers, count]`` bool: the new tokens a staged drop took out of each layer."""
         count = new_k.shape[2]
         slots = self.positions(count)
-        self.k.index_copy_(2, slots, new_k)
-        self.v.index_copy_(2, slots, new_v)
+        if self.quantized:
+            for buffer, scales, rows in ((self.k, self.k_scale, new_k), (self.v, self.v_scale, new_v)):
+                codes, scale = quantize_rows(rows)
+                buffer.index_copy_(2, slots, codes)
+                scales.index_copy_(2, slots, scale)
+        else:
+            self.k.index_copy_(2, slots, new_k)
+            self.v.index_copy_(2, slots, new_v)
         self.pinned.index_fill_(-1, slots, pinned)
         self.visual.index_fill_(-1, slots, visual)
         if dropped is not None:
@@ -171,10 +204,17 @@ class BoundedKVCache:
             self.merge_evicted(keep)
         shift = self.slot_index[:kept].view(1, kept) - keep  # [layers, heads, kept]: new slot - old slot
         for rows, cols in self._move_pieces(kept):
-            gather = keep[rows, cols].unsqueeze(-1).expand(-1, -1, -1, self.k.shape[-1])
-            self.k[rows, cols, :kept] = self.rotary.rotate(torch.gather(self.k[rows, cols], 2, gather),
-                                                           shift[rows, cols])
+            index = keep[rows, cols]
+            gather = index.unsqueeze(-1).expand(-1, -1, -1, self.k.shape[-1])
+            keys = torch.gather(self.k[rows, cols], 2, gather)
             self.v[rows, cols, :kept] = torch.gather(self.v[rows, cols], 2, gather)
+            if not self.quantized:
+                self.k[rows, cols, :kept] = self.rotary.rotate(keys, shift[rows, cols])
+                continue
+            keys = dequantize_rows(keys, torch.gather(self.k_scale[rows, cols], 2, index), torch.float32)
+            self.k[rows, cols, :kept], self.k_scale[rows, cols, :kept] = quantize_rows(
+                self.rotary.rotate(keys, shift[rows, cols]))
+            self.v_scale[rows, cols, :kept] = torch.gather(self.v_scale[rows, cols], 2, index)
         for name, stat in self.stats.items():
             index = keep.expand(stat.shape[:-3] + keep.shape)
             stat[..., :kept] = torch.gather(stat, -1, index)
@@ -184,7 +224,7 @@ class BoundedKVCache:
     def _move_pieces(self, kept: int) -> list[tuple[slice, slice]]:
         """(layers, heads) slices that re-rotate ``kept`` slots each within ``MOVE_SCRATCH_BYTES``."""
         layers, heads, _, dim = self.k.shape
-        per_head = kept * dim * ROTATE_BYTES
+        per_head = kept * dim * (ROTATE_BYTES_INT8 if self.quantized else ROTATE_BYTES)
         if heads * per_head <= MOVE_SCRATCH_BYTES or heads == 1:
             group = max(1, MOVE_SCRATCH_BYTES // (heads * per_head))
             return [(slice(first, first + group), slice(None)) for first in range(0, layers, group)]
@@ -195,8 +235,9 @@ class BoundedKVCache:
     def merge_evicted(self, keep: torch.Tensor) -> None:
         """Average every valid, unkept visual slot into the kept slot (of ``keep``) with the most
         similar key, per layer and KV head: ``k_kept = (k_kept + sum of its merged keys) / (1 +
-        their count)``, values alike, written back in place (``move`` then gathers them). Heads go
-        in groups whose similarity matrix stays under ``MOVE_SCRATCH_BYTES``. Graph-capturable."""
+        their count)``, values alike, written back in place (``move`` then gathers them; int8 rows
+        are averaged from their dequantized values and rounded again). Heads go in groups whose
+        similarity matrix stays under ``MOVE_SCRATCH_BYTES``. Graph-capturable."""
         layers, heads, capacity, dim = self.k.shape
         kept = keep.shape[2]
         if kept == 0:
@@ -206,22 +247,40 @@ class BoundedKVCache:
         for layer in range(layers):
             for first in range(0, heads, group):
                 rows = slice(first, first + group)
-                keys, values, index = self.k[layer, rows], self.v[layer, rows], keep[layer, rows]
+                keys, values, index = self._float_rows(0, layer, rows), self._float_rows(1, layer, rows), keep[layer, rows]
                 spread = index.unsqueeze(-1).expand(-1, -1, dim)
-                kept_k, kept_v = torch.gather(keys, 1, spread).float(), torch.gather(values, 1, spread).float()
+                kept_k, kept_v = torch.gather(keys, 1, spread), torch.gather(values, 1, spread)
                 unkept = torch.ones_like(self.visual[layer, rows]).scatter_(-1, index, False)
                 evicted = (unkept & live[layer, rows] & self.visual[layer, rows]).float()  # [group, capacity]
-                similarity = F.normalize(keys.float(), dim=-1) @ F.normalize(kept_k, dim=-1).transpose(1, 2)
+                similarity = F.normalize(keys, dim=-1) @ F.normalize(kept_k, dim=-1).transpose(1, 2)
                 target_live = torch.gather(live[layer, rows], 1, index)  # a kept slot that is dropped padding
                 similarity = similarity.masked_fill(~target_live.unsqueeze(1), float("-inf"))  # takes nothing
                 target = similarity.argmax(-1)  # [group, capacity]: the kept entry each slot is closest to
                 count = torch.zeros_like(kept_k[..., 0]).scatter_add_(1, target, evicted)
                 wide = target.unsqueeze(-1).expand(-1, -1, dim)
-                sum_k = torch.zeros_like(kept_k).scatter_add_(1, wide, keys.float() * evicted.unsqueeze(-1))
-                sum_v = torch.zeros_like(kept_v).scatter_add_(1, wide, values.float() * evicted.unsqueeze(-1))
+                sum_k = torch.zeros_like(kept_k).scatter_add_(1, wide, keys * evicted.unsqueeze(-1))
+                sum_v = torch.zeros_like(kept_v).scatter_add_(1, wide, values * evicted.unsqueeze(-1))
                 scale = 1.0 / (1.0 + count).unsqueeze(-1)
-                keys.scatter_(1, spread, ((kept_k + sum_k) * scale).to(keys.dtype))
-                values.scatter_(1, spread, ((kept_v + sum_v) * scale).to(values.dtype))
+                self._store_rows(0, layer, rows, index, (kept_k + sum_k) * scale)
+                self._store_rows(1, layer, rows, index, (kept_v + sum_v) * scale)
+
+    def _float_rows(self, which: int, layer: int, heads: slice) -> torch.Tensor:
+        """Keys (``which`` 0) or values (1) of one layer's ``heads`` ``[heads, capacity, dim]`` in float32."""
+        buffer, scales = (self.k, self.k_scale) if which == 0 else (self.v, self.v_scale)
+        if scales is None:
+            return buffer[layer, heads].float()
+        return dequantize_rows(buffer[layer, heads], scales[layer, heads], torch.float32)
+
+    def _store_rows(self, which: int, layer: int, heads: slice, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write float ``rows`` ``[heads, n, dim]`` into the slots ``index`` ``[heads, n]`` of keys (0) or values (1)."""
+        buffer, scales = (self.k, self.k_scale) if which == 0 else (self.v, self.v_scale)
+        spread = index.unsqueeze(-1).expand(-1, -1, rows.shape[-1])
+        if scales is None:
+            buffer[layer, heads].scatter_(1, spread, rows.to(buffer.dtype))
+            return
+        codes, scale = quantize_rows(rows)
+        buffer[layer, heads].scatter_(1, spread, codes)
+        scales[layer, heads].scatter_(1, index, scale)
 
     def shrink(self, kept: int) -> None:
         """The host half of ``compact``: ``kept`` slots remain."""

@@ -24,10 +24,13 @@ import triton.language as tl
 
 @triton.jit
 def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr,
-                      capacity, scale, SPLIT_LEN: tl.constexpr,
+                      k_scale_ptr, v_scale_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                       NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
-                      PDL: tl.constexpr):
+                      SCALED: tl.constexpr, PDL: tl.constexpr):
+    """``SCALED``: the cache holds int8 codes with a float32 scale per (KV head, slot) row
+    (cache/kv_codes.py): a slot's key scale multiplies its scores and its value scale its
+    probabilities, so no tile is dequantized; the codes enter the products in q's dtype (exact)."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
@@ -40,6 +43,7 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
     running_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
     base = head.to(tl.int64) * capacity * DIM
+    row_base = head.to(tl.int64) * capacity  # the (KV head, slot) scales of an int8 cache
     first = split * SPLIT_LEN
     end = tl.minimum(capacity, first + SPLIT_LEN)
     # The cache and its validity are no output of this step's launches: the first block of keys is
@@ -53,7 +57,12 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         in_range = slots < capacity
         keep = tl.load(valid_ptr + slots, mask=in_range, other=0) != 0
         next_k = _key_block(k_ptr, base, slots + BLOCK, end, dims, DIM)
-        scores = tl.where(keep[None, :], _scores(q, k, IEEE) * scale, float("-inf"))
+        if SCALED:
+            k_scale = tl.load(k_scale_ptr + row_base + slots, mask=in_range, other=0.0)
+            raw = _scores(q, k.to(q.dtype), IEEE) * (k_scale * scale)[None, :]
+        else:
+            raw = _scores(q, k, IEEE) * scale
+        scores = tl.where(keep[None, :], raw, float("-inf"))
         if WITH_SCORES:
             tl.store(scores_ptr + q_rows[:, None] * capacity + slots[None, :], scores,
                      mask=row_ok[:, None] & in_range[None, :])
@@ -63,7 +72,12 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         probs = tl.exp(scores - shift[:, None])
         running_sum = running_sum * rescale + tl.sum(probs, 1)
         v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=in_range[:, None], other=0.0)
-        acc = acc * rescale[:, None] + _weighted_values(probs, v, IEEE)
+        if SCALED:
+            v_scale = tl.load(v_scale_ptr + row_base + slots, mask=in_range, other=0.0)
+            weighted = _weighted_values(probs * v_scale[None, :], v.to(q.dtype), IEEE)
+        else:
+            weighted = _weighted_values(probs, v, IEEE)
+        acc = acc * rescale[:, None] + weighted
         running_max = new_max
         k = next_k
     partial = q_rows * NUM_SPLITS + split

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..backends import BACKENDS
 from ..cache import DEFAULT_POLICY, POLICIES
+from ..cache.kv_codes import KV_CACHE_DTYPES
 from ..model.quantized import HEAD_MODES, WEIGHT_MODES
 from ..model.quantized_embedding import EMBEDDING_MODES
 from ..model.quantized_vision import VISION_MODES
@@ -70,6 +71,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "best measured on video memory and on text, docs/inf_mllm.md).",
               choices=tuple(POLICIES)),
     ParamSpec("capacity", 4096, "KV cache slots (tokens) per layer and KV head: the memory bound.", 16, 1 << 20),
+    ParamSpec("kv_cache_dtype", "model", "KV cache storage: model (the dtype above) or int8 (codes with a scale "
+              "per token and KV head: half a bf16 cache's bytes, read packed by the GPU decode kernel). Needs "
+              "backend torch.", choices=KV_CACHE_DTYPES),
     ParamSpec("max_chunk", 256, "Most tokens per prefill step.", 1, 1 << 16),
     ParamSpec("slack_fraction", 0.125, "Share of the capacity freed beyond the incoming chunk per eviction.",
               0.0, 0.9),

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from ..backends import TorchBackend, make_backend
 from ..cache import DEFAULT_POLICY, BoundedKVCache, EvictionPolicy, make_policy
+from ..cache.kv_codes import check_kv_cache_dtype
 from ..errors import CacheFullError
 from ..export.manifest import Manifest
 from ..model import CausalLM, load_model, locate
@@ -56,6 +57,9 @@ class SessionConfig:
         model/staged_drop.py): at each of these layers (ascending; empty: off; ``"auto"``:
         PyramidDrop's four equal stages) a share ``drop_keep`` of the frame's visual tokens still
         in play goes on, the rest are dropped from that layer down (torch backend only).
+    kv_cache_dtype: how the cache stores keys and values: ``"model"`` (the model's dtype) or
+        ``"int8"`` (int8 codes with a scale per token and KV head, half a bf16 cache's bytes;
+        cache/kv_codes.py; torch backend only).
     """
 
     capacity: int = 4096
@@ -77,6 +81,7 @@ class SessionConfig:
     drop_layers: tuple[int, ...] | str = ()
     drop_keep: float = 0.5
     check_evictions: bool = True
+    kv_cache_dtype: str = "model"
 
     def __post_init__(self) -> None:
         for name in ("capacity", "max_chunk", "max_new_tokens", "max_query_chars", "max_query_tokens"):
@@ -88,6 +93,7 @@ class SessionConfig:
         if not 0 <= self.slack_fraction < 1:
             raise ValueError(f"slack_fraction must be in [0, 1), got {self.slack_fraction}")
         object.__setattr__(self, "drop_layers", parse_drop_layers(self.drop_layers))
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.drop_layers:
             stage_counts(1, 1, self.drop_keep)  # a bad keep ratio fails here
 
@@ -137,8 +143,12 @@ class StreamingSession:
         self.runner = self.backend.graph_runner()  # this session's captured steps (CUDA) or plain calls
         text = model.cfg.text
         self.cache = BoundedKVCache(text.num_layers, text.num_kv_heads, config.capacity, text.head_dim,
-                                    model.decoder.rotary, model.dtype, model.device)
+                                    model.decoder.rotary, model.dtype, model.device, config.kv_cache_dtype)
         self.cache.checks = config.check_evictions
+        if self.cache.quantized and not isinstance(self.backend, TorchBackend):
+            raise ValueError(f"kv_cache_dtype int8 runs on the torch backend only, not "
+                             f"{getattr(self.backend, 'name', type(self.backend).__name__)} (an exported step "
+                             f"graph takes the cache in the model's dtype)")
         policy.bind(self.cache)
         self.stats = SessionStats()
         self.frames_in_stream = 0  # since the stream began (a reset begins a new one); stats count all
@@ -363,6 +373,8 @@ class StreamingSession:
         # with staged drops each layer masks its own dropped slots; otherwise one mask serves all
         valid = cache.layer_valid() if self.drop_layers else cache.valid()
         extra = {"drop": drop} if drop is not None else {}
+        if cache.quantized:
+            extra["kv_scales"] = cache.scales
         out = self.backend.step(embeds, cache.k, cache.v, valid, positions, window, all_logits, **extra)
         if out.attn_mass is not None:
             self.policy.observe(cache, cache.fold_new_tokens(out.attn_mass), min(window, count))

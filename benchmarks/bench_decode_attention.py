@@ -8,7 +8,8 @@ replayed back to back between device events; median of several replays. Bytes ar
 slots read once per call; GB/s = those bytes / time. The fastest launch shape per model is what
 ``DecodeKernelTuning`` should hold. ``--kv-cache int8``: the caches as int8 codes with a float32
 scale per row (cache/kv_codes.py), read packed by the kernels; the explicit path dequantizes each
-layer first, as the torch path does; the reference is the dequantized rows'.
+layer and turns its keys first, as the torch path does; the reference is the rows a float cache
+would hold (dequantized, keys turned to their slots).
 
 Writes ``results/bench_decode_attention.{json,md}``; prints the table. ``--smoke`` runs tiny shapes
 through Triton's CPU interpreter (checks the script; its numbers mean nothing).
@@ -32,10 +33,11 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 
 from bench_gpu import FAMILY_SHAPES, SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
 from launch_tuning import kept_tuning, sweep  # noqa: E402
-from ros_infmllm.cache.kv_codes import KV_CACHE_DTYPES, dequantize_rows, quantize_rows  # noqa: E402
+from ros_infmllm.cache.kv_codes import KV_CACHE_DTYPES, dequantize_rows, quantize_rows, read_keys  # noqa: E402
 from ros_infmllm.model import decode_attention as op  # noqa: E402
 from ros_infmllm.model.config import load_config  # noqa: E402
 from ros_infmllm.model.decoder import Attention  # noqa: E402
+from ros_infmllm.rope import Rotary  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW = 32  # inf-mllm's retrieval window: the mass is computed (0 with --no-mass: streamingllm's call)
@@ -56,15 +58,17 @@ def inputs(attention: Attention, capacity: int, layers: int, device: str, dtype:
              draw(kv_heads, capacity, dim), mask) for _ in range(layers)]
 
 
-def packed(q, k, v, past_k, past_v, mask) -> tuple:
-    """One layer's inputs with its cache as int8 codes, the row scales last: what the kernel reads."""
+def packed(tables: tuple, q, k, v, past_k, past_v, mask) -> tuple:
+    """One layer's inputs with its cache as int8 codes (the random keys taken as unrotated), the
+    row scales and the slots' rotation ``tables`` last: what the kernel reads."""
     (k_codes, k_scale), (v_codes, v_scale) = quantize_rows(past_k), quantize_rows(past_v)
-    return q, k, v, k_codes, v_codes, mask, k_scale, v_scale
+    return q, k, v, k_codes, v_codes, mask, k_scale, v_scale, *tables
 
 
-def unpacked(q, k, v, k_codes, v_codes, mask, k_scale, v_scale) -> tuple:
-    """``packed``'s inputs with the cache dequantized (float32 rows): what the reference reads."""
-    return q, k, v, dequantize_rows(k_codes, k_scale, torch.float32), dequantize_rows(v_codes, v_scale, torch.float32), mask
+def unpacked(q, k, v, k_codes, v_codes, mask, k_scale, v_scale, read_cos, read_sin) -> tuple:
+    """``packed``'s inputs with the cache as a float cache holds it (float32): what the reference reads."""
+    keys = read_keys(k_codes, k_scale, read_cos, read_sin, torch.float32)
+    return q, k, v, keys, dequantize_rows(v_codes, v_scale, torch.float32), mask
 
 
 def reference(attention: Attention, q, k, v, past_k, past_v, mask):
@@ -125,22 +129,26 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     int8 = args.kv_cache == "int8"
     row_bytes = cfg.head_dim + 4 if int8 else cfg.head_dim * dtype.itemsize  # codes and a float32 scale
     bytes_read = 2 * cfg.num_kv_heads * args.capacity * row_bytes
+    angles = Rotary(cfg.head_dim, cfg.rope_theta).half_angles(torch.arange(args.capacity, device=device))
+    tables = (angles.cos(), angles.sin())
     if int8:
-        per_layer = [packed(*layer) for layer in per_layer]
+        per_layer = [packed(tables, *layer) for layer in per_layer]
 
-    def explicit(q, k, v, past_k, past_v, mask, *scales):
-        if scales:  # the torch path's int8 cache: this layer dequantized first
-            past_k, past_v = dequantize_rows(past_k, scales[0], q.dtype), dequantize_rows(past_v, scales[1], q.dtype)
+    def explicit(q, k, v, past_k, past_v, mask, *int8_rows):
+        if int8_rows:  # the torch path's int8 cache: this layer dequantized and its keys turned first
+            k_scale, v_scale, read_cos, read_sin = int8_rows
+            past_k = read_keys(past_k, k_scale, read_cos, read_sin, q.dtype)
+            past_v = dequantize_rows(past_v, v_scale, q.dtype)
         return attention._explicit(q, k, v, past_k, past_v, mask, window, group)
 
-    def kernel(q, k, v, past_k, past_v, mask, *scales):
-        return attention._kernel(q, k, v, past_k, past_v, mask, window, scales or None)
+    def kernel(q, k, v, past_k, past_v, mask, *int8_rows):
+        return attention._kernel(q, k, v, past_k, past_v, mask, window, int8_rows or None)
 
     compiled = (torch.compile(explicit, dynamic=False, options={"split_reductions": False})
                 if device == "cuda" else explicit)
     fresh = inputs(attention, args.capacity, 1, device, dtype, seed=2)[0]  # other values than the timed ones
     if int8:
-        fresh = packed(*fresh)
+        fresh = packed(tables, *fresh)
     want_out, want_mass = reference(attention, *(unpacked(*fresh) if int8 else fresh))
     result = {"model": name, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
               "layers": cfg.num_layers, "bytes_per_call": bytes_read}

@@ -17,8 +17,7 @@ def session_variant(spec: str) -> tuple[str, dict]:
     ``+int4-x8`` with each packed product's input rounded to int8 as the GPU's decode rounds it,
     weight_settings.py), ``+vision8`` /
     ``+vision4`` (the tower and projector packed int8 / int4, the node's ``vision_weights``),
-    ``+kv8`` (the cache in int8, the node's ``kv_cache_dtype: int8``; ``+kv8once``: the study's
-    control, keys rounded once, kv_controls.py), e.g.
+    ``+kv8`` (the cache in int8, the node's ``kv_cache_dtype: int8``), e.g.
     ``h2o+pool2+merge``. Streams keep the frames of the unpooled model, so a pooled run answers
     the same questions over the same stream in fewer slots."""
     parts = spec.split("+")
@@ -40,10 +39,7 @@ def session_variant(spec: str) -> tuple[str, dict]:
             config["vision_weights"] = f"int{suffix[6:]}"
         elif suffix == "kv8":
             config["kv_cache_dtype"] = "int8"
-        elif suffix == "kv8once":  # a control of the quality study (kv_controls.py), text streams only
-            config["kv_cache_dtype"] = "int8"
-            config["kv_rounding"] = "once"
         else:
             raise ValueError(f"unknown session suffix +{suffix} in {spec!r} "
-                             f"(+merge, +poolN, +pyramid, +dropA-B, +keepX, +{', +'.join(SESSION_SETTINGS)}, +vision8, +vision4, +kv8, +kv8once)")
+                             f"(+merge, +poolN, +pyramid, +dropA-B, +keepX, +{', +'.join(SESSION_SETTINGS)}, +vision8, +vision4, +kv8)")
     return parts[0], config

@@ -152,9 +152,8 @@ def write_report(report: dict, out: Path, tag: str) -> None:
              + (" Δ NLL vs float weights: the same configuration's run with float projections and the model's "
                 "cache dtype, paired by block; a `+int8-x8` / `+int4-x8` row rounds every packed product's input "
                 "to int8, prefill included, as the GPU's decode does (an upper bound); a `+kv8` row keeps the "
-                "cache in int8 (a scale per token and KV head; moved keys re-rotated and rounded again at each "
-                "eviction); a `+kv8once` row is the study's control, each key rounded once from an exact float "
-                "copy (kv_controls.py)." if packed else ""), "",
+                "cache in int8 (a scale per token and KV head, keys stored unrotated and rounded once, "
+                "cache/kv_codes.py)." if packed else ""), "",
              "| capacity | chunk | configuration | perplexity | 95% CI | Δ NLL vs sliding window | 95% CI |"
              + (" Δ NLL vs float weights and cache | 95% CI |" if packed else ""),
              "|---|---|---|---|---|---|---|" + ("---|---|" if packed else "")]
@@ -213,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", nargs="+", default=["float"], choices=("float",) + SESSION_SETTINGS,
                         help="the decoder's projections: every policy (and full) runs once per setting "
                              "(weight_settings.py; int4-x8 / int8-x8: inputs rounded as the GPU's decode does)")
-    parser.add_argument("--kv-cache", nargs="+", default=["model"], choices=KV_CACHE_DTYPES + ("int8-once",),
-                        help="the cache's storage: every policy (and full) runs once per setting, after --weights "
-                             "(int8-once: the study's control, keys rounded once: kv_controls.py)")
+    parser.add_argument("--kv-cache", nargs="+", default=["model"], choices=KV_CACHE_DTYPES,
+                        help="the cache's storage: every policy (and full) runs once per setting, after --weights")
     parser.add_argument("--no-reference", action="store_true", help="skip the sliding-window reference")
     parser.add_argument("--no-full", action="store_true", help="skip the full-cache runs")
     parser.add_argument("--block", type=int, default=512, help="tokens per block for confidence intervals")

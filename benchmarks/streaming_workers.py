@@ -4,8 +4,6 @@ model leaves the GPU idle between its launches, so several streams at once use i
 from __future__ import annotations
 
 import multiprocessing
-from functools import partial
-from unittest import mock
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable
 
@@ -18,7 +16,6 @@ from ros_infmllm.cache import make_policy
 from ros_infmllm.model import locate
 from ros_infmllm.model.checkpoint_text import load_tokenizer
 from ros_infmllm.session import SessionConfig, StreamingSession, template_for
-from ros_infmllm.session import session as session_module
 
 WORKER: dict[str, Any] = {}
 
@@ -65,21 +62,14 @@ def session(policy: str, capacity: int, chunk: int) -> StreamingSession:
     spec, variant = session_variant(policy)
     model, backend = model_and_backend(variant.pop("weights", "float"))
     kv_cache_dtype = variant.pop("kv_cache_dtype", "model")
-    once = variant.pop("kv_rounding", None) == "once"
     if variant:
         raise ValueError(f"{policy}: a text stream takes only weight and cache suffixes, not {sorted(variant)}")
     config = SessionConfig(capacity=capacity, max_chunk=chunk, slack_fraction=chunk / capacity, system_prompt="",
                            check_evictions=model.device.type != "cuda", max_new_tokens=16,
                            kv_cache_dtype=kv_cache_dtype)
     name, options = parse_policy(spec)
-    make = partial(StreamingSession, model, WORKER["tokenizer"], make_policy(name, **options), config,
-                   template_for("qwen2"), backend=backend)
-    if not once:
-        return make()
-    from kv_controls import OnceRoundedKVCache
-
-    with mock.patch.object(session_module, "BoundedKVCache", OnceRoundedKVCache):  # the study's control
-        return make()
+    return StreamingSession(model, WORKER["tokenizer"], make_policy(name, **options), config, template_for("qwen2"),
+                            backend=backend)
 
 
 def weight_suffix(spec: str) -> str:
@@ -94,23 +84,19 @@ def with_weights(spec: str, weights: str) -> str:
 
 
 def kv_cache_suffix(spec: str) -> str:
-    """The cache storage a policy spec names: ``int8`` with ``+kv8``, ``int8-once`` with ``+kv8once``,
-    else ``model``."""
-    variant = session_variant(spec)[1]
-    return variant.get("kv_cache_dtype", "model") + ("-once" if variant.get("kv_rounding") == "once" else "")
+    """The cache storage a policy spec names: ``int8`` with ``+kv8``, else ``model``."""
+    return session_variant(spec)[1].get("kv_cache_dtype", "model")
 
 
 def with_kv_cache(spec: str, kv_cache_dtype: str) -> str:
-    """``spec`` with the cache suffix ``kv_cache_dtype`` names (none for ``model``; ``int8-once``:
-    the quality study's control, kv_controls.py)."""
-    return {"model": spec, "int8": f"{spec}+kv8", "int8-once": f"{spec}+kv8once"}[kv_cache_dtype]
+    """``spec`` with the cache suffix ``kv_cache_dtype`` names (none for ``model``)."""
+    return spec if kv_cache_dtype == "model" else f"{spec}+kv8"
 
 
 def unpacked(spec: str) -> str:
     """``spec`` without its packed-weight and cache suffixes: the run a packed one is paired with."""
     parts = spec.split("+")
-    return "+".join(parts[:1] + [p for p in parts[1:] if p not in weight_settings.SESSION_SETTINGS
-                                 and p not in ("kv8", "kv8once")])
+    return "+".join(parts[:1] + [p for p in parts[1:] if p not in weight_settings.SESSION_SETTINGS and p != "kv8"])
 
 
 def model_context(model_path: str) -> int:

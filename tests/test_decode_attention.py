@@ -70,9 +70,11 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16)])
 def test_kernel_reads_an_int8_cache(small_launches, dtype, heads, kv_heads, capacity, dim) -> None:
-    """Codes and row scales (cache/kv_codes.py) against the float64 reference of the dequantized
-    rows: the scales applied to scores and probabilities give the same attention as the rows."""
-    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows
+    """Codes, row scales and unrotated keys (cache/kv_codes.py) against the float64 reference of
+    the rows a float cache would hold (dequantized, keys turned to their slots): the kernel turns
+    each key tile by its slots and applies the scales to scores and probabilities."""
+    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys
+    from ros_infmllm.rope import Rotary
 
     generator = torch.Generator().manual_seed(heads * capacity + dim + 1)
 
@@ -83,19 +85,22 @@ def test_kernel_reads_an_int8_cache(small_launches, dtype, heads, kv_heads, capa
     # rows of different sizes, so that each slot's scale matters
     size = torch.rand(kv_heads, capacity, 1, generator=generator).to(DEVICE) * 4 + 0.1
     (k_codes, k_scale), (v_codes, v_scale) = (quantize_rows(draw(kv_heads, capacity, dim) * size) for _ in range(2))
+    angles = Rotary(dim, 10000.0).half_angles(torch.arange(capacity, device=DEVICE))
+    tables = (angles.cos(), angles.sin())
     valid = (torch.rand(capacity, generator=generator) < 0.7).to(DEVICE)
     valid[:40] = False
-    out, mass = op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, v_scale)
-    want_out, want_mass = _reference(q, k_new, v_new, dequantize_rows(k_codes, k_scale, torch.float64),
-                                     dequantize_rows(v_codes, v_scale, torch.float64), valid)
+    out, mass = op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, v_scale, *tables)
+    keys = read_keys(k_codes, k_scale, *tables, torch.float64)
+    want_out, want_mass = _reference(q, k_new, v_new, keys, dequantize_rows(v_codes, v_scale, torch.float64), valid)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype
     assert _relative(out, want_out) < tolerance
     assert _relative(mass, want_mass) < tolerance
-    unscaled = op.decode_attention(q, k_new, v_new, k_codes.to(dtype), v_codes.to(dtype), valid, True)[0]
-    assert _relative(unscaled, want_out) > 0.05  # the scales are what makes it right
-    with pytest.raises(ValueError, match="both row scales"):
-        op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, None)
+    unturned = _reference(q, k_new, v_new, dequantize_rows(k_codes, k_scale, torch.float64),
+                          dequantize_rows(v_codes, v_scale, torch.float64), valid)[0]
+    assert _relative(out, unturned) > 0.05  # the keys' turn is what makes it right
+    with pytest.raises(ValueError, match="row scales and rotation tables"):
+        op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, v_scale)
 
 
 def test_decoder_step_with_the_kernel_equals_the_explicit_path(head16_model_dir, small_launches) -> None:
@@ -115,16 +120,19 @@ def test_decoder_step_with_the_kernel_equals_the_explicit_path(head16_model_dir,
 
 def test_decoder_step_over_an_int8_cache_with_the_kernel_equals_the_explicit_path(head16_model_dir,
                                                                                   small_launches) -> None:
-    """The same step over an int8 cache (codes and scales, ``kv_scales``): the kernel reads the codes,
-    the explicit path dequantizes the layer; both equal the explicit path over the dequantized rows."""
-    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows
+    """The same step over an int8 cache (codes with unrotated keys, ``int8_cache``): the kernel reads
+    the codes, the explicit path dequantizes and turns the layer; both equal the explicit path over
+    the rows a float cache would hold."""
+    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys
 
     model = load_model(head16_model_dir, device=DEVICE)
     decoder = model.decoder
     inputs = one_token_step_inputs(model.cfg.text, capacity=50, filled=37, seed=2, device=DEVICE)
     (k_codes, k_scale), (v_codes, v_scale) = quantize_rows(inputs["cache_k"]), quantize_rows(inputs["cache_v"])
-    packed = dict(inputs, cache_k=k_codes, cache_v=v_codes, kv_scales=(k_scale, v_scale))
-    rows = dict(inputs, cache_k=dequantize_rows(k_codes, k_scale, torch.float32),
+    angles = decoder.rotary.half_angles(torch.arange(50, device=DEVICE))
+    tables = (angles.cos(), angles.sin())
+    packed = dict(inputs, cache_k=k_codes, cache_v=v_codes, int8_cache=(k_scale, v_scale, *tables))
+    rows = dict(inputs, cache_k=read_keys(k_codes, k_scale, *tables, torch.float32),
                 cache_v=dequantize_rows(v_codes, v_scale, torch.float32))
     decoder.use_decode_kernel(False)
     want = decoder.step(**rows, attn_window=4)
@@ -135,7 +143,6 @@ def test_decoder_step_over_an_int8_cache_with_the_kernel_equals_the_explicit_pat
     assert torch.equal(explicit.logits, want.logits)
     assert torch.allclose(kernel.logits, want.logits, atol=1e-4)
     assert torch.allclose(kernel.attn_mass, want.attn_mass, atol=1e-5)
-    assert not torch.allclose(want.logits, decoder.step(**inputs, attn_window=4).logits, atol=1e-6)  # rounding shows
 
 
 AHEAD_OF_TIME = """
@@ -149,7 +156,8 @@ arch = int(sys.argv[1])
 for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6, 128, True), (1, 128, True)]:
     cache = "*i8" if scaled else "*bf16"  # an int8 cache's codes, with float32 row scales
     pointers = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, valid_ptr="*u8", scores_ptr="*fp32",
-                    max_ptr="*fp32", sum_ptr="*fp32", acc_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32")
+                    max_ptr="*fp32", sum_ptr="*fp32", acc_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32",
+                    cos_ptr="*fp32", sin_ptr="*fp32")
     constants = dict(SPLIT_LEN=512, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
                      DIM=dim, BLOCK=TUNING.block_for(group), NUM_SPLITS=8, WITH_SCORES=True, IEEE=False,
                      SCALED=scaled, PDL=arch >= 90)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cache.kv_codes import Int8Rows
 from ..model.decoder import StepOutput, run_block
 from ..model.llava import LlavaModel
 from ..model.staged_drop import StagedDrop
@@ -66,11 +67,11 @@ class TorchBackend:
     @torch.inference_mode()
     def step(self, embeds: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
              positions: torch.Tensor, attn_window: int = 0, all_logits: bool = False,
-             drop: StagedDrop | None = None, kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+             drop: StagedDrop | None = None, int8_cache: Int8Rows | None = None
              ) -> StepOutput:
         block_fn = self._decode_block if embeds.shape[0] == 1 and not all_logits else self._prefill_block
         return self.model.decoder.step(embeds, cache_k, cache_v, valid, positions, attn_window, all_logits,
-                                       block_fn=block_fn, drop=drop, kv_scales=kv_scales)
+                                       block_fn=block_fn, drop=drop, int8_cache=int8_cache)
 
 
 def run_prefill_block(block, *args):

@@ -12,15 +12,16 @@ policy's attention accumulators) are registered here and moved by the same gathe
 has to track slot movements.
 
 With ``kv_dtype="int8"`` the buffers hold int8 codes and each (layer, head, slot) row has a
-float32 scale (``k_scale``, ``v_scale``; kv_codes.py). A moved key is then re-rotated from its
-dequantized value and rounded again: a key kept across many evictions is rounded once per move
-(measured in benchmarks/results/stream_perplexity_kv8_cpu.md), while a row that does not move is
-rounded to the same codes.
+float32 scale (``k_scale``, ``v_scale``; kv_codes.py), and keys are stored before rotation: a
+write turns the new keys back from their slots, a compaction only gathers codes and scales (no
+key is rounded twice), and every read turns a key by its slot with ``read_cos`` / ``read_sin``.
+Plain RoPE only: an M-RoPE frame token's position is not its slot.
 
 An eviction may merge instead of drop (``move(keep, merge=True)``, after LOOK-M, arXiv
 2406.18139): each evicted visual slot is averaged into the kept slot whose key is most similar
 (cosine, per layer and KV head), keys and values alike, before the kept slots move. Keys are
-averaged as stored (rotated at their own positions), as LOOK-M averages the cache it holds.
+averaged as stored (rotated at their own positions, or unrotated in an int8 cache), as LOOK-M
+averages the cache it holds.
 
 A staged visual-token drop (model/staged_drop.py, after PyramidDrop) marks a frame's dropped
 tokens per layer (``dropped``): the slot is written in every layer, so slot j stays position j
@@ -41,15 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CacheFullError
-from ..rope import Rotary
-from .kv_codes import check_kv_cache_dtype, dequantize_rows, quantize_rows
+from ..rope import MultimodalRotary, Rotary
+from .kv_codes import Int8Rows, check_kv_cache_dtype, dequantize_rows, quantize_rows
 
 
 # scratch memory an eviction may take for its re-rotation or merging: 64 MiB, since at 256 a 7B
 # model's eviction was the largest transient of its streaming peak (memory_peak_int4_h200.md)
 MOVE_SCRATCH_BYTES = 64 << 20
 ROTATE_BYTES = 18  # scratch per re-rotated element: gathered, float32 copy, half tables, products, result
-ROTATE_BYTES_INT8 = 26  # and for int8 rows: the dequantized copy, the rounding's float32 quotient and codes
 
 
 class BoundedKVCache:
@@ -61,6 +61,9 @@ class BoundedKVCache:
         if capacity <= 0:
             raise ValueError(f"cache capacity must be positive, got {capacity}")
         check_kv_cache_dtype(kv_dtype)
+        if kv_dtype == "int8" and isinstance(rotary, MultimodalRotary):
+            raise ValueError("kv_cache_dtype int8 needs plain RoPE: an M-RoPE model's frame tokens sit at positions "
+                             "other than their slots (docs/qwen2_vl.md), which an int8 cache's keys are turned to")
         shape = (num_layers, num_kv_heads, capacity, head_dim)
         self.dtype = dtype  # the model's: what keys and values are computed in (and read back as)
         self.quantized = kv_dtype == "int8"
@@ -82,6 +85,10 @@ class BoundedKVCache:
         # GPU loop turns it off (SessionConfig.check_evictions) once the policies are trusted.
         self.checks = True
         self.slot_index = torch.arange(capacity, device=device)  # [capacity]: 0..C-1, for masks and shifts
+        # an int8 cache's keys are turned to their slots as read: half-width tables [capacity, head_dim / 2]
+        angles = rotary.half_angles(self.slot_index) if self.quantized else None
+        self.read_cos = angles.cos() if self.quantized else None
+        self.read_sin = angles.sin() if self.quantized else None
         self.stats: dict[str, torch.Tensor] = {}
         self.pinned = self.register_stat("pinned", torch.bool)
         self.origin = self.register_stat("origin", torch.int64)
@@ -93,14 +100,16 @@ class BoundedKVCache:
         return self.k.device
 
     @property
-    def scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(k_scale, v_scale)`` of an int8 cache (what a decoder step needs beside the codes), else None."""
-        return (self.k_scale, self.v_scale) if self.quantized else None
+    def int8_cache(self) -> Int8Rows | None:
+        """What a decoder step reads beside an int8 cache's codes: ``(k_scale, v_scale, read_cos,
+        read_sin)``; None for a cache holding the values."""
+        return (self.k_scale, self.v_scale, self.read_cos, self.read_sin) if self.quantized else None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of K/V storage, scales included (per-slot statistics not counted)."""
-        tensors = (self.k, self.v) + (self.scales or ())
+        """Bytes of K/V storage, an int8 cache's scales and read tables included (per-slot
+        statistics not counted)."""
+        tensors = (self.k, self.v) + (self.int8_cache or ())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
@@ -150,8 +159,9 @@ class BoundedKVCache:
         ``dropped`` ``[layers, count]`` bool: the new tokens a staged drop took out of each layer."""
         count = new_k.shape[2]
         slots = self.positions(count)
-        if self.quantized:
-            for buffer, scales, rows in ((self.k, self.k_scale, new_k), (self.v, self.v_scale, new_v)):
+        if self.quantized:  # keys turned back from their slots (positions), then rounded once
+            raw_k = self.rotary.rotate(new_k.float(), -slots)
+            for buffer, scales, rows in ((self.k, self.k_scale, raw_k), (self.v, self.v_scale, new_v)):
                 codes, scale = quantize_rows(rows)
                 buffer.index_copy_(2, slots, codes)
                 scales.index_copy_(2, slots, scale)
@@ -211,10 +221,9 @@ class BoundedKVCache:
             if not self.quantized:
                 self.k[rows, cols, :kept] = self.rotary.rotate(keys, shift[rows, cols])
                 continue
-            keys = dequantize_rows(keys, torch.gather(self.k_scale[rows, cols], 2, index), torch.float32)
-            self.k[rows, cols, :kept], self.k_scale[rows, cols, :kept] = quantize_rows(
-                self.rotary.rotate(keys, shift[rows, cols]))
-            self.v_scale[rows, cols, :kept] = torch.gather(self.v_scale[rows, cols], 2, index)
+            self.k[rows, cols, :kept] = keys  # unrotated: the new slot turns it when read
+            for scales in (self.k_scale, self.v_scale):
+                scales[rows, cols, :kept] = torch.gather(scales[rows, cols], 2, index)
         for name, stat in self.stats.items():
             index = keep.expand(stat.shape[:-3] + keep.shape)
             stat[..., :kept] = torch.gather(stat, -1, index)
@@ -224,7 +233,7 @@ class BoundedKVCache:
     def _move_pieces(self, kept: int) -> list[tuple[slice, slice]]:
         """(layers, heads) slices that re-rotate ``kept`` slots each within ``MOVE_SCRATCH_BYTES``."""
         layers, heads, _, dim = self.k.shape
-        per_head = kept * dim * (ROTATE_BYTES_INT8 if self.quantized else ROTATE_BYTES)
+        per_head = kept * dim * ROTATE_BYTES
         if heads * per_head <= MOVE_SCRATCH_BYTES or heads == 1:
             group = max(1, MOVE_SCRATCH_BYTES // (heads * per_head))
             return [(slice(first, first + group), slice(None)) for first in range(0, layers, group)]
@@ -236,8 +245,8 @@ class BoundedKVCache:
         """Average every valid, unkept visual slot into the kept slot (of ``keep``) with the most
         similar key, per layer and KV head: ``k_kept = (k_kept + sum of its merged keys) / (1 +
         their count)``, values alike, written back in place (``move`` then gathers them; int8 rows
-        are averaged from their dequantized values and rounded again). Heads go in groups whose
-        similarity matrix stays under ``MOVE_SCRATCH_BYTES``. Graph-capturable."""
+        are averaged from their dequantized values, keys unrotated, and rounded again). Heads go in
+        groups whose similarity matrix stays under ``MOVE_SCRATCH_BYTES``. Graph-capturable."""
         layers, heads, capacity, dim = self.k.shape
         kept = keep.shape[2]
         if kept == 0:
@@ -247,7 +256,9 @@ class BoundedKVCache:
         for layer in range(layers):
             for first in range(0, heads, group):
                 rows = slice(first, first + group)
-                keys, values, index = self._float_rows(0, layer, rows), self._float_rows(1, layer, rows), keep[layer, rows]
+                keys = _float_rows(self.k, self.k_scale, layer, rows)
+                values = _float_rows(self.v, self.v_scale, layer, rows)
+                index = keep[layer, rows]
                 spread = index.unsqueeze(-1).expand(-1, -1, dim)
                 kept_k, kept_v = torch.gather(keys, 1, spread), torch.gather(values, 1, spread)
                 unkept = torch.ones_like(self.visual[layer, rows]).scatter_(-1, index, False)
@@ -261,26 +272,8 @@ class BoundedKVCache:
                 sum_k = torch.zeros_like(kept_k).scatter_add_(1, wide, keys * evicted.unsqueeze(-1))
                 sum_v = torch.zeros_like(kept_v).scatter_add_(1, wide, values * evicted.unsqueeze(-1))
                 scale = 1.0 / (1.0 + count).unsqueeze(-1)
-                self._store_rows(0, layer, rows, index, (kept_k + sum_k) * scale)
-                self._store_rows(1, layer, rows, index, (kept_v + sum_v) * scale)
-
-    def _float_rows(self, which: int, layer: int, heads: slice) -> torch.Tensor:
-        """Keys (``which`` 0) or values (1) of one layer's ``heads`` ``[heads, capacity, dim]`` in float32."""
-        buffer, scales = (self.k, self.k_scale) if which == 0 else (self.v, self.v_scale)
-        if scales is None:
-            return buffer[layer, heads].float()
-        return dequantize_rows(buffer[layer, heads], scales[layer, heads], torch.float32)
-
-    def _store_rows(self, which: int, layer: int, heads: slice, index: torch.Tensor, rows: torch.Tensor) -> None:
-        """Write float ``rows`` ``[heads, n, dim]`` into the slots ``index`` ``[heads, n]`` of keys (0) or values (1)."""
-        buffer, scales = (self.k, self.k_scale) if which == 0 else (self.v, self.v_scale)
-        spread = index.unsqueeze(-1).expand(-1, -1, rows.shape[-1])
-        if scales is None:
-            buffer[layer, heads].scatter_(1, spread, rows.to(buffer.dtype))
-            return
-        codes, scale = quantize_rows(rows)
-        buffer[layer, heads].scatter_(1, spread, codes)
-        scales[layer, heads].scatter_(1, index, scale)
+                _store_rows(self.k, self.k_scale, layer, rows, index, (kept_k + sum_k) * scale)
+                _store_rows(self.v, self.v_scale, layer, rows, index, (kept_v + sum_v) * scale)
 
     def shrink(self, kept: int) -> None:
         """The host half of ``compact``: ``kept`` slots remain."""
@@ -310,3 +303,24 @@ class BoundedKVCache:
         self.length = 0
         self.total_seen = 0
         self.evictions = self.evicted_tokens = 0
+
+
+def _float_rows(buffer: torch.Tensor, scales: torch.Tensor | None, layer: int, heads: slice) -> torch.Tensor:
+    """One layer's ``heads`` of keys or values ``[heads, capacity, dim]`` in float32 (int8 rows
+    dequantized with their ``scales``)."""
+    if scales is None:
+        return buffer[layer, heads].float()
+    return dequantize_rows(buffer[layer, heads], scales[layer, heads], torch.float32)
+
+
+def _store_rows(buffer: torch.Tensor, scales: torch.Tensor | None, layer: int, heads: slice, index: torch.Tensor,
+                rows: torch.Tensor) -> None:
+    """Write float ``rows`` ``[heads, n, dim]`` into the slots ``index`` ``[heads, n]`` of one layer
+    (int8 rows rounded, with their scales)."""
+    spread = index.unsqueeze(-1).expand(-1, -1, rows.shape[-1])
+    if scales is None:
+        buffer[layer, heads].scatter_(1, spread, rows.to(buffer.dtype))
+        return
+    codes, scale = quantize_rows(rows)
+    buffer[layer, heads].scatter_(1, spread, codes)
+    scales[layer, heads].scatter_(1, index, scale)

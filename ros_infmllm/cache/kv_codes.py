@@ -1,15 +1,29 @@
 """int8 K/V cache rows: each (layer, KV head, slot) row of ``head_dim`` values as int8 codes with
-one float32 scale (symmetric, absmax / 127).
+one float32 scale (symmetric, absmax / 127); keys stored before rotation, turned to their slot's
+position as they are read.
 
 Why: at 4,096 tokens a 7B model's bf16 cache is 2.15 GB, read whole by every decode step beside
 4.19 GB of int4 weights; in int8 it is half that (plus 4 bytes of scale per 128-byte row), which is
 what moves an int4 step's roofline away from the bf16 step's (docs/quantized_weights.md). One scale
 per row, not per channel: a streaming cache writes a token once and never sees the rows after it.
 A decode kernel applies the scales to a slot's score and to its probability, never to a tile.
+
+Keys are stored unrotated because an eviction renumbers the kept slots: a rotated key would have to
+be re-rotated and rounded again at every move, and an H2O heavy hitter kept across many evictions
+then carries one rounding per move (+0.010 nats/token for SmolLM2 under ``h2o`` at 8,192 tokens,
++0.014 at 32,768 and growing; rounded once, about 0.001:
+benchmarks/results/stream_perplexity_kv8_long_cpu.md). Stored unrotated, a key is rounded once
+and a move only gathers codes; every read turns a key by its slot (the cache's ``read_cos``,
+``read_sin``), so slot j is RoPE position j as in a float cache (plain RoPE only).
 """
 from __future__ import annotations
 
 import torch
+
+# what a decoder step reads beside an int8 cache's codes: k_scale, v_scale ``[layers, kv_heads, C]``
+# (one layer's ``[kv_heads, C]`` inside a block) and the slots' half-width rotation tables
+# read_cos, read_sin ``[C, head_dim / 2]``, all float32
+Int8Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 KV_CACHE_DTYPES = ("model", "int8")  # "model": the model's own dtype (bf16 on a GPU, float32 on the CPU)
 CODE_MAX = 127
@@ -34,3 +48,17 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The rows ``codes * scale`` in ``dtype`` (computed in float32)."""
     return (codes.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def turn_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[..., C, head_dim]`` (float32) rotated by RoPE at their slots: ``cos``, ``sin``
+    ``[C, head_dim / 2]`` (the cache's read tables), in the rotate-half layout."""
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def read_keys(codes: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
+    """An int8 cache's keys as a float cache holds them: dequantized, turned to their slots, in ``dtype``."""
+    return turn_rows(dequantize_rows(codes, scale, torch.float32), cos, sin).to(dtype)

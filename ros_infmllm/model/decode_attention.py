@@ -110,14 +110,15 @@ def _next_power_of_2(n: int) -> int:
 @torch.library.custom_op("ros_infmllm::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor,
                      cache_v: torch.Tensor, valid: torch.Tensor, with_mass: bool,
-                     k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None
+                     k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+                     read_cos: Optional[torch.Tensor] = None, read_sin: Optional[torch.Tensor] = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of one query token over the cache slots and itself.
 
     q ``[heads, dim]`` (rotated); k_new, v_new ``[kv_heads, dim]`` (the token's own key and value);
-    cache_k, cache_v ``[kv_heads, C, dim]``: values, or int8 codes with their row scales
-    ``k_scale``, ``v_scale`` ``[kv_heads, C]`` float32 (an int8 cache, cache/kv_codes.py); valid
-    ``[C]`` bool. Returns the output ``[heads, dim]`` in q's dtype and, with ``with_mass``, the
+    cache_k, cache_v ``[kv_heads, C, dim]``: values, or an int8 cache's codes (keys unrotated) with
+    their row scales ``k_scale``, ``v_scale`` ``[kv_heads, C]`` and the slots' rotation tables
+    ``read_cos``, ``read_sin`` ``[C, dim / 2]``, all float32 (cache/kv_codes.py); valid ``[C]`` bool. Returns the output ``[heads, dim]`` in q's dtype and, with ``with_mass``, the
     probabilities summed over each KV group's query heads ``[kv_heads, C + 1]`` float32 (the
     slots, then the token itself; empty otherwise).
     """
@@ -131,10 +132,12 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     splits, split_len = whole_tile_splits(capacity, block, tuning.programs // kv_heads, max(block, tuning.min_split))
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
-    scaled = k_scale is not None
-    if scaled != (v_scale is not None) or scaled != (cache_k.dtype == torch.int8):
-        raise ValueError("an int8 cache takes both row scales; a float cache takes none")
-    k_scale, v_scale = (k_scale.contiguous(), v_scale.contiguous()) if scaled else (valid, valid)  # unread if not scaled
+    int8_rows = (k_scale, v_scale, read_cos, read_sin)
+    scaled = cache_k.dtype == torch.int8
+    if any((t is None) == scaled for t in int8_rows):
+        raise ValueError("an int8 cache takes its row scales and rotation tables; a float cache takes none")
+    # pointers the kernel does not read where the cache holds the values
+    int8_rows = tuple(t.contiguous() for t in int8_rows) if scaled else (valid,) * 4
     launch = dependent_launch(q, tuning.pdl)
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty((heads, capacity) if with_mass else (1,), **f32)
@@ -145,9 +148,10 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     scale = dim ** -0.5
     decode_kernels.partial_attention[(kv_heads, splits)](
         q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc,
-        k_scale, v_scale, capacity, scale, SPLIT_LEN=split_len, GROUP=group,
+        *int8_rows, capacity, scale, SPLIT_LEN=split_len, GROUP=group,
         GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block, NUM_SPLITS=splits, WITH_SCORES=with_mass,
-        IEEE=q.dtype == torch.float32, SCALED=scaled, PDL=bool(launch), num_warps=tuning.num_warps, num_stages=tuning.num_stages, **launch)
+        IEEE=q.dtype == torch.float32, SCALED=scaled, PDL=bool(launch), num_warps=tuning.num_warps,
+        num_stages=tuning.num_stages, **launch)
     splits_pad = _next_power_of_2(splits)
     mass_block = tuning.mass_block_for(group)
     blocks = cdiv(capacity, mass_block) if with_mass else 0
@@ -162,7 +166,8 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
 @decode_attention.register_fake
 def _decode_attention_shapes(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor,
                              cache_v: torch.Tensor, valid: torch.Tensor, with_mass: bool,
-                             k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None
+                             k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+                             read_cos: Optional[torch.Tensor] = None, read_sin: Optional[torch.Tensor] = None
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     mass_shape = (cache_k.shape[0], cache_k.shape[1] + 1) if with_mass else (0,)
     return torch.empty_like(q), q.new_empty(mass_shape, dtype=torch.float32)

@@ -24,13 +24,15 @@ import triton.language as tl
 
 @triton.jit
 def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr,
-                      k_scale_ptr, v_scale_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
+                      k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                       NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
                       SCALED: tl.constexpr, PDL: tl.constexpr):
-    """``SCALED``: the cache holds int8 codes with a float32 scale per (KV head, slot) row
-    (cache/kv_codes.py): a slot's key scale multiplies its scores and its value scale its
-    probabilities, so no tile is dequantized; the codes enter the products in q's dtype (exact)."""
+    """``SCALED``: the cache holds int8 codes with a float32 scale per (KV head, slot) row, keys
+    unrotated (cache/kv_codes.py): each key tile is turned to its slots' positions from the
+    half-width tables ``cos_ptr`` / ``sin_ptr`` ``[capacity, DIM / 2]`` (in float32, then q's
+    dtype), a slot's key scale multiplies its scores and its value scale its probabilities, so no
+    tile is scaled; value codes enter the product in q's dtype (exact)."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
@@ -59,7 +61,8 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         next_k = _key_block(k_ptr, base, slots + BLOCK, end, dims, DIM)
         if SCALED:
             k_scale = tl.load(k_scale_ptr + row_base + slots, mask=in_range, other=0.0)
-            raw = _scores(q, k.to(q.dtype), IEEE) * (k_scale * scale)[None, :]
+            turned = _turned_keys(k, k_ptr, base, cos_ptr, sin_ptr, slots, end, dims, DIM)
+            raw = _scores(q, turned.to(q.dtype), IEEE) * (k_scale * scale)[None, :]
         else:
             raw = _scores(q, k, IEEE) * scale
         scores = tl.where(keep[None, :], raw, float("-inf"))
@@ -90,6 +93,22 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
 def _key_block(k_ptr, base, slots, end, dims, DIM: tl.constexpr):
     """Keys of ``slots`` (those from ``end`` on read as zeros, without a memory access)."""
     return tl.load(k_ptr + base + slots[:, None] * DIM + dims[None, :], mask=(slots < end)[:, None], other=0.0)
+
+
+@triton.jit
+def _turned_keys(k, k_ptr, base, cos_ptr, sin_ptr, slots, end, dims, DIM: tl.constexpr):
+    """Unrotated key codes ``k [BLOCK, DIM]`` of ``slots`` turned by RoPE at those slots, float32,
+    in the rotate-half layout: ``x * cos + rotate_half(x) * sin``, with rotate_half's other half
+    read again from the same rows (``(dims + DIM / 2) % DIM``, cached) and cos / sin from the
+    half-width tables (column ``dims % (DIM / 2)``)."""
+    half = DIM // 2
+    ok = (slots < end)[:, None]
+    other = tl.load(k_ptr + base + slots[:, None] * DIM + ((dims + half) % DIM)[None, :], mask=ok, other=0.0)
+    table = slots[:, None] * half + (dims % half)[None, :]
+    cos = tl.load(cos_ptr + table, mask=ok, other=1.0)
+    sin = tl.load(sin_ptr + table, mask=ok, other=0.0)
+    sign = tl.where(dims < half, -1.0, 1.0)
+    return k.to(tl.float32) * cos + sign[None, :] * other.to(tl.float32) * sin
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache.kv_codes import dequantize_rows
+from ..cache.kv_codes import Int8Rows, dequantize_rows, read_keys
 from ..rope import Rotary, rotary_for
 from .config import TextConfig
 from . import decode_linear
@@ -67,21 +67,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor,
-                past_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+                int8_rows: Int8Rows | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         q, k, v = self.qkv(self, x) if self.qkv else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        out, k, v, mass = self.attend(q, k, v, cos, sin, past_k, past_v, mask, attn_window, past_scales=past_scales)
+        out, k, v, mass = self.attend(q, k, v, cos, sin, past_k, past_v, mask, attn_window, int8_rows=int8_rows)
         return self.o_proj(out), k, v, mass
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor,
-               rotated: bool = False, past_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+               rotated: bool = False, int8_rows: Int8Rows | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Projected q, k, v ``[q_len, heads|kv_heads * dim]`` (q and k already rotated if ``rotated``)
         -> attention output ``[q_len, heads * dim]`` (before o_proj), the rotated keys and the
-        values ``[kv_heads, q_len, dim]``, the mass. ``past_scales``: the row scales of an int8
-        cache (cache/kv_codes.py): the Triton decode op reads the codes, other paths dequantize
-        this layer's rows first."""
+        values ``[kv_heads, q_len, dim]``, the mass. ``int8_rows``: this layer's row scales and
+        the slots' rotation tables where past_k/v are an int8 cache's codes (keys unrotated,
+        cache/kv_codes.py): the Triton decode op reads the codes, other paths dequantize this
+        layer's rows and turn its keys first."""
         q_len = q.shape[0]
         q = q.reshape(q_len, self.num_heads, self.head_dim).transpose(0, 1)
         k = k.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
@@ -90,11 +91,12 @@ class Attention(nn.Module):
             q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         group = self.num_heads // self.num_kv_heads
         if self.decode_kernel and one_token_step(q_len, attn_window):
-            out, mass = self._kernel(q, k, v, past_k, past_v, mask, attn_window, past_scales)
+            out, mass = self._kernel(q, k, v, past_k, past_v, mask, attn_window, int8_rows)
         else:
-            if past_scales is not None:  # this layer's rows, dequantized for torch's products
-                past_k = dequantize_rows(past_k, past_scales[0], q.dtype)
-                past_v = dequantize_rows(past_v, past_scales[1], q.dtype)
+            if int8_rows is not None:  # this layer's rows as a float cache holds them, for torch's products
+                k_scale, v_scale, read_cos, read_sin = int8_rows
+                past_k = read_keys(past_k, k_scale, read_cos, read_sin, q.dtype)
+                past_v = dequantize_rows(past_v, v_scale, q.dtype)
             if fused_attention(q_len, attn_window, self.mass_kernel):
                 out, mass = self._fused(q, k, v, past_k, past_v, mask, attn_window, group)
             else:
@@ -130,13 +132,13 @@ class Attention(nn.Module):
 
     def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor, attn_window: int,
-                past_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+                int8_rows: Int8Rows | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A decode token: scores, softmax, values and the mass in two Triton launches."""
         capacity = past_k.shape[1]
-        k_scale, v_scale = past_scales if past_scales is not None else (None, None)
+        rows = int8_rows if int8_rows is not None else (None,) * 4  # k_scale, v_scale, read_cos, read_sin
         out, mass = decode_attention(q[:, 0], k[:, 0], v[:, 0], past_k, past_v, mask[0, :capacity], attn_window > 0,
-                                     k_scale, v_scale)
+                                     *rows)
         return out.view(self.num_heads, 1, self.head_dim), mass if attn_window > 0 else None
 
     def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
@@ -216,12 +218,12 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor,
-                past_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+                int8_rows: Int8Rows | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.decode_matvec and one_token_step(x.shape[0], attn_window):
-            return self._decode_token(x, cos, sin, past_k, past_v, mask, attn_window, past_scales)
+            return self._decode_token(x, cos, sin, past_k, past_v, mask, attn_window, int8_rows)
         attn_out, k, v, mass = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask, attn_window,
-                                              past_scales)
+                                              int8_rows)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), k, v, mass
 
@@ -234,7 +236,7 @@ class TransformerBlock(nn.Module):
 
     def _decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                       past_v: torch.Tensor, mask: torch.Tensor, attn_window: int,
-                      past_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+                      int8_rows: Int8Rows | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The same block for one token in four matrix-vector launches around the attention: the
         norms go into the products that read them, rotary into q/k/v, SwiGLU into gate/up, the
@@ -251,7 +253,7 @@ class TransformerBlock(nn.Module):
             rotated -= width
         qkv = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask, attn_window,
-                                      rotated=True, past_scales=past_scales)
+                                      rotated=True, int8_rows=int8_rows)
         o_weight, o_bias, o_packing = linear_operands(attn.o_proj)
         x = linear(out, o_weight, o_bias, None, x, 0.0, False, **o_packing)
         gate_up_weight, gate_up_bias, gate_up_packing = mlp.gate_up.matvec_operands(mlp)
@@ -310,7 +312,7 @@ class Decoder(nn.Module):
     def step(self, embeds: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
              positions: torch.Tensor, attn_window: int | torch.Tensor = 0, all_logits: bool = False,
              block_fn=run_block, drop: StagedDrop | None = None,
-             kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
+             int8_cache: Int8Rows | None = None) -> StepOutput:
         """One forward step over q new tokens (see the module docstring).
 
         embeds ``[q, hidden]``; cache_k/v ``[layers, kv_heads, C, head_dim]``; valid ``[C]`` bool
@@ -320,8 +322,9 @@ class Decoder(nn.Module):
         last queries to report attention mass for (0: none; a 0-d tensor: always report, for export);
         block_fn: how each block runs (a backend may pass a compiled ``run_block``);
         drop: this chunk's staged visual-token drop (staged_drop.py), None for none;
-        kv_scales: ``(k_scale, v_scale)`` ``[layers, kv_heads, C]`` float32 where cache_k/v hold
-        int8 codes (an int8 cache, cache/kv_codes.py), None where they hold the values.
+        int8_cache: where cache_k/v hold an int8 cache's codes (keys unrotated), its row scales
+        ``[layers, kv_heads, C]`` and the slots' rotation tables ``[C, head_dim / 2]``
+        (``BoundedKVCache.int8_cache``, cache/kv_codes.py); None where they hold the values.
         """
         q_len = embeds.shape[0]
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=embeds.device).tril()
@@ -337,8 +340,8 @@ class Decoder(nn.Module):
                 mask = None
             if per_layer or mask is None:
                 mask = layer_mask(valid[i] if per_layer else valid, causal, live)
-            scales = (kv_scales[0][i], kv_scales[1][i]) if kv_scales is not None else None
-            x, k, v, mass = block_fn(block, x, cos, sin, cache_k[i], cache_v[i], mask, attn_window, scales)
+            rows = (int8_cache[0][i], int8_cache[1][i], *int8_cache[2:]) if int8_cache is not None else None
+            x, k, v, mass = block_fn(block, x, cos, sin, cache_k[i], cache_v[i], mask, attn_window, rows)
             new_k.append(k)
             new_v.append(v)
             masses.append(mass)

@@ -374,7 +374,7 @@ class StreamingSession:
         valid = cache.layer_valid() if self.drop_layers else cache.valid()
         extra = {"drop": drop} if drop is not None else {}
         if cache.quantized:
-            extra["kv_scales"] = cache.scales
+            extra["int8_cache"] = cache.int8_cache
         out = self.backend.step(embeds, cache.k, cache.v, valid, positions, window, all_logits, **extra)
         if out.attn_mass is not None:
             self.policy.observe(cache, cache.fold_new_tokens(out.attn_mass), min(window, count))

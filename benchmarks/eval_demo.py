@@ -232,8 +232,8 @@ def main() -> int:
                         help="policies of the long-stream table (full holds the whole stream); "
                              "name[option=value,...] sets a policy's config fields; suffixes set the session's "
                              "(session_variants.py): +merge, +poolN, +pyramid, +dropA-B, +keepX, and +int8 / "
-                             "+int4 / +auto for the decoder's projections, +vision8 / +vision4 for the tower's, +kv8 for an "
-                             "int8 cache")
+                             "+int4 / +auto for the decoder's projections, +vision8 / +vision4 for the tower's, "
+                             "+kv8 for an int8 cache")
     parser.add_argument("--split", choices=sorted(SPLITS), default="held-out",
                         help="held-out streams (reports) or development streams (tuning)")
     parser.add_argument("--report-only", action="store_true",

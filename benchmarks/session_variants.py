@@ -41,5 +41,6 @@ def session_variant(spec: str) -> tuple[str, dict]:
             config["kv_cache_dtype"] = "int8"
         else:
             raise ValueError(f"unknown session suffix +{suffix} in {spec!r} "
-                             f"(+merge, +poolN, +pyramid, +dropA-B, +keepX, +{', +'.join(SESSION_SETTINGS)}, +vision8, +vision4, +kv8)")
+                             f"(+merge, +poolN, +pyramid, +dropA-B, +keepX, +{', +'.join(SESSION_SETTINGS)}, +vision8, "
+                             "+vision4, +kv8)")
     return parts[0], config

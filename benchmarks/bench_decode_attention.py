@@ -31,7 +31,7 @@ import torch
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
 
-from bench_gpu import FAMILY_SHAPES, SHAPES, SMOKE_SHAPES, write_checkpoint_config  # noqa: E402
+from bench_gpu import FAMILY_SHAPES, SHAPES, SMOKE_SHAPES, cache_row_bytes, write_checkpoint_config  # noqa: E402
 from launch_tuning import kept_tuning, sweep  # noqa: E402
 from ros_infmllm.cache.kv_codes import KV_CACHE_DTYPES, dequantize_rows, quantize_rows, read_keys  # noqa: E402
 from ros_infmllm.model import decode_attention as op  # noqa: E402
@@ -127,8 +127,7 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     group = cfg.num_heads // cfg.num_kv_heads
     per_layer = inputs(attention, args.capacity, cfg.num_layers, device, dtype, seed=1)
     int8 = args.kv_cache == "int8"
-    row_bytes = cfg.head_dim + 4 if int8 else cfg.head_dim * dtype.itemsize  # codes and a float32 scale
-    bytes_read = 2 * cfg.num_kv_heads * args.capacity * row_bytes
+    bytes_read = 2 * cfg.num_kv_heads * args.capacity * cache_row_bytes(cfg.head_dim, dtype, args.kv_cache)
     angles = Rotary(cfg.head_dim, cfg.rope_theta).half_angles(torch.arange(args.capacity, device=device))
     tables = (angles.cos(), angles.sin())
     if int8:

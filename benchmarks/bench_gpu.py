@@ -184,11 +184,15 @@ def decoder_bytes_per_token(model: LlavaModel) -> int:
 
 
 def cache_bytes(model: LlavaModel, capacity: int, kv_cache: str = "model") -> int:
-    """K/V bytes a decode step reads at full capacity: rows in the model's dtype, or int8 codes
-    with a float32 scale per row (cache/kv_codes.py)."""
+    """K/V bytes a decode step reads at full capacity (``cache_row_bytes`` per row)."""
     text = model.cfg.text
-    row = text.head_dim + 4 if kv_cache == "int8" else text.head_dim * model.dtype.itemsize
-    return 2 * text.num_layers * text.num_kv_heads * capacity * row
+    return 2 * text.num_layers * text.num_kv_heads * capacity * cache_row_bytes(text.head_dim, model.dtype, kv_cache)
+
+
+def cache_row_bytes(head_dim: int, dtype: torch.dtype, kv_cache: str = "model") -> int:
+    """Bytes of one cached key or value row: in ``dtype``, or int8 codes with a float32 scale
+    (cache/kv_codes.py)."""
+    return head_dim + 4 if kv_cache == "int8" else head_dim * dtype.itemsize
 
 
 # ---- timing helpers -----------------------------------------------------------------------------

@@ -48,12 +48,19 @@ class Rotary:
         and halves of x: an eviction re-rotates most of the cache, and the full-width float32
         temporaries were the largest memory of a 7B model's streaming peak (0.38 GiB a layer,
         benchmarks/results/memory_peak_int4_h200.md)."""
-        half = x.shape[-1] // 2
         angles = self.half_angles(positions)
-        cos, sin = angles.cos(), angles.sin()
+        return Rotary.turn(x, angles.cos(), angles.sin())
+
+    @staticmethod
+    def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x[..., head_dim]`` rotated by half-width float32 ``cos`` / ``sin`` broadcastable to
+        ``[..., head_dim / 2]`` (``x * cos + rotate_half(x) * sin``, computed in float32 on halves
+        of x), returned in ``dtype`` (default x's)."""
+        half = x.shape[-1] // 2
         wide = x.float()
         first, second = wide[..., :half], wide[..., half:]
-        out = torch.empty_like(x)
+        out = torch.empty_like(x, dtype=dtype or x.dtype)
         out[..., :half] = first * cos - second * sin  # x * cos + rotate_half(x) * sin, first half
         out[..., half:] = second * cos + first * sin
         return out

@@ -65,14 +65,10 @@ class BoundedKVCache:
             raise ValueError("kv_cache_dtype int8 needs plain RoPE: an M-RoPE model's frame tokens sit at positions "
                              "other than their slots (docs/qwen2_vl.md), which an int8 cache's keys are turned to")
         shape = (num_layers, num_kv_heads, capacity, head_dim)
-        self.dtype = dtype  # the model's: what keys and values are computed in (and read back as)
         self.quantized = kv_dtype == "int8"
         storage = torch.int8 if self.quantized else dtype
         self.k = torch.zeros(shape, dtype=storage, device=device)
         self.v = torch.zeros(shape, dtype=storage, device=device)
-        # int8 rows' scales [layers, kv_heads, capacity] float32; None when the buffers hold the values
-        self.k_scale = torch.zeros(shape[:3], device=device) if self.quantized else None
-        self.v_scale = torch.zeros(shape[:3], device=device) if self.quantized else None
         self.capacity = capacity
         self.rotary = rotary
         self.length = 0          # valid slots, the same in every (layer, head)
@@ -85,10 +81,13 @@ class BoundedKVCache:
         # GPU loop turns it off (SessionConfig.check_evictions) once the policies are trusted.
         self.checks = True
         self.slot_index = torch.arange(capacity, device=device)  # [capacity]: 0..C-1, for masks and shifts
-        # an int8 cache's keys are turned to their slots as read: half-width tables [capacity, head_dim / 2]
-        angles = rotary.half_angles(self.slot_index) if self.quantized else None
-        self.read_cos = angles.cos() if self.quantized else None
-        self.read_sin = angles.sin() if self.quantized else None
+        # An int8 cache's rows' scales [layers, kv_heads, capacity] float32, and the half-width tables
+        # [capacity, head_dim / 2] its keys are turned to their slots with as read; None otherwise.
+        self.k_scale = self.v_scale = self.read_cos = self.read_sin = None
+        if self.quantized:
+            self.k_scale, self.v_scale = torch.zeros(shape[:3], device=device), torch.zeros(shape[:3], device=device)
+            angles = rotary.half_angles(self.slot_index)
+            self.read_cos, self.read_sin = angles.cos(), angles.sin()
         self.stats: dict[str, torch.Tensor] = {}
         self.pinned = self.register_stat("pinned", torch.bool)
         self.origin = self.register_stat("origin", torch.int64)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ..rope import Rotary
+
 # what a decoder step reads beside an int8 cache's codes: k_scale, v_scale ``[layers, kv_heads, C]``
 # (one layer's ``[kv_heads, C]`` inside a block) and the slots' half-width rotation tables
 # read_cos, read_sin ``[C, head_dim / 2]``, all float32
@@ -50,15 +52,8 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (codes.float() * scale.unsqueeze(-1)).to(dtype)
 
 
-def turn_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rows ``x[..., C, head_dim]`` (float32) rotated by RoPE at their slots: ``cos``, ``sin``
-    ``[C, head_dim / 2]`` (the cache's read tables), in the rotate-half layout."""
-    half = x.shape[-1] // 2
-    first, second = x[..., :half], x[..., half:]
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-
-
 def read_keys(codes: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               dtype: torch.dtype) -> torch.Tensor:
-    """An int8 cache's keys as a float cache holds them: dequantized, turned to their slots, in ``dtype``."""
-    return turn_rows(dequantize_rows(codes, scale, torch.float32), cos, sin).to(dtype)
+    """An int8 cache's keys as a float cache holds them: dequantized, turned to their slots by the
+    cache's read tables ``cos`` / ``sin`` ``[C, head_dim / 2]``, in ``dtype``."""
+    return Rotary.turn(dequantize_rows(codes, scale, torch.float32), cos, sin, dtype)

@@ -145,10 +145,9 @@ class StreamingSession:
         self.cache = BoundedKVCache(text.num_layers, text.num_kv_heads, config.capacity, text.head_dim,
                                     model.decoder.rotary, model.dtype, model.device, config.kv_cache_dtype)
         self.cache.checks = config.check_evictions
-        if self.cache.quantized and not isinstance(self.backend, TorchBackend):
-            raise ValueError(f"kv_cache_dtype int8 runs on the torch backend only, not "
-                             f"{getattr(self.backend, 'name', type(self.backend).__name__)} (an exported step "
-                             f"graph takes the cache in the model's dtype)")
+        if self.cache.quantized:
+            self._require_torch_backend("kv_cache_dtype int8", "an exported step graph takes the cache in the "
+                                        "model's dtype")
         policy.bind(self.cache)
         self.stats = SessionStats()
         self.frames_in_stream = 0  # since the stream began (a reset begins a new one); stats count all
@@ -237,10 +236,14 @@ class StreamingSession:
         self.drop_layers = check_boundaries(even_boundaries(layers) if requested == "auto" else requested, layers)
         if not self.model.has_vision:
             raise ValueError("drop_layers: staged visual-token drop needs a vision model (this one is text-only)")
+        self._require_torch_backend("drop_layers: staged visual-token drop", "exported graphs have one mask for "
+                                    "every layer")
+
+    def _require_torch_backend(self, what: str, why: str) -> None:
+        """Refuse a feature the exported graphs cannot run, naming the backend and ``why``."""
         if not isinstance(self.backend, TorchBackend):
-            raise ValueError(f"drop_layers: staged visual-token drop runs on the torch backend only, not "
-                             f"{getattr(self.backend, 'name', type(self.backend).__name__)} (exported graphs have "
-                             f"one mask for every layer)")
+            raise ValueError(f"{what} runs on the torch backend only, not "
+                             f"{getattr(self.backend, 'name', type(self.backend).__name__)} ({why})")
 
     def _drop_plan(self, ids: torch.Tensor) -> tuple[int, StagedDrop] | None:
         """The staged drop of one frame chunk (its image placeholders may be dropped, never its last

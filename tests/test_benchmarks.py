@@ -318,8 +318,10 @@ def test_bench_decode_attention_smoke_run_writes_its_table(tmp_path: Path) -> No
 
 def test_bench_decode_attention_smoke_run_reads_an_int8_cache(tmp_path: Path) -> None:
     """--kv-cache int8: the kernels read codes and row scales, the explicit path dequantizes; both
-    give the reference over the dequantized rows; bytes count the codes and scales."""
-    model = _smoke_run("bench_decode_attention", tmp_path, "--kv-cache", "int8")
+    give the reference over the dequantized rows; bytes count the codes and scales; both key turns
+    (each slot's table row, angle addition) are swept."""
+    model = _smoke_run("bench_decode_attention", tmp_path, "--kv-cache", "int8", "--angle-sum", "on", "off")
+    assert len(model["variants"]) == 8 and {v["angle_sum"] for v in model["variants"]} == {True, False}
     assert max(max(v["out_error"], v["mass_error"]) for v in model["variants"]) < 1e-5
     assert model["explicit"]["out_error"] < 1e-5 and model["explicit"]["mass_error"] < 1e-5
     assert model["bytes_per_call"] == 2 * model["kv_heads"] * 80 * (model["head_dim"] + 4)

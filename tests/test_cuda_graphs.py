@@ -77,6 +77,27 @@ def test_a_staged_drop_stream_replays_with_the_eager_logits(head16_model_dir: Pa
     assert torch.equal(eager.cache.dropped, graphed.cache.dropped)
 
 
+@pytest.mark.parametrize("policy", ["h2o-kinds", "look-m"])
+def test_an_int8_cache_stream_replays_with_the_eager_logits(head16_model_dir: Path, policy: str) -> None:
+    """An int8 K/V cache under captured steps: the scales and read tables are buffers the graphs
+    read in place, evictions (and LOOK-M's merge) rewrite them in place, so replays give the
+    eager logits and the same codes within one rounding step."""
+    from tokenizers import Tokenizer
+
+    model = load_model(head16_model_dir, device="cuda")
+    tokenizer = Tokenizer.from_file(str(head16_model_dir / "tokenizer.json"))
+    eager, graphed = (_session(model, tokenizer, graphs, policy, kv_cache_dtype="int8") for graphs in (False, True))
+    assert graphed.cache.quantized and graphed.backend.decode_kernel
+    _stream_side_by_side(eager, graphed, np.random.default_rng(2).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), 4)
+    assert graphed.cache.evictions > 3 and {key[0] for key in graphed.runner.graphs} == {"text", "frame", "evict"}
+    assert (graphed.cache.length, graphed.cache.total_seen) == (eager.cache.length, eager.cache.total_seen)
+    assert torch.equal(eager.cache.origin, graphed.cache.origin)
+    length = eager.cache.length
+    codes = (eager.cache.k[:, :, :length].int() - graphed.cache.k[:, :, :length].int()).abs()
+    assert int(codes.max()) <= 1, int(codes.max())
+    assert torch.allclose(eager.cache.k_scale, graphed.cache.k_scale, rtol=1e-3, atol=1e-6)
+
+
 def test_graphed_vision_encoder_equals_eager(tiny_model_dir: Path) -> None:
     model = load_model(tiny_model_dir, device="cuda")
     backend = TorchBackend(model)

@@ -58,6 +58,10 @@ class DecodeKernelTuning:
     combine_warps: int = 1
     grouped_combine_warps: int = 4
     merge_elements: int = 8192
+    # an int8 cache's key turn (decode_kernels._turned_keys): angles from each slot's table row
+    # (False) or from the tile's first row and the tile-offset rows by angle addition (True: fewer
+    # distinct table bytes per tile, a few more multiplies); not yet timed on a GPU
+    angle_sum: bool = False
     pdl: bool = True
 
     def block_for(self, group: int) -> int:
@@ -151,7 +155,8 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc,
         *int8_rows, capacity, scale, SPLIT_LEN=split_len, GROUP=group,
         GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block, NUM_SPLITS=splits, WITH_SCORES=with_mass,
-        IEEE=q.dtype == torch.float32, SCALED=scaled, PDL=bool(launch), num_warps=tuning.num_warps,
+        IEEE=q.dtype == torch.float32, SCALED=scaled,
+        ANGLE_SUM=scaled and tuning.angle_sum, PDL=bool(launch), num_warps=tuning.num_warps,
         num_stages=tuning.num_stages, **launch)
     splits_pad = _next_power_of_2(splits)
     mass_block = tuning.mass_block_for(group)

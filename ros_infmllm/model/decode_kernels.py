@@ -27,12 +27,15 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
                       k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                       NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
-                      SCALED: tl.constexpr, PDL: tl.constexpr):
+                      SCALED: tl.constexpr, ANGLE_SUM: tl.constexpr, PDL: tl.constexpr):
     """``SCALED``: the cache holds int8 codes with a float32 scale per (KV head, slot) row, keys
     unrotated (cache/kv_codes.py): each key tile is turned to its slots' positions from the
     half-width tables ``cos_ptr`` / ``sin_ptr`` ``[capacity, DIM / 2]`` (in float32, then q's
     dtype), a slot's key scale multiplies its scores and its value scale its probabilities, so no
-    tile is scaled; value codes enter the product in q's dtype (exact)."""
+    tile is scaled; value codes enter the product in q's dtype (exact). ``ANGLE_SUM``: a tile's
+    angles from its first slot's row and the rows ``0..BLOCK-1`` (the offsets within a tile, the
+    same rows for every tile and program, so they stay cached) by angle addition, instead of one
+    table row per slot."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
@@ -61,7 +64,8 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         next_k = _key_block(k_ptr, base, slots + BLOCK, end, dims, DIM)
         if SCALED:
             k_scale = tl.load(k_scale_ptr + row_base + slots, mask=in_range, other=0.0)
-            turned = _turned_keys(k, k_ptr, base, cos_ptr, sin_ptr, slots, end, dims, DIM)
+            turned = _turned_keys(k, k_ptr, base, cos_ptr, sin_ptr, first + offset, slots, end, dims, DIM,
+                                  ANGLE_SUM)
             raw = _scores(q, turned.to(q.dtype), IEEE) * (k_scale * scale)[None, :]
         else:
             raw = _scores(q, k, IEEE) * scale
@@ -96,17 +100,31 @@ def _key_block(k_ptr, base, slots, end, dims, DIM: tl.constexpr):
 
 
 @triton.jit
-def _turned_keys(k, k_ptr, base, cos_ptr, sin_ptr, slots, end, dims, DIM: tl.constexpr):
-    """Unrotated key codes ``k [BLOCK, DIM]`` of ``slots`` turned by RoPE at those slots, float32,
-    in the rotate-half layout: ``x * cos + rotate_half(x) * sin``, with rotate_half's other half
-    read again from the same rows (``(dims + DIM / 2) % DIM``, cached) and cos / sin from the
-    half-width tables (column ``dims % (DIM / 2)``)."""
+def _turned_keys(k, k_ptr, base, cos_ptr, sin_ptr, tile_first, slots, end, dims, DIM: tl.constexpr,
+                 ANGLE_SUM: tl.constexpr):
+    """Unrotated key codes ``k [BLOCK, DIM]`` of ``slots`` (``tile_first`` onwards) turned by RoPE
+    at those slots, float32, in the rotate-half layout: ``x * cos + rotate_half(x) * sin``, with
+    rotate_half's other half read again from the same rows (``(dims + DIM / 2) % DIM``, cached)
+    and cos / sin from the half-width tables (column ``dims % (DIM / 2)``): each slot's row, or
+    with ``ANGLE_SUM`` the tile's first row turned by the offset rows ``slots - tile_first``
+    (cos(a + b) = cos a cos b - sin a sin b; sin(a + b) = sin a cos b + cos a sin b)."""
     half = DIM // 2
     ok = (slots < end)[:, None]
     other = tl.load(k_ptr + base + slots[:, None] * DIM + ((dims + half) % DIM)[None, :], mask=ok, other=0.0)
-    table = slots[:, None] * half + (dims % half)[None, :]
-    cos = tl.load(cos_ptr + table, mask=ok, other=1.0)
-    sin = tl.load(sin_ptr + table, mask=ok, other=0.0)
+    column = dims % half
+    if ANGLE_SUM:
+        first_ok = tile_first + column * 0 < end  # a tile past the split's end reads nothing
+        cos_first = tl.load(cos_ptr + tile_first * half + column, mask=first_ok, other=1.0)
+        sin_first = tl.load(sin_ptr + tile_first * half + column, mask=first_ok, other=0.0)
+        offsets = (slots - tile_first)[:, None] * half + column[None, :]
+        cos_offset = tl.load(cos_ptr + offsets, mask=ok, other=1.0)
+        sin_offset = tl.load(sin_ptr + offsets, mask=ok, other=0.0)
+        cos = cos_first[None, :] * cos_offset - sin_first[None, :] * sin_offset
+        sin = sin_first[None, :] * cos_offset + cos_first[None, :] * sin_offset
+    else:
+        table = slots[:, None] * half + column[None, :]
+        cos = tl.load(cos_ptr + table, mask=ok, other=1.0)
+        sin = tl.load(sin_ptr + table, mask=ok, other=0.0)
     sign = tl.where(dims < half, -1.0, 1.0)
     return k.to(tl.float32) * cos + sign[None, :] * other.to(tl.float32) * sin
 

@@ -157,11 +157,11 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     tunings = [op.DecodeKernelTuning(**vars(shipped))]
     shipped_mass = shipped.mass_block_for(group)
     tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s,
-                                      mass_block=mb, grouped_mass_block=mb, pdl=pdl, angle_sum=turn)
-                for b, p, m, w, s, mb, pdl, turn in itertools.product(
+                                      int8_num_stages=s,
+                                      mass_block=mb, grouped_mass_block=mb, pdl=pdl)
+                for b, p, m, w, s, mb, pdl in itertools.product(
                     args.blocks, args.programs, args.min_splits, args.warps, args.stages,
-                    [shipped_mass] if args.no_mass else args.mass_blocks or [shipped_mass], args.pdl,
-                    args.angle_sum if int8 else [shipped.angle_sum])]
+                    [shipped_mass] if args.no_mass else args.mass_blocks or [shipped_mass], args.pdl)]
 
     def errors() -> dict:
         out, mass = kernel(*fresh)
@@ -183,7 +183,7 @@ def write_markdown(report: dict, path: Path) -> None:
              f"{'no mass (streamingllm' + chr(39) + 's call)' if report.get('no_mass') else 'mass computed'})", "",
              "Shipped: the launch shape `DecodeKernelTuning` holds; best: the fastest of the sweep.", "",
              "| model | heads / KV heads / dim | K+V MB per call | explicit us (GB/s) | shipped us (GB/s), block | "
-             "best us: block, programs, min split, warps, stages, mass block, pdl, angle sum | shipped speed-up | "
+             "best us: block, programs, min split, warps, stages, mass block, pdl | shipped speed-up | "
              "error out / mass |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
@@ -193,8 +193,7 @@ def write_markdown(report: dict, path: Path) -> None:
                      f"{s['us']:.1f} ({s['gb_per_s']:.0f}), {s['block_used']} | {b['us']:.1f}: {launch(b)} | {e['us'] / s['us']:.2f}x | "
                      f"{s['out_error']:.1e} / {s['mass_error']:.1e} |")
     lines += ["", "Every launch shape of the sweep:", "",
-              "| model | block, programs, min split, warps, stages, mass block, pdl, angle sum | us | GB/s |",
-              "|---|---|---|---|"]
+              "| model | block, programs, min split, warps, stages, mass block, pdl | us | GB/s |", "|---|---|---|---|"]
     for r in report["models"]:
         for v in sorted(r["variants"], key=lambda v: v["us"]):
             lines.append(f"| {r['model']} | {launch(v)} | {v['us']:.1f} | {v['gb_per_s']:.0f} |")
@@ -203,7 +202,7 @@ def write_markdown(report: dict, path: Path) -> None:
 
 def launch(variant: dict) -> str:
     return ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages",
-                                                "mass_block", "pdl", "angle_sum"))
+                                                "mass_block", "pdl"))
 
 
 def on_off(text: str) -> bool:
@@ -230,9 +229,6 @@ def main(argv: list[str] | None = None) -> int:
                              "pass of h2o-style policies, issue 17's SmolVLM2 cost")
     parser.add_argument("--pdl", type=on_off, nargs="+", default=[True],
                         metavar="on|off", help="programmatic dependent launch of both kernels (GPUs that have it)")
-    parser.add_argument("--angle-sum", type=on_off, nargs="+", default=[False], metavar="on|off",
-                        help="an int8 cache's key turn: each slot's table row (off) or angle addition from the "
-                             "tile's first row (on); the sweep takes both with 'on off'")
     parser.add_argument("--no-mass", action="store_true",
                         help="time the call without the mass (streamingllm's): the partial pass stores no scores "
                              "and the combine kernel merges the outputs only")

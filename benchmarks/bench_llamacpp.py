@@ -314,7 +314,7 @@ def write_markdown(report: dict, path: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     theirs = {(r["model"], r["type"]): r for r in report["llama_cpp"]}
     for r in report["ours"]:
-        for kind in COUNTERPART[r["weights"]]:
+        for kind in [kind for kind in COUNTERPART[r["weights"]] if kind in report.get("types", GGUF_TYPES)]:
             other = theirs.get((r["model"], kind), {})
             tps = other.get("tokens_per_s")
             used = other.get("gpu_memory_used_bytes")
@@ -346,7 +346,7 @@ def run_row_in_child(name: str, setting: str, args) -> None:
     command = [sys.executable, str(Path(__file__).resolve()), "--skip-llama-cpp", "--in-process", "--resume",
                "--models", name, "--ours", setting, "--depth", str(args.depth), "--tokens", str(args.tokens),
                "--ingest-frames", str(args.ingest_frames), "--policy", args.policy, "--out", str(args.out),
-               "--name", args.name, "--kv-cache", args.kv_cache] + (["--smoke"] if args.smoke else [])
+               "--name", args.name, "--kv-cache", args.kv_cache, "--types", *args.types] + (["--smoke"] if args.smoke else [])
     command += ["--matvec", *args.matvec] if args.matvec else []
     subprocess.run(command, check=True)
 
@@ -406,7 +406,8 @@ def run(args) -> int:
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor()})",
               "torch": torch.__version__, "bandwidth_bytes_per_s": bandwidth, "depth": args.depth,
               "tokens": args.tokens, "repetitions": args.repetitions, "policy": args.policy,
-              "matvec_overrides": args.matvec, "kv_cache": args.kv_cache, "llama_cpp": [], "ours": []}
+              "matvec_overrides": args.matvec, "kv_cache": args.kv_cache, "types": args.types,
+              "llama_cpp": [], "ours": []}
     args.out.mkdir(parents=True, exist_ok=True)
     earlier = args.out / f"{args.name}.json"
     if args.resume and earlier.is_file():

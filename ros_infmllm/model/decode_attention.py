@@ -45,6 +45,12 @@ class DecodeKernelTuning:
     min_split: int = 32
     num_warps: int = 4
     num_stages: int = 3
+    # an int8 cache's partial pass where a split spans several tiles: each pipeline stage buffers
+    # the tile's two key halves and their cos / sin rows (float32), so at three stages it needs
+    # 170 KB of shared memory, over a Jetson Orin's 163 KB (sm_87; 103 KB at two; measured by
+    # ptxas ahead of time, tests/test_decode_attention.py); at one tile per split (a 4,096-slot
+    # cache on the benchmark's shapes) the stage count does not apply
+    int8_num_stages: int = 2
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -58,10 +64,6 @@ class DecodeKernelTuning:
     combine_warps: int = 1
     grouped_combine_warps: int = 4
     merge_elements: int = 8192
-    # an int8 cache's key turn (decode_kernels._turned_keys): angles from each slot's table row
-    # (False) or from the tile's first row and the tile-offset rows by angle addition (True: fewer
-    # distinct table bytes per tile, a few more multiplies); not yet timed on a GPU
-    angle_sum: bool = False
     pdl: bool = True
 
     def block_for(self, group: int) -> int:
@@ -155,9 +157,8 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc,
         *int8_rows, capacity, scale, SPLIT_LEN=split_len, GROUP=group,
         GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block, NUM_SPLITS=splits, WITH_SCORES=with_mass,
-        IEEE=q.dtype == torch.float32, SCALED=scaled,
-        ANGLE_SUM=scaled and tuning.angle_sum, PDL=bool(launch), num_warps=tuning.num_warps,
-        num_stages=tuning.num_stages, **launch)
+        IEEE=q.dtype == torch.float32, SCALED=scaled, PDL=bool(launch), num_warps=tuning.num_warps,
+        num_stages=tuning.int8_num_stages if scaled else tuning.num_stages, **launch)
     splits_pad = _next_power_of_2(splits)
     mass_block = tuning.mass_block_for(group)
     blocks = cdiv(capacity, mass_block) if with_mass else 0

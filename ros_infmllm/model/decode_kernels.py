@@ -27,21 +27,21 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
                       k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                       NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
-                      SCALED: tl.constexpr, ANGLE_SUM: tl.constexpr, PDL: tl.constexpr):
+                      SCALED: tl.constexpr, PDL: tl.constexpr):
     """``SCALED``: the cache holds int8 codes with a float32 scale per (KV head, slot) row, keys
-    unrotated (cache/kv_codes.py): each key tile is turned to its slots' positions from the
-    half-width tables ``cos_ptr`` / ``sin_ptr`` ``[capacity, DIM / 2]`` (in float32, then q's
-    dtype), a slot's key scale multiplies its scores and its value scale its probabilities, so no
-    tile is scaled; value codes enter the product in q's dtype (exact). ``ANGLE_SUM``: a tile's
-    angles from its first slot's row and the rows ``0..BLOCK-1`` (the offsets within a tile, the
-    same rows for every tile and program, so they stay cached) by angle addition, instead of one
-    table row per slot."""
+    unrotated (cache/kv_codes.py). A key tile is read as its two rotate-half halves, each turned to
+    its slots' positions from one read of the half-width tables ``cos_ptr`` / ``sin_ptr``
+    ``[capacity, DIM / 2]`` (float32, then q's dtype), and scored against q's matching half (two
+    products of half the depth: no shuffle between the halves); a slot's key scale multiplies its
+    scores and its value scale its probabilities, so no tile is scaled; value codes enter the
+    product in q's dtype (exact)."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, DIM)
+    halves = tl.arange(0, DIM // 2)
     row_ok = rows < GROUP
     q_rows = head * GROUP + rows
     running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -53,21 +53,32 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
     end = tl.minimum(capacity, first + SPLIT_LEN)
     # The cache and its validity are no output of this step's launches: the first block of keys is
     # requested before waiting for the launch that wrote q; then each block one step ahead.
-    k = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, dims, DIM)
+    if SCALED:  # k holds a tile's first halves, k_back its second halves
+        k = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, halves, DIM)
+        k_back = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, halves + DIM // 2, DIM)
+    else:
+        k = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, dims, DIM)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if SCALED:
+        q_front = tl.load(q_ptr + q_rows[:, None] * DIM + halves[None, :], mask=row_ok[:, None], other=0.0)
+        q_back = tl.load(q_ptr + q_rows[:, None] * DIM + (halves + DIM // 2)[None, :], mask=row_ok[:, None],
+                         other=0.0)
+    else:
+        q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
     for offset in range(0, SPLIT_LEN, BLOCK):
         slots = first + offset + tl.arange(0, BLOCK)
         in_range = slots < capacity
         keep = tl.load(valid_ptr + slots, mask=in_range, other=0) != 0
-        next_k = _key_block(k_ptr, base, slots + BLOCK, end, dims, DIM)
         if SCALED:
+            next_k = _key_block(k_ptr, base, slots + BLOCK, end, halves, DIM)
+            next_back = _key_block(k_ptr, base, slots + BLOCK, end, halves + DIM // 2, DIM)
             k_scale = tl.load(k_scale_ptr + row_base + slots, mask=in_range, other=0.0)
-            turned = _turned_keys(k, k_ptr, base, cos_ptr, sin_ptr, first + offset, slots, end, dims, DIM,
-                                  ANGLE_SUM)
-            raw = _scores(q, turned.to(q.dtype), IEEE) * (k_scale * scale)[None, :]
+            raw = _turned_scores(q_front, q_back, k, k_back, cos_ptr, sin_ptr, slots, end, halves, DIM, IEEE)
+            raw = raw * (k_scale * scale)[None, :]
+            k_back = next_back
         else:
+            next_k = _key_block(k_ptr, base, slots + BLOCK, end, dims, DIM)
             raw = _scores(q, k, IEEE) * scale
         scores = tl.where(keep[None, :], raw, float("-inf"))
         if WITH_SCORES:
@@ -81,7 +92,7 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=in_range[:, None], other=0.0)
         if SCALED:
             v_scale = tl.load(v_scale_ptr + row_base + slots, mask=in_range, other=0.0)
-            weighted = _weighted_values(probs * v_scale[None, :], v.to(q.dtype), IEEE)
+            weighted = _weighted_values(probs * v_scale[None, :], v.to(q_front.dtype), IEEE)
         else:
             weighted = _weighted_values(probs, v, IEEE)
         acc = acc * rescale[:, None] + weighted
@@ -94,39 +105,31 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
 
 
 @triton.jit
-def _key_block(k_ptr, base, slots, end, dims, DIM: tl.constexpr):
-    """Keys of ``slots`` (those from ``end`` on read as zeros, without a memory access)."""
-    return tl.load(k_ptr + base + slots[:, None] * DIM + dims[None, :], mask=(slots < end)[:, None], other=0.0)
+def _key_block(k_ptr, base, slots, end, columns, DIM: tl.constexpr):
+    """The ``columns`` of the keys of ``slots`` (those from ``end`` on read as zeros, without a
+    memory access)."""
+    return tl.load(k_ptr + base + slots[:, None] * DIM + columns[None, :], mask=(slots < end)[:, None], other=0.0)
 
 
 @triton.jit
-def _turned_keys(k, k_ptr, base, cos_ptr, sin_ptr, tile_first, slots, end, dims, DIM: tl.constexpr,
-                 ANGLE_SUM: tl.constexpr):
-    """Unrotated key codes ``k [BLOCK, DIM]`` of ``slots`` (``tile_first`` onwards) turned by RoPE
-    at those slots, float32, in the rotate-half layout: ``x * cos + rotate_half(x) * sin``, with
-    rotate_half's other half read again from the same rows (``(dims + DIM / 2) % DIM``, cached)
-    and cos / sin from the half-width tables (column ``dims % (DIM / 2)``): each slot's row, or
-    with ``ANGLE_SUM`` the tile's first row turned by the offset rows ``slots - tile_first``
-    (cos(a + b) = cos a cos b - sin a sin b; sin(a + b) = sin a cos b + cos a sin b)."""
-    half = DIM // 2
+def _turned_scores(q_front, q_back, front, back, cos_ptr, sin_ptr, slots, end, halves, DIM: tl.constexpr,
+                   IEEE: tl.constexpr):
+    """Scores of q (rotated, as its two halves) against unrotated key codes given as their halves
+    ``front``, ``back`` ``[BLOCK, DIM / 2]``, each key turned by RoPE at its slot in the
+    rotate-half layout: ``front * cos - back * sin`` and ``back * cos + front * sin``, with cos /
+    sin the slots' rows of the half-width tables, read once per tile."""
     ok = (slots < end)[:, None]
-    other = tl.load(k_ptr + base + slots[:, None] * DIM + ((dims + half) % DIM)[None, :], mask=ok, other=0.0)
-    column = dims % half
-    if ANGLE_SUM:
-        first_ok = tile_first + column * 0 < end  # a tile past the split's end reads nothing
-        cos_first = tl.load(cos_ptr + tile_first * half + column, mask=first_ok, other=1.0)
-        sin_first = tl.load(sin_ptr + tile_first * half + column, mask=first_ok, other=0.0)
-        offsets = (slots - tile_first)[:, None] * half + column[None, :]
-        cos_offset = tl.load(cos_ptr + offsets, mask=ok, other=1.0)
-        sin_offset = tl.load(sin_ptr + offsets, mask=ok, other=0.0)
-        cos = cos_first[None, :] * cos_offset - sin_first[None, :] * sin_offset
-        sin = sin_first[None, :] * cos_offset + cos_first[None, :] * sin_offset
-    else:
-        table = slots[:, None] * half + column[None, :]
-        cos = tl.load(cos_ptr + table, mask=ok, other=1.0)
-        sin = tl.load(sin_ptr + table, mask=ok, other=0.0)
-    sign = tl.where(dims < half, -1.0, 1.0)
-    return k.to(tl.float32) * cos + sign[None, :] * other.to(tl.float32) * sin
+    table = slots[:, None] * (DIM // 2) + halves[None, :]
+    cos = tl.load(cos_ptr + table, mask=ok, other=1.0)
+    sin = tl.load(sin_ptr + table, mask=ok, other=0.0)
+    front, back = front.to(tl.float32), back.to(tl.float32)
+    turned_front = (front * cos - back * sin).to(q_front.dtype)
+    turned_back = (back * cos + front * sin).to(q_front.dtype)
+    if DIM // 2 >= 16:
+        return _scores(q_front, turned_front, IEEE) + _scores(q_back, turned_back, IEEE)
+    # a dot needs a depth of 16: small heads (tests' models) sum the products instead
+    front_scores = tl.sum(q_front[:, None, :].to(tl.float32) * turned_front[None, :, :].to(tl.float32), 2)
+    return front_scores + tl.sum(q_back[:, None, :].to(tl.float32) * turned_back[None, :, :].to(tl.float32), 2)
 
 
 @triton.jit

@@ -35,6 +35,7 @@ import json, re, resource, sys, threading, time, torch
 from pathlib import Path
 from ros_infmllm.model import load_model
 path, weights, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+head, table = sys.argv[4], sys.argv[5]
 
 def status_kib(key):
     return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
@@ -59,7 +60,7 @@ sampler = threading.Thread(target=sample, daemon=True)
 if reset:
     sampler.start()
 start = time.perf_counter()
-model = load_model(path, dtype=dtype, weights=weights)
+model = load_model(path, dtype=dtype, weights=weights, lm_head_weights=head, embedding_weights=table)
 seconds = time.perf_counter() - start
 peak = mark("VmHWM")
 loading.set()
@@ -84,13 +85,15 @@ def checkout_label(folder: Path) -> str:
     return commit + (" + changes" if git("status", "--porcelain", "--untracked-files=no", "--", "ros_infmllm") else "")
 
 
-def measure(model: Path, weights: str, dtype: str, source: Path | None = None) -> dict:
+def measure(model: Path, weights: str, dtype: str, source: Path | None = None, head: str = "float",
+            table: str = "float") -> dict:
     env = dict(os.environ)
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model), weights, dtype], check=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model), weights, dtype, head, table], check=True,
                          capture_output=True, text=True, env=env)
-    return {"weights": weights, "dtype": dtype, "source": checkout_label(source or Path(__file__).resolve().parents[1]),
+    return {"weights": weights, "lm_head": head, "embeddings": table, "dtype": dtype,
+            "source": checkout_label(source or Path(__file__).resolve().parents[1]),
             **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
@@ -146,12 +149,13 @@ def write_markdown(report: dict, path: Path) -> None:
              "resident-set high-water mark over `load_model` (a file's mapped pages included), the growth of "
              "anonymous memory at its highest (the allocations alone; sampled every 2 ms, a lower bound), "
              "and the bytes the loaded model holds.", "",
-             "| code | weights | dtype | peak growth while loading MB | anonymous peak growth MB | model holds MB | "
-             "peak / held | load s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| code | weights | LM head | token table | dtype | peak growth while loading MB | anonymous peak growth MB "
+             "| model holds MB | peak / held | load s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         anon = row.get("anon_peak_growth_bytes")
-        lines.append(f"| {row['source']} | {row['weights']} | {row['dtype']} | {row['peak_growth_bytes'] / 1e6:.0f} | "
+        lines.append(f"| {row['source']} | {row['weights']} | {row.get('lm_head', 'float')} | "
+                     f"{row.get('embeddings', 'float')} | {row['dtype']} | {row['peak_growth_bytes'] / 1e6:.0f} | "
                      f"{'-' if anon is None else f'{anon / 1e6:.0f}'} | "
                      f"{row['model_bytes'] / 1e6:.0f} | {row['peak_growth_bytes'] / row['model_bytes']:.2f} | "
                      f"{row.get('seconds', '-')} |")
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, nargs="+", default=[None],
                         help="checkouts whose ros_infmllm to load with (default: this one)")
     parser.add_argument("--weights", nargs="+", default=["float", "auto", "int4", "int8"])
+    parser.add_argument("--lm-head", default="float", help="lm_head_weights: float, int8 or int4")
+    parser.add_argument("--embeddings", default="float", help="embedding_weights: float, int8 or int4")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="load_memory_cpu")
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtypes:
             for weights in args.weights:
                 for source in args.source:
-                    rows.append(measure(args.model, weights, dtype, source))
+                    rows.append(measure(args.model, weights, dtype, source, args.lm_head, args.embeddings))
                     print(json.dumps(rows[-1]), flush=True)
     report = {"model": args.model.name, "device": "cpu", "rows": rows}
     save_report(args.out, args.name, report, write_markdown)

@@ -209,15 +209,19 @@ def test_bench_packed_prefill_smoke_run_times_every_variant(tmp_path: Path) -> N
 
 def test_load_memory_reports_the_peak_of_a_load_beside_what_the_model_holds(tmp_path: Path) -> None:
     """SmolLM2 loaded in a fresh process per cell: the peak grows by at least what the model holds,
-    packed (auto) holds less than float."""
+    packed (auto) holds less than float, and less again with its tied table and head packed."""
     import load_memory
 
     assert load_memory.main(["--weights", "float", "auto", "--dtypes", "bfloat16", "--out", str(tmp_path),
                              "--name", "load"]) == 0
+    assert load_memory.main(["--weights", "auto", "--dtypes", "bfloat16", "--lm-head", "int8", "--embeddings", "int8",
+                             "--out", str(tmp_path), "--name", "load8"]) == 0
     rows = {r["weights"]: r for r in json.loads((tmp_path / "load.json").read_text())["rows"]}
-    assert rows["auto"]["model_bytes"] < rows["float"]["model_bytes"]
-    assert all(r["peak_growth_bytes"] >= r["model_bytes"] > 0 for r in rows.values())
-    assert "| auto | bfloat16 |" in (tmp_path / "load.md").read_text()
+    [packed_table] = json.loads((tmp_path / "load8.json").read_text())["rows"]
+    assert packed_table["model_bytes"] < rows["auto"]["model_bytes"] < rows["float"]["model_bytes"]
+    assert all(r["peak_growth_bytes"] >= r["model_bytes"] > 0 for r in [*rows.values(), packed_table])
+    assert "| auto | float | float | bfloat16 |" in (tmp_path / "load.md").read_text()
+    assert "| auto | int8 | int8 | bfloat16 |" in (tmp_path / "load8.md").read_text()
 
 
 def test_bench_llamacpp_random_gguf_has_the_shape_llama_cpp_reads(tmp_path: Path) -> None:

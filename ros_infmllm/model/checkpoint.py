@@ -25,6 +25,7 @@ from .config import Idefics3Config, LlavaConfig, Qwen2VLConfig, load_config
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
 from .materialize import materialize
+from .packed_head import place_head_and_table
 from .qwen2_vl import Qwen2VLModel
 from .quantized import HEAD_MODES, WEIGHT_MODES, QuantizedLinear, is_block_projection, quantize_head
 from .quantized_embedding import EMBEDDING_MODES, quantize_embeddings
@@ -148,7 +149,7 @@ def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype, filled: fro
                     target.copy_(checked_tensor(handle, file, key, tuple(target.shape)).to(dtype))
                     found[name] = file
     lm_head, embed = "decoder.lm_head.weight", "decoder.embed_tokens.weight"
-    if lm_head not in found and embed in found and model.cfg.text.tie_word_embeddings:
+    if lm_head in expected and lm_head not in found and embed in found and model.cfg.text.tie_word_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
         found[lm_head] = found[embed]
     missing = [name for name in expected if name not in found]
@@ -262,6 +263,21 @@ def place_rounded(model: CausalLM, folder: Path, weights: str, dtype: torch.dtyp
     return placed
 
 
+def read_tensor(model: CausalLM, folder: Path, ours: str) -> torch.Tensor:
+    """The folder's tensor for our parameter ``ours``, checked against the meta-device model's shape
+    (read alone: the head or table packed as it is read, ``packed_head``)."""
+    layout = layout_of(model)
+    shape = tuple(model.get_parameter(ours).shape)
+    for file in weight_files(folder):
+        if not file.is_file():
+            continue  # load_state names the missing file
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if canonical_name(key, layout) == ours:
+                    return checked_tensor(handle, file, key, shape)
+    raise CheckpointError(f"{folder}: checkpoint is missing tensor {checkpoint_name(ours, layout)!r}")
+
+
 def fill_dequantized(model: CausalLM, entries: dict[str, PackedProjection], dtype: torch.dtype) -> None:
     """The float weights (``weights: float``) of the packed projections ``place_packed`` left as float layers."""
     with torch.no_grad():
@@ -295,9 +311,11 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
     rounded to nearest from floats); ``auto``: a GGUF's own Q8_0 / Q4_0 / Q4_1 blocks kept packed,
     everything else in ``dtype`` (a folder with ``packed_base.json``: its GGUF base's blocks plus
     float LoRA factors, ``packed_lora.py``). ``lm_head_weights``: the LM head in ``dtype``
-    (``float``) or packed (``int8`` / ``int4``, rounded from its floats; a tied table stays float
-    for the embedding). ``embedding_weights``: the token table in ``dtype`` or packed likewise
-    (``quantized_embedding.py``; a tied table reads the head's codes, and needs the head packed).
+    (``float``) or packed (``int8`` / ``int4``; a tied table stays float for the embedding).
+    ``embedding_weights``: the token table in ``dtype`` or packed likewise (``quantized_embedding.py``;
+    a tied table reads the head's codes, and needs the head packed). Both are packed as they are read
+    (``packed_head``: a GGUF's own blocks where the width matches, else rounded to nearest from the
+    tensor's values), so their float copies are never held.
     ``vision_weights``: the tower's and projector's linear layers in ``dtype`` or packed
     (``quantized_vision.py``). A folder whose projections are stored packed by compressed-tensors
     (GPTQ / AWQ through llm-compressor, ``tools/calibrate.py``) is read as GGUF blocks are: kept
@@ -311,19 +329,24 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
     if files.gguf is not None:
         from .gguf_loader import load_gguf_model
 
-        model = load_gguf_model(files.gguf, files.mmproj, dtype, weights)
+        model = load_gguf_model(files.gguf, files.mmproj, dtype, weights, lm_head_weights, embedding_weights)
     else:
         cfg = load_config(files.folder)
         with torch.device("meta"):
             model = model_class(cfg)(cfg)
         packed = place_packed(model, files.folder, weights)
         rounded = place_rounded(model, files.folder, weights, dtype, packed)
+
+        def rounded_matrix(ours: str, mode: str) -> QuantizedLinear:
+            return QuantizedLinear.from_float(read_tensor(model, files.folder, ours).to(dtype), None, mode)
+
+        rounded |= place_head_and_table(model, lm_head_weights, embedding_weights, rounded_matrix, dtype)
         model = materialize(model, dtype)  # storage in dtype at once, not float32 first
         fill_dequantized(model, packed, dtype)
         load_state(model, files.folder, dtype, frozenset(packed) | rounded)
         if weights == "auto" and has_packed_base(files.folder):  # a packed base plus float LoRA factors
             attach_packed_base(model, files.folder, dtype)
-    pack_parts(model, lm_head_weights, embedding_weights, vision_weights)
+    pack_parts(model, vision=vision_weights)  # the head and table were packed as they were read
     model = model.to(device).eval()
     model.decoder.rotary.to(device)
     model.requires_grad_(False)

@@ -18,6 +18,7 @@ from .gguf_mmproj import llava_config, vision_tensor_names
 from .gguf_text import needs_unpermute, text_config, text_tensor_names, unpermute_qk
 from .llava import LlavaModel
 from .materialize import materialize
+from .packed_head import place_head_and_table
 from .quantized import GGUF_DIRECT_MODES, QUANTIZED_PROJECTIONS, QuantizedLinear
 
 IMAGE_TOKEN_TEXT = "<image>"
@@ -68,13 +69,24 @@ def rounded_projection(file: GGUFFile, theirs: str, heads: int, dtype: torch.dty
     return QuantizedLinear.from_float(tensor.to(dtype), None, mode)
 
 
+def packed_matrix(file: GGUFFile, theirs: str, mode: str, dtype: torch.dtype) -> QuantizedLinear:
+    """A matrix outside the blocks (the LM head, the token table) packed in ``mode``: its own blocks
+    where its type has that width, else rounded from its values in ``dtype``."""
+    kind = file.tensor_type(theirs)
+    if GGUF_DIRECT_MODES.get(kind) == mode:
+        return packed_projection(file, theirs, kind, tuple(file.tensor_shape(theirs)), 0)
+    return rounded_projection(file, theirs, 0, dtype, mode)
+
+
 def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None,
-                    dtype: torch.dtype = torch.float32, weights: str = "float") -> CausalLM:
+                    dtype: torch.dtype = torch.float32, weights: str = "float", lm_head_weights: str = "float",
+                    embedding_weights: str = "float") -> CausalLM:
     """Build and fill the model on the CPU (the caller moves it). ``weights`` (see
     ``quantized.WEIGHT_MODES``): ``float`` dequantizes every tensor to ``dtype``; ``auto``, ``int8``
     and ``int4`` keep the block projections stored as Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K packed
     (``QuantizedLinear``; ``keeps_packed``); under ``int8`` / ``int4`` the others are rounded as
-    they are read."""
+    they are read. ``lm_head_weights`` / ``embedding_weights`` packed: the head and table are
+    placed packed before the load (``packed_head``, ``packed_matrix``)."""
     text = open_gguf(text_path)
     text_cfg = text_config(text)
     sources: list[tuple[GGUFFile, dict[str, str]]] = [(text, text_tensor_names(text_cfg))]
@@ -99,7 +111,8 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
     # Projections kept in their blocks, or rounded from one tensor's floats, replace the float layers
     # before any storage is given, so loading a packed model never holds its float copy (materialize.py).
-    packed: set[str] = set()
+    packed = place_head_and_table(model, lm_head_weights, embedding_weights,
+                                  lambda ours, mode: packed_matrix(text, sources[0][1][ours], mode, dtype), dtype)
     for ours, theirs in sources[0][1].items():
         module = ours.removesuffix(".weight")
         kind = text.tensor_type(theirs)

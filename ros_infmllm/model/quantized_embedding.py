@@ -45,6 +45,12 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.mode}, group={self.table.group}"
 
 
+def tied_float_head_error(mode: WeightMode) -> ValueError:
+    """Why a table tied to a float head is not packed (here and in ``packed_head``)."""
+    return ValueError(f"embeddings {mode}: the table is tied to a float LM head; pack the head "
+                      f"(lm_head_weights={mode}) so both read one packed table")
+
+
 def quantize_embeddings(decoder: nn.Module, mode: WeightMode) -> bool:
     """Pack the token table (round to nearest, groups of 32) unless it is packed already. A table
     tied to an LM head packed in ``mode`` shares the head's codes; tied to a float head, the float
@@ -55,8 +61,7 @@ def quantize_embeddings(decoder: nn.Module, mode: WeightMode) -> bool:
         return False
     head = decoder.lm_head
     if isinstance(head, nn.Linear) and head.weight is embed.weight:
-        raise ValueError(f"embeddings {mode}: the table is tied to a float LM head; pack the head "
-                         f"(lm_head_weights={mode}) so both read one packed table")
+        raise tied_float_head_error(mode)
     if isinstance(head, QuantizedLinear) and decoder.cfg.tie_word_embeddings and head.mode == mode:
         table = head
     else:

@@ -124,6 +124,38 @@ def checked_tensor(handle, file: Path, key: str, shape: tuple[int, ...]) -> torc
     return tensor
 
 
+class TensorRows:
+    """One safetensors tensor read a slice of rows at a time (``rows[start:stop]``, in ``dtype``),
+    for ``QuantizedLinear.from_float``: a matrix rounded as it is read then never has its whole
+    float copy in memory (a 7B head: 0.26 GB in bf16), only a piece of rows."""
+
+    def __init__(self, handle, file: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self._slice = handle.get_slice(key)
+        self.shape = torch.Size(self._slice.get_shape())
+        if tuple(self.shape) != shape:
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(self.shape)}, the config implies {shape}")
+        self.dtype = dtype
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self._slice[rows].to(self.dtype)
+
+
+def rounded_as_read(model: CausalLM, folder: Path, ours: str, mode: str, dtype: torch.dtype) -> QuantizedLinear:
+    """The folder's tensor for our parameter ``ours`` (the LM head, the token table) rounded to
+    ``mode`` from its values in ``dtype`` as its rows are read; its shape checked against the
+    meta-device model's (``packed_head``)."""
+    layout = layout_of(model)
+    shape = tuple(model.get_parameter(ours).shape)
+    for file in weight_files(folder):
+        if not file.is_file():
+            continue  # load_state names the missing file
+        with safe_open(str(file), framework="pt") as handle:
+            key = next((key for key in handle.keys() if canonical_name(key, layout) == ours), None)
+            if key is not None:
+                return QuantizedLinear.from_float(TensorRows(handle, file, key, shape, dtype), None, mode)
+    raise CheckpointError(f"{folder}: checkpoint is missing tensor {checkpoint_name(ours, layout)!r}")
+
+
 def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype, filled: frozenset[str] = frozenset()) -> None:
     """Copy every tensor the model needs from the folder's safetensors files; ``filled``: modules
     already given their weights (packed projections, compressed_checkpoint.py), whose tensors are
@@ -228,9 +260,9 @@ def place_packed(model: CausalLM, folder: Path, weights: str) -> dict[str, Packe
 def place_rounded(model: CausalLM, folder: Path, weights: str, dtype: torch.dtype,
                   entries: dict[str, PackedProjection]) -> set[str]:
     """Under ``int8`` / ``int4``, each block projection not packed already becomes a
-    ``QuantizedLinear`` as it is read (rounded to nearest from its values in ``dtype``), one tensor
-    at a time on the meta-device model: the float model is never built, so a 7B bf16 checkpoint
-    packs to int4 within the packed model's memory plus one projection's float32 copies, not its
+    ``QuantizedLinear`` as it is read (rounded to nearest from its values in ``dtype``), a piece of
+    rows at a time (``TensorRows``) on the meta-device model: the float model is never built, so a
+    7B bf16 checkpoint packs to int4 within the packed model's memory plus a piece's copies, not its
     13.5 GB of floats (a Jetson has no such room). ``entries``: the folder's compressed-tensors
     projections (``place_packed``); those of another width are rounded from their dequantized
     codes. Returns the modules placed; their biases load with ``load_state``."""
@@ -238,8 +270,8 @@ def place_rounded(model: CausalLM, folder: Path, weights: str, dtype: torch.dtyp
         return set()
     placed: set[str] = set()
 
-    def place(module: str, values: torch.Tensor) -> None:
-        replace_projection(model, module, lambda bias: QuantizedLinear.from_float(values.to(dtype), bias, weights))
+    def place(module: str, values: torch.Tensor | TensorRows) -> None:
+        replace_projection(model, module, lambda bias: QuantizedLinear.from_float(values, bias, weights))
         placed.add(module)
 
     layout = layout_of(model)
@@ -259,23 +291,8 @@ def place_rounded(model: CausalLM, folder: Path, weights: str, dtype: torch.dtyp
                         continue
                     layer = model.get_submodule(module)
                     if isinstance(layer, nn.Linear):
-                        place(module, checked_tensor(handle, file, key, tuple(layer.weight.shape)))
+                        place(module, TensorRows(handle, file, key, tuple(layer.weight.shape), dtype))
     return placed
-
-
-def read_tensor(model: CausalLM, folder: Path, ours: str) -> torch.Tensor:
-    """The folder's tensor for our parameter ``ours``, checked against the meta-device model's shape
-    (read alone: the head or table packed as it is read, ``packed_head``)."""
-    layout = layout_of(model)
-    shape = tuple(model.get_parameter(ours).shape)
-    for file in weight_files(folder):
-        if not file.is_file():
-            continue  # load_state names the missing file
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if canonical_name(key, layout) == ours:
-                    return checked_tensor(handle, file, key, shape)
-    raise CheckpointError(f"{folder}: checkpoint is missing tensor {checkpoint_name(ours, layout)!r}")
 
 
 def fill_dequantized(model: CausalLM, entries: dict[str, PackedProjection], dtype: torch.dtype) -> None:
@@ -336,11 +353,8 @@ def load_model(path: str | Path | CheckpointFiles, device: str | torch.device = 
             model = model_class(cfg)(cfg)
         packed = place_packed(model, files.folder, weights)
         rounded = place_rounded(model, files.folder, weights, dtype, packed)
-
-        def rounded_matrix(ours: str, mode: str) -> QuantizedLinear:
-            return QuantizedLinear.from_float(read_tensor(model, files.folder, ours).to(dtype), None, mode)
-
-        rounded |= place_head_and_table(model, lm_head_weights, embedding_weights, rounded_matrix, dtype)
+        rounded |= place_head_and_table(model, lm_head_weights, embedding_weights,
+                                        lambda ours, mode: rounded_as_read(model, files.folder, ours, mode, dtype), dtype)
         model = materialize(model, dtype)  # storage in dtype at once, not float32 first
         fill_dequantized(model, packed, dtype)
         load_state(model, files.folder, dtype, frozenset(packed) | rounded)

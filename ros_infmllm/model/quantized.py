@@ -153,7 +153,9 @@ class QuantizedLinear(nn.Module):
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: WeightMode,
                    group: int | None = None) -> "QuantizedLinear":
         """Round-to-nearest quantization of ``weight [out, in]``; ``group`` input features share a
-        scale (0: the whole row; default ``DEFAULT_GROUPS``: 32, as GGUF's blocks)."""
+        scale (0: the whole row; default ``DEFAULT_GROUPS``: 32, as GGUF's blocks). ``weight`` may
+        be any object with a ``shape`` whose row slices are tensors (``checkpoint.TensorRows``:
+        a checkpoint's tensor read a piece at a time)."""
         if mode not in DEFAULT_GROUPS:
             raise ValueError(f"weight mode {mode!r} is not one of {', '.join(DEFAULT_GROUPS)}")
         out_features, in_features = weight.shape

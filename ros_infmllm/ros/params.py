@@ -55,12 +55,12 @@ PARAMS: tuple[ParamSpec, ...] = (
               "exported backends hold the weights they were exported with (infmllm_export --weights), so there: "
               "float, auto or the export's mode; docs/quantized_weights.md.",
               choices=WEIGHT_MODES),
-    ParamSpec("lm_head_weights", "float", "LM head weights: float (in dtype), int8 or int4 (packed, rounded from its "
-              "floats; a tied embedding table stays float unless embedding_weights packs it too). A large "
-              "vocabulary's head is a large share of a packed "
-              "model's bytes per token. Needs backend torch.", choices=HEAD_MODES),
-    ParamSpec("embedding_weights", "float", "Token embedding table: float (in dtype), int8 or int4 (packed, rounded "
-              "from its floats; lookups dequantize the rows they gather). Memory, not speed: a 7B model's table is "
+    ParamSpec("lm_head_weights", "float", "LM head weights: float (in dtype), int8 or int4 (packed as it is read: a "
+              "GGUF head of that width keeps its blocks, any other is rounded to nearest; a tied embedding table "
+              "stays float unless embedding_weights packs it too). A large vocabulary's head is a large share of a "
+              "packed model's bytes per token. Needs backend torch.", choices=HEAD_MODES),
+    ParamSpec("embedding_weights", "float", "Token embedding table: float (in dtype), int8 or int4 (packed as it is "
+              "read, as lm_head_weights is; lookups dequantize the rows they gather). Memory, not speed: a 7B model's table is "
               "0.24 GiB in bf16. A tied table reads the packed LM head's codes, so it needs lm_head_weights packed. "
               "Needs backend torch.", choices=EMBEDDING_MODES),
     ParamSpec("vision_weights", "float", "Vision tower and projector linear layers: float (in dtype), int8 or int4 "

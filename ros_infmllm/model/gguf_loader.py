@@ -17,6 +17,7 @@ from .gguf_file import SUPPORTED_TYPES, GGUFFile, open_gguf
 from .gguf_mmproj import llava_config, vision_tensor_names
 from .gguf_text import needs_unpermute, text_config, text_tensor_names, unpermute_qk
 from .llava import LlavaModel
+from .freed_heap import release_freed_heap
 from .materialize import materialize
 from .packed_head import place_head_and_table
 from .quantized import GGUF_DIRECT_MODES, QUANTIZED_PROJECTIONS, QuantizedLinear
@@ -128,6 +129,7 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
         parent, name = module.rsplit(".", 1)
         model.get_submodule(parent).register_module(name, layer)
         packed.add(module)
+        release_freed_heap()  # the tensor's temporaries (freed_heap.py)
     materialize(model, dtype)
     params = dict(model.state_dict())
     with torch.no_grad():
@@ -141,6 +143,7 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
                 if (not heads and target is not None and target.dim() == 2
                         and tuple(target.shape) == tuple(file.tensor_shape(theirs))):  # a matrix, rows at a time
                     file.copy_into(theirs, target)
+                    release_freed_heap()
                     continue
                 tensor = file.tensor(theirs)
                 if heads:
@@ -148,6 +151,7 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
                 owner = ours.removesuffix(".bias")
                 if file is text and owner in packed:  # a packed projection's bias (Qwen2's q/k/v)
                     model.get_submodule(owner).bias = torch.nn.Parameter(tensor.to(dtype), requires_grad=False)
+                    release_freed_heap()
                     continue
                 if target is None:
                     raise CheckpointError(f"{file.path}: tensor {theirs!r} has no place in the model")
@@ -157,4 +161,5 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
                                               f"the metadata implies {tuple(target.shape)}")
                     tensor = tensor.reshape(target.shape)  # a [1, n] class embedding, say
                 target.copy_(tensor.to(dtype))
+                release_freed_heap()
     return model

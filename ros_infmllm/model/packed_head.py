@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .freed_heap import release_freed_heap
 from .quantized import QuantizedLinear
 from .quantized_embedding import QuantizedEmbedding, tied_float_head_error
 
@@ -42,8 +43,10 @@ def place_head_and_table(model: nn.Module, head_mode: str, table_mode: str, pack
     if head_mode != "float":
         decoder.lm_head = packed(f"{TABLE if tied else HEAD}.weight", head_mode)
         placed.add(HEAD)
+        release_freed_heap()
     if table_mode != "float":
         table = decoder.lm_head if tied and head_mode == table_mode else packed(f"{TABLE}.weight", table_mode)
         decoder.embed_tokens = QuantizedEmbedding(table, dtype)
         placed.update((TABLE, f"{TABLE}.table"))
+        release_freed_heap()
     return placed

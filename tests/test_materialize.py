@@ -246,3 +246,26 @@ def test_a_folders_head_and_table_are_rounded_as_read(tmp_path, monkeypatch) -> 
     save_file(tensors, str(shard))
     with pytest.raises(CheckpointError, match="missing tensor 'lm_head.weight'"):
         load_model(tmp_path, lm_head_weights="int8")
+
+
+def test_a_gguf_matrix_read_a_piece_of_rows_at_a_time_equals_the_whole_read(tmp_path) -> None:
+    """RowsAsRead (what rounding at load reads): pieces cut anywhere, across heads too, give the rows
+    of the whole tensor dequantized, LLaMA's q rows un-permuted; F16 and Q4_0 blocks."""
+    from builders import build_tiny_causal_lm
+    from gguf_builders import write_text_gguf
+    from ros_infmllm.model.gguf_file import open_gguf
+    from ros_infmllm.model.gguf_loader import RowsAsRead
+    from ros_infmllm.model.gguf_text import unpermute_qk
+
+    source = build_tiny_causal_lm(tmp_path / "hf", "llama", kv_heads=2, seed=4)
+    heads = source.config.num_attention_heads
+    for kind in ("F16", "Q4_0"):
+        file = open_gguf(write_text_gguf(tmp_path / f"{kind}.gguf", source.config, source.state_dict(), kind, seed=3))
+        for name, permuted in (("blk.0.attn_q.weight", heads), ("blk.1.ffn_down.weight", 0)):
+            whole = file.tensor(name)
+            whole = unpermute_qk(whole, permuted) if permuted else whole
+            rows = RowsAsRead(file, name, torch.bfloat16, permuted)
+            assert rows.shape == whole.shape and file.reads_rows(name)
+            cuts = [0, 3, 8, 9, 21, whole.shape[0]]  # 8 rows a head in q: cuts inside and on heads
+            pieces = torch.cat([rows[a:b] for a, b in zip(cuts, cuts[1:])])
+            assert pieces.dtype == torch.bfloat16 and torch.equal(pieces, whole.to(torch.bfloat16)), (kind, name)

@@ -24,7 +24,7 @@ from .compressed_checkpoint import PackedProjection, dequantized, packed_project
 from .config import Idefics3Config, LlavaConfig, Qwen2VLConfig, load_config
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
-from .freed_heap import release_freed_heap
+from .freed_heap import HeapReleaser, release_freed_heap
 from .materialize import materialize
 from .packed_head import place_head_and_table
 from .qwen2_vl import Qwen2VLModel
@@ -165,6 +165,7 @@ def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype, filled: fro
     expected = {name: tensor for name, tensor in model.state_dict().items()
                 if name.rpartition(".")[0] not in filled or name.endswith(".bias")}
     found: dict[str, Path] = {}
+    release = HeapReleaser()
     with torch.no_grad():
         for file in weight_files(model_dir):
             if not file.is_file():
@@ -181,7 +182,7 @@ def load_state(model: CausalLM, model_dir: Path, dtype: torch.dtype, filled: fro
                     target = expected[name]
                     target.copy_(checked_tensor(handle, file, key, tuple(target.shape)).to(dtype))
                     found[name] = file
-                    release_freed_heap()  # the tensor's read copy (freed_heap.py)
+                    release()  # the tensor's read copy, past a step of growth (freed_heap.py)
     lm_head, embed = "decoder.lm_head.weight", "decoder.embed_tokens.weight"
     if lm_head in expected and lm_head not in found and embed in found and model.cfg.text.tie_word_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
@@ -271,11 +272,12 @@ def place_rounded(model: CausalLM, folder: Path, weights: str, dtype: torch.dtyp
     if weights not in ("int8", "int4"):
         return set()
     placed: set[str] = set()
+    release = HeapReleaser()
 
     def place(module: str, values: torch.Tensor | TensorRows) -> None:
         replace_projection(model, module, lambda bias: QuantizedLinear.from_float(values, bias, weights))
         placed.add(module)
-        release_freed_heap()  # the rounding's temporaries (freed_heap.py)
+        release()  # the rounding's temporaries, past a step of growth (freed_heap.py)
 
     layout = layout_of(model)
     with torch.no_grad():

@@ -98,19 +98,31 @@ class GGUFFile:
         """``target.copy_(self.tensor(name))`` for a matrix of ``target``'s shape, dequantized
         ``PIECE_ELEMENTS`` values (whole rows) at a time: a large table (Qwen2's 151,936 x 1,536)
         never exists whole in float32 beside its copy in the model's dtype."""
-        from gguf import quants
-
-        info = self._tensor(name)
         shape = self.tensor_shape(name)
-        data = info.data
-        if info.tensor_type.name not in SUPPORTED_TYPES or data.ndim != 2 or data.shape[0] != shape[0] \
-                or tuple(target.shape) != tuple(shape):
+        if not self.reads_rows(name) or tuple(target.shape) != tuple(shape):
             target.copy_(self.tensor(name))  # the whole path, with its errors
             return
         rows = max(1, PIECE_ELEMENTS // shape[1])
         for start in range(0, shape[0], rows):
-            values = np.asarray(quants.dequantize(data[start:start + rows], info.tensor_type), dtype=np.float32)
-            target[start:start + rows].copy_(torch.from_numpy(values.reshape(-1, shape[1])))
+            target[start:start + rows].copy_(self.dequantized_rows(name, start, start + rows))
+
+    def reads_rows(self, name: str) -> bool:
+        """Whether ``dequantized_rows`` can read the tensor a piece of rows at a time (a 2-D tensor
+        of a supported type, stored a row of blocks per row)."""
+        info = self._tensor(name)
+        data = info.data
+        return (info.tensor_type.name in SUPPORTED_TYPES and data.ndim == 2
+                and data.shape[0] == self.tensor_shape(name)[0])
+
+    def dequantized_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a matrix (``reads_rows``) dequantized to float32: only those rows'
+        blocks are read."""
+        from gguf import quants
+
+        info = self._tensor(name)
+        columns = self.tensor_shape(name)[1]
+        values = np.asarray(quants.dequantize(info.data[start:stop], info.tensor_type), dtype=np.float32)
+        return torch.from_numpy(values.reshape(-1, columns))
 
     def tensor_type(self, name: str) -> str:
         """The tensor's GGUF type name (F16, Q4_0, ...)."""

@@ -17,7 +17,7 @@ from .gguf_file import SUPPORTED_TYPES, GGUFFile, open_gguf
 from .gguf_mmproj import llava_config, vision_tensor_names
 from .gguf_text import needs_unpermute, text_config, text_tensor_names, unpermute_qk
 from .llava import LlavaModel
-from .freed_heap import release_freed_heap
+from .freed_heap import HeapReleaser
 from .materialize import materialize
 from .packed_head import place_head_and_table
 from .quantized import GGUF_DIRECT_MODES, QUANTIZED_PROJECTIONS, QuantizedLinear
@@ -60,10 +60,32 @@ def packed_projection(file: GGUFFile, theirs: str, kind: str, shape: tuple[int, 
     return layer
 
 
+class RowsAsRead:
+    """A GGUF matrix dequantized a piece of rows at a time (``rows[start:stop]`` in ``dtype``), for
+    ``QuantizedLinear.from_float``: a tensor rounded as it is read never exists whole in float32
+    (a 7B gate projection in F16: 180 MB, beside its copy in ``dtype``). LLaMA's q / k rows
+    (``heads``) are read in whole heads and un-permuted per piece."""
+
+    def __init__(self, file: GGUFFile, name: str, dtype: torch.dtype, heads: int = 0) -> None:
+        self.file, self.name, self.dtype = file, name, dtype
+        self.shape = torch.Size(file.tensor_shape(name))
+        self.head_rows = self.shape[0] // heads if heads else 0
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        if not self.head_rows:
+            return self.file.dequantized_rows(self.name, start, stop).to(self.dtype)
+        low, high = start - start % self.head_rows, -(-stop // self.head_rows) * self.head_rows
+        block = unpermute_qk(self.file.dequantized_rows(self.name, low, high), (high - low) // self.head_rows)
+        return block[start - low:stop - low].to(self.dtype)
+
+
 def rounded_projection(file: GGUFFile, theirs: str, heads: int, dtype: torch.dtype, mode: str) -> QuantizedLinear:
-    """A block projection of another type (F16, Q5_K, ...) under ``int8`` / ``int4``: dequantized
-    alone and rounded to nearest from its values in ``dtype``, as ``quantize_decoder`` rounds a
-    loaded float layer."""
+    """A block projection of another type (F16, Q5_K, ...) under ``int8`` / ``int4``, or a head or
+    table of another width: rounded to nearest from its values in ``dtype`` as its rows are read
+    (``RowsAsRead``), as ``quantize_decoder`` rounds a loaded float layer."""
+    if file.reads_rows(theirs):
+        return QuantizedLinear.from_float(RowsAsRead(file, theirs, dtype, heads), None, mode)
     tensor = file.tensor(theirs)
     if heads:
         tensor = unpermute_qk(tensor, heads)
@@ -112,6 +134,7 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
     # Projections kept in their blocks, or rounded from one tensor's floats, replace the float layers
     # before any storage is given, so loading a packed model never holds its float copy (materialize.py).
+    release = HeapReleaser()
     packed = place_head_and_table(model, lm_head_weights, embedding_weights,
                                   lambda ours, mode: packed_matrix(text, sources[0][1][ours], mode, dtype), dtype)
     for ours, theirs in sources[0][1].items():
@@ -129,7 +152,7 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
         parent, name = module.rsplit(".", 1)
         model.get_submodule(parent).register_module(name, layer)
         packed.add(module)
-        release_freed_heap()  # the tensor's temporaries (freed_heap.py)
+        release()  # the tensor's temporaries, past a step of growth (freed_heap.py)
     materialize(model, dtype)
     params = dict(model.state_dict())
     with torch.no_grad():
@@ -143,7 +166,7 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
                 if (not heads and target is not None and target.dim() == 2
                         and tuple(target.shape) == tuple(file.tensor_shape(theirs))):  # a matrix, rows at a time
                     file.copy_into(theirs, target)
-                    release_freed_heap()
+                    release()
                     continue
                 tensor = file.tensor(theirs)
                 if heads:
@@ -151,7 +174,7 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
                 owner = ours.removesuffix(".bias")
                 if file is text and owner in packed:  # a packed projection's bias (Qwen2's q/k/v)
                     model.get_submodule(owner).bias = torch.nn.Parameter(tensor.to(dtype), requires_grad=False)
-                    release_freed_heap()
+                    release()
                     continue
                 if target is None:
                     raise CheckpointError(f"{file.path}: tensor {theirs!r} has no place in the model")
@@ -161,5 +184,5 @@ def load_gguf_model(text_path: str | Path, mmproj_path: str | Path | None = None
                                               f"the metadata implies {tuple(target.shape)}")
                     tensor = tensor.reshape(target.shape)  # a [1, n] class embedding, say
                 target.copy_(tensor.to(dtype))
-                release_freed_heap()
+                release()
     return model

@@ -217,6 +217,8 @@ def test_a_folders_head_and_table_are_rounded_as_read(tmp_path, monkeypatch) -> 
     """An untied bf16 safetensors folder: the head and table packed at load are rounded from their
     tensors as read (the codes of rounding the loaded floats), never allocated as floats; a folder
     without its head tensor is refused by name."""
+    from safetensors.torch import load_file, save_file
+
     from builders import build_tiny_causal_lm
     from ros_infmllm.errors import CheckpointError
     from ros_infmllm.model import checkpoint, load_model
@@ -238,8 +240,6 @@ def test_a_folders_head_and_table_are_rounded_as_read(tmp_path, monkeypatch) -> 
     assert same_codes(packed.decoder.embed_tokens.table, floats.decoder.embed_tokens.table)
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     assert torch.equal(packed.forward_full(ids), floats.forward_full(ids))
-    from safetensors.torch import load_file, save_file
-
     shard = tmp_path / "model.safetensors"
     tensors = load_file(str(shard))
     del tensors["lm_head.weight"]

@@ -22,9 +22,9 @@ from ..errors import CheckpointError
 from .causal_lm import CausalLM
 from .compressed_checkpoint import PackedProjection, dequantized, packed_projections, read_packed
 from .config import Idefics3Config, LlavaConfig, Qwen2VLConfig, load_config
+from .freed_heap import HeapReleaser, release_freed_heap
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
-from .freed_heap import HeapReleaser, release_freed_heap
 from .materialize import materialize
 from .packed_head import place_head_and_table
 from .qwen2_vl import Qwen2VLModel

@@ -13,11 +13,11 @@ import torch
 from ..errors import CheckpointError
 from .causal_lm import CausalLM
 from .config import CausalLMConfig
+from .freed_heap import HeapReleaser
 from .gguf_file import SUPPORTED_TYPES, GGUFFile, open_gguf
 from .gguf_mmproj import llava_config, vision_tensor_names
 from .gguf_text import needs_unpermute, text_config, text_tensor_names, unpermute_qk
 from .llava import LlavaModel
-from .freed_heap import HeapReleaser
 from .materialize import materialize
 from .packed_head import place_head_and_table
 from .quantized import GGUF_DIRECT_MODES, QUANTIZED_PROJECTIONS, QuantizedLinear

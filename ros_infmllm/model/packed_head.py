@@ -6,8 +6,9 @@ float head and table their storage: a 7B model's head and table are 0.26 GB each
 in float32), Qwen2-1.5B's tied table 0.47 GB, all on top of the packed model while it loads, and
 on a Jetson that memory is the GPU's. Read this way a GGUF head or table of the asked width
 (Q8_0 / Q6_K as int8, Q4_0 / Q4_1 / Q4_K as int4) also keeps its own blocks instead of being
-rounded a second time from their dequantized values; other tensors are rounded from their values,
-one tensor at a time. (``pack_parts`` packs a model built in memory, as the benchmarks' are.)
+rounded a second time from their dequantized values; other tensors are rounded from their values
+as their rows are read (``checkpoint.TensorRows``, ``gguf_loader.RowsAsRead``). (``pack_parts``
+packs a model built in memory, as the benchmarks' are.)
 """
 from __future__ import annotations
 

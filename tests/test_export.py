@@ -176,6 +176,8 @@ def test_packed_weights_export_as_codes_the_graph_dequantizes(tiny_model_dir: Pa
         session = StreamingSession.from_pretrained(tiny_model_dir, policy="h2o", capacity=CAPACITY,
                                                    max_chunk=MAX_CHUNK, backend=backend, **options)
         logits.append(frame_and_question_logits(session, frame, "what is red ?"))
+        # what a node reports: the torch backend's packed layers, the graphs' own weights from the manifest
+        assert session.held_weights == {"weights": weights, "lm_head_weights": "float", "embedding_weights": "float"}
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
     other = "int4" if weights == "int8" else "int8"
     with pytest.raises(ValueError, match=f"exported with \\({weights}"):

@@ -104,6 +104,8 @@ def test_frames_in_answers_out(running) -> None:
     assert int(values["frames_ingested"]) == 6 and int(values["cache_fill"]) > 0
     assert int(values["cache_capacity"]) == 256
     assert values["state"] == "ready" and float(values["warm_up_s"]) > 0  # warm-up is on by default
+    assert (values["held_weights"], values["held_lm_head_weights"], values["held_embedding_weights"]) == \
+        ("float", "float", "float")  # what the load chose, reported
 
 
 def test_malformed_input_is_refused_and_the_node_keeps_answering(running) -> None:

@@ -117,6 +117,22 @@ def test_a_q4_k_m_gguf_loads_every_projection_packed_and_fuses_in_runs(tmp_path:
     assert torch.allclose(packed.forward_full(ids), unfused, atol=1e-5)
 
 
+def test_held_weights_say_what_auto_kept(tmp_path: Path) -> None:
+    """A Q4_K file whose v is Q5_K (as in llama.cpp's Q5_K_M mix, which we do not read packed):
+    under auto the held kinds show v stayed float beside int4; under int8 everything is int8; the
+    head and table as asked."""
+    from ros_infmllm.model.quantized import held_weights
+
+    source = build_tiny_causal_lm(tmp_path / "hf", "llama", kv_heads=2, seed=4, hidden_size=256,
+                                  intermediate_size=512, head_dim=64)
+    file = write_text_gguf(tmp_path / "mix.gguf", source.config, source.state_dict(), "Q4_K", seed=3,
+                           kinds={"v_proj": "Q5_K"})
+    assert held_weights(load_model(file, weights="auto").decoder) == {
+        "weights": "float+int4", "lm_head_weights": "float", "embedding_weights": "float"}
+    assert held_weights(load_model(file, weights="int8", lm_head_weights="int8", embedding_weights="int4").decoder) == {
+        "weights": "int8", "lm_head_weights": "int8", "embedding_weights": "int4"}
+
+
 @pytest.mark.parametrize("mode,group", [("int8", 32), ("int8", 0), ("int4", 32), ("int4", 64)])
 def test_round_to_nearest_is_within_half_a_step(mode: str, group: int) -> None:
     w = torch.from_numpy(_weights((10, 128), seed=1))

@@ -366,3 +366,12 @@ def weight_modes(decoder: nn.Module) -> set[str]:
     a packed base with float LoRA factors, packed_lora.py)."""
     return {getattr(layer, "mode", "float")
             for block in decoder.layers for layer in (block.get_submodule(p) for p in QUANTIZED_PROJECTIONS)}
+
+
+def held_weights(decoder: nn.Module) -> dict[str, str]:
+    """What the decoder holds after the load chose (``weights: auto`` keeps only the types it reads
+    directly: a Q5_K_M file's Q5_K projections stay float): the block projections' kinds joined by
+    ``+`` (``int4+int8`` for a Q4_K_M file), the LM head's and the token table's."""
+    return {"weights": "+".join(sorted(weight_modes(decoder))),
+            "lm_head_weights": getattr(decoder.lm_head, "mode", "float"),
+            "embedding_weights": getattr(decoder.embed_tokens, "mode", "float")}

@@ -87,7 +87,8 @@ class InfMLLMNode(Node):
         self.get_logger().info(
             f"ready: policy={self.values['policy']} capacity={self.values['capacity']} "
             f"cameras={self.values['image_topics']} model={self.values['model_path'] or '(bundled demo)'} "
-            f"backend={self.session.backend.name}{warm}")
+            f"backend={self.session.backend.name} "
+            f"{' '.join(f'{key}={value}' for key, value in self.session.held_weights.items())}{warm}")
         self._publish_diagnostics()
 
     # ---- parameters ------------------------------------------------------------------------
@@ -184,6 +185,7 @@ class InfMLLMNode(Node):
             "last_answer_ms": f"{counters.last_answer_ms:.1f}", "last_error": counters.last_error,
             "last_frame_age_ms": f"{counters.last_frame_age_ms:.1f}",
             "max_frame_age_ms": f"{counters.max_frame_age_ms:.1f}",
+            **{f"held_{key}": value for key, value in self.session.held_weights.items()},
             "captured_graphs": len(self.session.runner.graphs),
             "graph_capture_error": self.session.runner.capture_error or "",
             **self._gpu_memory(),

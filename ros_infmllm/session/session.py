@@ -25,6 +25,7 @@ from ..errors import CacheFullError
 from ..export.manifest import Manifest
 from ..model import CausalLM, load_model, locate
 from ..model.checkpoint_text import chat_template, load_tokenizer
+from ..model.quantized import held_weights
 from .chat_template import template_from_chat
 from .preprocess import REFERENCE_FRAME, ImagePreprocessor, TiledPreprocessor, preprocessor_for, preprocessor_for_folder
 from .sampling import SamplingConfig, sample_next
@@ -238,6 +239,14 @@ class StreamingSession:
             raise ValueError("drop_layers: staged visual-token drop needs a vision model (this one is text-only)")
         self._require_torch_backend("drop_layers: staged visual-token drop", "exported graphs have one mask for "
                                     "every layer")
+
+    @property
+    def held_weights(self) -> dict[str, str]:
+        """What the weights are held as (``quantized.held_weights``), for a node to report: on an
+        exported backend the graphs hold the projections, as their manifest names them."""
+        held = held_weights(self.model.decoder)
+        manifest = getattr(self.backend, "manifest", None)
+        return held if manifest is None else {**held, "weights": manifest.weights}
 
     def _require_torch_backend(self, what: str, why: str) -> None:
         """Refuse a feature the exported graphs cannot run, naming the backend and ``why``."""

@@ -117,11 +117,16 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def check_shape(file: Path, key: str, found: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    """Refuse tensor ``key`` of ``file`` unless its shape is the ``shape`` the config implies."""
+    if tuple(found) != shape:
+        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(found)}, the config implies {shape}")
+
+
 def checked_tensor(handle, file: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Tensor ``key`` of an open safetensors file, refused unless it has the ``shape`` the config implies."""
     tensor = handle.get_tensor(key)
-    if tuple(tensor.shape) != shape:
-        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies {shape}")
+    check_shape(file, key, tuple(tensor.shape), shape)
     return tensor
 
 
@@ -133,8 +138,7 @@ class TensorRows:
     def __init__(self, handle, file: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self._slice = handle.get_slice(key)
         self.shape = torch.Size(self._slice.get_shape())
-        if tuple(self.shape) != shape:
-            raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(self.shape)}, the config implies {shape}")
+        check_shape(file, key, tuple(self.shape), shape)
         self.dtype = dtype
 
     def __getitem__(self, rows: slice) -> torch.Tensor:

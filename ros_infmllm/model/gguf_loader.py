@@ -96,7 +96,7 @@ def packed_matrix(file: GGUFFile, theirs: str, mode: str, dtype: torch.dtype) ->
     """A matrix outside the blocks (the LM head, the token table) packed in ``mode``: its own blocks
     where its type has that width, else rounded from its values in ``dtype``."""
     kind = file.tensor_type(theirs)
-    if GGUF_DIRECT_MODES.get(kind) == mode:
+    if keeps_packed(kind, mode):
         return packed_projection(file, theirs, kind, tuple(file.tensor_shape(theirs)), 0)
     return rounded_projection(file, theirs, 0, dtype, mode)
 

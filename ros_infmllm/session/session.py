@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -240,10 +240,11 @@ class StreamingSession:
         self._require_torch_backend("drop_layers: staged visual-token drop", "exported graphs have one mask for "
                                     "every layer")
 
-    @property
+    @cached_property
     def held_weights(self) -> dict[str, str]:
         """What the weights are held as (``quantized.held_weights``), for a node to report: on an
-        exported backend the graphs hold the projections, as their manifest names them."""
+        exported backend the graphs hold the projections, as their manifest names them. Read once:
+        a session's model does not change, and the node reports it at every diagnostics tick."""
         held = held_weights(self.model.decoder)
         manifest = getattr(self.backend, "manifest", None)
         return held if manifest is None else {**held, "weights": manifest.weights}

@@ -35,9 +35,8 @@ WEIGHT_TYPES = {0: ("bf16", "*bf16", 2.0), 8: ("int8", "*i8", 1.0), 4: ("int4", 
                 -8: ("int8 x int8 dp4a (int8_activations int8)", "*i32", 1.0)}
 
 
-def compile_matvec(bits: int, rows: int, columns: int, arch: int, codes_here: bool = False):
-    """The kernel as the op launches it for this weight type (its MatvecTuning rows per program);
-    ``codes_here``: the dp4a path rounding x in the product (``MatvecTuning.activation_codes`` "kernel")."""
+def compile_matvec(bits: int, rows: int, columns: int, arch: int):
+    """The kernel as the op launches it for this weight type (its MatvecTuning rows per program)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -49,12 +48,11 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int, codes_here: bo
     pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr",
                                            "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr", "stats_ptr")}
     typed = dict(pointers, w_ptr=WEIGHT_TYPES[bits][1], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}),
-                 **({"x_ptr": "*i32", "stats_ptr": "*fp32"} if bits < 0 and not codes_here else {}))
+                 **({"x_ptr": "*i32", "stats_ptr": "*fp32"} if bits < 0 else {}))
     constants = dict(N=rows, K=columns, NORM=False, GATED=False, HALF=0, ROTATED_ROWS=0, BIAS=False, RESIDUAL=True,
                      BLOCK_N=block_n, BLOCK_K=chunk_size(columns, TUNING.chunk(abs(bits))),
                      PDL=arch >= 90, BITS=abs(bits),
-                     GROUP=32 if bits else 1, OFFSET=abs(bits) == 4, X8=bits < 0, AHEAD=TUNING.packed_ahead if bits else 1,
-                     X_CODES_HERE=codes_here)
+                     GROUP=32 if bits else 1, OFFSET=abs(bits) == 4, X8=bits < 0, AHEAD=TUNING.packed_ahead if bits else 1)
     signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=matvec_kernels.matvec, signature=signature,
@@ -100,15 +98,14 @@ def main_loop(lines: list[str]) -> list[str]:
     return max(loops, key=len) if loops else []
 
 
-def measure(bits: int, rows: int, columns: int, arch: int, codes_here: bool = False) -> dict:
+def measure(bits: int, rows: int, columns: int, arch: int) -> dict:
     """``bits`` 0, 8, 4: the kernel's float-x paths; -4 / -8: its int4 / int8 paths against int8
-    activations (``X8``), their codes made by a launch of their own or, ``codes_here``, in the loop."""
-    kernel, constants, warps = compile_matvec(bits, rows, columns, arch, codes_here)
+    activations (``X8``)."""
+    kernel, constants, warps = compile_matvec(bits, rows, columns, arch)
     loop = main_loop(disassemble(kernel.asm["cubin"]))
     weights = constants["BLOCK_N"] * constants["BLOCK_K"] / (32 * warps)  # per thread per loop step
     per_weight = len(loop) / weights
     name, _, weight_bytes = WEIGHT_TYPES[bits]
-    name += ", x rounded in the loop (activation_codes kernel)" if codes_here else ""
     return {"weights": name, "rows_per_program": constants["BLOCK_N"], "chunk": constants["BLOCK_K"],
             "loop_instructions": len(loop), "weights_per_thread_per_step": weights,
             "instructions_per_weight": per_weight, "opcodes": collections.Counter(loop).most_common(10),
@@ -144,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     report = {"arch": args.arch, "rows": args.rows, "columns": args.columns, "triton": triton.__version__,
-              "kernels": [measure(bits, args.rows, args.columns, args.arch) for bits in WEIGHT_TYPES]
-              + [measure(bits, args.rows, args.columns, args.arch, codes_here=True) for bits in (-4, -8)]}
+              "kernels": [measure(bits, args.rows, args.columns, args.arch) for bits in WEIGHT_TYPES]}
     save_report(args.out, args.name, report, write_markdown)
     return 0
 

@@ -386,8 +386,7 @@ def test_matvec_sass_counts_the_main_loop_of_each_weight_type(tmp_path: Path) ->
     """Compiled for sm_90 and disassembled here: a loop is found for bf16, int8 and int4, each step
     covers the weights its launch shape gives a thread, and packed codes cost instructions; the
     dp4a paths' loops (int4 and int8 weights against x's int8 codes) use byte dot products and
-    fewer instructions per code than the same weights against float x, and more where each
-    program rounds x itself."""
+    fewer instructions per code than the same weights against float x."""
     script = Path(bench_gpu.__file__).with_name("matvec_sass.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
@@ -396,12 +395,7 @@ def test_matvec_sass_counts_the_main_loop_of_each_weight_type(tmp_path: Path) ->
     kernels = {k["weights"]: k for k in json.loads((tmp_path / "matvec_sass.json").read_text())["kernels"]}
     dp4a = {4: kernels.pop("int4 x int8 dp4a (int4_activations int8)"),
             8: kernels.pop("int8 x int8 dp4a (int8_activations int8)")}
-    here = {bits: kernels.pop(f"{dp4a[bits]['weights']}, x rounded in the loop (activation_codes kernel)")
-            for bits in dp4a}
     assert set(kernels) == {"bf16", "int8", "int4"}
-    for bits, kernel in here.items():  # rounding x in the product: the same byte dot products, more work per code
-        assert any(op == "IDP" for op, _ in kernel["opcodes"])
-        assert kernel["instructions_per_weight"] > dp4a[bits]["instructions_per_weight"]
     for kernel in kernels.values():
         assert kernel["loop_instructions"] > 10 and kernel["instructions_per_weight"] > 1
         assert any(op in ("FFMA", "FMUL") for op, _ in kernel["opcodes"])

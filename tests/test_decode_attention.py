@@ -20,14 +20,12 @@ from builders import one_token_step_inputs  # noqa: E402
 
 
 
-@pytest.fixture(params=[False, True], ids=["values-after-scores", "values-prefetched"])
-def small_launches(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
-    """Launch shapes small enough that the test sizes span several splits, merge steps and mass
-    blocks; each with a block's values read after its scores and with them requested ahead
-    (``DecodeKernelTuning.prefetch``)."""
+@pytest.fixture
+def small_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launch shapes small enough that the test sizes span several splits, merge steps and mass blocks."""
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(
         op.TUNING, block=16, grouped_block=16, programs=8, min_split=16, mass_block=32, grouped_mass_block=32,
-        merge_elements=32, prefetch=request.param))
+        merge_elements=32))
 
 
 def _reference(q, k_new, v_new, cache_k, cache_v, valid):
@@ -156,17 +154,14 @@ from ros_infmllm.model.decode_attention import TUNING
 
 arch = int(sys.argv[1])
 SHARED_LIMIT = {90: 232448, 87: 166912}  # bytes per block, opted in: H100 / H200, Jetson Orin
-# (the 7B shape once more with values / tables requested with the keys: DecodeKernelTuning.prefetch)
-for group, dim, scaled, prefetch in [(6, 128, False, False), (1, 128, False, False), (7, 64, False, False),
-                                     (6, 128, True, False), (1, 128, True, False), (1, 128, False, True),
-                                     (1, 128, True, True)]:
+for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6, 128, True), (1, 128, True)]:
     cache = "*i8" if scaled else "*bf16"  # an int8 cache's codes, with float32 row scales
     pointers = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, valid_ptr="*u8", scores_ptr="*fp32",
                     max_ptr="*fp32", sum_ptr="*fp32", acc_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32",
                     cos_ptr="*fp32", sin_ptr="*fp32")
     constants = dict(SPLIT_LEN=512, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
                      DIM=dim, BLOCK=TUNING.block_for(group), NUM_SPLITS=8, WITH_SCORES=True, IEEE=False,
-                     SCALED=scaled, PDL=arch >= 90, PREFETCH=prefetch)
+                     SCALED=scaled, PDL=arch >= 90)
     signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=decode_kernels.partial_attention, signature=signature,
@@ -178,8 +173,8 @@ for group, dim, scaled, prefetch in [(6, 128, False, False), (1, 128, False, Fal
     assert ".entry partial_attention" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
     # a split of several tiles (pipelined): within the shared memory one block may take, checked at launch
     assert compiled.metadata.shared <= SHARED_LIMIT[arch], (group, dim, scaled, compiled.metadata.shared)
-    if scaled or prefetch:  # the combine pass reads float32 partials only: the same kernel serves both caches
-        print("built", group, dim, "int8" if scaled else "prefetch")
+    if scaled:  # the combine pass reads float32 partials only: the same kernel serves both caches
+        print("built", group, dim, "int8")
         continue
     constants = dict(GROUP=group, ROWS=1 << (group - 1).bit_length(), DIM=dim, NUM_SPLITS=33, SPLITS_PAD=64,
                      SPLIT_CHUNK=min(64, TUNING.merge_elements // dim), MASS_BLOCK=TUNING.mass_block_for(group),
@@ -210,7 +205,7 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("built") == 7 and done.stdout.count("int8") == 3
+    assert done.stdout.count("built") == 5 and done.stdout.count("int8") == 2
 
 
 def test_kernel_is_refused_where_it_cannot_run() -> None:

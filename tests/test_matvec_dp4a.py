@@ -72,18 +72,15 @@ def _rounded_reference(x, weight, bias, norm_weight, residual, eps, gated, cos=N
                       rotated_rows)
 
 
-@pytest.mark.parametrize("codes", ["launch", "kernel"], ids=["codes-launched", "codes-in-kernel"])
 @pytest.mark.parametrize("weights", list(WEIGHTS))
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("norm,bias,residual", [(False, False, False), (True, True, True)], ids=["bare", "all"])
 @pytest.mark.parametrize("rows,columns", [(40, 96), (9, 1088)], ids=["one-chunk", "two-chunks-ragged"])
-def test_the_decode_op_with_int8_activations_folds_in_what_the_float_path_does(monkeypatch, codes, weights, gated,
-                                                                                norm, bias, residual, rows,
-                                                                                columns) -> None:
+def test_the_decode_op_with_int8_activations_folds_in_what_the_float_path_does(monkeypatch, weights, gated, norm,
+                                                                                bias, residual, rows, columns) -> None:
     """``int4_activations`` / ``int8_activations`` "int8": the op's fusions (norm, bias, SwiGLU,
-    residual) around the dp4a products, against a float64 reference from the same codes, whether a
-    launch of its own rounds x or each program of the product does (``activation_codes``)."""
-    _int8_activations(monkeypatch, activation_codes=codes)
+    residual) around the dp4a products, against a float64 reference from the same codes."""
+    _int8_activations(monkeypatch)
     bits, offsets, group = WEIGHTS[weights]
     generator = torch.Generator().manual_seed(rows + columns + 3 * gated + offsets)
     layer = _packed(2 * rows if gated else rows, columns, offsets, seed=rows, bits=bits, group=group)
@@ -98,10 +95,9 @@ def test_the_decode_op_with_int8_activations_folds_in_what_the_float_path_does(m
     assert float((out.double().cpu() - want).norm() / want.norm()) < 1e-5  # x's rounding alone is ~5e-3
 
 
-@pytest.mark.parametrize("codes", ["launch", "kernel"], ids=["codes-launched", "codes-in-kernel"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_the_decode_op_with_int8_activations_rotates_q_and_k(monkeypatch, bits, codes) -> None:
-    _int8_activations(monkeypatch, activation_codes=codes)
+def test_the_decode_op_with_int8_activations_rotates_q_and_k(monkeypatch, bits) -> None:
+    _int8_activations(monkeypatch)
     generator = torch.Generator().manual_seed(11)
     heads, kv_heads, dim, columns = 3, 1, 32, 1088
     rows, rotated_rows = (heads + 2 * kv_heads) * dim, (heads + kv_heads) * dim

@@ -65,9 +65,6 @@ class DecodeKernelTuning:
     grouped_combine_warps: int = 4
     merge_elements: int = 8192
     pdl: bool = True
-    # the partial pass requests a block's values (and an int8 cache's cos / sin rows) with its keys,
-    # before the wait for q, instead of after its scores (decode_kernels.partial_attention PREFETCH)
-    prefetch: bool = False
 
     def block_for(self, group: int) -> int:
         """Slots per loop step for KV heads that serve ``group`` query heads each."""
@@ -160,8 +157,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc,
         *int8_rows, capacity, scale, SPLIT_LEN=split_len, GROUP=group,
         GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block, NUM_SPLITS=splits, WITH_SCORES=with_mass,
-        IEEE=q.dtype == torch.float32, SCALED=scaled, PDL=bool(launch), PREFETCH=tuning.prefetch,
-        num_warps=tuning.num_warps,
+        IEEE=q.dtype == torch.float32, SCALED=scaled, PDL=bool(launch), num_warps=tuning.num_warps,
         num_stages=tuning.int8_num_stages if scaled else tuning.num_stages, **launch)
     splits_pad = _next_power_of_2(splits)
     mass_block = tuning.mass_block_for(group)

@@ -27,18 +27,14 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
                       k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                       NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
-                      SCALED: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = False):
+                      SCALED: tl.constexpr, PDL: tl.constexpr):
     """``SCALED``: the cache holds int8 codes with a float32 scale per (KV head, slot) row, keys
     unrotated (cache/kv_codes.py). A key tile is read as its two rotate-half halves, each turned to
     its slots' positions from one read of the half-width tables ``cos_ptr`` / ``sin_ptr``
     ``[capacity, DIM / 2]`` (float32, then q's dtype), and scored against q's matching half (two
     products of half the depth: no shuffle between the halves); a slot's key scale multiplies its
     scores and its value scale its probabilities, so no tile is scaled; value codes enter the
-    product in q's dtype (exact).
-
-    ``PREFETCH`` (``DecodeKernelTuning.prefetch``): a block's values (and an int8 cache's cos / sin
-    rows) are requested with its keys, before the wait for q and then one block ahead, instead of
-    after its scores: each program's loads then wait for the memory once rather than twice."""
+    product in q's dtype (exact)."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
@@ -62,10 +58,6 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         k_back = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, halves + DIM // 2, DIM)
     else:
         k = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, dims, DIM)
-    if PREFETCH:
-        v = _key_block(v_ptr, base, first + tl.arange(0, BLOCK), end, dims, DIM)
-        if SCALED:
-            cos, sin = _table_rows(cos_ptr, sin_ptr, first + tl.arange(0, BLOCK), end, halves, DIM)
     if PDL:
         tl.extra.cuda.gdc_wait()
     if SCALED:
@@ -78,21 +70,13 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         slots = first + offset + tl.arange(0, BLOCK)
         in_range = slots < capacity
         keep = tl.load(valid_ptr + slots, mask=in_range, other=0) != 0
-        if PREFETCH:
-            next_v = _key_block(v_ptr, base, slots + BLOCK, end, dims, DIM)
         if SCALED:
             next_k = _key_block(k_ptr, base, slots + BLOCK, end, halves, DIM)
             next_back = _key_block(k_ptr, base, slots + BLOCK, end, halves + DIM // 2, DIM)
-            if PREFETCH:
-                next_cos, next_sin = _table_rows(cos_ptr, sin_ptr, slots + BLOCK, end, halves, DIM)
-            else:
-                cos, sin = _table_rows(cos_ptr, sin_ptr, slots, end, halves, DIM)
             k_scale = tl.load(k_scale_ptr + row_base + slots, mask=in_range, other=0.0)
-            raw = _turned_scores(q_front, q_back, k, k_back, cos, sin, DIM, IEEE)
+            raw = _turned_scores(q_front, q_back, k, k_back, cos_ptr, sin_ptr, slots, end, halves, DIM, IEEE)
             raw = raw * (k_scale * scale)[None, :]
             k_back = next_back
-            if PREFETCH:
-                cos, sin = next_cos, next_sin
         else:
             next_k = _key_block(k_ptr, base, slots + BLOCK, end, dims, DIM)
             raw = _scores(q, k, IEEE) * scale
@@ -105,8 +89,7 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         rescale = tl.exp(running_max - shift)
         probs = tl.exp(scores - shift[:, None])
         running_sum = running_sum * rescale + tl.sum(probs, 1)
-        if not PREFETCH:
-            v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=in_range[:, None], other=0.0)
         if SCALED:
             v_scale = tl.load(v_scale_ptr + row_base + slots, mask=in_range, other=0.0)
             weighted = _weighted_values(probs * v_scale[None, :], v.to(q_front.dtype), IEEE)
@@ -115,8 +98,6 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         acc = acc * rescale[:, None] + weighted
         running_max = new_max
         k = next_k
-        if PREFETCH:
-            v = next_v
     partial = q_rows * NUM_SPLITS + split
     tl.store(max_ptr + partial, running_max, mask=row_ok)
     tl.store(sum_ptr + partial, running_sum, mask=row_ok)
@@ -131,20 +112,16 @@ def _key_block(k_ptr, base, slots, end, columns, DIM: tl.constexpr):
 
 
 @triton.jit
-def _table_rows(cos_ptr, sin_ptr, slots, end, halves, DIM: tl.constexpr):
-    """The ``slots``' rows of the half-width cos / sin tables ``[BLOCK, DIM / 2]``, read once per
-    tile for both key halves (slots from ``end`` on: cos 1, sin 0, without a memory access)."""
-    ok = (slots < end)[:, None]
-    table = slots[:, None] * (DIM // 2) + halves[None, :]
-    return tl.load(cos_ptr + table, mask=ok, other=1.0), tl.load(sin_ptr + table, mask=ok, other=0.0)
-
-
-@triton.jit
-def _turned_scores(q_front, q_back, front, back, cos, sin, DIM: tl.constexpr, IEEE: tl.constexpr):
+def _turned_scores(q_front, q_back, front, back, cos_ptr, sin_ptr, slots, end, halves, DIM: tl.constexpr,
+                   IEEE: tl.constexpr):
     """Scores of q (rotated, as its two halves) against unrotated key codes given as their halves
     ``front``, ``back`` ``[BLOCK, DIM / 2]``, each key turned by RoPE at its slot in the
     rotate-half layout: ``front * cos - back * sin`` and ``back * cos + front * sin``, with cos /
-    sin the slots' rows of the half-width tables (``_table_rows``)."""
+    sin the slots' rows of the half-width tables, read once per tile."""
+    ok = (slots < end)[:, None]
+    table = slots[:, None] * (DIM // 2) + halves[None, :]
+    cos = tl.load(cos_ptr + table, mask=ok, other=1.0)
+    sin = tl.load(sin_ptr + table, mask=ok, other=0.0)
     front, back = front.to(tl.float32), back.to(tl.float32)
     turned_front = (front * cos - back * sin).to(q_front.dtype)
     turned_back = (back * cos + front * sin).to(q_front.dtype)

@@ -71,11 +71,6 @@ class MatvecTuning:
     # and ramp in full (0.31 ms of a 2.53 ms 7B int4 step, profile_llama2-7b_int4_h200.txt); joined,
     # the 7B int4 step went 2.537 -> 2.267 ms (bench_gpu_7b_policies_{off,on}_h200.md)
     activation_pdl: bool = True
-    # where x's int8 codes are made for the dp4a path: "launch" (``quantize_activations``, a launch of
-    # its own before each packed product) or "kernel" (every program of the product rounds x itself,
-    # ``matvec_dp4a.chunk_codes``: no launch and no wait between two in the chain, for the work of
-    # rounding x once per program instead of once per product)
-    activation_codes: str = "launch"
 
     def x8(self, bits: int, group: int = 32) -> bool:
         """Whether products with weights of ``bits`` in groups of ``group`` inputs take x's int8
@@ -98,8 +93,6 @@ class MatvecTuning:
         for name in {4: ("int4_activations",), 8: ("int8_activations",)}.get(bits, ()):
             if getattr(self, name) not in ("float", "int8"):
                 raise ValueError(f"MatvecTuning.{name} is {getattr(self, name)!r}: 'float' or 'int8'")
-        if bits and self.activation_codes not in ("launch", "kernel"):
-            raise ValueError(f"MatvecTuning.activation_codes is {self.activation_codes!r}: 'launch' or 'kernel'")
 
     def chunk(self, bits: int) -> int:
         """Input elements per loop step for weights of ``bits`` (0: float)."""
@@ -156,13 +149,11 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                    tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)
     programs = -(-(rows // 2 if half else rows) // block_n)
     stats = placeholder
-    codes_here = x8 and tuning.activation_codes == "kernel"
-    if x8 and not codes_here:  # x (times the norm's weight) rounded to int8 codes per group, in a launch of its own
+    if x8:  # x (times the norm's weight) rounded to int8 codes per group, in a launch of its own
         from .matvec_dp4a import quantized_activations
 
         x, stats = quantized_activations(x, group, norm_weight, split=bits == 4,
                                           pdl=tuning.pdl and tuning.activation_pdl)
-    if x8:
         weight = weight.contiguous().view(torch.int32)
     launch = dependent_launch(out, tuning.pdl)
     matvec_kernels.matvec[(programs,)](
@@ -176,7 +167,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         BIAS=bias is not None,
         RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=max(chunk_size(columns, tuning.chunk(bits)), group),
         PDL=bool(launch), BITS=bits, GROUP=group,
-        OFFSET=offsets is not None, X8=x8, AHEAD=tuning.packed_ahead if bits else 1, X_CODES_HERE=codes_here,
+        OFFSET=offsets is not None, X8=x8, AHEAD=tuning.packed_ahead if bits else 1,
         num_warps=tuning.warps(bits), **launch)
     return out
 

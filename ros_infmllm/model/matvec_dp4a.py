@@ -112,44 +112,6 @@ def quantize_activations(x_ptr, norm_ptr, codes_ptr, stats_ptr, K: tl.constexpr,
 
 
 @triton.jit
-def _code_words(codes, WORDS: tl.constexpr):
-    """int32 codes ``[..]`` (-127..127, 4 * WORDS of them in order) as WORDS 32-bit words of four
-    bytes each, the first code in the lowest byte (the bytes ``quantize_activations`` stores)."""
-    bytes4 = tl.reshape(codes & 0xFF, (WORDS, 4))
-    return tl.sum(bytes4 << (tl.arange(0, 4) * 8)[None, :], axis=1)  # disjoint bytes: the sum is their OR
-
-
-@triton.jit
-def chunk_codes(x_ptr, norm_ptr, start, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                NORM: tl.constexpr, SPLIT: tl.constexpr):
-    """``quantize_activations`` for one chunk of ``BLOCK_K`` inputs from ``start``, in the registers
-    of the product that reads them (``MatvecTuning.activation_codes`` "kernel"): x's code words (even,
-    odd where ``SPLIT``; in order and twice otherwise), the group scales and sums of dequantized x,
-    and the chunk's sum of raw x^2. The same codes as the launch (the same float32 operations)."""
-    GROUPS: tl.constexpr = BLOCK_K // GROUP
-    index = start + tl.arange(0, GROUPS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    live = index < K
-    x = tl.load(x_ptr + index, mask=live, other=0.0).to(tl.float32)
-    squares = tl.sum(tl.sum(x * x, axis=1), axis=0)
-    if NORM:
-        x = x * tl.load(norm_ptr + index, mask=live, other=0.0).to(tl.float32)
-    scale = tl.max(tl.abs(x), axis=1) / 127.0
-    inverse = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)  # an all-zero group: codes 0
-    # no clamp to +-127 as in the launch: |x| * inverse is at most 127 times (1 + a few float32
-    # roundings), so the floor below never leaves it; the same codes, 64 fewer instructions a thread
-    codes = tl.floor(x * inverse[:, None] + 0.5)
-    sums = scale * tl.sum(codes, axis=1)
-    codes = codes.to(tl.int32)
-    if SPLIT:
-        even, odd = tl.split(tl.reshape(codes, (GROUPS, GROUP // 2, 2)))
-        first, second = _code_words(even, BLOCK_K // 8), _code_words(odd, BLOCK_K // 8)
-    else:
-        first = _code_words(codes, BLOCK_K // 4)
-        second = first
-    return first, second, scale, sums, squares
-
-
-@triton.jit
 def group_dots(words, x_even, x_odd, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """``[BLOCK_N, BLOCK_K / GROUP]`` integer sums of codes times x's codes per group: a chunk's
     packed words ``[BLOCK_N, BLOCK_K / 8]`` against x's even and odd code words ``[BLOCK_K / 8]``."""

@@ -32,10 +32,6 @@ small element-wise kernels around the products are folded into them:
   for x's rounding; the shipped int4 path since 2026-12-03: with 4,096 inputs per step the 7B
   int4 model decodes 1.4x faster than with float x (docs/quantized_weights.md). int8: each word
   of four signed codes meets four of x's codes in one ``dp4a``, nothing unpacked.
-  ``X_CODES_HERE`` (``MatvecTuning.activation_codes`` "kernel"): x arrives as floats and every
-  program rounds each chunk itself (``matvec_dp4a.chunk_codes``, the same codes): no launch of its
-  own between two products in the chain, for more work per program (4.4 instructions per int4 code
-  at 4 rows per program, 2.9 at 8, against 1.6: benchmarks/matvec_sass.py).
 - ``AHEAD`` (packed only; 1 or 2): how many chunks of packed bytes are requested ahead of the one
   being multiplied. A packed chunk is a half or a quarter of a float chunk's bytes, so one chunk
   ahead may leave too few bytes in flight per SM to cover the memory's latency; two cost a few
@@ -155,7 +151,7 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
            stats_ptr, eps, N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
            HALF: tl.constexpr, ROTATED_ROWS: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-           OFFSET: tl.constexpr, X8: tl.constexpr, AHEAD: tl.constexpr = 1, X_CODES_HERE: tl.constexpr = False):
+           OFFSET: tl.constexpr, X8: tl.constexpr, AHEAD: tl.constexpr = 1):
     if PDL:  # the next launch may start placing its programs as ours run their last wave
         tl.extra.cuda.gdc_launch_dependents()
     index_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -205,27 +201,19 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             w1, u1 = _packed_words(w_ptr, rows, pair, BLOCK_K, live, K, PAIRED, WORDS, BITS)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        if X_CODES_HERE:  # x arrives as floats: each program rounds it itself (no launch of its own)
-            squares = tl.zeros((1,), tl.float32)
-        else:
-            squares = tl.load(stats_ptr + 2 * (K // GROUP) + tl.arange(0, 1))
+        squares = tl.load(stats_ptr + 2 * (K // GROUP) + tl.arange(0, 1))
         for start in range(0, K, BLOCK_K):
             next_w, next_u = _packed_words(w_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, WORDS, BITS)
-            if X_CODES_HERE:
-                x_even, x_odd, dx, x_sum, chunk_squares = matvec_dp4a.chunk_codes(x_ptr, norm_ptr, start, K, GROUP,
-                                                                                  BLOCK_K, NORM, BITS == 4)
-                squares += chunk_squares
-            else:
-                word = start // X_STEP + tl.arange(0, X_WORDS)
-                x_even = tl.load(x_ptr + word, mask=word < K // X_STEP, other=0)
-                x_odd = x_even
-                if BITS == 4:
-                    x_odd = tl.load(x_ptr + K // 8 + word, mask=word < K // 8, other=0)
-                group = start // GROUP + tl.arange(0, GROUPS)
-                dx = tl.load(stats_ptr + group, mask=group < K // GROUP, other=0.0)
-                x_sum = dx  # int8 codes are symmetric: no offsets, no sums of x
-                if BITS == 4:
-                    x_sum = tl.load(stats_ptr + K // GROUP + group, mask=group < K // GROUP, other=0.0)
+            word = start // X_STEP + tl.arange(0, X_WORDS)
+            x_even = tl.load(x_ptr + word, mask=word < K // X_STEP, other=0)
+            x_odd = x_even
+            if BITS == 4:
+                x_odd = tl.load(x_ptr + K // 8 + word, mask=word < K // 8, other=0)
+            group = start // GROUP + tl.arange(0, GROUPS)
+            dx = tl.load(stats_ptr + group, mask=group < K // GROUP, other=0.0)
+            x_sum = dx  # int8 codes are symmetric: no offsets, no sums of x
+            if BITS == 4:
+                x_sum = tl.load(stats_ptr + K // GROUP + group, mask=group < K // GROUP, other=0.0)
             acc += _x8_sums(w, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP,
                             OFFSET, BLOCK_N, BLOCK_K)
             if PAIRED:

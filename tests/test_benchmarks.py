@@ -57,6 +57,28 @@ def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert "| tiny-qwen2 | 128 |" in markdown and "## Targets" in markdown
 
 
+def test_launch_probe_runs_bench_gpu_and_skips_only_what_it_is_told(tmp_path: Path, monkeypatch) -> None:
+    """launch_probe.py: with nothing to skip it is bench_gpu (its results file); skipping needs a GPU
+    (refused on a CPU); skipping the quantize launch hands back one fixed buffer per input width."""
+    import launch_probe
+    import torch
+
+    from ros_infmllm.model import matvec_dp4a
+
+    assert launch_probe.main(["--", "--smoke", "--policies", "h2o", "--skip-transformers", "--out", str(tmp_path),
+                              "--name", "probe"]) == 0
+    assert json.loads((tmp_path / "probe.json").read_text())["models"]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            launch_probe.main(["--without", "quantize", "--", "--smoke"])
+    monkeypatch.setattr(matvec_dp4a, "quantized_activations", matvec_dp4a.quantized_activations)  # put back after
+    launch_probe.skip_quantize()
+    codes, stats = matvec_dp4a.quantized_activations(torch.randn(64), 32)
+    assert codes.dtype == torch.int32 and codes.numel() == 16 and stats.numel() == 5
+    again = matvec_dp4a.quantized_activations(torch.randn(64), 32)
+    assert again[0] is codes and again[1] is stats  # stale: nothing is computed
+
+
 def test_bench_gpu_smoke_run_with_int4_weights_counts_packed_bytes(tmp_path: Path) -> None:
     """--weights int4: the decoder's projections packed, the roofline from their packed bytes; with
     --int4-activations int8 the run says so and leaves the shipped setting as it was."""

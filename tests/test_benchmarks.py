@@ -57,7 +57,7 @@ def test_bench_gpu_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert "| tiny-qwen2 | 128 |" in markdown and "## Targets" in markdown
 
 
-def test_launch_probe_runs_bench_gpu_and_skips_only_what_it_is_told(tmp_path: Path, monkeypatch) -> None:
+def test_launch_probe_runs_bench_gpu_and_skips_only_what_it_is_told(tmp_path: Path, monkeypatch, capsys) -> None:
     """launch_probe.py: with nothing to skip it is bench_gpu (its results file); skipping needs a GPU
     (refused on a CPU); skipping the quantize launch hands back one fixed buffer per input width."""
     import launch_probe
@@ -70,7 +70,8 @@ def test_launch_probe_runs_bench_gpu_and_skips_only_what_it_is_told(tmp_path: Pa
     assert json.loads((tmp_path / "probe.json").read_text())["models"]
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
-            launch_probe.main(["--without", "quantize", "--", "--smoke"])
+            launch_probe.main(["--without", "quantize", "combine", "--", "--smoke"])
+        assert "needs a CUDA GPU" in capsys.readouterr().err  # parsed, then refused
     monkeypatch.setattr(matvec_dp4a, "quantized_activations", matvec_dp4a.quantized_activations)  # put back after
     launch_probe.skip_quantize()
     codes, stats = matvec_dp4a.quantized_activations(torch.randn(64), 32)

@@ -430,6 +430,24 @@ def test_matvec_sass_counts_the_main_loop_of_each_weight_type(tmp_path: Path) ->
     assert "| int4 |" in (tmp_path / "matvec_sass.md").read_text()
 
 
+def test_attention_registers_reads_each_compiled_case(tmp_path: Path) -> None:
+    """attention_registers.py compiles the partial pass for sm_90 here and reads its registers: every
+    case has a count, the programs per SM follow from it, and the int8 cache's turn holds more
+    registers per thread than the bf16 pass at the same tile (the point of the table)."""
+    script = Path(bench_gpu.__file__).with_name("attention_registers.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cases = json.loads((tmp_path / "attention_registers.json").read_text())["cases"]
+    for case in cases:
+        assert 16 <= case["registers_per_thread"] <= 255
+        assert case["programs_per_sm_by_registers"] == 65536 // (case["registers_per_thread"] * 32 * case["warps"])
+    shipped = {c["cache"]: c for c in cases if (c["split"], c["block"], c["warps"]) == (128, 128, 4)}
+    assert shipped["int8"]["registers_per_thread"] > shipped["bf16"]["registers_per_thread"]
+    assert "| int8 | 128 | 2 | 128 | 4 |" in (tmp_path / "attention_registers.md").read_text()
+
+
 def test_stream_perplexity_smoke_run_scores_every_token(tmp_path: Path) -> None:
     """SmolLM2 over 300 tokens of the benchmark text at one tiny capacity, every configuration."""
     import stream_perplexity

@@ -37,9 +37,9 @@ CASES = [("bf16", 128, 3, 128, 4), ("bf16", 64, 3, 64, 4), ("int8", 128, 2, 128,
 
 def resources(cache: str, split: int, stages: int, block: int, warps: int, arch: int, dim: int = 128) -> dict:
     """One compiled case: registers per thread, stack bytes, shared memory and what they allow."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
-    import triton
 
     from ros_infmllm.model import decode_kernels
 

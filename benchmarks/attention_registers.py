@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from matvec_sass import cuda_tool
 from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,7 +36,6 @@ CASES = [("bf16", 128, 3, 128, 4), ("bf16", 64, 3, 64, 4), ("int8", 128, 2, 128,
 
 def resources(cache: str, split: int, stages: int, block: int, warps: int, arch: int, dim: int = 128) -> dict:
     """One compiled case: registers per thread, stack bytes, shared memory and what they allow."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -56,14 +54,7 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
                        attrs={(names.index(k),): [["tt.divisibility", 16]] for k in pointers})
     compiled = compile(source, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": warps, "num_stages": stages, "launch_pdl": arch >= 90})
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
-        handle.write(compiled.asm["cubin"])
-    try:
-        usage = subprocess.run([str(tool), "-res-usage", handle.name], capture_output=True, text=True,
-                               check=True).stdout
-    finally:
-        os.unlink(handle.name)
+    usage = cuda_tool(compiled.asm["cubin"], "cuobjdump", "-res-usage")
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     programs = REGISTERS_PER_SM // (registers * 32 * warps)

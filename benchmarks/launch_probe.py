@@ -24,9 +24,6 @@ from pathlib import Path
 
 import torch
 
-LAUNCHES = ("quantize", "combine")
-
-
 def skip_quantize() -> None:
     """x's codes and stats from one fixed buffer per input width (random codes, small scales)."""
     from ros_infmllm.model import matvec_dp4a
@@ -56,16 +53,19 @@ def skip_combine() -> None:
     decode_kernels.combine_attention = NoLaunch()
 
 
+SKIPS = {"quantize": skip_quantize, "combine": skip_combine}  # what each launch's name patches
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--without", nargs="*", choices=LAUNCHES, default=[],
+    parser.add_argument("--without", nargs="*", choices=tuple(SKIPS), default=[],
                         help="launches to skip (none: the shipped step, the baseline)")
     parser.add_argument("bench_gpu_args", nargs=argparse.REMAINDER, help="after --: bench_gpu.py's arguments")
     args = parser.parse_args(argv)
     if args.without and not torch.cuda.is_available():
         parser.error("skipping launches needs a CUDA GPU (the CPU runs no Triton decode kernels)")
     for launch in args.without:
-        {"quantize": skip_quantize, "combine": skip_combine}[launch]()
+        SKIPS[launch]()
     import bench_gpu
 
     rest = args.bench_gpu_args[1:] if args.bench_gpu_args[:1] == ["--"] else args.bench_gpu_args

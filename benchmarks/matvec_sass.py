@@ -63,18 +63,23 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
     return kernel, constants, warps
 
 
-def disassemble(cubin: bytes) -> list[str]:
-    """SASS instruction lines and labels, by the nvdisasm that ships with Triton."""
+def cuda_tool(cubin: bytes, tool: str, *options: str) -> str:
+    """What one of the CUDA tools that ship with Triton (``nvdisasm``, ``cuobjdump``) prints for
+    ``cubin``, run with ``options`` on a temporary copy of it."""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
         handle.write(cubin)
     try:
-        return subprocess.run([str(tool), "-c", handle.name], capture_output=True, text=True,
-                              check=True).stdout.splitlines()
+        return subprocess.run([str(path), *options, handle.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(handle.name)
+
+
+def disassemble(cubin: bytes) -> list[str]:
+    """SASS instruction lines and labels, by the nvdisasm that ships with Triton."""
+    return cuda_tool(cubin, "nvdisasm", "-c").splitlines()
 
 
 INSTRUCTION = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9]*)")

@@ -1,17 +1,18 @@
 """Registers per thread of the decode attention's partial pass, and what they allow per SM (no GPU).
 
-Why: over an int8 cache the 7B attention call takes 1.5x the time of a bf16 one on an H100
+Why: over an int8 cache the 7B attention call took 1.5x the time of a bf16 one on an H100
 (docs/quantized_weights.md) while reading half the bytes. At batch 1 a call is bound by how
-many bytes each SM keeps in flight, and that is bounded by the register file: a program holds its
-key tile (and, for an int8 cache, the turn's float32 halves and cos / sin rows) in registers, so
-the registers per program set how many programs share an SM, and so how many keys are requested
-at once.
+many bytes each SM keeps in flight: the float pass holds its key tile in registers, so the
+registers per program set how many programs share an SM, and so how many keys are requested at
+once; the int8 pass (decode_kernels_int8.py) copies its next tiles into shared memory instead,
+so there the pipeline's stages hold them.
 
-Compiles ``decode_kernels.partial_attention`` ahead of time (Triton's compiler and ptxas) for each
-case, reads its resource use with the ``cuobjdump`` that ships with Triton, and writes
-``results/attention_registers.{json,md}``: registers per thread, stack (spills), programs per SM
-that the register file allows (65,536 registers per SM on sm_80 to sm_90), and the key bytes
-those programs request at once.
+Compiles ``decode_kernels.partial_attention`` (bf16) and ``decode_kernels_int8.partial_attention_codes``
+(int8) ahead of time (Triton's compiler and ptxas) for each case, reads the resource use with the
+``cuobjdump`` that ships with Triton, and writes ``results/attention_registers.{json,md}``:
+registers per thread, stack (spills), shared memory, the programs per SM that the register file
+(65,536 registers per SM on sm_80 to sm_90) and the shared memory (228 KB on sm_90) allow, and
+the key bytes those programs request at once (a tile each, or the tiles ahead in a pipelined split).
 
 ``python benchmarks/attention_registers.py``
 """
@@ -28,10 +29,12 @@ from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REGISTERS_PER_SM = 65536
-# (cache, slots per split, pipeline stages, slots per loop step, warps): the shipped 7B shapes at
-# 4,096 slots (one tile per split), a split of four tiles, and smaller tiles / more warps
+SHARED_PER_SM = 233472  # bytes of shared memory per SM on sm_90 (228 KB)
+# (cache, slots per split, pipeline stages, slots per loop step, warps): the bf16 pass's shipped 7B
+# shape at 4,096 slots (one tile per split) and a smaller tile; the int8 pass (decode_kernels_int8.py,
+# pipelined) at one tile per split and at splits of several tiles, as its launch sweep ran them
 CASES = [("bf16", 128, 3, 128, 4), ("bf16", 64, 3, 64, 4), ("int8", 128, 2, 128, 4), ("int8", 512, 2, 128, 4),
-         ("int8", 64, 2, 64, 4), ("int8", 128, 2, 64, 4), ("int8", 128, 2, 128, 8)]
+         ("int8", 512, 3, 64, 4), ("int8", 512, 2, 64, 8), ("int8", 512, 3, 64, 8), ("int8", 512, 2, 128, 8)]
 
 
 def resources(cache: str, split: int, stages: int, block: int, warps: int, arch: int, dim: int = 128) -> dict:
@@ -39,17 +42,20 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    from ros_infmllm.model import decode_kernels
+    from ros_infmllm.model import decode_kernels, decode_kernels_int8
 
-    codes = "*i8" if cache == "int8" else "*bf16"
+    int8 = cache == "int8"
+    codes = "*i8" if int8 else "*bf16"
     pointers = dict(q_ptr="*bf16", k_ptr=codes, v_ptr=codes, valid_ptr="*u8", scores_ptr="*fp32", max_ptr="*fp32",
-                    sum_ptr="*fp32", acc_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32", cos_ptr="*fp32",
-                    sin_ptr="*fp32")
+                    sum_ptr="*fp32", acc_ptr="*fp32")
+    if int8:  # row scales, and the read tables in float16 (cache/kv_codes.read_tables)
+        pointers.update(k_scale_ptr="*fp32", v_scale_ptr="*fp32", cos_ptr="*fp16", sin_ptr="*fp16")
     constants = dict(SPLIT_LEN=split, GROUP=1, GROUP_PAD=16, DIM=dim, BLOCK=block, NUM_SPLITS=4096 // split,
-                     WITH_SCORES=True, IEEE=False, SCALED=cache == "int8", PDL=arch >= 90)
+                     WITH_SCORES=True, IEEE=False, PDL=arch >= 90)
     signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
-    source = ASTSource(fn=decode_kernels.partial_attention, signature=signature,
+    kernel = decode_kernels_int8.partial_attention_codes if int8 else decode_kernels.partial_attention
+    source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()},
                        attrs={(names.index(k),): [["tt.divisibility", 16]] for k in pointers})
     compiled = compile(source, target=GPUTarget("cuda", arch, 32),
@@ -58,24 +64,30 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     programs = REGISTERS_PER_SM // (registers * 32 * warps)
-    key_bytes = block * dim * (1 if cache == "int8" else 2)
+    by_shared = SHARED_PER_SM // max(1, compiled.metadata.shared)
+    tiles_ahead = stages - 1 if split > block else 1  # a pipelined split requests the next stages' tiles
+    key_bytes = tiles_ahead * block * dim * (1 if int8 else 2)
     return {"cache": cache, "split": split, "stages": stages, "block": block, "warps": warps,
             "registers_per_thread": registers, "stack_bytes": stack, "shared_bytes": compiled.metadata.shared,
-            "programs_per_sm_by_registers": programs, "key_bytes_in_flight_per_sm": programs * key_bytes}
+            "programs_per_sm_by_registers": programs, "programs_per_sm_by_shared": by_shared,
+            "key_bytes_in_flight_per_sm": min(programs, by_shared) * key_bytes}
 
 
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# The decode attention's partial pass: registers and what they allow per SM (sm_{report['arch']}, "
              f"head size {report['dim']}, Triton {report['triton']})", "",
              "From `benchmarks/attention_registers.py`: compiled ahead of time, resource use read by cuobjdump; no GPU. "
-             "Programs per SM: what a 65,536-register file allows (other limits may bind first). Key bytes in flight: "
-             "those programs' key tiles, requested at once.", "",
+             "Programs per SM: what a 65,536-register file and 228 KB of shared memory allow (other limits may bind "
+             "first). Key bytes in flight: those programs' key tiles requested at once (one each, or the tiles a "
+             "pipelined split of several has ahead).", "",
              "| cache | slots per split | stages | slots per step | warps | registers / thread | stack bytes | "
-             "shared bytes | programs per SM | key bytes in flight per SM |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "shared bytes | programs per SM (registers / shared) | key bytes in flight per SM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["cases"]:
         lines.append(f"| {r['cache']} | {r['split']} | {r['stages']} | {r['block']} | {r['warps']} | "
                      f"{r['registers_per_thread']} | {r['stack_bytes']} | {r['shared_bytes']:,} | "
-                     f"{r['programs_per_sm_by_registers']} | {r['key_bytes_in_flight_per_sm']:,} |")
+                     f"{r['programs_per_sm_by_registers']} / {r['programs_per_sm_by_shared']} | "
+                     f"{r['key_bytes_in_flight_per_sm']:,} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -33,7 +33,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 
 from bench_gpu import FAMILY_SHAPES, SHAPES, SMOKE_SHAPES, cache_row_bytes, write_checkpoint_config  # noqa: E402
 from launch_tuning import kept_tuning, sweep  # noqa: E402
-from ros_infmllm.cache.kv_codes import KV_CACHE_DTYPES, dequantize_rows, quantize_rows, read_keys  # noqa: E402
+from ros_infmllm.cache.kv_codes import KV_CACHE_DTYPES, dequantize_rows, quantize_rows, read_keys, read_tables  # noqa: E402
 from ros_infmllm.model import decode_attention as op  # noqa: E402
 from ros_infmllm.model.config import load_config  # noqa: E402
 from ros_infmllm.model.decoder import Attention  # noqa: E402
@@ -128,8 +128,7 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     per_layer = inputs(attention, args.capacity, cfg.num_layers, device, dtype, seed=1)
     int8 = args.kv_cache == "int8"
     bytes_read = 2 * cfg.num_kv_heads * args.capacity * cache_row_bytes(cfg.head_dim, dtype, args.kv_cache)
-    angles = Rotary(cfg.head_dim, cfg.rope_theta).half_angles(torch.arange(args.capacity, device=device))
-    tables = (angles.cos(), angles.sin())
+    tables = read_tables(Rotary(cfg.head_dim, cfg.rope_theta), torch.arange(args.capacity, device=device))
     if int8:
         per_layer = [packed(tables, *layer) for layer in per_layer]
 
@@ -156,8 +155,9 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
                           "out_error": relative(out, want_out), "mass_error": mass_error(mass, want_mass)}
     tunings = [op.DecodeKernelTuning(**vars(shipped))]
     shipped_mass = shipped.mass_block_for(group)
+    # a sweep over an int8 cache sets its pass's own fields (and the float ones alike: unused there)
     tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s,
-                                      int8_num_stages=s,
+                                      int8_block=b, int8_programs=p, int8_num_warps=w, int8_num_stages=s,
                                       mass_block=mb, grouped_mass_block=mb, pdl=pdl)
                 for b, p, m, w, s, mb, pdl in itertools.product(
                     args.blocks, args.programs, args.min_splits, args.warps, args.stages,
@@ -169,7 +169,7 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
 
     result["variants"] = sweep(op.TUNING, tunings, lambda: timed_us(kernel, per_layer, device, args.replays), errors)
     result["shipped"] = result["variants"].pop(0)
-    result["shipped"]["block_used"] = shipped.block_for(cfg.num_heads // cfg.num_kv_heads)
+    result["shipped"]["block_used"] = shipped.block_for(cfg.num_heads // cfg.num_kv_heads, int8)
     for entry in [result["explicit"], result["shipped"]] + result["variants"]:
         entry["gb_per_s"] = bytes_read / entry["us"] / 1e3
     result["best"] = min(result["variants"], key=lambda v: v["us"])

@@ -65,10 +65,9 @@ def launcher(dim: int, block: int, programs: int, capacity: int, parts: str, wit
         out = torch.empty_like(a["q"])
         if "p" in parts:
             decode_kernels.partial_attention[(HEADS, splits)](
-                a["q"], a["k"], a["v"], a["valid"], scores, split_max, split_sum, split_acc,
-                *(a["valid"],) * 4, capacity, dim ** -0.5,  # a float cache: the int8 cache's pointers go unread
+                a["q"], a["k"], a["v"], a["valid"], scores, split_max, split_sum, split_acc, capacity, dim ** -0.5,
                 SPLIT_LEN=split_len, GROUP=1, GROUP_PAD=16, DIM=dim, BLOCK=block, NUM_SPLITS=splits,
-                WITH_SCORES=with_mass, IEEE=False, SCALED=False, PDL=bool(launch), num_warps=4, num_stages=3,
+                WITH_SCORES=with_mass, IEEE=False, PDL=bool(launch), num_warps=4, num_stages=3,
                 **launch)
         if "c" in parts:
             blocks = cdiv(capacity, mass_block) if with_mass else 0

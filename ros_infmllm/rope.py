@@ -54,9 +54,10 @@ class Rotary:
     @staticmethod
     def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``x[..., head_dim]`` rotated by half-width float32 ``cos`` / ``sin`` broadcastable to
-        ``[..., head_dim / 2]`` (``x * cos + rotate_half(x) * sin``, computed in float32 on halves
-        of x), returned in ``dtype`` (default x's)."""
+        """``x[..., head_dim]`` rotated by half-width ``cos`` / ``sin`` broadcastable to
+        ``[..., head_dim / 2]`` (float32, or an int8 cache's float16 read tables) as
+        ``x * cos + rotate_half(x) * sin``, computed in float32 on halves of x, returned in
+        ``dtype`` (default x's)."""
         half = x.shape[-1] // 2
         wide = x.float()
         first, second = wide[..., :half], wide[..., half:]

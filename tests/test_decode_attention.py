@@ -25,7 +25,7 @@ def small_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Launch shapes small enough that the test sizes span several splits, merge steps and mass blocks."""
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(
         op.TUNING, block=16, grouped_block=16, programs=8, min_split=16, mass_block=32, grouped_mass_block=32,
-        merge_elements=32))
+        merge_elements=32, int8_block=16, int8_programs=8))
 
 
 def _reference(q, k_new, v_new, cache_k, cache_v, valid):
@@ -73,7 +73,7 @@ def test_kernel_reads_an_int8_cache(small_launches, dtype, heads, kv_heads, capa
     """Codes, row scales and unrotated keys (cache/kv_codes.py) against the float64 reference of
     the rows a float cache would hold (dequantized, keys turned to their slots): the kernel turns
     each key tile's halves by its slots and applies the scales to scores and probabilities."""
-    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys
+    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
     from ros_infmllm.rope import Rotary
 
     generator = torch.Generator().manual_seed(heads * capacity + dim + 1)
@@ -85,8 +85,7 @@ def test_kernel_reads_an_int8_cache(small_launches, dtype, heads, kv_heads, capa
     # rows of different sizes, so that each slot's scale matters
     size = torch.rand(kv_heads, capacity, 1, generator=generator).to(DEVICE) * 4 + 0.1
     (k_codes, k_scale), (v_codes, v_scale) = (quantize_rows(draw(kv_heads, capacity, dim) * size) for _ in range(2))
-    angles = Rotary(dim, 10000.0).half_angles(torch.arange(capacity, device=DEVICE))
-    tables = (angles.cos(), angles.sin())
+    tables = read_tables(Rotary(dim, 10000.0), torch.arange(capacity, device=DEVICE))
     valid = (torch.rand(capacity, generator=generator) < 0.7).to(DEVICE)
     valid[:40] = False
     out, mass = op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, v_scale, *tables)
@@ -123,14 +122,13 @@ def test_decoder_step_over_an_int8_cache_with_the_kernel_equals_the_explicit_pat
     """The same step over an int8 cache (codes with unrotated keys, ``int8_cache``): the kernel reads
     the codes, the explicit path dequantizes and turns the layer; both equal the explicit path over
     the rows a float cache would hold."""
-    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys
+    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
 
     model = load_model(head16_model_dir, device=DEVICE)
     decoder = model.decoder
     inputs = one_token_step_inputs(model.cfg.text, capacity=50, filled=37, seed=2, device=DEVICE)
     (k_codes, k_scale), (v_codes, v_scale) = quantize_rows(inputs["cache_k"]), quantize_rows(inputs["cache_v"])
-    angles = decoder.rotary.half_angles(torch.arange(50, device=DEVICE))
-    tables = (angles.cos(), angles.sin())
+    tables = read_tables(decoder.rotary, torch.arange(50, device=DEVICE))
     packed = dict(inputs, cache_k=k_codes, cache_v=v_codes, int8_cache=(k_scale, v_scale, *tables))
     rows = dict(inputs, cache_k=read_keys(k_codes, k_scale, *tables, torch.float32),
                 cache_v=dequantize_rows(v_codes, v_scale, torch.float32))
@@ -149,29 +147,35 @@ AHEAD_OF_TIME = """
 import sys
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-from ros_infmllm.model import decode_kernels
+from ros_infmllm.model import decode_kernels, decode_kernels_int8
 from ros_infmllm.model.decode_attention import TUNING
 
 arch = int(sys.argv[1])
 SHARED_LIMIT = {90: 232448, 87: 166912}  # bytes per block, opted in: H100 / H200, Jetson Orin
-for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6, 128, True), (1, 128, True)]:
-    cache = "*i8" if scaled else "*bf16"  # an int8 cache's codes, with float32 row scales
+# (2, 16): a head under 32 wide takes the int8 pass's summed products (its dots are not compiled)
+for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6, 128, True), (1, 128, True),
+                           (2, 16, True)]:
+    cache = "*i8" if scaled else "*bf16"  # an int8 cache's codes, with float32 row scales, float16 tables
     pointers = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, valid_ptr="*u8", scores_ptr="*fp32",
-                    max_ptr="*fp32", sum_ptr="*fp32", acc_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32",
-                    cos_ptr="*fp32", sin_ptr="*fp32")
-    constants = dict(SPLIT_LEN=512, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
-                     DIM=dim, BLOCK=TUNING.block_for(group), NUM_SPLITS=8, WITH_SCORES=True, IEEE=False,
-                     SCALED=scaled, PDL=arch >= 90)
+                    max_ptr="*fp32", sum_ptr="*fp32", acc_ptr="*fp32")
+    if scaled:
+        pointers.update(k_scale_ptr="*fp32", v_scale_ptr="*fp32", cos_ptr="*fp16", sin_ptr="*fp16")
+    block = TUNING.block_for(group, scaled)
+    constants = dict(SPLIT_LEN=4 * block, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
+                     DIM=dim, BLOCK=block, NUM_SPLITS=8, WITH_SCORES=True, IEEE=False, PDL=arch >= 90)
     signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
-    source = ASTSource(fn=decode_kernels.partial_attention, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()})
+    kernel = decode_kernels_int8.partial_attention_codes if scaled else decode_kernels.partial_attention
+    # pointers 16-byte aligned, as Triton specialises them at run time: only then are the loads
+    # copied asynchronously into shared memory (pipelined), which is what the limit below is about
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(k),): [["tt.divisibility", 16]] for k in pointers})
     compiled = compile(source, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": TUNING.num_warps,
+                       options={"num_warps": TUNING.int8_num_warps if scaled else TUNING.num_warps,
                                 "num_stages": TUNING.int8_num_stages if scaled else TUNING.num_stages,
                                 "launch_pdl": arch >= 90})
-    assert ".entry partial_attention" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
-    # a split of several tiles (pipelined): within the shared memory one block may take, checked at launch
+    assert f".entry {kernel.__name__}" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
+    # a split of four tiles (pipelined): within the shared memory one block may take, checked at launch
     assert compiled.metadata.shared <= SHARED_LIMIT[arch], (group, dim, scaled, compiled.metadata.shared)
     if scaled:  # the combine pass reads float32 partials only: the same kernel serves both caches
         print("built", group, dim, "int8")
@@ -198,14 +202,14 @@ for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6,
 def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     """Ahead of time, through Triton's compiler and ptxas (no GPU needed; a process of its own,
     outside the interpreter): both kernels at the benchmark's head shapes build for an H100 and a
-    Jetson Orin, the partial pass also for an int8 cache, each within the shared memory a block
-    may take there (Triton checks it only at launch: an int8 cache at three stages needed 301 KB
-    and failed on the H200 once a split spanned two tiles)."""
+    Jetson Orin, the int8 cache's partial pass too, each within the shared memory a block may
+    take there at a split of four tiles (Triton checks it only at launch: an earlier int8 pass at
+    three stages needed 301 KB and failed on the H200 once a split spanned two tiles)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("built") == 5 and done.stdout.count("int8") == 2
+    assert done.stdout.count("built") == 6 and done.stdout.count("int8") == 3
 
 
 def test_kernel_is_refused_where_it_cannot_run() -> None:

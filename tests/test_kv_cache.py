@@ -207,7 +207,8 @@ def test_an_int8_cache_stores_keys_unrotated_and_a_compaction_only_gathers_them(
     bound = 2 ** 0.5 * cache.k_scale[:, :, :7].unsqueeze(-1) * (0.5 + 1e-3)  # half a step in each of a pair
     assert bool(((read - exact).abs() <= bound).all())
     assert cache.int8_cache[2].shape == (16, DIM // 2)
-    assert cache.nbytes == 2 * cache.k.numel() + 2 * 4 * cache.k_scale.numel() + 2 * 4 * 16 * DIM // 2
+    assert cache.read_cos.dtype == torch.float16  # the read tables (kv_codes.read_tables), 2 bytes an entry
+    assert cache.nbytes == 2 * cache.k.numel() + 2 * 4 * cache.k_scale.numel() + 2 * 2 * 16 * DIM // 2
 
 
 def test_an_int8_merge_averages_the_dequantized_unrotated_rows() -> None:

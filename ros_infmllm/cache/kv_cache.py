@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import CacheFullError
 from ..rope import MultimodalRotary, Rotary
-from .kv_codes import Int8Rows, check_kv_cache_dtype, dequantize_rows, quantize_rows
+from .kv_codes import Int8Rows, check_kv_cache_dtype, dequantize_rows, quantize_rows, read_tables
 
 
 # scratch memory an eviction may take for its re-rotation or merging: 64 MiB, since at 256 a 7B
@@ -82,12 +82,11 @@ class BoundedKVCache:
         self.checks = True
         self.slot_index = torch.arange(capacity, device=device)  # [capacity]: 0..C-1, for masks and shifts
         # An int8 cache's rows' scales [layers, kv_heads, capacity] float32, and the half-width tables
-        # [capacity, head_dim / 2] its keys are turned to their slots with as read; None otherwise.
+        # [capacity, head_dim / 2] (float16) its keys are turned to their slots with as read; None otherwise.
         self.k_scale = self.v_scale = self.read_cos = self.read_sin = None
         if self.quantized:
             self.k_scale, self.v_scale = torch.zeros(shape[:3], device=device), torch.zeros(shape[:3], device=device)
-            angles = rotary.half_angles(self.slot_index)
-            self.read_cos, self.read_sin = angles.cos(), angles.sin()
+            self.read_cos, self.read_sin = read_tables(rotary, self.slot_index)
         self.stats: dict[str, torch.Tensor] = {}
         self.pinned = self.register_stat("pinned", torch.bool)
         self.origin = self.register_stat("origin", torch.int64)

@@ -24,6 +24,7 @@ class DecodeKernelTuning:
     tile has a row per query head, so a longer step pays for its loads on more rows); programs:
     about how many (KV head, split) programs to launch; min_split: fewest slots per split (the
     splits per head follow from both); num_warps, num_stages: per program of the partial kernel;
+    int8_block, int8_programs, int8_num_warps, int8_num_stages: the same for an int8 cache's pass;
     mass_block / grouped_mass_block: slots per mass program of the combine kernel where a KV head
     serves one query head / several (a grouped program sums a row per query head, so it takes
     more slots per program); combine_warps / grouped_combine_warps: warps per program of the
@@ -45,11 +46,18 @@ class DecodeKernelTuning:
     min_split: int = 32
     num_warps: int = 4
     num_stages: int = 3
-    # an int8 cache's partial pass where a split spans several tiles: each pipeline stage buffers
-    # the tile's two key halves and their cos / sin rows (float32), so at three stages it needs
-    # 170 KB of shared memory, over a Jetson Orin's 163 KB (sm_87; 103 KB at two; measured by
-    # ptxas ahead of time, tests/test_decode_attention.py); at one tile per split (a 4,096-slot
-    # cache on the benchmark's shapes) the stage count does not apply
+    # an int8 cache's partial pass (decode_kernels_int8.py): slots per loop step, about how many
+    # programs, warps and pipeline stages, for every group size. Its loop is pipelined (the next
+    # tiles' codes and table rows copied into shared memory), so its programs walk several tiles
+    # each (the 7B shape: 8 splits of 512 slots per KV head). On an H100 the 7B call took 28.1 us at
+    # this shape and 27.3 at the sweep's best (64 slots, 8 warps, 3 stages), against 38.6 for the
+    # previous pass and 26.1 over bf16; in the whole 7B int4 step the two shapes measured alike
+    # (2.903 and 2.910 ms: results/bench_decode_attention_kv8_pipelined_h100.md,
+    # decode_kv8_pipelined_h100.md). At 3 stages of 128 slots it needs 145 KB of shared memory
+    # (under a Jetson Orin's 163 KB; tests/test_decode_attention.py checks both GPUs)
+    int8_block: int = 128
+    int8_programs: int = 264
+    int8_num_warps: int = 4
     int8_num_stages: int = 2
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
@@ -66,8 +74,11 @@ class DecodeKernelTuning:
     merge_elements: int = 8192
     pdl: bool = True
 
-    def block_for(self, group: int) -> int:
-        """Slots per loop step for KV heads that serve ``group`` query heads each."""
+    def block_for(self, group: int, int8: bool = False) -> int:
+        """Slots per loop step for KV heads that serve ``group`` query heads each (``int8``: over
+        an int8 cache's codes)."""
+        if int8:
+            return self.int8_block
         return self.grouped_block if group > 1 else self.block
 
     def mass_block_for(self, group: int) -> int:
@@ -129,22 +140,21 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     probabilities summed over each KV group's query heads ``[kv_heads, C + 1]`` float32 (the
     slots, then the token itself; empty otherwise).
     """
-    from . import decode_kernels
+    from . import decode_kernels, decode_kernels_int8
 
     heads, dim = q.shape
     kv_heads, capacity, _ = cache_k.shape
     group = heads // kv_heads
     tuning = TUNING
-    block = tuning.block_for(group)
-    splits, split_len = whole_tile_splits(capacity, block, tuning.programs // kv_heads, max(block, tuning.min_split))
-    q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
-    cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
     int8_rows = (k_scale, v_scale, read_cos, read_sin)
     scaled = cache_k.dtype == torch.int8
     if any((t is None) == scaled for t in int8_rows):
         raise ValueError("an int8 cache takes its row scales and rotation tables; a float cache takes none")
-    # pointers the kernel does not read where the cache holds the values
-    int8_rows = tuple(t.contiguous() for t in int8_rows) if scaled else (valid,) * 4
+    block = tuning.block_for(group, scaled)
+    programs = tuning.int8_programs if scaled else tuning.programs
+    splits, split_len = whole_tile_splits(capacity, block, programs // kv_heads, max(block, tuning.min_split))
+    q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
+    cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
     launch = dependent_launch(q, tuning.pdl)
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty((heads, capacity) if with_mass else (1,), **f32)
@@ -153,12 +163,16 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     out = torch.empty_like(q)
     mass = torch.empty((kv_heads, capacity + 1) if with_mass else (0,), **f32)
     scale = dim ** -0.5
-    decode_kernels.partial_attention[(kv_heads, splits)](
-        q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc,
-        *int8_rows, capacity, scale, SPLIT_LEN=split_len, GROUP=group,
-        GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block, NUM_SPLITS=splits, WITH_SCORES=with_mass,
-        IEEE=q.dtype == torch.float32, SCALED=scaled, PDL=bool(launch), num_warps=tuning.num_warps,
-        num_stages=tuning.int8_num_stages if scaled else tuning.num_stages, **launch)
+    tensors = (q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc)
+    shape = dict(SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block,
+                 NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32, PDL=bool(launch), **launch)
+    if scaled:
+        decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
+            *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, **shape,
+            num_warps=tuning.int8_num_warps, num_stages=tuning.int8_num_stages)
+    else:
+        decode_kernels.partial_attention[(kv_heads, splits)](
+            *tensors, capacity, scale, **shape, num_warps=tuning.num_warps, num_stages=tuning.num_stages)
     splits_pad = _next_power_of_2(splits)
     mass_block = tuning.mass_block_for(group)
     blocks = cdiv(capacity, mass_block) if with_mass else 0

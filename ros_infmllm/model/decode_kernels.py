@@ -15,6 +15,9 @@ writing the C scores; those launches, not the bytes, bounded the step. Two kerne
    query head writes its output, a program per block of slots turns its scores into
    probabilities summed over the group's heads (the mass). No program loops over the splits
    (a serial merge in one program cost more than the whole partial pass).
+
+An int8 cache's partial pass is ``decode_kernels_int8.partial_attention_codes``; it writes the same
+partials, so the combine pass serves both.
 """
 from __future__ import annotations
 
@@ -23,85 +26,67 @@ import triton.language as tl
 
 
 @triton.jit
-def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr,
-                      k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
-                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-                      NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
-                      SCALED: tl.constexpr, PDL: tl.constexpr):
-    """``SCALED``: the cache holds int8 codes with a float32 scale per (KV head, slot) row, keys
-    unrotated (cache/kv_codes.py). A key tile is read as its two rotate-half halves, each turned to
-    its slots' positions from one read of the half-width tables ``cos_ptr`` / ``sin_ptr``
-    ``[capacity, DIM / 2]`` (float32, then q's dtype), and scored against q's matching half (two
-    products of half the depth: no shuffle between the halves); a slot's key scale multiplies its
-    scores and its value scale its probabilities, so no tile is scaled; value codes enter the
-    product in q's dtype (exact)."""
+def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr, capacity, scale,
+                      SPLIT_LEN: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
+                      BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
+                      PDL: tl.constexpr):
+    """Over a cache holding the keys (rotated) and values in q's dtype; an int8 cache's pass is
+    decode_kernels_int8.py's."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, DIM)
-    halves = tl.arange(0, DIM // 2)
     row_ok = rows < GROUP
     q_rows = head * GROUP + rows
     running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     running_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
     base = head.to(tl.int64) * capacity * DIM
-    row_base = head.to(tl.int64) * capacity  # the (KV head, slot) scales of an int8 cache
     first = split * SPLIT_LEN
     end = tl.minimum(capacity, first + SPLIT_LEN)
     # The cache and its validity are no output of this step's launches: the first block of keys is
     # requested before waiting for the launch that wrote q; then each block one step ahead.
-    if SCALED:  # k holds a tile's first halves, k_back its second halves
-        k = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, halves, DIM)
-        k_back = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, halves + DIM // 2, DIM)
-    else:
-        k = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, dims, DIM)
+    k = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, dims, DIM)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    if SCALED:
-        q_front = tl.load(q_ptr + q_rows[:, None] * DIM + halves[None, :], mask=row_ok[:, None], other=0.0)
-        q_back = tl.load(q_ptr + q_rows[:, None] * DIM + (halves + DIM // 2)[None, :], mask=row_ok[:, None],
-                         other=0.0)
-    else:
-        q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
     for offset in range(0, SPLIT_LEN, BLOCK):
         slots = first + offset + tl.arange(0, BLOCK)
         in_range = slots < capacity
         keep = tl.load(valid_ptr + slots, mask=in_range, other=0) != 0
-        if SCALED:
-            next_k = _key_block(k_ptr, base, slots + BLOCK, end, halves, DIM)
-            next_back = _key_block(k_ptr, base, slots + BLOCK, end, halves + DIM // 2, DIM)
-            k_scale = tl.load(k_scale_ptr + row_base + slots, mask=in_range, other=0.0)
-            raw = _turned_scores(q_front, q_back, k, k_back, cos_ptr, sin_ptr, slots, end, halves, DIM, IEEE)
-            raw = raw * (k_scale * scale)[None, :]
-            k_back = next_back
-        else:
-            next_k = _key_block(k_ptr, base, slots + BLOCK, end, dims, DIM)
-            raw = _scores(q, k, IEEE) * scale
-        scores = tl.where(keep[None, :], raw, float("-inf"))
+        next_k = _key_block(k_ptr, base, slots + BLOCK, end, dims, DIM)
+        scores = tl.where(keep[None, :], _scores(q, k, IEEE) * scale, float("-inf"))
         if WITH_SCORES:
             tl.store(scores_ptr + q_rows[:, None] * capacity + slots[None, :], scores,
                      mask=row_ok[:, None] & in_range[None, :])
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a block with no valid slot yet
-        rescale = tl.exp(running_max - shift)
-        probs = tl.exp(scores - shift[:, None])
-        running_sum = running_sum * rescale + tl.sum(probs, 1)
+        running_max, rescale, probs, running_sum = softmax_step(scores, running_max, running_sum)
         v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=in_range[:, None], other=0.0)
-        if SCALED:
-            v_scale = tl.load(v_scale_ptr + row_base + slots, mask=in_range, other=0.0)
-            weighted = _weighted_values(probs * v_scale[None, :], v.to(q_front.dtype), IEEE)
-        else:
-            weighted = _weighted_values(probs, v, IEEE)
-        acc = acc * rescale[:, None] + weighted
-        running_max = new_max
+        acc = acc * rescale[:, None] + weighted_values(probs, v, IEEE)
         k = next_k
-    partial = q_rows * NUM_SPLITS + split
+    store_partials(max_ptr, sum_ptr, acc_ptr, q_rows * NUM_SPLITS + split, row_ok, running_max, running_sum, acc, DIM)
+
+
+@triton.jit
+def softmax_step(scores, running_max, running_sum):
+    """A tile's scores ``[rows, BLOCK]`` folded into the running max and sum per row (flash
+    attention): the new max, the factor that rescales what was summed before, the tile's
+    probabilities against the new max, and the new sum."""
+    new_max = tl.maximum(running_max, tl.max(scores, 1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a block with no valid slot yet
+    rescale = tl.exp(running_max - shift)
+    probs = tl.exp(scores - shift[:, None])
+    return new_max, rescale, probs, running_sum * rescale + tl.sum(probs, 1)
+
+
+@triton.jit
+def store_partials(max_ptr, sum_ptr, acc_ptr, partial, row_ok, running_max, running_sum, acc, DIM: tl.constexpr):
+    """A split's max, sum and weighted values per query row (``partial``: the rows' indices among
+    the (query head, split) pairs), what the combine pass reads."""
     tl.store(max_ptr + partial, running_max, mask=row_ok)
     tl.store(sum_ptr + partial, running_sum, mask=row_ok)
-    tl.store(acc_ptr + partial[:, None] * DIM + dims[None, :], acc, mask=row_ok[:, None])
+    tl.store(acc_ptr + partial[:, None] * DIM + tl.arange(0, DIM)[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -109,27 +94,6 @@ def _key_block(k_ptr, base, slots, end, columns, DIM: tl.constexpr):
     """The ``columns`` of the keys of ``slots`` (those from ``end`` on read as zeros, without a
     memory access)."""
     return tl.load(k_ptr + base + slots[:, None] * DIM + columns[None, :], mask=(slots < end)[:, None], other=0.0)
-
-
-@triton.jit
-def _turned_scores(q_front, q_back, front, back, cos_ptr, sin_ptr, slots, end, halves, DIM: tl.constexpr,
-                   IEEE: tl.constexpr):
-    """Scores of q (rotated, as its two halves) against unrotated key codes given as their halves
-    ``front``, ``back`` ``[BLOCK, DIM / 2]``, each key turned by RoPE at its slot in the
-    rotate-half layout: ``front * cos - back * sin`` and ``back * cos + front * sin``, with cos /
-    sin the slots' rows of the half-width tables, read once per tile."""
-    ok = (slots < end)[:, None]
-    table = slots[:, None] * (DIM // 2) + halves[None, :]
-    cos = tl.load(cos_ptr + table, mask=ok, other=1.0)
-    sin = tl.load(sin_ptr + table, mask=ok, other=0.0)
-    front, back = front.to(tl.float32), back.to(tl.float32)
-    turned_front = (front * cos - back * sin).to(q_front.dtype)
-    turned_back = (back * cos + front * sin).to(q_front.dtype)
-    if DIM // 2 >= 16:
-        return _scores(q_front, turned_front, IEEE) + _scores(q_back, turned_back, IEEE)
-    # a dot needs a depth of 16: small heads (tests' models) sum the products instead
-    front_scores = tl.sum(q_front[:, None, :].to(tl.float32) * turned_front[None, :, :].to(tl.float32), 2)
-    return front_scores + tl.sum(q_back[:, None, :].to(tl.float32) * turned_back[None, :, :].to(tl.float32), 2)
 
 
 @triton.jit
@@ -142,7 +106,7 @@ def _scores(q, k, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _weighted_values(probs, v, IEEE: tl.constexpr):
+def weighted_values(probs, v, IEEE: tl.constexpr):
     """``probs [rows, BLOCK]`` float32 times ``v [BLOCK, DIM]``: ``[rows, DIM]`` float32."""
     if IEEE:
         return tl.dot(probs.to(v.dtype), v, input_precision="ieee")

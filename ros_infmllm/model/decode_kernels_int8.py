@@ -1,0 +1,135 @@
+"""The decode attention's partial pass over an int8 K/V cache (cache/kv_codes.py): the codes are read
+packed, keys turned to their slots as they are read. The combine pass is decode_kernels.py's: it
+reads float32 partials only, whatever the cache holds.
+
+Why a kernel of its own: over an int8 cache the float pass's shape (one tile per program, the next
+tile requested into registers) held 244 registers per thread at the 7B shape (the turn's float32
+halves and float32 cos / sin rows beside the codes), so two programs shared an SM and the call took
+1.5x a bf16 cache's while reading half the bytes (benchmarks/attention_registers.py). Here:
+
+- each program walks several tiles in a loop that Triton pipelines: the codes, scales and table
+  rows of the next tiles are copied into shared memory while this one is scored, instead of being
+  held in registers;
+- the read tables are float16 (``KVCache.read_cos``): they are read once per (slot, head) from L2,
+  as many bytes as the codes in float32, and halving them measured more than any other change
+  (H100, 7B: 38.3 -> 30.1 us per call with float32 math);
+- with 16-bit q the turn runs in float16 pairs (codes -127..127 and table entries are exact or
+  rounded to 2^-11 there) and the scores come from float16 products with float32 sums, q rounded
+  to float16 (a q entry beyond float16's range, 65,504, would overflow; no model here comes near);
+- codes become float16 by a byte permute and one subtraction per pair (``codes_to_half``) instead
+  of one integer-to-float conversion per code.
+
+A float32 q (tests on the CPU) keeps the turn and the products in float32.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .decode_kernels import softmax_step, store_partials, weighted_values
+from .matvec_dp4a import INTERPRETED
+
+# four int8 codes (one 32-bit word) -> four float16 values in two words: each byte, offset by 128
+# (xor 0x80), becomes the low mantissa byte of 1024 + (c + 128) (float16 0x64xx), and 1152 is
+# subtracted from both halves at once
+_CODES_TO_HALF = tl.constexpr("""{
+.reg .b32 biased, offset;
+xor.b32 biased, $2, 0x80808080;
+prmt.b32 $0, biased, 0x64646464, 0x4140;
+prmt.b32 $1, biased, 0x64646464, 0x4342;
+mov.b32 offset, 0x64806480;
+sub.f16x2 $0, $0, offset;
+sub.f16x2 $1, $1, offset;
+}""")
+
+
+@triton.jit
+def codes_to_half(codes):
+    """int8 codes -> the same values in float16 (exact)."""
+    if INTERPRETED:  # Triton's interpreter has no inline PTX
+        return codes.to(tl.float16)
+    return tl.inline_asm_elementwise(_CODES_TO_HALF, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr,
+                            k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
+                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                            NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
+                            PDL: tl.constexpr):
+    """``decode_kernels.partial_attention`` over int8 codes with a float32 scale per (KV head, slot)
+    row, keys unrotated: a key tile is read as its two rotate-half halves, turned to its slots
+    by the half-width tables ``cos_ptr`` / ``sin_ptr`` ``[capacity, DIM / 2]`` and scored against
+    q's matching half (two products of half the depth); a slot's key scale multiplies its
+    scores and its value scale its probabilities, so no tile is scaled. Writes the same partials."""
+    if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
+        tl.extra.cuda.gdc_launch_dependents()
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, DIM)
+    halves = tl.arange(0, DIM // 2)
+    row_ok = rows < GROUP
+    q_rows = head * GROUP + rows
+    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
+    base = head.to(tl.int64) * capacity * DIM
+    row_base = head.to(tl.int64) * capacity
+    first = split * SPLIT_LEN
+    end = tl.minimum(capacity, first + SPLIT_LEN)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    q_index = q_rows[:, None] * DIM + halves[None, :]
+    q_front = tl.load(q_ptr + q_index, mask=row_ok[:, None], other=0.0)
+    q_back = tl.load(q_ptr + q_index + DIM // 2, mask=row_ok[:, None], other=0.0)
+    value_dtype = q_front.dtype  # values enter their product in q's dtype (codes are exact there)
+    if not IEEE:
+        q_front, q_back = q_front.to(tl.float16), q_back.to(tl.float16)
+    for offset in range(0, SPLIT_LEN, BLOCK):  # pipelined: later tiles are copied in while this one is scored
+        slots = first + offset + tl.arange(0, BLOCK)
+        live = slots < end
+        keep = tl.load(valid_ptr + slots, mask=live, other=0) != 0
+        key = base + slots[:, None] * DIM + halves[None, :]
+        front = tl.load(k_ptr + key, mask=live[:, None], other=0)
+        back = tl.load(k_ptr + key + DIM // 2, mask=live[:, None], other=0)
+        table = slots[:, None] * (DIM // 2) + halves[None, :]
+        cos = tl.load(cos_ptr + table, mask=live[:, None], other=1.0)
+        sin = tl.load(sin_ptr + table, mask=live[:, None], other=0.0)
+        k_scale = tl.load(k_scale_ptr + row_base + slots, mask=live, other=0.0)
+        raw = _turned_scores(q_front, q_back, front, back, cos, sin, DIM, IEEE)
+        scores = tl.where(keep[None, :], raw * (k_scale * scale)[None, :], float("-inf"))
+        if WITH_SCORES:
+            tl.store(scores_ptr + q_rows[:, None] * capacity + slots[None, :], scores,
+                     mask=row_ok[:, None] & live[None, :])
+        running_max, rescale, probs, running_sum = softmax_step(scores, running_max, running_sum)
+        v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=live[:, None], other=0)
+        v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
+        acc = acc * rescale[:, None] + weighted_values(probs * v_scale[None, :], v.to(value_dtype), IEEE)
+    store_partials(max_ptr, sum_ptr, acc_ptr, q_rows * NUM_SPLITS + split, row_ok, running_max, running_sum, acc, DIM)
+
+
+@triton.jit
+def _turned_scores(q_front, q_back, front, back, cos, sin, DIM: tl.constexpr, IEEE: tl.constexpr):
+    """Scores ``[rows, BLOCK]`` (float32) of q, as its two halves, against key codes given as their
+    halves ``front``, ``back`` ``[BLOCK, DIM / 2]``, each key turned by RoPE at its slot in the
+    rotate-half layout: ``front * cos - back * sin`` and ``back * cos + front * sin``."""
+    if IEEE:
+        front, back = front.to(tl.float32), back.to(tl.float32)
+        cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+    else:
+        front, back = codes_to_half(front), codes_to_half(back)
+        cos, sin = cos.to(tl.float16), sin.to(tl.float16)
+    turned_front = front * cos - back * sin
+    turned_back = back * cos + front * sin
+    # one branch is compiled (constant conditions), so each assigns rather than returns early: Triton
+    # compiles the statements after a constant branch's return too
+    if DIM // 2 < 16:  # a dot needs a depth of 16: small heads (tests' models) sum the products instead
+        scores = (tl.sum(q_front[:, None, :].to(tl.float32) * turned_front[None, :, :].to(tl.float32), 2)
+                  + tl.sum(q_back[:, None, :].to(tl.float32) * turned_back[None, :, :].to(tl.float32), 2))
+    elif IEEE:
+        scores = (tl.dot(q_front, tl.trans(turned_front), input_precision="ieee")
+                  + tl.dot(q_back, tl.trans(turned_back), input_precision="ieee"))
+    else:
+        scores = tl.dot(q_front, tl.trans(turned_front)) + tl.dot(q_back, tl.trans(turned_back))
+    return scores

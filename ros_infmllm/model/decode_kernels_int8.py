@@ -10,12 +10,12 @@ halves and float32 cos / sin rows beside the codes), so two programs shared an S
 - each program walks several tiles in a loop that Triton pipelines: the codes, scales and table
   rows of the next tiles are copied into shared memory while this one is scored, instead of being
   held in registers;
-- the read tables are float16 (``KVCache.read_cos``): they are read once per (slot, head) from L2,
-  as many bytes as the codes in float32, and halving them measured more than any other change
-  (H100, 7B: 38.3 -> 30.1 us per call with float32 math);
-- with 16-bit q the turn runs in float16 pairs (codes -127..127 and table entries are exact or
-  rounded to 2^-11 there) and the scores come from float16 products with float32 sums, q rounded
-  to float16 (a q entry beyond float16's range, 65,504, would overflow; no model here comes near);
+- the read tables are float16 (``BoundedKVCache.read_cos``, ``kv_codes.read_tables``): a table row is
+  read for every (slot, KV head), as many bytes as the codes in float32, and halving them measured
+  more than any other change (H100, 7B: 38.3 -> 30.1 us per call with float32 math);
+- with 16-bit q the turn runs in float16 pairs (codes are exact there, table entries rounded to
+  2^-11 of themselves) and the scores come from float16 products with float32 sums, q rounded to
+  float16 (a q entry beyond float16's range, 65,504, would overflow; no model here comes near);
 - codes become float16 by a byte permute and one subtraction per pair (``codes_to_half``) instead
   of one integer-to-float conversion per code.
 

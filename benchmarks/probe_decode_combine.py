@@ -5,7 +5,10 @@ launch, the combine kernel alone, at several mass blocks and combine warps.
 
 Why: the sweep of bench_decode_attention.py times whole launch shapes; this splits one apart, and
 found that the combine kernel with the mass cost 5 us per layer at four warps and nothing
-measurable at one (``DecodeKernelTuning.combine_warps``). The kernels are launched directly at the
+measurable at one (``DecodeKernelTuning.combine_warps``). ``--kv-cache int8``: the partial pass
+is the int8 cache's (decode_kernels_int8.py) at its shipped launch shape, over codes, row scales
+and float16 read tables: over an H100's 7B shape it reads half the bytes yet takes about the
+bf16 pass's time, and this says whether the pass or the combine holds the rest. The kernels are launched directly at the
 given shape (not through the op), each variant as a CUDA graph of one call per layer, median of
 replays (bench_decode_attention's timing). Writes ``results/probe_decode_combine.txt`` (or
 ``--out``); ``--smoke`` runs tiny shapes in Triton's CPU interpreter (checks the script, its
@@ -24,7 +27,10 @@ if "--smoke" in sys.argv:
 import torch  # noqa: E402
 
 from bench_decode_attention import timed_us  # noqa: E402
+from ros_infmllm.cache.kv_codes import quantize_rows, read_tables  # noqa: E402
 from ros_infmllm.model import decode_kernels  # noqa: E402
+from ros_infmllm.model.decode_attention import TUNING  # noqa: E402
+from ros_infmllm.rope import Rotary  # noqa: E402
 from ros_infmllm.model.launch_splits import cdiv, whole_tile_splits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,15 +45,24 @@ VARIANTS = [("p", False, 64, 4, True), ("p", True, 64, 4, True), ("p", False, 64
             ("c", True, 64, 1, False)]
 
 
-def layer_inputs(dim: int, layers: int, capacity: int, device: str) -> list[dict]:
+def layer_inputs(dim: int, layers: int, capacity: int, device: str, int8: bool = False) -> list[dict]:
+    """Per layer: the new token's q, k, v and a full cache; ``int8``: the cache as int8 codes with
+    their row scales and the float16 read tables (keys taken as unrotated)."""
     generator = torch.Generator(device=device).manual_seed(0)
+    tables = read_tables(Rotary(dim, 10000.0), torch.arange(capacity, device=device)) if int8 else ()
 
     def draw(*shape):
         return torch.randn(*shape, generator=generator, device=device, dtype=torch.bfloat16)
 
-    return [dict(q=draw(HEADS, dim), k_new=draw(HEADS, dim), v_new=draw(HEADS, dim), k=draw(HEADS, capacity, dim),
-                 v=draw(HEADS, capacity, dim), valid=torch.ones(capacity, dtype=torch.uint8, device=device))
-            for _ in range(layers)]
+    def layer() -> dict:
+        inputs = dict(q=draw(HEADS, dim), k_new=draw(HEADS, dim), v_new=draw(HEADS, dim), k=draw(HEADS, capacity, dim),
+                      v=draw(HEADS, capacity, dim), valid=torch.ones(capacity, dtype=torch.uint8, device=device))
+        if int8:
+            (inputs["k"], k_scale), (inputs["v"], v_scale) = quantize_rows(inputs["k"]), quantize_rows(inputs["v"])
+            inputs["int8_rows"] = (k_scale, v_scale, *tables)
+        return inputs
+
+    return [layer() for _ in range(layers)]
 
 
 def launcher(dim: int, block: int, programs: int, capacity: int, parts: str, with_mass: bool, mass_block: int,
@@ -61,14 +76,21 @@ def launcher(dim: int, block: int, programs: int, capacity: int, parts: str, wit
     launch = {"launch_pdl": True} if pdl and device == "cuda" else {}
     splits_pad = 1 << max(0, (splits - 1).bit_length())
 
+    shape = dict(SPLIT_LEN=split_len, GROUP=1, GROUP_PAD=16, DIM=dim, BLOCK=block, NUM_SPLITS=splits,
+                 WITH_SCORES=with_mass, IEEE=False, PDL=bool(launch), **launch)
+
     def run(a: dict) -> None:
         out = torch.empty_like(a["q"])
-        if "p" in parts:
+        tensors = (a["q"], a["k"], a["v"], a["valid"], scores, split_max, split_sum, split_acc)
+        if "p" in parts and "int8_rows" in a:  # the int8 cache's pass, as the op launches it
+            from ros_infmllm.model import decode_kernels_int8
+
+            decode_kernels_int8.partial_attention_codes[(HEADS, splits)](
+                *tensors, *a["int8_rows"], capacity, dim ** -0.5, **shape, num_warps=TUNING.int8_num_warps,
+                num_stages=TUNING.int8_num_stages)
+        elif "p" in parts:
             decode_kernels.partial_attention[(HEADS, splits)](
-                a["q"], a["k"], a["v"], a["valid"], scores, split_max, split_sum, split_acc, capacity, dim ** -0.5,
-                SPLIT_LEN=split_len, GROUP=1, GROUP_PAD=16, DIM=dim, BLOCK=block, NUM_SPLITS=splits,
-                WITH_SCORES=with_mass, IEEE=False, PDL=bool(launch), num_warps=4, num_stages=3,
-                **launch)
+                *tensors, capacity, dim ** -0.5, **shape, num_warps=4, num_stages=3)
         if "c" in parts:
             blocks = cdiv(capacity, mass_block) if with_mass else 0
             decode_kernels.combine_attention[(HEADS, 1 + blocks)](
@@ -84,16 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--out", type=Path, default=RESULTS / "probe_decode_combine.txt")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's CPU interpreter")
+    parser.add_argument("--kv-cache", choices=("model", "int8"), default="model",
+                        help="int8: the int8 cache's partial pass at its shipped launch shape")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     capacity = 256 if args.smoke else 4096
-    # (head size, layers, slots per step, programs): SmolVLM2's and LLaMA-2-7B's swept best shapes
+    int8 = args.kv_cache == "int8"
+    # (head size, layers, slots per step, programs): SmolVLM2's and LLaMA-2-7B's swept best shapes,
+    # or the int8 pass's shipped one
     shapes = [(64, 24, 64, 528), (128, 32, 128, 1056)]
+    if int8:
+        shapes = [(dim, layers, TUNING.int8_block, TUNING.int8_programs) for dim, layers, _, _ in shapes]
     lines = [f"# produced by benchmarks/probe_decode_combine.py on "
              f"{torch.cuda.get_device_name() if device == 'cuda' else 'the CPU (interpreter)'}, "
-             f"{HEADS} KV heads of one query head, capacity {capacity}, us per layer"]
+             f"{HEADS} KV heads of one query head, capacity {capacity}, "
+             f"{'an int8 cache, ' if int8 else ''}us per layer"]
     for dim, layers, block, programs in shapes:
-        per_layer = [(inputs,) for inputs in layer_inputs(dim, 1 if args.smoke else layers, capacity, device)]
+        if args.smoke and int8:  # several splits of several tiles (its pipelined loop) at the smoke capacity
+            block, programs = 32, 4 * HEADS
+        per_layer = [(inputs,) for inputs in layer_inputs(dim, 1 if args.smoke else layers, capacity, device, int8)]
         for parts, with_mass, mass_block, warps, pdl in VARIANTS:
             run = launcher(dim, block, programs, capacity, parts, with_mass, mass_block, warps, pdl, device)
             us = timed_us(run, per_layer, device, args.replays)

@@ -198,17 +198,19 @@ def _smoke_run(name: str, out: Path, *options: str) -> dict:
     return model
 
 
-def test_probe_decode_combine_smoke_run_writes_a_line_per_variant(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_cache", ["model", "int8"])
+def test_probe_decode_combine_smoke_run_writes_a_line_per_variant(tmp_path: Path, kv_cache: str) -> None:
     """The combine probe in Triton's interpreter (its own process): every variant of both head
-    sizes launches the kernels at its shape and is written."""
+    sizes launches the kernels at its shape (over an int8 cache: its own partial pass) and is written."""
     script = Path(bench_gpu.__file__).with_name("probe_decode_combine.py")
     out = tmp_path / "probe.txt"
-    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--kv-cache", kv_cache, "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = out.read_text().splitlines()
     import probe_decode_combine
 
+    assert ("an int8 cache" in lines[0]) is (kv_cache == "int8")
     assert len(lines) == 1 + 2 * len(probe_decode_combine.VARIANTS)
     assert all(line.endswith(" us") for line in lines[1:])
     assert sum("dim 64 parts pc mass 1" in line for line in lines) == 9

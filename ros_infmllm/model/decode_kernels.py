@@ -34,18 +34,10 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
     decode_kernels_int8.py's."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
-    head = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = tl.arange(0, GROUP_PAD)
+    head, split, q_rows, row_ok, first, end = split_of_program(capacity, SPLIT_LEN, GROUP, GROUP_PAD)
+    running_max, running_sum, acc = empty_split(GROUP_PAD, DIM)
     dims = tl.arange(0, DIM)
-    row_ok = rows < GROUP
-    q_rows = head * GROUP + rows
-    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    running_sum = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
     base = head.to(tl.int64) * capacity * DIM
-    first = split * SPLIT_LEN
-    end = tl.minimum(capacity, first + SPLIT_LEN)
     # The cache and its validity are no output of this step's launches: the first block of keys is
     # requested before waiting for the launch that wrote q; then each block one step ahead.
     k = _key_block(k_ptr, base, first + tl.arange(0, BLOCK), end, dims, DIM)
@@ -66,6 +58,24 @@ def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_p
         acc = acc * rescale[:, None] + weighted_values(probs, v, IEEE)
         k = next_k
     store_partials(max_ptr, sum_ptr, acc_ptr, q_rows * NUM_SPLITS + split, row_ok, running_max, running_sum, acc, DIM)
+
+
+@triton.jit
+def split_of_program(capacity, SPLIT_LEN: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """This program's KV head and split (grid axes 0 and 1), its query rows (``GROUP_PAD``, those
+    from ``GROUP`` on padding) and the split's first and end slot."""
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, GROUP_PAD)
+    first = split * SPLIT_LEN
+    return head, split, head * GROUP + rows, rows < GROUP, first, tl.minimum(capacity, first + SPLIT_LEN)
+
+
+@triton.jit
+def empty_split(GROUP_PAD: tl.constexpr, DIM: tl.constexpr):
+    """The running max, sum and weighted values per query row before any slot."""
+    return (tl.full([GROUP_PAD], float("-inf"), tl.float32), tl.zeros([GROUP_PAD], tl.float32),
+            tl.zeros([GROUP_PAD, DIM], tl.float32))
 
 
 @triton.jit

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode_kernels import softmax_step, store_partials, weighted_values
+from .decode_kernels import empty_split, softmax_step, split_of_program, store_partials, weighted_values
 from .matvec_dp4a import INTERPRETED
 
 # four int8 codes (one 32-bit word) -> four float16 values in two words: each byte, offset by 128
@@ -64,20 +64,12 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
     scores and its value scale its probabilities, so no tile is scaled. Writes the same partials."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
-    head = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = tl.arange(0, GROUP_PAD)
+    head, split, q_rows, row_ok, first, end = split_of_program(capacity, SPLIT_LEN, GROUP, GROUP_PAD)
+    running_max, running_sum, acc = empty_split(GROUP_PAD, DIM)
     dims = tl.arange(0, DIM)
     halves = tl.arange(0, DIM // 2)
-    row_ok = rows < GROUP
-    q_rows = head * GROUP + rows
-    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    running_sum = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
     base = head.to(tl.int64) * capacity * DIM
     row_base = head.to(tl.int64) * capacity
-    first = split * SPLIT_LEN
-    end = tl.minimum(capacity, first + SPLIT_LEN)
     if PDL:
         tl.extra.cuda.gdc_wait()
     q_index = q_rows[:, None] * DIM + halves[None, :]

@@ -8,9 +8,9 @@ found that the combine kernel with the mass cost 5 us per layer at four warps an
 measurable at one (``DecodeKernelTuning.combine_warps``). ``--kv-cache int8``: the partial pass
 is the int8 cache's (decode_kernels_int8.py) at its shipped launch shape, over codes, row scales
 and float16 read tables: over an H100's 7B shape it reads half the bytes yet takes about the
-bf16 pass's time, and this says whether the pass or the combine holds the rest. The kernels are launched directly at the
-given shape (not through the op), each variant as a CUDA graph of one call per layer, median of
-replays (bench_decode_attention's timing). Writes ``results/probe_decode_combine.txt`` (or
+bf16 pass's time, and this says whether the pass or the combine holds the rest. The kernels are
+launched directly at the given shape (not through the op), each variant as a CUDA graph of one
+call per layer, median of replays (bench_decode_attention's timing). Writes ``results/probe_decode_combine.txt`` (or
 ``--out``); ``--smoke`` runs tiny shapes in Triton's CPU interpreter (checks the script, its
 numbers mean nothing).
 """
@@ -28,10 +28,10 @@ import torch  # noqa: E402
 
 from bench_decode_attention import timed_us  # noqa: E402
 from ros_infmllm.cache.kv_codes import quantize_rows, read_tables  # noqa: E402
-from ros_infmllm.model import decode_kernels  # noqa: E402
+from ros_infmllm.model import decode_kernels, decode_kernels_int8  # noqa: E402
 from ros_infmllm.model.decode_attention import TUNING  # noqa: E402
-from ros_infmllm.rope import Rotary  # noqa: E402
 from ros_infmllm.model.launch_splits import cdiv, whole_tile_splits  # noqa: E402
+from ros_infmllm.rope import Rotary  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = 32
@@ -83,8 +83,6 @@ def launcher(dim: int, block: int, programs: int, capacity: int, parts: str, wit
         out = torch.empty_like(a["q"])
         tensors = (a["q"], a["k"], a["v"], a["valid"], scores, split_max, split_sum, split_acc)
         if "p" in parts and "int8_rows" in a:  # the int8 cache's pass, as the op launches it
-            from ros_infmllm.model import decode_kernels_int8
-
             decode_kernels_int8.partial_attention_codes[(HEADS, splits)](
                 *tensors, *a["int8_rows"], capacity, dim ** -0.5, **shape, num_warps=TUNING.int8_num_warps,
                 num_stages=TUNING.int8_num_stages)

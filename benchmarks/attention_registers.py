@@ -30,19 +30,14 @@ from results_files import save_report
 RESULTS = Path(__file__).resolve().parent / "results"
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 233472  # bytes of shared memory per SM on sm_90 (228 KB)
-# (cache, slots per split, pipeline stages, slots per loop step, warps, KV heads per program): the bf16
-# pass's shipped 7B shape at 4,096 slots (one tile per split) and a smaller tile; the int8 pass
-# (decode_kernels_int8.py, pipelined) at one tile per split and at splits of several tiles, as its
-# launch sweep ran them, and with 2 or 4 KV heads per program (int8_heads)
-CASES = [("bf16", 128, 3, 128, 4, 1), ("bf16", 64, 3, 64, 4, 1), ("int8", 128, 2, 128, 4, 1),
-         ("int8", 512, 2, 128, 4, 1), ("int8", 512, 3, 64, 4, 1), ("int8", 512, 2, 64, 8, 1),
-         ("int8", 512, 3, 64, 8, 1), ("int8", 512, 2, 128, 8, 1), ("int8", 256, 2, 64, 4, 2),
-         ("int8", 128, 2, 64, 4, 4), ("int8", 128, 2, 64, 8, 4), ("int8", 128, 2, 128, 4, 4),
-         ("int8", 128, 3, 32, 4, 4)]
+# (cache, slots per split, pipeline stages, slots per loop step, warps): the bf16 pass's shipped 7B
+# shape at 4,096 slots (one tile per split) and a smaller tile; the int8 pass (decode_kernels_int8.py,
+# pipelined) at one tile per split and at splits of several tiles, as its launch sweep ran them
+CASES = [("bf16", 128, 3, 128, 4), ("bf16", 64, 3, 64, 4), ("int8", 128, 2, 128, 4), ("int8", 512, 2, 128, 4),
+         ("int8", 512, 3, 64, 4), ("int8", 512, 2, 64, 8), ("int8", 512, 3, 64, 8), ("int8", 512, 2, 128, 8)]
 
 
-def resources(cache: str, split: int, stages: int, block: int, warps: int, heads: int, arch: int,
-              dim: int = 128) -> dict:
+def resources(cache: str, split: int, stages: int, block: int, warps: int, arch: int, dim: int = 128) -> dict:
     """One compiled case: registers per thread, stack bytes, shared memory and what they allow."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -57,8 +52,6 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, heads
         pointers.update(k_scale_ptr="*fp32", v_scale_ptr="*fp32", cos_ptr="*fp16", sin_ptr="*fp16")
     constants = dict(SPLIT_LEN=split, GROUP=1, GROUP_PAD=16, DIM=dim, BLOCK=block, NUM_SPLITS=4096 // split,
                      WITH_SCORES=True, IEEE=False, PDL=arch >= 90)
-    if int8:
-        constants.update(HEADS=heads)
     signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     kernel = decode_kernels_int8.partial_attention_codes if int8 else decode_kernels.partial_attention
@@ -73,8 +66,8 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, heads
     programs = REGISTERS_PER_SM // (registers * 32 * warps)
     by_shared = SHARED_PER_SM // max(1, compiled.metadata.shared)
     tiles_ahead = stages - 1 if split > block else 1  # a pipelined split requests the next stages' tiles
-    key_bytes = tiles_ahead * block * dim * (1 if int8 else 2) * heads
-    return {"cache": cache, "split": split, "stages": stages, "block": block, "warps": warps, "heads": heads,
+    key_bytes = tiles_ahead * block * dim * (1 if int8 else 2)
+    return {"cache": cache, "split": split, "stages": stages, "block": block, "warps": warps,
             "registers_per_thread": registers, "stack_bytes": stack, "shared_bytes": compiled.metadata.shared,
             "programs_per_sm_by_registers": programs, "programs_per_sm_by_shared": by_shared,
             "key_bytes_in_flight_per_sm": min(programs, by_shared) * key_bytes}
@@ -87,11 +80,11 @@ def write_markdown(report: dict, path: Path) -> None:
              "Programs per SM: what a 65,536-register file and 228 KB of shared memory allow (other limits may bind "
              "first). Key bytes in flight: those programs' key tiles requested at once (one each, or the tiles a "
              "pipelined split of several has ahead).", "",
-             "| cache | slots per split | stages | slots per step | warps | KV heads per program | registers / thread | "
-             "stack bytes | shared bytes | programs per SM (registers / shared) | key bytes in flight per SM |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| cache | slots per split | stages | slots per step | warps | registers / thread | stack bytes | "
+             "shared bytes | programs per SM (registers / shared) | key bytes in flight per SM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["cases"]:
-        lines.append(f"| {r['cache']} | {r['split']} | {r['stages']} | {r['block']} | {r['warps']} | {r.get('heads', 1)} | "
+        lines.append(f"| {r['cache']} | {r['split']} | {r['stages']} | {r['block']} | {r['warps']} | "
                      f"{r['registers_per_thread']} | {r['stack_bytes']} | {r['shared_bytes']:,} | "
                      f"{r['programs_per_sm_by_registers']} / {r['programs_per_sm_by_shared']} | "
                      f"{r['key_bytes_in_flight_per_sm']:,} |")

@@ -158,10 +158,9 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     # a sweep over an int8 cache sets its pass's own fields (and the float ones alike: unused there)
     tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s,
                                       int8_block=b, int8_programs=p, int8_num_warps=w, int8_num_stages=s,
-                                      int8_heads=h, mass_block=mb, grouped_mass_block=mb, pdl=pdl)
-                for b, p, m, w, s, h, mb, pdl in itertools.product(
+                                      mass_block=mb, grouped_mass_block=mb, pdl=pdl)
+                for b, p, m, w, s, mb, pdl in itertools.product(
                     args.blocks, args.programs, args.min_splits, args.warps, args.stages,
-                    args.int8_heads if int8 else [shipped.int8_heads],
                     [shipped_mass] if args.no_mass else args.mass_blocks or [shipped_mass], args.pdl)]
 
     def errors() -> dict:
@@ -202,11 +201,8 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def launch(variant: dict) -> str:
-    """A variant's launch shape as the tables print it (an int8 sweep's: its KV heads per program after the stages)."""
-    fields = ["block", "programs", "min_split", "num_warps", "num_stages", "mass_block", "pdl"]
-    if variant.get("int8_heads", 1) != 1:
-        fields.insert(5, "int8_heads")
-    return ", ".join(str(variant[k]) for k in fields)
+    return ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages",
+                                                "mass_block", "pdl"))
 
 
 def on_off(text: str) -> bool:
@@ -236,9 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mass", action="store_true",
                         help="time the call without the mass (streamingllm's): the partial pass stores no scores "
                              "and the combine kernel merges the outputs only")
-    parser.add_argument("--int8-heads", type=int, nargs="+", default=[1],
-                        help="--kv-cache int8: KV heads per program of the int8 pass (int8_heads; printed after "
-                             "the stages where not 1)")
     parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="model",
                         help="the caches' storage: the model's dtype, or int8 codes with row scales")
     parser.add_argument("--name", default="bench_decode_attention", help="results file name (without extension)")

@@ -69,19 +69,13 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16)])
-@pytest.mark.parametrize("int8_heads", [1, 2, 4])
-def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, heads, kv_heads, capacity, dim,
-                                    int8_heads) -> None:
+def test_kernel_reads_an_int8_cache(small_launches, dtype, heads, kv_heads, capacity, dim) -> None:
     """Codes, row scales and unrotated keys (cache/kv_codes.py) against the float64 reference of
     the rows a float cache would hold (dequantized, keys turned to their slots): the kernel turns
-    each key tile's halves by its slots and applies the scales to scores and probabilities.
-    ``int8_heads``: KV heads per program, their query rows stacked in one score tile (4 does not
-    divide 2 KV heads: that launch keeps one)."""
+    each key tile's halves by its slots and applies the scales to scores and probabilities."""
     from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
     from ros_infmllm.rope import Rotary
 
-    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int8_heads=int8_heads))
-    assert op.TUNING.int8_heads_for(kv_heads, heads // kv_heads) == (1 if kv_heads % int8_heads else int8_heads)
     generator = torch.Generator().manual_seed(heads * capacity + dim + 1)
 
     def draw(*shape):
@@ -159,19 +153,16 @@ from ros_infmllm.model.decode_attention import TUNING
 arch = int(sys.argv[1])
 SHARED_LIMIT = {90: 232448, 87: 166912}  # bytes per block, opted in: H100 / H200, Jetson Orin
 # (2, 16): a head under 32 wide takes the int8 pass's summed products (its dots are not compiled)
-# (1, 128, True, 2): two KV heads per program of the int8 pass, their rows stacked
-for group, dim, scaled, heads in [(6, 128, False, 1), (1, 128, False, 1), (7, 64, False, 1), (6, 128, True, 1),
-                                  (1, 128, True, 1), (2, 16, True, 1), (1, 128, True, 2)]:
+for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6, 128, True), (1, 128, True),
+                           (2, 16, True)]:
     cache = "*i8" if scaled else "*bf16"  # an int8 cache's codes, with float32 row scales, float16 tables
     pointers = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, valid_ptr="*u8", scores_ptr="*fp32",
                     max_ptr="*fp32", sum_ptr="*fp32", acc_ptr="*fp32")
     if scaled:
         pointers.update(k_scale_ptr="*fp32", v_scale_ptr="*fp32", cos_ptr="*fp16", sin_ptr="*fp16")
     block = TUNING.block_for(group, scaled)
-    constants = dict(SPLIT_LEN=4 * block, GROUP=group, GROUP_PAD=max(16, 1 << (heads * group - 1).bit_length()),
+    constants = dict(SPLIT_LEN=4 * block, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
                      DIM=dim, BLOCK=block, NUM_SPLITS=8, WITH_SCORES=True, IEEE=False, PDL=arch >= 90)
-    if scaled:
-        constants.update(HEADS=heads)
     signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     kernel = decode_kernels_int8.partial_attention_codes if scaled else decode_kernels.partial_attention
@@ -218,7 +209,7 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("built") == 7 and done.stdout.count("int8") == 4
+    assert done.stdout.count("built") == 6 and done.stdout.count("int8") == 3
 
 
 def test_kernel_is_refused_where_it_cannot_run() -> None:

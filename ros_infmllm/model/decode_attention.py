@@ -25,7 +25,6 @@ class DecodeKernelTuning:
     about how many (KV head, split) programs to launch; min_split: fewest slots per split (the
     splits per head follow from both); num_warps, num_stages: per program of the partial kernel;
     int8_block, int8_programs, int8_num_warps, int8_num_stages: the same for an int8 cache's pass;
-    int8_heads: KV heads per program of that pass;
     mass_block / grouped_mass_block: slots per mass program of the combine kernel where a KV head
     serves one query head / several (a grouped program sums a row per query head, so it takes
     more slots per program); combine_warps / grouped_combine_warps: warps per program of the
@@ -60,10 +59,6 @@ class DecodeKernelTuning:
     int8_programs: int = 264
     int8_num_warps: int = 4
     int8_num_stages: int = 2
-    # KV heads per program of the int8 pass (their query rows stacked in one score tile, so a
-    # tile's table rows are loaded once for all of them); kept to 1 where it does not divide the
-    # KV heads or the rows would pass 16
-    int8_heads: int = 1
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -85,12 +80,6 @@ class DecodeKernelTuning:
         if int8:
             return self.int8_block
         return self.grouped_block if group > 1 else self.block
-
-    def int8_heads_for(self, kv_heads: int, group: int) -> int:
-        """KV heads per program of the int8 pass: ``int8_heads`` where it divides ``kv_heads`` and
-        their query rows fit one 16-row score tile, else 1."""
-        heads = self.int8_heads
-        return heads if kv_heads % heads == 0 and heads * group <= 16 else 1
 
     def mass_block_for(self, group: int) -> int:
         """Slots per mass program for KV heads that serve ``group`` query heads each."""
@@ -163,9 +152,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         raise ValueError("an int8 cache takes its row scales and rotation tables; a float cache takes none")
     block = tuning.block_for(group, scaled)
     programs = tuning.int8_programs if scaled else tuning.programs
-    heads_per_program = tuning.int8_heads_for(kv_heads, group) if scaled else 1
-    head_groups = kv_heads // heads_per_program
-    splits, split_len = whole_tile_splits(capacity, block, programs // head_groups, max(block, tuning.min_split))
+    splits, split_len = whole_tile_splits(capacity, block, programs // kv_heads, max(block, tuning.min_split))
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
     launch = dependent_launch(q, tuning.pdl)
@@ -177,12 +164,11 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     mass = torch.empty((kv_heads, capacity + 1) if with_mass else (0,), **f32)
     scale = dim ** -0.5
     tensors = (q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc)
-    shape = dict(SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(heads_per_program * group)),
-                 DIM=dim, BLOCK=block, NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32,
-                 PDL=bool(launch), **launch)
+    shape = dict(SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block,
+                 NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32, PDL=bool(launch), **launch)
     if scaled:
-        decode_kernels_int8.partial_attention_codes[(head_groups, splits)](
-            *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, **shape, HEADS=heads_per_program,
+        decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
+            *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, **shape,
             num_warps=tuning.int8_num_warps, num_stages=tuning.int8_num_stages)
     else:
         decode_kernels.partial_attention[(kv_heads, splits)](

@@ -56,24 +56,20 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
                             k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                             NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
-                            PDL: tl.constexpr, HEADS: tl.constexpr = 1):
+                            PDL: tl.constexpr):
     """``decode_kernels.partial_attention`` over int8 codes with a float32 scale per (KV head, slot)
     row, keys unrotated: a key tile is read as its two rotate-half halves, turned to its slots
     by the half-width tables ``cos_ptr`` / ``sin_ptr`` ``[capacity, DIM / 2]`` and scored against
     q's matching half (two products of half the depth); a slot's key scale multiplies its
-    scores and its value scale its probabilities, so no tile is scaled. Writes the same partials.
-
-    ``HEADS`` KV heads per program (grid axis 0 counts groups of them): their query rows are
-    stacked in the score tile (``HEADS * GROUP`` rows of ``GROUP_PAD``), so a tile's table rows,
-    which every KV head reads alike, are loaded once for all of them; each head's keys are scored
-    against all rows and only its own rows kept (products are cheap here, table bytes are not)."""
+    scores and its value scale its probabilities, so no tile is scaled. Writes the same partials."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
-    head_group, split, q_rows, row_ok, first, end = split_of_program(capacity, SPLIT_LEN, HEADS * GROUP, GROUP_PAD)
-    row_head = tl.arange(0, GROUP_PAD) // GROUP  # which of the program's KV heads a row serves
+    head, split, q_rows, row_ok, first, end = split_of_program(capacity, SPLIT_LEN, GROUP, GROUP_PAD)
     running_max, running_sum, acc = empty_split(GROUP_PAD, DIM)
     dims = tl.arange(0, DIM)
     halves = tl.arange(0, DIM // 2)
+    base = head.to(tl.int64) * capacity * DIM
+    row_base = head.to(tl.int64) * capacity
     if PDL:
         tl.extra.cuda.gdc_wait()
     q_index = q_rows[:, None] * DIM + halves[None, :]
@@ -86,42 +82,23 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
         slots = first + offset + tl.arange(0, BLOCK)
         live = slots < end
         keep = tl.load(valid_ptr + slots, mask=live, other=0) != 0
+        key = base + slots[:, None] * DIM + halves[None, :]
+        front = tl.load(k_ptr + key, mask=live[:, None], other=0)
+        back = tl.load(k_ptr + key + DIM // 2, mask=live[:, None], other=0)
         table = slots[:, None] * (DIM // 2) + halves[None, :]
         cos = tl.load(cos_ptr + table, mask=live[:, None], other=1.0)
         sin = tl.load(sin_ptr + table, mask=live[:, None], other=0.0)
-        key = slots[:, None] * DIM + halves[None, :]
-        raw = tl.zeros([GROUP_PAD, BLOCK], tl.float32)
-        for h in tl.static_range(HEADS):
-            row_base = (head_group * HEADS + h).to(tl.int64) * capacity  # this KV head's first row
-            front = tl.load(k_ptr + row_base * DIM + key, mask=live[:, None], other=0)
-            back = tl.load(k_ptr + row_base * DIM + key + DIM // 2, mask=live[:, None], other=0)
-            k_scale = tl.load(k_scale_ptr + row_base + slots, mask=live, other=0.0)
-            head_scores = _turned_scores(q_front, q_back, front, back, cos, sin, DIM, IEEE) * k_scale[None, :]
-            raw = _own_rows(raw, head_scores, row_head, h, HEADS)
-        scores = tl.where(keep[None, :], raw * scale, float("-inf"))
+        k_scale = tl.load(k_scale_ptr + row_base + slots, mask=live, other=0.0)
+        raw = _turned_scores(q_front, q_back, front, back, cos, sin, DIM, IEEE)
+        scores = tl.where(keep[None, :], raw * (k_scale * scale)[None, :], float("-inf"))
         if WITH_SCORES:
             tl.store(scores_ptr + q_rows[:, None] * capacity + slots[None, :], scores,
                      mask=row_ok[:, None] & live[None, :])
         running_max, rescale, probs, running_sum = softmax_step(scores, running_max, running_sum)
-        acc = acc * rescale[:, None]
-        for h in tl.static_range(HEADS):
-            row_base = (head_group * HEADS + h).to(tl.int64) * capacity
-            v = tl.load(v_ptr + row_base * DIM + slots[:, None] * DIM + dims[None, :], mask=live[:, None], other=0)
-            v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
-            weights = _own_rows(tl.zeros_like(probs), probs * v_scale[None, :], row_head, h, HEADS)
-            acc += weighted_values(weights, v.to(value_dtype), IEEE)
+        v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=live[:, None], other=0)
+        v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
+        acc = acc * rescale[:, None] + weighted_values(probs * v_scale[None, :], v.to(value_dtype), IEEE)
     store_partials(max_ptr, sum_ptr, acc_ptr, q_rows * NUM_SPLITS + split, row_ok, running_max, running_sum, acc, DIM)
-
-
-@triton.jit
-def _own_rows(kept, head_rows, row_head, h, HEADS: tl.constexpr):
-    """``kept`` with the rows that KV head ``h`` of the program serves taken from ``head_rows``
-    (all of them where the program has one head)."""
-    if HEADS == 1:
-        kept = head_rows
-    else:
-        kept = tl.where((row_head == h)[:, None], head_rows, kept)
-    return kept
 
 
 @triton.jit

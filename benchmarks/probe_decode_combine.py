@@ -92,7 +92,8 @@ def launcher(dim: int, block: int, programs: int, capacity: int, parts: str, wit
         if "c" in parts:
             blocks = cdiv(capacity, mass_block) if with_mass else 0
             decode_kernels.combine_attention[(HEADS, 1 + blocks)](
-                a["q"], a["k_new"], a["v_new"], scores, split_max, split_sum, split_acc, out, mass, capacity,
+                a["q"], a["k_new"], a["v_new"], scores, split_max, split_sum, split_acc, out, mass, scores, scores,
+                capacity,
                 dim ** -0.5, GROUP=1, ROWS=1, DIM=dim, NUM_SPLITS=splits, SPLITS_PAD=splits_pad,
                 SPLIT_CHUNK=min(splits_pad, max(1, 8192 // dim)), MASS_BLOCK=mass_block, PDL=bool(launch),
                 num_warps=combine_warps, **launch)

@@ -143,6 +143,43 @@ def test_decoder_step_over_an_int8_cache_with_the_kernel_equals_the_explicit_pat
     assert torch.allclose(kernel.attn_mass, want.attn_mass, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cache", ["float", "int8"])
+@pytest.mark.parametrize("x8_group,split", [(32, True), (16, False), (8, True)])
+def test_combine_rounds_its_output_as_the_rounding_launch_does(small_launches, dtype, cache, x8_group, split) -> None:
+    """``decode_attention_codes``: the output as ``decode_attention`` gives it, and its int8 codes
+    and stats for o_proj's product exactly those ``quantized_activations`` makes of that output
+    (even / odd halves for int4 weights, in order for int8), but for the sum of squares, which o_proj
+    (no norm) does not read and the combine writes as 0."""
+    from ros_infmllm.cache.kv_codes import quantize_rows, read_tables
+    from ros_infmllm.model.matvec_dp4a import quantized_activations
+    from ros_infmllm.rope import Rotary
+
+    heads, kv_heads, capacity, dim = 6, 2, 200, 32
+    generator = torch.Generator().manual_seed(7)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
+
+    q, k_new, v_new = draw(heads, dim), draw(kv_heads, dim), draw(kv_heads, dim)
+    cache_k, cache_v = draw(kv_heads, capacity, dim), draw(kv_heads, capacity, dim)
+    valid = (torch.rand(capacity, generator=generator) < 0.7).to(DEVICE)
+    rows = ()
+    if cache == "int8":
+        (cache_k, k_scale), (cache_v, v_scale) = quantize_rows(cache_k), quantize_rows(cache_v)
+        rows = (k_scale, v_scale, *read_tables(Rotary(dim, 10000.0), torch.arange(capacity, device=DEVICE)))
+    out, mass = op.decode_attention(q, k_new, v_new, cache_k, cache_v, valid, True, *rows)
+    fused_out, fused_mass, codes, stats = op.decode_attention_codes(q, k_new, v_new, cache_k, cache_v, valid, True,
+                                                                    x8_group, split, *rows)
+    assert torch.equal(fused_out, out) and torch.equal(fused_mass, mass)
+    want_codes, want_stats = quantized_activations(out.reshape(-1), x8_group, split=split)
+    assert torch.equal(codes.view(torch.int32), want_codes)
+    assert torch.equal(stats[:-1], want_stats[:-1]) and stats[-1] == 0
+    assert codes.abs().max() == 127  # each group's largest element takes the full code range
+    with pytest.raises(ValueError, match="multiple of 8 dividing the head size"):
+        op.decode_attention_codes(q, k_new, v_new, cache_k, cache_v, valid, True, 12, split, *rows)
+
 AHEAD_OF_TIME = """
 import sys
 from triton.backends.compiler import GPUTarget
@@ -180,12 +217,14 @@ for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6,
     if scaled:  # the combine pass reads float32 partials only: the same kernel serves both caches
         print("built", group, dim, "int8")
         continue
+    # the combine as decode_attention_codes launches it: o_proj's x codes rounded in groups of 32
     constants = dict(GROUP=group, ROWS=1 << (group - 1).bit_length(), DIM=dim, NUM_SPLITS=33, SPLITS_PAD=64,
                      SPLIT_CHUNK=min(64, TUNING.merge_elements // dim), MASS_BLOCK=TUNING.mass_block_for(group),
-                     PDL=arch >= 90)
+                     PDL=arch >= 90, X8_GROUP=32, X8_SPLIT=True)
     signature = {name: "*bf16" for name in ("q_ptr", "k_new_ptr", "v_new_ptr")}
     signature.update({name: "*fp32" for name in ("scores_ptr", "max_ptr", "sum_ptr", "acc_ptr")})
-    signature.update(out_ptr="*bf16", mass_ptr="*fp32", capacity="i32", scale="fp32")
+    signature.update(out_ptr="*bf16", mass_ptr="*fp32", codes_ptr="*i8", x_stats_ptr="*fp32", capacity="i32",
+                     scale="fp32")
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=decode_kernels.combine_attention, signature=signature,

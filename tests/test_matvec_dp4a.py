@@ -182,3 +182,69 @@ def test_a_folded_norm_weight_scales_the_codes_not_the_sum_of_squares() -> None:
 def test_inputs_that_do_not_split_into_groups_are_refused() -> None:
     with pytest.raises(ValueError, match="groups of 32"):
         matvec_dp4a.quantized_activations(torch.zeros(100, device=DEVICE), 32)
+
+
+@pytest.mark.parametrize("weights", ["q4_0-centred", "q8_0"])
+def test_x_codes_from_the_writer_give_the_product_of_the_rounding_launch(monkeypatch, weights) -> None:
+    """x's codes and stats handed in (as ``decode_attention_codes`` writes them for o_proj) give the
+    product the op's own rounding launch gives; they are refused where the product reads float x
+    or has a norm to fold into the codes, and without their stats."""
+    _int8_activations(monkeypatch)
+    bits, offsets, group = WEIGHTS[weights]
+    layer = _packed(24, 256, offsets, seed=5, bits=bits, group=group)
+    packing = dict(scales=layer.scales, offsets=layer.offsets, bits=bits)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    residual = torch.randn(1, 24, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    codes, stats = matvec_dp4a.quantized_activations(x, group, split=bits == 4)
+    rounded_here = op.decode_linear(x, layer.qweight, None, None, residual, 0.0, False, **packing)
+    handed_in = op.decode_linear(x, layer.qweight, None, None, residual, 0.0, False, **packing,
+                                 x_codes=codes.view(torch.int8), x_stats=stats)
+    assert torch.equal(handed_in, rounded_here)
+    with pytest.raises(ValueError, match="x_codes and x_stats come together"):
+        op.decode_linear(x, layer.qweight, None, None, None, 0.0, False, **packing, x_codes=codes.view(torch.int8))
+    with pytest.raises(ValueError, match="of an x with no norm"):
+        op.decode_linear(x, layer.qweight, None, torch.ones(256, device=DEVICE), None, 1e-6, False, **packing,
+                         x_codes=codes.view(torch.int8), x_stats=stats)
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="float",
+                                                          int8_activations="float"))
+    with pytest.raises(ValueError, match="reads x's int8 codes"):
+        op.decode_linear(x, layer.qweight, None, None, None, 0.0, False, **packing, x_codes=codes.view(torch.int8),
+                         x_stats=stats)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_the_decode_step_takes_o_projs_codes_from_the_attention(monkeypatch, head16_model_dir, mode) -> None:
+    """With o_proj packed in groups that divide a head (16 here), the decode step's attention launch
+    rounds its output for o_proj (``MatvecTuning.fused_x_codes``): one rounding launch fewer per
+    layer, and the same logits, keys, values and mass as with the launch, since the codes are the same."""
+    from ros_infmllm.model import load_model
+    from builders import one_token_step_inputs
+
+    _int8_activations(monkeypatch)
+    model = load_model(head16_model_dir, device=DEVICE, weights="int4")
+    decoder = model.decoder
+    for block in decoder.layers:
+        o_proj = block.self_attn.o_proj
+        block.self_attn.o_proj = QuantizedLinear.from_float(o_proj.dequantized(), o_proj.bias, mode, group=16)
+    decoder.fuse_projections()
+    decoder.use_decode_kernel(True)
+    inputs = one_token_step_inputs(model.cfg.text, capacity=40, filled=29, seed=2, device=DEVICE)
+    rounding = matvec_dp4a.quantized_activations
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(args[0].numel())
+        return rounding(*args, **kwargs)
+
+    monkeypatch.setattr(matvec_dp4a, "quantized_activations", counted)
+    steps = []
+    for fused in (False, True):
+        monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, fused_x_codes=fused))
+        launches.clear()
+        steps.append((decoder.step(**inputs, attn_window=4), len(launches)))
+    (apart, apart_launches), (fused, fused_launches) = steps
+    layers = model.cfg.text.num_layers
+    assert apart_launches == 4 * layers and fused_launches == 3 * layers  # the LM head is float here
+    assert torch.equal(fused.logits, apart.logits)
+    assert torch.equal(fused.new_k, apart.new_k) and torch.equal(fused.new_v, apart.new_v)
+    assert torch.equal(fused.attn_mass, apart.attn_mass)

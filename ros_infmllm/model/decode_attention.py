@@ -140,13 +140,41 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     probabilities summed over each KV group's query heads ``[kv_heads, C + 1]`` float32 (the
     slots, then the token itself; empty otherwise).
     """
+    out, mass, _, _ = _launch(q, k_new, v_new, cache_k, cache_v, valid, with_mass,
+                              (k_scale, v_scale, read_cos, read_sin), 0, False)
+    return out, mass
+
+
+@torch.library.custom_op("ros_infmllm::decode_attention_codes", mutates_args=())
+def decode_attention_codes(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor,
+                           cache_v: torch.Tensor, valid: torch.Tensor, with_mass: bool, x8_group: int,
+                           x8_split: bool, k_scale: Optional[torch.Tensor] = None,
+                           v_scale: Optional[torch.Tensor] = None, read_cos: Optional[torch.Tensor] = None,
+                           read_sin: Optional[torch.Tensor] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``decode_attention``, and its output rounded for the o projection's int8-activation product
+    by the launch that writes it: its int8 codes ``[heads * dim]`` and float32 stats
+    ``[2 heads dim / x8_group + 1]`` (``x8_split``: even elements then odd, for int4 weights), as
+    ``matvec_dp4a.quantized_activations(out, x8_group, split=x8_split)`` lays them out (its
+    ``x_codes`` / ``x_stats`` for ``decode_linear``). ``x8_group`` must divide ``dim``: a combine
+    program rounds the groups of its own query head."""
+    if x8_group <= 0 or q.shape[1] % x8_group or x8_group % 8:
+        raise ValueError(f"x8_group {x8_group}: must be a positive multiple of 8 dividing the head size {q.shape[1]}")
+    return _launch(q, k_new, v_new, cache_k, cache_v, valid, with_mass, (k_scale, v_scale, read_cos, read_sin),
+                   x8_group, x8_split)
+
+
+def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+            valid: torch.Tensor, with_mass: bool, int8_rows: tuple, x8_group: int, x8_split: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both ops' launches: the partial pass (float or int8 cache), then the combine, which also
+    rounds the output where ``x8_group`` is set (else the codes and stats are empty)."""
     from . import decode_kernels, decode_kernels_int8
 
     heads, dim = q.shape
     kv_heads, capacity, _ = cache_k.shape
     group = heads // kv_heads
     tuning = TUNING
-    int8_rows = (k_scale, v_scale, read_cos, read_sin)
     scaled = cache_k.dtype == torch.int8
     if any((t is None) == scaled for t in int8_rows):
         raise ValueError("an int8 cache takes its row scales and rotation tables; a float cache takes none")
@@ -162,6 +190,8 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     split_acc = torch.empty((heads, splits, dim), **f32)
     out = torch.empty_like(q)
     mass = torch.empty((kv_heads, capacity + 1) if with_mass else (0,), **f32)
+    codes = torch.empty(heads * dim if x8_group else 0, dtype=torch.int8, device=q.device)
+    x_stats = torch.empty(2 * heads * dim // x8_group + 1 if x8_group else 0, **f32)
     scale = dim ** -0.5
     tensors = (q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc)
     shape = dict(SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block,
@@ -178,10 +208,11 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     blocks = cdiv(capacity, mass_block) if with_mass else 0
     decode_kernels.combine_attention[(kv_heads, group + blocks)](
         q, k_new, v_new, scores, split_max, split_sum, split_acc, out, mass if with_mass else scores,
-        capacity, scale, GROUP=group, ROWS=_next_power_of_2(group), DIM=dim, NUM_SPLITS=splits,
-        SPLITS_PAD=splits_pad, SPLIT_CHUNK=min(splits_pad, max(1, tuning.merge_elements // dim)),
-        MASS_BLOCK=mass_block, PDL=bool(launch), num_warps=tuning.combine_warps_for(group), **launch)
-    return out, mass
+        codes if x8_group else scores, x_stats if x8_group else scores, capacity, scale, GROUP=group,
+        ROWS=_next_power_of_2(group), DIM=dim, NUM_SPLITS=splits, SPLITS_PAD=splits_pad,
+        SPLIT_CHUNK=min(splits_pad, max(1, tuning.merge_elements // dim)), MASS_BLOCK=mass_block, PDL=bool(launch),
+        X8_GROUP=x8_group, X8_SPLIT=x8_split, num_warps=tuning.combine_warps_for(group), **launch)
+    return out, mass, codes, x_stats
 
 
 @decode_attention.register_fake
@@ -192,3 +223,16 @@ def _decode_attention_shapes(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     mass_shape = (cache_k.shape[0], cache_k.shape[1] + 1) if with_mass else (0,)
     return torch.empty_like(q), q.new_empty(mass_shape, dtype=torch.float32)
+
+
+@decode_attention_codes.register_fake
+def _decode_attention_codes_shapes(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor,
+                                   cache_v: torch.Tensor, valid: torch.Tensor, with_mass: bool, x8_group: int,
+                                   x8_split: bool, k_scale: Optional[torch.Tensor] = None,
+                                   v_scale: Optional[torch.Tensor] = None, read_cos: Optional[torch.Tensor] = None,
+                                   read_sin: Optional[torch.Tensor] = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, mass = _decode_attention_shapes(q, k_new, v_new, cache_k, cache_v, valid, with_mass)
+    width = q.shape[0] * q.shape[1]
+    return (out, mass, q.new_empty(width, dtype=torch.int8),
+            q.new_empty(2 * width // x8_group + 1, dtype=torch.float32))

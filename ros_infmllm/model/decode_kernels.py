@@ -14,7 +14,9 @@ writing the C scores; those launches, not the bytes, bounded the step. Two kerne
    new token's own score into the softmax's max and sum per head, in parallel: a program per
    query head writes its output, a program per block of slots turns its scores into
    probabilities summed over the group's heads (the mass). No program loops over the splits
-   (a serial merge in one program cost more than the whole partial pass).
+   (a serial merge in one program cost more than the whole partial pass). Where asked
+   (``X8_GROUP``), an output program also rounds its head's output to the int8 codes o_proj's
+   product reads, so that product needs no rounding launch of its own.
 
 An int8 cache's partial pass is ``decode_kernels_int8.partial_attention_codes``; it writes the same
 partials, so the combine pass serves both.
@@ -125,20 +127,29 @@ def weighted_values(probs, v, IEEE: tl.constexpr):
 
 @triton.jit
 def combine_attention(q_ptr, k_new_ptr, v_new_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr, out_ptr, mass_ptr,
-                      capacity, scale,
+                      codes_ptr, x_stats_ptr, capacity, scale,
                       GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
                       SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, MASS_BLOCK: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, X8_GROUP: tl.constexpr = 0, X8_SPLIT: tl.constexpr = False):
     """Programs ``0..GROUP-1`` of a KV head merge one query head's output each; the programs after
-    them each turn ``MASS_BLOCK`` slots of scores into the group's summed probabilities."""
+    them each turn ``MASS_BLOCK`` slots of scores into the group's summed probabilities.
+
+    ``X8_GROUP`` (a divisor of ``DIM``; 0: not asked): each output program also rounds its head's
+    output, as written, to the int8 codes and stats that ``matvec_dp4a.quantize_activations``
+    makes of the whole output (``codes_ptr``, ``x_stats_ptr``; ``X8_SPLIT``: even elements then
+    odd, for int4 weights), so the o projection needs no rounding launch: a program owns whole
+    groups of the output, which the products' programs (a few rows each) do not."""
     if PDL:  # everything here reads the partial pass's output: only the launch overlaps
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     head = tl.program_id(0)
     task = tl.program_id(1)
     if task < GROUP:
-        _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_ptr, head, head * GROUP + task,
-                      scale, DIM, NUM_SPLITS, SPLITS_PAD, SPLIT_CHUNK)
+        row = head * GROUP + task
+        out = _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_ptr, head, row,
+                            scale, DIM, NUM_SPLITS, SPLITS_PAD, SPLIT_CHUNK)
+        if X8_GROUP:
+            _round_output(out, codes_ptr, x_stats_ptr, row, tl.num_programs(0) * GROUP * DIM, DIM, X8_GROUP, X8_SPLIT)
     else:
         _mass_block(q_ptr, k_new_ptr, scores_ptr, max_ptr, sum_ptr, mass_ptr, head, task - GROUP, capacity, scale,
                     GROUP, ROWS, DIM, NUM_SPLITS, SPLITS_PAD, MASS_BLOCK)
@@ -159,7 +170,8 @@ def _softmax_totals(q, k_new, split_max, split_sum, scale):
 @triton.jit
 def _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_ptr, head, row, scale,
                   DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
-    """One query head's output: every split's weighted values and the new token's own."""
+    """One query head's output: every split's weighted values and the new token's own; stored, and
+    returned as stored (in the output's dtype)."""
     dims = tl.arange(0, DIM)
     splits = tl.arange(0, SPLITS_PAD)
     split_ok = splits < NUM_SPLITS
@@ -179,7 +191,36 @@ def _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_pt
         acc = tl.load(acc_ptr + (row * NUM_SPLITS + first + chunk)[:, None] * DIM + dims[None, :],
                       mask=ok[:, None], other=0.0)
         out += tl.sum(acc * weight[:, None], 0)
-    tl.store(out_ptr + row * DIM + dims, (out / total).to(out_ptr.dtype.element_ty))
+    out = (out / total).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * DIM + dims, out)
+    return out
+
+
+@triton.jit
+def _round_output(out, codes_ptr, x_stats_ptr, row, width, DIM: tl.constexpr, GROUP: tl.constexpr,
+                  SPLIT: tl.constexpr):
+    """Query head ``row``'s output ``out [DIM]`` (as stored) rounded as ``quantize_activations``
+    rounds those elements of the whole output (``width`` of them), with the same arithmetic, so the
+    codes and stats are the ones that launch would write: per group of ``GROUP`` the scale
+    (max |x| / 127) and the scale times the codes' sum; the sum of x^2 (a folded norm's, which the
+    o projection has not) is written as 0 by head 0."""
+    groups = tl.arange(0, DIM // GROUP)
+    x = tl.reshape(out.to(tl.float32), (DIM // GROUP, GROUP))
+    group_scale = tl.max(tl.abs(x), axis=1) / 127.0
+    inverse = tl.where(group_scale > 0, 1.0 / tl.where(group_scale > 0, group_scale, 1.0), 0.0)
+    codes = tl.minimum(tl.maximum(tl.floor(x * inverse[:, None] + 0.5), -127.0), 127.0)
+    first_group = row * (DIM // GROUP)
+    tl.store(x_stats_ptr + first_group + groups, group_scale)
+    tl.store(x_stats_ptr + width // GROUP + first_group + groups, group_scale * tl.sum(codes, axis=1))
+    if row == 0:
+        tl.store(x_stats_ptr + 2 * (width // GROUP), 0.0)
+    if SPLIT:
+        even, odd = tl.split(tl.reshape(codes.to(tl.int8), (DIM // 2, 2)))
+        pairs = row * (DIM // 2) + tl.arange(0, DIM // 2)
+        tl.store(codes_ptr + pairs, even)
+        tl.store(codes_ptr + width // 2 + pairs, odd)
+    else:
+        tl.store(codes_ptr + row * DIM + tl.arange(0, DIM), tl.reshape(codes.to(tl.int8), (DIM,)))
 
 
 @triton.jit

@@ -71,6 +71,10 @@ class MatvecTuning:
     # and ramp in full (0.31 ms of a 2.53 ms 7B int4 step, profile_llama2-7b_int4_h200.txt); joined,
     # the 7B int4 step went 2.537 -> 2.267 ms (bench_gpu_7b_policies_{off,on}_h200.md)
     activation_pdl: bool = True
+    # o_proj's x codes written by the attention's combine launch (decode_attention_codes), which
+    # owns whole heads and so whole groups, instead of by a rounding launch of their own (one of the
+    # four per layer that bound 0.256 ms of the 7B int4 step on an H100, docs/quantized_weights.md)
+    fused_x_codes: bool = True
 
     def x8(self, bits: int, group: int = 32) -> bool:
         """Whether products with weights of ``bits`` in groups of ``group`` inputs take x's int8
@@ -115,7 +119,8 @@ def kernel_supported(device: torch.device, dtype: torch.dtype) -> bool:
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
                   residual: torch.Tensor | None, eps: float, gated: bool, cos: torch.Tensor | None = None,
                   sin: torch.Tensor | None = None, rotated_rows: int = 0, scales: torch.Tensor | None = None,
-                  offsets: torch.Tensor | None = None, bits: int = 0) -> torch.Tensor:
+                  offsets: torch.Tensor | None = None, bits: int = 0, x_codes: torch.Tensor | None = None,
+                  x_stats: torch.Tensor | None = None) -> torch.Tensor:
     """``residual + W @ norm(x) + bias`` for one token, each term optional.
 
     x ``[1, K]``; weight ``[N, K]``, or gate and up stacked ``[2N, K]`` with ``gated`` (then the
@@ -126,6 +131,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ``bits`` 8 or 4: ``weight`` holds packed codes (int8 ``[N, K]`` or uint8 ``[N, K / 2]``) with
     float16 ``scales`` ``[N, K / group]`` and, for int4, ``offsets`` of the same shape or None
     (codes centred on 8); the layout of ``QuantizedLinear`` (model/quantized.py).
+    ``x_codes``, ``x_stats``: x already rounded to int8 codes by the launch that wrote it
+    (``decode_attention_codes``), in ``quantized_activations``' layout; only where this product
+    reads x's codes (``MatvecTuning.x8``) and x has no norm to fold. Then no rounding launch runs.
     """
     from . import matvec_kernels
 
@@ -149,7 +157,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                    tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)
     programs = -(-(rows // 2 if half else rows) // block_n)
     stats = placeholder
-    if x8:  # x (times the norm's weight) rounded to int8 codes per group, in a launch of its own
+    if (x_codes is None) != (x_stats is None) or (x_codes is not None and (not x8 or norm_weight is not None)):
+        raise ValueError("x_codes and x_stats come together, for a product that reads x's int8 codes "
+                         "(MatvecTuning.x8) of an x with no norm")
+    if x_codes is not None:  # rounded by the launch that wrote x
+        x, stats = x_codes.view(torch.int32), x_stats
+        weight = weight.contiguous().view(torch.int32)
+    elif x8:  # x (times the norm's weight) rounded to int8 codes per group, in a launch of its own
         from .matvec_dp4a import quantized_activations
 
         x, stats = quantized_activations(x, group, norm_weight, split=bits == 4,
@@ -177,7 +191,8 @@ def _decode_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          norm_weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float,
                          gated: bool, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                          rotated_rows: int = 0, scales: torch.Tensor | None = None,
-                         offsets: torch.Tensor | None = None, bits: int = 0) -> torch.Tensor:
+                         offsets: torch.Tensor | None = None, bits: int = 0, x_codes: torch.Tensor | None = None,
+                         x_stats: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((1, weight.shape[0] // (2 if gated else 1)))
 
 

@@ -18,7 +18,7 @@ from ..cache.kv_codes import Int8Rows, dequantize_rows, read_keys
 from ..rope import Rotary, rotary_for
 from .config import TextConfig
 from . import decode_linear
-from .decode_attention import decode_attention, kernel_supported
+from .decode_attention import decode_attention, decode_attention_codes, kernel_supported
 from . import prefill_mass as prefill_mass_op
 from .prefill_attention import attention, attention_with_lse, probe_cudnn
 from .staged_drop import StagedDrop, layer_mask, rank_and_keep
@@ -84,11 +84,7 @@ class Attention(nn.Module):
         cache/kv_codes.py): the Triton decode op reads the codes, other paths dequantize this
         layer's rows and turn its keys first."""
         q_len = q.shape[0]
-        q = q.reshape(q_len, self.num_heads, self.head_dim).transpose(0, 1)
-        k = k.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        v = v.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        if not rotated:
-            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        q, k, v = self._heads(q, k, v, cos, sin, rotated)
         group = self.num_heads // self.num_kv_heads
         if self.decode_kernel and one_token_step(q_len, attn_window):
             out, mass = self._kernel(q, k, v, past_k, past_v, mask, attn_window, int8_rows)
@@ -102,6 +98,36 @@ class Attention(nn.Module):
             else:
                 out, mass = self._explicit(q, k, v, past_k, past_v, mask, attn_window, group)
         return out.transpose(0, 1).reshape(q_len, self.num_heads * self.head_dim), k, v, mass
+
+    def attend_with_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                          past_v: torch.Tensor, mask: torch.Tensor, attn_window: int, x8_group: int, x8_split: bool,
+                          int8_rows: Int8Rows | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                     torch.Tensor]:
+        """``attend`` for one decode token through the Triton op (``decode_kernel`` on; q and k
+        rotated), the output also rounded to int8 codes and stats for the o projection's
+        int8-activation product (``decode_attention_codes``): its rounding launch is not needed.
+        Returns ``attend``'s four values, then the codes and stats."""
+        q, k, v = self._heads(q, k, v, None, None, True)
+        capacity = past_k.shape[1]
+        rows = int8_rows if int8_rows is not None else (None,) * 4  # k_scale, v_scale, read_cos, read_sin
+        out, mass, codes, stats = decode_attention_codes(q[:, 0], k[:, 0], v[:, 0], past_k, past_v,
+                                                         mask[0, :capacity], attn_window > 0, x8_group, x8_split,
+                                                         *rows)
+        return (out.view(1, self.num_heads * self.head_dim), k, v, mass if attn_window > 0 else None, codes,
+                stats)
+
+    def _heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
+               sin: torch.Tensor | None, rotated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[q_len, heads * dim]`` projections -> ``[heads, q_len, dim]`` each, q and k rotated
+        unless they already are."""
+        q_len = q.shape[0]
+        q = q.reshape(q_len, self.num_heads, self.head_dim).transpose(0, 1)
+        k = k.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        v = v.reshape(q_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        if not rotated:
+            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        return q, k, v
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
                   past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor, group: int
@@ -234,6 +260,17 @@ class TransformerBlock(nn.Module):
         return (self.self_attn.qkv is not None and gate_up is not None and not isinstance(gate_up, FusedRuns)
                 and self.silu)
 
+    def _o_codes_group(self, o_weight: torch.Tensor, o_packing: dict, attn_window: int) -> int:
+        """The group in which the attention's launch rounds its output for o_proj, or 0 where it
+        does not: o_proj's product reads x's int8 codes (``MatvecTuning.x8``), the attention runs
+        through the Triton op and the group divides a head (a combine program owns one head)."""
+        bits = o_packing.get("bits", 0)
+        if not bits or not (self.self_attn.decode_kernel and one_token_step(1, attn_window)):
+            return 0
+        group = o_weight.shape[1] * (2 if bits == 4 else 1) // o_packing["scales"].shape[1]
+        x8 = decode_linear.TUNING.x8(bits, group) and decode_linear.TUNING.fused_x_codes
+        return group if x8 and self.self_attn.head_dim % group == 0 else 0
+
     def _decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                       past_v: torch.Tensor, mask: torch.Tensor, attn_window: int,
                       int8_rows: Int8Rows | None = None
@@ -252,10 +289,17 @@ class TransformerBlock(nn.Module):
                                 cos if turned else None, sin if turned else None, turned, **packing))
             rotated -= width
         qkv = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask, attn_window,
-                                      rotated=True, int8_rows=int8_rows)
         o_weight, o_bias, o_packing = linear_operands(attn.o_proj)
-        x = linear(out, o_weight, o_bias, None, x, 0.0, False, **o_packing)
+        x8_group = self._o_codes_group(o_weight, o_packing, attn_window)
+        if x8_group:  # the attention's combine launch rounds its output for o_proj's product
+            out, k, v, mass, codes, stats = attn.attend_with_codes(
+                *qkv.split(attn.qkv.sizes, dim=-1), past_k, past_v, mask, attn_window, x8_group,
+                o_packing["bits"] == 4, int8_rows=int8_rows)
+            x = linear(out, o_weight, o_bias, None, x, 0.0, False, **o_packing, x_codes=codes, x_stats=stats)
+        else:
+            out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask,
+                                          attn_window, rotated=True, int8_rows=int8_rows)
+            x = linear(out, o_weight, o_bias, None, x, 0.0, False, **o_packing)
         gate_up_weight, gate_up_bias, gate_up_packing = mlp.gate_up.matvec_operands(mlp)
         hidden = linear(x, gate_up_weight, gate_up_bias, self.post_attention_layernorm.weight, None,
                         self.post_attention_layernorm.eps, True, **gate_up_packing)

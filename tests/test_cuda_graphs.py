@@ -58,6 +58,31 @@ def test_graph_replay_gives_the_eager_logits_through_evictions(head16_model_dir:
     assert (eager.feed(token) - graphed.feed(token)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["model", "int8"])
+def test_o_projs_codes_from_the_attention_replay_with_the_eager_logits(head16_model_dir: Path,
+                                                                         kv_cache_dtype: str) -> None:
+    """int4 projections with o_proj in groups of 16 (a head's width here), so the captured decode
+    step takes o_proj's x codes from the attention's combine launch (``decode_attention_codes``)
+    instead of a rounding launch: replays give the eager logits through evictions."""
+    from tokenizers import Tokenizer
+
+    from ros_infmllm.model import decode_linear
+    from ros_infmllm.model.quantized import QuantizedLinear
+
+    model = load_model(head16_model_dir, device="cuda", weights="int4")
+    for block in model.decoder.layers:
+        o_proj = block.self_attn.o_proj
+        block.self_attn.o_proj = QuantizedLinear.from_float(o_proj.dequantized(), o_proj.bias, "int4", group=16)
+    tokenizer = Tokenizer.from_file(str(head16_model_dir / "tokenizer.json"))
+    eager, graphed = (_session(model, tokenizer, graphs, "h2o-kinds", kv_cache_dtype=kv_cache_dtype)
+                      for graphs in (False, True))
+    block = model.decoder.layers[0]
+    o_weight, _, o_packing = (block.self_attn.o_proj.qweight, None,
+                              {"scales": block.self_attn.o_proj.scales, "bits": 4})
+    assert decode_linear.TUNING.fused_x_codes and block._o_codes_group(o_weight, o_packing, 4) == 16
+    _stream_side_by_side(eager, graphed, np.random.default_rng(3).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), 4)
+    assert graphed.cache.evictions > 3 and "text" in {key[0] for key in graphed.runner.graphs}
+
 @pytest.mark.parametrize("policy", ["h2o", "streamingllm"])
 def test_a_staged_drop_stream_replays_with_the_eager_logits(head16_model_dir: Path, policy: str) -> None:
     """Frame chunks with a staged visual-token drop (per-layer masks and drop marks) captured and

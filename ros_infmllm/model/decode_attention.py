@@ -134,8 +134,8 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
 
     q ``[heads, dim]`` (rotated); k_new, v_new ``[kv_heads, dim]`` (the token's own key and value);
     cache_k, cache_v ``[kv_heads, C, dim]``: values, or an int8 cache's codes (keys unrotated) with
-    their row scales ``k_scale``, ``v_scale`` ``[kv_heads, C]`` and the slots' rotation tables
-    ``read_cos``, ``read_sin`` ``[C, dim / 2]``, all float32 (cache/kv_codes.py); valid ``[C]``
+    their row scales ``k_scale``, ``v_scale`` ``[kv_heads, C]`` (float32) and the slots' rotation
+    tables ``read_cos``, ``read_sin`` ``[C, dim / 2]`` (float16; cache/kv_codes.py); valid ``[C]``
     bool. Returns the output ``[heads, dim]`` in q's dtype and, with ``with_mass``, the
     probabilities summed over each KV group's query heads ``[kv_heads, C + 1]`` float32 (the
     slots, then the token itself; empty otherwise).

@@ -67,7 +67,7 @@ def test_o_projs_codes_from_the_attention_replay_with_the_eager_logits(head16_mo
     from tokenizers import Tokenizer
 
     from ros_infmllm.model import decode_linear
-    from ros_infmllm.model.quantized import QuantizedLinear
+    from ros_infmllm.model.quantized import QuantizedLinear, linear_operands
 
     model = load_model(head16_model_dir, device="cuda", weights="int4")
     for block in model.decoder.layers:
@@ -77,11 +77,11 @@ def test_o_projs_codes_from_the_attention_replay_with_the_eager_logits(head16_mo
     eager, graphed = (_session(model, tokenizer, graphs, "h2o-kinds", kv_cache_dtype=kv_cache_dtype)
                       for graphs in (False, True))
     block = model.decoder.layers[0]
-    o_weight, _, o_packing = (block.self_attn.o_proj.qweight, None,
-                              {"scales": block.self_attn.o_proj.scales, "bits": 4})
+    o_weight, _, o_packing = linear_operands(block.self_attn.o_proj)
     assert decode_linear.TUNING.fused_x_codes and block._o_codes_group(o_weight, o_packing, 4) == 16
     _stream_side_by_side(eager, graphed, np.random.default_rng(3).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), 4)
     assert graphed.cache.evictions > 3 and "text" in {key[0] for key in graphed.runner.graphs}
+
 
 @pytest.mark.parametrize("policy", ["h2o", "streamingllm"])
 def test_a_staged_drop_stream_replays_with_the_eager_logits(head16_model_dir: Path, policy: str) -> None:

@@ -143,7 +143,6 @@ def test_decoder_step_over_an_int8_cache_with_the_kernel_equals_the_explicit_pat
     assert torch.allclose(kernel.attn_mass, want.attn_mass, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cache", ["float", "int8"])
 @pytest.mark.parametrize("x8_group,split", [(32, True), (16, False), (8, True)])
@@ -179,6 +178,7 @@ def test_combine_rounds_its_output_as_the_rounding_launch_does(small_launches, d
     assert codes.abs().max() == 127  # each group's largest element takes the full code range
     with pytest.raises(ValueError, match="multiple of 8 dividing the head size"):
         op.decode_attention_codes(q, k_new, v_new, cache_k, cache_v, valid, True, 12, split, *rows)
+
 
 AHEAD_OF_TIME = """
 import sys

@@ -26,6 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .matvec_dp4a import store_group_codes
+
 
 @triton.jit
 def partial_attention(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr, capacity, scale,
@@ -199,28 +201,15 @@ def _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_pt
 @triton.jit
 def _round_output(out, codes_ptr, x_stats_ptr, row, width, DIM: tl.constexpr, GROUP: tl.constexpr,
                   SPLIT: tl.constexpr):
-    """Query head ``row``'s output ``out [DIM]`` (as stored) rounded as ``quantize_activations``
-    rounds those elements of the whole output (``width`` of them), with the same arithmetic, so the
-    codes and stats are the ones that launch would write: per group of ``GROUP`` the scale
-    (max |x| / 127) and the scale times the codes' sum; the sum of x^2 (a folded norm's, which the
-    o projection has not) is written as 0 by head 0."""
-    groups = tl.arange(0, DIM // GROUP)
-    x = tl.reshape(out.to(tl.float32), (DIM // GROUP, GROUP))
-    group_scale = tl.max(tl.abs(x), axis=1) / 127.0
-    inverse = tl.where(group_scale > 0, 1.0 / tl.where(group_scale > 0, group_scale, 1.0), 0.0)
-    codes = tl.minimum(tl.maximum(tl.floor(x * inverse[:, None] + 0.5), -127.0), 127.0)
-    first_group = row * (DIM // GROUP)
-    tl.store(x_stats_ptr + first_group + groups, group_scale)
-    tl.store(x_stats_ptr + width // GROUP + first_group + groups, group_scale * tl.sum(codes, axis=1))
+    """Query head ``row``'s output ``out [DIM]`` (as stored) rounded by ``store_group_codes``, the
+    rounding launch's own code, as those elements of the whole output (``width`` of them): the
+    codes and stats that launch would write. The sum of x^2 (a folded norm's, which the o
+    projection has not) is written as 0 by head 0."""
+    groups = row * (DIM // GROUP) + tl.arange(0, DIM // GROUP)
+    store_group_codes(tl.reshape(out.to(tl.float32), (DIM // GROUP, GROUP)), groups, groups < width // GROUP,
+                      codes_ptr, x_stats_ptr, width, GROUP, SPLIT)
     if row == 0:
         tl.store(x_stats_ptr + 2 * (width // GROUP), 0.0)
-    if SPLIT:
-        even, odd = tl.split(tl.reshape(codes.to(tl.int8), (DIM // 2, 2)))
-        pairs = row * (DIM // 2) + tl.arange(0, DIM // 2)
-        tl.store(codes_ptr + pairs, even)
-        tl.store(codes_ptr + width // 2 + pairs, odd)
-    else:
-        tl.store(codes_ptr + row * DIM + tl.arange(0, DIM), tl.reshape(codes.to(tl.int8), (DIM,)))
 
 
 @triton.jit

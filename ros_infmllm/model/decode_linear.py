@@ -148,7 +148,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = x.new_empty((1, rows))
     placeholder = out
     half = 0 if cos is None else cos.shape[-1] // 2
-    group = columns // scales.shape[1] if scales is not None else 1
+    group = input_group(weight, scales, bits)
     x8 = tuning.x8(bits, group)
     if bits:
         block_n = max(1, getattr(tuning, tuning.rows_field(bits, x8)) // (2 if gated or half else 1))
@@ -194,6 +194,14 @@ def _decode_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          offsets: torch.Tensor | None = None, bits: int = 0, x_codes: torch.Tensor | None = None,
                          x_stats: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((1, weight.shape[0] // (2 if gated else 1)))
+
+
+def input_group(weight: torch.Tensor, scales: torch.Tensor | None, bits: int) -> int:
+    """Inputs per scale group of a packed weight (``decode_linear``'s layout: int4 holds two
+    inputs a byte); 1 for float weights."""
+    if scales is None:
+        return 1
+    return weight.shape[1] * (2 if bits == 4 else 1) // scales.shape[1]
 
 
 def chunk_size(columns: int, block_k: int) -> int:

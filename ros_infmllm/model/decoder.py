@@ -267,7 +267,7 @@ class TransformerBlock(nn.Module):
         bits = o_packing.get("bits", 0)
         if not bits or not (self.self_attn.decode_kernel and one_token_step(1, attn_window)):
             return 0
-        group = o_weight.shape[1] * (2 if bits == 4 else 1) // o_packing["scales"].shape[1]
+        group = decode_linear.input_group(o_weight, o_packing["scales"], bits)
         x8 = decode_linear.TUNING.x8(bits, group) and decode_linear.TUNING.fused_x_codes
         return group if x8 and self.self_attn.head_dim % group == 0 else 0
 
@@ -291,15 +291,16 @@ class TransformerBlock(nn.Module):
         qkv = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         o_weight, o_bias, o_packing = linear_operands(attn.o_proj)
         x8_group = self._o_codes_group(o_weight, o_packing, attn_window)
-        if x8_group:  # the attention's combine launch rounds its output for o_proj's product
+        rounded = {}  # o_proj's x codes where the attention's combine launch rounds them
+        if x8_group:
             out, k, v, mass, codes, stats = attn.attend_with_codes(
                 *qkv.split(attn.qkv.sizes, dim=-1), past_k, past_v, mask, attn_window, x8_group,
                 o_packing["bits"] == 4, int8_rows=int8_rows)
-            x = linear(out, o_weight, o_bias, None, x, 0.0, False, **o_packing, x_codes=codes, x_stats=stats)
+            rounded = {"x_codes": codes, "x_stats": stats}
         else:
             out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask,
                                           attn_window, rotated=True, int8_rows=int8_rows)
-            x = linear(out, o_weight, o_bias, None, x, 0.0, False, **o_packing)
+        x = linear(out, o_weight, o_bias, None, x, 0.0, False, **o_packing, **rounded)
         gate_up_weight, gate_up_bias, gate_up_packing = mlp.gate_up.matvec_operands(mlp)
         hidden = linear(x, gate_up_weight, gate_up_bias, self.post_attention_layernorm.weight, None,
                         self.post_attention_layernorm.eps, True, **gate_up_packing)

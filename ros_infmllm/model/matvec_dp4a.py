@@ -97,18 +97,30 @@ def quantize_activations(x_ptr, norm_ptr, codes_ptr, stats_ptr, K: tl.constexpr,
     tl.store(stats_ptr + 2 * (K // GROUP), tl.sum(tl.sum(x * x, axis=1), axis=0))
     if NORM:
         x = x * tl.load(norm_ptr + index, mask=live[:, None], other=0.0).to(tl.float32)
+    store_group_codes(x, groups, live, codes_ptr, stats_ptr, K, GROUP, SPLIT)
+
+
+@triton.jit
+def store_group_codes(x, groups, live, codes_ptr, stats_ptr, K, GROUP: tl.constexpr,
+                      SPLIT: tl.constexpr):
+    """Groups ``groups`` (where ``live``) of a K-wide x, given as ``x [len(groups), GROUP]`` float32,
+    rounded to int8 codes and written in ``quantize_activations``' layout: codes (even then odd
+    elements where ``SPLIT``), per group the scale (``max |x| / 127``) and the sum of dequantized x
+    (the sum of x^2 is the caller's). Also the attention's combine launch rounds o_proj's x with
+    it (decode_kernels.py), so both writers give the same codes."""
     scale = tl.max(tl.abs(x), axis=1) / 127.0
     inverse = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)  # an all-zero group: codes 0
     codes = tl.minimum(tl.maximum(tl.floor(x * inverse[:, None] + 0.5), -127.0), 127.0)
     tl.store(stats_ptr + groups, scale, mask=live)
     tl.store(stats_ptr + K // GROUP + groups, scale * tl.sum(codes, axis=1), mask=live)
     if SPLIT:
-        even, odd = tl.split(tl.reshape(codes.to(tl.int8), (BLOCK_G, GROUP // 2, 2)))
+        even, odd = tl.split(tl.reshape(codes.to(tl.int8), (x.shape[0], GROUP // 2, 2)))
         pairs = groups[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]
         tl.store(codes_ptr + pairs, even, mask=live[:, None])
         tl.store(codes_ptr + K // 2 + pairs, odd, mask=live[:, None])
     else:
-        tl.store(codes_ptr + index, codes.to(tl.int8), mask=live[:, None])
+        tl.store(codes_ptr + groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :], codes.to(tl.int8),
+                 mask=live[:, None])
 
 
 @triton.jit

@@ -75,7 +75,7 @@ def test_launch_probe_runs_bench_gpu_and_skips_only_what_it_is_told(tmp_path: Pa
     monkeypatch.setattr(matvec_dp4a, "quantized_activations", matvec_dp4a.quantized_activations)  # put back after
     launch_probe.skip_quantize()
     codes, stats = matvec_dp4a.quantized_activations(torch.randn(64), 32)
-    assert codes.dtype == torch.int32 and codes.numel() == 16 and stats.numel() == 5
+    assert codes.dtype == torch.int32 and codes.numel() == 16 and stats.numel() == 6
     again = matvec_dp4a.quantized_activations(torch.randn(64), 32)
     assert again[0] is codes and again[1] is stats  # stale: nothing is computed
 

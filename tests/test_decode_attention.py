@@ -149,8 +149,7 @@ def test_decoder_step_over_an_int8_cache_with_the_kernel_equals_the_explicit_pat
 def test_combine_rounds_its_output_as_the_rounding_launch_does(small_launches, dtype, cache, x8_group, split) -> None:
     """``decode_attention_codes``: the output as ``decode_attention`` gives it, and its int8 codes
     and stats for o_proj's product exactly those ``quantized_activations`` makes of that output
-    (even / odd halves for int4 weights, in order for int8), but for the sum of squares, which o_proj
-    (no norm) does not read and the combine writes as 0."""
+    (even / odd halves for int4 weights, in order for int8), the groups' sums of squares too."""
     from ros_infmllm.cache.kv_codes import quantize_rows, read_tables
     from ros_infmllm.model.matvec_dp4a import quantized_activations
     from ros_infmllm.rope import Rotary
@@ -174,8 +173,12 @@ def test_combine_rounds_its_output_as_the_rounding_launch_does(small_launches, d
     assert torch.equal(fused_out, out) and torch.equal(fused_mass, mass)
     want_codes, want_stats = quantized_activations(out.reshape(-1), x8_group, split=split)
     assert torch.equal(codes.view(torch.int32), want_codes)
-    assert torch.equal(stats[:-1], want_stats[:-1]) and stats[-1] == 0
+    groups = out.numel() // x8_group
+    assert torch.equal(stats[:2 * groups], want_stats[:2 * groups])  # scales and sums: the same arithmetic
+    assert torch.allclose(stats[2 * groups:], want_stats[2 * groups:], rtol=1e-6)  # sums of squares, any order
     assert codes.abs().max() == 127  # each group's largest element takes the full code range
+    shapes = op._decode_attention_codes_shapes(q, k_new, v_new, cache_k, cache_v, valid, True, x8_group, split, *rows)
+    assert [t.shape for t in shapes] == [t.shape for t in (fused_out, fused_mass, codes, stats)]  # what compile sees
     with pytest.raises(ValueError, match="multiple of 8 dividing the head size"):
         op.decode_attention_codes(q, k_new, v_new, cache_k, cache_v, valid, True, 12, split, *rows)
 

@@ -135,7 +135,7 @@ def test_activation_codes_are_split_into_even_and_odd_elements_with_their_group_
     decoded = torch.stack((even, odd), dim=1).reshape(-1).float() * dx.repeat_interleave(32)
     assert (decoded - x.cpu()).abs().max() <= dx.max().item() / 2 + 1e-6
     assert torch.allclose(sums, decoded.reshape(2, 32).sum(dim=1), atol=1e-4)
-    assert torch.isclose(stats[4], (x.cpu() ** 2).sum())  # the RMSNorm's sum of squares, of raw x
+    assert torch.allclose(stats[4:], (x.cpu() ** 2).reshape(2, 32).sum(dim=1))  # the norm's sums of squares, of raw x
 
 
 def test_activation_codes_for_int8_weights_stay_in_order() -> None:
@@ -176,7 +176,47 @@ def test_a_folded_norm_weight_scales_the_codes_not_the_sum_of_squares() -> None:
     _, plain = matvec_dp4a.quantized_activations(x * weight, 32)
     _, folded = matvec_dp4a.quantized_activations(x, 32, weight)
     assert torch.allclose(plain[:4], folded[:4], rtol=1e-5)  # scales and sums of x * weight
-    assert torch.isclose(folded[4], (x ** 2).sum()) and not torch.isclose(plain[4], folded[4])
+    assert torch.allclose(folded[4:], (x ** 2).reshape(2, 32).sum(dim=1))  # of raw x, per group
+    assert not torch.allclose(plain[4:], folded[4:])
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["int4-halves", "int8-order"])
+def test_the_rounding_launch_spread_over_programs_writes_what_one_program_does(split) -> None:
+    """Each program rounds a few groups (``groups_per_program``), the last program's block running
+    past x's 13 groups: the same codes and stats as one program over all of x, with and without
+    a folded norm."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(13 * 32, generator=generator).to(DEVICE)
+    weight = (torch.rand(13 * 32, generator=generator) + 0.5).to(DEVICE)
+    for norm in (None, weight):
+        whole_codes, whole_stats = matvec_dp4a.quantized_activations(x, 32, norm, split=split)
+        assert whole_stats.numel() == 3 * 13
+        for per_program in (1, 4, 16):
+            codes, stats = matvec_dp4a.quantized_activations(x, 32, norm, split=split, groups_per_program=per_program)
+            assert torch.equal(codes, whole_codes)
+            assert torch.equal(stats[:26], whole_stats[:26])  # scales and sums: the same arithmetic per group
+            assert torch.allclose(stats[26:], whole_stats[26:], rtol=1e-6)  # sums of squares, summed in any order
+    with pytest.raises(ValueError, match="power of two"):
+        matvec_dp4a.quantized_activations(x, 32, groups_per_program=3)
+
+
+@pytest.mark.parametrize("per_program", [0, 2, 8])
+def test_the_op_with_the_rounding_spread_over_programs_gives_the_same_product(monkeypatch, per_program) -> None:
+    """``MatvecTuning.x8_round_groups`` changes how the launch is cut, not the codes: the product
+    with a folded norm (summing the groups' squares) equals the one-program launch's; a value that
+    is not a power of two is refused."""
+    _int8_activations(monkeypatch)
+    layer = _packed(24, 1088, False, seed=9)
+    packing = dict(scales=layer.scales, offsets=layer.offsets, bits=4)
+    x = torch.randn(1, 1088, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    norm = (torch.rand(1088, generator=torch.Generator().manual_seed(12)) + 0.5).to(DEVICE)
+    one_program = op.decode_linear(x, layer.qweight, None, norm, None, 1e-6, False, **packing)
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, x8_round_groups=per_program))
+    spread = op.decode_linear(x, layer.qweight, None, norm, None, 1e-6, False, **packing)
+    assert torch.allclose(spread, one_program, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, x8_round_groups=6))
+    with pytest.raises(ValueError, match="x8_round_groups"):
+        op.decode_linear(x, layer.qweight, None, norm, None, 1e-6, False, **packing)
 
 
 def test_inputs_that_do_not_split_into_groups_are_refused() -> None:

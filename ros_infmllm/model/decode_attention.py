@@ -154,7 +154,7 @@ def decode_attention_codes(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``decode_attention``, and its output rounded for the o projection's int8-activation product
     by the launch that writes it: its int8 codes ``[heads * dim]`` and float32 stats
-    ``[2 heads dim / x8_group + 1]`` (``x8_split``: even elements then odd, for int4 weights), as
+    ``[3 heads dim / x8_group]`` (``x8_split``: even elements then odd, for int4 weights), as
     ``matvec_dp4a.quantized_activations(out, x8_group, split=x8_split)`` lays them out (its
     ``x_codes`` / ``x_stats`` for ``decode_linear``). ``x8_group`` must divide ``dim``: a combine
     program rounds the groups of its own query head."""
@@ -191,7 +191,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     out = torch.empty_like(q)
     mass = torch.empty((kv_heads, capacity + 1) if with_mass else (0,), **f32)
     codes = torch.empty(heads * dim if x8_group else 0, dtype=torch.int8, device=q.device)
-    x_stats = torch.empty(2 * heads * dim // x8_group + 1 if x8_group else 0, **f32)
+    x_stats = torch.empty(3 * heads * dim // x8_group if x8_group else 0, **f32)
     scale = dim ** -0.5
     tensors = (q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc)
     shape = dict(SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block,
@@ -235,4 +235,4 @@ def _decode_attention_codes_shapes(q: torch.Tensor, k_new: torch.Tensor, v_new: 
     out, mass = _decode_attention_shapes(q, k_new, v_new, cache_k, cache_v, valid, with_mass)
     width = q.shape[0] * q.shape[1]
     return (out, mass, q.new_empty(width, dtype=torch.int8),
-            q.new_empty(2 * width // x8_group + 1, dtype=torch.float32))
+            q.new_empty(3 * width // x8_group, dtype=torch.float32))

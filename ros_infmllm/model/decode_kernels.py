@@ -203,13 +203,11 @@ def _round_output(out, codes_ptr, x_stats_ptr, row, width, DIM: tl.constexpr, GR
                   SPLIT: tl.constexpr):
     """Query head ``row``'s output ``out [DIM]`` (as stored) rounded by ``store_group_codes``, the
     rounding launch's own code, as those elements of the whole output (``width`` of them): the
-    codes and stats that launch would write. The sum of x^2 (a folded norm's, which the o
-    projection has not) is written as 0 by head 0."""
+    codes and stats that launch would write."""
     groups = row * (DIM // GROUP) + tl.arange(0, DIM // GROUP)
-    store_group_codes(tl.reshape(out.to(tl.float32), (DIM // GROUP, GROUP)), groups, groups < width // GROUP,
-                      codes_ptr, x_stats_ptr, width, GROUP, SPLIT)
-    if row == 0:
-        tl.store(x_stats_ptr + 2 * (width // GROUP), 0.0)
+    x = tl.reshape(out.to(tl.float32), (DIM // GROUP, GROUP))
+    store_group_codes(x, tl.sum(x * x, axis=1), groups, groups < width // GROUP, codes_ptr, x_stats_ptr, width,
+                      GROUP, SPLIT)
 
 
 @triton.jit

@@ -75,6 +75,13 @@ class MatvecTuning:
     # owns whole heads and so whole groups, instead of by a rounding launch of their own (one of the
     # four per layer that bound 0.256 ms of the 7B int4 step on an H100, docs/quantized_weights.md)
     fused_x_codes: bool = True
+    # groups of x each program of the rounding launch rounds (a power of two; 0: one program for
+    # the whole of x, as shipped until the twenty-fifth session). A group needs nothing of the
+    # others (each keeps its own sum of squares), so the launch that sits between two products in
+    # the chain of dependent launches is spread over many small programs. On an H100 at 4: 7B int4
+    # step 2.721 -> 2.629 ms, 1.5B int4 1.062 -> 1.007, 7B int8 3.601 -> 3.530; 1 and 16 alike
+    # (results/decode_round_groups_h100.md)
+    x8_round_groups: int = 4
 
     def x8(self, bits: int, group: int = 32) -> bool:
         """Whether products with weights of ``bits`` in groups of ``group`` inputs take x's int8
@@ -94,6 +101,9 @@ class MatvecTuning:
         if bits and self.packed_ahead not in (1, 2):
             raise ValueError(f"MatvecTuning.packed_ahead is {self.packed_ahead}: "
                              "the kernel requests 1 or 2 chunks ahead")
+        if bits and (self.x8_round_groups < 0 or self.x8_round_groups & (self.x8_round_groups - 1)):
+            raise ValueError(f"MatvecTuning.x8_round_groups is {self.x8_round_groups}: a power of two, "
+                             "or 0 for one program")
         for name in {4: ("int4_activations",), 8: ("int8_activations",)}.get(bits, ()):
             if getattr(self, name) not in ("float", "int8"):
                 raise ValueError(f"MatvecTuning.{name} is {getattr(self, name)!r}: 'float' or 'int8'")
@@ -167,7 +177,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         from .matvec_dp4a import quantized_activations
 
         x, stats = quantized_activations(x, group, norm_weight, split=bits == 4,
-                                          pdl=tuning.pdl and tuning.activation_pdl)
+                                          pdl=tuning.pdl and tuning.activation_pdl,
+                                          groups_per_program=tuning.x8_round_groups)
         weight = weight.contiguous().view(torch.int32)
     launch = dependent_launch(out, tuning.pdl)
     matvec_kernels.matvec[(programs,)](

@@ -19,9 +19,9 @@ nibble and 2j + 1 in its high one), read as 32-bit words. A word holds elements 
 ``w & 0x0F0F0F0F`` gives the even ones as four bytes, ``(w >> 4) & 0x0F0F0F0F`` the odd ones.
 ``quantize_activations`` stores x's int8 codes as its even elements, then its odd ones (one
 buffer of K bytes, K / 4 words), so word i of each half meets the low and the high nibbles of word
-i of a row; beside them, per group, the scale and the sum of dequantized x, then the sum of x^2
-(the RMSNorm's, when the product folds one in: the codes are then of ``x * norm_weight`` and the
-matvec divides by the RMS at the end, as the float path does). Per group of the weights' ``group``
+i of a row; beside them, per group, the scale, the sum of dequantized x and the sum of x^2
+(the RMSNorm's, summed over the groups by a product that folds one in: the codes are then of
+``x * norm_weight`` and the matvec divides by the RMS at the end, as the float path does). Per group of the weights' ``group``
 inputs (32): ``sum_j (q_j s + m) x_j = s dx sum_j q_j c_j + m X`` with x_j ~ dx c_j and
 ``X = dx sum_j c_j`` (``m = -8 s`` without offsets).
 
@@ -82,7 +82,10 @@ def quantize_activations(x_ptr, norm_ptr, codes_ptr, stats_ptr, K: tl.constexpr,
     """x ``[K]`` (times ``norm_ptr``'s weight where ``NORM``) -> its int8 codes (``codes_ptr``, K
     bytes: even elements then odd ones where ``SPLIT``, for int4 weights; in order otherwise), and
     ``stats_ptr``: per group the scale (``max |x| / 127``), then per group the sum of dequantized
-    x, then the sum of the raw x^2. One program: K is a decoder's width (at most some 10^4).
+    x, then per group the sum of the raw x^2 (the norm's sum of squares, summed by the product).
+    Each program rounds ``BLOCK_G`` groups: a group needs nothing of the others, so the launch
+    is spread over programs instead of one program walking all of x
+    (``MatvecTuning.x8_round_groups``).
     ``PDL``: a link in the products' chain of dependent launches (matvec_kernels.py): the product
     that reads these codes may be placed and fetch its first weights while this runs, and this
     waits for the launch that wrote x; without it every packed product paid this launch's latency
@@ -90,29 +93,31 @@ def quantize_activations(x_ptr, norm_ptr, codes_ptr, stats_ptr, K: tl.constexpr,
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    groups = tl.arange(0, BLOCK_G)
+    groups = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     live = groups < K // GROUP
     index = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     x = tl.load(x_ptr + index, mask=live[:, None], other=0.0).to(tl.float32)
-    tl.store(stats_ptr + 2 * (K // GROUP), tl.sum(tl.sum(x * x, axis=1), axis=0))
+    squares = tl.sum(x * x, axis=1)
     if NORM:
         x = x * tl.load(norm_ptr + index, mask=live[:, None], other=0.0).to(tl.float32)
-    store_group_codes(x, groups, live, codes_ptr, stats_ptr, K, GROUP, SPLIT)
+    store_group_codes(x, squares, groups, live, codes_ptr, stats_ptr, K, GROUP, SPLIT)
 
 
 @triton.jit
-def store_group_codes(x, groups, live, codes_ptr, stats_ptr, K, GROUP: tl.constexpr,
+def store_group_codes(x, squares, groups, live, codes_ptr, stats_ptr, K, GROUP: tl.constexpr,
                       SPLIT: tl.constexpr):
     """Groups ``groups`` (where ``live``) of a K-wide x, given as ``x [len(groups), GROUP]`` float32,
     rounded to int8 codes and written in ``quantize_activations``' layout: codes (even then odd
-    elements where ``SPLIT``), per group the scale (``max |x| / 127``) and the sum of dequantized x
-    (the sum of x^2 is the caller's). Also the attention's combine launch rounds o_proj's x with
-    it (decode_kernels.py), so both writers give the same codes."""
+    elements where ``SPLIT``), per group the scale (``max |x| / 127``), the sum of dequantized x
+    and ``squares`` (the group's sum of raw x^2, before a folded norm's weight). Also the
+    attention's combine launch rounds o_proj's x with it (decode_kernels.py), so both writers give
+    the same codes."""
     scale = tl.max(tl.abs(x), axis=1) / 127.0
     inverse = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)  # an all-zero group: codes 0
     codes = tl.minimum(tl.maximum(tl.floor(x * inverse[:, None] + 0.5), -127.0), 127.0)
     tl.store(stats_ptr + groups, scale, mask=live)
     tl.store(stats_ptr + K // GROUP + groups, scale * tl.sum(codes, axis=1), mask=live)
+    tl.store(stats_ptr + 2 * (K // GROUP) + groups, squares, mask=live)
     if SPLIT:
         even, odd = tl.split(tl.reshape(codes.to(tl.int8), (x.shape[0], GROUP // 2, 2)))
         pairs = groups[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]
@@ -141,20 +146,29 @@ def group_dots_int8(words, x_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 
 
 def quantized_activations(x: torch.Tensor, group: int = 32, norm_weight: torch.Tensor | None = None,
-                          split: bool = True, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                          split: bool = True, pdl: bool = False, groups_per_program: int = 0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``[K]`` (times ``norm_weight``) -> its codes as int32 words ``[K / 4]`` (even elements,
     then odd, where ``split``: for int4 weights; in order for int8) and the float32 stats
-    ``[2 K / group + 1]`` (scales, sums, sum of x^2): the layout ``quantize_activations`` describes.
-    ``pdl``: launched as a dependent launch where the GPU has them (``dependent_launch``)."""
+    ``[3 K / group]`` (scales, sums, sums of x^2 per group): the layout ``quantize_activations``
+    describes. ``pdl``: launched as a dependent launch where the GPU has them
+    (``dependent_launch``); ``groups_per_program``: groups each program rounds (a power of two;
+    0: one program for all of x)."""
     columns = x.numel()
     if columns % group or group % 8:
         raise ValueError(f"{columns} inputs in groups of {group}: both must be multiples of 8 and divide")
+    if groups_per_program < 0 or groups_per_program & (groups_per_program - 1):
+        raise ValueError(f"groups_per_program {groups_per_program}: a power of two, or 0 for one program")
+    groups = columns // group
+    block = triton.next_power_of_2(groups) if not groups_per_program else min(groups_per_program,
+                                                                               triton.next_power_of_2(groups))
     codes = torch.empty(columns, dtype=torch.int8, device=x.device)
-    stats = torch.empty(2 * (columns // group) + 1, dtype=torch.float32, device=x.device)
+    stats = torch.empty(3 * groups, dtype=torch.float32, device=x.device)
     launch = dependent_launch(codes, pdl)
-    quantize_activations[(1,)](x.contiguous().view(-1), x if norm_weight is None else norm_weight.contiguous(), codes,
-                               stats, K=columns, GROUP=group, BLOCK_G=triton.next_power_of_2(columns // group),
-                               NORM=norm_weight is not None, SPLIT=split, PDL=bool(launch), num_warps=8, **launch)
+    quantize_activations[(triton.cdiv(groups, block),)](
+        x.contiguous().view(-1), x if norm_weight is None else norm_weight.contiguous(), codes, stats, K=columns,
+        GROUP=group, BLOCK_G=block, NORM=norm_weight is not None, SPLIT=split, PDL=bool(launch),
+        num_warps=max(1, min(8, block * group // 512)), **launch)
     return codes.view(torch.int32), stats
 
 

@@ -187,7 +187,7 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             w, u = next_w, next_u
     elif X8:
         # packed codes against x's int8 codes (matvec_dp4a.py): x_ptr holds x's codes as words (for
-        # int4 its even codes, then its odd ones), stats_ptr their group scales, sums and the sum of
+        # int4 its even codes, then its odd ones), stats_ptr their group scales, sums and sums of
         # x^2 (a folded norm's weight is already in the codes; its RMS is applied at the end as below).
         GROUPS: tl.constexpr = BLOCK_K // GROUP
         WORDS: tl.constexpr = BLOCK_K // (32 // BITS)  # weight words per row and chunk
@@ -201,7 +201,7 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             w1, u1 = _packed_words(w_ptr, rows, pair, BLOCK_K, live, K, PAIRED, WORDS, BITS)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        squares = tl.load(stats_ptr + 2 * (K // GROUP) + tl.arange(0, 1))
+        squares = tl.zeros((GROUPS,), tl.float32)  # x's sums of squares per group (used with NORM)
         for start in range(0, K, BLOCK_K):
             next_w, next_u = _packed_words(w_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, WORDS, BITS)
             word = start // X_STEP + tl.arange(0, X_WORDS)
@@ -211,6 +211,8 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
                 x_odd = tl.load(x_ptr + K // 8 + word, mask=word < K // 8, other=0)
             group = start // GROUP + tl.arange(0, GROUPS)
             dx = tl.load(stats_ptr + group, mask=group < K // GROUP, other=0.0)
+            if NORM:
+                squares += tl.load(stats_ptr + 2 * (K // GROUP) + group, mask=group < K // GROUP, other=0.0)
             x_sum = dx  # int8 codes are symmetric: no offsets, no sums of x
             if BITS == 4:
                 x_sum = tl.load(stats_ptr + K // GROUP + group, mask=group < K // GROUP, other=0.0)

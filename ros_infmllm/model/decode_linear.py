@@ -56,7 +56,10 @@ class MatvecTuning:
     # 2.714 ms with it against 3.826 with float x at the same chunk (results/bench_gpu_int4_x8_h200.md,
     # _float_h200.md), at x8_block_n 4 rows per program (bench_dp4a_matvec_sweep_h200.md), so shipped
     int4_activations: str = "int8"
-    x8_block_n: int = 4
+    # rows per program of the dp4a products: 4 from that H200 sweep until the twenty-fifth session; 8 on
+    # an H100 since (7B int4 step 2.604 / 2.605 -> 2.579 / 2.578 ms, 1.5B 1.005 / 1.003 -> 0.953 / 0.961,
+    # results/decode_x8_rows_h100.md); not yet timed on an H200
+    x8_block_n: int = 8
     # int8 products against x's int8 codes ("int8": one signed dp4a per word of four codes, as
     # llama.cpp's Q8_0 x Q8_1) or float x ("float", exact to the codes); its rows per program stay
     # int8_block_n. Only for groups of at most X8_MAX_GROUP inputs (x is rounded per weight group).

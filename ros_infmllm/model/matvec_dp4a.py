@@ -21,8 +21,8 @@ nibble and 2j + 1 in its high one), read as 32-bit words. A word holds elements 
 buffer of K bytes, K / 4 words), so word i of each half meets the low and the high nibbles of word
 i of a row; beside them, per group, the scale, the sum of dequantized x and the sum of x^2
 (the RMSNorm's, summed over the groups by a product that folds one in: the codes are then of
-``x * norm_weight`` and the matvec divides by the RMS at the end, as the float path does). Per group of the weights' ``group``
-inputs (32): ``sum_j (q_j s + m) x_j = s dx sum_j q_j c_j + m X`` with x_j ~ dx c_j and
+``x * norm_weight`` and the matvec divides by the RMS at the end, as the float path does). Per
+group of the weights' ``group`` inputs (32): ``sum_j (q_j s + m) x_j = s dx sum_j q_j c_j + m X`` with x_j ~ dx c_j and
 ``X = dx sum_j c_j`` (``m = -8 s`` without offsets).
 
 Layout (int8): the weights' int8 codes read as words of four elements in order, and x's codes in
@@ -160,8 +160,9 @@ def quantized_activations(x: torch.Tensor, group: int = 32, norm_weight: torch.T
     if groups_per_program < 0 or groups_per_program & (groups_per_program - 1):
         raise ValueError(f"groups_per_program {groups_per_program}: a power of two, or 0 for one program")
     groups = columns // group
-    block = triton.next_power_of_2(groups) if not groups_per_program else min(groups_per_program,
-                                                                               triton.next_power_of_2(groups))
+    block = triton.next_power_of_2(groups)
+    if groups_per_program:
+        block = min(groups_per_program, block)
     codes = torch.empty(columns, dtype=torch.int8, device=x.device)
     stats = torch.empty(3 * groups, dtype=torch.float32, device=x.device)
     launch = dependent_launch(codes, pdl)

@@ -205,7 +205,7 @@ def test_the_op_with_the_rounding_spread_over_programs_gives_the_same_product(mo
     """``MatvecTuning.x8_round_groups`` changes how the launch is cut, not the codes: the product
     with a folded norm (summing the groups' squares) equals the one-program launch's; a value that
     is not a power of two is refused."""
-    _int8_activations(monkeypatch)
+    _int8_activations(monkeypatch, x8_round_groups=0)  # the baseline: one program over all of x
     layer = _packed(24, 1088, False, seed=9)
     packing = dict(scales=layer.scales, offsets=layer.offsets, bits=4)
     x = torch.randn(1, 1088, generator=torch.Generator().manual_seed(10)).to(DEVICE)

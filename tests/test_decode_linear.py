@@ -271,7 +271,8 @@ for (rows, columns, norm, gated, half, bias, residual), kind in [
     bits = abs(kind)
     constants = dict(N=rows, K=columns, NORM=bool(norm), GATED=bool(gated), HALF=half, ROTATED_ROWS=1792 if half else 0,
                      BIAS=bool(bias), RESIDUAL=bool(residual),
-                     BLOCK_N=TUNING.gated_block_n if gated or half else TUNING.block_n,
+                     BLOCK_N=(max(1, getattr(TUNING, TUNING.rows_field(bits, kind < 0)) // (2 if gated or half else 1))
+                              if bits else TUNING.gated_block_n if gated or half else TUNING.block_n),
                      BLOCK_K=chunk_size(columns, TUNING.chunk(bits)), PDL=arch >= 90,
                      BITS=bits, GROUP=32 if bits else 1, OFFSET=bits == 4, X8=kind < 0,
                      AHEAD=TUNING.packed_ahead if bits else 1)
@@ -296,7 +297,8 @@ for (rows, columns, norm, gated, half, bias, residual), kind in [
 def test_matvec_compiles_for_the_target_gpus(arch: int) -> None:
     """Ahead of time through Triton's compiler and ptxas (no GPU needed), outside the interpreter:
     the Qwen2-1.5B products, with float, int8 and int4 weights (and int4 against int8 activations,
-    through dp4a), build for an H100 (with dependent launch) and a Jetson Orin (without)."""
+    through dp4a) at the shipped rows per program, build for an H100 (with dependent launch) and a
+    Jetson Orin (without)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)

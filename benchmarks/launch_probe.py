@@ -37,7 +37,7 @@ def skip_quantize() -> None:
             generator = torch.Generator(device=x.device).manual_seed(0)
             fixed[key] = (torch.randint(-100, 100, (x.numel(),), dtype=torch.int8, device=x.device,
                                         generator=generator).view(torch.int32),
-                          torch.full((3 * (x.numel() // group),), 1e-3, device=x.device))
+                          torch.full((matvec_dp4a.stats_size(x.numel(), group),), 1e-3, device=x.device))
         return fixed[key]
 
     matvec_dp4a.quantized_activations = stale_codes

@@ -170,6 +170,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     """Both ops' launches: the partial pass (float or int8 cache), then the combine, which also
     rounds the output where ``x8_group`` is set (else the codes and stats are empty)."""
     from . import decode_kernels, decode_kernels_int8
+    from .matvec_dp4a import stats_size
 
     heads, dim = q.shape
     kv_heads, capacity, _ = cache_k.shape
@@ -191,7 +192,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     out = torch.empty_like(q)
     mass = torch.empty((kv_heads, capacity + 1) if with_mass else (0,), **f32)
     codes = torch.empty(heads * dim if x8_group else 0, dtype=torch.int8, device=q.device)
-    x_stats = torch.empty(3 * heads * dim // x8_group if x8_group else 0, **f32)
+    x_stats = torch.empty(stats_size(heads * dim, x8_group) if x8_group else 0, **f32)
     scale = dim ** -0.5
     tensors = (q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc)
     shape = dict(SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block,
@@ -232,7 +233,9 @@ def _decode_attention_codes_shapes(q: torch.Tensor, k_new: torch.Tensor, v_new: 
                                    v_scale: Optional[torch.Tensor] = None, read_cos: Optional[torch.Tensor] = None,
                                    read_sin: Optional[torch.Tensor] = None
                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .matvec_dp4a import stats_size
+
     out, mass = _decode_attention_shapes(q, k_new, v_new, cache_k, cache_v, valid, with_mass)
     width = q.shape[0] * q.shape[1]
     return (out, mass, q.new_empty(width, dtype=torch.int8),
-            q.new_empty(3 * width // x8_group, dtype=torch.float32))
+            q.new_empty(stats_size(width, x8_group), dtype=torch.float32))

@@ -104,7 +104,9 @@ class MatvecTuning:
         if bits and self.packed_ahead not in (1, 2):
             raise ValueError(f"MatvecTuning.packed_ahead is {self.packed_ahead}: "
                              "the kernel requests 1 or 2 chunks ahead")
-        if bits and (self.x8_round_groups < 0 or self.x8_round_groups & (self.x8_round_groups - 1)):
+        from .matvec_dp4a import spreads_evenly
+
+        if bits and not spreads_evenly(self.x8_round_groups):
             raise ValueError(f"MatvecTuning.x8_round_groups is {self.x8_round_groups}: a power of two, "
                              "or 0 for one program")
         for name in {4: ("int4_activations",), 8: ("int8_activations",)}.get(bits, ()):

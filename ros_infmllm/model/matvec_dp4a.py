@@ -145,6 +145,19 @@ def group_dots_int8(words, x_words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
     return tl.sum(tl.reshape(dots, (BLOCK_N, BLOCK_K // GROUP, GROUP // 4)), axis=2)
 
 
+def stats_size(columns: int, group: int) -> int:
+    """Floats of x's stats in ``quantize_activations``' layout for ``columns`` inputs: per group a
+    scale, a sum of dequantized x and a sum of x^2. Every buffer of them is sized by this
+    (``quantized_activations``, the attention op that rounds o_proj's x, and its fake kernel)."""
+    return 3 * (columns // group)
+
+
+def spreads_evenly(groups_per_program: int) -> bool:
+    """Whether ``groups_per_program`` is a launch shape the rounding launch takes: a power of two
+    (a program's block of groups), or 0 for one program over all of x."""
+    return groups_per_program >= 0 and not groups_per_program & (groups_per_program - 1)
+
+
 def quantized_activations(x: torch.Tensor, group: int = 32, norm_weight: torch.Tensor | None = None,
                           split: bool = True, pdl: bool = False, groups_per_program: int = 0
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,14 +170,14 @@ def quantized_activations(x: torch.Tensor, group: int = 32, norm_weight: torch.T
     columns = x.numel()
     if columns % group or group % 8:
         raise ValueError(f"{columns} inputs in groups of {group}: both must be multiples of 8 and divide")
-    if groups_per_program < 0 or groups_per_program & (groups_per_program - 1):
+    if not spreads_evenly(groups_per_program):
         raise ValueError(f"groups_per_program {groups_per_program}: a power of two, or 0 for one program")
     groups = columns // group
     block = triton.next_power_of_2(groups)
     if groups_per_program:
         block = min(groups_per_program, block)
     codes = torch.empty(columns, dtype=torch.int8, device=x.device)
-    stats = torch.empty(3 * groups, dtype=torch.float32, device=x.device)
+    stats = torch.empty(stats_size(columns, group), dtype=torch.float32, device=x.device)
     launch = dependent_launch(codes, pdl)
     quantize_activations[(triton.cdiv(groups, block),)](
         x.contiguous().view(-1), x if norm_weight is None else norm_weight.contiguous(), codes, stats, K=columns,

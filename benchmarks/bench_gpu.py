@@ -420,11 +420,12 @@ def q4_k_m_mix(decoder) -> None:
 def pack_random_model(model, weights: str, lm_head: str = "float", embeddings: str = "float",
                       vision: str = "float") -> None:
     """The random model's packed parts, rounded from its floats: the decoder projections under
-    ``weights`` (``float``, ``int8``, ``int4`` or ``q4_k_m``), then the head, table and tower."""
+    ``weights`` (``float``, ``int8``, ``int4``, ``q4_0``: int4 without offsets, or ``q4_k_m``), then
+    the head, table and tower."""
     if weights == "q4_k_m":
         q4_k_m_mix(model.decoder)
     if weights != "float":
-        quantize_decoder(model.decoder, "int4" if weights == "q4_k_m" else weights)
+        quantize_decoder(model.decoder, "int8" if weights == "int8" else "int4", offsets=weights != "q4_0")
     pack_parts(model, lm_head, embeddings, vision)
 
 
@@ -470,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-new-tokens", type=int, default=33)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--bandwidth-mb", type=int, default=2048)
-    parser.add_argument("--weights", choices=("float", "int8", "int4", "q4_k_m"), default="float",
-                        help="decoder projections: float (bf16 on a GPU) or packed (groups of 32); q4_k_m: int4 "
+    parser.add_argument("--weights", choices=("float", "int8", "int4", "q4_0", "q4_k_m"), default="float",
+                        help="decoder projections: float (bf16 on a GPU) or packed (groups of 32; int4 with offsets "
+                             "as Q4_1, q4_0: int4 codes centred on 8 without offsets); q4_k_m: int4 "
                              "with llama.cpp's Q4_K_M choice of v and down layers in int8 groups of 16 (Q6_K as read)")
     parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="model",
                         help="the cache's storage for every policy (int8: codes and row scales, read packed by the "

@@ -6,6 +6,9 @@ setting such as ``int4-x8`` means the same model in each of them.
   keep its Q4 blocks);
 - ``int4-rtn-gN``: the float model rounded to int4 with groups of N at load (what a float
   checkpoint gets);
+- ``q4_0-rtn`` / ``q4_0-rtn-x8``: the float model rounded to int4 in groups of 32 without offsets
+  (llama.cpp's Q4_0, ``QuantizedLinear.from_float(offsets=False)``: 18 bytes per 32 weights against
+  20), and the same with its products' inputs rounded as below;
 - ``W+head-H``: weights W and the LM head packed as H (``load_model(lm_head_weights=H)``);
   ``W+head-H+emb-E``: and the token table packed as E (``embedding_weights=E``; tied to a head
   packed alike, it reads the head's codes);
@@ -23,7 +26,7 @@ from ros_infmllm.model import load_model
 from ros_infmllm.model.quantized import QuantizedLinear, quantize_decoder
 
 SETTINGS = ("float", "int8", "int4", "auto", "int4-rtn-g32", "int4-rtn-g64", "int4+head-int8", "int4+head-int4",
-            "int4-x8", "int8-x8", "int4+head-int8+emb-int8", "int4+head-int4+emb-int4")
+            "int4-x8", "int8-x8", "int4+head-int8+emb-int8", "int4+head-int4+emb-int4", "q4_0-rtn", "q4_0-rtn-x8")
 # the settings a memory benchmark's session may name (session_variants.py's +int8, +int4-x8, ...)
 SESSION_SETTINGS = ("int8", "int4", "auto", "int8-x8", "int4-x8")
 
@@ -39,6 +42,12 @@ def load(files, setting: str, device: str, dtype: torch.dtype = torch.float32,
         model = load_model(files, device="cpu", dtype=dtype, **parts)
         quantize_decoder(model.decoder, "int4", int(setting.rsplit("g", 1)[1]))
         model = model.to(device)
+    elif setting.startswith("q4_0-rtn"):
+        model = load_model(files, device="cpu", dtype=dtype, **parts)
+        quantize_decoder(model.decoder, "int4", 32, offsets=False)
+        model = model.to(device)
+        if setting.endswith("-x8"):
+            round_packed_inputs(model, 4)
     elif setting.endswith("-x8"):
         weights = setting.removesuffix("-x8")
         model = load_model(files, device=device, dtype=dtype, weights=weights, **parts)

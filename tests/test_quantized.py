@@ -145,6 +145,28 @@ def test_round_to_nearest_is_within_half_a_step(mode: str, group: int) -> None:
     assert error.max() > 0  # it did quantize
 
 
+def test_int4_without_offsets_rounds_to_the_bytes_of_a_q4_0_file() -> None:
+    """int4 rounded from floats without offsets is llama.cpp's Q4_0: the gguf package's quantizer
+    gives the same codes and scales, 18 bytes per 32 weights against 20 with offsets."""
+    from gguf import GGMLQuantizationType, quants
+
+    w = _weights((12, 256), seed=5)
+    w[2, 32:64] = 0.0  # an all-zero group: scale 0, every code 8
+    w[4, :32] = -np.abs(w[4, :32])  # a group whose peak is negative: a positive scale
+    layer = QuantizedLinear.from_float(torch.from_numpy(w), None, "int4", offsets=False)
+    blocks = quants.quantize(w, GGMLQuantizationType.Q4_0)
+    file = QuantizedLinear.from_gguf_blocks(blocks, "Q4_0", w.shape)
+    assert layer.offsets is None and torch.equal(layer.qweight, file.qweight)
+    assert torch.equal(layer.scale_bits, file.scale_bits)
+    assert layer.packed_bytes() * 20 == QuantizedLinear.from_float(torch.from_numpy(w), None, "int4").packed_bytes() * 18
+    error = (layer.dequantized() - torch.from_numpy(w)).abs().reshape(12, -1, 32)
+    step = layer.scales.to(torch.float32).abs()[..., None]
+    below_top = layer.codes().reshape(12, -1, 32) < 15  # code 15 (7 steps) also takes values up to 8 steps
+    assert bool((error <= step * (1 + 2e-3) + 1e-6).all())
+    assert bool((error <= 0.5 * step * (1 + 2e-3) + 1e-6)[below_top].all())
+    assert bool((layer.codes()[2, 32:64] == 8).all())
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_rounding_a_few_rows_at_a_time_gives_the_same_layer(mode: str, monkeypatch) -> None:
     """from_float rounds pieces of whole rows (its float32 temporaries bounded): uneven pieces give

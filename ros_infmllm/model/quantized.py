@@ -151,9 +151,12 @@ class QuantizedLinear(nn.Module):
     # ---- from float weights (round to nearest) ---------------------------------------------------
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: WeightMode,
-                   group: int | None = None) -> "QuantizedLinear":
+                   group: int | None = None, offsets: bool = True) -> "QuantizedLinear":
         """Round-to-nearest quantization of ``weight [out, in]``; ``group`` input features share a
-        scale (0: the whole row; default ``DEFAULT_GROUPS``: 32, as GGUF's blocks). ``weight`` may
+        scale (0: the whole row; default ``DEFAULT_GROUPS``: 32, as GGUF's blocks). int4 ``offsets``:
+        each group spans its min to max with a float16 offset (Q4_1's layout, 20 bytes per 32
+        weights), or, off, codes centred on 8 with a signed scale and no offset (Q4_0's, 18 bytes:
+        a tenth fewer bytes per decode token, a coarser grid). ``weight`` may
         be any object with a ``shape`` whose row slices are tensors (``checkpoint.TensorRows``:
         a checkpoint's tensor read a piece at a time)."""
         if mode not in DEFAULT_GROUPS:
@@ -166,7 +169,7 @@ class QuantizedLinear(nn.Module):
         # whole rows at a time: rounding a matrix at once takes several float32 copies of it (a 7B
         # gate projection: 180 MB each) beside the packed model being loaded
         step = max(1, ROUNDING_ELEMENTS // in_features)
-        pieces = [_rounded_rows(weight[start:start + step].detach(), mode, group)
+        pieces = [_rounded_rows(weight[start:start + step].detach(), mode, group, offsets)
                   for start in range(0, out_features, step)]
         codes, scales, offsets = (None if pieces[0][i] is None else torch.cat([p[i] for p in pieces]) for i in range(3))
         return cls(codes, scales, offsets, 8 if mode == "int8" else 4, in_features, bias)
@@ -254,15 +257,25 @@ GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210
 GGUF_DIRECT_MODES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q6_K": "int8"}
 
 
-def _rounded_rows(rows: torch.Tensor, mode: str, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _rounded_rows(rows: torch.Tensor, mode: str, group: int, offsets: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest codes (int8, or int4 packed two to a byte), float16 scales and offsets
-    (int4) of the float matrix ``rows [count, in]``."""
+    (int4 with ``offsets``) of the float matrix ``rows [count, in]``. int4 without offsets rounds
+    as llama.cpp's Q4_0: the scale is the group's value of largest magnitude over -8, so that value
+    is code 0 exactly and codes 0..15 stand for -8..7 scales (the bytes of a Q4_0 file of the same
+    floats)."""
     count, in_features = rows.shape
     w = rows.to(torch.float32).reshape(count, in_features // group, group)
     if mode == "int8":
         scales = (w.abs().amax(-1) / 127).to(torch.float16)
         codes = torch.round(w / _divisor(scales)).clamp(-127, 127).to(torch.int8)
         return codes.reshape(count, in_features), scales, None
+    if not offsets:  # llama.cpp's (and the gguf package's) Q4_0 rounding, step for step
+        peak = w.gather(-1, w.abs().argmax(-1, keepdim=True))
+        scales = peak / -8
+        inverse = torch.where(scales == 0, torch.zeros_like(scales), 1 / torch.where(scales == 0, 1.0, scales))
+        codes = torch.trunc(w * inverse + 8.5).clamp(0, 15)
+        return pack_int4(codes.reshape(count, in_features).to(torch.uint8)), scales[..., 0].to(torch.float16), None
     low, high = w.amin(-1), w.amax(-1)
     scales = ((high - low) / 15).to(torch.float16)
     offsets = low.to(torch.float16)
@@ -333,11 +346,11 @@ def linear_operands(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def quantize_decoder(decoder: nn.Module, mode: WeightMode, group: int | None = None,
-                     head: WeightMode | None = None) -> int:
+                     head: WeightMode | None = None, offsets: bool = True) -> int:
     """Replace each block's projections (q, k, v, o, gate, up, down) by ``QuantizedLinear`` from their
     float weights, and the LM head too where ``head`` names a mode (a tied head gets a packed copy:
     the embedding table stays float for its row lookups); embeddings and norms stay as they are.
-    Returns the layers replaced."""
+    ``offsets``: int4's layout (``QuantizedLinear.from_float``). Returns the layers replaced."""
     replaced = int(head is not None and quantize_head(decoder, head))
     for block in decoder.layers:
         for path in QUANTIZED_PROJECTIONS:
@@ -345,7 +358,7 @@ def quantize_decoder(decoder: nn.Module, mode: WeightMode, group: int | None = N
             parent = getattr(block, parent_name)
             layer = getattr(parent, name)
             if isinstance(layer, nn.Linear):
-                setattr(parent, name, QuantizedLinear.from_float(layer.weight, layer.bias, mode, group))
+                setattr(parent, name, QuantizedLinear.from_float(layer.weight, layer.bias, mode, group, offsets))
                 replaced += 1
     return replaced
 

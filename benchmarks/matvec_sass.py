@@ -52,7 +52,9 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
     constants = dict(N=rows, K=columns, NORM=False, GATED=False, HALF=0, ROTATED_ROWS=0, BIAS=False, RESIDUAL=True,
                      BLOCK_N=block_n, BLOCK_K=chunk_size(columns, TUNING.chunk(abs(bits))),
                      PDL=arch >= 90, BITS=abs(bits),
-                     GROUP=32 if bits else 1, OFFSET=abs(bits) == 4, X8=bits < 0, AHEAD=TUNING.packed_ahead if bits else 1)
+                     GROUP=32 if bits else 1, OFFSET=abs(bits) == 4, X8=bits < 0, AHEAD=TUNING.packed_ahead if bits else 1,
+                     EARLY=TUNING.early_scales,
+                     EARLY_EPILOGUE=TUNING.early_epilogue)
     signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     source = ASTSource(fn=matvec_kernels.matvec, signature=signature,

@@ -36,6 +36,11 @@ small element-wise kernels around the products are folded into them:
   being multiplied. A packed chunk is a half or a quarter of a float chunk's bytes, so one chunk
   ahead may leave too few bytes in flight per SM to cover the memory's latency; two cost a few
   registers (``MatvecTuning.packed_ahead``).
+- ``EARLY`` / ``EARLY_EPILOGUE`` (``MatvecTuning.early_scales`` / ``early_epilogue``): when a program
+  requests its chunks' scales and offsets (with the codes, or where used), and the bias, residual and
+  rotary angles (before the products, or after them). Same results either way; on an H100 the early
+  scales cost the 7B int4 step 0.035 ms and the early epilogue took 0.025 ms off the bf16 step
+  (benchmarks/results/decode_early_loads_h100.md).
 - ``PDL`` (Hopper and later): programmatic dependent launch. Consecutive products (o_proj, gate/up,
   down, the next layer's q/k/v) overlap: a launch lets the next one start placing programs during
   its last wave, and those request their first weight chunk before waiting (``gdc_wait``) for the
@@ -95,14 +100,14 @@ def _packed_words(w_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.co
 
 
 @triton.jit
-def _packed_sums(packed, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _packed_sums(packed, x_lo, x_hi, x_groups, scale, offset, BITS: tl.constexpr, GROUP: tl.constexpr,
+                 OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per-group partial products of a packed chunk, ``[BLOCK_N, BLOCK_K / GROUP]``: the codes
     times x summed within each group first, then one scale (and offset) per group:
     ``sum_j (q_j s + m) x_j = s sum_j q_j x_j + m sum_j x_j`` (int4 without offsets: ``m = -8 s``).
     int8: ``x_lo`` is the chunk of x; int4: ``x_lo`` / ``x_hi`` are its even / odd elements, which
-    meet a byte's low / high nibble. ``x_groups``: x summed per group."""
+    meet a byte's low / high nibble. ``x_groups``: x summed per group; ``scale`` / ``offset``: the
+    chunk's groups' (``_group_scales``)."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     if BITS == 8:
         products = packed.to(tl.float32) * x_lo[None, :]
@@ -111,30 +116,43 @@ def _packed_sums(packed, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, star
         codes = packed.to(tl.int32)
         products = (codes & 0xF).to(tl.float32) * x_lo[None, :] + (codes >> 4).to(tl.float32) * x_hi[None, :]
         sums = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
-    return _scaled_groups(sums, x_groups, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP, OFFSET, BLOCK_K)
+    return _scaled_groups(sums, x_groups, scale, offset, BITS, OFFSET)
 
 
 @triton.jit
-def _scaled_groups(sums, x_groups, scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr, BITS: tl.constexpr,
-                   GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):
+def _group_scales(scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr, BITS: tl.constexpr,
+                  GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The float16 scales (and int4 offsets; else the scales again) of rows ``rows``' groups in the
+    chunk at ``start``, ``[BLOCK_N, BLOCK_K / GROUP]``; masked past K, so a chunk beyond the end
+    reads nothing. Loaded where they are used (after the products, behind a barrier the compiler
+    does not hoist loads over) or, with ``EARLY``, requested with the chunk's codes; the latter
+    measured slower (``MatvecTuning.early_scales``)."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    group = start // GROUP + tl.arange(0, GROUPS)
+    at_group = rows[:, None] * (K // GROUP) + group[None, :]
+    tile = live[:, None] & (group < K // GROUP)[None, :]
+    scale = tl.load(scale_ptr + at_group, mask=tile, other=0.0, eviction_policy="evict_first")
+    offset = scale
+    if BITS == 4 and OFFSET:
+        offset = tl.load(offset_ptr + at_group, mask=tile, other=0.0, eviction_policy="evict_first")
+    return scale, offset
+
+
+@triton.jit
+def _scaled_groups(sums, x_groups, scale, offset, BITS: tl.constexpr, OFFSET: tl.constexpr):
     """Per-group sums of codes times x, ``[BLOCK_N, BLOCK_K / GROUP]``, scaled by their groups'
     scales (and offsets times ``x_groups``, x's sums per group)."""
-    GROUPS: tl.constexpr = BLOCK_K // GROUP
-    at_group = rows[:, None] * (K // GROUP) + (start // GROUP + tl.arange(0, GROUPS))[None, :]
-    tile = live[:, None] & ((start // GROUP + tl.arange(0, GROUPS)) < K // GROUP)[None, :]
-    scale = tl.load(scale_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
+    scale = scale.to(tl.float32)
     if BITS == 4 and OFFSET:
-        offset = tl.load(offset_ptr + at_group, mask=tile, other=0.0).to(tl.float32)
-        return sums * scale + offset * x_groups[None, :]
+        return sums * scale + offset.to(tl.float32) * x_groups[None, :]
     if BITS == 4:
         return (sums - 8.0 * x_groups[None, :]) * scale
     return sums * scale
 
 
 @triton.jit
-def _x8_sums(words, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr,
-             BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr):
+def _x8_sums(words, x_even, x_odd, dx, x_sum, scale, offset, BITS: tl.constexpr, GROUP: tl.constexpr,
+             OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``_packed_sums`` for packed codes against x's int8 codes (``X8``): integer sums per group by
     ``dp4a`` (matvec_dp4a.py), times x's group scales ``dx``; ``x_sum``: dequantized x per group.
     int4: ``x_even`` / ``x_odd`` are x's even and odd code words; int8: ``x_even`` its words in order."""
@@ -143,7 +161,57 @@ def _x8_sums(words, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, rows, start
     else:
         dots = matvec_dp4a.group_dots(words, x_even, x_odd, BLOCK_N, BLOCK_K, GROUP)
     sums = dots.to(tl.float32) * dx[None, :]
-    return _scaled_groups(sums, x_sum, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP, OFFSET, BLOCK_K)
+    return _scaled_groups(sums, x_sum, scale, offset, BITS, OFFSET)
+
+
+@triton.jit
+def _chunk_scales(scale_ptr, offset_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.constexpr,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EARLY: tl.constexpr):
+    """``_group_scales`` of a chunk's rows and, when paired, its pair rows; nothing is loaded
+    unless ``EARLY`` (the scales are then loaded where used), and the return is placeholders."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    s = tl.zeros((rows.shape[0], GROUPS), tl.float16)
+    m, s_pair, m_pair = s, s, s
+    if EARLY:
+        s, m = _group_scales(scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP, OFFSET, BLOCK_K)
+        s_pair, m_pair = s, m
+        if PAIRED:
+            s_pair, m_pair = _group_scales(scale_ptr, offset_ptr, pair, start, live, K, BITS, GROUP, OFFSET, BLOCK_K)
+    return s, m, s_pair, m_pair
+
+
+@triton.jit
+def _bias_rows(bias_ptr, rows, pair, live, PAIRED: tl.constexpr, BIAS: tl.constexpr, LOAD: tl.constexpr):
+    """The bias of rows ``rows`` (and ``pair`` when paired; else zeros) in float32, loaded where
+    ``BIAS and LOAD``: a parameter, so it may be requested before the previous launch is waited for."""
+    bias = tl.zeros(rows.shape, tl.float32)
+    bias_pair = bias
+    if BIAS and LOAD:
+        bias = tl.load(bias_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        if PAIRED:
+            bias_pair = tl.load(bias_ptr + pair, mask=live, other=0.0).to(tl.float32)
+    return bias, bias_pair
+
+
+@triton.jit
+def _wait_previous(residual_ptr, cos_ptr, sin_ptr, rows, index_n, turn, live, HALF: tl.constexpr,
+                   PDL: tl.constexpr, RESIDUAL: tl.constexpr, LOAD: tl.constexpr):
+    """Wait for the previous launch (``PDL``), then, where ``LOAD``, request what its chain wrote and
+    the epilogue adds: the residual rows and the token's rotary cos / sin (1 and 0 for rows not
+    turned), in float32. Requested here, their round trips overlap the weights' instead of
+    following the products (``MatvecTuning.early_epilogue``)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    residual = tl.zeros(rows.shape, tl.float32)
+    cos = residual + 1.0
+    sin = residual
+    if LOAD and RESIDUAL:
+        residual = tl.load(residual_ptr + rows, mask=live, other=0.0).to(tl.float32)
+    if LOAD and HALF > 0:
+        cos = tl.where(turn, tl.load(cos_ptr + index_n % HALF, mask=live, other=1.0).to(tl.float32), 1.0)
+        sin = tl.where(turn, tl.load(sin_ptr + index_n % HALF, mask=live, other=0.0).to(tl.float32), 0.0)
+    return residual, cos, sin
 
 
 @triton.jit
@@ -151,7 +219,8 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
            stats_ptr, eps, N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
            HALF: tl.constexpr, ROTATED_ROWS: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-           OFFSET: tl.constexpr, X8: tl.constexpr, AHEAD: tl.constexpr = 1):
+           OFFSET: tl.constexpr, X8: tl.constexpr, AHEAD: tl.constexpr = 1, EARLY: tl.constexpr = False,
+           EARLY_EPILOGUE: tl.constexpr = False):
     if PDL:  # the next launch may start placing its programs as ours run their last wave
         tl.extra.cuda.gdc_launch_dependents()
     index_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -164,6 +233,8 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
         rows = index_n
         pair = rows + N
     PAIRED: tl.constexpr = GATED or HALF > 0
+    bias, bias_pair = _bias_rows(bias_ptr, rows, pair, live, PAIRED, BIAS, EARLY_EPILOGUE)
+    turn = rows < ROTATED_ROWS  # rotary: q and k heads; v heads pass through
     if BITS == 0:
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -172,8 +243,8 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
         # The first weight chunk is requested before waiting for the previous launch (weights are no
         # launch's output; x and the residual are), then each chunk is requested one step ahead.
         w, u = _float_chunk(w_ptr, rows, pair, cols, live, K, PAIRED)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+        residual, cos, sin = _wait_previous(residual_ptr, cos_ptr, sin_ptr, rows, index_n, turn, live, HALF, PDL,
+                                             RESIDUAL, EARLY_EPILOGUE)
         for start in range(0, K, BLOCK_K):
             index = start + cols
             next_w, next_u = _float_chunk(w_ptr, rows, pair, index + BLOCK_K, live, K, PAIRED)
@@ -196,14 +267,22 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
         acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
         acc_pair = tl.zeros((BLOCK_N, GROUPS), tl.float32)
         w, u = _packed_words(w_ptr, rows, pair, 0, live, K, PAIRED, WORDS, BITS)
+        s, m, s_pair, m_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, 0, live, K, PAIRED, BITS, GROUP,
+                                             OFFSET, BLOCK_K, EARLY)
         w1, u1 = w, u
+        s1, m1, s1_pair, m1_pair = s, m, s_pair, m_pair
         if AHEAD == 2:
             w1, u1 = _packed_words(w_ptr, rows, pair, BLOCK_K, live, K, PAIRED, WORDS, BITS)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+            s1, m1, s1_pair, m1_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, BLOCK_K, live, K, PAIRED,
+                                                     BITS, GROUP, OFFSET, BLOCK_K, EARLY)
+        residual, cos, sin = _wait_previous(residual_ptr, cos_ptr, sin_ptr, rows, index_n, turn, live, HALF, PDL,
+                                             RESIDUAL, EARLY_EPILOGUE)
         squares = tl.zeros((GROUPS,), tl.float32)  # x's sums of squares per group (used with NORM)
         for start in range(0, K, BLOCK_K):
             next_w, next_u = _packed_words(w_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, WORDS, BITS)
+            next_s, next_m, next_s_pair, next_m_pair = _chunk_scales(
+                scale_ptr, offset_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, BITS, GROUP, OFFSET,
+                BLOCK_K, EARLY)
             word = start // X_STEP + tl.arange(0, X_WORDS)
             x_even = tl.load(x_ptr + word, mask=word < K // X_STEP, other=0)
             x_odd = x_even
@@ -216,15 +295,19 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             x_sum = dx  # int8 codes are symmetric: no offsets, no sums of x
             if BITS == 4:
                 x_sum = tl.load(stats_ptr + K // GROUP + group, mask=group < K // GROUP, other=0.0)
-            acc += _x8_sums(w, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP,
-                            OFFSET, BLOCK_N, BLOCK_K)
+            if not EARLY:  # the chunk's scales requested here, after x's codes
+                s, m, s_pair, m_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, start, live, K, PAIRED, BITS,
+                                                     GROUP, OFFSET, BLOCK_K, True)
+            acc += _x8_sums(w, x_even, x_odd, dx, x_sum, s, m, BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
             if PAIRED:
-                acc_pair += _x8_sums(u, x_even, x_odd, dx, x_sum, scale_ptr, offset_ptr, pair, start, live, K, BITS,
-                                     GROUP, OFFSET, BLOCK_N, BLOCK_K)
+                acc_pair += _x8_sums(u, x_even, x_odd, dx, x_sum, s_pair, m_pair, BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
             if AHEAD == 2:
                 w, u, w1, u1 = w1, u1, next_w, next_u
+                s, m, s_pair, m_pair = s1, m1, s1_pair, m1_pair
+                s1, m1, s1_pair, m1_pair = next_s, next_m, next_s_pair, next_m_pair
             else:
                 w, u = next_w, next_u
+                s, m, s_pair, m_pair = next_s, next_m, next_s_pair, next_m_pair
     else:
         # Packed: the raw bytes are prefetched one chunk ahead; decoding, the products and the
         # per-group scaling happen in registers (``_packed_sums``). int4 bytes hold elements 2j
@@ -237,13 +320,21 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
         squares = tl.zeros((SPAN,), tl.float32)
         lanes = tl.arange(0, SPAN)
         w, u = _packed_chunk(w_ptr, rows, pair, 0, live, K, PAIRED, BITS, BLOCK_K)
+        s, m, s_pair, m_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, 0, live, K, PAIRED, BITS, GROUP,
+                                             OFFSET, BLOCK_K, EARLY)
         w1, u1 = w, u
+        s1, m1, s1_pair, m1_pair = s, m, s_pair, m_pair
         if AHEAD == 2:
             w1, u1 = _packed_chunk(w_ptr, rows, pair, BLOCK_K, live, K, PAIRED, BITS, BLOCK_K)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+            s1, m1, s1_pair, m1_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, BLOCK_K, live, K, PAIRED,
+                                                     BITS, GROUP, OFFSET, BLOCK_K, EARLY)
+        residual, cos, sin = _wait_previous(residual_ptr, cos_ptr, sin_ptr, rows, index_n, turn, live, HALF, PDL,
+                                             RESIDUAL, EARLY_EPILOGUE)
         for start in range(0, K, BLOCK_K):
             next_w, next_u = _packed_chunk(w_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, BITS, BLOCK_K)
+            next_s, next_m, next_s_pair, next_m_pair = _chunk_scales(
+                scale_ptr, offset_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, BITS, GROUP, OFFSET,
+                BLOCK_K, EARLY)
             first = start + STRIDE * lanes  # every element (int8) or the even ones (int4)
             x_lo = tl.load(x_ptr + first, mask=first < K, other=0.0).to(tl.float32)
             x_hi = x_lo
@@ -258,15 +349,19 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             x_groups = x_lo  # int8 needs no per-group sums of x
             if BITS == 4:
                 x_groups = tl.sum(tl.reshape(x_lo + x_hi, (GROUPS, GROUP // 2)), axis=1)
-            acc += _packed_sums(w, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP,
-                                OFFSET, BLOCK_N, BLOCK_K)
+            if not EARLY:  # the chunk's scales requested here, after x
+                s, m, s_pair, m_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, start, live, K, PAIRED, BITS,
+                                                     GROUP, OFFSET, BLOCK_K, True)
+            acc += _packed_sums(w, x_lo, x_hi, x_groups, s, m, BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
             if PAIRED:
-                acc_pair += _packed_sums(u, x_lo, x_hi, x_groups, scale_ptr, offset_ptr, pair, start, live, K,
-                                         BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
+                acc_pair += _packed_sums(u, x_lo, x_hi, x_groups, s_pair, m_pair, BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
             if AHEAD == 2:  # two chunks in flight while one is multiplied
                 w, u, w1, u1 = w1, u1, next_w, next_u
+                s, m, s_pair, m_pair = s1, m1, s1_pair, m1_pair
+                s1, m1, s1_pair, m1_pair = next_s, next_m, next_s_pair, next_m_pair
             else:
                 w, u = next_w, next_u
+                s, m, s_pair, m_pair = next_s, next_m, next_s_pair, next_m_pair
     y = tl.sum(acc, axis=1)
     y_pair = tl.sum(acc_pair, axis=1)
     if NORM:
@@ -274,18 +369,21 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
         y = y * inverse_rms
         y_pair = y_pair * inverse_rms
     if BIAS:
-        y += tl.load(bias_ptr + rows, mask=live, other=0.0).to(tl.float32)
-        if GATED or HALF > 0:
-            y_pair += tl.load(bias_ptr + pair, mask=live, other=0.0).to(tl.float32)
+        if not EARLY_EPILOGUE:
+            bias, bias_pair = _bias_rows(bias_ptr, rows, pair, live, PAIRED, BIAS, True)
+        y += bias
+        y_pair += bias_pair
     if GATED:
         y = y * tl.sigmoid(y) * y_pair
     if HALF > 0:
         # x * cos + rotate_half(x) * sin; the angle of column i and i + HALF is the same
-        turn = rows < ROTATED_ROWS  # q and k heads; v heads pass through
-        cos = tl.where(turn, tl.load(cos_ptr + index_n % HALF, mask=live, other=1.0).to(tl.float32), 1.0)
-        sin = tl.where(turn, tl.load(sin_ptr + index_n % HALF, mask=live, other=0.0).to(tl.float32), 0.0)
+        if not EARLY_EPILOGUE:
+            _, cos, sin = _wait_previous(residual_ptr, cos_ptr, sin_ptr, rows, index_n, turn, live, HALF, False,
+                                         False, True)
         y, y_pair = y * cos - y_pair * sin, y_pair * cos + y * sin
         tl.store(out_ptr + pair, y_pair.to(out_ptr.dtype.element_ty), mask=live)
     if RESIDUAL:
-        y += tl.load(residual_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        if not EARLY_EPILOGUE:
+            residual = tl.load(residual_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        y += residual
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=live)

@@ -53,7 +53,6 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
                      BLOCK_N=block_n, BLOCK_K=chunk_size(columns, TUNING.chunk(abs(bits))),
                      PDL=arch >= 90, BITS=abs(bits),
                      GROUP=32 if bits else 1, OFFSET=abs(bits) == 4, X8=bits < 0, AHEAD=TUNING.packed_ahead if bits else 1,
-                     EARLY=TUNING.early_scales,
                      EARLY_EPILOGUE=TUNING.early_epilogue)
     signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)

@@ -171,11 +171,10 @@ def test_two_packed_chunks_requested_ahead_give_the_same_product(monkeypatch, pa
 @pytest.mark.parametrize("packing,x8", [("float", False), ("int8", False), ("int4", False), ("int8", True),
                                         ("int4", True), ("int4-centred", True)])
 @pytest.mark.parametrize("case", ["swiglu", "rotary"])
-def test_scales_and_epilogue_inputs_requested_early_give_the_same_product(monkeypatch, packing, x8, case) -> None:
-    """``early_scales`` / ``early_epilogue`` change when the scales and offsets, and the bias, residual
-    and rotary angles, are requested (with the codes; before or right after the wait), not what is
-    computed: the same output bit for bit as loading them where they are used, one and two chunks
-    ahead, over five chunks."""
+def test_epilogue_inputs_requested_early_give_the_same_product(monkeypatch, packing, x8, case) -> None:
+    """``early_epilogue`` changes when the bias, residual and rotary angles are requested (before or
+    right after the wait), not what is computed: the same output bit for bit as loading them after
+    the products, one and two chunks ahead, over five chunks."""
     generator = torch.Generator().manual_seed(19 + len(packing) + x8)
     dim, columns = 32, 1088
     rows = 4 * dim if case == "rotary" else 24
@@ -191,18 +190,17 @@ def test_scales_and_epilogue_inputs_requested_early_give_the_same_product(monkey
     packed = {} if layer is None else {"scales": layer.scales, "offsets": layer.offsets, "bits": layer.bits}
     activations = "int8" if x8 else "float"
     outs = {}
-    for early in ((False, False), (True, False), (False, True)):  # (scales, epilogue inputs) requested early
+    for early in (False, True):
         for ahead in (1, 2):
             monkeypatch.setattr(op, "TUNING", dataclasses.replace(
-                op.TUNING, early_scales=early[0], early_epilogue=early[1], packed_ahead=ahead, int8_block_k=256,
-                int4_block_k=256, block_k=256, int4_activations=activations, int8_activations=activations))
+                op.TUNING, early_epilogue=early, packed_ahead=ahead, int8_block_k=256, int4_block_k=256,
+                block_k=256, int4_activations=activations, int8_activations=activations))
             outs[early, ahead] = op.decode_linear(x, weight.to(DEVICE) if layer is None else layer.qweight, *rest,
                                                   **packed)
-    for early in ((True, False), (False, True)):
-        for ahead in (1, 2):
-            assert torch.equal(outs[early, ahead], outs[(False, False), ahead]), (early, ahead)
+    for ahead in (1, 2):
+        assert torch.equal(outs[True, ahead], outs[False, ahead]), ahead
     want = _reference(x, weight.to(DEVICE).double() if layer is None else layer.dequantized(torch.float64), *rest)
-    assert float((outs[(False, True), 1].double() - want).norm() / want.norm()) < (2e-2 if x8 else 1e-6)
+    assert float((outs[True, 1].double() - want).norm() / want.norm()) < (2e-2 if x8 else 1e-6)
 
 
 def test_packed_arguments_are_checked() -> None:
@@ -312,8 +310,7 @@ for (rows, columns, norm, gated, half, bias, residual), kind in [
                               if bits else TUNING.gated_block_n if gated or half else TUNING.block_n),
                      BLOCK_K=chunk_size(columns, TUNING.chunk(bits)), PDL=arch >= 90,
                      BITS=bits, GROUP=32 if bits else 1, OFFSET=bits == 4, X8=kind < 0,
-                     AHEAD=TUNING.packed_ahead if bits else 1, EARLY=TUNING.early_scales,
-                     EARLY_EPILOGUE=TUNING.early_epilogue)
+                     AHEAD=TUNING.packed_ahead if bits else 1, EARLY_EPILOGUE=TUNING.early_epilogue)
     typed = dict(pointers, w_ptr=WEIGHTS[kind], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}),
                  **({"x_ptr": "*i32", "stats_ptr": "*fp32"} if kind < 0 else {}))
     signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})

@@ -85,15 +85,11 @@ class MatvecTuning:
     # step 2.721 -> 2.629 ms, 1.5B int4 1.062 -> 1.007, 7B int8 3.601 -> 3.530; 1 and 16 alike
     # (results/decode_round_groups_h100.md)
     x8_round_groups: int = 4
-    # packed products request each chunk's scales (and int4 offsets) with its codes (matvec_kernels
-    # EARLY) instead of where they are used, after the products and a barrier the compiler does not
-    # hoist loads over (a second memory round trip per program after its weights arrive). Measured
-    # slower on an H100: 7B int4 step 2.587 / 2.582 ms late against 2.622 / 2.620 early
-    # (results/decode_early_loads_h100.md), so off
-    early_scales: bool = False
     # the bias requested before waiting for the previous launch, the residual and rotary angles right
     # after it (EARLY_EPILOGUE), instead of after the products. On two H100s the 7B bf16 step 5.586 ->
-    # 5.558 and 5.582 -> 5.558 ms; the 7B int4 step 2.586 / 2.587 -> 2.583 / 2.583 (same results file)
+    # 5.558 and 5.582 -> 5.558 ms; the 7B int4 step 2.586 / 2.587 -> 2.583 / 2.583
+    # (results/decode_early_loads_h100.md; the scales and offsets requested with the codes, also
+    # there, were slower and were removed)
     early_epilogue: bool = True
 
     def x8(self, bits: int, group: int = 32) -> bool:
@@ -207,7 +203,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         BIAS=bias is not None,
         RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=max(chunk_size(columns, tuning.chunk(bits)), group),
         PDL=bool(launch), BITS=bits, GROUP=group,
-        OFFSET=offsets is not None, X8=x8, AHEAD=tuning.packed_ahead if bits else 1, EARLY=tuning.early_scales,
+        OFFSET=offsets is not None, X8=x8, AHEAD=tuning.packed_ahead if bits else 1,
         EARLY_EPILOGUE=tuning.early_epilogue,
         num_warps=tuning.warps(bits), **launch)
     return out

@@ -36,10 +36,12 @@ small element-wise kernels around the products are folded into them:
   being multiplied. A packed chunk is a half or a quarter of a float chunk's bytes, so one chunk
   ahead may leave too few bytes in flight per SM to cover the memory's latency; two cost a few
   registers (``MatvecTuning.packed_ahead``).
-- ``EARLY`` / ``EARLY_EPILOGUE`` (``MatvecTuning.early_scales`` / ``early_epilogue``): when a program
-  requests its chunks' scales and offsets (with the codes, or where used), and the bias, residual and
-  rotary angles (before the products, or after them). Same results either way; on an H100 the early
-  scales cost the 7B int4 step 0.035 ms and the early epilogue took 0.025 ms off the bf16 step
+- ``EARLY_EPILOGUE`` (``MatvecTuning.early_epilogue``): the bias is requested before waiting for the
+  previous launch and the residual and rotary angles right after it, instead of after the products
+  (a memory round trip of their own at the end of every program). Same results; on two H100s it
+  took 0.025 ms off the 7B bf16 step and left the int4 step as it was. A packed chunk's scales and
+  offsets are requested before its products (``_group_scales``); requested with the codes, before
+  the wait, they made the 7B int4 step 0.035 ms slower, and that option was removed
   (benchmarks/results/decode_early_loads_h100.md).
 - ``PDL`` (Hopper and later): programmatic dependent launch. Consecutive products (o_proj, gate/up,
   down, the next layer's q/k/v) overlap: a launch lets the next one start placing programs during
@@ -124,9 +126,11 @@ def _group_scales(scale_ptr, offset_ptr, rows, start, live, K: tl.constexpr, BIT
                   GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):
     """The float16 scales (and int4 offsets; else the scales again) of rows ``rows``' groups in the
     chunk at ``start``, ``[BLOCK_N, BLOCK_K / GROUP]``; masked past K, so a chunk beyond the end
-    reads nothing. Loaded where they are used (after the products, behind a barrier the compiler
-    does not hoist loads over) or, with ``EARLY``, requested with the chunk's codes; the latter
-    measured slower (``MatvecTuning.early_scales``)."""
+    reads nothing. Requested in the loop before the chunk's products (the compiler places them among
+    the products' instructions); written after the products, as until the twenty-sixth session,
+    they came after a barrier the compiler does not hoist loads over. Requested with the chunk's
+    codes instead, before the wait for the previous launch, they made the 7B int4 step slower
+    (benchmarks/results/decode_early_loads_h100.md)."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     group = start // GROUP + tl.arange(0, GROUPS)
     at_group = rows[:, None] * (K // GROUP) + group[None, :]
@@ -166,18 +170,12 @@ def _x8_sums(words, x_even, x_odd, dx, x_sum, scale, offset, BITS: tl.constexpr,
 
 @triton.jit
 def _chunk_scales(scale_ptr, offset_ptr, rows, pair, start, live, K: tl.constexpr, PAIRED: tl.constexpr,
-                  BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EARLY: tl.constexpr):
-    """``_group_scales`` of a chunk's rows and, when paired, its pair rows; nothing is loaded
-    unless ``EARLY`` (the scales are then loaded where used), and the return is placeholders."""
-    GROUPS: tl.constexpr = BLOCK_K // GROUP
-    s = tl.zeros((rows.shape[0], GROUPS), tl.float16)
-    m, s_pair, m_pair = s, s, s
-    if EARLY:
-        s, m = _group_scales(scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP, OFFSET, BLOCK_K)
-        s_pair, m_pair = s, m
-        if PAIRED:
-            s_pair, m_pair = _group_scales(scale_ptr, offset_ptr, pair, start, live, K, BITS, GROUP, OFFSET, BLOCK_K)
+                  BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_group_scales`` of a chunk's rows and, when paired, of its pair rows (else the rows' again)."""
+    s, m = _group_scales(scale_ptr, offset_ptr, rows, start, live, K, BITS, GROUP, OFFSET, BLOCK_K)
+    s_pair, m_pair = s, m
+    if PAIRED:
+        s_pair, m_pair = _group_scales(scale_ptr, offset_ptr, pair, start, live, K, BITS, GROUP, OFFSET, BLOCK_K)
     return s, m, s_pair, m_pair
 
 
@@ -219,8 +217,7 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
            stats_ptr, eps, N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
            HALF: tl.constexpr, ROTATED_ROWS: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-           OFFSET: tl.constexpr, X8: tl.constexpr, AHEAD: tl.constexpr = 1, EARLY: tl.constexpr = False,
-           EARLY_EPILOGUE: tl.constexpr = False):
+           OFFSET: tl.constexpr, X8: tl.constexpr, AHEAD: tl.constexpr = 1, EARLY_EPILOGUE: tl.constexpr = False):
     if PDL:  # the next launch may start placing its programs as ours run their last wave
         tl.extra.cuda.gdc_launch_dependents()
     index_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -267,22 +264,14 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
         acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
         acc_pair = tl.zeros((BLOCK_N, GROUPS), tl.float32)
         w, u = _packed_words(w_ptr, rows, pair, 0, live, K, PAIRED, WORDS, BITS)
-        s, m, s_pair, m_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, 0, live, K, PAIRED, BITS, GROUP,
-                                             OFFSET, BLOCK_K, EARLY)
         w1, u1 = w, u
-        s1, m1, s1_pair, m1_pair = s, m, s_pair, m_pair
         if AHEAD == 2:
             w1, u1 = _packed_words(w_ptr, rows, pair, BLOCK_K, live, K, PAIRED, WORDS, BITS)
-            s1, m1, s1_pair, m1_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, BLOCK_K, live, K, PAIRED,
-                                                     BITS, GROUP, OFFSET, BLOCK_K, EARLY)
         residual, cos, sin = _wait_previous(residual_ptr, cos_ptr, sin_ptr, rows, index_n, turn, live, HALF, PDL,
                                              RESIDUAL, EARLY_EPILOGUE)
         squares = tl.zeros((GROUPS,), tl.float32)  # x's sums of squares per group (used with NORM)
         for start in range(0, K, BLOCK_K):
             next_w, next_u = _packed_words(w_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, WORDS, BITS)
-            next_s, next_m, next_s_pair, next_m_pair = _chunk_scales(
-                scale_ptr, offset_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, BITS, GROUP, OFFSET,
-                BLOCK_K, EARLY)
             word = start // X_STEP + tl.arange(0, X_WORDS)
             x_even = tl.load(x_ptr + word, mask=word < K // X_STEP, other=0)
             x_odd = x_even
@@ -295,19 +284,16 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             x_sum = dx  # int8 codes are symmetric: no offsets, no sums of x
             if BITS == 4:
                 x_sum = tl.load(stats_ptr + K // GROUP + group, mask=group < K // GROUP, other=0.0)
-            if not EARLY:  # the chunk's scales requested here, after x's codes
-                s, m, s_pair, m_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, start, live, K, PAIRED, BITS,
-                                                     GROUP, OFFSET, BLOCK_K, True)
+            # the chunk's scales, requested before its products (see _group_scales)
+            s, m, s_pair, m_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, start, live, K, PAIRED, BITS,
+                                                 GROUP, OFFSET, BLOCK_K)
             acc += _x8_sums(w, x_even, x_odd, dx, x_sum, s, m, BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
             if PAIRED:
                 acc_pair += _x8_sums(u, x_even, x_odd, dx, x_sum, s_pair, m_pair, BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
             if AHEAD == 2:
                 w, u, w1, u1 = w1, u1, next_w, next_u
-                s, m, s_pair, m_pair = s1, m1, s1_pair, m1_pair
-                s1, m1, s1_pair, m1_pair = next_s, next_m, next_s_pair, next_m_pair
             else:
                 w, u = next_w, next_u
-                s, m, s_pair, m_pair = next_s, next_m, next_s_pair, next_m_pair
     else:
         # Packed: the raw bytes are prefetched one chunk ahead; decoding, the products and the
         # per-group scaling happen in registers (``_packed_sums``). int4 bytes hold elements 2j
@@ -320,21 +306,13 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
         squares = tl.zeros((SPAN,), tl.float32)
         lanes = tl.arange(0, SPAN)
         w, u = _packed_chunk(w_ptr, rows, pair, 0, live, K, PAIRED, BITS, BLOCK_K)
-        s, m, s_pair, m_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, 0, live, K, PAIRED, BITS, GROUP,
-                                             OFFSET, BLOCK_K, EARLY)
         w1, u1 = w, u
-        s1, m1, s1_pair, m1_pair = s, m, s_pair, m_pair
         if AHEAD == 2:
             w1, u1 = _packed_chunk(w_ptr, rows, pair, BLOCK_K, live, K, PAIRED, BITS, BLOCK_K)
-            s1, m1, s1_pair, m1_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, BLOCK_K, live, K, PAIRED,
-                                                     BITS, GROUP, OFFSET, BLOCK_K, EARLY)
         residual, cos, sin = _wait_previous(residual_ptr, cos_ptr, sin_ptr, rows, index_n, turn, live, HALF, PDL,
                                              RESIDUAL, EARLY_EPILOGUE)
         for start in range(0, K, BLOCK_K):
             next_w, next_u = _packed_chunk(w_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, BITS, BLOCK_K)
-            next_s, next_m, next_s_pair, next_m_pair = _chunk_scales(
-                scale_ptr, offset_ptr, rows, pair, start + AHEAD * BLOCK_K, live, K, PAIRED, BITS, GROUP, OFFSET,
-                BLOCK_K, EARLY)
             first = start + STRIDE * lanes  # every element (int8) or the even ones (int4)
             x_lo = tl.load(x_ptr + first, mask=first < K, other=0.0).to(tl.float32)
             x_hi = x_lo
@@ -349,19 +327,16 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             x_groups = x_lo  # int8 needs no per-group sums of x
             if BITS == 4:
                 x_groups = tl.sum(tl.reshape(x_lo + x_hi, (GROUPS, GROUP // 2)), axis=1)
-            if not EARLY:  # the chunk's scales requested here, after x
-                s, m, s_pair, m_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, start, live, K, PAIRED, BITS,
-                                                     GROUP, OFFSET, BLOCK_K, True)
+            # the chunk's scales, requested before its products (see _group_scales)
+            s, m, s_pair, m_pair = _chunk_scales(scale_ptr, offset_ptr, rows, pair, start, live, K, PAIRED, BITS,
+                                                 GROUP, OFFSET, BLOCK_K)
             acc += _packed_sums(w, x_lo, x_hi, x_groups, s, m, BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
             if PAIRED:
                 acc_pair += _packed_sums(u, x_lo, x_hi, x_groups, s_pair, m_pair, BITS, GROUP, OFFSET, BLOCK_N, BLOCK_K)
             if AHEAD == 2:  # two chunks in flight while one is multiplied
                 w, u, w1, u1 = w1, u1, next_w, next_u
-                s, m, s_pair, m_pair = s1, m1, s1_pair, m1_pair
-                s1, m1, s1_pair, m1_pair = next_s, next_m, next_s_pair, next_m_pair
             else:
                 w, u = next_w, next_u
-                s, m, s_pair, m_pair = next_s, next_m, next_s_pair, next_m_pair
     y = tl.sum(acc, axis=1)
     y_pair = tl.sum(acc_pair, axis=1)
     if NORM:

@@ -207,9 +207,16 @@ def _wait_previous(residual_ptr, cos_ptr, sin_ptr, rows, index_n, turn, live, HA
     if LOAD and RESIDUAL:
         residual = tl.load(residual_ptr + rows, mask=live, other=0.0).to(tl.float32)
     if LOAD and HALF > 0:
-        cos = tl.where(turn, tl.load(cos_ptr + index_n % HALF, mask=live, other=1.0).to(tl.float32), 1.0)
-        sin = tl.where(turn, tl.load(sin_ptr + index_n % HALF, mask=live, other=0.0).to(tl.float32), 0.0)
+        cos, sin = _rotary_angles(cos_ptr, sin_ptr, index_n, turn, live, HALF)
     return residual, cos, sin
+
+
+@triton.jit
+def _rotary_angles(cos_ptr, sin_ptr, index_n, turn, live, HALF: tl.constexpr):
+    """The token's cos / sin for rows ``index_n`` of their heads, float32; 1 and 0 where not ``turn``."""
+    cos = tl.where(turn, tl.load(cos_ptr + index_n % HALF, mask=live, other=1.0).to(tl.float32), 1.0)
+    sin = tl.where(turn, tl.load(sin_ptr + index_n % HALF, mask=live, other=0.0).to(tl.float32), 0.0)
+    return cos, sin
 
 
 @triton.jit
@@ -353,8 +360,7 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
     if HALF > 0:
         # x * cos + rotate_half(x) * sin; the angle of column i and i + HALF is the same
         if not EARLY_EPILOGUE:
-            _, cos, sin = _wait_previous(residual_ptr, cos_ptr, sin_ptr, rows, index_n, turn, live, HALF, False,
-                                         False, True)
+            cos, sin = _rotary_angles(cos_ptr, sin_ptr, index_n, turn, live, HALF)
         y, y_pair = y * cos - y_pair * sin, y_pair * cos + y * sin
         tl.store(out_ptr + pair, y_pair.to(out_ptr.dtype.element_ty), mask=live)
     if RESIDUAL:

@@ -171,8 +171,8 @@ class QuantizedLinear(nn.Module):
         step = max(1, ROUNDING_ELEMENTS // in_features)
         pieces = [_rounded_rows(weight[start:start + step].detach(), mode, group, offsets)
                   for start in range(0, out_features, step)]
-        codes, scales, offsets = (None if pieces[0][i] is None else torch.cat([p[i] for p in pieces]) for i in range(3))
-        return cls(codes, scales, offsets, 8 if mode == "int8" else 4, in_features, bias)
+        codes, scales, shifts = (None if pieces[0][i] is None else torch.cat([p[i] for p in pieces]) for i in range(3))
+        return cls(codes, scales, shifts, 8 if mode == "int8" else 4, in_features, bias)
 
     # ---- from GGUF blocks ------------------------------------------------------------------------
     @classmethod
@@ -278,9 +278,9 @@ def _rounded_rows(rows: torch.Tensor, mode: str, group: int, offsets: bool = Tru
         return pack_int4(codes.reshape(count, in_features).to(torch.uint8)), scales[..., 0].to(torch.float16), None
     low, high = w.amin(-1), w.amax(-1)
     scales = ((high - low) / 15).to(torch.float16)
-    offsets = low.to(torch.float16)
-    codes = torch.round((w - offsets.to(torch.float32)[..., None]) / _divisor(scales)).clamp(0, 15)
-    return pack_int4(codes.reshape(count, in_features).to(torch.uint8)), scales, offsets
+    lows = low.to(torch.float16)
+    codes = torch.round((w - lows.to(torch.float32)[..., None]) / _divisor(scales)).clamp(0, 15)
+    return pack_int4(codes.reshape(count, in_features).to(torch.uint8)), scales, lows
 
 
 def _divisor(scales: torch.Tensor) -> torch.Tensor:

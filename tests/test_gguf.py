@@ -145,6 +145,29 @@ def test_gguf_template_and_tokenizer_come_from_the_file(tmp_path: Path) -> None:
     assert session.tokenizer.encode("<|im_start|>").ids == [10]  # a control token is one id
 
 
+def test_an_opened_file_holds_its_vocabulary_as_plain_lists(tmp_path: Path) -> None:
+    """The tokenizer's arrays leave the reader's parsed fields (two numpy views per string, about
+    160 MB for SmolLM2's vocabulary, held while the file stays cached) for plain lists with the
+    same values, which get / require / tokens answer from."""
+    from gguf import GGUFReader
+
+    from ros_infmllm.model.gguf_file import TOKENIZER_ARRAYS, GGUFFile
+
+    source = build_tiny_causal_lm(tmp_path / "hf", "qwen2", seed=9)
+    file = write_text_gguf(tmp_path / "model.gguf", source.config, source.state_dict())
+    reference = GGUFReader(str(file)).fields
+    opened = GGUFFile(file)
+    held = [key for key in TOKENIZER_ARRAYS if key in reference]
+    assert "tokenizer.ggml.tokens" in held and "tokenizer.ggml.token_type" in held
+    for key in held:
+        assert key not in opened.reader.fields and isinstance(opened.arrays[key], list)
+        assert opened.get(key) == reference[key].contents() == opened.require(key)
+    assert opened.tokens == reference["tokenizer.ggml.tokens"].contents()
+    assert opened.get("general.architecture") == "qwen2"  # other metadata still from the reader
+    with pytest.raises(CheckpointError, match="tokenizer.ggml.scores"):
+        opened.require("tokenizer.ggml.scores")  # a BPE file has no scores
+
+
 def test_unsupported_architecture_and_tensor_type_are_named(tmp_path: Path) -> None:
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 

@@ -8,7 +8,7 @@ is one ``CheckpointError`` naming the file and what it found.
 """
 from __future__ import annotations
 
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,11 @@ from ..errors import CheckpointError
 
 # Tensor types we dequantize (the `gguf` package has a dequantizer for each).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# Metadata arrays with one entry per token or merge, held as plain lists once the file is opened: the
+# reader keeps two numpy views per string (SmolLM2's 49,152 tokens and merges: about 160 MB of
+# objects), and an opened file stays cached (open_gguf) for the life of the process.
+TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                    "tokenizer.ggml.scores")
 
 
 def tensor_names():
@@ -46,15 +51,19 @@ class GGUFFile:
         except Exception as exc:  # the reader raises ValueError, struct errors, ... on bad files
             raise CheckpointError(f"{self.path}: not a readable GGUF file ({exc})") from exc
         self.tensors = {t.name: t for t in self.reader.tensors}
+        self.arrays = {key: self.reader.fields.pop(key).contents() for key in TOKENIZER_ARRAYS
+                       if key in self.reader.fields}
 
     # ---- metadata -----------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value (int, float, str, bool or a list of them), or ``default`` if absent."""
+        if key in self.arrays:
+            return self.arrays[key]
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
 
     def require(self, key: str) -> Any:
-        if key not in self.reader.fields:
+        if key not in self.reader.fields and key not in self.arrays:
             raise CheckpointError(f"{self.path}: metadata key {key!r} is missing")
         return self.get(key)
 
@@ -62,10 +71,10 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.get("general.architecture", ""))
 
-    @cached_property
+    @property
     def tokens(self) -> list[str]:
-        """The vocabulary (``tokenizer.ggml.tokens``; empty if the file has none), read once."""
-        return list(self.get("tokenizer.ggml.tokens", []))
+        """The vocabulary (``tokenizer.ggml.tokens``; empty if the file has none)."""
+        return self.arrays.get("tokenizer.ggml.tokens", [])
 
     def token_text(self, key: str) -> str | None:
         """The text of a special token the metadata names by id (``tokenizer.ggml.eos_token_id``, ...)."""

@@ -38,27 +38,21 @@ def load(files, setting: str, device: str, dtype: torch.dtype = torch.float32,
     if setting not in SETTINGS:
         raise ValueError(f"unknown weight setting {setting!r}; one of {', '.join(SETTINGS)}")
     started = time.monotonic()
-    if setting.startswith("int4-rtn-g"):
+    base = setting.removesuffix("-x8")
+    if base.startswith("int4-rtn-g") or base == "q4_0-rtn":  # the float model rounded to int4 at load
         model = load_model(files, device="cpu", dtype=dtype, **parts)
-        quantize_decoder(model.decoder, "int4", int(setting.rsplit("g", 1)[1]))
+        offsets = base != "q4_0-rtn"
+        quantize_decoder(model.decoder, "int4", int(base.rsplit("g", 1)[1]) if offsets else 32, offsets=offsets)
         model = model.to(device)
-    elif setting.startswith("q4_0-rtn"):
-        model = load_model(files, device="cpu", dtype=dtype, **parts)
-        quantize_decoder(model.decoder, "int4", 32, offsets=False)
-        model = model.to(device)
-        if setting.endswith("-x8"):
-            round_packed_inputs(model, 4)
-    elif setting.endswith("-x8"):
-        weights = setting.removesuffix("-x8")
-        model = load_model(files, device=device, dtype=dtype, weights=weights, **parts)
-        round_packed_inputs(model, 4 if weights == "int4" else 8)
-    elif "+head-" in setting:
-        weights, rest = setting.split("+head-")
+    elif "+head-" in base:
+        weights, rest = base.split("+head-")
         head, _, embeddings = rest.partition("+emb-")
         model = load_model(files, device=device, dtype=dtype, weights=weights, lm_head_weights=head,
                            embedding_weights=embeddings or "float", **parts)
     else:
-        model = load_model(files, device=device, dtype=dtype, weights=setting, **parts)
+        model = load_model(files, device=device, dtype=dtype, weights=base, **parts)
+    if setting.endswith("-x8"):
+        round_packed_inputs(model, 8 if base == "int8" else 4)
     return model, time.monotonic() - started
 
 

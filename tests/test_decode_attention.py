@@ -102,6 +102,46 @@ def test_kernel_reads_an_int8_cache(small_launches, dtype, heads, kv_heads, capa
         op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, v_scale)
 
 
+@pytest.mark.parametrize("offset", [200, 1], ids=["layer-row", "unaligned"])
+def test_int8_pass_reads_validity_as_words_or_bytes_alike(small_launches, monkeypatch, offset) -> None:
+    """The int8 pass's validity read as 32-bit words (``valid_words``) gives what the byte read
+    gives, bit for bit, for a layer's row of a ``[layers, C]`` mask (4-byte aligned: words) and
+    for a view one byte in (unaligned: the launch falls back to bytes, which must stay right)."""
+    from ros_infmllm.cache.kv_codes import quantize_rows, read_tables
+    from ros_infmllm.model import decode_kernels_int8
+    from ros_infmllm.rope import Rotary
+
+    heads, kv_heads, capacity, dim = 4, 2, 200, 32
+    generator = torch.Generator().manual_seed(7)
+    q, k_new, v_new = (torch.randn(n, dim, generator=generator).to(DEVICE, torch.float16)
+                       for n in (heads, kv_heads, kv_heads))
+    (k_codes, k_scale), (v_codes, v_scale) = (
+        quantize_rows(torch.randn(kv_heads, capacity, dim, generator=generator).to(DEVICE)) for _ in range(2))
+    tables = read_tables(Rotary(dim, 10000.0), torch.arange(capacity, device=DEVICE))
+    storage = (torch.rand(3 * capacity + 1, generator=generator) < 0.6).to(DEVICE)
+    valid = storage[offset:offset + capacity]
+    launched = []
+    kernel = decode_kernels_int8.partial_attention_codes
+
+    class Recording:  # records the VALID_WORDS each launch is given, then launches the kernel
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["VALID_WORDS"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(decode_kernels_int8, "partial_attention_codes", Recording())
+    results = []
+    for words in (False, True):
+        monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, valid_words=words))
+        results.append(op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, v_scale, *tables))
+    assert launched == [False, offset % 4 == 0]
+    (bytes_out, bytes_mass), (words_out, words_mass) = results
+    assert torch.equal(words_out, bytes_out) and torch.equal(words_mass, bytes_mass)
+    assert float(words_mass[:, :capacity][:, ~valid].abs().max()) == 0.0  # an empty slot draws nothing
+    assert bool((words_mass[:, :capacity][:, valid] > 0).all())  # and every valid one something
+
+
 def test_decoder_step_with_the_kernel_equals_the_explicit_path(head16_model_dir, small_launches) -> None:
     model = load_model(head16_model_dir, device=DEVICE)
     decoder = model.decoder
@@ -203,6 +243,8 @@ for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6,
     block = TUNING.block_for(group, scaled)
     constants = dict(SPLIT_LEN=4 * block, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
                      DIM=dim, BLOCK=block, NUM_SPLITS=8, WITH_SCORES=True, IEEE=False, PDL=arch >= 90)
+    if scaled:  # the validity read as words, as launched where the capacity is a multiple of 4
+        constants.update(VALID_WORDS=TUNING.valid_words)
     signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     kernel = decode_kernels_int8.partial_attention_codes if scaled else decode_kernels.partial_attention

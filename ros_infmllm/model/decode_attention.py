@@ -25,6 +25,7 @@ class DecodeKernelTuning:
     about how many (KV head, split) programs to launch; min_split: fewest slots per split (the
     splits per head follow from both); num_warps, num_stages: per program of the partial kernel;
     int8_block, int8_programs, int8_num_warps, int8_num_stages: the same for an int8 cache's pass;
+    valid_words: that pass reads the slots' validity bytes as whole 32-bit words where it can;
     mass_block / grouped_mass_block: slots per mass program of the combine kernel where a KV head
     serves one query head / several (a grouped program sums a row per query head, so it takes
     more slots per program); combine_warps / grouped_combine_warps: warps per program of the
@@ -59,6 +60,10 @@ class DecodeKernelTuning:
     int8_programs: int = 264
     int8_num_warps: int = 4
     int8_num_stages: int = 2
+    # an int8 cache's pass reads the slots' validity bytes as whole 32-bit words where the capacity
+    # and the tensor's address allow (decode_kernels_int8._slot_validity): on an H100 the 7B int4
+    # step over the int8 cache 2.677 -> 2.654 ms (results/decode_valid_words_h100.md)
+    valid_words: bool = True
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -198,8 +203,9 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     shape = dict(SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block,
                  NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32, PDL=bool(launch), **launch)
     if scaled:
+        words = tuning.valid_words and capacity % 4 == 0 and tensors[3].data_ptr() % 4 == 0
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
-            *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, **shape,
+            *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, **shape, VALID_WORDS=words,
             num_warps=tuning.int8_num_warps, num_stages=tuning.int8_num_stages)
     else:
         decode_kernels.partial_attention[(kv_heads, splits)](

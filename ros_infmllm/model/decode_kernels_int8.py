@@ -56,12 +56,17 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
                             k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                             NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
-                            PDL: tl.constexpr):
+                            PDL: tl.constexpr, VALID_WORDS: tl.constexpr = False):
     """``decode_kernels.partial_attention`` over int8 codes with a float32 scale per (KV head, slot)
     row, keys unrotated: a key tile is read as its two rotate-half halves, turned to its slots
     by the half-width tables ``cos_ptr`` / ``sin_ptr`` ``[capacity, DIM / 2]`` and scored against
     q's matching half (two products of half the depth); a slot's key scale multiplies its
-    scores and its value scale its probabilities, so no tile is scaled. Writes the same partials."""
+    scores and its value scale its probabilities, so no tile is scaled. Writes the same partials.
+
+    ``VALID_WORDS``: the validity bytes are read as the 32-bit words holding them (``valid_ptr``
+    4-byte aligned, the capacity a multiple of 4), which the pipelined loop copies into shared
+    memory asynchronously like the codes; a byte alone is too narrow for that and went through
+    registers (the pass's hottest stall in the twenty-fourth session's profile)."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head, split, q_rows, row_ok, first, end = split_of_program(capacity, SPLIT_LEN, GROUP, GROUP_PAD)
@@ -81,7 +86,7 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
     for offset in range(0, SPLIT_LEN, BLOCK):  # pipelined: later tiles are copied in while this one is scored
         slots = first + offset + tl.arange(0, BLOCK)
         live = slots < end
-        keep = tl.load(valid_ptr + slots, mask=live, other=0) != 0
+        keep = _slot_validity(valid_ptr, slots, live, VALID_WORDS)
         key = base + slots[:, None] * DIM + halves[None, :]
         front = tl.load(k_ptr + key, mask=live[:, None], other=0)
         back = tl.load(k_ptr + key + DIM // 2, mask=live[:, None], other=0)
@@ -99,6 +104,16 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
         v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
         acc = acc * rescale[:, None] + weighted_values(probs * v_scale[None, :], v.to(value_dtype), IEEE)
     store_partials(max_ptr, sum_ptr, acc_ptr, q_rows * NUM_SPLITS + split, row_ok, running_max, running_sum, acc, DIM)
+
+
+@triton.jit
+def _slot_validity(valid_ptr, slots, live, VALID_WORDS: tl.constexpr):
+    """Whether each of ``slots`` holds a token (False from the split's end on): its validity byte,
+    read alone or (``VALID_WORDS``) out of the 32-bit word holding it, little-endian."""
+    if VALID_WORDS:
+        words = tl.load(valid_ptr.to(tl.pointer_type(tl.int32)) + slots // 4, mask=live, other=0)
+        return ((words >> ((slots % 4) * 8)) & 0xFF) != 0
+    return tl.load(valid_ptr + slots, mask=live, other=0) != 0
 
 
 @triton.jit

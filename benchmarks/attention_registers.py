@@ -43,6 +43,7 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     from triton.compiler import ASTSource, compile
 
     from ros_infmllm.model import decode_kernels, decode_kernels_int8
+    from ros_infmllm.model.decode_attention import TUNING
 
     int8 = cache == "int8"
     codes = "*i8" if int8 else "*bf16"
@@ -52,6 +53,8 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
         pointers.update(k_scale_ptr="*fp32", v_scale_ptr="*fp32", cos_ptr="*fp16", sin_ptr="*fp16")
     constants = dict(SPLIT_LEN=split, GROUP=1, GROUP_PAD=16, DIM=dim, BLOCK=block, NUM_SPLITS=4096 // split,
                      WITH_SCORES=True, IEEE=False, PDL=arch >= 90)
+    if int8:  # the validity read as the op launches it at a capacity of 4,096
+        constants.update(VALID_WORDS=TUNING.valid_words)
     signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
     names = list(signature)
     kernel = decode_kernels_int8.partial_attention_codes if int8 else decode_kernels.partial_attention

@@ -1,4 +1,5 @@
-"""Expected decode speed and memory on Jetson Orin boards, from the efficiency measured on the H200.
+"""Expected decode speed and memory on Jetson Orin boards, from the efficiency measured on a data-centre GPU
+(the H100 of the latest llama.cpp comparison by default).
 
 ``python benchmarks/jetson_plan.py``: a plan on paper, not a measurement. For decoder shapes of
 0.5B, 1.5B, 3B and 7B parameters (Qwen2 / Qwen2.5 / LLaMA-2 shapes, SigLIP so400m/384 tower, a
@@ -8,11 +9,11 @@
   float16 scale per 32; int4 0.5 + a float16 scale and offset per 32) + the LM head (bf16, int8
   with packed weights) + the K/V cache (bf16);
 - tokens/s = (the board's memory bandwidth x the share of it a copy reaches) x the fraction of
-  that roofline our decode reached on the H200 for that weight type (``--measured``: a
+  that roofline our decode reached on that GPU for that weight type (``--measured``: a
   ``bench_llamacpp.py`` results file; the nearest measured shape) / bytes per token. The copy
-  share is the H200's (measured copy bandwidth / datasheet), assumed the same on LPDDR5;
+  share is that GPU's (measured copy bandwidth / datasheet), assumed the same on LPDDR5;
 - memory = weights (decoder, embeddings, LM head, vision tower and projector) + cache + the
-  workspace the H200 run needed beyond them (peak - parts, same weight type), against the board's
+  workspace that run needed beyond them (peak - parts, same weight type), against the board's
   memory less what JetPack and the robot's other processes keep (``--reserve-gib``).
 
 A fourth setting, ``int4-compact``: int4 blocks with the LM head, the token table and the tower
@@ -47,7 +48,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied LM head
 }
 BYTES_PER_WEIGHT = {"float": 2.0, "int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32}
 HEAD_FOR = {"float": "float", "int8": "int8", "int4": "int8"}
-TOWER_BYTES = 0.81 * (1 << 30)  # SigLIP so400m/384 + projector in bf16, as the H200 run held them
+TOWER_BYTES = 0.81 * (1 << 30)  # SigLIP so400m/384 + projector in bf16, as the H200 and H100 runs held them
 COMPACT = ("int4", "int8", "int8", "int8")  # blocks / LM head / token table / tower of ``int4-compact``
 
 
@@ -71,7 +72,7 @@ def held_bytes(sizes: dict[str, float], tower: float) -> float:
 
 
 def measured_efficiency(report: dict, capacity: int) -> dict[tuple[str, str], dict]:
-    """Fraction of the roofline and workspace bytes per (shape, weight type) from the H200 run
+    """Fraction of the roofline and workspace bytes per (shape, weight type) from the measured run
     (the row whose LM head is packed as HEAD_FOR says); the workspace is the peak less the
     weights, tower and cache counted from the shape (a results file's per-part figures may count
     fused projections twice: the first run's did)."""
@@ -164,9 +165,15 @@ def plan(report: dict, capacity: int, reserve_gib: float, as_float: bool = False
     return rows
 
 
-def table(rows: list[dict]) -> list[str]:
+def short_name(device: str) -> str:
+    """A results file's device as the tables name it: ``NVIDIA H100 80GB HBM3`` -> ``H100``."""
+    words = device.split()
+    return words[1] if len(words) > 1 and words[0] == "NVIDIA" else device
+
+
+def table(rows: list[dict], gpu: str) -> list[str]:
     boards = list(BOARDS)
-    lines = ["| model | weights | " + " | ".join(boards) + " | memory GiB | H200 roofline fraction used |",
+    lines = ["| model | weights | " + " | ".join(boards) + f" | memory GiB | {gpu} roofline fraction used |",
              "|---|---|" + "---|" * len(boards) + "---|---|"]
     for (model, weights) in dict.fromkeys((r["model"], r["weights"]) for r in rows):
         cells = {r["board"]: r for r in rows if r["model"] == model and r["weights"] == weights}
@@ -181,27 +188,28 @@ def write_markdown(report: dict, measured: list[dict], goal: list[dict], source:
                    reserve: float, path: Path, decode_sources: tuple[Path, ...] = (),
                    compact_source: Path | None = None) -> None:
     later = "".join(f", [{d.name}]({d.name})" for d in decode_sources)
-    lines = ["# Jetson plan (on paper, from the H200's measured efficiency)", "",
+    gpu = short_name(report["device"])
+    lines = [f"# Jetson plan (on paper, from the {gpu}'s measured efficiency)", "",
              f"From `benchmarks/jetson_plan.py` over [{source.name}]({source.name}) ({report['device']}, copy "
              f"{report['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s)"
              + (f", its figures replaced where a later bench_gpu run timed the same shape and weight type{later} "
                 "(named in the last column)" if decode_sources else "")
              + f"; decode tokens/s at a {capacity}-token cache, "
-             f"batch 1; memory = weights + so400m tower + cache + the H200 run's workspace; 'no' where it "
+             f"batch 1; memory = weights + so400m tower + cache + the {gpu} run's workspace; 'no' where it "
              f"exceeds the board's memory less {reserve:g} GiB for JetPack and the robot. Not measured on a Jetson."
              + (f" `int4-compact`: int4 blocks with the LM head, token table and tower packed int8, its tower and "
                 f"workspace from [{compact_source.name}]({compact_source.name}), its decode fraction int4's."
                 if compact_source else ""), "",
              "Tokens/s with each weight type's measured fraction of the roofline:", ""]
-    lines += table(measured)
+    lines += table(measured, gpu)
     lines += ["", "Tokens/s if the packed kernels reached the bf16 kernel's fraction (the goal, not measured):", ""]
-    lines += table(goal)
+    lines += table(goal, gpu)
     path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_ours_pdl_h200.json")
+    parser.add_argument("--measured", type=Path, default=RESULTS / "bench_llamacpp_h100.json")
     parser.add_argument("--decode", type=Path, nargs="*", default=[],
                         help="bench_gpu.py results files whose (shape, weight type) decode figures replace --measured's")
     parser.add_argument("--compact", type=Path, default=RESULTS / "bench_llamacpp_ours_pdl_h200.json",

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from bench_decode_attention import timed_us  # noqa: E402
 from ros_infmllm.cache.kv_codes import quantize_rows, read_tables  # noqa: E402
 from ros_infmllm.model import decode_kernels, decode_kernels_int8  # noqa: E402
-from ros_infmllm.model.decode_attention import TUNING  # noqa: E402
+from ros_infmllm.model.decode_attention import TUNING, reads_valid_words  # noqa: E402
 from ros_infmllm.model.launch_splits import cdiv, whole_tile_splits  # noqa: E402
 from ros_infmllm.rope import Rotary  # noqa: E402
 
@@ -84,7 +84,8 @@ def launcher(dim: int, block: int, programs: int, capacity: int, parts: str, wit
         tensors = (a["q"], a["k"], a["v"], a["valid"], scores, split_max, split_sum, split_acc)
         if "p" in parts and "int8_rows" in a:  # the int8 cache's pass, as the op launches it
             decode_kernels_int8.partial_attention_codes[(HEADS, splits)](
-                *tensors, *a["int8_rows"], capacity, dim ** -0.5, **shape, num_warps=TUNING.int8_num_warps,
+                *tensors, *a["int8_rows"], capacity, dim ** -0.5, **shape,
+                VALID_WORDS=reads_valid_words(a["valid"], TUNING), num_warps=TUNING.int8_num_warps,
                 num_stages=TUNING.int8_num_stages)
         elif "p" in parts:
             decode_kernels.partial_attention[(HEADS, splits)](

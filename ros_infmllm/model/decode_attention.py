@@ -121,6 +121,13 @@ def dependent_launch(tensor: torch.Tensor, enabled: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
+def reads_valid_words(valid: torch.Tensor, tuning: DecodeKernelTuning) -> bool:
+    """Whether the int8 pass reads ``valid`` ``[C]`` (bytes) as whole 32-bit words: asked by
+    ``tuning.valid_words``, and C and the tensor's address multiples of 4, so that every word it
+    reads lies inside the mask."""
+    return tuning.valid_words and valid.shape[-1] % 4 == 0 and valid.data_ptr() % 4 == 0
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -203,9 +210,9 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     shape = dict(SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block,
                  NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32, PDL=bool(launch), **launch)
     if scaled:
-        words = tuning.valid_words and capacity % 4 == 0 and tensors[3].data_ptr() % 4 == 0
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
-            *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, **shape, VALID_WORDS=words,
+            *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, **shape,
+            VALID_WORDS=reads_valid_words(tensors[3], tuning),
             num_warps=tuning.int8_num_warps, num_stages=tuning.int8_num_stages)
     else:
         decode_kernels.partial_attention[(kv_heads, splits)](

@@ -56,7 +56,7 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
                             k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                             NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
-                            PDL: tl.constexpr, VALID_WORDS: tl.constexpr = False):
+                            PDL: tl.constexpr, VALID_WORDS: tl.constexpr):
     """``decode_kernels.partial_attention`` over int8 codes with a float32 scale per (KV head, slot)
     row, keys unrotated: a key tile is read as its two rotate-half halves, turned to its slots
     by the half-width tables ``cos_ptr`` / ``sin_ptr`` ``[capacity, DIM / 2]`` and scored against

@@ -39,10 +39,8 @@ CASES = [("bf16", 128, 3, 128, 4), ("bf16", 64, 3, 64, 4), ("int8", 128, 2, 128,
 
 def resources(cache: str, split: int, stages: int, block: int, warps: int, arch: int, dim: int = 128) -> dict:
     """One compiled case: registers per thread, stack bytes, shared memory and what they allow."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
     from ros_infmllm.model import decode_kernels, decode_kernels_int8
+    from ros_infmllm.model.ahead_of_time import compile_for
     from ros_infmllm.model.decode_attention import TUNING
 
     int8 = cache == "int8"
@@ -55,14 +53,9 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
                      WITH_SCORES=True, IEEE=False, PDL=arch >= 90)
     if int8:  # the validity read as the op launches it at a capacity of 4,096
         constants.update(VALID_WORDS=TUNING.valid_words)
-    signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
-    names = list(signature)
     kernel = decode_kernels_int8.partial_attention_codes if int8 else decode_kernels.partial_attention
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(names.index(k),): [["tt.divisibility", 16]] for k in pointers})
-    compiled = compile(source, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": warps, "num_stages": stages, "launch_pdl": arch >= 90})
+    compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
+                           num_warps=warps, num_stages=stages, launch_pdl=arch >= 90)
     usage = cuda_tool(compiled.asm["cubin"], "cuobjdump", "-res-usage")
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))

@@ -37,10 +37,8 @@ WEIGHT_TYPES = {0: ("bf16", "*bf16", 2.0), 8: ("int8", "*i8", 1.0), 4: ("int4", 
 
 def compile_matvec(bits: int, rows: int, columns: int, arch: int):
     """The kernel as the op launches it for this weight type (its MatvecTuning rows per program)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
     from ros_infmllm.model import matvec_kernels
+    from ros_infmllm.model.ahead_of_time import compile_for
     from ros_infmllm.model.decode_linear import TUNING, chunk_size
 
     block_n = getattr(TUNING, TUNING.rows_field(abs(bits), bits < 0)) if bits else TUNING.block_n
@@ -54,13 +52,8 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
                      PDL=arch >= 90, BITS=abs(bits),
                      GROUP=32 if bits else 1, OFFSET=abs(bits) == 4, X8=bits < 0, AHEAD=TUNING.packed_ahead if bits else 1,
                      EARLY_EPILOGUE=TUNING.early_epilogue)
-    signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
-    names = list(signature)
-    source = ASTSource(fn=matvec_kernels.matvec, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(names.index(k),): [["tt.divisibility", 16]] for k in typed})
-    kernel = compile(source, target=GPUTarget("cuda", arch, 32),
-                     options={"num_warps": warps, "launch_pdl": arch >= 90})
+    kernel = compile_for(matvec_kernels.matvec, arch, dict(typed, eps="fp32"), constants, aligned=typed,
+                         num_warps=warps, launch_pdl=arch >= 90)
     return kernel, constants, warps
 
 

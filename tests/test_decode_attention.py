@@ -225,9 +225,8 @@ def test_combine_rounds_its_output_as_the_rounding_launch_does(small_launches, d
 
 AHEAD_OF_TIME = """
 import sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
 from ros_infmllm.model import decode_kernels, decode_kernels_int8
+from ros_infmllm.model.ahead_of_time import compile_for
 from ros_infmllm.model.decode_attention import TUNING
 
 arch = int(sys.argv[1])
@@ -245,17 +244,12 @@ for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6,
                      DIM=dim, BLOCK=block, NUM_SPLITS=8, WITH_SCORES=True, IEEE=False, PDL=arch >= 90)
     if scaled:  # the validity read as words, as launched where the capacity is a multiple of 4
         constants.update(VALID_WORDS=TUNING.valid_words)
-    signature = dict(pointers, capacity="i32", scale="fp32", **{name: "constexpr" for name in constants})
-    names = list(signature)
     kernel = decode_kernels_int8.partial_attention_codes if scaled else decode_kernels.partial_attention
     # pointers 16-byte aligned, as Triton specialises them at run time: only then are the loads
     # copied asynchronously into shared memory (pipelined), which is what the limit below is about
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(names.index(k),): [["tt.divisibility", 16]] for k in pointers})
-    compiled = compile(source, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": TUNING.int8_num_warps if scaled else TUNING.num_warps,
-                                "num_stages": TUNING.int8_num_stages if scaled else TUNING.num_stages,
-                                "launch_pdl": arch >= 90})
+    compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
+                           num_warps=TUNING.int8_num_warps if scaled else TUNING.num_warps,
+                           num_stages=TUNING.int8_num_stages if scaled else TUNING.num_stages, launch_pdl=arch >= 90)
     assert f".entry {kernel.__name__}" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
     # a split of four tiles (pipelined): within the shared memory one block may take, checked at launch
     assert compiled.metadata.shared <= SHARED_LIMIT[arch], (group, dim, scaled, compiled.metadata.shared)
@@ -266,16 +260,12 @@ for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6,
     constants = dict(GROUP=group, ROWS=1 << (group - 1).bit_length(), DIM=dim, NUM_SPLITS=33, SPLITS_PAD=64,
                      SPLIT_CHUNK=min(64, TUNING.merge_elements // dim), MASS_BLOCK=TUNING.mass_block_for(group),
                      PDL=arch >= 90, X8_GROUP=32, X8_SPLIT=True)
-    signature = {name: "*bf16" for name in ("q_ptr", "k_new_ptr", "v_new_ptr")}
-    signature.update({name: "*fp32" for name in ("scores_ptr", "max_ptr", "sum_ptr", "acc_ptr")})
-    signature.update(out_ptr="*bf16", mass_ptr="*fp32", codes_ptr="*i8", x_stats_ptr="*fp32", capacity="i32",
-                     scale="fp32")
-    signature.update({name: "constexpr" for name in constants})
-    names = list(signature)
-    source = ASTSource(fn=decode_kernels.combine_attention, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()})
-    compiled = compile(source, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": TUNING.combine_warps_for(group), "launch_pdl": arch >= 90})
+    types = {name: "*bf16" for name in ("q_ptr", "k_new_ptr", "v_new_ptr")}
+    types.update({name: "*fp32" for name in ("scores_ptr", "max_ptr", "sum_ptr", "acc_ptr")})
+    types.update(out_ptr="*bf16", mass_ptr="*fp32", codes_ptr="*i8", x_stats_ptr="*fp32", capacity="i32",
+                 scale="fp32")
+    compiled = compile_for(decode_kernels.combine_attention, arch, types, constants,
+                           num_warps=TUNING.combine_warps_for(group), launch_pdl=arch >= 90)
     assert ("griddepcontrol.wait" in compiled.asm["ptx"]) is (arch >= 90)
     assert ".entry combine_attention" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
     print("built", group, dim)

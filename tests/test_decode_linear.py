@@ -289,9 +289,8 @@ def test_matvec_is_off_without_fused_projections(head16_model_dir) -> None:
 
 AHEAD_OF_TIME = """
 import sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
 from ros_infmllm.model import matvec_kernels
+from ros_infmllm.model.ahead_of_time import compile_for
 from ros_infmllm.model.decode_linear import TUNING, chunk_size
 
 arch = int(sys.argv[1])
@@ -313,12 +312,8 @@ for (rows, columns, norm, gated, half, bias, residual), kind in [
                      AHEAD=TUNING.packed_ahead if bits else 1, EARLY_EPILOGUE=TUNING.early_epilogue)
     typed = dict(pointers, w_ptr=WEIGHTS[kind], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}),
                  **({"x_ptr": "*i32", "stats_ptr": "*fp32"} if kind < 0 else {}))
-    signature = dict(typed, eps="fp32", **{name: "constexpr" for name in constants})
-    names = list(signature)
-    source = ASTSource(fn=matvec_kernels.matvec, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()})
-    compiled = compile(source, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": TUNING.warps(bits), "launch_pdl": arch >= 90})
+    compiled = compile_for(matvec_kernels.matvec, arch, dict(typed, eps="fp32"), constants,
+                           num_warps=TUNING.warps(bits), launch_pdl=arch >= 90)
     ptx = compiled.asm["ptx"]
     assert ".entry matvec" in ptx and compiled.asm["cubin"], (rows, columns)
     assert "evict_first" in ptx  # the weights stream past the caches

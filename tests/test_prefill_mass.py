@@ -159,9 +159,8 @@ def test_decoder_takes_the_fused_path_with_the_mass_op_for_whole_chunk_windows(h
 
 AHEAD_OF_TIME = """
 import sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
 from ros_infmllm.model import prefill_mass_kernel
+from ros_infmllm.model.ahead_of_time import compile_for
 from ros_infmllm.model.prefill_mass import TUNING
 
 arch = int(sys.argv[1])
@@ -171,13 +170,10 @@ for dim in (64, 128):
     for name, own in KERNELS.items():
         block_n = TUNING.mass_block_n if name == "mass_by_key" else TUNING.block_n
         constants = dict(BLOCK_M=TUNING.block_m, BLOCK_N=block_n, DIM=dim, IEEE=False)
-        first, last = list(own.items())[:2], list(own.items())[2:]
-        signature = dict(q_ptr="*bf16", k_ptr="*bf16", mask_ptr="*u8", **dict(first), rows_total="i32", chunk="i32",
-                         width="i32", **dict(last), scale="fp32", **{c: "constexpr" for c in constants})
-        names = list(signature)
-        source = ASTSource(fn=getattr(prefill_mass_kernel, name), signature=signature,
-                           constexprs={(names.index(k),): v for k, v in constants.items()})
-        compiled = compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": TUNING.num_warps})
+        types = dict(q_ptr="*bf16", k_ptr="*bf16", mask_ptr="*u8", **own, rows_total="i32", chunk="i32",
+                     width="i32", scale="fp32")
+        compiled = compile_for(getattr(prefill_mass_kernel, name), arch, types, constants,
+                               num_warps=TUNING.num_warps)
         assert f".entry {name}" in compiled.asm["ptx"] and compiled.asm["cubin"], (dim, name)
         print("built", dim, name)
 """

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
 import tarfile
@@ -85,6 +86,27 @@ def llama_cpp_tree(source: Path, work: Path) -> Path:
         if (candidate / "tools" / "llama-bench").is_dir() and (candidate / "CMakeLists.txt").is_file():
             return candidate
     raise FileNotFoundError(f"no llama.cpp source (tools/llama-bench) under {source}")
+
+
+def source_version(binary: Path) -> str | None:
+    """What a built ``llama-bench`` was built from, where llama-bench itself says "unknown" (a tree
+    that is no git checkout, such as the sdist's ``vendor/llama.cpp``): the ggml version in the
+    source tree its build folder's CMake cache names, and the llama-cpp-python version where the
+    tree still sits in its sdist. None where no such tree is found."""
+    cache = binary.resolve().parent.parent / "CMakeCache.txt"
+    if not cache.is_file():
+        return None
+    found = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.+)$", cache.read_text(errors="replace"), re.MULTILINE)
+    ggml = Path(found.group(1).strip()) / "ggml" / "CMakeLists.txt" if found else None
+    if ggml is None or not ggml.is_file():
+        return None
+    parts = [re.search(rf"set\(GGML_VERSION_{part} (\d+)\)", ggml.read_text()) for part in ("MAJOR", "MINOR", "PATCH")]
+    if not all(parts):
+        return None
+    version = "ggml " + ".".join(p.group(1) for p in parts)
+    sdist = ggml.parent.parent.parent.parent / "PKG-INFO"  # <sdist>/vendor/llama.cpp/ggml
+    named = re.search(r"^Version: (\S+)$", sdist.read_text(), re.MULTILINE) if sdist.is_file() else None
+    return f"llama-cpp-python {named.group(1)}, {version}" if named else version
 
 
 def build_llama_bench(tree: Path, build: Path, cuda_arch: str | None, jobs: int) -> Path:
@@ -438,7 +460,9 @@ def run(args) -> int:
                 row = {"model": name, "type": kind, **run_llama_bench(binary, gguf_path, args.depth, args.tokens,
                                                                      args.repetitions, args.kv_cache)}
                 report["llama_cpp"].append(row)
-                report["llama_cpp_commit"] = row.get("build_commit", report.get("llama_cpp_commit"))
+                commit = row.get("build_commit")
+                report["llama_cpp_commit"] = (commit if commit not in (None, "unknown")
+                                              else source_version(binary) or commit or report.get("llama_cpp_commit"))
                 print(f"llama.cpp {name} {kind}: {row.get('tokens_per_s', row.get('error'))}", flush=True)
                 save()
     if args.prepare_only:

@@ -269,6 +269,27 @@ def test_bench_llamacpp_random_gguf_has_the_shape_llama_cpp_reads(tmp_path: Path
         assert reader.fields["tokenizer.ggml.model"].contents() == "none"
 
 
+def test_bench_llamacpp_names_the_source_a_built_llama_bench_came_from(tmp_path: Path) -> None:
+    """Where llama-bench says its commit is "unknown" (built from the sdist's vendor/llama.cpp, no
+    git checkout), the report names the ggml version of the tree the build's CMake cache points to,
+    and the llama-cpp-python version where the tree sits in its sdist; nothing where no tree is found."""
+    import bench_llamacpp
+
+    tree = tmp_path / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    (tree / "ggml").mkdir(parents=True)
+    (tree / "ggml" / "CMakeLists.txt").write_text(
+        "project(ggml)\nset(GGML_VERSION_MAJOR 0)\nset(GGML_VERSION_MINOR 25)\nset(GGML_VERSION_PATCH 3)\n")
+    binary = tmp_path / "build" / "bin" / "llama-bench"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("")
+    assert bench_llamacpp.source_version(binary) is None  # no CMake cache yet
+    (tmp_path / "build" / "CMakeCache.txt").write_text(f"CMAKE_HOME_DIRECTORY:INTERNAL={tree}\nOTHER:BOOL=ON\n")
+    assert bench_llamacpp.source_version(binary) == "ggml 0.25.3"
+    (tmp_path / "llama_cpp_python-0.3.36" / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: llama_cpp_python\n"
+                                                                    "Version: 0.3.36\n")
+    assert bench_llamacpp.source_version(binary) == "llama-cpp-python 0.3.36, ggml 0.25.3"
+
+
 def test_bench_llamacpp_smoke_run_times_ours_in_every_weight_mode(tmp_path: Path) -> None:
     import bench_llamacpp
 

@@ -157,18 +157,20 @@ def test_decoder_step_with_the_kernel_equals_the_explicit_path(head16_model_dir,
     assert torch.allclose(kernel.attn_mass, explicit.attn_mass, atol=1e-5)
 
 
-def test_decoder_step_over_an_int8_cache_with_the_kernel_equals_the_explicit_path(head16_model_dir,
-                                                                                  small_launches) -> None:
+@pytest.mark.parametrize("capacity", [50, 48], ids=["validity-bytes", "validity-words"])
+def test_decoder_step_over_an_int8_cache_with_the_kernel_equals_the_explicit_path(head16_model_dir, small_launches,
+                                                                                  capacity) -> None:
     """The same step over an int8 cache (codes with unrotated keys, ``int8_cache``): the kernel reads
     the codes, the explicit path dequantizes and turns the layer; both equal the explicit path over
-    the rows a float cache would hold."""
+    the rows a float cache would hold. At 48 slots the kernel reads the validity as words."""
     from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
 
     model = load_model(head16_model_dir, device=DEVICE)
     decoder = model.decoder
-    inputs = one_token_step_inputs(model.cfg.text, capacity=50, filled=37, seed=2, device=DEVICE)
+    inputs = one_token_step_inputs(model.cfg.text, capacity=capacity, filled=37, seed=2, device=DEVICE)
+    assert op.reads_valid_words(inputs["valid"], op.TUNING) is (capacity % 4 == 0)
     (k_codes, k_scale), (v_codes, v_scale) = quantize_rows(inputs["cache_k"]), quantize_rows(inputs["cache_v"])
-    tables = read_tables(decoder.rotary, torch.arange(50, device=DEVICE))
+    tables = read_tables(decoder.rotary, torch.arange(capacity, device=DEVICE))
     packed = dict(inputs, cache_k=k_codes, cache_v=v_codes, int8_cache=(k_scale, v_scale, *tables))
     rows = dict(inputs, cache_k=read_keys(k_codes, k_scale, *tables, torch.float32),
                 cache_v=dequantize_rows(v_codes, v_scale, torch.float32))

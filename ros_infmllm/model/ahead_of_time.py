@@ -20,6 +20,9 @@ def kernel_source(kernel: Any, types: dict[str, str], constants: dict[str, Any],
     time (only then are loads copied asynchronously into shared memory)."""
     from triton.compiler import ASTSource
 
+    if not hasattr(kernel, "params"):  # Triton's interpreter (TRITON_INTERPRET) wraps kernels otherwise
+        raise ValueError(f"{getattr(kernel, '__name__', kernel)}: an interpreted kernel; compile ahead of time "
+                         "in a process without TRITON_INTERPRET, before any kernel module is imported")
     names = list(kernel.arg_names)
     given = [*types, *constants]
     unknown = sorted(set(given) - set(names))

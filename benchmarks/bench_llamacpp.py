@@ -449,6 +449,7 @@ def run(args) -> int:
     if not args.skip_llama_cpp:
         binary = args.llama_bench or build_llama_bench(llama_cpp_tree(args.source, args.work / "src"),
                                                        args.work / "build", args.cuda_arch, args.jobs)
+        built_from = source_version(binary)  # where llama-bench reports its commit as unknown
         for name in args.models:
             for kind in args.types:
                 gguf_path = args.work / f"{name}-{kind}.gguf"
@@ -462,7 +463,7 @@ def run(args) -> int:
                 report["llama_cpp"].append(row)
                 commit = row.get("build_commit")
                 report["llama_cpp_commit"] = (commit if commit not in (None, "unknown")
-                                              else source_version(binary) or commit or report.get("llama_cpp_commit"))
+                                              else built_from or commit or report.get("llama_cpp_commit"))
                 print(f"llama.cpp {name} {kind}: {row.get('tokens_per_s', row.get('error'))}", flush=True)
                 save()
     if args.prepare_only:

@@ -39,11 +39,12 @@ CASES = [("bf16", 128, 3, 128, 4), ("bf16", 64, 3, 64, 4), ("int8", 128, 2, 128,
 
 def resources(cache: str, split: int, stages: int, block: int, warps: int, arch: int, dim: int = 128) -> dict:
     """One compiled case: registers per thread, stack bytes, shared memory and what they allow."""
-    from ros_infmllm.model import decode_kernels, decode_kernels_int8
+    from ros_infmllm.model import decode_kernels, decode_kernels_int8, decode_kernels_int8_two_pass
     from ros_infmllm.model.ahead_of_time import compile_for
     from ros_infmllm.model.decode_attention import TUNING
 
-    int8 = cache == "int8"
+    two_pass = cache == "int8 two-pass"
+    int8 = cache.startswith("int8")
     codes = "*i8" if int8 else "*bf16"
     pointers = dict(q_ptr="*bf16", k_ptr=codes, v_ptr=codes, valid_ptr="*u8", scores_ptr="*fp32", max_ptr="*fp32",
                     sum_ptr="*fp32", acc_ptr="*fp32")
@@ -54,6 +55,10 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     if int8:  # the validity read as the op launches it at a capacity of 4,096
         constants.update(VALID_WORDS=TUNING.valid_words)
     kernel = decode_kernels_int8.partial_attention_codes if int8 else decode_kernels.partial_attention
+    if two_pass:  # no padded rows, no scores flag (its scores always go through the buffer), stages given
+        constants = dict(SPLIT_LEN=split, DIM=dim, BLOCK=block, NUM_SPLITS=4096 // split, IEEE=False, PDL=arch >= 90,
+                         VALID_WORDS=TUNING.valid_words, STAGES=stages)
+        kernel = decode_kernels_int8_two_pass.partial_attention_codes_two_pass
     compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
                            num_warps=warps, num_stages=stages, launch_pdl=arch >= 90)
     usage = cuda_tool(compiled.asm["cubin"], "cuobjdump", "-res-usage")

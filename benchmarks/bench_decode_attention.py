@@ -156,12 +156,16 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     tunings = [op.DecodeKernelTuning(**vars(shipped))]
     shipped_mass = shipped.mass_block_for(group)
     # a sweep over an int8 cache sets its pass's own fields (and the float ones alike: unused there)
+    # two_pass: where each KV head serves one query head, an int8 cache's two-pass kernel (its own fields)
     tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s,
                                       int8_block=b, int8_programs=p, int8_num_warps=w, int8_num_stages=s,
+                                      two_pass=two, two_pass_block=b, two_pass_programs=p, two_pass_num_warps=w,
+                                      two_pass_num_stages=s, valid_words=shipped.valid_words,
                                       mass_block=mb, grouped_mass_block=mb, pdl=pdl)
-                for b, p, m, w, s, mb, pdl in itertools.product(
+                for b, p, m, w, s, mb, pdl, two in itertools.product(
                     args.blocks, args.programs, args.min_splits, args.warps, args.stages,
-                    [shipped_mass] if args.no_mass else args.mass_blocks or [shipped_mass], args.pdl)]
+                    [shipped_mass] if args.no_mass else args.mass_blocks or [shipped_mass], args.pdl,
+                    args.two_pass if int8 and group == 1 else [False])]
 
     def errors() -> dict:
         out, mass = kernel(*fresh)
@@ -201,8 +205,9 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def launch(variant: dict) -> str:
-    return ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages",
-                                                "mass_block", "pdl"))
+    shape = ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages",
+                                                 "mass_block", "pdl"))
+    return shape + (", two-pass" if variant.get("two_pass") else "")
 
 
 def on_off(text: str) -> bool:
@@ -229,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                              "pass of h2o-style policies, issue 17's SmolVLM2 cost")
     parser.add_argument("--pdl", type=on_off, nargs="+", default=[True],
                         metavar="on|off", help="programmatic dependent launch of both kernels (GPUs that have it)")
+    parser.add_argument("--two-pass", type=on_off, nargs="+", default=[False],
+                        help="over an int8 cache where each KV head serves one query head: the two-pass kernel "
+                             "(on), the one-pass kernel (off), or both")
     parser.add_argument("--no-mass", action="store_true",
                         help="time the call without the mass (streamingllm's): the partial pass stores no scores "
                              "and the combine kernel merges the outputs only")

@@ -25,7 +25,7 @@ def small_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Launch shapes small enough that the test sizes span several splits, merge steps and mass blocks."""
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(
         op.TUNING, block=16, grouped_block=16, programs=8, min_split=16, mass_block=32, grouped_mass_block=32,
-        merge_elements=32, int8_block=16, int8_programs=8))
+        merge_elements=32, int8_block=16, int8_programs=8, two_pass_block=16, two_pass_programs=8))
 
 
 def _reference(q, k_new, v_new, cache_k, cache_v, valid):
@@ -68,11 +68,16 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16)])
-def test_kernel_reads_an_int8_cache(small_launches, dtype, heads, kv_heads, capacity, dim) -> None:
+@pytest.mark.parametrize("two_pass", [False, True], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16), (2, 2, 200, 64)])
+def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass, heads, kv_heads, capacity,
+                                    dim) -> None:
     """Codes, row scales and unrotated keys (cache/kv_codes.py) against the float64 reference of
     the rows a float cache would hold (dequantized, keys turned to their slots): the kernel turns
-    each key tile's halves by its slots and applies the scales to scores and probabilities."""
+    each key tile's halves by its slots and applies the scales to scores and probabilities. With
+    ``two_pass`` the KV heads serving one query head each take the two-pass kernel (keys, then
+    values), the grouped shape the one-pass kernel still."""
+    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, two_pass=two_pass))
     from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
     from ros_infmllm.rope import Rotary
 
@@ -89,6 +94,8 @@ def test_kernel_reads_an_int8_cache(small_launches, dtype, heads, kv_heads, capa
     valid = (torch.rand(capacity, generator=generator) < 0.7).to(DEVICE)
     valid[:40] = False
     out, mass = op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, v_scale, *tables)
+    out_only, no_mass = op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, False, k_scale, v_scale, *tables)
+    assert torch.allclose(out_only, out, rtol=1e-5, atol=1e-6) and no_mass.numel() == 0
     keys = read_keys(k_codes, k_scale, *tables, torch.float64)
     want_out, want_mass = _reference(q, k_new, v_new, keys, dequantize_rows(v_codes, v_scale, torch.float64), valid)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -227,7 +234,7 @@ def test_combine_rounds_its_output_as_the_rounding_launch_does(small_launches, d
 
 AHEAD_OF_TIME = """
 import sys
-from ros_infmllm.model import decode_kernels, decode_kernels_int8
+from ros_infmllm.model import decode_kernels, decode_kernels_int8, decode_kernels_int8_two_pass
 from ros_infmllm.model.ahead_of_time import compile_for
 from ros_infmllm.model.decode_attention import TUNING
 
@@ -271,6 +278,21 @@ for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6,
     assert ("griddepcontrol.wait" in compiled.asm["ptx"]) is (arch >= 90)
     assert ".entry combine_attention" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
     print("built", group, dim)
+# the two-pass int8 kernel (one query head per KV head) at its shipped launch shape, and a 16-wide head
+two_pass = decode_kernels_int8_two_pass.partial_attention_codes_two_pass
+pointers = dict(q_ptr="*bf16", k_ptr="*i8", v_ptr="*i8", valid_ptr="*u8", scores_ptr="*fp32", max_ptr="*fp32",
+                sum_ptr="*fp32", acc_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32", cos_ptr="*fp16",
+                sin_ptr="*fp16")
+for dim in (128, 16):
+    block = TUNING.two_pass_block
+    constants = dict(SPLIT_LEN=4 * block, DIM=dim, BLOCK=block, NUM_SPLITS=8, IEEE=False, PDL=arch >= 90,
+                     VALID_WORDS=TUNING.valid_words, STAGES=TUNING.two_pass_num_stages)
+    compiled = compile_for(two_pass, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
+                           num_warps=TUNING.two_pass_num_warps, num_stages=TUNING.two_pass_num_stages,
+                           launch_pdl=arch >= 90)
+    assert compiled.metadata.shared <= SHARED_LIMIT[arch], (dim, compiled.metadata.shared)
+    assert "cp.async" in compiled.asm["ptx"], dim  # both loops pipelined: their stages are given (tl.range)
+    print("built two-pass", dim)
 """
 
 
@@ -278,14 +300,14 @@ for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6,
 def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     """Ahead of time, through Triton's compiler and ptxas (no GPU needed; a process of its own,
     outside the interpreter): both kernels at the benchmark's head shapes build for an H100 and a
-    Jetson Orin, the int8 cache's partial pass too, each within the shared memory a block may
+    Jetson Orin, the int8 cache's partial passes too (one-pass and two-pass), each within the shared memory a block may
     take there at a split of four tiles (Triton checks it only at launch: an earlier int8 pass at
     three stages needed 301 KB and failed on the H200 once a split spanned two tiles)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("built") == 6 and done.stdout.count("int8") == 3
+    assert done.stdout.count("built") == 8 and done.stdout.count("int8") == 3 and done.stdout.count("two-pass") == 2
 
 
 def test_kernel_is_refused_where_it_cannot_run() -> None:

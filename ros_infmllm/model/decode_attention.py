@@ -61,9 +61,17 @@ class DecodeKernelTuning:
     int8_num_warps: int = 4
     int8_num_stages: int = 2
     # an int8 cache's pass reads the slots' validity bytes as whole 32-bit words where the capacity
-    # and the tensor's address allow (decode_kernels_int8._slot_validity): on an H100 the 7B int4
+    # and the tensor's address allow (decode_kernels_int8.slot_validity): on an H100 the 7B int4
     # step over the int8 cache 2.677 -> 2.654 ms (results/decode_valid_words_h100.md)
     valid_words: bool = True
+    # where each KV head serves one query head, an int8 cache may take the two-pass kernel
+    # (decode_kernels_int8_two_pass.py: keys, then values, no padded dot, no tile rescaled) with its
+    # own slots per loop step, programs, warps and pipeline stages
+    two_pass: bool = False
+    two_pass_block: int = 64
+    two_pass_programs: int = 528
+    two_pass_num_warps: int = 4
+    two_pass_num_stages: int = 3
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -79,9 +87,16 @@ class DecodeKernelTuning:
     merge_elements: int = 8192
     pdl: bool = True
 
+    def takes_two_pass(self, group: int, int8: bool) -> bool:
+        """Whether an ``int8`` cache whose KV heads serve ``group`` query heads each is read by the
+        two-pass kernel."""
+        return int8 and group == 1 and self.two_pass
+
     def block_for(self, group: int, int8: bool = False) -> int:
         """Slots per loop step for KV heads that serve ``group`` query heads each (``int8``: over
         an int8 cache's codes)."""
+        if self.takes_two_pass(group, int8):
+            return self.two_pass_block
         if int8:
             return self.int8_block
         return self.grouped_block if group > 1 else self.block
@@ -181,7 +196,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both ops' launches: the partial pass (float or int8 cache), then the combine, which also
     rounds the output where ``x8_group`` is set (else the codes and stats are empty)."""
-    from . import decode_kernels, decode_kernels_int8
+    from . import decode_kernels, decode_kernels_int8, decode_kernels_int8_two_pass
     from .matvec_dp4a import stats_size
 
     heads, dim = q.shape
@@ -191,14 +206,15 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     scaled = cache_k.dtype == torch.int8
     if any((t is None) == scaled for t in int8_rows):
         raise ValueError("an int8 cache takes its row scales and rotation tables; a float cache takes none")
+    two_pass = tuning.takes_two_pass(group, scaled)
     block = tuning.block_for(group, scaled)
-    programs = tuning.int8_programs if scaled else tuning.programs
+    programs = tuning.two_pass_programs if two_pass else tuning.int8_programs if scaled else tuning.programs
     splits, split_len = whole_tile_splits(capacity, block, programs // kv_heads, max(block, tuning.min_split))
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
     launch = dependent_launch(q, tuning.pdl)
     f32 = dict(dtype=torch.float32, device=q.device)
-    scores = torch.empty((heads, capacity) if with_mass else (1,), **f32)
+    scores = torch.empty((heads, capacity) if with_mass or two_pass else (1,), **f32)  # two passes go through it
     split_max, split_sum = torch.empty((heads, splits), **f32), torch.empty((heads, splits), **f32)
     split_acc = torch.empty((heads, splits, dim), **f32)
     out = torch.empty_like(q)
@@ -209,7 +225,13 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     tensors = (q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc)
     shape = dict(SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block,
                  NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32, PDL=bool(launch), **launch)
-    if scaled:
+    if two_pass:
+        decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
+            *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, SPLIT_LEN=split_len, DIM=dim,
+            BLOCK=block, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32, PDL=bool(launch),
+            VALID_WORDS=reads_valid_words(tensors[3], tuning), STAGES=tuning.two_pass_num_stages,
+            num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages, **launch)
+    elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
             *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, **shape,
             VALID_WORDS=reads_valid_words(tensors[3], tuning),

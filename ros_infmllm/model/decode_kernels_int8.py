@@ -86,14 +86,9 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
     for offset in range(0, SPLIT_LEN, BLOCK):  # pipelined: later tiles are copied in while this one is scored
         slots = first + offset + tl.arange(0, BLOCK)
         live = slots < end
-        keep = _slot_validity(valid_ptr, slots, live, VALID_WORDS)
-        key = base + slots[:, None] * DIM + halves[None, :]
-        front = tl.load(k_ptr + key, mask=live[:, None], other=0)
-        back = tl.load(k_ptr + key + DIM // 2, mask=live[:, None], other=0)
-        table = slots[:, None] * (DIM // 2) + halves[None, :]
-        cos = tl.load(cos_ptr + table, mask=live[:, None], other=1.0)
-        sin = tl.load(sin_ptr + table, mask=live[:, None], other=0.0)
-        k_scale = tl.load(k_scale_ptr + row_base + slots, mask=live, other=0.0)
+        keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
+        front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live,
+                                                  DIM)
         raw = _turned_scores(q_front, q_back, front, back, cos, sin, DIM, IEEE)
         scores = tl.where(keep[None, :], raw * (k_scale * scale)[None, :], float("-inf"))
         if WITH_SCORES:
@@ -107,7 +102,23 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
 
 
 @triton.jit
-def _slot_validity(valid_ptr, slots, live, VALID_WORDS: tl.constexpr):
+def key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live, DIM: tl.constexpr):
+    """What scoring ``slots`` (``live``: before the split's end) reads: the key codes as their
+    rotate-half halves ``[BLOCK, DIM / 2]``, the slots' rows of the read tables, and the keys' row
+    scales ``[BLOCK]`` (``base``, ``row_base``: the KV head's first code and first row)."""
+    halves = tl.arange(0, DIM // 2)
+    key = base + slots[:, None] * DIM + halves[None, :]
+    front = tl.load(k_ptr + key, mask=live[:, None], other=0)
+    back = tl.load(k_ptr + key + DIM // 2, mask=live[:, None], other=0)
+    table = slots[:, None] * (DIM // 2) + halves[None, :]
+    cos = tl.load(cos_ptr + table, mask=live[:, None], other=1.0)
+    sin = tl.load(sin_ptr + table, mask=live[:, None], other=0.0)
+    k_scale = tl.load(k_scale_ptr + row_base + slots, mask=live, other=0.0)
+    return front, back, cos, sin, k_scale
+
+
+@triton.jit
+def slot_validity(valid_ptr, slots, live, VALID_WORDS: tl.constexpr):
     """Whether each of ``slots`` holds a token (False from the split's end on): its validity byte,
     read alone or (``VALID_WORDS``) out of the 32-bit word holding it, little-endian."""
     if VALID_WORDS:

@@ -64,14 +64,18 @@ class DecodeKernelTuning:
     # and the tensor's address allow (decode_kernels_int8.slot_validity): on an H100 the 7B int4
     # step over the int8 cache 2.677 -> 2.654 ms (results/decode_valid_words_h100.md)
     valid_words: bool = True
-    # where each KV head serves one query head, an int8 cache may take the two-pass kernel
+    # where each KV head serves one query head, an int8 cache takes the two-pass kernel
     # (decode_kernels_int8_two_pass.py: keys, then values, no padded dot, no tile rescaled) with its
-    # own slots per loop step, programs, warps and pipeline stages
-    two_pass: bool = False
-    two_pass_block: int = 64
-    two_pass_programs: int = 528
+    # own slots per loop step, programs, warps and pipeline stages. On an H100 (one machine; sweep of
+    # 54 shapes: results/bench_decode_attention_kv8_two_pass_h100.md) the 7B call with the mass took
+    # 20.7 us at this shape (one 128-slot tile per split) against 27.2 for the one-pass kernel, and
+    # SmolVLM2's 12.7 against 22.4; the 7B int4 step over the int8 cache 2.686 -> 2.442 / 2.444 ms
+    # (results/decode_two_pass_h100.md)
+    two_pass: bool = True
+    two_pass_block: int = 128
+    two_pass_programs: int = 1056
     two_pass_num_warps: int = 4
-    two_pass_num_stages: int = 3
+    two_pass_num_stages: int = 2
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256

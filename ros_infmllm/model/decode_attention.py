@@ -76,6 +76,10 @@ class DecodeKernelTuning:
     two_pass_programs: int = 1056
     two_pass_num_warps: int = 4
     two_pass_num_stages: int = 2
+    # a two-pass split of one tile read in one go (keys and values requested at once, no scores
+    # written unless the mass asks): tested in the interpreter and compiled for sm_90 / sm_87, not
+    # yet run or timed on a GPU
+    two_pass_one_tile: bool = False
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -218,7 +222,8 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
     launch = dependent_launch(q, tuning.pdl)
     f32 = dict(dtype=torch.float32, device=q.device)
-    scores = torch.empty((heads, capacity) if with_mass or two_pass else (1,), **f32)  # two passes go through it
+    # the two-pass kernel's values pass reads back the scores its keys pass wrote (not where a split is read in one go)
+    scores = torch.empty((heads, capacity) if with_mass or two_pass else (1,), **f32)
     split_max, split_sum = torch.empty((heads, splits), **f32), torch.empty((heads, splits), **f32)
     split_acc = torch.empty((heads, splits, dim), **f32)
     out = torch.empty_like(q)
@@ -232,8 +237,9 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     if two_pass:
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
             *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, SPLIT_LEN=split_len, DIM=dim,
-            BLOCK=block, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32, PDL=bool(launch),
+            BLOCK=block, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32, PDL=bool(launch), WITH_SCORES=with_mass,
             VALID_WORDS=reads_valid_words(tensors[3], tuning), STAGES=tuning.two_pass_num_stages,
+            ONE_TILE=tuning.two_pass_one_tile,
             num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages, **launch)
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](

@@ -6,9 +6,12 @@ launch, the combine kernel alone, at several mass blocks and combine warps.
 Why: the sweep of bench_decode_attention.py times whole launch shapes; this splits one apart, and
 found that the combine kernel with the mass cost 5 us per layer at four warps and nothing
 measurable at one (``DecodeKernelTuning.combine_warps``). ``--kv-cache int8``: the partial pass
-is the int8 cache's (decode_kernels_int8.py) at its shipped launch shape, over codes, row scales
-and float16 read tables: over an H100's 7B shape it reads half the bytes yet takes about the
-bf16 pass's time, and this says whether the pass or the combine holds the rest. The kernels are
+is the int8 cache's one-pass kernel (decode_kernels_int8.py) at its launch shape, over codes, row
+scales and float16 read tables: over an H100's 7B shape it read half the bytes yet took about the
+bf16 pass's time, and this said whether the pass or the combine held the rest. Since the
+twenty-eighth session the op reads these shapes (one query head per KV head) with the two-pass
+kernel (decode_kernels_int8_two_pass.py), which this probe does not launch: time it with
+bench_decode_attention.py. The kernels are
 launched directly at the given shape (not through the op), each variant as a CUDA graph of one
 call per layer, median of replays (bench_decode_attention's timing). Writes ``results/probe_decode_combine.txt`` (or
 ``--out``); ``--smoke`` runs tiny shapes in Triton's CPU interpreter (checks the script, its

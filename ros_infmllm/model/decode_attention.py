@@ -232,20 +232,22 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     x_stats = torch.empty(stats_size(heads * dim, x8_group) if x8_group else 0, **f32)
     scale = dim ** -0.5
     tensors = (q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc)
-    shape = dict(SPLIT_LEN=split_len, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)), DIM=dim, BLOCK=block,
-                 NUM_SPLITS=splits, WITH_SCORES=with_mass, IEEE=q.dtype == torch.float32, PDL=bool(launch), **launch)
+    # what every partial pass takes; the float and one-pass int8 kernels also pad the query rows of a KV head
+    common = dict(SPLIT_LEN=split_len, DIM=dim, BLOCK=block, NUM_SPLITS=splits, WITH_SCORES=with_mass,
+                  IEEE=q.dtype == torch.float32, PDL=bool(launch), **launch)
+    shape = dict(common, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)))
+    if scaled:
+        codes_in = (*tensors, *(t.contiguous() for t in int8_rows), capacity, scale)
+        valid_words = reads_valid_words(tensors[3], tuning)
     if two_pass:
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
-            *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, SPLIT_LEN=split_len, DIM=dim,
-            BLOCK=block, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32, PDL=bool(launch), WITH_SCORES=with_mass,
-            VALID_WORDS=reads_valid_words(tensors[3], tuning), STAGES=tuning.two_pass_num_stages,
-            ONE_TILE=tuning.two_pass_one_tile,
-            num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages, **launch)
+            *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
+            ONE_TILE=tuning.two_pass_one_tile, num_warps=tuning.two_pass_num_warps,
+            num_stages=tuning.two_pass_num_stages)
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
-            *tensors, *(t.contiguous() for t in int8_rows), capacity, scale, **shape,
-            VALID_WORDS=reads_valid_words(tensors[3], tuning),
-            num_warps=tuning.int8_num_warps, num_stages=tuning.int8_num_stages)
+            *codes_in, **shape, VALID_WORDS=valid_words, num_warps=tuning.int8_num_warps,
+            num_stages=tuning.int8_num_stages)
     else:
         decode_kernels.partial_attention[(kv_heads, splits)](
             *tensors, capacity, scale, **shape, num_warps=tuning.num_warps, num_stages=tuning.num_stages)

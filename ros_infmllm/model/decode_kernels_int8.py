@@ -128,18 +128,25 @@ def slot_validity(valid_ptr, slots, live, VALID_WORDS: tl.constexpr):
 
 
 @triton.jit
-def _turned_scores(q_front, q_back, front, back, cos, sin, DIM: tl.constexpr, IEEE: tl.constexpr):
-    """Scores ``[rows, BLOCK]`` (float32) of q, as its two halves, against key codes given as their
-    halves ``front``, ``back`` ``[BLOCK, DIM / 2]``, each key turned by RoPE at its slot in the
-    rotate-half layout: ``front * cos - back * sin`` and ``back * cos + front * sin``."""
+def turned_keys(front, back, cos, sin, IEEE: tl.constexpr):
+    """Key codes given as their halves ``front``, ``back`` ``[BLOCK, DIM / 2]`` turned by RoPE at
+    their slots (rotate-half layout): ``front * cos - back * sin`` and ``back * cos + front * sin``,
+    in float32 (``IEEE``) or in float16 pairs (codes exact there, table entries rounded)."""
     if IEEE:
         front, back = front.to(tl.float32), back.to(tl.float32)
         cos, sin = cos.to(tl.float32), sin.to(tl.float32)
     else:
         front, back = codes_to_half(front), codes_to_half(back)
         cos, sin = cos.to(tl.float16), sin.to(tl.float16)
-    turned_front = front * cos - back * sin
-    turned_back = back * cos + front * sin
+    return front * cos - back * sin, back * cos + front * sin
+
+
+@triton.jit
+def _turned_scores(q_front, q_back, front, back, cos, sin, DIM: tl.constexpr, IEEE: tl.constexpr):
+    """Scores ``[rows, BLOCK]`` (float32) of q, as its two halves, against key codes given as their
+    halves ``front``, ``back`` ``[BLOCK, DIM / 2]``, each key turned by RoPE at its slot in the
+    rotate-half layout (``turned_keys``)."""
+    turned_front, turned_back = turned_keys(front, back, cos, sin, IEEE)
     # one branch is compiled (constant conditions), so each assigns rather than returns early: Triton
     # compiles the statements after a constant branch's return too
     if DIM // 2 < 16:  # a dot needs a depth of 16: small heads (tests' models) sum the products instead

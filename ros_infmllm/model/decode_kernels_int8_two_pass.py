@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode_kernels_int8 import codes_to_half, key_tile, slot_validity
+from .decode_kernels_int8 import codes_to_half, key_tile, slot_validity, turned_keys
 
 
 @triton.jit
@@ -110,8 +110,8 @@ def _tile_scores(q_front, q_back, k_ptr, valid_ptr, k_scale_ptr, cos_ptr, sin_pt
     turned to its slot; -inf where a slot is empty or past the split's end."""
     keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
     front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live, DIM)
-    turned_front, turned_back = _turned_keys(front, back, cos, sin, IEEE)
-    raw = tl.sum(turned_front * q_front[None, :] + turned_back * q_back[None, :], 1)
+    turned_front, turned_back = turned_keys(front, back, cos, sin, IEEE)
+    raw = tl.sum(turned_front.to(tl.float32) * q_front[None, :] + turned_back.to(tl.float32) * q_back[None, :], 1)
     return tl.where(keep, raw * (k_scale * scale), float("-inf"))
 
 
@@ -121,16 +121,3 @@ def _codes_as_float(codes, IEEE: tl.constexpr):
     if IEEE:
         return codes.to(tl.float32)
     return codes_to_half(codes).to(tl.float32)
-
-
-@triton.jit
-def _turned_keys(front, back, cos, sin, IEEE: tl.constexpr):
-    """Key codes as their halves ``[BLOCK, DIM / 2]`` turned by RoPE at their slots (rotate-half
-    layout), as float32: the turn in float32 (``IEEE``) or in float16 pairs (codes exact there)."""
-    if IEEE:
-        front, back = front.to(tl.float32), back.to(tl.float32)
-        cos, sin = cos.to(tl.float32), sin.to(tl.float32)
-    else:
-        front, back = codes_to_half(front), codes_to_half(back)
-        cos, sin = cos.to(tl.float16), sin.to(tl.float16)
-    return (front * cos - back * sin).to(tl.float32), (back * cos + front * sin).to(tl.float32)

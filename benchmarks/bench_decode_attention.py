@@ -160,13 +160,13 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s,
                                       int8_block=b, int8_programs=p, int8_num_warps=w, int8_num_stages=s,
                                       two_pass=two, two_pass_block=b, two_pass_programs=p, two_pass_num_warps=w,
-                                      two_pass_num_stages=s, two_pass_one_tile=one, valid_words=shipped.valid_words,
-                                      mass_block=mb, grouped_mass_block=mb, pdl=pdl)
-                for b, p, m, w, s, mb, pdl, two, one in itertools.product(
+                                      two_pass_num_stages=s, two_pass_one_tile=one, two_pass_heads=h,
+                                      valid_words=shipped.valid_words, mass_block=mb, grouped_mass_block=mb, pdl=pdl)
+                for b, p, m, w, s, mb, pdl, two, one, h in itertools.product(
                     args.blocks, args.programs, args.min_splits, args.warps, args.stages,
                     [shipped_mass] if args.no_mass else args.mass_blocks or [shipped_mass], args.pdl,
-                    args.two_pass if int8 and group == 1 else [False], args.one_tile)
-                if two or not one]  # one_tile only means something to the two-pass kernel
+                    args.two_pass if int8 and group == 1 else [False], args.one_tile, args.heads)
+                if (two or not one) and (two or h == 1)]  # one_tile and heads only mean something to the two-pass kernel
 
     def errors() -> dict:
         out, mass = kernel(*fresh)
@@ -208,7 +208,9 @@ def write_markdown(report: dict, path: Path) -> None:
 def launch(variant: dict) -> str:
     shape = ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages",
                                                  "mass_block", "pdl"))
-    return shape + (", two-pass" if variant.get("two_pass") else "") + (", one go" if variant.get("two_pass_one_tile") else "")
+    return (shape + (", two-pass" if variant.get("two_pass") else "") + (", one go" if variant.get("two_pass_one_tile") else "")
+            + (f", {variant['two_pass_heads']} heads" if variant.get("two_pass") and variant.get("two_pass_heads", 1) > 1
+               else ""))
 
 
 def on_off(text: str) -> bool:
@@ -241,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one-tile", type=on_off, nargs="+", default=[False],
                         help="the two-pass kernel reads a split of one tile in one go (on), through its two loops "
                              "(off), or both")
+    parser.add_argument("--heads", type=int, nargs="+", default=[1],
+                        help="KV heads per two-pass program (two_pass_heads): where a split is read in one go, "
+                             "they share its table rows and validity")
     parser.add_argument("--no-mass", action="store_true",
                         help="time the call without the mass (streamingllm's): the partial pass stores no scores "
                              "and the combine kernel merges the outputs only")

@@ -8,6 +8,7 @@ decoder keeps its explicit path (``kernel_supported``); results agree with it to
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -80,6 +81,11 @@ class DecodeKernelTuning:
     # written unless the mass asks): tested in the interpreter and compiled for sm_90 / sm_87, not
     # yet run or timed on a GPU
     two_pass_one_tile: bool = False
+    # KV heads per two-pass program: where a split is read in one go, its validity and table rows
+    # (as many bytes as the key codes, read from L2 by every head) are read once for the program's
+    # heads; the grid is (KV heads / this, splits), splits set by two_pass_programs as before. Taken
+    # as the largest divisor of the KV heads not above it. Tested in the interpreter, not yet timed
+    two_pass_heads: int = 1
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -240,9 +246,10 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
         codes_in = (*tensors, *(t.contiguous() for t in int8_rows), capacity, scale)
         valid_words = reads_valid_words(tensors[3], tuning)
     if two_pass:
-        decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
+        heads_per_program = math.gcd(kv_heads, max(1, tuning.two_pass_heads))
+        decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads // heads_per_program, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
-            ONE_TILE=tuning.two_pass_one_tile, num_warps=tuning.two_pass_num_warps,
+            ONE_TILE=tuning.two_pass_one_tile, HEADS=heads_per_program, num_warps=tuning.two_pass_num_warps,
             num_stages=tuning.two_pass_num_stages)
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](

@@ -8,7 +8,9 @@ For each model shape of bench_gpu.py, on a session streamed past its capacity (g
   with a sync around it, and the kernels of a few frames.
 
 Prints a short table; ``--out`` receives one ``profile_<model>.txt`` per model with the kernel
-tables (``profile_<model>_<weights>.txt`` with ``--weights int8|int4``).
+tables (``profile_<model>_<weights>.txt`` with ``--weights int8|int4|q4_0``, ``_kv8`` added over an int8
+cache). ``--decode-only`` skips the frame rows; ``--decode-attention FIELD=VALUE`` sets the decode
+attention's launch as bench_gpu.py does.
 ``python benchmarks/profile_gpu.py --models qwen2-1.5b --out /tmp/profile``.
 """
 from __future__ import annotations
@@ -23,9 +25,11 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from launch_tuning import tuning_for_run
 from bench_gpu import FAMILY_SHAPES, SHAPES, StreamDriver, camera_frame, pack_random_model, random_model, \
     shape_tokenizer, write_checkpoint_config
 from ros_infmllm.cache import DEFAULT_POLICY, make_policy
+from ros_infmllm.cache.kv_codes import KV_CACHE_DTYPES
 from ros_infmllm.model.quantized import HEAD_MODES
 from ros_infmllm.session import SessionConfig, StreamingSession, template_for
 from ros_infmllm.session.preprocess import preprocessor_for_folder
@@ -59,11 +63,21 @@ def replay_ms(session: StreamingSession, repeats: int) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def kernel_table(fn, rows: int = 60) -> str:
+def kernel_table(fn, rows: int = 60, per: int = 0) -> str:
+    """The profiler's table of ``fn``; with ``per``, first the GPU kernels' own time summed per
+    ``per`` calls of the step (µs each, largest first), the list a decode step is read from."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    events = prof.key_averages()
+    table = events.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    if not per:
+        return table
+    kernels = sorted(((e.self_device_time_total / per, e.count / per, e.key) for e in events
+                      if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0), reverse=True)
+    lines = [f"{us:10.1f} us {calls:6.1f} calls  {name[:90]}" for us, calls, name in kernels]
+    total = sum(us for us, _, _ in kernels)
+    return "\n".join([f"GPU kernels per step (summed: {total:.1f} us):"] + lines) + "\n\n" + table
 
 
 def profile_model(name: str, args) -> dict:
@@ -73,7 +87,7 @@ def profile_model(name: str, args) -> dict:
     pack_random_model(model, args.weights, args.lm_head)
     tokenizer = shape_tokenizer(model, shape)
     config = SessionConfig(capacity=args.capacity, max_chunk=args.max_chunk, template="demo", max_new_tokens=8,
-                           check_evictions=False)
+                           check_evictions=False, kv_cache_dtype=args.kv_cache)
     session = StreamingSession(model, tokenizer, make_policy(args.policy), config, template_for("demo"),
                                preprocessor_for_folder(folder, model.cfg.vision))
     driver = StreamDriver(session, "cuda", camera_frame(model, shape))
@@ -82,8 +96,14 @@ def profile_model(name: str, args) -> dict:
     _, steps = driver.decode(128)
     row = {"model": name, "decode_host_p50_ms": statistics.median(steps), "decode_replay_ms": replay_ms(session, 64)}
     question = driver.question_ids()
-    decode_kernels = kernel_table(lambda: list(session.tokens(question, 10)))
-
+    decode_kernels = kernel_table(lambda: list(session.tokens(question, 10)), per=10)
+    suffix = ("" if args.weights == "float" else f"_{args.weights}") + ("_kv8" if args.kv_cache == "int8" else "")
+    if args.decode_only:
+        row["graphs"] = sorted(str(k) for k in session.runner.graphs)
+        _write(args.out, name, suffix, row, decode_kernels)
+        del session, model
+        torch.cuda.empty_cache()
+        return row
     frame = driver.frames[0]
     row["preprocess_ms"] = timed(lambda: session.preprocessor(frame, model.device), 10)
     pixels = session.preprocessor(frame, model.device)
@@ -97,14 +117,17 @@ def profile_model(name: str, args) -> dict:
     row["ingest_ms"] = timed(lambda: session.ingest_frame(frame), 10)
     frame_kernels = kernel_table(lambda: [session.ingest_frame(frame) for _ in range(3)])
     row["graphs"] = sorted(str(k) for k in session.runner.graphs)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        suffix = "" if args.weights == "float" else f"_{args.weights}"
-        (args.out / f"profile_{name}{suffix}.txt").write_text(
-            f"{row}\n\n# 10 decode tokens\n{decode_kernels}\n\n# 3 frames\n{frame_kernels}\n")
+    _write(args.out, name, suffix, row, decode_kernels, frame_kernels)
     del session, model
     torch.cuda.empty_cache()
     return row
+
+
+def _write(out: Path | None, name: str, suffix: str, row: dict, decode_kernels: str, frame_kernels: str = "") -> None:
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        frames = f"\n\n# 3 frames\n{frame_kernels}" if frame_kernels else ""
+        (out / f"profile_{name}{suffix}.txt").write_text(f"{row}\n\n# 10 decode tokens\n{decode_kernels}{frames}\n")
 
 
 def main() -> int:
@@ -113,13 +136,21 @@ def main() -> int:
     parser.add_argument("--policy", default=DEFAULT_POLICY)
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--max-chunk", type=int, default=1024)
-    parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float", help="decoder projections")
+    parser.add_argument("--weights", choices=("float", "int8", "int4", "q4_0"), default="float",
+                        help="decoder projections")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="model", help="the K/V cache's dtype")
+    parser.add_argument("--decode-attention", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="decode_attention.DecodeKernelTuning fields for this run")
+    parser.add_argument("--decode-only", action="store_true", help="the decode rows only (no frame ingest)")
     parser.add_argument("--lm-head", choices=HEAD_MODES, default="float")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows = [profile_model(name, args) for name in args.models]
-    columns = ["model", "decode_host_p50_ms", "decode_replay_ms", "preprocess_ms", "vision_ms", "prefill_ms",
-               "evictions_per_frame", "eviction_p50_ms", "ingest_ms"]
+    from ros_infmllm.model import decode_attention
+
+    with tuning_for_run(parser, decode_attention.TUNING, args.decode_attention, "--decode-attention"):
+        rows = [profile_model(name, args) for name in args.models]
+    columns = ["model", "decode_host_p50_ms", "decode_replay_ms"] + ([] if args.decode_only else [
+        "preprocess_ms", "vision_ms", "prefill_ms", "evictions_per_frame", "eviction_p50_ms", "ingest_ms"])
     print(" | ".join(columns))
     for row in rows:
         print(" | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns))

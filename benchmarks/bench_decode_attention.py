@@ -161,12 +161,14 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
                                       int8_block=b, int8_programs=p, int8_num_warps=w, int8_num_stages=s,
                                       two_pass=two, two_pass_block=b, two_pass_programs=p, two_pass_num_warps=w,
                                       two_pass_num_stages=s, two_pass_one_tile=one, two_pass_heads=h,
-                                      valid_words=shipped.valid_words, mass_block=mb, grouped_mass_block=mb, pdl=pdl)
-                for b, p, m, w, s, mb, pdl, two, one, h in itertools.product(
+                                      two_pass_angle_sum=angles, valid_words=shipped.valid_words, mass_block=mb,
+                                      grouped_mass_block=mb, pdl=pdl)
+                for b, p, m, w, s, mb, pdl, two, one, h, angles in itertools.product(
                     args.blocks, args.programs, args.min_splits, args.warps, args.stages,
                     [shipped_mass] if args.no_mass else args.mass_blocks or [shipped_mass], args.pdl,
-                    args.two_pass if int8 and group == 1 else [False], args.one_tile, args.heads)
-                if (two or not one) and (two or h == 1)]  # one_tile and heads only mean something to the two-pass kernel
+                    args.two_pass if int8 and group == 1 else [False], args.one_tile, args.heads, args.angle_sum)
+                # one_tile, heads and angle sums only mean something to the two-pass kernel
+                if two or (not one and h == 1 and not angles)]
 
     def errors() -> dict:
         out, mass = kernel(*fresh)
@@ -210,7 +212,7 @@ def launch(variant: dict) -> str:
                                                  "mass_block", "pdl"))
     return (shape + (", two-pass" if variant.get("two_pass") else "") + (", one go" if variant.get("two_pass_one_tile") else "")
             + (f", {variant['two_pass_heads']} heads" if variant.get("two_pass") and variant.get("two_pass_heads", 1) > 1
-               else ""))
+               else "") + (", angle sum" if variant.get("two_pass") and variant.get("two_pass_angle_sum") else ""))
 
 
 def on_off(text: str) -> bool:
@@ -246,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, nargs="+", default=[1],
                         help="KV heads per two-pass program (two_pass_heads): where a split is read in one go, "
                              "they share its table rows and validity")
+    parser.add_argument("--angle-sum", type=on_off, nargs="+", default=[False],
+                        help="the two-pass kernel turns keys by angle sums of a tile's first table row and the "
+                             "rows of the offsets in a tile (on), by a table row per slot (off), or both")
     parser.add_argument("--no-mass", action="store_true",
                         help="time the call without the mass (streamingllm's): the partial pass stores no scores "
                              "and the combine kernel merges the outputs only")

@@ -141,13 +141,16 @@ def main() -> int:
     parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="model", help="the K/V cache's dtype")
     parser.add_argument("--decode-attention", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="decode_attention.DecodeKernelTuning fields for this run")
+    parser.add_argument("--matvec", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="decode_linear.TUNING fields for this run (pdl=false: kernel times that do not overlap)")
     parser.add_argument("--decode-only", action="store_true", help="the decode rows only (no frame ingest)")
     parser.add_argument("--lm-head", choices=HEAD_MODES, default="float")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    from ros_infmllm.model import decode_attention
+    from ros_infmllm.model import decode_attention, decode_linear
 
-    with tuning_for_run(parser, decode_attention.TUNING, args.decode_attention, "--decode-attention"):
+    with tuning_for_run(parser, decode_attention.TUNING, args.decode_attention, "--decode-attention"), \
+            tuning_for_run(parser, decode_linear.TUNING, args.matvec):
         rows = [profile_model(name, args) for name in args.models]
     columns = ["model", "decode_host_p50_ms", "decode_replay_ms"] + ([] if args.decode_only else [
         "preprocess_ms", "vision_ms", "prefill_ms", "evictions_per_frame", "eviction_p50_ms", "ingest_ms"])

@@ -71,9 +71,12 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
 @pytest.mark.parametrize("two_pass", [None, dict(two_pass_programs=8), dict(two_pass_programs=512),
                                       dict(two_pass_programs=512, two_pass_one_tile=True),
                                       dict(two_pass_programs=8, two_pass_heads=2),
-                                      dict(two_pass_programs=512, two_pass_one_tile=True, two_pass_heads=2)],
+                                      dict(two_pass_programs=512, two_pass_one_tile=True, two_pass_heads=2),
+                                      dict(two_pass_programs=8, two_pass_angle_sum=True),
+                                      dict(two_pass_programs=512, two_pass_one_tile=True, two_pass_angle_sum=True)],
                          ids=["one-pass", "two-pass", "two-pass-tile-per-split", "two-pass-one-go",
-                              "two-pass-two-heads", "two-pass-one-go-two-heads"])
+                              "two-pass-two-heads", "two-pass-one-go-two-heads", "two-pass-angle-sum",
+                              "two-pass-one-go-angle-sum"])
 @pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16), (2, 2, 200, 64)])
 def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass, heads, kv_heads, capacity,
                                     dim) -> None:
@@ -82,8 +85,9 @@ def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass
     each key tile's halves by its slots and applies the scales to scores and probabilities. With
     ``two_pass`` settings the KV heads serving one query head each take the two-pass kernel (keys,
     then values; at 512 programs every split is one tile, through the two loops or read in one go;
-    with two KV heads per program, the tables and validity read once for both where read in one go),
-    the grouped shape the one-pass kernel still."""
+    with two KV heads per program, the tables and validity read once for both where read in one go;
+    with angle sums, each key turned by its tile's first table row and the row of its offset in the
+    tile, 16-bit q only), the grouped shape the one-pass kernel still."""
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, **two_pass) if two_pass
                         else dataclasses.replace(op.TUNING, two_pass=False))
     from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables

@@ -86,6 +86,11 @@ class DecodeKernelTuning:
     # heads; the grid is (KV heads / this, splits), splits set by two_pass_programs as before. Taken
     # as the largest divisor of the KV heads not above it. Tested in the interpreter, not yet timed
     two_pass_heads: int = 1
+    # with 16-bit q, the two-pass kernel turns keys by angle sums: a tile's first table row and the
+    # table's rows 0..block-1 (the same for every tile and head, read where L1 may hold them) instead
+    # of a table row per (slot, KV head), which are twice the key codes' bytes, from L2. Tested in the
+    # interpreter, not yet timed
+    two_pass_angle_sum: bool = False
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -249,7 +254,8 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
         heads_per_program = math.gcd(kv_heads, max(1, tuning.two_pass_heads))
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads // heads_per_program, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
-            ONE_TILE=tuning.two_pass_one_tile, HEADS=heads_per_program, num_warps=tuning.two_pass_num_warps,
+            ONE_TILE=tuning.two_pass_one_tile, HEADS=heads_per_program,
+            ANGLE_SUM=tuning.two_pass_angle_sum and q.dtype != torch.float32, num_warps=tuning.two_pass_num_warps,
             num_stages=tuning.two_pass_num_stages)
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](

@@ -42,7 +42,7 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
                                      SPLIT_LEN: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                                      NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
                                      WITH_SCORES: tl.constexpr, VALID_WORDS: tl.constexpr, STAGES: tl.constexpr,
-                                     ONE_TILE: tl.constexpr, HEADS: tl.constexpr):
+                                     ONE_TILE: tl.constexpr, HEADS: tl.constexpr, ANGLE_SUM: tl.constexpr = False):
     """``decode_kernels_int8.partial_attention_codes`` for one query head per KV head (program =
     (group of ``HEADS`` KV heads, split)): writes each head's split max, sum and weighted values, as
     that pass does, and the scores of every slot of the split to ``scores_ptr`` ``[heads, C]`` (-inf
@@ -62,7 +62,7 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
         slots = first + tl.arange(0, BLOCK)
         live = slots < end
         keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
-        cos, sin = table_rows(cos_ptr, sin_ptr, slots, live, DIM)  # the same rows for every head
+        cos, sin = _turn_rows(cos_ptr, sin_ptr, first, slots, live, capacity, DIM, ANGLE_SUM)  # the same for every head
         for h in tl.static_range(HEADS):
             head = first_head + h
             base = head.to(tl.int64) * capacity * DIM
@@ -93,8 +93,13 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
                 slots = first + offset + tl.arange(0, BLOCK)
                 live = slots < end
                 keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
-                front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base,
-                                                          slots, live, DIM)
+                if ANGLE_SUM:
+                    front, back = key_halves(k_ptr, base, slots, live, DIM)
+                    cos, sin = _turn_rows(cos_ptr, sin_ptr, first + offset, slots, live, capacity, DIM, True)
+                    k_scale = tl.load(k_scale_ptr + row_base + slots, mask=live, other=0.0)
+                else:
+                    front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base,
+                                                              slots, live, DIM)
                 scores = _scores(q_front, q_back, front, back, cos, sin, k_scale, keep, scale, IEEE)
                 tl.store(scores_ptr + row_base + slots, scores, mask=live)
                 best = tl.maximum(best, scores)
@@ -114,6 +119,28 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
                 weighted += (probs * v_scale)[:, None] * _codes_as_float(v, IEEE)
             _store_partial(max_ptr, sum_ptr, acc_ptr, head * NUM_SPLITS + split, split_max, tl.sum(total, 0),
                            tl.sum(weighted, 0), DIM)
+
+
+@triton.jit
+def _turn_rows(cos_ptr, sin_ptr, tile_first, slots, live, capacity, DIM: tl.constexpr, ANGLE_SUM: tl.constexpr):
+    """The cos / sin ``[BLOCK, DIM / 2]`` that turn the keys of ``slots`` (a tile from
+    ``tile_first`` on): their table rows, or (``ANGLE_SUM``, 16-bit math) the angle sums of the tile's
+    first row and rows ``0..BLOCK-1``, the turn from a tile's first slot to each of its slots, which
+    are the same rows for every tile and head: one table row per tile instead of ``BLOCK``, the rest
+    read where the SM's L1 may hold them (slot j is position j, so row r of the tables turns by r)."""
+    if ANGLE_SUM:
+        halves = tl.arange(0, DIM // 2)
+        row_ok = tile_first + 0 * halves < capacity  # a tile past the cache's end (its slots are not live)
+        first_cos = tl.load(cos_ptr + tile_first * (DIM // 2) + halves, mask=row_ok, other=1.0)
+        first_sin = tl.load(sin_ptr + tile_first * (DIM // 2) + halves, mask=row_ok, other=0.0)
+        steps = (slots - tile_first)[:, None] * (DIM // 2) + halves[None, :]
+        step_cos = tl.load(cos_ptr + steps, mask=live[:, None], other=1.0, cache_modifier=".ca")
+        step_sin = tl.load(sin_ptr + steps, mask=live[:, None], other=0.0, cache_modifier=".ca")
+        cos = first_cos[None, :] * step_cos - first_sin[None, :] * step_sin
+        sin = first_sin[None, :] * step_cos + first_cos[None, :] * step_sin
+    else:
+        cos, sin = table_rows(cos_ptr, sin_ptr, slots, live, DIM)
+    return cos, sin
 
 
 @triton.jit

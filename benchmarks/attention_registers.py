@@ -34,14 +34,10 @@ SHARED_PER_SM = 233472  # bytes of shared memory per SM on sm_90 (228 KB)
 # shape at 4,096 slots (one tile per split) and a smaller tile; the int8 pass (decode_kernels_int8.py,
 # pipelined) at one tile per split and at splits of several tiles, as its launch sweep ran them; the
 # two-pass kernel (decode_kernels_int8_two_pass.py) at its shipped shape (one tile per split: through its two
-# loops, as shipped, and read in one go, with one KV head per program or two and four sharing the table rows, and
-# keys turned by angle sums) and over four tiles
+# loops) and over four tiles
 CASES = [("bf16", 128, 3, 128, 4), ("bf16", 64, 3, 64, 4), ("int8", 128, 2, 128, 4), ("int8", 512, 2, 128, 4),
          ("int8", 512, 3, 64, 4), ("int8", 512, 2, 64, 8), ("int8", 512, 3, 64, 8), ("int8", 512, 2, 128, 8),
-         ("int8 two-pass", 128, 2, 128, 4), ("int8 two-pass, one go", 128, 2, 128, 4),
-         ("int8 two-pass, one go, 2 heads", 128, 2, 128, 4), ("int8 two-pass, one go, 2 heads", 128, 2, 128, 8),
-         ("int8 two-pass, one go, 4 heads", 128, 2, 128, 8), ("int8 two-pass, angle sum", 128, 2, 128, 4),
-         ("int8 two-pass, one go, angle sum", 128, 2, 128, 4), ("int8 two-pass", 512, 3, 64, 4)]
+         ("int8 two-pass", 128, 2, 128, 4), ("int8 two-pass", 512, 3, 64, 4)]
 
 
 def resources(cache: str, split: int, stages: int, block: int, warps: int, arch: int, dim: int = 128) -> dict:
@@ -51,8 +47,6 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     from ros_infmllm.model.decode_attention import TUNING
 
     two_pass = cache.startswith("int8 two-pass")
-    one_tile = cache.startswith("int8 two-pass, one go")
-    heads = int(re.search(r"(\d+) heads", cache).group(1)) if "heads" in cache else 1  # KV heads per program
     int8 = cache.startswith("int8")
     codes = "*i8" if int8 else "*bf16"
     pointers = dict(q_ptr="*bf16", k_ptr=codes, v_ptr=codes, valid_ptr="*u8", scores_ptr="*fp32", max_ptr="*fp32",
@@ -66,8 +60,7 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     kernel = decode_kernels_int8.partial_attention_codes if int8 else decode_kernels.partial_attention
     if two_pass:  # no padded rows; the loops' stages given to tl.range
         constants = dict(SPLIT_LEN=split, DIM=dim, BLOCK=block, NUM_SPLITS=4096 // split, IEEE=False, PDL=arch >= 90,
-                         WITH_SCORES=True, VALID_WORDS=TUNING.valid_words, STAGES=stages, ONE_TILE=one_tile,
-                         HEADS=heads, ANGLE_SUM="angle sum" in cache)
+                         VALID_WORDS=TUNING.valid_words, STAGES=stages)
         kernel = decode_kernels_int8_two_pass.partial_attention_codes_two_pass
     compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
                            num_warps=warps, num_stages=stages, launch_pdl=arch >= 90)

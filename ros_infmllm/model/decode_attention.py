@@ -8,7 +8,6 @@ decoder keeps its explicit path (``kernel_supported``); results agree with it to
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -77,20 +76,6 @@ class DecodeKernelTuning:
     two_pass_programs: int = 1056
     two_pass_num_warps: int = 4
     two_pass_num_stages: int = 2
-    # a two-pass split of one tile read in one go (keys and values requested at once, no scores
-    # written unless the mass asks): tested in the interpreter and compiled for sm_90 / sm_87, not
-    # yet run or timed on a GPU
-    two_pass_one_tile: bool = False
-    # KV heads per two-pass program: where a split is read in one go, its validity and table rows
-    # (as many bytes as the key codes, read from L2 by every head) are read once for the program's
-    # heads; the grid is (KV heads / this, splits), splits set by two_pass_programs as before. Taken
-    # as the largest divisor of the KV heads not above it. Tested in the interpreter, not yet timed
-    two_pass_heads: int = 1
-    # with 16-bit q, the two-pass kernel turns keys by angle sums: a tile's first table row and the
-    # table's rows 0..block-1 (the same for every tile and head, read where L1 may hold them) instead
-    # of a table row per (slot, KV head), which are twice the key codes' bytes, from L2. Tested in the
-    # interpreter, not yet timed
-    two_pass_angle_sum: bool = False
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -233,7 +218,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
     launch = dependent_launch(q, tuning.pdl)
     f32 = dict(dtype=torch.float32, device=q.device)
-    # the two-pass kernel's values pass reads back the scores its keys pass wrote (not where a split is read in one go)
+    # the two-pass kernel's values pass reads back the scores its keys pass wrote
     scores = torch.empty((heads, capacity) if with_mass or two_pass else (1,), **f32)
     split_max, split_sum = torch.empty((heads, splits), **f32), torch.empty((heads, splits), **f32)
     split_acc = torch.empty((heads, splits, dim), **f32)
@@ -244,19 +229,17 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     scale = dim ** -0.5
     tensors = (q, cache_k, cache_v, valid.contiguous().view(torch.uint8), scores, split_max, split_sum, split_acc)
     # what every partial pass takes; the float and one-pass int8 kernels also pad the query rows of a KV head
-    common = dict(SPLIT_LEN=split_len, DIM=dim, BLOCK=block, NUM_SPLITS=splits, WITH_SCORES=with_mass,
-                  IEEE=q.dtype == torch.float32, PDL=bool(launch), **launch)
-    shape = dict(common, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)))
+    # and store the scores only where the mass asks (the two-pass kernel's values pass always reads them)
+    common = dict(SPLIT_LEN=split_len, DIM=dim, BLOCK=block, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
+                  PDL=bool(launch), **launch)
+    shape = dict(common, GROUP=group, GROUP_PAD=max(16, _next_power_of_2(group)), WITH_SCORES=with_mass)
     if scaled:
         codes_in = (*tensors, *(t.contiguous() for t in int8_rows), capacity, scale)
         valid_words = reads_valid_words(tensors[3], tuning)
     if two_pass:
-        heads_per_program = math.gcd(kv_heads, max(1, tuning.two_pass_heads))
-        decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads // heads_per_program, splits)](
+        decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
-            ONE_TILE=tuning.two_pass_one_tile, HEADS=heads_per_program,
-            ANGLE_SUM=tuning.two_pass_angle_sum and q.dtype != torch.float32, num_warps=tuning.two_pass_num_warps,
-            num_stages=tuning.two_pass_num_stages)
+            num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages)
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
             *codes_in, **shape, VALID_WORDS=valid_words, num_warps=tuning.int8_num_warps,

@@ -71,8 +71,11 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     by_shared = SHARED_PER_SM // max(1, compiled.metadata.shared)
     tiles_ahead = stages - 1 if split > block else 1  # a pipelined split requests the next stages' tiles
     key_bytes = tiles_ahead * block * dim * (1 if int8 else 2)
+    sass = cuda_tool(compiled.asm["cubin"], "cuobjdump", "-sass")
+    instructions = sum(1 for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line) and "NOP" not in line)
     return {"cache": cache, "split": split, "stages": stages, "block": block, "warps": warps,
             "registers_per_thread": registers, "stack_bytes": stack, "shared_bytes": compiled.metadata.shared,
+            "instructions": instructions,
             "programs_per_sm_by_registers": programs, "programs_per_sm_by_shared": by_shared,
             "key_bytes_in_flight_per_sm": min(programs, by_shared) * key_bytes}
 

@@ -473,6 +473,30 @@ def test_attention_registers_reads_each_compiled_case(tmp_path: Path) -> None:
     # the two-pass kernel: no dot padded to 16 rows, so fewer registers than the one-pass int8 kernel
     assert shipped["int8 two-pass"]["registers_per_thread"] < shipped["int8"]["registers_per_thread"]
     assert "| int8 | 128 | 2 | 128 | 4 |" in (tmp_path / "attention_registers.md").read_text()
+    assert all(case["instructions"] > 100 for case in cases)  # SASS instructions per thread, read from the cubin
+
+
+def test_two_pass_issue_model_sums_issue_and_memory(tmp_path: Path) -> None:
+    """two_pass_issue_model.py compiles the two-pass pass at each launch shape and models its call:
+    issue time from the SASS instructions, warps and programs, memory time from the codes and scales;
+    halving the warps per program gives each thread more instructions, and a 64-wide head half the bytes."""
+    script = Path(bench_gpu.__file__).with_name("two_pass_issue_model.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cases = {(c["block"], c["warps"], c["dim"]): c for c in
+             json.loads((tmp_path / "two_pass_issue_model.json").read_text())["cases"]}
+    for c in cases.values():
+        programs = 32 * 4096 // c["block"]
+        assert c["issue_us"] == pytest.approx(1e6 * c["instructions_per_thread"] * c["warps"] * programs
+                                              / (132 * 4 * 1.755e9))
+        assert c["serial_us"] == pytest.approx(c["issue_us"] + c["memory_us"])
+    shipped = cases[(128, 4, 128)]
+    assert shipped["memory_us"] == pytest.approx(1e6 * 32 * 4096 * 2 * 132 / 2.99e12)  # 34.6 MB per 7B call
+    assert cases[(128, 8, 128)]["instructions_per_thread"] < shipped["instructions_per_thread"]
+    assert cases[(128, 4, 64)]["memory_us"] == pytest.approx(shipped["memory_us"] * 68 / 132)
+    assert "| 128 | 4 | 128 |" in (tmp_path / "two_pass_issue_model.md").read_text()
 
 
 def test_stream_perplexity_smoke_run_scores_every_token(tmp_path: Path) -> None:

@@ -65,7 +65,9 @@ def replay_ms(session: StreamingSession, repeats: int) -> float:
 
 def kernel_table(fn, rows: int = 60, per: int = 0) -> str:
     """The profiler's table of ``fn``; with ``per``, first the GPU kernels' own time summed per
-    ``per`` calls of the step (µs each, largest first), the list a decode step is read from."""
+    ``per`` calls of the step (µs each, largest first), the list a decode step is read from (the
+    question's prefill runs first, so its kernels are listed too; under dependent launches a
+    kernel's time includes its wait for the one before)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()

@@ -13,7 +13,7 @@ pass that took longer than the float pass over twice its bytes; docs/quantized_w
   ``probability x value`` into a ``[BLOCK, DIM]`` float32 tile and sums its rows once at the end;
 - each loop holds only its own stream (codes, scales and table rows of keys; codes and scales of
   values), which Triton copies into shared memory ahead of use (``num_stages``);
-- a split of one tile (the shipped 7B shape: 128 slots, 33 splits per head at 4,096 slots) goes
+- a split of one tile (the shipped 7B shape: 128 slots, 32 splits per head at 4,096 slots) goes
   through both loops too. Reading it in one go (keys and values requested at once, the softmax exact
   in registers), several KV heads per program sharing the table rows, and keys turned by angle sums
   of a tile's first table row were each slower on an H100 or no faster in the whole step

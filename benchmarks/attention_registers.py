@@ -24,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-from matvec_sass import cuda_tool
+from matvec_sass import INSTRUCTION, cuda_tool, disassemble
 from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,8 +73,8 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     by_shared = SHARED_PER_SM // max(1, compiled.metadata.shared)
     tiles_ahead = max(1, stages - 1) if split > block or chunk else 1  # a pipelined loop requests the next stages' tiles
     key_bytes = tiles_ahead * block * (2 * chunk if chunk else dim) * (1 if int8 else 2)  # a slice's, where sliced
-    sass = cuda_tool(compiled.asm["cubin"], "cuobjdump", "-sass")
-    instructions = sum(1 for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line) and "NOP" not in line)
+    opcodes = (INSTRUCTION.match(line) for line in disassemble(compiled.asm["cubin"]))
+    instructions = sum(1 for match in opcodes if match and match.group(1) != "NOP")
     return {"cache": cache, "split": split, "stages": stages, "block": block, "warps": warps,
             "registers_per_thread": registers, "stack_bytes": stack, "shared_bytes": compiled.metadata.shared,
             "instructions": instructions,

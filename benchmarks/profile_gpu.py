@@ -99,13 +99,18 @@ def profile_model(name: str, args) -> dict:
     row = {"model": name, "decode_host_p50_ms": statistics.median(steps), "decode_replay_ms": replay_ms(session, 64)}
     question = driver.question_ids()
     decode_kernels = kernel_table(lambda: list(session.tokens(question, 10)), per=10)
+    frame_kernels = "" if args.decode_only else frame_rows(row, session, driver, model)
+    row["graphs"] = sorted(str(k) for k in session.runner.graphs)
     suffix = ("" if args.weights == "float" else f"_{args.weights}") + ("_kv8" if args.kv_cache == "int8" else "")
-    if args.decode_only:
-        row["graphs"] = sorted(str(k) for k in session.runner.graphs)
-        _write(args.out, name, suffix, row, decode_kernels)
-        del session, model
-        torch.cuda.empty_cache()
-        return row
+    _write(args.out, name, suffix, row, decode_kernels, frame_kernels)
+    del session, model
+    torch.cuda.empty_cache()
+    return row
+
+
+def frame_rows(row: dict, session: StreamingSession, driver: StreamDriver, model) -> str:
+    """One frame's preprocess, tower, prefill, evictions and ingest timed into ``row``; the kernel
+    table of three frames returned."""
     frame = driver.frames[0]
     row["preprocess_ms"] = timed(lambda: session.preprocessor(frame, model.device), 10)
     pixels = session.preprocessor(frame, model.device)
@@ -117,15 +122,10 @@ def profile_model(name: str, args) -> dict:
     row["evictions_per_frame"] = len(driver.eviction_ms) / 20
     row["eviction_p50_ms"] = statistics.median(driver.eviction_ms) if driver.eviction_ms else 0.0
     row["ingest_ms"] = timed(lambda: session.ingest_frame(frame), 10)
-    frame_kernels = kernel_table(lambda: [session.ingest_frame(frame) for _ in range(3)])
-    row["graphs"] = sorted(str(k) for k in session.runner.graphs)
-    _write(args.out, name, suffix, row, decode_kernels, frame_kernels)
-    del session, model
-    torch.cuda.empty_cache()
-    return row
+    return kernel_table(lambda: [session.ingest_frame(frame) for _ in range(3)])
 
 
-def _write(out: Path | None, name: str, suffix: str, row: dict, decode_kernels: str, frame_kernels: str = "") -> None:
+def _write(out: Path | None, name: str, suffix: str, row: dict, decode_kernels: str, frame_kernels: str) -> None:
     if out:
         out.mkdir(parents=True, exist_ok=True)
         frames = f"\n\n# 3 frames\n{frame_kernels}" if frame_kernels else ""

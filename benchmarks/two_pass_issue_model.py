@@ -20,10 +20,11 @@ import os
 from pathlib import Path
 
 from attention_registers import resources
+from matvec_sass import ISSUE_PER_CLOCK
 from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SMS, SCHEDULERS = 132, 4  # H100 SXM
+SMS = 132  # H100 SXM
 CLOCK_HZ = 1.755e9  # the H100's clock under load (--clock-control none)
 COPY_BYTES_PER_S = 2.99e12  # bench_gpu.py's measured copy bandwidth on the H100 (results/bench_gpu_session29_*_h100.json)
 KV_HEADS, CAPACITY = 32, 4096  # LLaMA-2-7B and SmolVLM2: 32 KV heads, one query head each
@@ -36,7 +37,7 @@ def model_case(block: int, warps: int, dim: int, measured: float | None) -> dict
     """One launch shape compiled (attention_registers.resources: a split of one tile) and modelled."""
     compiled = resources("int8 two-pass", block, 2, block, warps, arch=90, dim=dim)
     programs = KV_HEADS * (CAPACITY // block)
-    issue_us = 1e6 * compiled["instructions"] * warps * programs / (SMS * SCHEDULERS * CLOCK_HZ)
+    issue_us = 1e6 * compiled["instructions"] * warps * 32 * programs / (SMS * ISSUE_PER_CLOCK * CLOCK_HZ)
     memory_us = 1e6 * KV_HEADS * CAPACITY * 2 * (dim + 4) / COPY_BYTES_PER_S  # codes and a float32 scale per row
     return {"block": block, "warps": warps, "dim": dim, "instructions_per_thread": compiled["instructions"],
             "registers_per_thread": compiled["registers_per_thread"],
@@ -49,7 +50,7 @@ def write_markdown(report: dict, path: Path) -> None:
     lines = ["# The int8 cache's two-pass pass: instruction issue and memory, modelled without overlap (sm_90)", "",
              f"From `benchmarks/two_pass_issue_model.py` (Triton {report['triton']}): SASS instructions per thread "
              "at one tile per split, compiled ahead of time; issue = instructions x warps x programs over "
-             f"{SMS} SMs x {SCHEDULERS} schedulers x {CLOCK_HZ / 1e9:.3f} GHz; memory = the codes and row scales "
+             f"{SMS} SMs x {ISSUE_PER_CLOCK} thread-instructions per clock x {CLOCK_HZ / 1e9:.3f} GHz; memory = the codes and row scales "
              f"over {COPY_BYTES_PER_S / 1e12:.2f} TB/s. Measured: the call (this pass and the combine) on an H100, "
              "bench_decode_attention.py (results/decode_two_pass_variants_h100.md).", "",
              "| slots per split | warps | head size | instructions / thread | registers | programs per SM | "

@@ -121,16 +121,16 @@ class DecodeKernelTuning:
         """Warps per program of the combine kernel for KV heads that serve ``group`` query heads each."""
         return self.grouped_combine_warps if group > 1 else self.combine_warps
 
+    def dim_chunk_for(self, dim: int) -> int:
+        """The two-pass kernel's key halves per step for ``dim``-wide heads: ``two_pass_dim_chunk``
+        where it is a power of two of at least 16 (a dot-free tile still wants 16-wide loads) that
+        splits the half head in two or more, else 0 (whole heads)."""
+        chunk = self.two_pass_dim_chunk
+        ok = chunk >= 16 and chunk & (chunk - 1) == 0 and dim // 2 > chunk and (dim // 2) % chunk == 0
+        return chunk if ok else 0
+
 
 TUNING = DecodeKernelTuning()
-
-
-def chunk_of(dim_chunk: int, dim: int) -> int:
-    """The two-pass kernel's key halves per step for ``dim``-wide heads: ``dim_chunk`` where it is a
-    power of two of at least 16 (a dot-free tile still wants 16-wide loads) that splits the half head
-    in two or more, else 0 (whole heads)."""
-    ok = dim_chunk >= 16 and dim_chunk & (dim_chunk - 1) == 0 and dim // 2 > dim_chunk and (dim // 2) % dim_chunk == 0
-    return dim_chunk if ok else 0
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the Triton decode kernels take
 
 
@@ -255,7 +255,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     if two_pass:
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
-            DIM_CHUNK=chunk_of(tuning.two_pass_dim_chunk, dim), num_warps=tuning.two_pass_num_warps,
+            DIM_CHUNK=tuning.dim_chunk_for(dim), num_warps=tuning.two_pass_num_warps,
             num_stages=tuning.two_pass_num_stages)
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](

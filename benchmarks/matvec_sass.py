@@ -44,7 +44,8 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
     block_n = getattr(TUNING, TUNING.rows_field(abs(bits), bits < 0)) if bits else TUNING.block_n
     warps = TUNING.warps(bits)
     pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr",
-                                           "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr", "stats_ptr")}
+                                           "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr", "stats_ptr",
+                                           "codes_out_ptr", "stats_out_ptr", "norm_out_ptr", "arrivals_ptr")}
     typed = dict(pointers, w_ptr=WEIGHT_TYPES[bits][1], **({"scale_ptr": "*fp16", "offset_ptr": "*fp16"} if bits else {}),
                  **({"x_ptr": "*i32", "stats_ptr": "*fp32"} if bits < 0 else {}))
     constants = dict(N=rows, K=columns, NORM=False, GATED=False, HALF=0, ROTATED_ROWS=0, BIAS=False, RESIDUAL=True,

@@ -295,7 +295,8 @@ from ros_infmllm.model.decode_linear import TUNING, chunk_size
 
 arch = int(sys.argv[1])
 pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "bias_ptr", "residual_ptr",
-                                       "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr", "stats_ptr")}
+                                       "cos_ptr", "sin_ptr", "scale_ptr", "offset_ptr", "stats_ptr", "codes_out_ptr",
+                                       "stats_out_ptr", "norm_out_ptr", "arrivals_ptr")}
 # float, int8 and int4 weights (fp16 scales and offsets); -4: int4 against x's int8 codes (X8, dp4a)
 WEIGHTS = {0: "*bf16", 8: "*i8", 4: "*u8", -4: "*i32"}
 # Qwen2-1.5B: q/k/v (norm, rotary, bias), o (residual), gate/up (norm, SwiGLU), down (residual)

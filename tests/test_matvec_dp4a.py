@@ -227,8 +227,8 @@ def test_inputs_that_do_not_split_into_groups_are_refused() -> None:
 @pytest.mark.parametrize("weights", ["q4_0-centred", "q8_0"])
 def test_x_codes_from_the_writer_give_the_product_of_the_rounding_launch(monkeypatch, weights) -> None:
     """x's codes and stats handed in (as ``decode_attention_codes`` writes them for o_proj) give the
-    product the op's own rounding launch gives; they are refused where the product reads float x
-    or has a norm to fold into the codes, and without their stats."""
+    product the op's own rounding launch gives, with a norm's weight folded into them too; they are
+    refused where the product reads float x, and without their stats."""
     _int8_activations(monkeypatch)
     bits, offsets, group = WEIGHTS[weights]
     layer = _packed(24, 256, offsets, seed=5, bits=bits, group=group)
@@ -242,14 +242,35 @@ def test_x_codes_from_the_writer_give_the_product_of_the_rounding_launch(monkeyp
     assert torch.equal(handed_in, rounded_here)
     with pytest.raises(ValueError, match="x_codes and x_stats come together"):
         op.decode_linear(x, layer.qweight, None, None, None, 0.0, False, **packing, x_codes=codes.view(torch.int8))
-    with pytest.raises(ValueError, match="of an x with no norm"):
-        op.decode_linear(x, layer.qweight, None, torch.ones(256, device=DEVICE), None, 1e-6, False, **packing,
-                         x_codes=codes.view(torch.int8), x_stats=stats)
+    norm = (torch.rand(256, generator=torch.Generator().manual_seed(8)) + 0.5).to(DEVICE)
+    codes, stats = matvec_dp4a.quantized_activations(x, group, norm, split=bits == 4)  # the norm's weight folded in
+    assert torch.equal(op.decode_linear(x, layer.qweight, None, norm, residual, 1e-6, False, **packing,
+                                        x_codes=codes.view(torch.int8), x_stats=stats),
+                       op.decode_linear(x, layer.qweight, None, norm, residual, 1e-6, False, **packing))
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, int4_activations="float",
                                                           int8_activations="float"))
     with pytest.raises(ValueError, match="reads x's int8 codes"):
         op.decode_linear(x, layer.qweight, None, None, None, 0.0, False, **packing, x_codes=codes.view(torch.int8),
                          x_stats=stats)
+
+
+def _steps_off_and_on(monkeypatch, decoder, inputs: dict, field: str) -> list[tuple]:
+    """The decoder's one-token step with the ``MatvecTuning`` switch ``field`` off, then on, each
+    with the number of rounding launches it made (``quantized_activations`` calls)."""
+    rounding = matvec_dp4a.quantized_activations
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(args[0].numel())
+        return rounding(*args, **kwargs)
+
+    monkeypatch.setattr(matvec_dp4a, "quantized_activations", counted)
+    steps = []
+    for on in (False, True):
+        monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, **{field: on}))
+        launches.clear()
+        steps.append((decoder.step(**inputs, attn_window=4), len(launches)))
+    return steps
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
@@ -260,7 +281,7 @@ def test_the_decode_step_takes_o_projs_codes_from_the_attention(monkeypatch, hea
     from ros_infmllm.model import load_model
     from builders import one_token_step_inputs
 
-    _int8_activations(monkeypatch)
+    _int8_activations(monkeypatch, round_written=False)
     model = load_model(head16_model_dir, device=DEVICE, weights="int4")
     decoder = model.decoder
     for block in decoder.layers:
@@ -269,22 +290,94 @@ def test_the_decode_step_takes_o_projs_codes_from_the_attention(monkeypatch, hea
     decoder.fuse_projections()
     decoder.use_decode_kernel(True)
     inputs = one_token_step_inputs(model.cfg.text, capacity=40, filled=29, seed=2, device=DEVICE)
-    rounding = matvec_dp4a.quantized_activations
-    launches = []
-
-    def counted(*args, **kwargs):
-        launches.append(args[0].numel())
-        return rounding(*args, **kwargs)
-
-    monkeypatch.setattr(matvec_dp4a, "quantized_activations", counted)
-    steps = []
-    for fused in (False, True):
-        monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, fused_x_codes=fused))
-        launches.clear()
-        steps.append((decoder.step(**inputs, attn_window=4), len(launches)))
-    (apart, apart_launches), (fused, fused_launches) = steps
+    (apart, apart_launches), (fused, fused_launches) = _steps_off_and_on(monkeypatch, decoder, inputs, "fused_x_codes")
     layers = model.cfg.text.num_layers
     assert apart_launches == 4 * layers and fused_launches == 3 * layers  # the LM head is float here
     assert torch.equal(fused.logits, apart.logits)
     assert torch.equal(fused.new_k, apart.new_k) and torch.equal(fused.new_v, apart.new_v)
     assert torch.equal(fused.attn_mass, apart.attn_mass)
+
+
+def _rounded_by(x: torch.Tensor, group: int, norm: torch.Tensor | None, split: bool):
+    """What the rounding launch makes of ``x``: its codes as bytes, and its stats."""
+    codes, stats = matvec_dp4a.quantized_activations(x, group, norm, split=split)
+    return codes.view(torch.int8), stats
+
+
+def _same_rounding(got: tuple, want: tuple, group: int) -> None:
+    """Codes, scales and sums of a group as the rounding launch's; the sums of squares to their
+    float sum's order (a group's 32 squares may be added in another order)."""
+    (codes, stats), (want_codes, want_stats) = got, want
+    groups = want_stats.numel() // 3
+    assert torch.equal(codes, want_codes)
+    assert torch.equal(stats[:2 * groups], want_stats[:2 * groups])
+    torch.testing.assert_close(stats[2 * groups:], want_stats[2 * groups:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("weights", ["float", "q4_1-offsets", "q8_0"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "swiglu"])
+@pytest.mark.parametrize("next_norm, split", [(False, True), (True, True), (True, False)],
+                         ids=["int4-next", "int4-next-norm", "int8-next-norm"])
+@pytest.mark.parametrize("group, rows_per_program", [(32, 8), (16, 2), (32, 32)], ids=["4-programs", "8", "one"])
+def test_a_product_rounds_its_output_as_the_rounding_launch_does(monkeypatch, weights, gated, next_norm, split,
+                                                                 group, rows_per_program) -> None:
+    """``decode_linear_codes`` (``MatvecTuning.round_written``): the product's output, and its codes
+    and stats for the next product, written by the last of the programs that write each group, are
+    those the rounding launch makes of that output (the next norm's weight folded in or not, either
+    layout); a group's arrival counter is 0 again after the call, so a second call gives the same."""
+    _int8_activations(monkeypatch, x8_block_n=rows_per_program, int8_block_n=rows_per_program,
+                      int4_block_n=rows_per_program, block_n=rows_per_program,
+                      gated_block_n=rows_per_program // (2 if weights != "float" else 1))
+    generator = torch.Generator().manual_seed(group + rows_per_program + gated)
+    rows, columns = 96, 256
+    if weights == "float":
+        weight, packing = (torch.randn(2 * rows if gated else rows, columns, generator=generator) * 0.05).to(DEVICE), {}
+    else:
+        bits, offsets, weight_group = WEIGHTS[weights]
+        layer = _packed(2 * rows if gated else rows, columns, offsets, seed=group, bits=bits, group=weight_group)
+        weight, packing = layer.qweight, dict(scales=layer.scales, offsets=layer.offsets, bits=bits)
+    x = torch.randn(1, columns, generator=generator).to(DEVICE)
+    residual = None if gated else torch.randn(1, rows, generator=generator).to(DEVICE)
+    norm = (torch.rand(rows, generator=generator) + 0.5).to(DEVICE) if next_norm else None
+    plain = op.decode_linear(x, weight, None, None, residual, 0.0, gated, **packing)
+    for _ in range(2):
+        out, codes, stats = op.decode_linear_codes(x, weight, None, None, residual, 0.0, gated, group, split, norm,
+                                                   **packing)
+        assert torch.equal(out, plain)
+        _same_rounding((codes, stats), _rounded_by(out.view(-1), group, norm, split), group)
+    key = next(k for k in op._ARRIVALS if k[1] == weight.data_ptr() and k[2] == rows // group)
+    assert not op._ARRIVALS[key].any()
+
+
+def test_a_product_refuses_groups_its_programs_do_not_write_whole(monkeypatch) -> None:
+    _int8_activations(monkeypatch, x8_block_n=8)
+    layer = _packed(96, 256, True, seed=1)
+    packing = dict(scales=layer.scales, offsets=layer.offsets, bits=4)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    for group in (4, 12, 64):  # under the 8 rows of a program, not a multiple of them, not dividing 96
+        with pytest.raises(ValueError, match=f"round_group {group}"):
+            op.decode_linear_codes(x, layer.qweight, None, None, None, 0.0, False, group, True, **packing)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_the_decode_step_takes_the_mlps_codes_from_the_products_before(monkeypatch, head16_model_dir, mode) -> None:
+    """With ``MatvecTuning.round_written`` o_proj rounds its output for gate/up (the post-attention
+    norm's weight folded in) and gate/up for down: two rounding launches fewer per layer, and the
+    same logits, keys, values and mass (the codes are the same; on a GPU the sums of squares may
+    be added in another order, so there to rounding)."""
+    from ros_infmllm.model import load_model
+    from builders import one_token_step_inputs
+
+    _int8_activations(monkeypatch)
+    model = load_model(head16_model_dir, device=DEVICE, weights=mode)
+    decoder = model.decoder
+    decoder.fuse_projections()
+    decoder.use_decode_kernel(True)
+    inputs = one_token_step_inputs(model.cfg.text, capacity=40, filled=29, seed=3, device=DEVICE)
+    (apart, apart_launches), (fused, fused_launches) = _steps_off_and_on(monkeypatch, decoder, inputs, "round_written")
+    layers = model.cfg.text.num_layers
+    assert apart_launches - fused_launches == 2 * layers
+    same = torch.equal if DEVICE.type == "cpu" else lambda a, b: torch.allclose(a, b, rtol=2e-2, atol=2e-2)
+    assert same(fused.logits, apart.logits)
+    assert same(fused.new_k, apart.new_k) and same(fused.new_v, apart.new_v)
+    assert same(fused.attn_mass, apart.attn_mass)

@@ -91,6 +91,10 @@ class MatvecTuning:
     # (results/decode_early_loads_h100.md; the scales and offsets requested with the codes, also
     # there, were slower and were removed)
     early_epilogue: bool = True
+    # a product whose output the next product reads as int8 codes (o_proj before gate/up, gate/up
+    # before down) rounds it as it writes it (matvec_kernels ROUND: the last program writing a
+    # group rounds it), instead of a rounding launch of its own between the two products
+    round_written: bool = False
 
     def x8(self, bits: int, group: int = 32) -> bool:
         """Whether products with weights of ``bits`` in groups of ``group`` inputs take x's int8
@@ -153,10 +157,85 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     float16 ``scales`` ``[N, K / group]`` and, for int4, ``offsets`` of the same shape or None
     (codes centred on 8); the layout of ``QuantizedLinear`` (model/quantized.py).
     ``x_codes``, ``x_stats``: x already rounded to int8 codes by the launch that wrote it
-    (``decode_attention_codes``), in ``quantized_activations``' layout; only where this product
-    reads x's codes (``MatvecTuning.x8``) and x has no norm to fold. Then no rounding launch runs.
+    (``decode_attention_codes``, ``decode_linear_codes``), in ``quantized_activations``' layout,
+    with ``norm_weight``'s weight folded in where there is one (its RMS is applied from the stats);
+    only where this product reads x's codes (``MatvecTuning.x8``). Then no rounding launch runs.
     """
+    return _launch(x, weight, bias, norm_weight, residual, eps, gated, cos, sin, rotated_rows, scales, offsets, bits,
+                   x_codes, x_stats)[0]
+
+
+@torch.library.custom_op("ros_infmllm::decode_linear_codes", mutates_args=())
+def decode_linear_codes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        norm_weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float, gated: bool,
+                        round_group: int, round_split: bool, round_norm: torch.Tensor | None = None,
+                        scales: torch.Tensor | None = None, offsets: torch.Tensor | None = None, bits: int = 0,
+                        x_codes: torch.Tensor | None = None, x_stats: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``decode_linear`` (no rotary), and its output rounded for the next product by the launch that
+    writes it: int8 codes ``[N]`` and float32 stats ``[3 N / round_group]`` as
+    ``matvec_dp4a.quantized_activations(out, round_group, round_norm, split=round_split)`` lays them
+    out (its ``x_codes`` / ``x_stats`` for that product). ``round_group`` must be a multiple of 8
+    dividing N and a multiple of the launch's rows per program (``written_group``)."""
+    return _launch(x, weight, bias, norm_weight, residual, eps, gated, None, None, 0, scales, offsets, bits,
+                   x_codes, x_stats, round_group, round_split, round_norm)
+
+
+def rows_per_program(tuning: MatvecTuning, rows: int, bits: int, x8: bool, paired: bool) -> int:
+    """Output rows each program of the launch writes (``paired``: SwiGLU or rotary, whose
+    programs read a pair of rows each)."""
+    if bits:
+        return max(1, getattr(tuning, tuning.rows_field(bits, x8)) // (2 if paired else 1))
+    return tuning.gated_block_n if paired else tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n
+
+
+def written_group(weight: torch.Tensor, packing: dict, gated: bool, next_weight: torch.Tensor,
+                  next_packing: dict) -> int:
+    """The group in which a product of ``weight`` (``packing``: its ``decode_linear`` keywords)
+    rounds its output for the next product (``next_weight``, ``next_packing``) as it writes it
+    (``decode_linear_codes``), or 0 where it does not: ``MatvecTuning.round_written`` is on, the
+    next product reads x's int8 codes (``MatvecTuning.x8``), and the group divides the output and
+    is whole programs of the launch."""
+    tuning = TUNING
+    next_bits = next_packing.get("bits", 0)
+    if not (tuning.round_written and next_bits):
+        return 0
+    group = input_group(next_weight, next_packing["scales"], next_bits)
+    bits = packing.get("bits", 0)
+    rows = weight.shape[0] // (2 if gated else 1)
+    block_n = rows_per_program(tuning, rows, bits, tuning.x8(bits, input_group(weight, packing.get("scales"), bits)),
+                               gated)
+    fits = rows % group == 0 and group % block_n == 0
+    return group if tuning.x8(next_bits, group) and fits else 0
+
+
+_ARRIVALS: dict[tuple, torch.Tensor] = {}
+
+
+def arrival_counters(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The int32 arrival counters of a rounding product's groups (``matvec_kernels._round_written``),
+    zero between calls: each group's last writer resets its own. One set per weight, so products
+    of other matrices never share one; two streams running the same weights at once would."""
+    key = (weight.device, weight.data_ptr(), groups)
+    counters = _ARRIVALS.get(key)
+    if counters is None:
+        if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode_linear_codes: run the step once before capturing it in a CUDA graph "
+                               "(its arrival counters are allocated on the first call)")
+        counters = _ARRIVALS[key] = torch.zeros(groups, dtype=torch.int32, device=weight.device)
+    return counters
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
+            residual: torch.Tensor | None, eps: float, gated: bool, cos: torch.Tensor | None,
+            sin: torch.Tensor | None, rotated_rows: int, scales: torch.Tensor | None, offsets: torch.Tensor | None,
+            bits: int, x_codes: torch.Tensor | None, x_stats: torch.Tensor | None, round_group: int = 0,
+            round_split: bool = False, round_norm: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both ops' launch: the product, and where ``round_group`` is set its output's codes and
+    stats (else both empty)."""
     from . import matvec_kernels
+    from .matvec_dp4a import stats_size
 
     if bits not in (0, 4, 8) or bool(bits) != (scales is not None) or (offsets is not None and bits != 4):
         raise ValueError(f"packed weights: bits 8 or 4 with scales (offsets for int4 only); got bits={bits}, "
@@ -171,16 +250,15 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     half = 0 if cos is None else cos.shape[-1] // 2
     group = input_group(weight, scales, bits)
     x8 = tuning.x8(bits, group)
-    if bits:
-        block_n = max(1, getattr(tuning, tuning.rows_field(bits, x8)) // (2 if gated or half else 1))
-    else:
-        block_n = (tuning.gated_block_n if gated or half else
-                   tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n)
+    block_n = rows_per_program(tuning, rows, bits, x8, gated or bool(half))
     programs = -(-(rows // 2 if half else rows) // block_n)
     stats = placeholder
-    if (x_codes is None) != (x_stats is None) or (x_codes is not None and (not x8 or norm_weight is not None)):
+    if (x_codes is None) != (x_stats is None) or (x_codes is not None and not x8):
         raise ValueError("x_codes and x_stats come together, for a product that reads x's int8 codes "
-                         "(MatvecTuning.x8) of an x with no norm")
+                         "(MatvecTuning.x8)")
+    if round_group and (rows % round_group or round_group % 8 or round_group % block_n or half):
+        raise ValueError(f"round_group {round_group}: a multiple of 8 dividing the {rows} outputs and a multiple "
+                         f"of the {block_n} rows each program writes (no rotary)")
     if x_codes is not None:  # rounded by the launch that wrote x
         x, stats = x_codes.view(torch.int32), x_stats
         weight = weight.contiguous().view(torch.int32)
@@ -191,6 +269,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                           pdl=tuning.pdl and tuning.activation_pdl,
                                           groups_per_program=tuning.x8_round_groups)
         weight = weight.contiguous().view(torch.int32)
+    codes_out = torch.empty(rows if round_group else 0, dtype=torch.int8, device=out.device)
+    stats_out = torch.empty(stats_size(rows, round_group) if round_group else 0, dtype=torch.float32,
+                            device=out.device)
+    arrivals = arrival_counters(weight, rows // round_group) if round_group else placeholder
     launch = dependent_launch(out, tuning.pdl)
     matvec_kernels.matvec[(programs,)](
         x.contiguous(), weight.contiguous(), out,
@@ -199,14 +281,16 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         placeholder if residual is None else residual.contiguous(),
         placeholder if cos is None else cos.contiguous(), placeholder if sin is None else sin.contiguous(),
         placeholder if scales is None else scales.contiguous(), placeholder if offsets is None else offsets.contiguous(),
-        stats, eps, N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, HALF=half, ROTATED_ROWS=rotated_rows,
+        stats, codes_out if round_group else placeholder, stats_out if round_group else placeholder,
+        placeholder if round_norm is None else round_norm.contiguous(), arrivals, eps,
+        N=rows, K=columns, NORM=norm_weight is not None, GATED=gated, HALF=half, ROTATED_ROWS=rotated_rows,
         BIAS=bias is not None,
         RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=max(chunk_size(columns, tuning.chunk(bits)), group),
         PDL=bool(launch), BITS=bits, GROUP=group,
         OFFSET=offsets is not None, X8=x8, AHEAD=tuning.packed_ahead if bits else 1,
-        EARLY_EPILOGUE=tuning.early_epilogue,
-        num_warps=tuning.warps(bits), **launch)
-    return out
+        EARLY_EPILOGUE=tuning.early_epilogue, ROUND=round_group, ROUND_SPLIT=round_split,
+        ROUND_NORM=round_norm is not None, num_warps=tuning.warps(bits), **launch)
+    return out, codes_out, stats_out
 
 
 @decode_linear.register_fake
@@ -217,6 +301,21 @@ def _decode_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          offsets: torch.Tensor | None = None, bits: int = 0, x_codes: torch.Tensor | None = None,
                          x_stats: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((1, weight.shape[0] // (2 if gated else 1)))
+
+
+@decode_linear_codes.register_fake
+def _decode_linear_codes_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                norm_weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float,
+                                gated: bool, round_group: int, round_split: bool,
+                                round_norm: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                                offsets: torch.Tensor | None = None, bits: int = 0,
+                                x_codes: torch.Tensor | None = None, x_stats: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .matvec_dp4a import stats_size
+
+    rows = weight.shape[0] // (2 if gated else 1)
+    return (x.new_empty((1, rows)), x.new_empty(rows, dtype=torch.int8),
+            x.new_empty(stats_size(rows, round_group), dtype=torch.float32))
 
 
 def input_group(weight: torch.Tensor, scales: torch.Tensor | None, bits: int) -> int:

@@ -300,12 +300,32 @@ class TransformerBlock(nn.Module):
         else:
             out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask,
                                           attn_window, rotated=True, int8_rows=int8_rows)
-        x = linear(out, o_weight, o_bias, None, x, 0.0, False, **o_packing, **rounded)
         gate_up_weight, gate_up_bias, gate_up_packing = mlp.gate_up.matvec_operands(mlp)
-        hidden = linear(x, gate_up_weight, gate_up_bias, self.post_attention_layernorm.weight, None,
-                        self.post_attention_layernorm.eps, True, **gate_up_packing)
         down_weight, down_bias, down_packing = linear_operands(mlp.down_proj)
-        return linear(hidden, down_weight, down_bias, None, x, 0.0, False, **down_packing), k, v, mass
+        norm = self.post_attention_layernorm
+        # o_proj and gate/up round their outputs for the next product where it reads int8 codes
+        # (MatvecTuning.round_written): no rounding launch between them
+        x, rounded = _product(out, o_weight, o_bias, None, x, 0.0, False, o_packing, rounded,
+                              gate_up_weight, gate_up_packing, norm.weight)
+        hidden, rounded = _product(x, gate_up_weight, gate_up_bias, norm.weight, None, norm.eps, True,
+                                   gate_up_packing, rounded, down_weight, down_packing, None)
+        return linear(hidden, down_weight, down_bias, None, x, 0.0, False, **down_packing, **rounded), k, v, mass
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
+             residual: torch.Tensor | None, eps: float, gated: bool, packing: dict, rounded: dict,
+             next_weight: torch.Tensor, next_packing: dict, next_norm: torch.Tensor | None
+             ) -> tuple[torch.Tensor, dict]:
+    """One product of the decode step (``rounded``: x's codes where the launch before wrote them),
+    and its output's codes for the next product where this launch rounds them
+    (``decode_linear.written_group``; else an empty dict: that product rounds x itself)."""
+    group = decode_linear.written_group(weight, packing, gated, next_weight, next_packing)
+    if not group:
+        return decode_linear.decode_linear(x, weight, bias, norm_weight, residual, eps, gated, **packing,
+                                           **rounded), {}
+    out, codes, stats = decode_linear.decode_linear_codes(x, weight, bias, norm_weight, residual, eps, gated, group,
+                                                          next_packing["bits"] == 4, next_norm, **packing, **rounded)
+    return out, {"x_codes": codes, "x_stats": stats}
 
 
 def run_block(block: TransformerBlock, *args):

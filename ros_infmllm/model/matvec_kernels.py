@@ -43,6 +43,11 @@ small element-wise kernels around the products are folded into them:
   offsets are requested before its products (``_group_scales``); requested with the codes, before
   the wait, they made the 7B int4 step 0.035 ms slower, and that option was removed
   (benchmarks/results/decode_early_loads_h100.md).
+- ``ROUND`` (``MatvecTuning.round_written``): the output also rounded to the int8 codes the next
+  product reads (its group, int4 layout and norm weight: ``ROUND_SPLIT``, ``ROUND_NORM``), so no
+  rounding launch of its own sits between the two products. A group of outputs is written by
+  several programs (a few rows each), so the last of them to finish rounds it, counted on an
+  arrival counter per group (``_round_written``); the codes are the rounding launch's.
 - ``PDL`` (Hopper and later): programmatic dependent launch. Consecutive products (o_proj, gate/up,
   down, the next layer's q/k/v) overlap: a launch lets the next one start placing programs during
   its last wave, and those request their first weight chunk before waiting (``gdc_wait``) for the
@@ -221,10 +226,12 @@ def _rotary_angles(cos_ptr, sin_ptr, index_n, turn, live, HALF: tl.constexpr):
 
 @triton.jit
 def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin_ptr, scale_ptr, offset_ptr,
-           stats_ptr, eps, N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-           HALF: tl.constexpr, ROTATED_ROWS: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-           OFFSET: tl.constexpr, X8: tl.constexpr, AHEAD: tl.constexpr = 1, EARLY_EPILOGUE: tl.constexpr = False):
+           stats_ptr, codes_out_ptr, stats_out_ptr, norm_out_ptr, arrivals_ptr, eps, N: tl.constexpr,
+           K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr, ROTATED_ROWS: tl.constexpr,
+           BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+           PDL: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, X8: tl.constexpr,
+           AHEAD: tl.constexpr = 1, EARLY_EPILOGUE: tl.constexpr = False, ROUND: tl.constexpr = 0,
+           ROUND_SPLIT: tl.constexpr = False, ROUND_NORM: tl.constexpr = False):
     if PDL:  # the next launch may start placing its programs as ours run their last wave
         tl.extra.cuda.gdc_launch_dependents()
     index_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -368,3 +375,30 @@ def matvec(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, cos_ptr, sin
             residual = tl.load(residual_ptr + rows, mask=live, other=0.0).to(tl.float32)
         y += residual
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=live)
+    if ROUND > 0:
+        _round_written(out_ptr, codes_out_ptr, stats_out_ptr, norm_out_ptr, arrivals_ptr, N, BLOCK_N, ROUND,
+                       ROUND_SPLIT, ROUND_NORM)
+
+
+@triton.jit
+def _round_written(out_ptr, codes_ptr, stats_ptr, norm_ptr, arrivals_ptr, N: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ROUND: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr):
+    """The output rounded for the next product's int8 codes (``ROUND``, its group; ``SPLIT`` and
+    ``NORM``: its int4 layout and the norm's weight to fold in), as ``quantize_activations`` would
+    round the stored output in a launch of its own. A group spans ``ROUND / BLOCK_N`` programs:
+    each counts itself in on the group's arrival counter once its rows are stored, and the last
+    one reads the group back from L2 and rounds it, then sets the counter to 0 for the next call."""
+    PROGRAMS: tl.constexpr = ROUND // BLOCK_N  # programs writing one group
+    group = tl.program_id(0) // PROGRAMS
+    tl.debug_barrier()  # every thread's rows stored before the program counts itself in (release)
+    arrived = tl.atomic_add(arrivals_ptr + group, 1, sem="acq_rel", scope="gpu")
+    if arrived == PROGRAMS - 1:  # the group's last writer: the others' rows are visible (acquire)
+        index = group * ROUND + tl.arange(0, ROUND)
+        x = tl.reshape(tl.load(out_ptr + index, cache_modifier=".cg").to(tl.float32), (1, ROUND))
+        squares = tl.sum(x * x, axis=1)
+        if NORM:
+            x = x * tl.reshape(tl.load(norm_ptr + index).to(tl.float32), (1, ROUND))
+        groups = group + tl.arange(0, 1)
+        matvec_dp4a.store_group_codes(x, squares, groups, groups < N // ROUND, codes_ptr, stats_ptr, N, ROUND,
+                                      SPLIT)
+        tl.store(arrivals_ptr + group, 0)

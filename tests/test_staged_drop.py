@@ -61,7 +61,7 @@ def _removed_reference(decoder, embeds, cache_k, cache_v, valid, positions, plan
         cos, sin = decoder.rotary.cos_sin(pos, x.dtype)
         causal = torch.ones(q, q, dtype=torch.bool).tril()
         mask = torch.cat((valid.view(1, -1).expand(q, -1), causal), dim=1)
-        x, k, v, _ = block(x, cos, sin, cache_k[i], cache_v[i], mask, 0)
+        x, k, v, _, _ = block(x, cos, sin, cache_k[i], cache_v[i], mask, 0)
         layers_kept.append(index)
         keys.append(k)
         values.append(v)

@@ -25,6 +25,8 @@ from .staged_drop import StagedDrop, layer_mask, rank_and_keep
 from .layers import FusedLinear, FusedRuns, RMSNorm, activation, fuse_linears
 from .quantized import FusedQuantizedLinear, linear_operands
 
+XCodes = tuple[torch.Tensor, torch.Tensor]  # x's int8 codes and stats (matvec_dp4a's layout) for a product
+
 
 @dataclass
 class StepOutput:
@@ -244,14 +246,20 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor,
-                int8_rows: Int8Rows | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                int8_rows: Int8Rows | None = None, x_rounded: XCodes | None = None,
+                next_block: TransformerBlock | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, XCodes | None]:
+        """The block's output, new keys and values, attention mass, and its output's int8 codes for
+        ``next_block``'s q/k/v where the one-token path rounds them (``decode_linear.written_group``;
+        else None). ``x_rounded``: x's codes and stats for this block's q/k/v, as the block before
+        wrote them."""
         if self.decode_matvec and one_token_step(x.shape[0], attn_window):
-            return self._decode_token(x, cos, sin, past_k, past_v, mask, attn_window, int8_rows)
+            return self._decode_token(x, cos, sin, past_k, past_v, mask, attn_window, int8_rows, x_rounded,
+                                      next_block)
         attn_out, k, v, mass = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask, attn_window,
                                               int8_rows)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v, mass
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v, mass, None
 
     def can_use_matvec(self) -> bool:
         """The one-token path needs the fused q/k/v matrices (or runs of them, ``FusedRuns``), one
@@ -273,20 +281,22 @@ class TransformerBlock(nn.Module):
 
     def _decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                       past_v: torch.Tensor, mask: torch.Tensor, attn_window: int,
-                      int8_rows: Int8Rows | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                      int8_rows: Int8Rows | None = None, x_rounded: XCodes | None = None,
+                      next_block: TransformerBlock | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, XCodes | None]:
         """The same block for one token in four matrix-vector launches around the attention: the
         norms go into the products that read them, rotary into q/k/v, SwiGLU into gate/up, the
         residual adds into o_proj and down_proj (each of those was a kernel launch of its own, at
         ~2 us apiece)."""
         attn, mlp, linear = self.self_attn, self.mlp, decode_linear.decode_linear
         parts, rotated = [], (attn.num_heads + attn.num_kv_heads) * attn.head_dim  # q and k turn, v does not
+        given = {"x_codes": x_rounded[0], "x_stats": x_rounded[1]} if x_rounded is not None else {}
         for part in getattr(attn.qkv, "parts", (attn.qkv,)):  # one matrix, or runs of one packing (FusedRuns)
             weight, bias, packing = part.matvec_operands(attn)
             width = sum(part.sizes)
             turned = max(0, min(width, rotated))
             parts.append(linear(x, weight, bias, self.input_layernorm.weight, None, self.input_layernorm.eps, False,
-                                cos if turned else None, sin if turned else None, turned, **packing))
+                                cos if turned else None, sin if turned else None, turned, **packing, **given))
             rotated -= width
         qkv = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         o_weight, o_bias, o_packing = linear_operands(attn.o_proj)
@@ -309,7 +319,21 @@ class TransformerBlock(nn.Module):
                               gate_up_weight, gate_up_packing, norm.weight)
         hidden, rounded = _product(x, gate_up_weight, gate_up_bias, norm.weight, None, norm.eps, True,
                                    gate_up_packing, rounded, down_weight, down_packing, None)
-        return linear(hidden, down_weight, down_bias, None, x, 0.0, False, **down_packing, **rounded), k, v, mass
+        following = next_block.qkv_input() if next_block is not None else None
+        if following is None:
+            x = linear(hidden, down_weight, down_bias, None, x, 0.0, False, **down_packing, **rounded)
+            return x, k, v, mass, None
+        x, rounded = _product(hidden, down_weight, down_bias, None, x, 0.0, False, down_packing, rounded, *following)
+        return x, k, v, mass, (rounded["x_codes"], rounded["x_stats"]) if rounded else None
+
+    def qkv_input(self) -> tuple[torch.Tensor, dict, torch.Tensor] | None:
+        """What the block before must know to round its output for this block's q/k/v (weight,
+        packing, the input norm's weight), where they are one matrix on the one-token path; else None."""
+        qkv = self.self_attn.qkv
+        if not self.decode_matvec or qkv is None or hasattr(qkv, "parts"):
+            return None
+        weight, _, packing = qkv.matvec_operands(self.self_attn)
+        return weight, packing, self.input_layernorm.weight
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
@@ -399,14 +423,18 @@ class Decoder(nn.Module):
         x = embeds
         live = torch.ones(q_len, dtype=torch.bool, device=embeds.device) if drop is not None else None
         new_k, new_v, masses, kept = [], [], [], []
+        rounded = None  # x's int8 codes for the next block's q/k/v, where the block before wrote them
         for i, block in enumerate(self.layers):
             if drop is not None and i in drop.boundaries:
                 live = rank_and_keep(block, x, cos, sin, live, drop.droppable, drop.kept[drop.boundaries.index(i)])
                 mask = None
+                rounded = None  # codes of the rows before the drop
             if per_layer or mask is None:
                 mask = layer_mask(valid[i] if per_layer else valid, causal, live)
             rows = (int8_cache[0][i], int8_cache[1][i], *int8_cache[2:]) if int8_cache is not None else None
-            x, k, v, mass = block_fn(block, x, cos, sin, cache_k[i], cache_v[i], mask, attn_window, rows)
+            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            x, k, v, mass, rounded = block_fn(block, x, cos, sin, cache_k[i], cache_v[i], mask, attn_window, rows,
+                                              rounded, following)
             new_k.append(k)
             new_v.append(v)
             masses.append(mass)

@@ -386,3 +386,10 @@ def test_the_decode_step_takes_the_mlps_codes_from_the_products_before(monkeypat
     assert same(fused.logits, apart.logits)
     assert same(fused.new_k, apart.new_k) and same(fused.new_v, apart.new_v)
     assert same(fused.attn_mass, apart.attn_mass)
+    # traced as the backend compiles a block (fake tensors through the ops' registered shapes)
+    from ros_infmllm.model.decoder import run_block
+
+    torch._dynamo.reset()
+    compiled = decoder.step(**inputs, attn_window=4, block_fn=torch.compile(run_block, backend="aot_eager",
+                                                                            dynamic=False))
+    assert same(compiled.logits, fused.logits)

@@ -92,8 +92,9 @@ class MatvecTuning:
     # there, were slower and were removed)
     early_epilogue: bool = True
     # a product whose output the next product reads as int8 codes (o_proj before gate/up, gate/up
-    # before down) rounds it as it writes it (matvec_kernels ROUND: the last program writing a
-    # group rounds it), instead of a rounding launch of its own between the two products
+    # before down, down before the next block's q/k/v) rounds it as it writes it (matvec_kernels
+    # ROUND: the last program writing a group rounds it), instead of a rounding launch of its own
+    # between the two products. Off until timed on a GPU (docs/quantized_weights.md, thirtieth session)
     round_written: bool = False
 
     def x8(self, bits: int, group: int = 32) -> bool:
@@ -215,7 +216,9 @@ _ARRIVALS: dict[tuple, torch.Tensor] = {}
 def arrival_counters(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """The int32 arrival counters of a rounding product's groups (``matvec_kernels._round_written``),
     zero between calls: each group's last writer resets its own. One set per weight, so products
-    of other matrices never share one; two streams running the same weights at once would."""
+    of other matrices never share one; two streams running the same weights at once would. A set
+    stays for the process (4 bytes a group: 1.4 KB for a 7B gate/up); a matrix later allocated at
+    the same address finds its counters at 0."""
     key = (weight.device, weight.data_ptr(), groups)
     counters = _ARRIVALS.get(key)
     if counters is None:

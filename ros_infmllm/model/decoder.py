@@ -313,8 +313,8 @@ class TransformerBlock(nn.Module):
         gate_up_weight, gate_up_bias, gate_up_packing = mlp.gate_up.matvec_operands(mlp)
         down_weight, down_bias, down_packing = linear_operands(mlp.down_proj)
         norm = self.post_attention_layernorm
-        # o_proj and gate/up round their outputs for the next product where it reads int8 codes
-        # (MatvecTuning.round_written): no rounding launch between them
+        # o_proj, gate/up and down (for the next block's q/k/v) round their outputs for the next product
+        # where it reads int8 codes (MatvecTuning.round_written): no rounding launch between them
         x, rounded = _product(out, o_weight, o_bias, None, x, 0.0, False, o_packing, rounded,
                               gate_up_weight, gate_up_packing, norm.weight)
         hidden, rounded = _product(x, gate_up_weight, gate_up_bias, norm.weight, None, norm.eps, True,

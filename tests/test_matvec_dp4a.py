@@ -327,7 +327,7 @@ def test_a_product_rounds_its_output_as_the_rounding_launch_does(monkeypatch, we
     layout); a group's arrival counter is 0 again after the call, so a second call gives the same."""
     _int8_activations(monkeypatch, x8_block_n=rows_per_program, int8_block_n=rows_per_program,
                       int4_block_n=rows_per_program, block_n=rows_per_program,
-                      gated_block_n=rows_per_program // (2 if weights != "float" else 1))
+                      gated_block_n=rows_per_program)  # packed SwiGLU programs take half: 1 to 16 per group
     generator = torch.Generator().manual_seed(group + rows_per_program + gated)
     rows, columns = 96, 256
     if weights == "float":

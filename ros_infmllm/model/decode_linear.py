@@ -190,7 +190,7 @@ def rows_per_program(tuning: MatvecTuning, rows: int, bits: int, x8: bool, paire
     return tuning.gated_block_n if paired else tuning.wide_block_n if rows >= tuning.wide_rows else tuning.block_n
 
 
-def written_group(weight: torch.Tensor, packing: dict, gated: bool, next_weight: torch.Tensor,
+def written_group(weight: torch.Tensor, packing: dict, gated: bool, next_weight: torch.Tensor | None,
                   next_packing: dict) -> int:
     """The group in which a product of ``weight`` (``packing``: its ``decode_linear`` keywords)
     rounds its output for the next product (``next_weight``, ``next_packing``) as it writes it
@@ -206,8 +206,13 @@ def written_group(weight: torch.Tensor, packing: dict, gated: bool, next_weight:
     rows = weight.shape[0] // (2 if gated else 1)
     block_n = rows_per_program(tuning, rows, bits, tuning.x8(bits, input_group(weight, packing.get("scales"), bits)),
                                gated)
-    fits = rows % group == 0 and group % block_n == 0
-    return group if tuning.x8(next_bits, group) and fits else 0
+    return group if tuning.x8(next_bits, group) and writes_whole_groups(rows, group, block_n) else 0
+
+
+def writes_whole_groups(rows: int, group: int, block_n: int) -> bool:
+    """Whether a launch of ``block_n`` output rows per program writes ``rows`` outputs as whole
+    groups of ``group`` (a multiple of 8, x's code words): what its last writers round."""
+    return rows % group == 0 and group % 8 == 0 and group % block_n == 0
 
 
 _ARRIVALS: dict[tuple, torch.Tensor] = {}
@@ -259,7 +264,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, no
     if (x_codes is None) != (x_stats is None) or (x_codes is not None and not x8):
         raise ValueError("x_codes and x_stats come together, for a product that reads x's int8 codes "
                          "(MatvecTuning.x8)")
-    if round_group and (rows % round_group or round_group % 8 or round_group % block_n or half):
+    if round_group and (half or not writes_whole_groups(rows, round_group, block_n)):
         raise ValueError(f"round_group {round_group}: a multiple of 8 dividing the {rows} outputs and a multiple "
                          f"of the {block_n} rows each program writes (no rotary)")
     if x_codes is not None:  # rounded by the launch that wrote x

@@ -25,7 +25,7 @@ from .staged_drop import StagedDrop, layer_mask, rank_and_keep
 from .layers import FusedLinear, FusedRuns, RMSNorm, activation, fuse_linears
 from .quantized import FusedQuantizedLinear, linear_operands
 
-XCodes = tuple[torch.Tensor, torch.Tensor]  # x's int8 codes and stats (matvec_dp4a's layout) for a product
+XCodes = dict[str, torch.Tensor]  # x's int8 codes and stats (matvec_dp4a's layout): decode_linear's x_codes, x_stats
 
 
 @dataclass
@@ -290,13 +290,13 @@ class TransformerBlock(nn.Module):
         ~2 us apiece)."""
         attn, mlp, linear = self.self_attn, self.mlp, decode_linear.decode_linear
         parts, rotated = [], (attn.num_heads + attn.num_kv_heads) * attn.head_dim  # q and k turn, v does not
-        given = {"x_codes": x_rounded[0], "x_stats": x_rounded[1]} if x_rounded is not None else {}
         for part in getattr(attn.qkv, "parts", (attn.qkv,)):  # one matrix, or runs of one packing (FusedRuns)
             weight, bias, packing = part.matvec_operands(attn)
             width = sum(part.sizes)
             turned = max(0, min(width, rotated))
             parts.append(linear(x, weight, bias, self.input_layernorm.weight, None, self.input_layernorm.eps, False,
-                                cos if turned else None, sin if turned else None, turned, **packing, **given))
+                                cos if turned else None, sin if turned else None, turned, **packing,
+                                **(x_rounded or {})))
             rotated -= width
         qkv = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         o_weight, o_bias, o_packing = linear_operands(attn.o_proj)
@@ -320,11 +320,9 @@ class TransformerBlock(nn.Module):
         hidden, rounded = _product(x, gate_up_weight, gate_up_bias, norm.weight, None, norm.eps, True,
                                    gate_up_packing, rounded, down_weight, down_packing, None)
         following = next_block.qkv_input() if next_block is not None else None
-        if following is None:
-            x = linear(hidden, down_weight, down_bias, None, x, 0.0, False, **down_packing, **rounded)
-            return x, k, v, mass, None
-        x, rounded = _product(hidden, down_weight, down_bias, None, x, 0.0, False, down_packing, rounded, *following)
-        return x, k, v, mass, (rounded["x_codes"], rounded["x_stats"]) if rounded else None
+        x, rounded = _product(hidden, down_weight, down_bias, None, x, 0.0, False, down_packing, rounded,
+                              *(following or ()))
+        return x, k, v, mass, rounded or None
 
     def qkv_input(self) -> tuple[torch.Tensor, dict, torch.Tensor] | None:
         """What the block before must know to round its output for this block's q/k/v (weight,
@@ -337,12 +335,14 @@ class TransformerBlock(nn.Module):
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
-             residual: torch.Tensor | None, eps: float, gated: bool, packing: dict, rounded: dict,
-             next_weight: torch.Tensor, next_packing: dict, next_norm: torch.Tensor | None
-             ) -> tuple[torch.Tensor, dict]:
+             residual: torch.Tensor | None, eps: float, gated: bool, packing: dict, rounded: XCodes,
+             next_weight: torch.Tensor | None = None, next_packing: dict | None = None,
+             next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, XCodes]:
     """One product of the decode step (``rounded``: x's codes where the launch before wrote them),
     and its output's codes for the next product where this launch rounds them
-    (``decode_linear.written_group``; else an empty dict: that product rounds x itself)."""
+    (``decode_linear.written_group``; else an empty dict: that product rounds x itself, or there is
+    none: no ``next_weight``)."""
+    next_packing = next_packing or {}
     group = decode_linear.written_group(weight, packing, gated, next_weight, next_packing)
     if not group:
         return decode_linear.decode_linear(x, weight, bias, norm_weight, residual, eps, gated, **packing,

@@ -359,28 +359,30 @@ def test_a_product_refuses_groups_its_programs_do_not_write_whole(monkeypatch) -
             op.decode_linear_codes(x, layer.qweight, None, None, None, 0.0, False, group, True, **packing)
 
 
-@pytest.mark.parametrize("mode", ["int4", "int8"])
-def test_the_decode_step_takes_the_mlps_codes_from_the_products_before(monkeypatch, head16_model_dir, mode) -> None:
+@pytest.mark.parametrize("mode,head", [("int4", "float"), ("int8", "float"), ("int4", "int8"), ("int4", "int4")])
+def test_the_decode_step_takes_the_mlps_codes_from_the_products_before(monkeypatch, head16_model_dir, mode,
+                                                                      head) -> None:
     """With ``MatvecTuning.round_written`` o_proj rounds its output for gate/up (the post-attention
     norm's weight folded in), gate/up for down, and down for the next block's q/k/v (its input
-    norm's weight folded in): three rounding launches fewer per layer but the last (the first
-    block's q/k/v still rounds the embedding), and the same logits, keys, values and mass (the
-    codes are the same; on a GPU the sums of squares may be added in another order, so there to
+    norm's weight folded in) or, in the last block, for a packed LM head (the final norm folded
+    in): three rounding launches fewer per layer, but the first block's q/k/v still rounds the
+    embedding, and a float head rounds nothing; the same logits, keys, values and mass (the codes
+    are the same; on a GPU the sums of squares may be added in another order, so there to
     rounding)."""
     from ros_infmllm.model import load_model
     from builders import one_token_step_inputs
 
     _int8_activations(monkeypatch)
-    model = load_model(head16_model_dir, device=DEVICE, weights=mode)
+    model = load_model(head16_model_dir, device=DEVICE, weights=mode, lm_head_weights=head)
     decoder = model.decoder
     decoder.fuse_projections()
     decoder.use_decode_kernel(True)
     inputs = one_token_step_inputs(model.cfg.text, capacity=40, filled=29, seed=3, device=DEVICE)
     (apart, apart_launches), (fused, fused_launches) = _steps_off_and_on(monkeypatch, decoder, inputs, "round_written")
     layers = model.cfg.text.num_layers
-    assert apart_launches - fused_launches == 3 * layers - 1
+    assert apart_launches - fused_launches == 3 * layers - (head == "float")
     # left: the first block's q/k/v, and each o_proj's (its groups of 32 span two of this model's 16-wide
-    # heads, so the attention's launch does not round them); the LM head is float here
+    # heads, so the attention's launch does not round them); none for the head
     assert fused_launches == 1 + layers
     same = torch.equal if DEVICE.type == "cpu" else lambda a, b: torch.allclose(a, b, rtol=2e-2, atol=2e-2)
     assert same(fused.logits, apart.logits)

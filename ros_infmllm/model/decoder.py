@@ -26,6 +26,9 @@ from .layers import FusedLinear, FusedRuns, RMSNorm, activation, fuse_linears
 from .quantized import FusedQuantizedLinear, linear_operands
 
 XCodes = dict[str, torch.Tensor]  # x's int8 codes and stats (matvec_dp4a's layout): decode_linear's x_codes, x_stats
+# The product after a block (the next block's q/k/v, or the LM head): its weight, its decode_linear
+# packing keywords and the norm folded into it, for the block's down to round its output for
+NextInput = tuple[torch.Tensor, dict, torch.Tensor]
 
 
 @dataclass
@@ -247,15 +250,15 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor, attn_window: int | torch.Tensor,
                 int8_rows: Int8Rows | None = None, x_rounded: XCodes | None = None,
-                next_block: TransformerBlock | None = None
+                next_input: NextInput | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, XCodes | None]:
         """The block's output, new keys and values, attention mass, and its output's int8 codes for
-        ``next_block``'s q/k/v where the one-token path rounds them (``decode_linear.written_group``;
-        else None). ``x_rounded``: x's codes and stats for this block's q/k/v, as the block before
-        wrote them."""
+        the product after it (``next_input``: the next block's q/k/v or the LM head) where the
+        one-token path rounds them (``decode_linear.written_group``; else None). ``x_rounded``: x's
+        codes and stats for this block's q/k/v, as the block before wrote them."""
         if self.decode_matvec and one_token_step(x.shape[0], attn_window):
             return self._decode_token(x, cos, sin, past_k, past_v, mask, attn_window, int8_rows, x_rounded,
-                                      next_block)
+                                      next_input)
         attn_out, k, v, mass = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask, attn_window,
                                               int8_rows)
         x = x + attn_out
@@ -282,7 +285,7 @@ class TransformerBlock(nn.Module):
     def _decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                       past_v: torch.Tensor, mask: torch.Tensor, attn_window: int,
                       int8_rows: Int8Rows | None = None, x_rounded: XCodes | None = None,
-                      next_block: TransformerBlock | None = None
+                      next_input: NextInput | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, XCodes | None]:
         """The same block for one token in four matrix-vector launches around the attention: the
         norms go into the products that read them, rotary into q/k/v, SwiGLU into gate/up, the
@@ -313,18 +316,17 @@ class TransformerBlock(nn.Module):
         gate_up_weight, gate_up_bias, gate_up_packing = mlp.gate_up.matvec_operands(mlp)
         down_weight, down_bias, down_packing = linear_operands(mlp.down_proj)
         norm = self.post_attention_layernorm
-        # o_proj, gate/up and down (for the next block's q/k/v) round their outputs for the next product
-        # where it reads int8 codes (MatvecTuning.round_written): no rounding launch between them
+        # o_proj, gate/up and down (for the next block's q/k/v or the LM head) round their outputs for the
+        # next product where it reads int8 codes (MatvecTuning.round_written): no rounding launch between them
         x, rounded = _product(out, o_weight, o_bias, None, x, 0.0, False, o_packing, rounded,
                               gate_up_weight, gate_up_packing, norm.weight)
         hidden, rounded = _product(x, gate_up_weight, gate_up_bias, norm.weight, None, norm.eps, True,
                                    gate_up_packing, rounded, down_weight, down_packing, None)
-        following = next_block.qkv_input() if next_block is not None else None
         x, rounded = _product(hidden, down_weight, down_bias, None, x, 0.0, False, down_packing, rounded,
-                              *(following or ()))
+                              *(next_input or ()))
         return x, k, v, mass, rounded or None
 
-    def qkv_input(self) -> tuple[torch.Tensor, dict, torch.Tensor] | None:
+    def qkv_input(self) -> NextInput | None:
         """What the block before must know to round its output for this block's q/k/v (weight,
         packing, the input norm's weight), where they are one matrix on the one-token path; else None."""
         qkv = self.self_attn.qkv
@@ -423,7 +425,12 @@ class Decoder(nn.Module):
         x = embeds
         live = torch.ones(q_len, dtype=torch.bool, device=embeds.device) if drop is not None else None
         new_k, new_v, masses, kept = [], [], [], []
-        rounded = None  # x's int8 codes for the next block's q/k/v, where the block before wrote them
+        # Only the last token's logits through the Triton op: the final norm folded into the LM head's
+        # product (cuBLAS read this matrix at 2.3-2.8 TB/s), for prefill chunks too, so a packed head is
+        # never dequantized whole (a captured chunk would keep that copy in its graph's memory).
+        head_matvec = self.layers[0].decode_matvec and not all_logits and not isinstance(attn_window, torch.Tensor)
+        head_weight, head_bias, head_packing = linear_operands(self.lm_head) if head_matvec else (None, None, {})
+        rounded = None  # x's int8 codes for the next block's q/k/v (or the head), where the block before wrote them
         for i, block in enumerate(self.layers):
             if drop is not None and i in drop.boundaries:
                 live = rank_and_keep(block, x, cos, sin, live, drop.droppable, drop.kept[drop.boundaries.index(i)])
@@ -432,20 +439,19 @@ class Decoder(nn.Module):
             if per_layer or mask is None:
                 mask = layer_mask(valid[i] if per_layer else valid, causal, live)
             rows = (int8_cache[0][i], int8_cache[1][i], *int8_cache[2:]) if int8_cache is not None else None
-            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if i + 1 < len(self.layers):
+                following = self.layers[i + 1].qkv_input()
+            else:
+                following = (head_weight, head_packing, self.norm.weight) if head_matvec else None
             x, k, v, mass, rounded = block_fn(block, x, cos, sin, cache_k[i], cache_v[i], mask, attn_window, rows,
                                               rounded, following)
             new_k.append(k)
             new_v.append(v)
             masses.append(mass)
             kept.append(live)
-        if self.layers[0].decode_matvec and not all_logits and not isinstance(attn_window, torch.Tensor):
-            # Only the last token's logits: the final norm folded into the LM head's product (cuBLAS
-            # read this matrix at 2.3-2.8 TB/s), for prefill chunks too, so a packed head is never
-            # dequantized whole (a captured chunk would keep that copy in its graph's memory).
-            head_weight, head_bias, head_packing = linear_operands(self.lm_head)
+        if head_matvec:  # with the codes the last block's down rounded for it, where it did
             logits = decode_linear.decode_linear(x[-1:], head_weight, head_bias, self.norm.weight, None,
-                                                 self.norm.eps, False, **head_packing)
+                                                 self.norm.eps, False, **head_packing, **(rounded or {}))
         else:
             logits = self.lm_head(self.norm(x if all_logits else x[-1:]))
         return StepOutput(

@@ -34,11 +34,10 @@ SHARED_PER_SM = 233472  # bytes of shared memory per SM on sm_90 (228 KB)
 # shape at 4,096 slots (one tile per split) and a smaller tile; the int8 pass (decode_kernels_int8.py,
 # pipelined) at one tile per split and at splits of several tiles, as its launch sweep ran them; the
 # two-pass kernel (decode_kernels_int8_two_pass.py) at its shipped shape (one tile per split: through its two
-# loops; and a slice of 16 key halves at a time, DecodeKernelTuning.two_pass_dim_chunk) and over four tiles
+# loops) and over four tiles
 CASES = [("bf16", 128, 3, 128, 4), ("bf16", 64, 3, 64, 4), ("int8", 128, 2, 128, 4), ("int8", 512, 2, 128, 4),
          ("int8", 512, 3, 64, 4), ("int8", 512, 2, 64, 8), ("int8", 512, 3, 64, 8), ("int8", 512, 2, 128, 8),
-         ("int8 two-pass", 128, 2, 128, 4), ("int8 two-pass, slices of 16", 128, 2, 128, 4),
-         ("int8 two-pass, slices of 16", 128, 1, 128, 4), ("int8 two-pass", 512, 3, 64, 4)]
+         ("int8 two-pass", 128, 2, 128, 4), ("int8 two-pass", 512, 3, 64, 4)]
 
 
 def resources(cache: str, split: int, stages: int, block: int, warps: int, arch: int, dim: int = 128) -> dict:
@@ -48,7 +47,6 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     from ros_infmllm.model.decode_attention import TUNING
 
     two_pass = cache.startswith("int8 two-pass")
-    chunk = int(re.search(r"slices of (\d+)", cache).group(1)) if "slices" in cache else 0  # key halves per step
     int8 = cache.startswith("int8")
     codes = "*i8" if int8 else "*bf16"
     pointers = dict(q_ptr="*bf16", k_ptr=codes, v_ptr=codes, valid_ptr="*u8", scores_ptr="*fp32", max_ptr="*fp32",
@@ -62,7 +60,7 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     kernel = decode_kernels_int8.partial_attention_codes if int8 else decode_kernels.partial_attention
     if two_pass:  # no padded rows; the loops' stages given to tl.range
         constants = dict(SPLIT_LEN=split, DIM=dim, BLOCK=block, NUM_SPLITS=4096 // split, IEEE=False, PDL=arch >= 90,
-                         VALID_WORDS=TUNING.valid_words, STAGES=stages, DIM_CHUNK=chunk)
+                         VALID_WORDS=TUNING.valid_words, STAGES=stages)
         kernel = decode_kernels_int8_two_pass.partial_attention_codes_two_pass
     compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
                            num_warps=warps, num_stages=stages, launch_pdl=arch >= 90)
@@ -71,8 +69,8 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     programs = REGISTERS_PER_SM // (registers * 32 * warps)
     by_shared = SHARED_PER_SM // max(1, compiled.metadata.shared)
-    tiles_ahead = max(1, stages - 1) if split > block or chunk else 1  # a pipelined loop requests the next stages' tiles
-    key_bytes = tiles_ahead * block * (2 * chunk if chunk else dim) * (1 if int8 else 2)  # a slice's, where sliced
+    tiles_ahead = stages - 1 if split > block else 1  # a pipelined split requests the next stages' tiles
+    key_bytes = tiles_ahead * block * dim * (1 if int8 else 2)
     opcodes = (INSTRUCTION.match(line) for line in disassemble(compiled.asm["cubin"]))
     instructions = sum(1 for match in opcodes if match and match.group(1) != "NOP")
     return {"cache": cache, "split": split, "stages": stages, "block": block, "warps": warps,

@@ -76,14 +76,6 @@ class DecodeKernelTuning:
     two_pass_programs: int = 1056
     two_pass_num_warps: int = 4
     two_pass_num_stages: int = 2
-    # key halves per step where the two-pass kernel reads a tile a slice of the head at a time (0:
-    # whole heads). At 16 the 7B shape compiles to 63 registers per thread at 1 stage (54 at 2)
-    # against 124, so eight or nine programs share an SM instead of four and the 7B launch fits one
-    # wave, but a thread runs about 2,800 instructions against 1,739 (the slices' loops, and a
-    # reduction over slots per value slice): it pays only if the loads then overlap the math, which
-    # the whole-head pass does not (benchmarks/results/two_pass_issue_model.md). Tested in the
-    # interpreter and compiled for sm_90 / sm_87, not yet run on a GPU
-    two_pass_dim_chunk: int = 0
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -120,14 +112,6 @@ class DecodeKernelTuning:
     def combine_warps_for(self, group: int) -> int:
         """Warps per program of the combine kernel for KV heads that serve ``group`` query heads each."""
         return self.grouped_combine_warps if group > 1 else self.combine_warps
-
-    def dim_chunk_for(self, dim: int) -> int:
-        """The two-pass kernel's key halves per step for ``dim``-wide heads: ``two_pass_dim_chunk``
-        where it is a power of two of at least 16 (a dot-free tile still wants 16-wide loads) that
-        splits the half head in two or more, else 0 (whole heads)."""
-        chunk = self.two_pass_dim_chunk
-        ok = chunk >= 16 and chunk & (chunk - 1) == 0 and dim // 2 > chunk and (dim // 2) % chunk == 0
-        return chunk if ok else 0
 
 
 TUNING = DecodeKernelTuning()
@@ -255,8 +239,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     if two_pass:
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
-            DIM_CHUNK=tuning.dim_chunk_for(dim), num_warps=tuning.two_pass_num_warps,
-            num_stages=tuning.two_pass_num_stages)
+            num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages)
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
             *codes_in, **shape, VALID_WORDS=valid_words, num_warps=tuning.int8_num_warps,

@@ -106,22 +106,15 @@ def key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live, 
     """What scoring ``slots`` (``live``: before the split's end) reads: the key codes as their
     rotate-half halves ``[BLOCK, DIM / 2]``, the slots' rows of the read tables, and the keys' row
     scales ``[BLOCK]`` (``base``, ``row_base``: the KV head's first code and first row)."""
-    front, back, cos, sin = key_slice(k_ptr, cos_ptr, sin_ptr, base, slots, live, tl.arange(0, DIM // 2), DIM)
-    k_scale = tl.load(k_scale_ptr + row_base + slots, mask=live, other=0.0)
-    return front, back, cos, sin, k_scale
-
-
-@triton.jit
-def key_slice(k_ptr, cos_ptr, sin_ptr, base, slots, live, halves, DIM: tl.constexpr):
-    """The key codes of ``slots`` at the rotate-half positions ``halves`` (of ``DIM / 2``) as their
-    front and back ``[BLOCK, len(halves)]``, and the read tables' entries there."""
+    halves = tl.arange(0, DIM // 2)
     key = base + slots[:, None] * DIM + halves[None, :]
     front = tl.load(k_ptr + key, mask=live[:, None], other=0)
     back = tl.load(k_ptr + key + DIM // 2, mask=live[:, None], other=0)
     table = slots[:, None] * (DIM // 2) + halves[None, :]
     cos = tl.load(cos_ptr + table, mask=live[:, None], other=1.0)
     sin = tl.load(sin_ptr + table, mask=live[:, None], other=0.0)
-    return front, back, cos, sin
+    k_scale = tl.load(k_scale_ptr + row_base + slots, mask=live, other=0.0)
+    return front, back, cos, sin, k_scale
 
 
 @triton.jit

@@ -17,7 +17,10 @@ pass that took longer than the float pass over twice its bytes; docs/quantized_w
   through both loops too. Reading it in one go (keys and values requested at once, the softmax exact
   in registers), several KV heads per program sharing the table rows, and keys turned by angle sums
   of a tile's first table row were each slower on an H100 or no faster in the whole step
-  (benchmarks/results/decode_two_pass_variants_h100.md) and were removed.
+  (benchmarks/results/decode_two_pass_variants_h100.md) and were removed; so was a tile read a slice
+  of the head at a time (16 key halves, 32 value dimensions per step: half the registers, twice the
+  programs per SM, but about 2,800 instructions per thread against 1,739), whose 7B int4 step took
+  3.231 ms against 2.406 (benchmarks/results/decode_round_written_h100.md).
 
 Across tiles the scores go through the scores buffer (``[heads, C]`` float32, which the mass reads
 anyway), a 4-byte read per 128-byte value row. Keys are turned in float16 pairs from 16-bit q as in
@@ -28,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode_kernels_int8 import codes_to_half, key_slice, key_tile, slot_validity, turned_keys
+from .decode_kernels_int8 import codes_to_half, key_tile, slot_validity, turned_keys
 
 
 @triton.jit
@@ -36,13 +39,11 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
                                      k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale,
                                      SPLIT_LEN: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                                      NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                                     VALID_WORDS: tl.constexpr, STAGES: tl.constexpr, DIM_CHUNK: tl.constexpr = 0):
+                                     VALID_WORDS: tl.constexpr, STAGES: tl.constexpr):
     """``decode_kernels_int8.partial_attention_codes`` for one query head per KV head (program =
     (head, split)): writes the scores of every slot of the split to ``scores_ptr`` ``[heads, C]``
     (-inf where a slot is empty; the values pass reads them back, the combine's mass too) and the
-    split's max, sum and weighted values, as that pass does. ``DIM_CHUNK`` (0: whole heads): each
-    tile is read ``DIM_CHUNK`` key halves (and twice as many value dimensions) at a time
-    (``_chunked_split``)."""
+    split's max, sum and weighted values, as that pass does."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
@@ -55,96 +56,38 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
     row_base = head.to(tl.int64) * capacity
     if PDL:
         tl.extra.cuda.gdc_wait()
-    if DIM_CHUNK:
-        _chunked_split(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr, k_scale_ptr, v_scale_ptr,
-                       cos_ptr, sin_ptr, head, split, first, end, base, row_base, scale, SPLIT_LEN, DIM, BLOCK,
-                       NUM_SPLITS, IEEE, VALID_WORDS, STAGES, DIM_CHUNK)
-    else:  # whole heads
-        q_front = tl.load(q_ptr + head * DIM + halves).to(tl.float32)
-        q_back = tl.load(q_ptr + head * DIM + DIM // 2 + halves).to(tl.float32)
-        best = tl.full([BLOCK], float("-inf"), tl.float32)  # the max so far at each tile position
-        # keys: later tiles copied into shared memory while this one is scored (a loop without a dot is
-        # pipelined only where its stages are given, as tl.range does)
-        for offset in tl.range(0, SPLIT_LEN, BLOCK, num_stages=STAGES):
-            slots = first + offset + tl.arange(0, BLOCK)
-            live = slots < end
-            scores = _tile_scores(q_front, q_back, k_ptr, valid_ptr, k_scale_ptr, cos_ptr, sin_ptr, base, row_base,
-                                  slots, live, scale, DIM, IEEE, VALID_WORDS)
-            tl.store(scores_ptr + row_base + slots, scores, mask=live)
-            best = tl.maximum(best, scores)
-        split_max = tl.max(best, 0)
-        shift = tl.where(split_max == float("-inf"), 0.0, split_max)  # a split with no valid slot
-        tl.debug_barrier()  # the scores written above, by whichever thread, are read below
-        weighted = tl.zeros([BLOCK, DIM], tl.float32)
-        total = tl.zeros([BLOCK], tl.float32)
-        for offset in tl.range(0, SPLIT_LEN, BLOCK, num_stages=STAGES):  # values: no tile rescaled, the max known
-            slots = first + offset + tl.arange(0, BLOCK)
-            live = slots < end
-            scores = tl.load(scores_ptr + row_base + slots, mask=live, other=float("-inf"))
-            probs = tl.exp(scores - shift)
-            total += probs
-            v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=live[:, None], other=0)
-            v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
-            weighted += (probs * v_scale)[:, None] * _codes_as_float(v, IEEE)
-        split_sum = tl.sum(total, 0)
-        acc = tl.sum(weighted, 0)
-        partial = head * NUM_SPLITS + split
-        tl.store(max_ptr + partial, split_max)
-        tl.store(sum_ptr + partial, split_sum)
-        tl.store(acc_ptr + partial * DIM + dims, acc)
-
-
-@triton.jit
-def _chunked_split(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr, k_scale_ptr, v_scale_ptr,
-                   cos_ptr, sin_ptr, head, split, first, end, base, row_base, scale, SPLIT_LEN: tl.constexpr,
-                   DIM: tl.constexpr, BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-                   VALID_WORDS: tl.constexpr, STAGES: tl.constexpr, DIM_CHUNK: tl.constexpr):
-    """The kernel's two passes over a split with each tile read a slice of the head at a time:
-    a key tile's scores summed over ``DIM_CHUNK`` of q's halves per step, then each slice of
-    ``2 * DIM_CHUNK`` value dimensions weighted over the split's tiles and stored. Why: a program
-    then holds a slice of codes and table rows, not the whole tile (about half the registers at the
-    7B shape), so twice as many programs share an SM and one's loads can overlap another's math;
-    the whole-head pass issues its math and its loads one after the other
-    (benchmarks/results/two_pass_issue_model.md)."""
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    for offset in range(0, SPLIT_LEN, BLOCK):  # keys
+    q_front = tl.load(q_ptr + head * DIM + halves).to(tl.float32)
+    q_back = tl.load(q_ptr + head * DIM + DIM // 2 + halves).to(tl.float32)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)  # the max so far at each tile position
+    # keys: later tiles copied into shared memory while this one is scored (a loop without a dot is
+    # pipelined only where its stages are given, as tl.range does)
+    for offset in tl.range(0, SPLIT_LEN, BLOCK, num_stages=STAGES):
         slots = first + offset + tl.arange(0, BLOCK)
         live = slots < end
-        keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
-        raw = tl.zeros([BLOCK], tl.float32)
-        for c in tl.range(0, DIM // 2, DIM_CHUNK, num_stages=STAGES):
-            halves = c + tl.arange(0, DIM_CHUNK)
-            q_front = tl.load(q_ptr + head * DIM + halves).to(tl.float32)
-            q_back = tl.load(q_ptr + head * DIM + DIM // 2 + halves).to(tl.float32)
-            front, back, cos, sin = key_slice(k_ptr, cos_ptr, sin_ptr, base, slots, live, halves, DIM)
-            turned_front, turned_back = turned_keys(front, back, cos, sin, IEEE)
-            raw += tl.sum(turned_front.to(tl.float32) * q_front[None, :]
-                          + turned_back.to(tl.float32) * q_back[None, :], 1)
-        k_scale = tl.load(k_scale_ptr + row_base + slots, mask=live, other=0.0)
-        scores = tl.where(keep, raw * (k_scale * scale), float("-inf"))
+        scores = _tile_scores(q_front, q_back, k_ptr, valid_ptr, k_scale_ptr, cos_ptr, sin_ptr, base, row_base,
+                              slots, live, scale, DIM, IEEE, VALID_WORDS)
         tl.store(scores_ptr + row_base + slots, scores, mask=live)
         best = tl.maximum(best, scores)
     split_max = tl.max(best, 0)
     shift = tl.where(split_max == float("-inf"), 0.0, split_max)  # a split with no valid slot
     tl.debug_barrier()  # the scores written above, by whichever thread, are read below
+    weighted = tl.zeros([BLOCK, DIM], tl.float32)
     total = tl.zeros([BLOCK], tl.float32)
-    for offset in range(0, SPLIT_LEN, BLOCK):
+    for offset in tl.range(0, SPLIT_LEN, BLOCK, num_stages=STAGES):  # values: no tile rescaled, the max known
         slots = first + offset + tl.arange(0, BLOCK)
-        total += tl.exp(tl.load(scores_ptr + row_base + slots, mask=slots < end, other=float("-inf")) - shift)
+        live = slots < end
+        scores = tl.load(scores_ptr + row_base + slots, mask=live, other=float("-inf"))
+        probs = tl.exp(scores - shift)
+        total += probs
+        v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=live[:, None], other=0)
+        v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
+        weighted += (probs * v_scale)[:, None] * _codes_as_float(v, IEEE)
+    split_sum = tl.sum(total, 0)
+    acc = tl.sum(weighted, 0)
     partial = head * NUM_SPLITS + split
     tl.store(max_ptr + partial, split_max)
-    tl.store(sum_ptr + partial, tl.sum(total, 0))
-    for c in tl.range(0, DIM, 2 * DIM_CHUNK, num_stages=STAGES):  # values, a slice of dimensions at a time
-        dims = c + tl.arange(0, 2 * DIM_CHUNK)
-        weighted = tl.zeros([2 * DIM_CHUNK], tl.float32)
-        for offset in range(0, SPLIT_LEN, BLOCK):
-            slots = first + offset + tl.arange(0, BLOCK)
-            live = slots < end
-            probs = tl.exp(tl.load(scores_ptr + row_base + slots, mask=live, other=float("-inf")) - shift)
-            v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
-            v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=live[:, None], other=0)
-            weighted += tl.sum((probs * v_scale)[:, None] * _codes_as_float(v, IEEE), 0)
-        tl.store(acc_ptr + partial * DIM + dims, weighted)
+    tl.store(sum_ptr + partial, split_sum)
+    tl.store(acc_ptr + partial * DIM + dims, acc)
 
 
 @triton.jit

@@ -34,11 +34,10 @@ SHARED_PER_SM = 233472  # bytes of shared memory per SM on sm_90 (228 KB)
 # shape at 4,096 slots (one tile per split) and a smaller tile; the int8 pass (decode_kernels_int8.py,
 # pipelined) at one tile per split and at splits of several tiles, as its launch sweep ran them; the
 # two-pass kernel (decode_kernels_int8_two_pass.py) at its shipped shape (one tile per split: through its two
-# loops; and with its values offset, DecodeKernelTuning.two_pass_value_bias) and over four tiles
+# loops) and over four tiles
 CASES = [("bf16", 128, 3, 128, 4), ("bf16", 64, 3, 64, 4), ("int8", 128, 2, 128, 4), ("int8", 512, 2, 128, 4),
          ("int8", 512, 3, 64, 4), ("int8", 512, 2, 64, 8), ("int8", 512, 3, 64, 8), ("int8", 512, 2, 128, 8),
-         ("int8 two-pass", 128, 2, 128, 4), ("int8 two-pass, value bias", 128, 2, 128, 4),
-         ("int8 two-pass", 512, 3, 64, 4)]
+         ("int8 two-pass", 128, 2, 128, 4), ("int8 two-pass", 512, 3, 64, 4)]
 
 
 def resources(cache: str, split: int, stages: int, block: int, warps: int, arch: int, dim: int = 128) -> dict:
@@ -61,7 +60,7 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
     kernel = decode_kernels_int8.partial_attention_codes if int8 else decode_kernels.partial_attention
     if two_pass:  # no padded rows; the loops' stages given to tl.range
         constants = dict(SPLIT_LEN=split, DIM=dim, BLOCK=block, NUM_SPLITS=4096 // split, IEEE=False, PDL=arch >= 90,
-                         VALID_WORDS=TUNING.valid_words, STAGES=stages, VALUE_BIAS="value bias" in cache)
+                         VALID_WORDS=TUNING.valid_words, STAGES=stages)
         kernel = decode_kernels_int8_two_pass.partial_attention_codes_two_pass
     compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
                            num_warps=warps, num_stages=stages, launch_pdl=arch >= 90)

@@ -76,11 +76,6 @@ class DecodeKernelTuning:
     two_pass_programs: int = 1056
     two_pass_num_warps: int = 4
     two_pass_num_stages: int = 2
-    # the two-pass kernel's values as float32 32,768 + (code + 128) by one byte permute per code, the
-    # 32,896 taken off once per split from the sum of its weights (decode_kernels_int8_two_pass.py),
-    # instead of codes -> float16 -> float32: one instruction fewer per value code of a tile (about
-    # 128 of a thread's 1,739 at the 7B shape). Tested in the interpreter, not yet timed on a GPU
-    two_pass_value_bias: bool = False
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -244,8 +239,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     if two_pass:
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
-            VALUE_BIAS=tuning.two_pass_value_bias and q.dtype != torch.float32, num_warps=tuning.two_pass_num_warps,
-            num_stages=tuning.two_pass_num_stages)
+            num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages)
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
             *codes_in, **shape, VALID_WORDS=valid_words, num_warps=tuning.int8_num_warps,

@@ -20,7 +20,9 @@ pass that took longer than the float pass over twice its bytes; docs/quantized_w
   (benchmarks/results/decode_two_pass_variants_h100.md) and were removed; so was a tile read a slice
   of the head at a time (16 key halves, 32 value dimensions per step: half the registers, twice the
   programs per SM, but about 2,800 instructions per thread against 1,739), whose 7B int4 step took
-  3.231 ms against 2.406 (benchmarks/results/decode_round_written_h100.md).
+  3.231 ms against 2.406, and value codes taken as float32 32,768 + (code + 128) by one byte permute
+  each, the offset leaving the split's sum once (1,648 instructions per thread against 1,739), whose
+  step took 2.389 / 2.391 ms against 2.390 / 2.389 (benchmarks/results/decode_round_written_h100.md).
 
 Across tiles the scores go through the scores buffer (``[heads, C]`` float32, which the mass reads
 anyway), a 4-byte read per 128-byte value row. Keys are turned in float16 pairs from 16-bit q as in
@@ -32,21 +34,6 @@ import triton
 import triton.language as tl
 
 from .decode_kernels_int8 import codes_to_half, key_tile, slot_validity, turned_keys
-from .matvec_dp4a import INTERPRETED
-
-# What a value code c becomes where the kernel takes VALUE_BIAS: the float32 32,768 + (c + 128), exact,
-# whose offset is taken off once per split (the weights' sum times it) instead of once per code
-VALUE_OFFSET = tl.constexpr(32896.0)
-# four int8 codes (one 32-bit word) -> four float32 words: each byte, offset by 128 (xor 0x80), becomes
-# the second byte of 0x4700uu00, which is 2^15 x (1 + uu x 2^-15) = 32,768 + uu
-_CODES_TO_BIASED_FLOAT = tl.constexpr("""{
-.reg .b32 biased;
-xor.b32 biased, $4, 0x80808080;
-prmt.b32 $0, biased, 0x47000000, 0x7404;
-prmt.b32 $1, biased, 0x47000000, 0x7414;
-prmt.b32 $2, biased, 0x47000000, 0x7424;
-prmt.b32 $3, biased, 0x47000000, 0x7434;
-}""")
 
 
 @triton.jit
@@ -54,13 +41,11 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
                                      k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale,
                                      SPLIT_LEN: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                                      NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                                     VALID_WORDS: tl.constexpr, STAGES: tl.constexpr, VALUE_BIAS: tl.constexpr = False):
+                                     VALID_WORDS: tl.constexpr, STAGES: tl.constexpr):
     """``decode_kernels_int8.partial_attention_codes`` for one query head per KV head (program =
     (head, split)): writes the scores of every slot of the split to ``scores_ptr`` ``[heads, C]``
     (-inf where a slot is empty; the values pass reads them back, the combine's mass too) and the
-    split's max, sum and weighted values, as that pass does. ``VALUE_BIAS``: value codes enter as
-    ``VALUE_OFFSET`` + their value (``biased_codes``), taken off the split's weighted sum at the end
-    (16-bit q only)."""
+    split's max, sum and weighted values, as that pass does."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
@@ -90,7 +75,6 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
     tl.debug_barrier()  # the scores written above, by whichever thread, are read below
     weighted = tl.zeros([BLOCK, DIM], tl.float32)
     total = tl.zeros([BLOCK], tl.float32)
-    weights = tl.zeros([BLOCK], tl.float32)  # probability x value scale, where the codes carry VALUE_OFFSET
     for offset in tl.range(0, SPLIT_LEN, BLOCK, num_stages=STAGES):  # values: no tile rescaled, the max known
         slots = first + offset + tl.arange(0, BLOCK)
         live = slots < end
@@ -99,15 +83,9 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
         total += probs
         v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=live[:, None], other=0)
         v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
-        if VALUE_BIAS:
-            weights += probs * v_scale
-            weighted += (probs * v_scale)[:, None] * biased_codes(v)
-        else:
-            weighted += (probs * v_scale)[:, None] * _codes_as_float(v, IEEE)
+        weighted += (probs * v_scale)[:, None] * _codes_as_float(v, IEEE)
     split_sum = tl.sum(total, 0)
     acc = tl.sum(weighted, 0)
-    if VALUE_BIAS:  # the sum is near VALUE_OFFSET x the weights' (rounded to 2^-24 of that: ~0.002 of a code)
-        acc -= VALUE_OFFSET * tl.sum(weights, 0)
     partial = head * NUM_SPLITS + split
     tl.store(max_ptr + partial, split_max)
     tl.store(sum_ptr + partial, split_sum)
@@ -124,17 +102,6 @@ def _tile_scores(q_front, q_back, k_ptr, valid_ptr, k_scale_ptr, cos_ptr, sin_pt
     turned_front, turned_back = turned_keys(front, back, cos, sin, IEEE)
     raw = tl.sum(turned_front.to(tl.float32) * q_front[None, :] + turned_back.to(tl.float32) * q_back[None, :], 1)
     return tl.where(keep, raw * (k_scale * scale), float("-inf"))
-
-
-@triton.jit
-def biased_codes(codes):
-    """int8 codes as the float32 ``VALUE_OFFSET`` + code, exact: one byte permute per code on a GPU
-    (float16's route is a permute and a subtraction per pair, then a conversion per code); the
-    interpreter, which has no inline PTX, adds the offset plainly."""
-    if INTERPRETED:
-        return codes.to(tl.float32) + VALUE_OFFSET
-    return tl.inline_asm_elementwise(_CODES_TO_BIASED_FLOAT, "=r,=r,=r,=r,r", [codes], dtype=tl.float32,
-                                     is_pure=True, pack=4)
 
 
 @triton.jit

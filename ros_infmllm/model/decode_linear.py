@@ -94,9 +94,12 @@ class MatvecTuning:
     # a product whose output the next product reads as int8 codes (o_proj before gate/up, gate/up
     # before down, down before the next block's q/k/v or a packed LM head) rounds it as it writes it
     # (matvec_kernels ROUND: the last program writing a group rounds it), instead of a rounding launch
-    # of its own between the two products. One H100, alternating: the 7B int4 step over the int8
-    # cache 2.406 / 2.408 -> 2.385 / 2.385 ms (results/decode_round_written_h100.md)
-    round_written: bool = True
+    # of its own between the two products. Off: on one H100 it took the 7B int4 step over the int8
+    # cache 2.406 / 2.408 -> 2.385 / 2.385 ms (and 2.406 -> 2.390 / 2.389 on a second machine), but
+    # the Qwen2-1.5B int4 step 0.979 -> 1.040 ms: each product's programs end with a release and an
+    # atomic, a tail the dependent launches cannot hide, where the rounding launch it replaces
+    # overlapped them (results/decode_round_written_h100.md)
+    round_written: bool = False
 
     def x8(self, bits: int, group: int = 32) -> bool:
         """Whether products with weights of ``bits`` in groups of ``group`` inputs take x's int8

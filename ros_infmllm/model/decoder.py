@@ -431,6 +431,9 @@ class Decoder(nn.Module):
         head_matvec = self.layers[0].decode_matvec and not all_logits and not isinstance(attn_window, torch.Tensor)
         head_weight, head_bias, head_packing = linear_operands(self.lm_head) if head_matvec else (None, None, {})
         rounded = None  # x's int8 codes for the next block's q/k/v (or the head), where the block before wrote them
+        # what each block's down rounds its output for: only one-token steps with round_written take it, so
+        # prefill chunks and the default path hand the blocks (and their compiled graphs) nothing extra
+        rounds_for_next = one_token_step(q_len, attn_window) and decode_linear.TUNING.round_written
         for i, block in enumerate(self.layers):
             if drop is not None and i in drop.boundaries:
                 live = rank_and_keep(block, x, cos, sin, live, drop.droppable, drop.kept[drop.boundaries.index(i)])
@@ -439,10 +442,11 @@ class Decoder(nn.Module):
             if per_layer or mask is None:
                 mask = layer_mask(valid[i] if per_layer else valid, causal, live)
             rows = (int8_cache[0][i], int8_cache[1][i], *int8_cache[2:]) if int8_cache is not None else None
-            if i + 1 < len(self.layers):
+            following = None
+            if rounds_for_next and i + 1 < len(self.layers):
                 following = self.layers[i + 1].qkv_input()
-            else:
-                following = (head_weight, head_packing, self.norm.weight) if head_matvec else None
+            elif rounds_for_next and head_matvec:
+                following = head_weight, head_packing, self.norm.weight
             x, k, v, mass, rounded = block_fn(block, x, cos, sin, cache_k[i], cache_v[i], mask, attn_window, rows,
                                               rounded, following)
             new_k.append(k)

@@ -62,9 +62,7 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
         constants = dict(SPLIT_LEN=split, DIM=dim, BLOCK=block, NUM_SPLITS=4096 // split, IEEE=False, PDL=arch >= 90,
                          VALID_WORDS=TUNING.valid_words, STAGES=stages)
         kernel = decode_kernels_int8_two_pass.partial_attention_codes_two_pass
-        pointers.update(ahead_ptr="*u8")  # no weights asked for ahead (AHEAD_PER_PROGRAM 0): not compiled in
-    scalars = dict(capacity="i32", scale="fp32", **(dict(ahead_lines="i32") if two_pass else {}))
-    compiled = compile_for(kernel, arch, dict(pointers, **scalars), constants, aligned=pointers,
+    compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
                            num_warps=warps, num_stages=stages, launch_pdl=arch >= 90)
     usage = cuda_tool(compiled.asm["cubin"], "cuobjdump", "-res-usage")
     registers = int(re.search(r"REG:(\d+)", usage).group(1))

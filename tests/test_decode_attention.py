@@ -68,9 +68,8 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("two_pass", [None, dict(two_pass_programs=8), dict(two_pass_programs=512),
-                                      dict(two_pass_programs=512, two_pass_prefetch=2)],
-                         ids=["one-pass", "two-pass", "two-pass-tile-per-split", "two-pass-prefetch"])
+@pytest.mark.parametrize("two_pass", [None, dict(two_pass_programs=8), dict(two_pass_programs=512)],
+                         ids=["one-pass", "two-pass", "two-pass-tile-per-split"])
 @pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16), (2, 2, 200, 64)])
 def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass, heads, kv_heads, capacity,
                                     dim) -> None:
@@ -78,8 +77,8 @@ def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass
     the rows a float cache would hold (dequantized, keys turned to their slots): the kernel turns
     each key tile's halves by its slots and applies the scales to scores and probabilities. With
     ``two_pass`` settings the KV heads serving one query head each take the two-pass kernel (keys,
-    then values; at 512 programs every split is one tile, through both loops; with the L2 prefetch,
-    which must not change a result), the grouped shape the one-pass kernel still."""
+    then values; at 512 programs every split is one tile, through both loops),
+    the grouped shape the one-pass kernel still."""
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, **two_pass) if two_pass
                         else dataclasses.replace(op.TUNING, two_pass=False))
     from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
@@ -236,41 +235,6 @@ def test_combine_rounds_its_output_as_the_rounding_launch_does(small_launches, d
         op.decode_attention_codes(q, k_new, v_new, cache_k, cache_v, valid, True, 12, split, *rows)
 
 
-@pytest.mark.parametrize("programs", [8, 512], ids=["splits-of-tiles", "tile-per-split"])
-def test_l2_hints_change_no_result(small_launches, monkeypatch, programs) -> None:
-    """The two-pass kernel's L2 hints (``two_pass_prefetch``: its values, a second-wave split's keys
-    and values; ``two_pass_ahead``: the o projection's weights handed in as ``ahead``) leave every
-    output, mass, code and stat as they are without them."""
-    from ros_infmllm.cache.kv_codes import quantize_rows, read_tables
-    from ros_infmllm.rope import Rotary
-
-    heads, capacity, dim = 4, 200, 32
-    generator = torch.Generator().manual_seed(11)
-    q, k_new, v_new = (torch.randn(heads, dim, generator=generator).to(DEVICE, torch.bfloat16) for _ in range(3))
-    (cache_k, k_scale), (cache_v, v_scale) = (quantize_rows(torch.randn(heads, capacity, dim, generator=generator)
-                                                            .to(DEVICE)) for _ in range(2))
-    rows = (k_scale, v_scale, *read_tables(Rotary(dim, 10000.0), torch.arange(capacity, device=DEVICE)))
-    valid = (torch.rand(capacity, generator=generator) < 0.7).to(DEVICE)
-    weights = torch.randint(0, 255, (300, 40), generator=generator, dtype=torch.uint8).to(DEVICE)  # 94 lines
-    plain = dataclasses.replace(op.TUNING, two_pass_programs=programs)
-    monkeypatch.setattr(op, "TUNING", plain)
-    want = op.decode_attention_codes(q, k_new, v_new, cache_k, cache_v, valid, True, 32, True, *rows)
-    monkeypatch.setattr(op, "TUNING", dataclasses.replace(plain, two_pass_prefetch=2, two_pass_ahead=True))
-    got = op.decode_attention_codes(q, k_new, v_new, cache_k, cache_v, valid, True, 32, True, *rows, weights)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-
-
-def test_ahead_lines_cover_the_weights_once_spread() -> None:
-    """How the second wave shares the weights' 128-byte lines: a power of two per program, enough
-    for all of them; none for no tensor, no program or a strided view."""
-    weights = torch.zeros(4096, 2048, dtype=torch.uint8)  # a 7B o projection's int4 codes: 65,536 lines
-    assert op._ahead_lines(weights, 512) == (65536, 128)
-    assert op._ahead_lines(weights, 500) == (65536, 256)  # 132 lines each, rounded up
-    assert op._ahead_lines(torch.zeros(100, dtype=torch.float16), 7) == (2, 1)
-    assert op._ahead_lines(None, 512) == (0, 0) and op._ahead_lines(weights, 0) == (0, 0)
-    assert op._ahead_lines(weights[:, ::2], 512) == (0, 0)
-
-
 AHEAD_OF_TIME = """
 import sys
 from ros_infmllm.model import decode_kernels, decode_kernels_int8, decode_kernels_int8_two_pass
@@ -318,26 +282,21 @@ for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6,
     assert ".entry combine_attention" in compiled.asm["ptx"] and compiled.asm["cubin"], (group, dim)
     print("built", group, dim)
 # the two-pass int8 kernel (one query head per KV head) at its shipped step over four tiles and a 16-wide head,
-# and over one tile, without and with its L2 prefetch (three hints: its values, a later split's keys and values),
-# and asking L2 to keep the next product's weights (one hint)
+# and over one tile
 two_pass = decode_kernels_int8_two_pass.partial_attention_codes_two_pass
 pointers = dict(q_ptr="*bf16", k_ptr="*i8", v_ptr="*i8", valid_ptr="*u8", scores_ptr="*fp32", max_ptr="*fp32",
                 sum_ptr="*fp32", acc_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32", cos_ptr="*fp16",
-                sin_ptr="*fp16", ahead_ptr="*u8")
-for dim, tiles, prefetch, ahead in [(128, 4, 0, 0), (16, 4, 0, 0), (128, 1, 0, 0), (128, 1, 2, 0), (128, 1, 0, 128)]:
+                sin_ptr="*fp16")
+for dim, tiles in [(128, 4), (16, 4), (128, 1)]:
     block = TUNING.two_pass_block
     constants = dict(SPLIT_LEN=tiles * block, DIM=dim, BLOCK=block, NUM_SPLITS=8, IEEE=False, PDL=arch >= 90,
-                     VALID_WORDS=TUNING.valid_words, STAGES=TUNING.two_pass_num_stages, PREFETCH=prefetch,
-                     AHEAD_PER_PROGRAM=ahead)
-    compiled = compile_for(two_pass, arch, dict(pointers, capacity="i32", scale="fp32", ahead_lines="i32"), constants,
-                           aligned=pointers,
+                     VALID_WORDS=TUNING.valid_words, STAGES=TUNING.two_pass_num_stages)
+    compiled = compile_for(two_pass, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
                            num_warps=TUNING.two_pass_num_warps, num_stages=TUNING.two_pass_num_stages,
                            launch_pdl=arch >= 90)
     assert compiled.metadata.shared <= SHARED_LIMIT[arch], (dim, compiled.metadata.shared)
     if tiles > 1:  # both loops pipelined: their stages are given (tl.range)
         assert "cp.async" in compiled.asm["ptx"], dim
-    assert compiled.asm["ptx"].count("prefetch.global.L2 ") == (3 if prefetch else 0), prefetch
-    assert compiled.asm["ptx"].count("prefetch.global.L2::evict_last") == (1 if ahead else 0), ahead
     print("built two-pass", dim, tiles)
 """
 
@@ -353,7 +312,7 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("built") == 11 and done.stdout.count("int8") == 3 and done.stdout.count("two-pass") == 5
+    assert done.stdout.count("built") == 9 and done.stdout.count("int8") == 3 and done.stdout.count("two-pass") == 3
 
 
 def test_kernel_is_refused_where_it_cannot_run() -> None:

@@ -76,12 +76,6 @@ class DecodeKernelTuning:
     two_pass_programs: int = 1056
     two_pass_num_warps: int = 4
     two_pass_num_stages: int = 2
-    # the two-pass kernel's L2 prefetch (its PREFETCH): 0 none, 1 a program's own value rows before its
-    # keys are scored, 2 also the keys and values of a second-wave program's split
-    two_pass_prefetch: int = 0
-    # the two-pass kernel's second wave asks L2 to fetch and keep the o projection's weights (its
-    # AHEAD_PER_PROGRAM), which decode_attention_codes is handed as ``ahead``
-    two_pass_ahead: bool = False
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -187,25 +181,23 @@ def decode_attention_codes(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
                            cache_v: torch.Tensor, valid: torch.Tensor, with_mass: bool, x8_group: int,
                            x8_split: bool, k_scale: Optional[torch.Tensor] = None,
                            v_scale: Optional[torch.Tensor] = None, read_cos: Optional[torch.Tensor] = None,
-                           read_sin: Optional[torch.Tensor] = None, ahead: Optional[torch.Tensor] = None
+                           read_sin: Optional[torch.Tensor] = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``decode_attention``, and its output rounded for the o projection's int8-activation product
     by the launch that writes it: its int8 codes ``[heads * dim]`` and float32 stats
     ``[3 heads dim / x8_group]`` (``x8_split``: even elements then odd, for int4 weights), as
     ``matvec_dp4a.quantized_activations(out, x8_group, split=x8_split)`` lays them out (its
     ``x_codes`` / ``x_stats`` for ``decode_linear``). ``x8_group`` must divide ``dim``: a combine
-    program rounds the groups of its own query head. ``ahead``: the o projection's packed weights,
-    which the two-pass kernel asks L2 to fetch where ``DecodeKernelTuning.two_pass_ahead`` is on
-    (a hint: no result depends on it)."""
+    program rounds the groups of its own query head."""
     if x8_group <= 0 or q.shape[1] % x8_group or x8_group % 8:
         raise ValueError(f"x8_group {x8_group}: must be a positive multiple of 8 dividing the head size {q.shape[1]}")
     return _launch(q, k_new, v_new, cache_k, cache_v, valid, with_mass, (k_scale, v_scale, read_cos, read_sin),
-                   x8_group, x8_split, ahead)
+                   x8_group, x8_split)
 
 
 def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-            valid: torch.Tensor, with_mass: bool, int8_rows: tuple, x8_group: int, x8_split: bool,
-            ahead: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            valid: torch.Tensor, with_mass: bool, int8_rows: tuple, x8_group: int, x8_split: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both ops' launches: the partial pass (float or int8 cache), then the combine, which also
     rounds the output where ``x8_group`` is set (else the codes and stats are empty)."""
     from . import decode_kernels, decode_kernels_int8, decode_kernels_int8_two_pass
@@ -245,10 +237,8 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
         codes_in = (*tensors, *(t.contiguous() for t in int8_rows), capacity, scale)
         valid_words = reads_valid_words(tensors[3], tuning)
     if two_pass:
-        lines, per_program = _ahead_lines(ahead if tuning.two_pass_ahead else None, kv_heads * (splits - splits // 2))
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
-            *codes_in, ahead if per_program else None, lines, **common, VALID_WORDS=valid_words,
-            STAGES=tuning.two_pass_num_stages, PREFETCH=tuning.two_pass_prefetch, AHEAD_PER_PROGRAM=per_program,
+            *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
             num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages)
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
@@ -269,15 +259,6 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     return out, mass, codes, x_stats
 
 
-def _ahead_lines(ahead: torch.Tensor | None, programs: int) -> tuple[int, int]:
-    """The 128-byte lines of ``ahead`` (a contiguous tensor; 0 for None, or when no program is
-    left to ask for them) and how many each of ``programs`` asks for (a power of two)."""
-    if ahead is None or programs <= 0 or not ahead.is_contiguous():
-        return 0, 0
-    lines = cdiv(ahead.numel() * ahead.element_size(), 128)
-    return lines, _next_power_of_2(cdiv(lines, programs))
-
-
 @decode_attention.register_fake
 def _decode_attention_shapes(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor,
                              cache_v: torch.Tensor, valid: torch.Tensor, with_mass: bool,
@@ -293,7 +274,7 @@ def _decode_attention_codes_shapes(q: torch.Tensor, k_new: torch.Tensor, v_new: 
                                    cache_v: torch.Tensor, valid: torch.Tensor, with_mass: bool, x8_group: int,
                                    x8_split: bool, k_scale: Optional[torch.Tensor] = None,
                                    v_scale: Optional[torch.Tensor] = None, read_cos: Optional[torch.Tensor] = None,
-                                   read_sin: Optional[torch.Tensor] = None, ahead: Optional[torch.Tensor] = None
+                                   read_sin: Optional[torch.Tensor] = None
                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .matvec_dp4a import stats_size
 

@@ -34,37 +34,18 @@ import triton
 import triton.language as tl
 
 from .decode_kernels_int8 import codes_to_half, key_tile, slot_validity, turned_keys
-from .matvec_dp4a import INTERPRETED
-
-# a hint that brings the 128-byte line holding an address into L2 (no register written but the dummy
-# an elementwise asm must return); L2 is where global memory is coherent, so a line fetched before a
-# later write to it is updated, not stale
-_PREFETCH_L2 = tl.constexpr("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;")
-_KEEP_IN_L2 = tl.constexpr("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;")
 
 
 @triton.jit
 def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr, sum_ptr, acc_ptr,
                                      k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale,
-                                     ahead_ptr, ahead_lines, SPLIT_LEN: tl.constexpr, DIM: tl.constexpr,
-                                     BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-                                     PDL: tl.constexpr, VALID_WORDS: tl.constexpr, STAGES: tl.constexpr,
-                                     PREFETCH: tl.constexpr = 0, AHEAD_PER_PROGRAM: tl.constexpr = 0):
+                                     SPLIT_LEN: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                                     NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+                                     VALID_WORDS: tl.constexpr, STAGES: tl.constexpr):
     """``decode_kernels_int8.partial_attention_codes`` for one query head per KV head (program =
     (head, split)): writes the scores of every slot of the split to ``scores_ptr`` ``[heads, C]``
     (-inf where a slot is empty; the values pass reads them back, the combine's mass too) and the
-    split's max, sum and weighted values, as that pass does.
-
-    ``PREFETCH`` (``DecodeKernelTuning.two_pass_prefetch``): 0, none; 1, the program first asks L2 for
-    its split's value rows, so that they arrive from memory while its keys are scored; 2, also, a
-    program in the first half of a head's splits asks L2 for the keys and values of the split half a
-    head later, which a program of the launch's second wave reads (programs are placed in the order
-    ``head + split * heads``, so that split's program lies half the grid on).
-
-    ``AHEAD_PER_PROGRAM`` (0: none): the programs of the second half of the splits, once their values
-    are summed, ask L2 to fetch and keep (``evict_last``) that many 128-byte lines each of the
-    ``ahead_lines`` lines at ``ahead_ptr``: the next product's weights (the o projection's), read from
-    L2 by the launch after the combine instead of from memory."""
+    split's max, sum and weighted values, as that pass does."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
@@ -75,13 +56,6 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
     dims = tl.arange(0, DIM)
     base = head.to(tl.int64) * capacity * DIM
     row_base = head.to(tl.int64) * capacity
-    if PREFETCH >= 1:  # before the wait: the cache is not what the previous launch writes
-        _prefetch_split(v_ptr, base, first, capacity, SPLIT_LEN, DIM, BLOCK)
-    if PREFETCH >= 2:
-        if split < NUM_SPLITS // 2:
-            later = first + (NUM_SPLITS // 2) * SPLIT_LEN
-            _prefetch_split(k_ptr, base, later, capacity, SPLIT_LEN, DIM, BLOCK)
-            _prefetch_split(v_ptr, base, later, capacity, SPLIT_LEN, DIM, BLOCK)
     if PDL:
         tl.extra.cuda.gdc_wait()
     q_front = tl.load(q_ptr + head * DIM + halves).to(tl.float32)
@@ -112,11 +86,6 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
         weighted += (probs * v_scale)[:, None] * _codes_as_float(v, IEEE)
     split_sum = tl.sum(total, 0)
     acc = tl.sum(weighted, 0)
-    if AHEAD_PER_PROGRAM:
-        if split >= NUM_SPLITS // 2:
-            index = (split - NUM_SPLITS // 2) * tl.num_programs(0) + head
-            lines = tl.minimum(index * AHEAD_PER_PROGRAM + tl.arange(0, AHEAD_PER_PROGRAM), ahead_lines - 1)
-            _prefetch(ahead_ptr + lines.to(tl.int64) * 128, _KEEP_IN_L2)
     partial = head * NUM_SPLITS + split
     tl.store(max_ptr + partial, split_max)
     tl.store(sum_ptr + partial, split_sum)
@@ -133,24 +102,6 @@ def _tile_scores(q_front, q_back, k_ptr, valid_ptr, k_scale_ptr, cos_ptr, sin_pt
     turned_front, turned_back = turned_keys(front, back, cos, sin, IEEE)
     raw = tl.sum(turned_front.to(tl.float32) * q_front[None, :] + turned_back.to(tl.float32) * q_back[None, :], 1)
     return tl.where(keep, raw * (k_scale * scale), float("-inf"))
-
-
-@triton.jit
-def _prefetch_split(codes_ptr, base, first, capacity, SPLIT_LEN: tl.constexpr, DIM: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """Ask L2 for the code rows of slots ``first`` to ``first + SPLIT_LEN`` of one KV head (``base``:
-    its first code), one row per thread and tile; rows past the capacity ask for the last row again.
-    A hint: nothing waits for it, and the interpreter skips it."""
-    for offset in tl.static_range(0, SPLIT_LEN, BLOCK):
-        slots = tl.minimum(first + offset + tl.arange(0, BLOCK), capacity - 1)
-        _prefetch(codes_ptr + base + slots * DIM, _PREFETCH_L2)
-
-
-@triton.jit
-def _prefetch(addresses, ASM: tl.constexpr):
-    """The prefetch instruction ``ASM`` for each of ``addresses`` (skipped by the interpreter)."""
-    if not INTERPRETED:
-        tl.inline_asm_elementwise(ASM, "=r,l", [addresses], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

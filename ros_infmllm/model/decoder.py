@@ -106,20 +106,19 @@ class Attention(nn.Module):
 
     def attend_with_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
                           past_v: torch.Tensor, mask: torch.Tensor, attn_window: int, x8_group: int, x8_split: bool,
-                          int8_rows: Int8Rows | None = None, ahead: torch.Tensor | None = None
+                          int8_rows: Int8Rows | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor,
                                      torch.Tensor]:
         """``attend`` for one decode token through the Triton op (``decode_kernel`` on; q and k
         rotated), the output also rounded to int8 codes and stats for the o projection's
         int8-activation product (``decode_attention_codes``): its rounding launch is not needed.
-        ``ahead``: the o projection's packed weights, which the op may ask L2 for (a hint).
         Returns ``attend``'s four values, then the codes and stats."""
         q, k, v = self._heads(q, k, v, None, None, True)
         capacity = past_k.shape[1]
         rows = int8_rows if int8_rows is not None else (None,) * 4  # k_scale, v_scale, read_cos, read_sin
         out, mass, codes, stats = decode_attention_codes(q[:, 0], k[:, 0], v[:, 0], past_k, past_v,
                                                          mask[0, :capacity], attn_window > 0, x8_group, x8_split,
-                                                         *rows, ahead)
+                                                         *rows)
         return (out.view(1, self.num_heads * self.head_dim), k, v, mass if attn_window > 0 else None, codes,
                 stats)
 
@@ -309,7 +308,7 @@ class TransformerBlock(nn.Module):
         if x8_group:
             out, k, v, mass, codes, stats = attn.attend_with_codes(
                 *qkv.split(attn.qkv.sizes, dim=-1), past_k, past_v, mask, attn_window, x8_group,
-                o_packing["bits"] == 4, int8_rows=int8_rows, ahead=o_weight)
+                o_packing["bits"] == 4, int8_rows=int8_rows)
             rounded = {"x_codes": codes, "x_stats": stats}
         else:
             out, k, v, mass = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), cos, sin, past_k, past_v, mask,

@@ -20,30 +20,33 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
-from matvec_sass import INSTRUCTION, cuda_tool, disassemble
+from matvec_sass import INSTRUCTION, disassemble
 from results_files import save_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 233472  # bytes of shared memory per SM on sm_90 (228 KB)
-# (cache, slots per split, pipeline stages, slots per loop step, warps): the bf16 pass's shipped 7B
+# (cache, slots per split, pipeline stages, slots per loop step, warps[, register cap]): the bf16 pass's shipped 7B
 # shape at 4,096 slots (one tile per split) and a smaller tile; the int8 pass (decode_kernels_int8.py,
 # pipelined) at one tile per split and at splits of several tiles, as its launch sweep ran them; the
 # two-pass kernel (decode_kernels_int8_two_pass.py) at its shipped shape (one tile per split: through its two
-# loops) and over four tiles
+# loops) and over four tiles, and at its shipped shape under register caps (DecodeKernelTuning.two_pass_maxnreg:
+# more programs per SM, the rest spilled)
 CASES = [("bf16", 128, 3, 128, 4), ("bf16", 64, 3, 64, 4), ("int8", 128, 2, 128, 4), ("int8", 512, 2, 128, 4),
          ("int8", 512, 3, 64, 4), ("int8", 512, 2, 64, 8), ("int8", 512, 3, 64, 8), ("int8", 512, 2, 128, 8),
-         ("int8 two-pass", 128, 2, 128, 4), ("int8 two-pass", 512, 3, 64, 4)]
+         ("int8 two-pass", 128, 2, 128, 4), ("int8 two-pass", 512, 3, 64, 4),
+         *(("int8 two-pass", 128, 2, 128, 4, cap) for cap in (112, 96, 80, 72, 64))]
 
 
-def resources(cache: str, split: int, stages: int, block: int, warps: int, arch: int, dim: int = 128) -> dict:
-    """One compiled case: registers per thread, stack bytes, shared memory and what they allow."""
+def resources(cache: str, split: int, stages: int, block: int, warps: int, maxnreg: int = 0, *, arch: int,
+              dim: int = 128) -> dict:
+    """One compiled case: registers per thread, stack bytes, shared memory and what they allow;
+    ``maxnreg`` caps the registers (Triton's option; 0: none)."""
     from ros_infmllm.model import decode_kernels, decode_kernels_int8, decode_kernels_int8_two_pass
-    from ros_infmllm.model.ahead_of_time import compile_for
+    from ros_infmllm.model.ahead_of_time import compile_for, resource_usage
     from ros_infmllm.model.decode_attention import TUNING
 
     two_pass = cache.startswith("int8 two-pass")
@@ -63,19 +66,19 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, arch:
                          VALID_WORDS=TUNING.valid_words, STAGES=stages)
         kernel = decode_kernels_int8_two_pass.partial_attention_codes_two_pass
     compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
-                           num_warps=warps, num_stages=stages, launch_pdl=arch >= 90)
-    usage = cuda_tool(compiled.asm["cubin"], "cuobjdump", "-res-usage")
-    registers = int(re.search(r"REG:(\d+)", usage).group(1))
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+                           num_warps=warps, num_stages=stages, launch_pdl=arch >= 90,
+                           **({"maxnreg": maxnreg} if maxnreg else {}))
+    usage = resource_usage(compiled)
+    registers, stack = usage["REG"], usage["STACK"]
     programs = REGISTERS_PER_SM // (registers * 32 * warps)
     by_shared = SHARED_PER_SM // max(1, compiled.metadata.shared)
     tiles_ahead = stages - 1 if split > block else 1  # a pipelined split requests the next stages' tiles
     key_bytes = tiles_ahead * block * dim * (1 if int8 else 2)
     opcodes = (INSTRUCTION.match(line) for line in disassemble(compiled.asm["cubin"]))
-    instructions = sum(1 for match in opcodes if match and match.group(1) != "NOP")
-    return {"cache": cache, "split": split, "stages": stages, "block": block, "warps": warps,
+    names = [match.group(1) for match in opcodes if match and match.group(1) != "NOP"]
+    return {"cache": cache, "split": split, "stages": stages, "block": block, "warps": warps, "maxnreg": maxnreg,
             "registers_per_thread": registers, "stack_bytes": stack, "shared_bytes": compiled.metadata.shared,
-            "instructions": instructions,
+            "instructions": len(names), "spill_instructions": sum(name in ("LDL", "STL") for name in names),
             "programs_per_sm_by_registers": programs, "programs_per_sm_by_shared": by_shared,
             "key_bytes_in_flight_per_sm": min(programs, by_shared) * key_bytes}
 
@@ -87,12 +90,14 @@ def write_markdown(report: dict, path: Path) -> None:
              "Programs per SM: what a 65,536-register file and 228 KB of shared memory allow (other limits may bind "
              "first). Key bytes in flight: those programs' key tiles requested at once (one each, or the tiles a "
              "pipelined split of several has ahead).", "",
-             "| cache | slots per split | stages | slots per step | warps | registers / thread | stack bytes | "
-             "shared bytes | programs per SM (registers / shared) | key bytes in flight per SM |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| cache | slots per split | stages | slots per step | warps | register cap | registers / thread | "
+             "stack bytes | spill instructions / SASS instructions | shared bytes | "
+             "programs per SM (registers / shared) | key bytes in flight per SM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["cases"]:
         lines.append(f"| {r['cache']} | {r['split']} | {r['stages']} | {r['block']} | {r['warps']} | "
-                     f"{r['registers_per_thread']} | {r['stack_bytes']} | {r['shared_bytes']:,} | "
+                     f"{r['maxnreg'] or 'none'} | {r['registers_per_thread']} | {r['stack_bytes']} | "
+                     f"{r['spill_instructions']} / {r['instructions']:,} | {r['shared_bytes']:,} | "
                      f"{r['programs_per_sm_by_registers']} / {r['programs_per_sm_by_shared']} | "
                      f"{r['key_bytes_in_flight_per_sm']:,} |")
     path.write_text("\n".join(lines) + "\n")

@@ -160,12 +160,14 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
     tunings += [op.DecodeKernelTuning(block=b, grouped_block=b, programs=p, min_split=m, num_warps=w, num_stages=s,
                                       int8_block=b, int8_programs=p, int8_num_warps=w, int8_num_stages=s,
                                       two_pass=two, two_pass_block=b, two_pass_programs=p, two_pass_num_warps=w,
-                                      two_pass_num_stages=s, valid_words=shipped.valid_words,
+                                      two_pass_num_stages=s, two_pass_maxnreg=r, valid_words=shipped.valid_words,
                                       mass_block=mb, grouped_mass_block=mb, pdl=pdl)
-                for b, p, m, w, s, mb, pdl, two in itertools.product(
+                for b, p, m, w, s, mb, pdl, two, r in itertools.product(
                     args.blocks, args.programs, args.min_splits, args.warps, args.stages,
                     [shipped_mass] if args.no_mass else args.mass_blocks or [shipped_mass], args.pdl,
-                    args.two_pass if int8 and group == 1 else [False])]
+                    args.two_pass if int8 and group == 1 else [False],
+                    args.maxnreg if int8 and group == 1 else [0])
+                if two or not r]  # a register cap is the two-pass kernel's alone
 
     def errors() -> dict:
         out, mass = kernel(*fresh)
@@ -207,7 +209,9 @@ def write_markdown(report: dict, path: Path) -> None:
 def launch(variant: dict) -> str:
     shape = ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages",
                                                  "mass_block", "pdl"))
-    return shape + (", two-pass" if variant.get("two_pass") else "")
+    shape += ", two-pass" if variant.get("two_pass") else ""
+    return shape + (f" at most {variant['two_pass_maxnreg']} registers" if variant.get("two_pass")
+                    and variant.get("two_pass_maxnreg") else "")
 
 
 def on_off(text: str) -> bool:
@@ -237,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--two-pass", type=on_off, nargs="+", default=[False],
                         help="over an int8 cache where each KV head serves one query head: the two-pass kernel "
                              "(on), the one-pass kernel (off), or both")
+    parser.add_argument("--maxnreg", type=int, nargs="+", default=[0],
+                        help="registers per thread the two-pass kernel is capped at (0: no cap), swept")
     parser.add_argument("--no-mass", action="store_true",
                         help="time the call without the mass (streamingllm's): the partial pass stores no scores "
                              "and the combine kernel merges the outputs only")

@@ -21,9 +21,7 @@ import argparse
 import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from results_files import save_report
@@ -58,22 +56,10 @@ def compile_matvec(bits: int, rows: int, columns: int, arch: int):
     return kernel, constants, warps
 
 
-def cuda_tool(cubin: bytes, tool: str, *options: str) -> str:
-    """What one of the CUDA tools that ship with Triton (``nvdisasm``, ``cuobjdump``) prints for
-    ``cubin``, run with ``options`` on a temporary copy of it."""
-    import triton
-
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
-        handle.write(cubin)
-    try:
-        return subprocess.run([str(path), *options, handle.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(handle.name)
-
-
 def disassemble(cubin: bytes) -> list[str]:
     """SASS instruction lines and labels, by the nvdisasm that ships with Triton."""
+    from ros_infmllm.model.ahead_of_time import cuda_tool
+
     return cuda_tool(cubin, "nvdisasm", "-c").splitlines()
 
 

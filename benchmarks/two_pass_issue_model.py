@@ -28,21 +28,30 @@ SMS = 132  # H100 SXM
 CLOCK_HZ = 1.755e9  # the H100's clock under load (--clock-control none)
 COPY_BYTES_PER_S = 2.99e12  # bench_gpu.py's measured copy bandwidth on the H100 (results/bench_gpu_session29_*_h100.json)
 KV_HEADS, CAPACITY = 32, 4096  # LLaMA-2-7B and SmolVLM2: 32 KV heads, one query head each
-# (slots per split = per step, warps, head size, the call's measured us with the combine on an H100 or None)
+# (slots per split = per step, warps, head size, the call's measured us with the combine on an H100 or None[,
+# register cap]): the shipped 7B shape also under the caps DecodeKernelTuning.two_pass_maxnreg may set (more
+# programs per SM, more instructions: the spills), not yet timed
 CASES = [(128, 4, 128, 20.7), (128, 8, 128, 26.5), (64, 4, 128, 25.2), (256, 4, 128, 21.7), (128, 4, 64, 13.0),
-         (256, 4, 64, 11.9)]
+         (256, 4, 64, 11.9), (128, 4, 128, None, 96), (128, 4, 128, None, 80), (128, 4, 128, None, 64),
+         (128, 4, 64, None, 64)]
 
 
-def model_case(block: int, warps: int, dim: int, measured: float | None) -> dict:
-    """One launch shape compiled (attention_registers.resources: a split of one tile) and modelled."""
-    compiled = resources("int8 two-pass", block, 2, block, warps, arch=90, dim=dim)
+def model_case(block: int, warps: int, dim: int, measured: float | None, maxnreg: int = 0) -> dict:
+    """One launch shape compiled (attention_registers.resources: a split of one tile, registers
+    capped at ``maxnreg`` where set) and modelled."""
+    compiled = resources("int8 two-pass", block, 2, block, warps, maxnreg, arch=90, dim=dim)
     programs = KV_HEADS * (CAPACITY // block)
     issue_us = 1e6 * compiled["instructions"] * warps * 32 * programs / (SMS * ISSUE_PER_CLOCK * CLOCK_HZ)
     memory_us = 1e6 * KV_HEADS * CAPACITY * 2 * (dim + 4) / COPY_BYTES_PER_S  # codes and a float32 scale per row
-    return {"block": block, "warps": warps, "dim": dim, "instructions_per_thread": compiled["instructions"],
+    return {"block": block, "warps": warps, "dim": dim, "maxnreg": maxnreg,
+            "instructions_per_thread": compiled["instructions"], "spill_instructions": compiled["spill_instructions"],
             "registers_per_thread": compiled["registers_per_thread"],
             "programs_per_sm": min(compiled["programs_per_sm_by_registers"], compiled["programs_per_sm_by_shared"]),
             "issue_us": issue_us, "memory_us": memory_us, "serial_us": issue_us + memory_us,
+            "overlapped_us": max(issue_us, memory_us),
+            # the programs over those one pass of every SM holds: 1.1 is a full wave and a tenth of another
+            "waves": programs / (SMS * min(compiled["programs_per_sm_by_registers"],
+                                           compiled["programs_per_sm_by_shared"])),
             "measured_call_us": measured}
 
 
@@ -52,14 +61,17 @@ def write_markdown(report: dict, path: Path) -> None:
              "at one tile per split, compiled ahead of time; issue = instructions x warps x programs over "
              f"{SMS} SMs x {ISSUE_PER_CLOCK} thread-instructions per clock x {CLOCK_HZ / 1e9:.3f} GHz; memory = the codes and row scales "
              f"over {COPY_BYTES_PER_S / 1e12:.2f} TB/s. Measured: the call (this pass and the combine) on an H100, "
-             "bench_decode_attention.py (results/decode_two_pass_variants_h100.md).", "",
-             "| slots per split | warps | head size | instructions / thread | registers | programs per SM | "
-             "issue us | memory us | issue + memory us | measured call us |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "bench_decode_attention.py (results/decode_two_pass_variants_h100.md). Overlapped: the larger of "
+             "the two, what the call would take if issue and memory overlapped fully (a floor).", "",
+             "| slots per split | warps | head size | register cap | instructions / thread (spills) | registers | "
+             "programs per SM (waves) | issue us | memory us | issue + memory us | overlapped us | measured call us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["cases"]:
         measured = f"{r['measured_call_us']:.1f}" if r["measured_call_us"] else ""
-        lines.append(f"| {r['block']} | {r['warps']} | {r['dim']} | {r['instructions_per_thread']} | "
-                     f"{r['registers_per_thread']} | {r['programs_per_sm']} | {r['issue_us']:.1f} | "
-                     f"{r['memory_us']:.1f} | {r['serial_us']:.1f} | {measured} |")
+        lines.append(f"| {r['block']} | {r['warps']} | {r['dim']} | {r['maxnreg'] or 'none'} | "
+                     f"{r['instructions_per_thread']} ({r['spill_instructions']}) | {r['registers_per_thread']} | "
+                     f"{r['programs_per_sm']} ({r['waves']:.2f}) | {r['issue_us']:.1f} | {r['memory_us']:.1f} | {r['serial_us']:.1f} | "
+                     f"{r['overlapped_us']:.1f} | {measured} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -74,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"triton": triton.__version__, "cases": [model_case(*case) for case in CASES]}
     save_report(args.out, args.name, report, write_markdown)
     for r in report["cases"]:
-        print(f"{r['block']:4d} slots {r['warps']} warps dim {r['dim']:3d}: {r['instructions_per_thread']} instructions, "
+        print(f"{r['block']:4d} slots {r['warps']} warps dim {r['dim']:3d} cap {r['maxnreg']:3d}: "
+              f"{r['instructions_per_thread']} instructions, "
               f"{r['registers_per_thread']} registers, issue {r['issue_us']:.1f} + memory {r['memory_us']:.1f} = "
               f"{r['serial_us']:.1f} us (measured {r['measured_call_us']})")
     return 0

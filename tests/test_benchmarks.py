@@ -468,34 +468,82 @@ def test_attention_registers_reads_each_compiled_case(tmp_path: Path) -> None:
         assert 16 <= case["registers_per_thread"] <= 255
         assert case["programs_per_sm_by_registers"] == 65536 // (case["registers_per_thread"] * 32 * case["warps"])
         assert case["programs_per_sm_by_shared"] == 233472 // case["shared_bytes"] >= 1
-    shipped = {c["cache"]: c for c in cases if (c["split"], c["block"], c["warps"]) == (128, 128, 4)}
+    shipped = {c["cache"]: c for c in cases if (c["split"], c["block"], c["warps"], c["maxnreg"]) == (128, 128, 4, 0)}
     assert shipped["int8"]["registers_per_thread"] > shipped["bf16"]["registers_per_thread"]
     # the two-pass kernel: no dot padded to 16 rows, so fewer registers than the one-pass int8 kernel
     assert shipped["int8 two-pass"]["registers_per_thread"] < shipped["int8"]["registers_per_thread"]
     assert "| int8 | 128 | 2 | 128 | 4 |" in (tmp_path / "attention_registers.md").read_text()
     assert all(case["instructions"] > 100 for case in cases)  # SASS instructions per thread, read from the cubin
+    capped = [c for c in cases if c["maxnreg"]]  # the two-pass pass under register caps: each within its cap
+    assert capped and all(c["registers_per_thread"] <= c["maxnreg"] for c in capped)
+    assert all(c["spill_instructions"] == 0 for c in cases if not c["stack_bytes"])
+
+
+def test_bench_alternated_runs_settings_in_turn_and_keeps_a_failed_row(tmp_path: Path) -> None:
+    """bench_alternated.py on the smoke model: rows A, B, C, A, B, C, each a bench_gpu.py process with
+    its setting's flags (the override reaches bench_gpu's report); per setting the p50s in run order,
+    their median and its change from the first setting's; a setting bench_gpu refuses is a failed row
+    with bench_gpu's message, the others still run, and the exit status is 1."""
+    import bench_alternated
+
+    status = bench_alternated.main(["--rounds", "2", "--common", "--smoke --policies h2o-kinds --skip-transformers",
+                                    "--setting", "shipped=", "--setting",
+                                    "cap=--decode-attention two_pass_maxnreg=64", "--setting",
+                                    "bad=--decode-attention nonsense=1", "--out", str(tmp_path), "--name", "alt"])
+    assert status == 1
+    report = json.loads((tmp_path / "alt.json").read_text())
+    assert [(r["setting"], r["round"]) for r in report["rows"]] == [
+        ("shipped", 0), ("cap", 0), ("bad", 0), ("shipped", 1), ("cap", 1), ("bad", 1)]
+    ran = [r for r in report["rows"] if r["setting"] != "bad"]
+    streamed = [p["streamed_tokens"] for p in ran[0]["points"]]  # the smoke run's stream checkpoints
+    assert all([p["streamed_tokens"] for p in r["points"]] == streamed and r["points"][0]["decode_p50_ms"] > 0
+               for r in ran)
+    assert [r["overrides"]["decode_attention_overrides"] for r in ran] == [[], ["two_pass_maxnreg=64"]] * 2
+    failed = [r for r in report["rows"] if r["setting"] == "bad"]
+    assert all("nonsense=1" in r["error"] and "points" not in r for r in failed)
+    assert len(report["summary"]) == 2 * len(streamed)
+    summary = {s["setting"]: s for s in report["summary"] if s["streamed_tokens"] == streamed[0]}
+    assert set(summary) == {"shipped", "cap"}
+    for setting, rows in (("shipped", ran[0::2]), ("cap", ran[1::2])):
+        p50s = [r["points"][0]["decode_p50_ms"] for r in rows]
+        assert summary[setting]["p50s_ms"] == p50s and summary[setting]["median_p50_ms"] == pytest.approx(sum(p50s) / 2)
+    assert summary["shipped"]["change_ms"] == 0
+    assert summary["cap"]["change_ms"] == pytest.approx(summary["cap"]["median_p50_ms"]
+                                                        - summary["shipped"]["median_p50_ms"])
+    text = (tmp_path / "alt.md").read_text()
+    assert "| 3 | bad | `--decode-attention nonsense=1` | failed:" in text
+    assert "| 2 | cap | `--decode-attention two_pass_maxnreg=64` | tiny-qwen2 | h2o-kinds |" in text
+    with pytest.raises(SystemExit):  # a setting without its '='
+        bench_alternated.main(["--setting", "shipped", "--out", str(tmp_path)])
 
 
 def test_two_pass_issue_model_sums_issue_and_memory(tmp_path: Path) -> None:
     """two_pass_issue_model.py compiles the two-pass pass at each launch shape and models its call:
     issue time from the SASS instructions, warps and programs, memory time from the codes and scales;
-    halving the warps per program gives each thread more instructions, and a 64-wide head half the bytes."""
+    halving the warps per program gives each thread more instructions, and a 64-wide head half the bytes;
+    a register cap takes more programs per SM and more instructions (the spills), the bytes unchanged."""
     script = Path(bench_gpu.__file__).with_name("two_pass_issue_model.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    cases = {(c["block"], c["warps"], c["dim"]): c for c in
+    cases = {(c["block"], c["warps"], c["dim"], c["maxnreg"]): c for c in
              json.loads((tmp_path / "two_pass_issue_model.json").read_text())["cases"]}
     for c in cases.values():
         programs = 32 * 4096 // c["block"]
         assert c["issue_us"] == pytest.approx(1e6 * c["instructions_per_thread"] * c["warps"] * programs
                                               / (132 * 4 * 1.755e9))
         assert c["serial_us"] == pytest.approx(c["issue_us"] + c["memory_us"])
-    shipped = cases[(128, 4, 128)]
+        assert c["overlapped_us"] == max(c["issue_us"], c["memory_us"])
+        assert c["waves"] == pytest.approx(programs / (132 * c["programs_per_sm"]))
+    shipped = cases[(128, 4, 128, 0)]
     assert shipped["memory_us"] == pytest.approx(1e6 * 32 * 4096 * 2 * 132 / 2.99e12)  # 34.6 MB per 7B call
-    assert cases[(128, 8, 128)]["instructions_per_thread"] < shipped["instructions_per_thread"]
-    assert cases[(128, 4, 64)]["memory_us"] == pytest.approx(shipped["memory_us"] * 68 / 132)
+    assert cases[(128, 8, 128, 0)]["instructions_per_thread"] < shipped["instructions_per_thread"]
+    assert cases[(128, 4, 64, 0)]["memory_us"] == pytest.approx(shipped["memory_us"] * 68 / 132)
+    capped = cases[(128, 4, 128, 64)]
+    assert capped["registers_per_thread"] <= 64 < shipped["registers_per_thread"]
+    assert capped["programs_per_sm"] > shipped["programs_per_sm"] and capped["memory_us"] == shipped["memory_us"]
+    assert capped["instructions_per_thread"] > shipped["instructions_per_thread"] and capped["spill_instructions"] > 0
     assert "| 128 | 4 | 128 |" in (tmp_path / "two_pass_issue_model.md").read_text()
 
 

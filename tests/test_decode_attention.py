@@ -68,8 +68,9 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("two_pass", [None, dict(two_pass_programs=8), dict(two_pass_programs=512)],
-                         ids=["one-pass", "two-pass", "two-pass-tile-per-split"])
+@pytest.mark.parametrize("two_pass", [None, dict(two_pass_programs=8), dict(two_pass_programs=512),
+                                      dict(two_pass_programs=512, two_pass_maxnreg=64)],
+                         ids=["one-pass", "two-pass", "two-pass-tile-per-split", "two-pass-register-cap"])
 @pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16), (2, 2, 200, 64)])
 def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass, heads, kv_heads, capacity,
                                     dim) -> None:
@@ -238,7 +239,7 @@ def test_combine_rounds_its_output_as_the_rounding_launch_does(small_launches, d
 AHEAD_OF_TIME = """
 import sys
 from ros_infmllm.model import decode_kernels, decode_kernels_int8, decode_kernels_int8_two_pass
-from ros_infmllm.model.ahead_of_time import compile_for
+from ros_infmllm.model.ahead_of_time import compile_for, resource_usage
 from ros_infmllm.model.decode_attention import TUNING
 
 arch = int(sys.argv[1])
@@ -298,6 +299,15 @@ for dim, tiles in [(128, 4), (16, 4), (128, 1)]:
     if tiles > 1:  # both loops pipelined: their stages are given (tl.range)
         assert "cp.async" in compiled.asm["ptx"], dim
     print("built two-pass", dim, tiles)
+# a register cap (two_pass_maxnreg) binds at the 7B shape (one tile per split), spilling what no longer fits
+for cap in [0, 96]:
+    constants = dict(SPLIT_LEN=TUNING.two_pass_block, DIM=128, BLOCK=TUNING.two_pass_block, NUM_SPLITS=32,
+                     IEEE=False, PDL=arch >= 90, VALID_WORDS=TUNING.valid_words, STAGES=TUNING.two_pass_num_stages)
+    compiled = compile_for(two_pass, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
+                           num_warps=TUNING.two_pass_num_warps, num_stages=TUNING.two_pass_num_stages,
+                           launch_pdl=arch >= 90, **dict(maxnreg=cap) if cap else {})
+    usage = resource_usage(compiled)
+    print("registers", cap, usage["REG"], usage["STACK"])
 """
 
 
@@ -307,12 +317,29 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     outside the interpreter): both kernels at the benchmark's head shapes build for an H100 and a
     Jetson Orin, the int8 cache's partial passes too (one-pass and two-pass), each within the shared memory a block may
     take there at a split of four tiles (Triton checks it only at launch: an earlier int8 pass at
-    three stages needed 301 KB and failed on the H200 once a split spanned two tiles)."""
+    three stages needed 301 KB and failed on the H200 once a split spanned two tiles). A register cap
+    on the two-pass kernel (``two_pass_maxnreg``) holds in the cubin, the rest spilled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("built") == 9 and done.stdout.count("int8") == 3 and done.stdout.count("two-pass") == 3
+    registers = {int(cap): (int(regs), int(stack)) for _, cap, regs, stack in
+                 (line.split() for line in done.stdout.splitlines() if line.startswith("registers"))}
+    assert registers[0][0] > 96 and registers[0][1] == 0  # uncapped: more than the cap, nothing spilled
+    assert registers[96][0] <= 96 and registers[96][1] > 0  # capped: within it, the rest spilled to the stack
+
+
+def test_register_cap_is_a_launch_option_on_a_gpu_only() -> None:
+    """``two_pass_maxnreg`` reaches Triton as its ``maxnreg`` option on a CUDA tensor; 0 (no cap) and
+    the interpreter's CPU tensors pass nothing; a negative cap is refused by name."""
+    cpu = torch.empty(1)
+    assert op.register_cap(cpu, 96) == {} and op.register_cap(cpu, 0) == {}
+    if torch.cuda.is_available():
+        gpu = torch.empty(1, device="cuda")
+        assert op.register_cap(gpu, 96) == {"maxnreg": 96} and op.register_cap(gpu, 0) == {}
+    with pytest.raises(ValueError, match="maxnreg -8"):
+        op.register_cap(cpu, -8)
 
 
 def test_kernel_is_refused_where_it_cannot_run() -> None:

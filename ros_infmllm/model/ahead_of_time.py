@@ -50,3 +50,39 @@ def compile_for(kernel: Any, arch: int, types: dict[str, str], constants: dict[s
 
     return compile(kernel_source(kernel, types, constants, aligned), target=GPUTarget("cuda", arch, 32),
                    options=options)
+
+
+
+def cuda_tool(cubin: bytes, tool: str, *options: str) -> str:
+    """What one of the CUDA tools that ship with Triton (``nvdisasm``, ``cuobjdump``) prints for
+    ``cubin``, run with ``options`` on a temporary copy of it."""
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(cubin)
+    try:
+        return subprocess.run([str(path), *options, handle.name], capture_output=True, text=True, check=True,
+                              timeout=300).stdout
+    finally:
+        os.unlink(handle.name)
+
+
+def resource_usage(compiled: Any) -> dict[str, int]:
+    """What ``compile_for``'s kernel takes per thread and block, as ``cuobjdump -res-usage`` reads
+    its cubin: ``REG`` (registers per thread), ``STACK`` (bytes of stack, where registers spilled),
+    ``SHARED`` and the rest. Why: Triton fills in the register count only when a GPU loads the
+    kernel, and registers and a register cap (``maxnreg``) are checked here without one."""
+    import re
+
+    report = cuda_tool(compiled.asm["cubin"], "cuobjdump", "-res-usage")
+    function = report.split(" Function ", 1)[-1]
+    usage = {name: int(value) for name, value in re.findall(r"([A-Z_]+(?:\[\d+\])?):(\d+)", function)}
+    if "REG" not in usage or "STACK" not in usage:
+        raise RuntimeError(f"cuobjdump -res-usage named no registers or stack: {report.strip()[-500:]}")
+    return usage

@@ -76,6 +76,11 @@ class DecodeKernelTuning:
     two_pass_programs: int = 1056
     two_pass_num_warps: int = 4
     two_pass_num_stages: int = 2
+    # registers per thread the two-pass kernel is compiled to at most (Triton's ``maxnreg``; 0: no
+    # cap, ptxas chooses). Uncapped it takes 124 at the 7B shape, so 4 programs of 4 warps fit an
+    # SM, and ncu found it latency-bound there (0.66 of 3.56 warps ready per scheduler, DRAM 54%:
+    # results/decode_l2_prefetch_h100.md); a cap buys programs per SM with spills. CUDA only.
+    two_pass_maxnreg: int = 0
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -138,6 +143,15 @@ def dependent_launch(tensor: torch.Tensor, enabled: bool) -> dict:
     A kernel's ``PDL`` constant is ``bool`` of this."""
     on = enabled and tensor.is_cuda and torch.cuda.get_device_capability(tensor.device)[0] >= 9
     return {"launch_pdl": True} if on else {}
+
+
+def register_cap(tensor: torch.Tensor, maxnreg: int) -> dict:
+    """Launch options capping a kernel's registers per thread at ``maxnreg`` (Triton's compile
+    option, part of its cache key): where asked (``maxnreg`` > 0) on a CUDA tensor; empty elsewhere,
+    the interpreter included, which compiles nothing."""
+    if maxnreg < 0:
+        raise ValueError(f"maxnreg {maxnreg}: registers per thread take 0 (no cap) or a positive cap")
+    return {"maxnreg": maxnreg} if maxnreg and tensor.is_cuda else {}
 
 
 def reads_valid_words(valid: torch.Tensor, tuning: DecodeKernelTuning) -> bool:
@@ -239,7 +253,8 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     if two_pass:
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
-            num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages)
+            num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages,
+            **register_cap(q, tuning.two_pass_maxnreg))
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
             *codes_in, **shape, VALID_WORDS=valid_words, num_warps=tuning.int8_num_warps,

@@ -52,7 +52,6 @@ def compile_for(kernel: Any, arch: int, types: dict[str, str], constants: dict[s
                    options=options)
 
 
-
 def cuda_tool(cubin: bytes, tool: str, *options: str) -> str:
     """What one of the CUDA tools that ship with Triton (``nvdisasm``, ``cuobjdump``) prints for
     ``cubin``, run with ``options`` on a temporary copy of it."""

@@ -221,17 +221,19 @@ def test_a_failed_capture_falls_back_to_eager_and_leaves_the_pool_usable() -> No
     assert torch.equal(out, x * 2)
 
 
-def test_a_qwen2_5_vl_stream_replays_with_the_eager_logits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["model", "int8"])
+def test_a_qwen2_5_vl_stream_replays_with_the_eager_logits(tmp_path: Path, kv_cache_dtype: str) -> None:
     """Qwen2.5-VL on the GPU: the windowed tower captured per frame size, frame chunks with their
     M-RoPE offsets as a captured input, decode through the Triton kernels, evictions: all equal
-    eager calls."""
+    eager calls, over a float cache and over an int8 one (M-RoPE keys stored turned by their offsets)."""
     from builders import build_tiny_qwen2_vl
     from tokenizers import Tokenizer
 
     build_tiny_qwen2_vl(tmp_path, "qwen2_5_vl")
     model = load_model(tmp_path, device="cuda")
     tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    eager, graphed = _session(model, tokenizer, False, "h2o"), _session(model, tokenizer, True, "h2o")
+    eager, graphed = (_session(model, tokenizer, graphs, "h2o", kv_cache_dtype=kv_cache_dtype)
+                      for graphs in (False, True))
     _stream_side_by_side(eager, graphed, np.random.default_rng(0).integers(0, 256, (10, 30, 44, 3), dtype=np.uint8), 3)
     assert graphed.cache.evictions > 2 and any(key[-1] == "mrope" for key in graphed.runner.graphs)
     assert torch.allclose(eager.cache.k, graphed.cache.k, atol=1e-5)

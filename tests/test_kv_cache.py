@@ -238,13 +238,6 @@ def test_an_int8_merge_averages_the_dequantized_unrotated_rows() -> None:
     assert float((packed.k[:, :, :5].int() - quantize_rows(stored)[0].int()).abs().max()) <= 1  # float turn-back
 
 
-def test_an_int8_cache_needs_plain_rope() -> None:
-    from ros_infmllm.rope import MultimodalRotary
-
-    with pytest.raises(ValueError, match="int8 needs plain RoPE"):
-        BoundedKVCache(LAYERS, HEADS, 16, DIM, MultimodalRotary(DIM, 10000.0, (1, 1, 2)), kv_dtype="int8")
-
-
 def test_an_unknown_cache_storage_is_refused() -> None:
     with pytest.raises(ValueError, match="kv_cache_dtype 'fp8': choose from model, int8"):
         BoundedKVCache(LAYERS, HEADS, 16, DIM, Rotary(DIM, 10000.0), kv_dtype="fp8")

@@ -224,6 +224,51 @@ def test_after_evictions_the_cache_equals_keys_rotated_afresh_at_renumbered_posi
     assert (session.feed(token) - reference[-1]).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o"])
+def test_an_int8_cache_holds_mrope_keys_through_evictions(qwen, policy: str) -> None:
+    """An int8 cache under M-RoPE: each key is stored turned back by its slot (so still turned by
+    its frame's per-component offsets) and rounded once; after evictions, read back and turned by
+    the slot it now holds, every kept key is the float cache's key at its renumbered M-RoPE
+    position to within that rounding, and the next step's logits follow a float cache built from
+    them. Turning the recorded unrotated keys by their slots alone (dropping the offsets) is far off."""
+    from ros_infmllm.cache.kv_codes import read_keys
+
+    path, _ = qwen
+    session = _session(path, policy, backend=MropeRecordingBackend, capacity=96, kv_cache_dtype="int8")
+    for frame in _frames(8):
+        session.ingest_frame(frame)
+    cache, recorded = session.cache, session.backend
+    assert cache.evictions >= 2 and cache.k.dtype == torch.int8
+    raw_k, raw_v = torch.cat(recorded.raw_k, 2), torch.cat(recorded.raw_v, 2)
+    written_at, slots = torch.cat(recorded.positions, 1), torch.cat(recorded.slots)
+    n = cache.length
+    keys, values = torch.zeros(cache.k[:, :, :n].shape), torch.zeros(cache.v[:, :, :n].shape)
+    by_slot = torch.zeros_like(keys)
+    offsets_seen = False
+    for layer in range(cache.k.shape[0]):
+        for head in range(cache.k.shape[1]):
+            origin = cache.origin[layer, head, :n]
+            renumbered = written_at[:, origin] + (torch.arange(n) - slots[origin])
+            offsets_seen |= bool((renumbered != torch.arange(n)).any())
+            keys[layer, head] = Rotary.apply(raw_k[layer, head, origin], *cache.rotary.cos_sin(renumbered, torch.float32))
+            by_slot[layer, head] = cache.rotary.rotate(raw_k[layer, head, origin], torch.arange(n))
+            values[layer, head] = raw_v[layer, head, origin]
+    assert offsets_seen  # frame tokens whose components differ from their slots were kept
+    read = read_keys(cache.k, cache.k_scale, cache.read_cos, cache.read_sin, torch.float32)[:, :, :n]
+    scale = cache.k_scale[:, :, :n].unsqueeze(-1)
+    assert bool(((read - keys).abs() <= 2 ** 0.5 * scale * 0.51 + 1e-3 * keys.abs()).all())  # one rounding
+    assert float((read - by_slot).abs().max()) > 20 * float(scale.max())  # the offsets are in the codes
+    fresh = BoundedKVCache(*cache.k.shape[:2], cache.capacity, cache.k.shape[-1], cache.rotary)
+    fresh.append(keys, values)
+    with torch.inference_mode():
+        token = torch.tensor([session.tokenizer.token_to_id("what")])
+        reference = session.model.decoder.step(session.model.embed_tokens(token), fresh.k, fresh.v, fresh.valid(),
+                                               cache.positions(1)).logits[-1]
+        got = session.feed(token)
+    assert float((got - reference).norm() / reference.norm()) < 5e-3  # the int8 rows' rounding only (about 5e-4)
+    assert int(got.argmax()) == int(reference.argmax())
+
+
 def test_frames_of_another_size_take_their_own_token_count(qwen) -> None:
     """Dynamic resolution in a stream: a larger camera frame gives more visual tokens; both sizes
     stream into one cache."""

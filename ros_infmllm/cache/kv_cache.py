@@ -15,7 +15,10 @@ With ``kv_dtype="int8"`` the buffers hold int8 codes and each (layer, head, slot
 float32 scale (``k_scale``, ``v_scale``; kv_codes.py), and keys are stored before rotation: a
 write turns the new keys back from their slots, a compaction only gathers codes and scales (no
 key is rounded twice), and every read turns a key by its slot with ``read_cos`` / ``read_sin``.
-Plain RoPE only: an M-RoPE frame token's position is not its slot.
+An M-RoPE frame token sits at fixed offsets from its slot (a different one per component): turned
+back by its slot it keeps the rotation by those offsets, which moves with it as the offsets do, so
+its codes hold that once-rounded key and a read by the slot gives its M-RoPE position again; the
+same tables serve both RoPEs.
 
 An eviction may merge instead of drop (``move(keep, merge=True)``, after LOOK-M, arXiv
 2406.18139): each evicted visual slot is averaged into the kept slot whose key is most similar
@@ -42,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CacheFullError
-from ..rope import MultimodalRotary, Rotary
+from ..rope import Rotary
 from .kv_codes import Int8Rows, check_kv_cache_dtype, dequantize_rows, quantize_rows, read_tables
 
 
@@ -61,9 +64,6 @@ class BoundedKVCache:
         if capacity <= 0:
             raise ValueError(f"cache capacity must be positive, got {capacity}")
         check_kv_cache_dtype(kv_dtype)
-        if kv_dtype == "int8" and isinstance(rotary, MultimodalRotary):
-            raise ValueError("kv_cache_dtype int8 needs plain RoPE: an M-RoPE model's frame tokens sit at positions "
-                             "other than their slots (docs/qwen2_vl.md), which an int8 cache's keys are turned to")
         shape = (num_layers, num_kv_heads, capacity, head_dim)
         self.quantized = kv_dtype == "int8"
         storage = torch.int8 if self.quantized else dtype

@@ -14,7 +14,9 @@ then carries one rounding per move (+0.010 nats/token for SmolLM2 under ``h2o`` 
 +0.014 at 32,768 and growing; rounded once, about 0.001:
 benchmarks/results/stream_perplexity_kv8_long_cpu.md). Stored unrotated, a key is rounded once
 and a move only gathers codes; every read turns a key by its slot (the cache's ``read_cos``,
-``read_sin``), so slot j is RoPE position j as in a float cache (plain RoPE only).
+``read_sin``), so slot j is RoPE position j as in a float cache. Under M-RoPE (Qwen2-VL) a frame
+token's components sit at fixed offsets from its slot; its key is stored turned by those offsets
+(turned back by its slot from its position), which never change as it moves, so it too is rounded once.
 """
 from __future__ import annotations
 

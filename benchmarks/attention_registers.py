@@ -47,7 +47,7 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, maxnr
     ``maxnreg`` caps the registers (Triton's option; 0: none)."""
     from ros_infmllm.model import decode_kernels, decode_kernels_int8, decode_kernels_int8_two_pass
     from ros_infmllm.model.ahead_of_time import compile_for, resource_usage
-    from ros_infmllm.model.decode_attention import TUNING
+    from ros_infmllm.model.decode_attention import TUNING, register_cap
 
     two_pass = cache.startswith("int8 two-pass")
     int8 = cache.startswith("int8")
@@ -67,7 +67,7 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, maxnr
         kernel = decode_kernels_int8_two_pass.partial_attention_codes_two_pass
     compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
                            num_warps=warps, num_stages=stages, launch_pdl=arch >= 90,
-                           **({"maxnreg": maxnreg} if maxnreg else {}))
+                           **register_cap(maxnreg))
     usage = resource_usage(compiled)
     registers, stack = usage["REG"], usage["STACK"]
     programs = REGISTERS_PER_SM // (registers * 32 * warps)

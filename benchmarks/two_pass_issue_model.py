@@ -43,15 +43,15 @@ def model_case(block: int, warps: int, dim: int, measured: float | None, maxnreg
     programs = KV_HEADS * (CAPACITY // block)
     issue_us = 1e6 * compiled["instructions"] * warps * 32 * programs / (SMS * ISSUE_PER_CLOCK * CLOCK_HZ)
     memory_us = 1e6 * KV_HEADS * CAPACITY * 2 * (dim + 4) / COPY_BYTES_PER_S  # codes and a float32 scale per row
+    per_sm = min(compiled["programs_per_sm_by_registers"], compiled["programs_per_sm_by_shared"])
     return {"block": block, "warps": warps, "dim": dim, "maxnreg": maxnreg,
             "instructions_per_thread": compiled["instructions"], "spill_instructions": compiled["spill_instructions"],
             "registers_per_thread": compiled["registers_per_thread"],
-            "programs_per_sm": min(compiled["programs_per_sm_by_registers"], compiled["programs_per_sm_by_shared"]),
+            "programs_per_sm": per_sm,
             "issue_us": issue_us, "memory_us": memory_us, "serial_us": issue_us + memory_us,
             "overlapped_us": max(issue_us, memory_us),
             # the programs over those one pass of every SM holds: 1.1 is a full wave and a tenth of another
-            "waves": programs / (SMS * min(compiled["programs_per_sm_by_registers"],
-                                           compiled["programs_per_sm_by_shared"])),
+            "waves": programs / (SMS * per_sm),
             "measured_call_us": measured}
 
 

@@ -191,6 +191,50 @@ class MropeRecordingBackend(TorchBackend):
         return out
 
 
+def _evicted_stream(path: Path, policy: str, **config) -> StreamingSession:
+    """Eight frames through a 96-slot cache (two evictions at least), each step's K/V recorded."""
+    session = _session(path, policy, backend=MropeRecordingBackend, capacity=96, **config)
+    for frame in _frames(8):
+        session.ingest_frame(frame)
+    assert session.cache.evictions >= 2
+    return session
+
+
+def _kept_rows(session: StreamingSession) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Per layer and head, the kept tokens' recorded rows in slot order: their keys rotated afresh at
+    the renumbered M-RoPE positions (each component moved by new slot - slot it was written to),
+    the same keys unrotated, their values; and whether a kept token's components differ from its slot."""
+    cache, recorded = session.cache, session.backend
+    raw_k, raw_v = torch.cat(recorded.raw_k, 2), torch.cat(recorded.raw_v, 2)
+    written_at, slots = torch.cat(recorded.positions, 1), torch.cat(recorded.slots)
+    n = cache.length
+    keys, unrotated, values = (torch.zeros(cache.k[:, :, :n].shape) for _ in range(3))
+    offsets_kept = False
+    for layer in range(cache.k.shape[0]):
+        for head in range(cache.k.shape[1]):
+            origin = cache.origin[layer, head, :n]
+            renumbered = written_at[:, origin] + (torch.arange(n) - slots[origin])
+            offsets_kept |= bool((renumbered != torch.arange(n)).any())
+            unrotated[layer, head] = raw_k[layer, head, origin]
+            keys[layer, head] = Rotary.apply(unrotated[layer, head], *cache.rotary.cos_sin(renumbered, torch.float32))
+            values[layer, head] = raw_v[layer, head, origin]
+    return keys, unrotated, values, offsets_kept
+
+
+def _float_cache_logits(session: StreamingSession, keys: torch.Tensor, values: torch.Tensor
+                        ) -> tuple[BoundedKVCache, torch.Tensor, torch.Tensor]:
+    """A float cache holding ``keys`` and ``values``, the next token (what the session is fed after),
+    and the decoder's logits for it over that cache at the session's next position."""
+    cache = session.cache
+    fresh = BoundedKVCache(*cache.k.shape[:2], cache.capacity, cache.k.shape[-1], cache.rotary)
+    fresh.append(keys, values)
+    token = torch.tensor([session.tokenizer.token_to_id("what")])
+    with torch.inference_mode():
+        reference = session.model.decoder.step(session.model.embed_tokens(token), fresh.k, fresh.v, fresh.valid(),
+                                               cache.positions(1)).logits[-1]
+    return fresh, token, reference
+
+
 @pytest.mark.parametrize("policy", ["streamingllm", "h2o", "inf-mllm"])
 def test_after_evictions_the_cache_equals_keys_rotated_afresh_at_renumbered_positions(qwen, policy: str) -> None:
     """M-RoPE renumbering on eviction: a kept token's three components move by (new slot - slot it
@@ -198,30 +242,12 @@ def test_after_evictions_the_cache_equals_keys_rotated_afresh_at_renumbered_posi
     recorded unrotated K/V rotated from scratch at those renumbered positions, so the next
     step's logits agree (each head keeps its own subset of the stream)."""
     path, _ = qwen
-    session = _session(path, policy, backend=MropeRecordingBackend, capacity=96)
-    for frame in _frames(8):
-        session.ingest_frame(frame)
-    cache, recorded = session.cache, session.backend
-    assert cache.evictions >= 2
-    raw_k, raw_v = torch.cat(recorded.raw_k, 2), torch.cat(recorded.raw_v, 2)
-    written_at, slots = torch.cat(recorded.positions, 1), torch.cat(recorded.slots)
-    n = cache.length
-    fresh = BoundedKVCache(*cache.k.shape[:2], cache.capacity, cache.k.shape[-1], cache.rotary)
-    keys, values = torch.zeros_like(cache.k[:, :, :n]), torch.zeros_like(cache.v[:, :, :n])
-    for layer in range(cache.k.shape[0]):
-        for head in range(cache.k.shape[1]):
-            origin = cache.origin[layer, head, :n]
-            renumbered = written_at[:, origin] + (torch.arange(n) - slots[origin])
-            cos, sin = cache.rotary.cos_sin(renumbered, torch.float32)
-            keys[layer, head] = Rotary.apply(raw_k[layer, head, origin], cos, sin)
-            values[layer, head] = raw_v[layer, head, origin]
-    fresh.append(keys, values)
-    assert torch.allclose(fresh.k[:, :, :n], cache.k[:, :, :n], atol=1e-4)
-    with torch.inference_mode():
-        token = torch.tensor([session.tokenizer.token_to_id("what")])
-        reference = session.model.decoder.step(session.model.embed_tokens(token), fresh.k, fresh.v, fresh.valid(),
-                                               cache.positions(1)).logits
-    assert (session.feed(token) - reference[-1]).abs().max().item() <= 1e-4
+    session = _evicted_stream(path, policy)
+    keys, _, values, _ = _kept_rows(session)
+    fresh, token, reference = _float_cache_logits(session, keys, values)
+    n = session.cache.length
+    assert torch.allclose(fresh.k[:, :, :n], session.cache.k[:, :, :n], atol=1e-4)
+    assert (session.feed(token) - reference).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("policy", ["streamingllm", "h2o"])
@@ -234,36 +260,19 @@ def test_an_int8_cache_holds_mrope_keys_through_evictions(qwen, policy: str) -> 
     from ros_infmllm.cache.kv_codes import read_keys
 
     path, _ = qwen
-    session = _session(path, policy, backend=MropeRecordingBackend, capacity=96, kv_cache_dtype="int8")
-    for frame in _frames(8):
-        session.ingest_frame(frame)
-    cache, recorded = session.cache, session.backend
-    assert cache.evictions >= 2 and cache.k.dtype == torch.int8
-    raw_k, raw_v = torch.cat(recorded.raw_k, 2), torch.cat(recorded.raw_v, 2)
-    written_at, slots = torch.cat(recorded.positions, 1), torch.cat(recorded.slots)
+    session = _evicted_stream(path, policy, kv_cache_dtype="int8")
+    cache = session.cache
+    assert cache.k.dtype == torch.int8
+    keys, unrotated, values, offsets_kept = _kept_rows(session)
+    assert offsets_kept  # frame tokens whose components differ from their slots were kept
     n = cache.length
-    keys, values = torch.zeros(cache.k[:, :, :n].shape), torch.zeros(cache.v[:, :, :n].shape)
-    by_slot = torch.zeros_like(keys)
-    offsets_seen = False
-    for layer in range(cache.k.shape[0]):
-        for head in range(cache.k.shape[1]):
-            origin = cache.origin[layer, head, :n]
-            renumbered = written_at[:, origin] + (torch.arange(n) - slots[origin])
-            offsets_seen |= bool((renumbered != torch.arange(n)).any())
-            keys[layer, head] = Rotary.apply(raw_k[layer, head, origin], *cache.rotary.cos_sin(renumbered, torch.float32))
-            by_slot[layer, head] = cache.rotary.rotate(raw_k[layer, head, origin], torch.arange(n))
-            values[layer, head] = raw_v[layer, head, origin]
-    assert offsets_seen  # frame tokens whose components differ from their slots were kept
+    by_slot = cache.rotary.rotate(unrotated, torch.arange(n))
     read = read_keys(cache.k, cache.k_scale, cache.read_cos, cache.read_sin, torch.float32)[:, :, :n]
     scale = cache.k_scale[:, :, :n].unsqueeze(-1)
     assert bool(((read - keys).abs() <= 2 ** 0.5 * scale * 0.51 + 1e-3 * keys.abs()).all())  # one rounding
     assert float((read - by_slot).abs().max()) > 20 * float(scale.max())  # the offsets are in the codes
-    fresh = BoundedKVCache(*cache.k.shape[:2], cache.capacity, cache.k.shape[-1], cache.rotary)
-    fresh.append(keys, values)
+    _, token, reference = _float_cache_logits(session, keys, values)
     with torch.inference_mode():
-        token = torch.tensor([session.tokenizer.token_to_id("what")])
-        reference = session.model.decoder.step(session.model.embed_tokens(token), fresh.k, fresh.v, fresh.valid(),
-                                               cache.positions(1)).logits[-1]
         got = session.feed(token)
     assert float((got - reference).norm() / reference.norm()) < 5e-3  # the int8 rows' rounding only (about 5e-4)
     assert int(got.argmax()) == int(reference.argmax())

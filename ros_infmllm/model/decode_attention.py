@@ -145,13 +145,13 @@ def dependent_launch(tensor: torch.Tensor, enabled: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
-def register_cap(tensor: torch.Tensor, maxnreg: int) -> dict:
-    """Launch options capping a kernel's registers per thread at ``maxnreg`` (Triton's compile
-    option, part of its cache key): where asked (``maxnreg`` > 0) on a CUDA tensor; empty elsewhere,
-    the interpreter included, which compiles nothing."""
+def register_cap(maxnreg: int, on_gpu: bool = True) -> dict:
+    """Launch (or ahead-of-time compile) options capping a kernel's registers per thread at
+    ``maxnreg`` (Triton's compile option, part of its cache key): where asked (``maxnreg`` > 0) for
+    a GPU; empty elsewhere (``on_gpu`` false: the interpreter, which compiles nothing)."""
     if maxnreg < 0:
         raise ValueError(f"maxnreg {maxnreg}: registers per thread take 0 (no cap) or a positive cap")
-    return {"maxnreg": maxnreg} if maxnreg and tensor.is_cuda else {}
+    return {"maxnreg": maxnreg} if maxnreg and on_gpu else {}
 
 
 def reads_valid_words(valid: torch.Tensor, tuning: DecodeKernelTuning) -> bool:
@@ -254,7 +254,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
             num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages,
-            **register_cap(q, tuning.two_pass_maxnreg))
+            **register_cap(tuning.two_pass_maxnreg, q.is_cuda))
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
             *codes_in, **shape, VALID_WORDS=valid_words, num_warps=tuning.int8_num_warps,

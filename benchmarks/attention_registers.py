@@ -63,7 +63,7 @@ def resources(cache: str, split: int, stages: int, block: int, warps: int, maxnr
     kernel = decode_kernels_int8.partial_attention_codes if int8 else decode_kernels.partial_attention
     if two_pass:  # no padded rows; the loops' stages given to tl.range
         constants = dict(SPLIT_LEN=split, DIM=dim, BLOCK=block, NUM_SPLITS=4096 // split, IEEE=False, PDL=arch >= 90,
-                         VALID_WORDS=TUNING.valid_words, STAGES=stages)
+                         VALID_WORDS=TUNING.valid_words, STAGES=stages, KEYS_EARLY=False)
         kernel = decode_kernels_int8_two_pass.partial_attention_codes_two_pass
     compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
                            num_warps=warps, num_stages=stages, launch_pdl=arch >= 90,

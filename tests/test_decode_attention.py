@@ -68,9 +68,12 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("two_pass", [None, dict(two_pass_programs=8), dict(two_pass_programs=512),
-                                      dict(two_pass_programs=512, two_pass_maxnreg=64)],
-                         ids=["one-pass", "two-pass", "two-pass-tile-per-split", "two-pass-register-cap"])
+@pytest.mark.parametrize("two_pass", [None, dict(two_pass_programs=8),
+                                      dict(two_pass_programs=512, two_pass_keys_early=False),
+                                      dict(two_pass_programs=512, two_pass_maxnreg=64),
+                                      dict(two_pass_programs=512, two_pass_keys_early=True)],
+                         ids=["one-pass", "two-pass", "two-pass-tile-per-split", "two-pass-register-cap",
+                              "two-pass-keys-early"])
 @pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16), (2, 2, 200, 64)])
 def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass, heads, kv_heads, capacity,
                                     dim) -> None:
@@ -78,10 +81,14 @@ def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass
     the rows a float cache would hold (dequantized, keys turned to their slots): the kernel turns
     each key tile's halves by its slots and applies the scales to scores and probabilities. With
     ``two_pass`` settings the KV heads serving one query head each take the two-pass kernel (keys,
-    then values; at 512 programs every split is one tile, through both loops),
-    the grouped shape the one-pass kernel still."""
+    then values; at 512 programs every split is one tile, through both loops, or with its keys
+    requested before the wait for q), the grouped shape the one-pass kernel still."""
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, **two_pass) if two_pass
                         else dataclasses.replace(op.TUNING, two_pass=False))
+    if two_pass and two_pass.get("two_pass_keys_early"):  # taken where a split is one tile, as here
+        tuning = op.TUNING
+        assert op.whole_tile_splits(capacity, tuning.two_pass_block, tuning.two_pass_programs // kv_heads,
+                                    max(tuning.two_pass_block, tuning.min_split))[1] == tuning.two_pass_block
     from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
     from ros_infmllm.rope import Rotary
 
@@ -289,17 +296,24 @@ pointers = dict(q_ptr="*bf16", k_ptr="*i8", v_ptr="*i8", valid_ptr="*u8", scores
                 sum_ptr="*fp32", acc_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32", cos_ptr="*fp16",
                 sin_ptr="*fp16")
 # and at the 7B shape (one tile per split) under a register cap (two_pass_maxnreg), which spills what no longer fits
-for dim, tiles, cap in [(128, 4, 0), (16, 4, 0), (128, 1, 0), (128, 1, 96)]:
+# and as shipped: its keys requested before the wait for q (two_pass_keys_early, which only a split of one tile
+# takes), under the shipped cap
+for dim, tiles, cap, early in [(128, 4, 0, False), (16, 4, 0, False), (128, 1, 0, False), (128, 1, 96, False),
+                               (128, 1, TUNING.two_pass_maxnreg, True)]:
     block = TUNING.two_pass_block
     constants = dict(SPLIT_LEN=tiles * block, DIM=dim, BLOCK=block, NUM_SPLITS=8, IEEE=False, PDL=arch >= 90,
-                     VALID_WORDS=TUNING.valid_words, STAGES=TUNING.two_pass_num_stages)
+                     VALID_WORDS=TUNING.valid_words, STAGES=TUNING.two_pass_num_stages, KEYS_EARLY=early)
     compiled = compile_for(two_pass, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
                            num_warps=TUNING.two_pass_num_warps, num_stages=TUNING.two_pass_num_stages,
                            launch_pdl=arch >= 90, **register_cap(cap))
     assert compiled.metadata.shared <= SHARED_LIMIT[arch], (dim, compiled.metadata.shared)
     if tiles > 1:  # both loops pipelined: their stages are given (tl.range)
         assert "cp.async" in compiled.asm["ptx"], dim
-    if tiles == 1:
+    if early:  # global loads issued before the wait for the launch that wrote q (none without PDL)
+        ptx = compiled.asm["ptx"]
+        waits = ptx.find("griddepcontrol.wait")
+        print("keys-early", ptx[:waits].count("ld.global") if waits >= 0 else 0, ptx.count("griddepcontrol.wait"))
+    elif tiles == 1:
         usage = resource_usage(compiled)
         print("registers", cap, usage["REG"], usage["STACK"])
     else:
@@ -314,7 +328,8 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     Jetson Orin, the int8 cache's partial passes too (one-pass and two-pass), each within the shared memory a block may
     take there at a split of four tiles (Triton checks it only at launch: an earlier int8 pass at
     three stages needed 301 KB and failed on the H200 once a split spanned two tiles). A register cap
-    on the two-pass kernel (``two_pass_maxnreg``) holds in the cubin, the rest spilled."""
+    on the two-pass kernel (``two_pass_maxnreg``) holds in the cubin, the rest spilled; with
+    ``two_pass_keys_early`` its key tile is requested before the wait for q."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
@@ -324,6 +339,11 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
                  (line.split() for line in done.stdout.splitlines() if line.startswith("registers"))}
     assert registers[0][0] > 96 and registers[0][1] == 0  # uncapped: more than the cap, nothing spilled
     assert registers[96][0] <= 96 and registers[96][1] > 0  # capped: within it, the rest spilled to the stack
+    early, waits = (int(n) for n in next(line for line in done.stdout.splitlines()
+                                         if line.startswith("keys-early")).split()[1:])
+    # with dependent launches (Hopper) the key tile's codes and table rows (24 vector loads a thread at 4 warps), its
+    # scales and validity are requested before the one wait; the Orin has no wait, and nothing to issue before it
+    assert (early >= 24 and waits == 1) if arch >= 90 else (early, waits) == (0, 0), (early, waits)
 
 
 def test_register_cap_is_a_launch_option_on_a_gpu_only() -> None:

@@ -77,10 +77,21 @@ class DecodeKernelTuning:
     two_pass_num_warps: int = 4
     two_pass_num_stages: int = 2
     # registers per thread the two-pass kernel is compiled to at most (Triton's ``maxnreg``; 0: no
-    # cap, ptxas chooses). Uncapped it takes 124 at the 7B shape, so 4 programs of 4 warps fit an
-    # SM, and ncu found it latency-bound there (0.66 of 3.56 warps ready per scheduler, DRAM 54%:
-    # results/decode_l2_prefetch_h100.md); a cap buys programs per SM with spills. CUDA only.
-    two_pass_maxnreg: int = 0
+    # cap, ptxas chooses; CUDA only). Uncapped it takes 124 at the 7B shape, so 4 programs of 4 warps
+    # fit an SM, and ncu found it latency-bound there (0.66 of 3.56 warps ready per scheduler, DRAM
+    # 54%: results/decode_l2_prefetch_h100.md). Swept on one H100 (Triton 3.6; results/
+    # decode_maxnreg_h100.md): 112 took the 7B call 20.4-20.6 -> 19.8-20.1 us and SmolVLM2's
+    # 12.7-12.8 -> 12.0-12.3 (still 4 programs per SM: ptxas schedules the capped code better);
+    # 120 and 104 gained nothing at 7B, 96 and below spill and lose (7B 24.2 us at 96, 53.5 at 64).
+    # The 7B int4 step over the int8 cache, alternated: 2.406 / 2.407 -> 2.385 / 2.378 ms
+    two_pass_maxnreg: int = 112
+    # where a split is one tile (the shipped shape at 4,096 slots), its keys (codes, table rows,
+    # scales, validity) are requested before waiting for the launch that wrote q: a decode step's
+    # launches never write the cache, so programs placed during the q/k/v product's last wave load
+    # while it finishes (decode_kernels_int8_two_pass.py). On an H100, alternated with the cap of
+    # 112 in both: the 7B int4 step over the int8 cache 2.413 / 2.414 -> 2.385 / 2.382 ms, SmolVLM2's
+    # 1.673 -> 1.668 (results/decode_keys_early_7b_h100.md, decode_keys_early_smolvlm2_h100.md)
+    two_pass_keys_early: bool = True
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -253,6 +264,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     if two_pass:
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
+            KEYS_EARLY=tuning.two_pass_keys_early and split_len == block,
             num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages,
             **register_cap(tuning.two_pass_maxnreg, q.is_cuda))
     elif scaled:

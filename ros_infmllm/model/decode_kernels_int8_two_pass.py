@@ -13,8 +13,10 @@ pass that took longer than the float pass over twice its bytes; docs/quantized_w
   ``probability x value`` into a ``[BLOCK, DIM]`` float32 tile and sums its rows once at the end;
 - each loop holds only its own stream (codes, scales and table rows of keys; codes and scales of
   values), which Triton copies into shared memory ahead of use (``num_stages``);
-- a split of one tile (the shipped 7B shape: 128 slots, 32 splits per head at 4,096 slots) goes
-  through both loops too. Reading it in one go (keys and values requested at once, the softmax exact
+- a split of one tile (the shipped 7B shape: 128 slots, 32 splits per head at 4,096 slots) has its
+  keys requested before the wait for the launch that wrote q (``KEYS_EARLY``; the 7B int4 step on
+  an H100 2.413 -> 2.383 ms, benchmarks/results/decode_keys_early_7b_h100.md), then goes through
+  the values loop. Reading it in one go (keys and values requested at once, the softmax exact
   in registers), several KV heads per program sharing the table rows, and keys turned by angle sums
   of a tile's first table row were each slower on an H100 or no faster in the whole step
   (benchmarks/results/decode_two_pass_variants_h100.md) and were removed; so was a tile read a slice
@@ -41,11 +43,16 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
                                      k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale,
                                      SPLIT_LEN: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                                      NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                                     VALID_WORDS: tl.constexpr, STAGES: tl.constexpr):
+                                     VALID_WORDS: tl.constexpr, STAGES: tl.constexpr, KEYS_EARLY: tl.constexpr):
     """``decode_kernels_int8.partial_attention_codes`` for one query head per KV head (program =
     (head, split)): writes the scores of every slot of the split to ``scores_ptr`` ``[heads, C]``
     (-inf where a slot is empty; the values pass reads them back, the combine's mass too) and the
-    split's max, sum and weighted values, as that pass does."""
+    split's max, sum and weighted values, as that pass does.
+
+    ``KEYS_EARLY`` (a split of one tile, ``SPLIT_LEN == BLOCK``): the tile's key codes, table rows,
+    scales and validity are requested before waiting for the launch that wrote q. No launch of a
+    decode step writes them (the caller appends the step's K/V after it), so a program placed during
+    the q/k/v product's last wave has its keys on the way when q is ready."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
@@ -56,20 +63,33 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
     dims = tl.arange(0, DIM)
     base = head.to(tl.int64) * capacity * DIM
     row_base = head.to(tl.int64) * capacity
+    if KEYS_EARLY:  # the one tile's keys, before the wait (nothing before us in the step writes them)
+        tl.static_assert(SPLIT_LEN == BLOCK)
+        slots = first + tl.arange(0, BLOCK)
+        live = slots < end
+        keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
+        front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live,
+                                                  DIM)
     if PDL:
         tl.extra.cuda.gdc_wait()
     q_front = tl.load(q_ptr + head * DIM + halves).to(tl.float32)
     q_back = tl.load(q_ptr + head * DIM + DIM // 2 + halves).to(tl.float32)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)  # the max so far at each tile position
-    # keys: later tiles copied into shared memory while this one is scored (a loop without a dot is
-    # pipelined only where its stages are given, as tl.range does)
-    for offset in tl.range(0, SPLIT_LEN, BLOCK, num_stages=STAGES):
-        slots = first + offset + tl.arange(0, BLOCK)
-        live = slots < end
-        scores = _tile_scores(q_front, q_back, k_ptr, valid_ptr, k_scale_ptr, cos_ptr, sin_ptr, base, row_base,
-                              slots, live, scale, DIM, IEEE, VALID_WORDS)
-        tl.store(scores_ptr + row_base + slots, scores, mask=live)
-        best = tl.maximum(best, scores)
+    if KEYS_EARLY:
+        best = _scores(q_front, q_back, keep, front, back, cos, sin, k_scale, scale, IEEE)
+        tl.store(scores_ptr + row_base + slots, best, mask=live)
+    else:
+        best = tl.full([BLOCK], float("-inf"), tl.float32)  # the max so far at each tile position
+        # keys: later tiles copied into shared memory while this one is scored (a loop without a dot is
+        # pipelined only where its stages are given, as tl.range does)
+        for offset in tl.range(0, SPLIT_LEN, BLOCK, num_stages=STAGES):
+            slots = first + offset + tl.arange(0, BLOCK)
+            live = slots < end
+            keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
+            front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots,
+                                                      live, DIM)
+            scores = _scores(q_front, q_back, keep, front, back, cos, sin, k_scale, scale, IEEE)
+            tl.store(scores_ptr + row_base + slots, scores, mask=live)
+            best = tl.maximum(best, scores)
     split_max = tl.max(best, 0)
     shift = tl.where(split_max == float("-inf"), 0.0, split_max)  # a split with no valid slot
     tl.debug_barrier()  # the scores written above, by whichever thread, are read below
@@ -93,12 +113,10 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
 
 
 @triton.jit
-def _tile_scores(q_front, q_back, k_ptr, valid_ptr, k_scale_ptr, cos_ptr, sin_ptr, base, row_base, slots, live, scale,
-                 DIM: tl.constexpr, IEEE: tl.constexpr, VALID_WORDS: tl.constexpr):
-    """Scaled scores ``[BLOCK]`` of q (as its halves, float32) against the keys of ``slots``, each
-    turned to its slot; -inf where a slot is empty or past the split's end."""
-    keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
-    front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live, DIM)
+def _scores(q_front, q_back, keep, front, back, cos, sin, k_scale, scale, IEEE: tl.constexpr):
+    """Scaled scores ``[BLOCK]`` of q (as its halves, float32) against a key tile as ``key_tile``
+    reads it (codes as their halves, the slots' table rows and row scales), each key turned to its
+    slot; -inf where ``keep`` is False (a slot empty or past the split's end)."""
     turned_front, turned_back = turned_keys(front, back, cos, sin, IEEE)
     raw = tl.sum(turned_front.to(tl.float32) * q_front[None, :] + turned_back.to(tl.float32) * q_back[None, :], 1)
     return tl.where(keep, raw * (k_scale * scale), float("-inf"))

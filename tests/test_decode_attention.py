@@ -71,9 +71,10 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
 @pytest.mark.parametrize("two_pass", [None, dict(two_pass_programs=8),
                                       dict(two_pass_programs=512, two_pass_keys_early=False),
                                       dict(two_pass_programs=512, two_pass_maxnreg=64),
-                                      dict(two_pass_programs=512, two_pass_keys_early=True)],
+                                      dict(two_pass_programs=512, two_pass_keys_early=True),
+                                      dict(two_pass=False, int8_programs=512, int8_keys_early=True)],
                          ids=["one-pass", "two-pass", "two-pass-tile-per-split", "two-pass-register-cap",
-                              "two-pass-keys-early"])
+                              "two-pass-keys-early", "one-pass-keys-early"])
 @pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16), (2, 2, 200, 64)])
 def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass, heads, kv_heads, capacity,
                                     dim) -> None:
@@ -82,13 +83,18 @@ def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass
     each key tile's halves by its slots and applies the scales to scores and probabilities. With
     ``two_pass`` settings the KV heads serving one query head each take the two-pass kernel (keys,
     then values; at 512 programs every split is one tile, through both loops, or with its keys
-    requested before the wait for q), the grouped shape the one-pass kernel still."""
+    requested before the wait for q), the grouped shape the one-pass kernel still (its keys early too
+    in the last case, where every shape takes it)."""
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, **two_pass) if two_pass
                         else dataclasses.replace(op.TUNING, two_pass=False))
     if two_pass and two_pass.get("two_pass_keys_early"):  # taken where a split is one tile, as here
         tuning = op.TUNING
         assert op.whole_tile_splits(capacity, tuning.two_pass_block, tuning.two_pass_programs // kv_heads,
                                     max(tuning.two_pass_block, tuning.min_split))[1] == tuning.two_pass_block
+    if two_pass and two_pass.get("int8_keys_early"):  # the one-pass kernel's, where a split is one tile
+        tuning = op.TUNING
+        assert op.whole_tile_splits(capacity, tuning.int8_block, tuning.int8_programs // kv_heads,
+                                    max(tuning.int8_block, tuning.min_split))[1] == tuning.int8_block
     from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
     from ros_infmllm.rope import Rotary
 
@@ -275,6 +281,14 @@ for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6,
     assert compiled.metadata.shared <= SHARED_LIMIT[arch], (group, dim, scaled, compiled.metadata.shared)
     if scaled:  # the combine pass reads float32 partials only: the same kernel serves both caches
         print("built", group, dim, "int8")
+        if group > 1 and dim == 128:  # a split of one tile with its keys before the wait for q (int8_keys_early)
+            constants.update(SPLIT_LEN=block, KEYS_EARLY=True)
+            ptx = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants,
+                              aligned=pointers, num_warps=TUNING.int8_num_warps, num_stages=TUNING.int8_num_stages,
+                              launch_pdl=arch >= 90).asm["ptx"]
+            waits = ptx.find("griddepcontrol.wait")
+            print("one-pass-keys-early", ptx[:waits].count("ld.global") if waits >= 0 else 0,
+                  ptx.count("griddepcontrol.wait"))
         continue
     # the combine as decode_attention_codes launches it: o_proj's x codes rounded in groups of 32
     constants = dict(GROUP=group, ROWS=1 << (group - 1).bit_length(), DIM=dim, NUM_SPLITS=33, SPLITS_PAD=64,
@@ -339,11 +353,12 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
                  (line.split() for line in done.stdout.splitlines() if line.startswith("registers"))}
     assert registers[0][0] > 96 and registers[0][1] == 0  # uncapped: more than the cap, nothing spilled
     assert registers[96][0] <= 96 and registers[96][1] > 0  # capped: within it, the rest spilled to the stack
-    early, waits = (int(n) for n in next(line for line in done.stdout.splitlines()
-                                         if line.startswith("keys-early")).split()[1:])
-    # with dependent launches (Hopper) the key tile's codes and table rows (24 vector loads a thread at 4 warps), its
-    # scales and validity are requested before the one wait; the Orin has no wait, and nothing to issue before it
-    assert (early >= 24 and waits == 1) if arch >= 90 else (early, waits) == (0, 0), (early, waits)
+    for name in ("keys-early", "one-pass-keys-early"):  # the two-pass kernel's and the one-pass kernel's
+        early, waits = (int(n) for n in next(line for line in done.stdout.splitlines()
+                                             if line.startswith(name + " ")).split()[1:])
+        # with dependent launches (Hopper) the key tile's codes and table rows (24 vector loads a thread at 4 warps),
+        # its scales and validity are requested before the one wait; the Orin has no wait, and nothing before it
+        assert (early >= 24 and waits == 1) if arch >= 90 else (early, waits) == (0, 0), (name, early, waits)
 
 
 def test_register_cap_is_a_launch_option_on_a_gpu_only() -> None:

@@ -60,6 +60,11 @@ class DecodeKernelTuning:
     int8_programs: int = 264
     int8_num_warps: int = 4
     int8_num_stages: int = 2
+    # the one-pass pass's keys requested before waiting for q where a split is one tile (as
+    # two_pass_keys_early does for the two-pass kernel; Qwen2-1.5B's shipped shape at 4,096 slots is
+    # 32 one-tile splits per KV head). Compiled for sm_90 it then holds 147 registers against 185 (3
+    # programs per SM instead of 2: no pipelined loop). Off until timed on a GPU (runbook)
+    int8_keys_early: bool = False
     # an int8 cache's pass reads the slots' validity bytes as whole 32-bit words where the capacity
     # and the tensor's address allow (decode_kernels_int8.slot_validity): on an H100 the 7B int4
     # step over the int8 cache 2.677 -> 2.654 ms (results/decode_valid_words_h100.md)
@@ -269,8 +274,8 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
             **register_cap(tuning.two_pass_maxnreg, q.is_cuda))
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
-            *codes_in, **shape, VALID_WORDS=valid_words, num_warps=tuning.int8_num_warps,
-            num_stages=tuning.int8_num_stages)
+            *codes_in, **shape, VALID_WORDS=valid_words, KEYS_EARLY=tuning.int8_keys_early and split_len == block,
+            num_warps=tuning.int8_num_warps, num_stages=tuning.int8_num_stages)
     else:
         decode_kernels.partial_attention[(kv_heads, splits)](
             *tensors, capacity, scale, **shape, num_warps=tuning.num_warps, num_stages=tuning.num_stages)

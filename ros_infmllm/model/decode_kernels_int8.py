@@ -56,7 +56,7 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
                             k_scale_ptr, v_scale_ptr, cos_ptr, sin_ptr, capacity, scale, SPLIT_LEN: tl.constexpr,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                             NUM_SPLITS: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr,
-                            PDL: tl.constexpr, VALID_WORDS: tl.constexpr):
+                            PDL: tl.constexpr, VALID_WORDS: tl.constexpr, KEYS_EARLY: tl.constexpr = False):
     """``decode_kernels.partial_attention`` over int8 codes with a float32 scale per (KV head, slot)
     row, keys unrotated: a key tile is read as its two rotate-half halves, turned to its slots
     by the half-width tables ``cos_ptr`` / ``sin_ptr`` ``[capacity, DIM / 2]`` and scored against
@@ -66,7 +66,11 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
     ``VALID_WORDS``: the validity bytes are read as the 32-bit words holding them (``valid_ptr``
     4-byte aligned, the capacity a multiple of 4), which the pipelined loop copies into shared
     memory asynchronously like the codes; a byte alone is too narrow for that and went through
-    registers (the pass's hottest stall in the twenty-fourth session's profile)."""
+    registers (the pass's hottest stall in the twenty-fourth session's profile).
+
+    ``KEYS_EARLY`` (a split of one tile, ``SPLIT_LEN == BLOCK``): the tile's key codes, table rows,
+    scales and validity are requested before waiting for the launch that wrote q, as the two-pass
+    kernel does (no launch of a decode step writes the cache)."""
     if PDL:  # see matvec_kernels.py: the next launch may start placing programs during our last wave
         tl.extra.cuda.gdc_launch_dependents()
     head, split, q_rows, row_ok, first, end = split_of_program(capacity, SPLIT_LEN, GROUP, GROUP_PAD)
@@ -75,6 +79,13 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
     halves = tl.arange(0, DIM // 2)
     base = head.to(tl.int64) * capacity * DIM
     row_base = head.to(tl.int64) * capacity
+    if KEYS_EARLY:  # the one tile's keys, before the wait (nothing before us in the step writes them)
+        tl.static_assert(SPLIT_LEN == BLOCK)
+        slots = first + tl.arange(0, BLOCK)
+        live = slots < end
+        keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
+        front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live,
+                                                  DIM)
     if PDL:
         tl.extra.cuda.gdc_wait()
     q_index = q_rows[:, None] * DIM + halves[None, :]
@@ -83,22 +94,40 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
     value_dtype = q_front.dtype  # values enter their product in q's dtype (codes are exact there)
     if not IEEE:
         q_front, q_back = q_front.to(tl.float16), q_back.to(tl.float16)
-    for offset in range(0, SPLIT_LEN, BLOCK):  # pipelined: later tiles are copied in while this one is scored
-        slots = first + offset + tl.arange(0, BLOCK)
-        live = slots < end
-        keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
-        front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live,
-                                                  DIM)
-        raw = _turned_scores(q_front, q_back, front, back, cos, sin, DIM, IEEE)
-        scores = tl.where(keep[None, :], raw * (k_scale * scale)[None, :], float("-inf"))
-        if WITH_SCORES:
-            tl.store(scores_ptr + q_rows[:, None] * capacity + slots[None, :], scores,
-                     mask=row_ok[:, None] & live[None, :])
-        running_max, rescale, probs, running_sum = softmax_step(scores, running_max, running_sum)
-        v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=live[:, None], other=0)
-        v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
-        acc = acc * rescale[:, None] + weighted_values(probs * v_scale[None, :], v.to(value_dtype), IEEE)
+    if KEYS_EARLY:
+        running_max, running_sum, acc = _fold_tile(
+            q_front, q_back, keep, front, back, cos, sin, k_scale, v_ptr, v_scale_ptr, scores_ptr, base, row_base,
+            slots, live, q_rows, row_ok, dims, capacity, scale, running_max, running_sum, acc, value_dtype, DIM,
+            WITH_SCORES, IEEE)
+    else:
+        for offset in range(0, SPLIT_LEN, BLOCK):  # pipelined: later tiles are copied in while this one is scored
+            slots = first + offset + tl.arange(0, BLOCK)
+            live = slots < end
+            keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
+            front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots,
+                                                      live, DIM)
+            running_max, running_sum, acc = _fold_tile(
+                q_front, q_back, keep, front, back, cos, sin, k_scale, v_ptr, v_scale_ptr, scores_ptr, base, row_base,
+                slots, live, q_rows, row_ok, dims, capacity, scale, running_max, running_sum, acc, value_dtype, DIM,
+                WITH_SCORES, IEEE)
     store_partials(max_ptr, sum_ptr, acc_ptr, q_rows * NUM_SPLITS + split, row_ok, running_max, running_sum, acc, DIM)
+
+
+@triton.jit
+def _fold_tile(q_front, q_back, keep, front, back, cos, sin, k_scale, v_ptr, v_scale_ptr, scores_ptr, base, row_base,
+               slots, live, q_rows, row_ok, dims, capacity, scale, running_max, running_sum, acc,
+               value_dtype: tl.constexpr, DIM: tl.constexpr, WITH_SCORES: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile, as ``key_tile`` reads it, scored against the query rows (its scores stored
+    where the mass asks) and folded with its values into the running max, sum and weighted values."""
+    raw = _turned_scores(q_front, q_back, front, back, cos, sin, DIM, IEEE)
+    scores = tl.where(keep[None, :], raw * (k_scale * scale)[None, :], float("-inf"))
+    if WITH_SCORES:
+        tl.store(scores_ptr + q_rows[:, None] * capacity + slots[None, :], scores, mask=row_ok[:, None] & live[None, :])
+    running_max, rescale, probs, running_sum = softmax_step(scores, running_max, running_sum)
+    v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=live[:, None], other=0)
+    v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
+    acc = acc * rescale[:, None] + weighted_values(probs * v_scale[None, :], v.to(value_dtype), IEEE)
+    return running_max, running_sum, acc
 
 
 @triton.jit

@@ -81,11 +81,8 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
     row_base = head.to(tl.int64) * capacity
     if KEYS_EARLY:  # the one tile's keys, before the wait (nothing before us in the step writes them)
         tl.static_assert(SPLIT_LEN == BLOCK)
-        slots = first + tl.arange(0, BLOCK)
-        live = slots < end
-        keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
-        front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live,
-                                                  DIM)
+        slots, live, keep, front, back, cos, sin, k_scale = tile_keys(
+            k_ptr, valid_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, first, end, BLOCK, DIM, VALID_WORDS)
     if PDL:
         tl.extra.cuda.gdc_wait()
     q_index = q_rows[:, None] * DIM + halves[None, :]
@@ -101,11 +98,9 @@ def partial_attention_codes(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr, max_ptr,
             WITH_SCORES, IEEE)
     else:
         for offset in range(0, SPLIT_LEN, BLOCK):  # pipelined: later tiles are copied in while this one is scored
-            slots = first + offset + tl.arange(0, BLOCK)
-            live = slots < end
-            keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
-            front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots,
-                                                      live, DIM)
+            slots, live, keep, front, back, cos, sin, k_scale = tile_keys(
+                k_ptr, valid_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, first + offset, end, BLOCK, DIM,
+                VALID_WORDS)
             running_max, running_sum, acc = _fold_tile(
                 q_front, q_back, keep, front, back, cos, sin, k_scale, v_ptr, v_scale_ptr, scores_ptr, base, row_base,
                 slots, live, q_rows, row_ok, dims, capacity, scale, running_max, running_sum, acc, value_dtype, DIM,
@@ -128,6 +123,18 @@ def _fold_tile(q_front, q_back, keep, front, back, cos, sin, k_scale, v_ptr, v_s
     v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
     acc = acc * rescale[:, None] + weighted_values(probs * v_scale[None, :], v.to(value_dtype), IEEE)
     return running_max, running_sum, acc
+
+
+@triton.jit
+def tile_keys(k_ptr, valid_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, start, end, BLOCK: tl.constexpr,
+              DIM: tl.constexpr, VALID_WORDS: tl.constexpr):
+    """The tile of ``BLOCK`` slots from ``start`` (``end``: the split's end): its slots, which are
+    before the end (``live``), which hold a token (``keep``), and ``key_tile``'s reads."""
+    slots = start + tl.arange(0, BLOCK)
+    live = slots < end
+    keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
+    front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live, DIM)
+    return slots, live, keep, front, back, cos, sin, k_scale
 
 
 @triton.jit

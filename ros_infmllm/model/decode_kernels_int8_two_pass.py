@@ -35,7 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode_kernels_int8 import codes_to_half, key_tile, slot_validity, turned_keys
+from .decode_kernels_int8 import codes_to_half, tile_keys, turned_keys
 
 
 @triton.jit
@@ -65,11 +65,8 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
     row_base = head.to(tl.int64) * capacity
     if KEYS_EARLY:  # the one tile's keys, before the wait (nothing before us in the step writes them)
         tl.static_assert(SPLIT_LEN == BLOCK)
-        slots = first + tl.arange(0, BLOCK)
-        live = slots < end
-        keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
-        front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots, live,
-                                                  DIM)
+        slots, live, keep, front, back, cos, sin, k_scale = tile_keys(
+            k_ptr, valid_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, first, end, BLOCK, DIM, VALID_WORDS)
     if PDL:
         tl.extra.cuda.gdc_wait()
     q_front = tl.load(q_ptr + head * DIM + halves).to(tl.float32)
@@ -82,11 +79,9 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
         # keys: later tiles copied into shared memory while this one is scored (a loop without a dot is
         # pipelined only where its stages are given, as tl.range does)
         for offset in tl.range(0, SPLIT_LEN, BLOCK, num_stages=STAGES):
-            slots = first + offset + tl.arange(0, BLOCK)
-            live = slots < end
-            keep = slot_validity(valid_ptr, slots, live, VALID_WORDS)
-            front, back, cos, sin, k_scale = key_tile(k_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, slots,
-                                                      live, DIM)
+            slots, live, keep, front, back, cos, sin, k_scale = tile_keys(
+                k_ptr, valid_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, first + offset, end, BLOCK, DIM,
+                VALID_WORDS)
             scores = _scores(q_front, q_back, keep, front, back, cos, sin, k_scale, scale, IEEE)
             tl.store(scores_ptr + row_base + slots, scores, mask=live)
             best = tl.maximum(best, scores)

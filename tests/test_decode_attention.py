@@ -87,14 +87,11 @@ def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass
     in the last case, where every shape takes it)."""
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, **two_pass) if two_pass
                         else dataclasses.replace(op.TUNING, two_pass=False))
-    if two_pass and two_pass.get("two_pass_keys_early"):  # taken where a split is one tile, as here
-        tuning = op.TUNING
-        assert op.whole_tile_splits(capacity, tuning.two_pass_block, tuning.two_pass_programs // kv_heads,
-                                    max(tuning.two_pass_block, tuning.min_split))[1] == tuning.two_pass_block
-    if two_pass and two_pass.get("int8_keys_early"):  # the one-pass kernel's, where a split is one tile
-        tuning = op.TUNING
-        assert op.whole_tile_splits(capacity, tuning.int8_block, tuning.int8_programs // kv_heads,
-                                    max(tuning.int8_block, tuning.min_split))[1] == tuning.int8_block
+    tuning = op.TUNING
+    asked_early = two_pass and (two_pass.get("two_pass_keys_early") or two_pass.get("int8_keys_early"))
+    if asked_early and tuning.keys_early_for(heads // kv_heads, True):  # taken where a split is one tile, as here
+        block, programs = tuning.block_for(heads // kv_heads, True), tuning.programs_for(heads // kv_heads, True)
+        assert op.whole_tile_splits(capacity, block, programs // kv_heads, max(block, tuning.min_split))[1] == block
     from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
     from ros_infmllm.rope import Rotary
 
@@ -256,6 +253,15 @@ from ros_infmllm.model.ahead_of_time import compile_for, resource_usage
 from ros_infmllm.model.decode_attention import TUNING, register_cap
 
 arch = int(sys.argv[1])
+
+
+def loads_before_wait(ptx):
+    # global loads a thread issues before its kernel's wait for the previous launch (none without dependent
+    # launches), and how many waits it holds
+    waits = ptx.find("griddepcontrol.wait")
+    return (ptx[:waits].count("ld.global") if waits >= 0 else 0), ptx.count("griddepcontrol.wait")
+
+
 SHARED_LIMIT = {90: 232448, 87: 166912}  # bytes per block, opted in: H100 / H200, Jetson Orin
 # (2, 16): a head under 32 wide takes the int8 pass's summed products (its dots are not compiled)
 for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6, 128, True), (1, 128, True),
@@ -286,9 +292,7 @@ for group, dim, scaled in [(6, 128, False), (1, 128, False), (7, 64, False), (6,
             ptx = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants,
                               aligned=pointers, num_warps=TUNING.int8_num_warps, num_stages=TUNING.int8_num_stages,
                               launch_pdl=arch >= 90).asm["ptx"]
-            waits = ptx.find("griddepcontrol.wait")
-            print("one-pass-keys-early", ptx[:waits].count("ld.global") if waits >= 0 else 0,
-                  ptx.count("griddepcontrol.wait"))
+            print("one-pass-keys-early", *loads_before_wait(ptx))
         continue
     # the combine as decode_attention_codes launches it: o_proj's x codes rounded in groups of 32
     constants = dict(GROUP=group, ROWS=1 << (group - 1).bit_length(), DIM=dim, NUM_SPLITS=33, SPLITS_PAD=64,
@@ -324,9 +328,7 @@ for dim, tiles, cap, early in [(128, 4, 0, False), (16, 4, 0, False), (128, 1, 0
     if tiles > 1:  # both loops pipelined: their stages are given (tl.range)
         assert "cp.async" in compiled.asm["ptx"], dim
     if early:  # global loads issued before the wait for the launch that wrote q (none without PDL)
-        ptx = compiled.asm["ptx"]
-        waits = ptx.find("griddepcontrol.wait")
-        print("keys-early", ptx[:waits].count("ld.global") if waits >= 0 else 0, ptx.count("griddepcontrol.wait"))
+        print("keys-early", *loads_before_wait(compiled.asm["ptx"]))
     elif tiles == 1:
         usage = resource_usage(compiled)
         print("registers", cap, usage["REG"], usage["STACK"])

@@ -126,6 +126,17 @@ class DecodeKernelTuning:
             return self.int8_block
         return self.grouped_block if group > 1 else self.block
 
+    def programs_for(self, group: int, int8: bool = False) -> int:
+        """Programs the partial pass aims at for KV heads that serve ``group`` query heads each."""
+        if self.takes_two_pass(group, int8):
+            return self.two_pass_programs
+        return self.int8_programs if int8 else self.programs
+
+    def keys_early_for(self, group: int, int8: bool) -> bool:
+        """Whether an ``int8`` cache's pass for KV heads that serve ``group`` query heads each
+        requests a one-tile split's keys before the wait for q (its kernel's field)."""
+        return int8 and (self.two_pass_keys_early if self.takes_two_pass(group, int8) else self.int8_keys_early)
+
     def mass_block_for(self, group: int) -> int:
         """Slots per mass program for KV heads that serve ``group`` query heads each."""
         return self.grouped_mass_block if group > 1 else self.mass_block
@@ -242,8 +253,9 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
         raise ValueError("an int8 cache takes its row scales and rotation tables; a float cache takes none")
     two_pass = tuning.takes_two_pass(group, scaled)
     block = tuning.block_for(group, scaled)
-    programs = tuning.two_pass_programs if two_pass else tuning.int8_programs if scaled else tuning.programs
+    programs = tuning.programs_for(group, scaled)
     splits, split_len = whole_tile_splits(capacity, block, programs // kv_heads, max(block, tuning.min_split))
+    keys_early = tuning.keys_early_for(group, scaled) and split_len == block  # a split of one tile only
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
     launch = dependent_launch(q, tuning.pdl)
@@ -269,12 +281,12 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     if two_pass:
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
-            KEYS_EARLY=tuning.two_pass_keys_early and split_len == block,
+            KEYS_EARLY=keys_early,
             num_warps=tuning.two_pass_num_warps, num_stages=tuning.two_pass_num_stages,
             **register_cap(tuning.two_pass_maxnreg, q.is_cuda))
     elif scaled:
         decode_kernels_int8.partial_attention_codes[(kv_heads, splits)](
-            *codes_in, **shape, VALID_WORDS=valid_words, KEYS_EARLY=tuning.int8_keys_early and split_len == block,
+            *codes_in, **shape, VALID_WORDS=valid_words, KEYS_EARLY=keys_early,
             num_warps=tuning.int8_num_warps, num_stages=tuning.int8_num_stages)
     else:
         decode_kernels.partial_attention[(kv_heads, splits)](

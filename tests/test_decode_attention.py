@@ -417,7 +417,8 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     take there at a split of four tiles (Triton checks it only at launch: an earlier int8 pass at
     three stages needed 301 KB and failed on the H200 once a split spanned two tiles). A register cap
     on the two-pass kernel (``two_pass_maxnreg``) holds in the cubin, the rest spilled; with
-    ``two_pass_keys_early`` its key tile is requested before the wait for q."""
+    ``two_pass_keys_early`` its key tile is requested before the wait for q. ``values_launch``'s keys
+    launch requests its key tile, and its values launch its value tile, before their waits."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)

@@ -182,7 +182,7 @@ def _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_pt
     split_sum = tl.load(sum_ptr + row * NUM_SPLITS + splits, mask=split_ok, other=0.0)
     k_new = tl.load(k_new_ptr + head * DIM + dims).to(tl.float32)
     row_max, row_new_prob, row_total = softmax_totals(q[None, :], k_new, split_max[None, :], split_sum[None, :],
-                                                       scale)
+                                                      scale)
     overall_max, new_prob, total = tl.sum(row_max, 0), tl.sum(row_new_prob, 0), tl.sum(row_total, 0)  # one row
     out = new_prob * tl.load(v_new_ptr + head * DIM + dims).to(tl.float32)
     chunk = tl.arange(0, SPLIT_CHUNK)
@@ -200,7 +200,7 @@ def _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_pt
 
 @triton.jit
 def round_output(out, codes_ptr, x_stats_ptr, row, width, DIM: tl.constexpr, GROUP: tl.constexpr,
-                  SPLIT: tl.constexpr):
+                 SPLIT: tl.constexpr):
     """Query head ``row``'s output ``out [DIM]`` (as stored) rounded by ``store_group_codes``, the
     rounding launch's own code, as those elements of the whole output (``width`` of them): the
     codes and stats that launch would write."""

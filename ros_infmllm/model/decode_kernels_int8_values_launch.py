@@ -18,9 +18,9 @@ retire, load their values while that launch finishes. Each launch holds one tile
    score, so each slot's probability is its weight times ``exp(m - M) / S``: stored as the mass
    where asked (the combine's mass programs did this from the scores), and weighing the values. The
    program of split 0 adds the token's own value. Each program stores its weighted sum and counts
-   itself in on its head's arrival counter; the head's last program sums the splits' in split order
-   (so the output does not depend on which arrived last), stores the output, rounds it for o_proj
-   where asked (as the combine does) and sets the counter to 0 for the next call.
+   itself in on its head's arrival counter; the head's last program sums the splits' (a reduction over
+   the split index, so the output does not depend on which program arrived last), stores the output,
+   rounds it for o_proj where asked (as the combine does) and sets the counter to 0 for the next call.
 
 The weights go through the scores buffer (``[heads, C]`` float32), as the two-pass kernel's scores do.
 """
@@ -90,7 +90,7 @@ def tile_values_merged(q_ptr, k_new_ptr, v_new_ptr, v_ptr, weights_ptr, max_ptr,
     q = tl.load(q_ptr + head * DIM + dims).to(tl.float32)
     k_new = tl.load(k_new_ptr + head * DIM + dims).to(tl.float32)
     row_max, row_new_prob, row_total = softmax_totals(q[None, :], k_new, split_max[None, :], split_sum[None, :],
-                                                       scale)
+                                                      scale)
     overall_max, total = tl.sum(row_max, 0), tl.sum(row_total, 0)  # one row each
     own_max = tl.max(tl.where(splits == split, split_max, float("-inf")), 0)
     factor = tl.where(own_max == float("-inf"), 0.0, tl.exp(own_max - overall_max)) / total

@@ -39,6 +39,18 @@ def _reference(q, k_new, v_new, cache_k, cache_v, valid):
     return (probs @ values).reshape(heads, dim), probs.sum(1)
 
 
+def _int8_cache(generator: torch.Generator, draw, kv_heads: int, capacity: int, dim: int) -> tuple:
+    """An int8 cache of random rows (cache/kv_codes.py): key and value codes with their row scales,
+    the rows of different sizes so that each slot's scale matters, and the read tables that turn
+    slot ``i``'s key to position ``i``."""
+    from ros_infmllm.cache.kv_codes import quantize_rows, read_tables
+    from ros_infmllm.rope import Rotary
+
+    size = torch.rand(kv_heads, capacity, 1, generator=generator).to(DEVICE) * 4 + 0.1
+    (k_codes, k_scale), (v_codes, v_scale) = (quantize_rows(draw(kv_heads, capacity, dim) * size) for _ in range(2))
+    return k_codes, k_scale, v_codes, v_scale, read_tables(Rotary(dim, 10000.0), torch.arange(capacity, device=DEVICE))
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b).norm() / b.norm())
 
@@ -93,8 +105,7 @@ def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass
     if asked_early and tuning.keys_early_for(heads // kv_heads, True):  # taken where a split is one tile, as here
         block, programs = tuning.block_for(heads // kv_heads, True), tuning.programs_for(heads // kv_heads, True)
         assert op.whole_tile_splits(capacity, block, programs // kv_heads, max(block, tuning.min_split))[1] == block
-    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
-    from ros_infmllm.rope import Rotary
+    from ros_infmllm.cache.kv_codes import dequantize_rows, read_keys
 
     generator = torch.Generator().manual_seed(heads * capacity + dim + 1)
 
@@ -102,10 +113,7 @@ def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass
         return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
 
     q, k_new, v_new = draw(heads, dim), draw(kv_heads, dim), draw(kv_heads, dim)
-    # rows of different sizes, so that each slot's scale matters
-    size = torch.rand(kv_heads, capacity, 1, generator=generator).to(DEVICE) * 4 + 0.1
-    (k_codes, k_scale), (v_codes, v_scale) = (quantize_rows(draw(kv_heads, capacity, dim) * size) for _ in range(2))
-    tables = read_tables(Rotary(dim, 10000.0), torch.arange(capacity, device=DEVICE))
+    k_codes, k_scale, v_codes, v_scale, tables = _int8_cache(generator, draw, kv_heads, capacity, dim)
     valid = (torch.rand(capacity, generator=generator) < 0.7).to(DEVICE)
     valid[:40] = False
     out, mass = op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, v_scale, *tables)
@@ -256,11 +264,9 @@ def test_values_launch_merges_as_the_two_pass_kernel_and_combine_do(small_launch
     combine (to float rounding: the softmax's sum is applied per split instead of once), with no
     combine launched; the codes are exactly the rounding launch's of that output; each head's
     arrival counter is 0 again after a call, so the next call (the same cache) gives the same bits."""
-    from ros_infmllm.cache.kv_codes import quantize_rows, read_tables
     from ros_infmllm.model import decode_kernels
     from ros_infmllm.model.decode_linear import arrival_counters
     from ros_infmllm.model.matvec_dp4a import quantized_activations
-    from ros_infmllm.rope import Rotary
 
     heads = kv_heads = 3
     capacity = 200  # 13 splits of one 16-slot tile, the last one partial
@@ -270,9 +276,8 @@ def test_values_launch_merges_as_the_two_pass_kernel_and_combine_do(small_launch
         return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
 
     q, k_new, v_new = draw(heads, dim), draw(kv_heads, dim), draw(kv_heads, dim)
-    size = torch.rand(kv_heads, capacity, 1, generator=generator).to(DEVICE) * 4 + 0.1
-    (k_codes, k_scale), (v_codes, v_scale) = (quantize_rows(draw(kv_heads, capacity, dim) * size) for _ in range(2))
-    rows = (k_scale, v_scale, *read_tables(Rotary(dim, 10000.0), torch.arange(capacity, device=DEVICE)))
+    k_codes, k_scale, v_codes, v_scale, tables = _int8_cache(generator, draw, kv_heads, capacity, dim)
+    rows = (k_scale, v_scale, *tables)
     valid = (torch.rand(capacity, generator=generator) < 0.7).to(DEVICE)
     valid[:40] = False  # whole splits with no valid slot: their max is -inf, their weights 0
     args = (q, k_new, v_new, k_codes, v_codes, valid, True, x8_group, split, *rows)

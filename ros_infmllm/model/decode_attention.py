@@ -271,7 +271,8 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     block = tuning.block_for(group, scaled)
     programs = tuning.programs_for(group, scaled)
     splits, split_len = whole_tile_splits(capacity, block, programs // kv_heads, max(block, tuning.min_split))
-    keys_early = tuning.keys_early_for(group, scaled) and split_len == block  # a split of one tile only
+    one_tile = split_len == block
+    keys_early = tuning.keys_early_for(group, scaled) and one_tile  # a split of one tile only
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
     launch = dependent_launch(q, tuning.pdl)
@@ -294,9 +295,10 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     if scaled:
         codes_in = (*tensors, *(t.contiguous() for t in int8_rows), capacity, scale)
         valid_words = reads_valid_words(tensors[3], tuning)
-    if tuning.values_launch_for(group, scaled, split_len == block):
-        _launch_values_apart(k_new, v_new, codes_in, (out, mass, codes, x_stats), splits, with_mass, x8_group,
-                             x8_split, dict(common, VALID_WORDS=valid_words))
+    if tuning.values_launch_for(group, scaled, one_tile):  # SPLIT_LEN is BLOCK: the launches take no loop
+        unlooped = {key: value for key, value in common.items() if key != "SPLIT_LEN"}
+        _launch_values_apart(k_new, v_new, codes_in, (out, mass, codes, x_stats), with_mass, x8_group, x8_split,
+                             dict(unlooped, VALID_WORDS=valid_words))
         return out, mass, codes, x_stats
     if two_pass:
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
@@ -324,11 +326,12 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
 
 
 def _launch_values_apart(k_new: torch.Tensor, v_new: torch.Tensor, codes_in: tuple, outputs: tuple,
-                         splits: int, with_mass: bool, x8_group: int, x8_split: bool, constants: dict) -> None:
+                         with_mass: bool, x8_group: int, x8_split: bool, constants: dict) -> None:
     """The keys launch and the values launch (decode_kernels_int8_values_launch.py) over splits of
     one tile, in place of the two-pass kernel and the combine: ``codes_in`` as the int8 partial
-    passes take them, ``constants`` theirs (launch options included); writes ``outputs`` (output,
-    mass, o_proj's codes and stats) as ``_launch`` returns them."""
+    passes take them, ``constants`` the partial passes' but ``SPLIT_LEN`` (launch options included,
+    ``VALID_WORDS`` the keys launch's alone); writes ``outputs`` (output, mass, o_proj's codes and
+    stats) as ``_launch`` returns them."""
     from . import decode_kernels_int8_values_launch as kernels
     from .decode_linear import arrival_counters
 
@@ -336,10 +339,9 @@ def _launch_values_apart(k_new: torch.Tensor, v_new: torch.Tensor, codes_in: tup
     q, cache_k, cache_v, valid, weights, split_max, split_sum, split_acc, k_scale, v_scale, cos, sin, capacity, scale \
         = codes_in
     out, mass, codes, x_stats = outputs
-    kv_heads = cache_k.shape[0]
-    shared = dict(DIM=constants["DIM"], BLOCK=constants["BLOCK"], NUM_SPLITS=splits, IEEE=constants["IEEE"],
-                  PDL=constants["PDL"], num_warps=tuning.two_pass_num_warps, num_stages=1,
-                  **({"launch_pdl": True} if constants["PDL"] else {}))
+    kv_heads, splits = cache_k.shape[0], constants["NUM_SPLITS"]
+    shared = {key: value for key, value in constants.items() if key != "VALID_WORDS"}
+    shared.update(num_warps=tuning.two_pass_num_warps, num_stages=1)
     kernels.tile_key_weights[(kv_heads, splits)](
         q, cache_k, valid, weights, split_max, split_sum, k_scale, cos, sin, capacity, scale,
         VALID_WORDS=constants["VALID_WORDS"], **shared, **register_cap(tuning.keys_launch_maxnreg, q.is_cuda))

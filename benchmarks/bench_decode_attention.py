@@ -161,18 +161,13 @@ def bench_shape(name: str, shape: dict, args, device: str, dtype: torch.dtype,
                                       int8_block=b, int8_programs=p, int8_num_warps=w, int8_num_stages=s,
                                       two_pass=two, two_pass_block=b, two_pass_programs=p, two_pass_num_warps=w,
                                       two_pass_num_stages=s, two_pass_maxnreg=r, valid_words=shipped.valid_words,
-                                      mass_block=mb, grouped_mass_block=mb, pdl=pdl, values_launch=apart,
-                                      keys_launch_maxnreg=r if apart else 0, values_launch_maxnreg=vr if apart else 0)
-                for b, p, m, w, s, mb, pdl, two, r, apart, vr in itertools.product(
+                                      mass_block=mb, grouped_mass_block=mb, pdl=pdl)
+                for b, p, m, w, s, mb, pdl, two, r in itertools.product(
                     args.blocks, args.programs, args.min_splits, args.warps, args.stages,
                     [shipped_mass] if args.no_mass else args.mass_blocks or [shipped_mass], args.pdl,
                     args.two_pass if int8 and group == 1 else [False],
-                    args.maxnreg if int8 and group == 1 else [0],
-                    args.values_launch if int8 and group == 1 else [False],
-                    args.values_maxnreg if int8 and group == 1 else [0])
-                # a register cap is the two-pass kernel's (or, apart, the keys launch's) alone; the values launch
-                # replaces the two-pass kernel's one-tile splits, and has a cap of its own
-                if (two or not r) and (two or not apart) and (apart or not vr)]
+                    args.maxnreg if int8 and group == 1 else [0])
+                if two or not r]  # a register cap is the two-pass kernel's alone
 
     def errors() -> dict:
         out, mass = kernel(*fresh)
@@ -215,9 +210,6 @@ def launch(variant: dict) -> str:
     shape = ", ".join(str(variant[k]) for k in ("block", "programs", "min_split", "num_warps", "num_stages",
                                                  "mass_block", "pdl"))
     shape += ", two-pass" if variant.get("two_pass") else ""
-    if variant.get("two_pass") and variant.get("values_launch"):
-        caps = (variant.get("keys_launch_maxnreg"), variant.get("values_launch_maxnreg"))
-        return shape + ", values launch" + (" at most {} / {} registers".format(*caps) if any(caps) else "")
     return shape + (f" at most {variant['two_pass_maxnreg']} registers" if variant.get("two_pass")
                     and variant.get("two_pass_maxnreg") else "")
 
@@ -251,12 +243,6 @@ def main(argv: list[str] | None = None) -> int:
                              "(on), the one-pass kernel (off), or both")
     parser.add_argument("--maxnreg", type=int, nargs="+", default=[0],
                         help="registers per thread the two-pass kernel is capped at (0: no cap), swept")
-    parser.add_argument("--values-launch", type=on_off, nargs="+", default=[False], metavar="on|off",
-                        help="with --two-pass on, where a split is one tile: its keys and values as two launches, "
-                             "the values launch merging the splits (DecodeKernelTuning.values_launch); --maxnreg "
-                             "then caps the keys launch")
-    parser.add_argument("--values-maxnreg", type=int, nargs="+", default=[0],
-                        help="registers per thread the values launch is capped at (0: no cap), swept")
     parser.add_argument("--no-mass", action="store_true",
                         help="time the call without the mass (streamingllm's): the partial pass stores no scores "
                              "and the combine kernel merges the outputs only")

@@ -39,18 +39,6 @@ def _reference(q, k_new, v_new, cache_k, cache_v, valid):
     return (probs @ values).reshape(heads, dim), probs.sum(1)
 
 
-def _int8_cache(generator: torch.Generator, draw, kv_heads: int, capacity: int, dim: int) -> tuple:
-    """An int8 cache of random rows (cache/kv_codes.py): key and value codes with their row scales,
-    the rows of different sizes so that each slot's scale matters, and the read tables that turn
-    slot ``i``'s key to position ``i``."""
-    from ros_infmllm.cache.kv_codes import quantize_rows, read_tables
-    from ros_infmllm.rope import Rotary
-
-    size = torch.rand(kv_heads, capacity, 1, generator=generator).to(DEVICE) * 4 + 0.1
-    (k_codes, k_scale), (v_codes, v_scale) = (quantize_rows(draw(kv_heads, capacity, dim) * size) for _ in range(2))
-    return k_codes, k_scale, v_codes, v_scale, read_tables(Rotary(dim, 10000.0), torch.arange(capacity, device=DEVICE))
-
-
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b).norm() / b.norm())
 
@@ -84,10 +72,10 @@ def test_kernel_matches_a_float64_reference(small_launches, dtype, heads, kv_hea
                                       dict(two_pass_programs=512, two_pass_keys_early=False),
                                       dict(two_pass_programs=512, two_pass_maxnreg=64),
                                       dict(two_pass_programs=512, two_pass_keys_early=True),
-                                      dict(two_pass=False, int8_programs=512, int8_keys_early=True),
-                                      dict(two_pass_programs=512, values_launch=True)],
+                                      dict(two_pass=False, int8_programs=512, int8_keys_early=False),
+                                      dict(two_pass=False, int8_programs=512, int8_keys_early=True)],
                          ids=["one-pass", "two-pass", "two-pass-tile-per-split", "two-pass-register-cap",
-                              "two-pass-keys-early", "one-pass-keys-early", "values-launch"])
+                              "two-pass-keys-early", "one-pass-tile-per-split", "one-pass-keys-early"])
 @pytest.mark.parametrize("heads,kv_heads,capacity,dim", [(6, 2, 200, 32), (4, 4, 130, 16), (2, 2, 200, 64)])
 def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass, heads, kv_heads, capacity,
                                     dim) -> None:
@@ -96,16 +84,19 @@ def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass
     each key tile's halves by its slots and applies the scales to scores and probabilities. With
     ``two_pass`` settings the KV heads serving one query head each take the two-pass kernel (keys,
     then values; at 512 programs every split is one tile, through both loops, or with its keys
-    requested before the wait for q), the grouped shape the one-pass kernel still (its keys early too
-    in the last case, where every shape takes it)."""
+    requested before the wait for q), the grouped shape the one-pass kernel still. In the last two
+    cases every shape takes the one-pass kernel at one tile per split, its keys after the wait for q
+    and before it (as shipped)."""
     monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, **two_pass) if two_pass
                         else dataclasses.replace(op.TUNING, two_pass=False))
     tuning = op.TUNING
-    asked_early = two_pass and (two_pass.get("two_pass_keys_early") or two_pass.get("int8_keys_early"))
-    if asked_early and tuning.keys_early_for(heads // kv_heads, True):  # taken where a split is one tile, as here
-        block, programs = tuning.block_for(heads // kv_heads, True), tuning.programs_for(heads // kv_heads, True)
+    group = heads // kv_heads
+    early_field = "two_pass_keys_early" if tuning.takes_two_pass(group, True) else "int8_keys_early"
+    if two_pass and two_pass.get(early_field):  # the case asks this shape's kernel for its keys early: one-tile splits
+        block, programs = tuning.block_for(group, True), tuning.programs_for(group, True)
         assert op.whole_tile_splits(capacity, block, programs // kv_heads, max(block, tuning.min_split))[1] == block
-    from ros_infmllm.cache.kv_codes import dequantize_rows, read_keys
+    from ros_infmllm.cache.kv_codes import dequantize_rows, quantize_rows, read_keys, read_tables
+    from ros_infmllm.rope import Rotary
 
     generator = torch.Generator().manual_seed(heads * capacity + dim + 1)
 
@@ -113,7 +104,10 @@ def test_kernel_reads_an_int8_cache(small_launches, monkeypatch, dtype, two_pass
         return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
 
     q, k_new, v_new = draw(heads, dim), draw(kv_heads, dim), draw(kv_heads, dim)
-    k_codes, k_scale, v_codes, v_scale, tables = _int8_cache(generator, draw, kv_heads, capacity, dim)
+    # rows of different sizes, so that each slot's scale matters
+    size = torch.rand(kv_heads, capacity, 1, generator=generator).to(DEVICE) * 4 + 0.1
+    (k_codes, k_scale), (v_codes, v_scale) = (quantize_rows(draw(kv_heads, capacity, dim) * size) for _ in range(2))
+    tables = read_tables(Rotary(dim, 10000.0), torch.arange(capacity, device=DEVICE))
     valid = (torch.rand(capacity, generator=generator) < 0.7).to(DEVICE)
     valid[:40] = False
     out, mass = op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, True, k_scale, v_scale, *tables)
@@ -255,61 +249,9 @@ def test_combine_rounds_its_output_as_the_rounding_launch_does(small_launches, d
         op.decode_attention_codes(q, k_new, v_new, cache_k, cache_v, valid, True, 12, split, *rows)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dim,x8_group,split", [(32, 32, True), (64, 16, False)])
-def test_values_launch_merges_as_the_two_pass_kernel_and_combine_do(small_launches, monkeypatch, dtype, dim,
-                                                                     x8_group, split) -> None:
-    """``values_launch``: the keys launch and the values launch, whose last program per KV head
-    merges the splits, give the output, mass, o_proj codes and stats of the two-pass kernel and the
-    combine (to float rounding: the softmax's sum is applied per split instead of once), with no
-    combine launched; the codes are exactly the rounding launch's of that output; each head's
-    arrival counter is 0 again after a call, so the next call (the same cache) gives the same bits."""
-    from ros_infmllm.model import decode_kernels
-    from ros_infmllm.model.decode_linear import arrival_counters
-    from ros_infmllm.model.matvec_dp4a import quantized_activations
-
-    heads = kv_heads = 3
-    capacity = 200  # 13 splits of one 16-slot tile, the last one partial
-    generator = torch.Generator().manual_seed(dim + x8_group)
-
-    def draw(*shape):
-        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
-
-    q, k_new, v_new = draw(heads, dim), draw(kv_heads, dim), draw(kv_heads, dim)
-    k_codes, k_scale, v_codes, v_scale, tables = _int8_cache(generator, draw, kv_heads, capacity, dim)
-    rows = (k_scale, v_scale, *tables)
-    valid = (torch.rand(capacity, generator=generator) < 0.7).to(DEVICE)
-    valid[:40] = False  # whole splits with no valid slot: their max is -inf, their weights 0
-    args = (q, k_new, v_new, k_codes, v_codes, valid, True, x8_group, split, *rows)
-    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, two_pass_programs=512))
-    want = op.decode_attention_codes(*args)
-    monkeypatch.setattr(op, "TUNING", dataclasses.replace(op.TUNING, values_launch=True))
-    block, programs = op.TUNING.block_for(1, True), op.TUNING.programs_for(1, True)
-    assert op.whole_tile_splits(capacity, block, programs // kv_heads, max(block, op.TUNING.min_split))[1] == block
-    monkeypatch.setattr(decode_kernels, "combine_attention", None)  # launched, it would fail
-    got = op.decode_attention_codes(*args)
-    out, mass, codes, stats = got
-    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
-    assert out.dtype == dtype and _relative(out, want[0].double()) < tolerance
-    assert torch.allclose(mass, want[1], rtol=1e-5, atol=1e-7)
-    assert float(mass[:, :capacity][:, ~valid].abs().max()) == 0.0
-    assert torch.allclose(mass.sum(-1), torch.ones(kv_heads, device=DEVICE), rtol=1e-5)
-    want_codes, want_stats = quantized_activations(out.reshape(-1), x8_group, split=split)
-    assert torch.equal(codes.view(torch.int32), want_codes)
-    groups = out.numel() // x8_group
-    assert torch.equal(stats[:2 * groups], want_stats[:2 * groups])
-    assert torch.allclose(stats[2 * groups:], want_stats[2 * groups:], rtol=1e-6)
-    assert not arrival_counters(k_codes, kv_heads).any()  # every head's last program set its counter back
-    again = op.decode_attention_codes(*args)
-    assert all(torch.equal(a, b) for a, b in zip(again, got))
-    out_only, no_mass = op.decode_attention(q, k_new, v_new, k_codes, v_codes, valid, False, *rows)
-    assert torch.equal(out_only, out) and no_mass.numel() == 0
-
-
 AHEAD_OF_TIME = """
 import sys
 from ros_infmllm.model import decode_kernels, decode_kernels_int8, decode_kernels_int8_two_pass
-from ros_infmllm.model import decode_kernels_int8_values_launch
 from ros_infmllm.model.ahead_of_time import compile_for, resource_usage
 from ros_infmllm.model.decode_attention import TUNING, register_cap
 
@@ -395,22 +337,6 @@ for dim, tiles, cap, early in [(128, 4, 0, False), (16, 4, 0, False), (128, 1, 0
         print("registers", cap, usage["REG"], usage["STACK"])
     else:
         print("built two-pass", dim, tiles)
-# values_launch: its keys launch and its values launch at the 7B shape (one tile per split), o_proj's codes rounded
-launched = decode_kernels_int8_values_launch
-keys = dict(q_ptr="*bf16", k_ptr="*i8", valid_ptr="*u8", weights_ptr="*fp32", max_ptr="*fp32", sum_ptr="*fp32",
-            k_scale_ptr="*fp32", cos_ptr="*fp16", sin_ptr="*fp16")
-values = dict(q_ptr="*bf16", k_new_ptr="*bf16", v_new_ptr="*bf16", v_ptr="*i8", weights_ptr="*fp32", max_ptr="*fp32",
-              sum_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16", mass_ptr="*fp32", codes_ptr="*i8",
-              x_stats_ptr="*fp32", arrivals_ptr="*i32", v_scale_ptr="*fp32")
-shared = dict(DIM=128, BLOCK=TUNING.two_pass_block, NUM_SPLITS=32, IEEE=False, PDL=arch >= 90)
-for kernel, pointers, constants, cap in [
-        (launched.tile_key_weights, keys, dict(shared, VALID_WORDS=TUNING.valid_words), TUNING.keys_launch_maxnreg),
-        (launched.tile_values_merged, values, dict(shared, SPLITS_PAD=32, WITH_MASS=True, X8_GROUP=32, X8_SPLIT=True),
-         TUNING.values_launch_maxnreg)]:
-    compiled = compile_for(kernel, arch, dict(pointers, capacity="i32", scale="fp32"), constants, aligned=pointers,
-                           num_warps=TUNING.two_pass_num_warps, num_stages=1, launch_pdl=arch >= 90,
-                           **register_cap(cap))
-    print("values-launch", kernel.__name__, *loads_before_wait(compiled.asm["ptx"]), resource_usage(compiled)["REG"])
 """
 
 
@@ -422,8 +348,7 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     take there at a split of four tiles (Triton checks it only at launch: an earlier int8 pass at
     three stages needed 301 KB and failed on the H200 once a split spanned two tiles). A register cap
     on the two-pass kernel (``two_pass_maxnreg``) holds in the cubin, the rest spilled; with
-    ``two_pass_keys_early`` its key tile is requested before the wait for q. ``values_launch``'s keys
-    launch requests its key tile, and its values launch its value tile, before their waits."""
+    ``two_pass_keys_early`` its key tile is requested before the wait for q."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME, str(arch)], capture_output=True, text=True,
                           timeout=600, env=env)
@@ -432,7 +357,6 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
     registers = {int(cap): (int(regs), int(stack)) for _, cap, regs, stack in
                  (line.split() for line in done.stdout.splitlines() if line.startswith("registers"))}
     assert registers[0][0] > 96 and registers[0][1] == 0  # uncapped: more than the cap, nothing spilled
-    registers_uncapped = registers[0][0]
     assert registers[96][0] <= 96 and registers[96][1] > 0  # capped: within it, the rest spilled to the stack
     for name in ("keys-early", "one-pass-keys-early"):  # the two-pass kernel's and the one-pass kernel's
         early, waits = (int(n) for n in next(line for line in done.stdout.splitlines()
@@ -440,15 +364,6 @@ def test_kernels_compile_for_the_target_gpus(arch: int) -> None:
         # with dependent launches (Hopper) the key tile's codes and table rows (24 vector loads a thread at 4 warps),
         # its scales and validity are requested before the one wait; the Orin has no wait, and nothing before it
         assert (early >= 24 and waits == 1) if arch >= 90 else (early, waits) == (0, 0), (name, early, waits)
-    launched = {name: [int(n) for n in numbers] for _, name, *numbers in
-                (line.split() for line in done.stdout.splitlines() if line.startswith("values-launch "))}
-    # values_launch: the keys launch requests its key tile before its wait as the two-pass kernel does, the values
-    # launch its value codes (8 vector loads a thread) and scales; each holds fewer registers than the two-pass
-    # kernel uncapped, which holds both tiles' streams
-    for name, least in (("tile_key_weights", 24), ("tile_values_merged", 9)):
-        early, waits, registers = launched[name]
-        assert (early >= least and waits == 1) if arch >= 90 else (early, waits) == (0, 0), (name, early, waits)
-        assert registers < registers_uncapped, (name, registers)
 
 
 def test_register_cap_is_a_launch_option_on_a_gpu_only() -> None:

@@ -63,8 +63,9 @@ class DecodeKernelTuning:
     # the one-pass pass's keys requested before waiting for q where a split is one tile (as
     # two_pass_keys_early does for the two-pass kernel; Qwen2-1.5B's shipped shape at 4,096 slots is
     # 32 one-tile splits per KV head). Compiled for sm_90 it then holds 147 registers against 185 (3
-    # programs per SM instead of 2: no pipelined loop). Off until timed on a GPU (runbook)
-    int8_keys_early: bool = False
+    # programs per SM instead of 2: no pipelined loop). On an H100 the 1.5B int4 step over the int8
+    # cache 0.981 / 0.979 -> 0.938 / 0.937 ms, alternated (results/decode_int8_keys_early_1p5b_h100.md)
+    int8_keys_early: bool = True
     # an int8 cache's pass reads the slots' validity bytes as whole 32-bit words where the capacity
     # and the tensor's address allow (decode_kernels_int8.slot_validity): on an H100 the 7B int4
     # step over the int8 cache 2.677 -> 2.654 ms (results/decode_valid_words_h100.md)
@@ -97,16 +98,6 @@ class DecodeKernelTuning:
     # 112 in both: the 7B int4 step over the int8 cache 2.413 / 2.414 -> 2.385 / 2.382 ms, SmolVLM2's
     # 1.673 -> 1.668 (results/decode_keys_early_7b_h100.md, decode_keys_early_smolvlm2_h100.md)
     two_pass_keys_early: bool = True
-    # where the two-pass kernel's split is one tile: the keys pass and the values pass as two launches
-    # instead of one, the values launch requesting its codes before it waits on the keys launch
-    # and merging the splits itself (its last program per head), so no combine launch follows
-    # (decode_kernels_int8_values_launch.py). Off until timed on a GPU (runbook). Their register
-    # caps (0: none): compiled for sm_90 at the 7B shape (local Triton 3.9) the keys launch holds 101
-    # registers uncapped (4 programs of 4 warps per SM), 96 with a 16-byte spill at a cap of 96 (5),
-    # and the values launch 70 (7); a cap of 112 lets ptxas take 111 and 96
-    values_launch: bool = False
-    keys_launch_maxnreg: int = 0
-    values_launch_maxnreg: int = 0
     # mass slots per program: on an H200 (bench_decode_attention_mass_h200.md) SmolVLM2's call (32
     # KV heads, one query head each) took 26.6 us at 256 against 37.0 at 512 and 47.6 at 1024, and
     # Qwen2-1.5B's (2 KV heads, 6 query heads each) 7.3 at 1024 against 7.5 at 512 and 7.8 at 256
@@ -146,12 +137,6 @@ class DecodeKernelTuning:
         """Whether an ``int8`` cache's pass for KV heads that serve ``group`` query heads each
         requests a one-tile split's keys before the wait for q (its kernel's field)."""
         return int8 and (self.two_pass_keys_early if self.takes_two_pass(group, int8) else self.int8_keys_early)
-
-    def values_launch_for(self, group: int, int8: bool, one_tile: bool) -> bool:
-        """Whether an ``int8`` cache's attention for KV heads that serve ``group`` query heads each,
-        in splits of one tile where ``one_tile``, takes the keys and values launches
-        (``values_launch``) instead of the two-pass kernel and the combine."""
-        return self.takes_two_pass(group, int8) and self.values_launch and one_tile
 
     def mass_block_for(self, group: int) -> int:
         """Slots per mass program for KV heads that serve ``group`` query heads each."""
@@ -271,8 +256,7 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     block = tuning.block_for(group, scaled)
     programs = tuning.programs_for(group, scaled)
     splits, split_len = whole_tile_splits(capacity, block, programs // kv_heads, max(block, tuning.min_split))
-    one_tile = split_len == block
-    keys_early = tuning.keys_early_for(group, scaled) and one_tile  # a split of one tile only
+    keys_early = tuning.keys_early_for(group, scaled) and split_len == block  # a split of one tile only
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     cache_k, cache_v = cache_k.contiguous(), cache_v.contiguous()
     launch = dependent_launch(q, tuning.pdl)
@@ -295,11 +279,6 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
     if scaled:
         codes_in = (*tensors, *(t.contiguous() for t in int8_rows), capacity, scale)
         valid_words = reads_valid_words(tensors[3], tuning)
-    if tuning.values_launch_for(group, scaled, one_tile):  # SPLIT_LEN is BLOCK: the launches take no loop
-        unlooped = {key: value for key, value in common.items() if key != "SPLIT_LEN"}
-        _launch_values_apart(k_new, v_new, codes_in, (out, mass, codes, x_stats), with_mass, x8_group, x8_split,
-                             dict(unlooped, VALID_WORDS=valid_words))
-        return out, mass, codes, x_stats
     if two_pass:
         decode_kernels_int8_two_pass.partial_attention_codes_two_pass[(kv_heads, splits)](
             *codes_in, **common, VALID_WORDS=valid_words, STAGES=tuning.two_pass_num_stages,
@@ -323,35 +302,6 @@ def _launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: 
         SPLIT_CHUNK=min(splits_pad, max(1, tuning.merge_elements // dim)), MASS_BLOCK=mass_block, PDL=bool(launch),
         X8_GROUP=x8_group, X8_SPLIT=x8_split, num_warps=tuning.combine_warps_for(group), **launch)
     return out, mass, codes, x_stats
-
-
-def _launch_values_apart(k_new: torch.Tensor, v_new: torch.Tensor, codes_in: tuple, outputs: tuple,
-                         with_mass: bool, x8_group: int, x8_split: bool, constants: dict) -> None:
-    """The keys launch and the values launch (decode_kernels_int8_values_launch.py) over splits of
-    one tile, in place of the two-pass kernel and the combine: ``codes_in`` as the int8 partial
-    passes take them, ``constants`` the partial passes' but ``SPLIT_LEN`` (launch options included,
-    ``VALID_WORDS`` the keys launch's alone); writes ``outputs`` (output, mass, o_proj's codes and
-    stats) as ``_launch`` returns them."""
-    from . import decode_kernels_int8_values_launch as kernels
-    from .decode_linear import arrival_counters
-
-    tuning = TUNING
-    q, cache_k, cache_v, valid, weights, split_max, split_sum, split_acc, k_scale, v_scale, cos, sin, capacity, scale \
-        = codes_in
-    out, mass, codes, x_stats = outputs
-    kv_heads, splits = cache_k.shape[0], constants["NUM_SPLITS"]
-    shared = {key: value for key, value in constants.items() if key != "VALID_WORDS"}
-    shared.update(num_warps=tuning.two_pass_num_warps, num_stages=1)
-    kernels.tile_key_weights[(kv_heads, splits)](
-        q, cache_k, valid, weights, split_max, split_sum, k_scale, cos, sin, capacity, scale,
-        VALID_WORDS=constants["VALID_WORDS"], **shared, **register_cap(tuning.keys_launch_maxnreg, q.is_cuda))
-    arrivals = arrival_counters(cache_k, kv_heads, "decode_attention (values_launch)")
-    unasked = weights  # the pointer passed for an output not asked for (never written)
-    kernels.tile_values_merged[(kv_heads, splits)](
-        q, k_new, v_new, cache_v, weights, split_max, split_sum, split_acc, out, mass if with_mass else unasked,
-        codes if x8_group else unasked, x_stats if x8_group else unasked, arrivals, v_scale, capacity, scale,
-        SPLITS_PAD=_next_power_of_2(splits), WITH_MASS=with_mass, X8_GROUP=x8_group, X8_SPLIT=x8_split, **shared,
-        **register_cap(tuning.values_launch_maxnreg, q.is_cuda))
 
 
 @decode_attention.register_fake

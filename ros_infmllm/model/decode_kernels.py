@@ -151,14 +151,14 @@ def combine_attention(q_ptr, k_new_ptr, v_new_ptr, scores_ptr, max_ptr, sum_ptr,
         out = _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_ptr, head, row,
                             scale, DIM, NUM_SPLITS, SPLITS_PAD, SPLIT_CHUNK)
         if X8_GROUP:
-            round_output(out, codes_ptr, x_stats_ptr, row, tl.num_programs(0) * GROUP * DIM, DIM, X8_GROUP, X8_SPLIT)
+            _round_output(out, codes_ptr, x_stats_ptr, row, tl.num_programs(0) * GROUP * DIM, DIM, X8_GROUP, X8_SPLIT)
     else:
         _mass_block(q_ptr, k_new_ptr, scores_ptr, max_ptr, sum_ptr, mass_ptr, head, task - GROUP, capacity, scale,
                     GROUP, ROWS, DIM, NUM_SPLITS, SPLITS_PAD, MASS_BLOCK)
 
 
 @triton.jit
-def softmax_totals(q, k_new, split_max, split_sum, scale):
+def _softmax_totals(q, k_new, split_max, split_sum, scale):
     """Per query row of ``q [rows, DIM]`` (float32): the new token's own score (always valid), the
     softmax's max over the splits and that score, the new token's weight and the softmax's sum.
     ``split_max``, ``split_sum [rows, splits]`` (padding -inf and 0); ``k_new [DIM]`` float32."""
@@ -181,8 +181,8 @@ def _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_pt
     split_max = tl.load(max_ptr + row * NUM_SPLITS + splits, mask=split_ok, other=float("-inf"))
     split_sum = tl.load(sum_ptr + row * NUM_SPLITS + splits, mask=split_ok, other=0.0)
     k_new = tl.load(k_new_ptr + head * DIM + dims).to(tl.float32)
-    row_max, row_new_prob, row_total = softmax_totals(q[None, :], k_new, split_max[None, :], split_sum[None, :],
-                                                      scale)
+    row_max, row_new_prob, row_total = _softmax_totals(q[None, :], k_new, split_max[None, :], split_sum[None, :],
+                                                       scale)
     overall_max, new_prob, total = tl.sum(row_max, 0), tl.sum(row_new_prob, 0), tl.sum(row_total, 0)  # one row
     out = new_prob * tl.load(v_new_ptr + head * DIM + dims).to(tl.float32)
     chunk = tl.arange(0, SPLIT_CHUNK)
@@ -199,8 +199,8 @@ def _merge_output(q_ptr, k_new_ptr, v_new_ptr, max_ptr, sum_ptr, acc_ptr, out_pt
 
 
 @triton.jit
-def round_output(out, codes_ptr, x_stats_ptr, row, width, DIM: tl.constexpr, GROUP: tl.constexpr,
-                 SPLIT: tl.constexpr):
+def _round_output(out, codes_ptr, x_stats_ptr, row, width, DIM: tl.constexpr, GROUP: tl.constexpr,
+                  SPLIT: tl.constexpr):
     """Query head ``row``'s output ``out [DIM]`` (as stored) rounded by ``store_group_codes``, the
     rounding launch's own code, as those elements of the whole output (``width`` of them): the
     codes and stats that launch would write."""
@@ -224,7 +224,7 @@ def _mass_block(q_ptr, k_new_ptr, scores_ptr, max_ptr, sum_ptr, mass_ptr, head, 
     q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     idx = q_rows[:, None] * NUM_SPLITS + splits[None, :]
     ok = row_ok[:, None] & (splits < NUM_SPLITS)[None, :]
-    overall_max, new_prob, total = softmax_totals(
+    overall_max, new_prob, total = _softmax_totals(
         q, tl.load(k_new_ptr + head * DIM + dims).to(tl.float32), tl.load(max_ptr + idx, mask=ok, other=float("-inf")),
         tl.load(sum_ptr + idx, mask=ok, other=0.0), scale)
     slots = block * MASS_BLOCK + tl.arange(0, MASS_BLOCK)

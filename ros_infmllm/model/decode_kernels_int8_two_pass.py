@@ -72,7 +72,7 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
     q_front = tl.load(q_ptr + head * DIM + halves).to(tl.float32)
     q_back = tl.load(q_ptr + head * DIM + DIM // 2 + halves).to(tl.float32)
     if KEYS_EARLY:
-        best = turned_tile_scores(q_front, q_back, keep, front, back, cos, sin, k_scale, scale, IEEE)
+        best = _scores(q_front, q_back, keep, front, back, cos, sin, k_scale, scale, IEEE)
         tl.store(scores_ptr + row_base + slots, best, mask=live)
     else:
         best = tl.full([BLOCK], float("-inf"), tl.float32)  # the max so far at each tile position
@@ -82,7 +82,7 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
             slots, live, keep, front, back, cos, sin, k_scale = tile_keys(
                 k_ptr, valid_ptr, cos_ptr, sin_ptr, k_scale_ptr, base, row_base, first + offset, end, BLOCK, DIM,
                 VALID_WORDS)
-            scores = turned_tile_scores(q_front, q_back, keep, front, back, cos, sin, k_scale, scale, IEEE)
+            scores = _scores(q_front, q_back, keep, front, back, cos, sin, k_scale, scale, IEEE)
             tl.store(scores_ptr + row_base + slots, scores, mask=live)
             best = tl.maximum(best, scores)
     split_max = tl.max(best, 0)
@@ -98,7 +98,7 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
         total += probs
         v = tl.load(v_ptr + base + slots[:, None] * DIM + dims[None, :], mask=live[:, None], other=0)
         v_scale = tl.load(v_scale_ptr + row_base + slots, mask=live, other=0.0)
-        weighted += (probs * v_scale)[:, None] * codes_as_float(v, IEEE)
+        weighted += (probs * v_scale)[:, None] * _codes_as_float(v, IEEE)
     split_sum = tl.sum(total, 0)
     acc = tl.sum(weighted, 0)
     partial = head * NUM_SPLITS + split
@@ -108,7 +108,7 @@ def partial_attention_codes_two_pass(q_ptr, k_ptr, v_ptr, valid_ptr, scores_ptr,
 
 
 @triton.jit
-def turned_tile_scores(q_front, q_back, keep, front, back, cos, sin, k_scale, scale, IEEE: tl.constexpr):
+def _scores(q_front, q_back, keep, front, back, cos, sin, k_scale, scale, IEEE: tl.constexpr):
     """Scaled scores ``[BLOCK]`` of q (as its halves, float32) against a key tile as ``key_tile``
     reads it (codes as their halves, the slots' table rows and row scales), each key turned to its
     slot; -inf where ``keep`` is False (a slot empty or past the split's end)."""
@@ -118,7 +118,7 @@ def turned_tile_scores(q_front, q_back, keep, front, back, cos, sin, k_scale, sc
 
 
 @triton.jit
-def codes_as_float(codes, IEEE: tl.constexpr):
+def _codes_as_float(codes, IEEE: tl.constexpr):
     """int8 codes as float32 (through float16's byte permute on a GPU, see codes_to_half)."""
     if IEEE:
         return codes.to(tl.float32)

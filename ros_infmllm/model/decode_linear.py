@@ -222,21 +222,19 @@ def writes_whole_groups(rows: int, group: int, block_n: int) -> bool:
 _ARRIVALS: dict[tuple, torch.Tensor] = {}
 
 
-def arrival_counters(tensor: torch.Tensor, groups: int, op: str = "decode_linear_codes") -> torch.Tensor:
+def arrival_counters(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """The int32 arrival counters of a rounding product's groups (``matvec_kernels._round_written``),
-    or of another launch whose last program per group finishes the group (``op`` names it in the
-    error), zero between calls: each group's last writer resets its own. One set per ``tensor``
-    (the one the launch reads: a weight matrix, a layer's cache), so launches over other tensors never
-    share one; two streams running over the same tensor at once would. A set stays for the process
-    (4 bytes a group: 1.4 KB for a 7B gate/up); a tensor later allocated at the same address finds
-    its counters at 0."""
-    key = (tensor.device, tensor.data_ptr(), groups)
+    zero between calls: each group's last writer resets its own. One set per weight, so products
+    of other matrices never share one; two streams running the same weights at once would. A set
+    stays for the process (4 bytes a group: 1.4 KB for a 7B gate/up); a matrix later allocated at
+    the same address finds its counters at 0."""
+    key = (weight.device, weight.data_ptr(), groups)
     counters = _ARRIVALS.get(key)
     if counters is None:
-        if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{op}: run the step once before capturing it in a CUDA graph "
+        if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode_linear_codes: run the step once before capturing it in a CUDA graph "
                                "(its arrival counters are allocated on the first call)")
-        counters = _ARRIVALS[key] = torch.zeros(groups, dtype=torch.int32, device=tensor.device)
+        counters = _ARRIVALS[key] = torch.zeros(groups, dtype=torch.int32, device=weight.device)
     return counters
 
 
